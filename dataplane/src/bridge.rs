@@ -1,0 +1,293 @@
+//! The plane bridge: bounded lock-free queues between the control plane and the data plane.
+//!
+//! * Control plane → data-plane thread `i`: one [`ArrayQueue`] of [`Command`]s per thread plus
+//!   an [`AtomicWaker`] holding the waker of that thread's command task. Waking it from a
+//!   tokio thread goes through monoio's cross-thread wake (feature `sync`), which unparks the
+//!   runtime through its eventfd.
+//! * Data plane → control plane: one [`ArrayQueue`] of [`Event`]s and an [`AtomicWaker`] for
+//!   the control plane's event task.
+//!
+//! Messages are small owned structs: ids, numbers, addresses, an `Arc<TaskStore>`. They have
+//! no field that can hold piece bytes, which is how the code guarantees that piece bytes
+//! never cross the bridge. A full queue is an error returned to the sender, never an
+//! unbounded buffer.
+
+use crate::storage::TaskStore;
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::ArrayQueue;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use wire::TaskId;
+
+/// A parent to fetch pieces from, as the scheduler named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    /// Host id of the parent.
+    pub host_id: String,
+    /// Data-plane address of the parent.
+    pub addr: SocketAddr,
+    /// Whether the parent is a seed peer (for per-source counters).
+    pub is_seed: bool,
+}
+
+/// Where a finished piece came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PieceSource {
+    /// A seed peer, by host id.
+    Seed(String),
+    /// A normal peer, by host id.
+    Peer(String),
+}
+
+impl PieceSource {
+    /// Host id of the source.
+    pub fn host_id(&self) -> &str {
+        match self {
+            Self::Seed(h) | Self::Peer(h) => h,
+        }
+    }
+}
+
+/// A command from the control plane to one data-plane thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Fetch the missing pieces of a task from these parents (the thread owns the download
+    /// of this task from now on).
+    Download {
+        /// Storage of the task, already created with its layout.
+        store: Arc<TaskStore>,
+        /// Parents to start with.
+        parents: Vec<Parent>,
+    },
+    /// More parents for a running download.
+    AddParents {
+        /// Task id.
+        task: TaskId,
+        /// New parents (ones already in use are ignored).
+        parents: Vec<Parent>,
+    },
+    /// Stop downloading a task (cancelled or failed); stored pieces stay.
+    Cancel {
+        /// Task id.
+        task: TaskId,
+    },
+    /// Stop the thread's runtime.
+    Shutdown,
+}
+
+/// An event from the data plane to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A piece was fetched, verified and stored.
+    PieceFinished {
+        /// Task id.
+        task: TaskId,
+        /// Piece number.
+        number: u32,
+        /// crc32c of the piece.
+        crc32c: u32,
+        /// Piece length.
+        length: u64,
+        /// Where it came from.
+        source: PieceSource,
+        /// Microseconds from request to stored piece.
+        cost_us: u64,
+    },
+    /// A piece from a parent was bad or refused.
+    PieceFailed {
+        /// Task id.
+        task: TaskId,
+        /// Piece number.
+        number: u32,
+        /// Parent host id.
+        parent: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A parent was dropped from a download (connection failed, protocol error, corrupt data).
+    ParentFailed {
+        /// Task id.
+        task: TaskId,
+        /// Parent host id.
+        parent: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Every parent of an unfinished download is gone: the control plane should reschedule.
+    NeedParents {
+        /// Task id.
+        task: TaskId,
+    },
+    /// Writing a piece to the task file failed (disk full, I/O error): the download stops.
+    StorageFailed {
+        /// Task id.
+        task: TaskId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Every piece of the task is stored.
+    DownloadFinished {
+        /// Task id.
+        task: TaskId,
+    },
+}
+
+/// A queue was full; the message is handed back to the sender.
+#[derive(Debug)]
+pub struct Full<T>(pub T);
+
+struct Inbox {
+    queue: ArrayQueue<Command>,
+    waker: AtomicWaker,
+}
+
+/// Both directions of the bridge. Shared by `Arc` between the planes.
+pub struct Bridge {
+    inboxes: Box<[Inbox]>,
+    events: ArrayQueue<Event>,
+    event_waker: AtomicWaker,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge")
+            .field("threads", &self.inboxes.len())
+            .field("events", &self.events.len())
+            .finish()
+    }
+}
+
+impl Bridge {
+    /// A bridge to `threads` data-plane threads, each queue holding at most `capacity`
+    /// messages.
+    pub fn new(threads: usize, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            inboxes: (0..threads.max(1))
+                .map(|_| Inbox {
+                    queue: ArrayQueue::new(capacity),
+                    waker: AtomicWaker::new(),
+                })
+                .collect(),
+            events: ArrayQueue::new(capacity),
+            event_waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Number of data-plane threads.
+    pub fn threads(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// The thread that owns downloads of `task`.
+    pub fn thread_of(&self, task: &TaskId) -> usize {
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&task.0[..8]);
+        (u64::from_le_bytes(h) % self.inboxes.len() as u64) as usize
+    }
+
+    /// Queues a command for thread `thread` and wakes it.
+    pub fn send(&self, thread: usize, cmd: Command) -> Result<(), Full<Command>> {
+        let Some(inbox) = self.inboxes.get(thread) else {
+            return Err(Full(cmd));
+        };
+        inbox.queue.push(cmd).map_err(Full)?;
+        inbox.waker.wake();
+        Ok(())
+    }
+
+    /// Data-plane side: the next command for `thread`, registering the waker when empty.
+    pub fn poll_command(&self, thread: usize, cx: &mut Context<'_>) -> Poll<Command> {
+        let Some(inbox) = self.inboxes.get(thread) else {
+            return Poll::Ready(Command::Shutdown);
+        };
+        if let Some(c) = inbox.queue.pop() {
+            return Poll::Ready(c);
+        }
+        inbox.waker.register(cx.waker());
+        match inbox.queue.pop() {
+            Some(c) => Poll::Ready(c),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Data-plane side: queues an event for the control plane and wakes it.
+    pub fn emit(&self, ev: Event) -> Result<(), Full<Event>> {
+        self.events.push(ev).map_err(Full)?;
+        self.event_waker.wake();
+        Ok(())
+    }
+
+    /// Control-plane side: the next event, registering the waker when empty.
+    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Some(e) = self.events.pop() {
+            return Poll::Ready(e);
+        }
+        self.event_waker.register(cx.waker());
+        match self.events.pop() {
+            Some(e) => Poll::Ready(e),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Control-plane side: waits for the next event.
+    pub async fn next_event(&self) -> Event {
+        futures::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// Events waiting for the control plane (queue depth).
+    pub fn event_depth(&self) -> usize {
+        self.events.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_queue_hands_the_message_back() {
+        let b = Bridge::new(1, 2);
+        assert!(b.send(0, Command::Shutdown).is_ok());
+        assert!(b.send(0, Command::Shutdown).is_ok());
+        assert!(matches!(
+            b.send(0, Command::Shutdown),
+            Err(Full(Command::Shutdown))
+        ));
+        assert!(b.send(5, Command::Shutdown).is_err());
+    }
+
+    #[test]
+    fn events_cross_threads_and_wake() {
+        let b = Arc::new(Bridge::new(1, 16));
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            for n in 0..10 {
+                while b2
+                    .emit(Event::DownloadFinished {
+                        task: TaskId([n; 32]),
+                    })
+                    .is_err()
+                {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let got = futures::executor::block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..10 {
+                v.push(b.next_event().await);
+            }
+            v
+        });
+        t.join().expect("thread");
+        assert_eq!(got.len(), 10);
+        assert_eq!(
+            got[9],
+            Event::DownloadFinished {
+                task: TaskId([9; 32])
+            }
+        );
+    }
+}

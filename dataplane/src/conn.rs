@@ -1,0 +1,138 @@
+//! Reading frames and raw piece bytes from a monoio stream with owned buffers.
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncReadRentExt};
+use std::io;
+use wire::frame::{self, DecodeError, Frame, HEADER_LEN, MAX_BITMAP_PAYLOAD};
+
+/// Initial read buffer size; it grows only up to the largest frame the codec accepts.
+const INITIAL_BUFFER: usize = 16 * 1024;
+
+/// Why reading from a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The peer sent bytes that are not a valid frame.
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer closed in the middle of a frame.
+    #[error("connection closed mid-frame")]
+    Truncated,
+}
+
+/// Buffered frame reader. Bytes past a decoded frame stay buffered for the next call, and
+/// [`FrameReader::read_raw`] drains them first, so raw piece bytes that arrived with a header
+/// are not lost.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        Self {
+            buf: Vec::with_capacity(INITIAL_BUFFER),
+            start: 0,
+        }
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Reads more bytes from `s`; returns how many (0 at end of stream).
+    async fn fill<S: AsyncReadRent>(&mut self, s: &mut S, want: usize) -> Result<usize, ConnError> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let need = self.buf.len() + want.max(1);
+        if self.buf.capacity() < need {
+            self.buf.reserve(need - self.buf.len());
+        }
+        let len = self.buf.len();
+        let taken = std::mem::take(&mut self.buf);
+        let (res, slice) = s.read(taken.slice_mut(len..)).await;
+        self.buf = slice.into_inner();
+        Ok(res?)
+    }
+
+    /// Reads the next frame. `Ok(None)` at a clean end of stream (between frames).
+    pub async fn read_frame<S: AsyncReadRent>(
+        &mut self,
+        s: &mut S,
+    ) -> Result<Option<Frame>, ConnError> {
+        loop {
+            if let Some((f, used)) = frame::decode(self.buffered())? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(Some(f));
+            }
+            // Incomplete: the codec checked the header, so what we wait for is bounded.
+            let have = self.buffered().len();
+            let want = (HEADER_LEN + MAX_BITMAP_PAYLOAD)
+                .saturating_sub(have)
+                .min(64 * 1024);
+            if self.fill(s, want).await? == 0 {
+                return if self.buffered().is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Reads exactly `len` raw bytes (the body of a piece) into `out`, replacing its content.
+    /// `len` must already be validated by the caller against what it expects.
+    pub async fn read_raw<S: AsyncReadRent>(
+        &mut self,
+        s: &mut S,
+        len: usize,
+        out: Vec<u8>,
+    ) -> (Result<(), ConnError>, Vec<u8>) {
+        let mut out = out;
+        out.clear();
+        out.reserve(len);
+        let from_buf = self.buffered().len().min(len);
+        out.extend_from_slice(&self.buf[self.start..self.start + from_buf]);
+        self.start += from_buf;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        if out.len() == len {
+            return (Ok(()), out);
+        }
+        let have = out.len();
+        let (res, slice) = s.read_exact(out.slice_mut(have..len)).await;
+        let out = slice.into_inner();
+        match res {
+            Ok(_) => (Ok(()), out),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (Err(ConnError::Truncated), out),
+            Err(e) => (Err(ConnError::Io(e)), out),
+        }
+    }
+}
+
+/// Encodes frames into a reusable buffer for one write.
+pub fn encode_frames(frames: &[Frame]) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    for f in frames {
+        frame::encode(f, &mut b);
+    }
+    b.to_vec()
+}

@@ -1,0 +1,36 @@
+//! Process-wide data-plane counters, shared by both planes as plain atomics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of bytes and pieces moved, read by the control plane for stats and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Piece bytes this daemon fetched from the origin (written by the control plane).
+    pub bytes_from_origin: AtomicU64,
+    /// Verified piece bytes fetched from seed peers.
+    pub bytes_from_seed: AtomicU64,
+    /// Verified piece bytes fetched from normal peers.
+    pub bytes_from_peers: AtomicU64,
+    /// Piece bytes uploaded to other peers.
+    pub bytes_uploaded: AtomicU64,
+    /// Pieces uploaded to other peers.
+    pub pieces_uploaded: AtomicU64,
+    /// Pieces fetched from other peers and verified.
+    pub pieces_downloaded: AtomicU64,
+    /// Pieces received whose digest did not match (dropped, fetched again elsewhere).
+    pub pieces_corrupt: AtomicU64,
+    /// Data-plane connections refused or closed for a malformed frame.
+    pub malformed_frames: AtomicU64,
+}
+
+impl Counters {
+    /// Adds `n` to a counter (relaxed: these are statistics, not synchronisation).
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}

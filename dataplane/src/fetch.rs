@@ -1,0 +1,584 @@
+//! Piece fetcher: downloads a task's missing pieces from several parents at once.
+//!
+//! A download is a [`Session`] living on the data-plane thread that owns the task. Each
+//! parent gets its own connection task, which keeps up to `pieces_in_flight` requests
+//! outstanding on the connection (responses come back in order). The parent's bitmap is
+//! learnt with bitmap requests; when a parent has nothing new for us, the request is a long
+//! poll, so a parent that is itself still downloading hands out each piece as soon as it has
+//! it. Piece choice is rarest first over the parents' bitmaps (random tie-break), and a piece
+//! is in flight from one parent at a time.
+//!
+//! Every piece is checked against its crc32c before it is marked stored; a corrupt piece is
+//! counted, reported, and the parent that sent it is dropped.
+
+use crate::bridge::{Bridge, Event, Full, Parent, PieceSource};
+use crate::conn::{encode_frames, ConnError, FrameReader};
+use crate::counters::Counters;
+use crate::storage::{StoreError, TaskStore};
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+use rand::Rng;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::frame::{ErrorCode, Frame};
+use wire::TaskId;
+
+/// Tunables of the fetcher.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Piece requests kept outstanding per parent connection.
+    pub pieces_in_flight: usize,
+    /// Time allowed to connect to a parent.
+    pub connect_timeout: Duration,
+    /// Time allowed for one response (a whole piece) before the parent is dropped.
+    pub piece_timeout: Duration,
+    /// Long-poll time of a bitmap request when a parent has nothing new.
+    pub bitmap_wait: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            pieces_in_flight: 8,
+            connect_timeout: Duration::from_secs(5),
+            piece_timeout: Duration::from_secs(30),
+            bitmap_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How often a parent that does not know the task yet is asked again before it is dropped.
+const TASK_NOT_FOUND_RETRIES: u32 = 10;
+/// Pause between those tries.
+const TASK_NOT_FOUND_BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+enum ParentError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Conn(#[from] ConnError),
+    #[error("write: {0}")]
+    Write(std::io::Error),
+    #[error("parent closed the connection")]
+    Closed,
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("parent refused: {0:?} {1}")]
+    Refused(ErrorCode, String),
+    #[error("corrupt piece {0}: {1}")]
+    Corrupt(u32, String),
+    #[error("storing piece {0}: {1}")]
+    Storage(u32, String),
+}
+
+/// One download on one data-plane thread.
+pub struct Session {
+    store: Arc<TaskStore>,
+    bridge: Arc<Bridge>,
+    counters: Arc<Counters>,
+    cfg: FetchConfig,
+    state: RefCell<State>,
+    changed: event_listener::Event,
+}
+
+struct State {
+    in_flight: Vec<bool>,
+    availability: Vec<u32>,
+    parents: HashMap<String, bool>,
+    active: usize,
+    done: bool,
+}
+
+impl Session {
+    /// A session for `store`.
+    pub fn new(
+        store: Arc<TaskStore>,
+        bridge: Arc<Bridge>,
+        counters: Arc<Counters>,
+        cfg: FetchConfig,
+    ) -> Rc<Self> {
+        let count = store.layout().piece_count() as usize;
+        Rc::new(Self {
+            store,
+            bridge,
+            counters,
+            cfg,
+            state: RefCell::new(State {
+                in_flight: vec![false; count],
+                availability: vec![0; count],
+                parents: HashMap::new(),
+                active: 0,
+                done: false,
+            }),
+            changed: event_listener::Event::new(),
+        })
+    }
+
+    /// Task id.
+    pub fn task(&self) -> TaskId {
+        self.store.id()
+    }
+
+    /// Whether the session ended (complete or cancelled).
+    pub fn is_done(&self) -> bool {
+        self.state.borrow().done
+    }
+
+    /// Starts connection tasks for parents not already in use. Returns how many started.
+    pub fn add_parents(self: &Rc<Self>, parents: Vec<Parent>) -> usize {
+        let mut started = 0;
+        for p in parents {
+            {
+                let mut st = self.state.borrow_mut();
+                if st.done || st.parents.get(&p.host_id).copied().unwrap_or(false) {
+                    continue;
+                }
+                st.parents.insert(p.host_id.clone(), true);
+                st.active += 1;
+            }
+            started += 1;
+            monoio::spawn(run_parent(self.clone(), p));
+        }
+        started
+    }
+
+    /// Ends the session; connection tasks stop at their next step.
+    pub fn cancel(&self) {
+        self.state.borrow_mut().done = true;
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Checks for completion; emits [`Event::DownloadFinished`] once. Returns whether done.
+    pub async fn check_complete(&self) -> bool {
+        if !self.store.is_complete() {
+            return false;
+        }
+        let first = {
+            let mut st = self.state.borrow_mut();
+            !std::mem::replace(&mut st.done, true)
+        };
+        if first {
+            self.changed.notify(usize::MAX);
+            emit(&self.bridge, Event::DownloadFinished { task: self.task() }).await;
+        }
+        true
+    }
+
+    /// Rarest piece this parent has that is neither stored nor in flight; marks it in flight.
+    fn pick(&self, parent_bits: &[bool]) -> Option<u32> {
+        let mut st = self.state.borrow_mut();
+        let n = parent_bits.len();
+        if n == 0 {
+            return None;
+        }
+        let start = rand::rng().random_range(0..n);
+        let mut best: Option<(u32, usize)> = None;
+        for i in 0..n {
+            let k = (start + i) % n;
+            if !parent_bits[k] || st.in_flight[k] || self.store.has(k as u32) {
+                continue;
+            }
+            let a = st.availability[k];
+            if best.is_none_or(|(ba, _)| a < ba) {
+                best = Some((a, k));
+                if a <= 1 {
+                    break;
+                }
+            }
+        }
+        let (_, k) = best?;
+        st.in_flight[k] = true;
+        Some(k as u32)
+    }
+
+    fn release(&self, n: u32) {
+        if let Some(f) = self.state.borrow_mut().in_flight.get_mut(n as usize) {
+            *f = false;
+        }
+        self.changed.notify(usize::MAX);
+    }
+
+    fn learn(&self, n: usize, has: bool) {
+        let mut st = self.state.borrow_mut();
+        if let Some(a) = st.availability.get_mut(n) {
+            if has {
+                *a += 1;
+            } else {
+                *a = a.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Queues an event for the control plane, waiting while the queue is full (the control plane
+/// drains it continuously; events are never dropped).
+pub async fn emit(bridge: &Bridge, ev: Event) {
+    let mut ev = ev;
+    let mut warned = false;
+    loop {
+        match bridge.emit(ev) {
+            Ok(()) => return,
+            Err(Full(e)) => {
+                if !warned {
+                    tracing::warn!("bridge event queue full; data plane waits");
+                    warned = true;
+                }
+                ev = e;
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+enum Pending {
+    Piece(u32, Instant),
+    Bitmap,
+}
+
+struct ParentConn {
+    bits: Vec<bool>,
+    count: u32,
+    have_bitmap: bool,
+    pending: VecDeque<Pending>,
+    not_found: u32,
+}
+
+async fn run_parent(s: Rc<Session>, p: Parent) {
+    let mut pc = ParentConn {
+        bits: vec![false; s.store.layout().piece_count() as usize],
+        count: 0,
+        have_bitmap: false,
+        pending: VecDeque::new(),
+        not_found: 0,
+    };
+    let res = parent_loop(&s, &p, &mut pc).await;
+    // Give back whatever this parent still owed us, and forget its bitmap.
+    for pend in pc.pending.drain(..) {
+        if let Pending::Piece(n, _) = pend {
+            s.release(n);
+        }
+    }
+    for (n, has) in pc.bits.iter().enumerate() {
+        if *has {
+            s.learn(n, false);
+        }
+    }
+    let (active, done) = {
+        let mut st = s.state.borrow_mut();
+        st.parents.insert(p.host_id.clone(), false);
+        st.active -= 1;
+        (st.active, st.done)
+    };
+    if let Err(e) = res {
+        tracing::info!(task = %s.task(), parent = %p.host_id, "parent dropped: {e}");
+        if let ParentError::Storage(_, reason) = &e {
+            emit(
+                &s.bridge,
+                Event::StorageFailed {
+                    task: s.task(),
+                    reason: reason.clone(),
+                },
+            )
+            .await;
+            s.cancel();
+            return;
+        }
+        emit(
+            &s.bridge,
+            Event::ParentFailed {
+                task: s.task(),
+                parent: p.host_id.clone(),
+                reason: e.to_string(),
+            },
+        )
+        .await;
+    }
+    if !done && !s.check_complete().await && active == 0 {
+        emit(&s.bridge, Event::NeedParents { task: s.task() }).await;
+    }
+}
+
+async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result<(), ParentError> {
+    let mut stream =
+        match monoio::time::timeout(s.cfg.connect_timeout, TcpStream::connect_addr(p.addr)).await {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => return Err(ParentError::Connect(e)),
+            Err(_) => return Err(ParentError::ConnectTimeout),
+        };
+    let _ = stream.set_nodelay(true);
+    let mut reader = FrameReader::new();
+    let mut piece_buf: Vec<u8> = Vec::new();
+    let task = s.task();
+    let layout = s.store.layout();
+    let window = s.cfg.pieces_in_flight.max(1);
+    let bitmap_wait_ms = u32::try_from(s.cfg.bitmap_wait.as_millis()).unwrap_or(u32::MAX);
+    loop {
+        if s.is_done() || s.check_complete().await {
+            return Ok(());
+        }
+        let mut frames = Vec::new();
+        let bitmap_pending = pc.pending.iter().any(|x| matches!(x, Pending::Bitmap));
+        if !pc.have_bitmap {
+            if !bitmap_pending {
+                frames.push(Frame::BitmapRequest {
+                    task,
+                    known: 0,
+                    wait_ms: 0,
+                });
+                pc.pending.push_back(Pending::Bitmap);
+            }
+        } else {
+            let mut pieces = pc
+                .pending
+                .iter()
+                .filter(|x| matches!(x, Pending::Piece(..)))
+                .count();
+            // No piece request may queue behind a long poll on the same connection.
+            while pieces < window && !bitmap_pending {
+                let Some(n) = s.pick(&pc.bits) else { break };
+                frames.push(Frame::PieceRequest { task, number: n });
+                pc.pending.push_back(Pending::Piece(n, Instant::now()));
+                pieces += 1;
+            }
+            let parent_complete = pc.count == layout.piece_count();
+            if pieces < window && !bitmap_pending && !parent_complete {
+                let wait_ms = if pc.pending.is_empty() {
+                    bitmap_wait_ms
+                } else {
+                    0
+                };
+                frames.push(Frame::BitmapRequest {
+                    task,
+                    known: pc.count,
+                    wait_ms,
+                });
+                pc.pending.push_back(Pending::Bitmap);
+            }
+        }
+        if !frames.is_empty() {
+            let (res, _) = stream.write_all(encode_frames(&frames)).await;
+            res.map_err(ParentError::Write)?;
+        }
+        if pc.pending.is_empty() {
+            // This parent has everything and all we miss is in flight elsewhere: wait for a
+            // change (a piece released by another parent, or the end).
+            let l = s.changed.listen();
+            let _ = monoio::time::timeout(Duration::from_millis(200), l).await;
+            continue;
+        }
+        let frame = match monoio::time::timeout(s.cfg.piece_timeout, reader.read_frame(&mut stream))
+            .await
+        {
+            Err(_) => return Err(ParentError::Timeout(s.cfg.piece_timeout)),
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Err(ParentError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        let Some(front) = pc.pending.pop_front() else {
+            return Err(ParentError::Protocol("response without a request".into()));
+        };
+        match (front, frame) {
+            (
+                Pending::Bitmap,
+                Frame::Bitmap {
+                    task: t,
+                    content_length,
+                    piece_length,
+                    piece_count,
+                    bits,
+                },
+            ) => {
+                if t != task
+                    || content_length != layout.content_length()
+                    || u64::from(piece_length) != layout.piece_length()
+                    || piece_count != layout.piece_count()
+                {
+                    return Err(ParentError::Protocol(format!(
+                        "bitmap layout {content_length}/{piece_length}/{piece_count} does not match the task's {}/{}/{}",
+                        layout.content_length(),
+                        layout.piece_length(),
+                        layout.piece_count()
+                    )));
+                }
+                pc.have_bitmap = true;
+                for n in 0..piece_count {
+                    if wire::frame::bitmap_get(&bits, n) && !pc.bits[n as usize] {
+                        pc.bits[n as usize] = true;
+                        pc.count += 1;
+                        s.learn(n as usize, true);
+                    }
+                }
+            }
+            (
+                Pending::Bitmap,
+                Frame::Error {
+                    code: ErrorCode::TaskNotFound,
+                    message,
+                },
+            ) => {
+                // The parent may not have opened the task yet (it registered a moment ago).
+                pc.not_found += 1;
+                if pc.not_found > TASK_NOT_FOUND_RETRIES {
+                    return Err(ParentError::Refused(ErrorCode::TaskNotFound, message));
+                }
+                monoio::time::sleep(TASK_NOT_FOUND_BACKOFF).await;
+            }
+            (Pending::Piece(n, started), Frame::Piece(h)) => {
+                let range = layout
+                    .piece_range(n)
+                    .ok_or_else(|| ParentError::Protocol(format!("piece {n} out of range")))?;
+                let len = range.end - range.start;
+                if h.task != task
+                    || h.number != n
+                    || h.offset != range.start
+                    || u64::from(h.length) != len
+                {
+                    s.release(n);
+                    return Err(ParentError::Protocol(format!(
+                        "piece header {}/{}/{} does not answer request for piece {n} ({}+{len})",
+                        h.number, h.offset, h.length, range.start
+                    )));
+                }
+                let (res, buf) = reader
+                    .read_raw(&mut stream, len as usize, std::mem::take(&mut piece_buf))
+                    .await;
+                piece_buf = buf;
+                if let Err(e) = res {
+                    s.release(n);
+                    return Err(e.into());
+                }
+                match s.store.write_piece(n, &piece_buf, h.crc32c) {
+                    Ok(_) => {
+                        s.release(n);
+                        let source = if p.is_seed {
+                            Counters::add(&s.counters.bytes_from_seed, len);
+                            PieceSource::Seed(p.host_id.clone())
+                        } else {
+                            Counters::add(&s.counters.bytes_from_peers, len);
+                            PieceSource::Peer(p.host_id.clone())
+                        };
+                        Counters::add(&s.counters.pieces_downloaded, 1);
+                        emit(
+                            &s.bridge,
+                            Event::PieceFinished {
+                                task,
+                                number: n,
+                                crc32c: h.crc32c,
+                                length: len,
+                                source,
+                                cost_us: u64::try_from(started.elapsed().as_micros())
+                                    .unwrap_or(u64::MAX),
+                            },
+                        )
+                        .await;
+                    }
+                    Err(StoreError::Digest { expected, got, .. }) => {
+                        Counters::add(&s.counters.pieces_corrupt, 1);
+                        s.release(n);
+                        let reason =
+                            format!("crc32c {got:08x} does not match the announced {expected:08x}");
+                        emit(
+                            &s.bridge,
+                            Event::PieceFailed {
+                                task,
+                                number: n,
+                                parent: p.host_id.clone(),
+                                reason: reason.clone(),
+                            },
+                        )
+                        .await;
+                        return Err(ParentError::Corrupt(n, reason));
+                    }
+                    Err(e) => {
+                        s.release(n);
+                        return Err(ParentError::Storage(n, e.to_string()));
+                    }
+                }
+            }
+            (Pending::Piece(n, _), Frame::Error { code, message }) => {
+                s.release(n);
+                match code {
+                    ErrorCode::PieceNotAvailable => {
+                        if pc.bits.get(n as usize).copied().unwrap_or(false) {
+                            pc.bits[n as usize] = false;
+                            pc.count -= 1;
+                            s.learn(n as usize, false);
+                        }
+                    }
+                    ErrorCode::Busy => monoio::time::sleep(Duration::from_millis(50)).await,
+                    other => return Err(ParentError::Refused(other, message)),
+                }
+            }
+            (_, Frame::Error { code, message }) => return Err(ParentError::Refused(code, message)),
+            (Pending::Piece(n, _), _) => {
+                s.release(n);
+                return Err(ParentError::Protocol(format!(
+                    "unexpected frame in answer to piece {n}"
+                )));
+            }
+            (Pending::Bitmap, _) => {
+                return Err(ParentError::Protocol(
+                    "unexpected frame in answer to a bitmap request".into(),
+                ))
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SESSIONS: RefCell<HashMap<TaskId, Rc<Session>>> = RefCell::new(HashMap::new());
+}
+
+/// Starts (or extends) the download of `store` on this thread.
+pub async fn start_download(
+    store: Arc<TaskStore>,
+    parents: Vec<Parent>,
+    bridge: Arc<Bridge>,
+    counters: Arc<Counters>,
+    cfg: FetchConfig,
+) {
+    let id = store.id();
+    let existing = SESSIONS.with(|m| m.borrow().get(&id).filter(|s| !s.is_done()).cloned());
+    let session = match existing {
+        Some(s) => s,
+        None => {
+            let s = Session::new(store, bridge.clone(), counters, cfg);
+            SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
+            s
+        }
+    };
+    if session.check_complete().await {
+        SESSIONS.with(|m| m.borrow_mut().remove(&id));
+        return;
+    }
+    if session.add_parents(parents) == 0 && session.state.borrow().active == 0 {
+        emit(&bridge, Event::NeedParents { task: id }).await;
+    }
+}
+
+/// Adds parents to a running download on this thread (ignored when none runs).
+pub fn add_parents(task: &TaskId, parents: Vec<Parent>) {
+    if let Some(s) = SESSIONS.with(|m| m.borrow().get(task).cloned()) {
+        s.add_parents(parents);
+    }
+}
+
+/// Cancels a running download on this thread.
+pub fn cancel(task: &TaskId) {
+    if let Some(s) = SESSIONS.with(|m| m.borrow_mut().remove(task)) {
+        s.cancel();
+    }
+}
+
+/// Drops finished sessions from this thread's table.
+pub fn reap() {
+    SESSIONS.with(|m| m.borrow_mut().retain(|_, s| !s.is_done()));
+}

@@ -1,0 +1,362 @@
+//! Piece storage: one content file per task, pieces written at their offsets.
+//!
+//! A [`TaskStore`] is shared (`Arc`) by the control plane and every data-plane thread. Which
+//! pieces are present is a bitmap of atomics: a piece's bit is set only after its bytes are
+//! in the file and its digest was verified, so a reader that sees the bit can serve the
+//! bytes. A piece whose digest failed is never marked, whatever was written at its offset.
+
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use wire::{PieceLayout, TaskId};
+
+/// Why a piece could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The piece number is past the end of the task.
+    #[error("piece {0} is out of range")]
+    OutOfRange(u32),
+    /// The bytes given do not have the piece's length.
+    #[error("piece {number} must have {expected} bytes, got {got}")]
+    Length {
+        /// Piece number.
+        number: u32,
+        /// Expected length.
+        expected: u64,
+        /// Length given.
+        got: u64,
+    },
+    /// The bytes do not match the expected crc32c.
+    #[error("piece {number} digest mismatch: expected crc32c {expected:08x}, got {got:08x}")]
+    Digest {
+        /// Piece number.
+        number: u32,
+        /// Digest announced.
+        expected: u32,
+        /// Digest of the bytes.
+        got: u32,
+    },
+    /// Reading or writing the task file failed (disk full, I/O error).
+    #[error("task file I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The content file and piece bitmap of one task.
+#[derive(Debug)]
+pub struct TaskStore {
+    id: TaskId,
+    layout: PieceLayout,
+    path: PathBuf,
+    file: File,
+    bits: Box<[AtomicU64]>,
+    crcs: Box<[AtomicU32]>,
+    finished: AtomicU32,
+    changed: event_listener::Event,
+}
+
+impl TaskStore {
+    /// Creates (or truncates) the content file of `id` in `dir`, sized to the content length
+    /// (sparse until pieces arrive).
+    pub fn create(dir: &Path, id: TaskId, layout: PieceLayout) -> io::Result<Self> {
+        let path = dir.join(format!("{id}.data"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.set_len(layout.content_length())?;
+        let count = layout.piece_count() as usize;
+        Ok(Self {
+            id,
+            layout,
+            path,
+            file,
+            bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            finished: AtomicU32::new(0),
+            changed: event_listener::Event::new(),
+        })
+    }
+
+    /// Task id.
+    pub fn id(&self) -> TaskId {
+        self.id
+    }
+
+    /// Piece layout.
+    pub fn layout(&self) -> PieceLayout {
+        self.layout
+    }
+
+    /// Path of the content file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether piece `n` is stored and verified.
+    pub fn has(&self, n: u32) -> bool {
+        self.bits
+            .get(n as usize / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (n % 64)) != 0)
+    }
+
+    /// Number of pieces stored.
+    pub fn finished_count(&self) -> u32 {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Whether every piece is stored.
+    pub fn is_complete(&self) -> bool {
+        self.finished_count() == self.layout.piece_count()
+    }
+
+    /// Bytes stored so far.
+    pub fn completed_length(&self) -> u64 {
+        (0..self.layout.piece_count())
+            .filter(|&n| self.has(n))
+            .filter_map(|n| self.layout.piece_size(n))
+            .sum()
+    }
+
+    /// crc32c of piece `n` when stored.
+    pub fn piece_crc(&self, n: u32) -> Option<u32> {
+        self.has(n)
+            .then(|| self.crcs.get(n as usize).map(|c| c.load(Ordering::Acquire)))
+            .flatten()
+    }
+
+    /// The bitmap in the wire format of [`wire::Frame::Bitmap`].
+    pub fn bitmap_bytes(&self) -> Vec<u8> {
+        let count = self.layout.piece_count();
+        let mut out = vec![0u8; wire::frame::bitmap_len(count)];
+        for n in 0..count {
+            if self.has(n) {
+                out[n as usize / 8] |= 1 << (n % 8);
+            }
+        }
+        out
+    }
+
+    /// A listener that fires the next time a piece is stored.
+    pub fn listen(&self) -> event_listener::EventListener {
+        self.changed.listen()
+    }
+
+    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece.
+    /// Returns whether the piece was new. A digest mismatch stores nothing.
+    pub fn write_piece(&self, n: u32, data: &[u8], crc: u32) -> Result<bool, StoreError> {
+        let range = self
+            .layout
+            .piece_range(n)
+            .ok_or(StoreError::OutOfRange(n))?;
+        let expected = range.end - range.start;
+        if data.len() as u64 != expected {
+            return Err(StoreError::Length {
+                number: n,
+                expected,
+                got: data.len() as u64,
+            });
+        }
+        let got = wire::piece_crc(data);
+        if got != crc {
+            return Err(StoreError::Digest {
+                number: n,
+                expected: crc,
+                got,
+            });
+        }
+        if self.has(n) {
+            return Ok(false);
+        }
+        self.file.write_all_at(data, range.start)?;
+        Ok(self.mark(n, crc))
+    }
+
+    /// Marks piece `n` as stored with digest `crc` (its bytes must already be in the file).
+    /// Returns whether it was new.
+    fn mark(&self, n: u32, crc: u32) -> bool {
+        let (Some(word), Some(slot)) = (self.bits.get(n as usize / 64), self.crcs.get(n as usize))
+        else {
+            return false;
+        };
+        slot.store(crc, Ordering::Release);
+        let bit = 1u64 << (n % 64);
+        let new = word.fetch_or(bit, Ordering::AcqRel) & bit == 0;
+        if new {
+            self.finished.fetch_add(1, Ordering::AcqRel);
+            self.changed.notify(usize::MAX);
+        }
+        new
+    }
+
+    /// Reads piece `n` into `buf` (resized to the piece length). Fails for a piece that is not
+    /// stored.
+    pub fn read_piece(&self, n: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let range = self
+            .layout
+            .piece_range(n)
+            .ok_or(StoreError::OutOfRange(n))?;
+        if !self.has(n) {
+            return Err(StoreError::OutOfRange(n));
+        }
+        buf.resize((range.end - range.start) as usize, 0);
+        self.file.read_exact_at(buf, range.start)?;
+        Ok(())
+    }
+
+    /// Reads piece `n` into the tail of `buf` after `buf.len()` bytes already there (used to
+    /// put a frame header and the piece in one buffer).
+    pub fn read_piece_after(&self, n: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let range = self
+            .layout
+            .piece_range(n)
+            .ok_or(StoreError::OutOfRange(n))?;
+        let start = buf.len();
+        buf.resize(start + (range.end - range.start) as usize, 0);
+        self.file.read_exact_at(&mut buf[start..], range.start)?;
+        Ok(())
+    }
+}
+
+/// Every task this daemon stores, readable without locks by all threads.
+///
+/// Reads (`get`) are a lock-free `ArcSwap` load; inserts and removals copy the map, which is
+/// fine because tasks are opened far less often than pieces are served.
+#[derive(Debug)]
+pub struct Storage {
+    dir: PathBuf,
+    tasks: ArcSwap<HashMap<TaskId, Arc<TaskStore>>>,
+    /// Bytes of content files created (a cheap view of disk use).
+    allocated: AtomicU64,
+}
+
+impl Storage {
+    /// Storage under `dir` (created if missing).
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tasks: ArcSwap::from_pointee(HashMap::new()),
+            allocated: AtomicU64::new(0),
+        })
+    }
+
+    /// Directory of the content files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The task `id`, when stored.
+    pub fn get(&self, id: &TaskId) -> Option<Arc<TaskStore>> {
+        self.tasks.load().get(id).cloned()
+    }
+
+    /// Creates the content file of a task and registers it, or returns the existing one when
+    /// it has the same layout.
+    pub fn create(&self, id: TaskId, layout: PieceLayout) -> io::Result<Arc<TaskStore>> {
+        if let Some(t) = self.get(&id) {
+            if t.layout() == layout {
+                return Ok(t);
+            }
+        }
+        let store = Arc::new(TaskStore::create(&self.dir, id, layout)?);
+        self.allocated
+            .fetch_add(layout.content_length(), Ordering::Relaxed);
+        let s = store.clone();
+        self.tasks.rcu(move |m| {
+            let mut m = HashMap::clone(m);
+            m.insert(id, s.clone());
+            m
+        });
+        Ok(store)
+    }
+
+    /// Forgets a task and removes its content file.
+    pub fn remove(&self, id: &TaskId) -> io::Result<()> {
+        let mut removed = None;
+        self.tasks.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            removed = m.remove(id);
+            m
+        });
+        if let Some(t) = removed {
+            std::fs::remove_file(t.path())?;
+        }
+        Ok(())
+    }
+
+    /// Number of tasks stored.
+    pub fn len(&self) -> usize {
+        self.tasks.load().len()
+    }
+
+    /// Whether no task is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(len: u64, plen: u64) -> (tempfile::TempDir, TaskStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = PieceLayout::new(len, plen).expect("layout");
+        let s = TaskStore::create(dir.path(), TaskId([7; 32]), layout).expect("create");
+        (dir, s)
+    }
+
+    #[test]
+    fn corrupt_piece_is_not_stored() {
+        let (_d, s) = store(40_000, 16384);
+        let data = vec![1u8; 16384];
+        let crc = wire::piece_crc(&data);
+        assert!(matches!(
+            s.write_piece(0, &data, crc ^ 1),
+            Err(StoreError::Digest { .. })
+        ));
+        assert!(!s.has(0));
+        assert_eq!(s.finished_count(), 0);
+        assert!(s.write_piece(0, &data, crc).expect("stored"));
+        assert!(s.has(0));
+        assert_eq!(s.piece_crc(0), Some(crc));
+    }
+
+    #[test]
+    fn wrong_length_and_range_are_errors() {
+        let (_d, s) = store(40_000, 16384);
+        assert!(matches!(
+            s.write_piece(2, &[0; 10], 0),
+            Err(StoreError::Length { .. })
+        ));
+        assert!(matches!(
+            s.write_piece(3, &[], 0),
+            Err(StoreError::OutOfRange(3))
+        ));
+        let last = vec![9u8; 40_000 - 2 * 16384];
+        assert!(s.write_piece(2, &last, wire::piece_crc(&last)).expect("ok"));
+        let mut buf = Vec::new();
+        s.read_piece(2, &mut buf).expect("read");
+        assert_eq!(buf, last);
+        assert!(s.read_piece(1, &mut buf).is_err());
+    }
+
+    #[test]
+    fn bitmap_and_completion() {
+        let (_d, s) = store(3 * 16384, 16384);
+        for n in [2u32, 0, 1] {
+            let data = vec![n as u8; 16384];
+            s.write_piece(n, &data, wire::piece_crc(&data)).expect("ok");
+        }
+        assert!(s.is_complete());
+        assert_eq!(s.bitmap_bytes(), vec![0b111]);
+        assert_eq!(s.completed_length(), 3 * 16384);
+    }
+}

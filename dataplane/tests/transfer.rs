@@ -1,0 +1,355 @@
+//! In-process data-plane tests: two data planes on loopback, one fetching from the other, and
+//! a hostile client feeding the upload server bad frames.
+
+use damselfly_dataplane::fetch::FetchConfig;
+use damselfly_dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use wire::frame::{self, ErrorCode, Frame};
+use wire::{PieceLayout, TaskId};
+
+struct Node {
+    _dir: tempfile::TempDir,
+    storage: Arc<Storage>,
+    counters: Arc<Counters>,
+    dp: DataPlane,
+}
+
+fn node(threads: usize) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
+    let counters = Arc::new(Counters::default());
+    let cfg = DataPlaneConfig {
+        threads,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        queue_capacity: 64,
+        io_uring: true,
+        fetch: FetchConfig {
+            pieces_in_flight: 4,
+            ..FetchConfig::default()
+        },
+    };
+    let dp = DataPlane::start(cfg, storage.clone(), counters.clone()).expect("start");
+    Node {
+        _dir: dir,
+        storage,
+        counters,
+        dp,
+    }
+}
+
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn seed_task(n: &Node, id: TaskId, data: &[u8], plen: u64) {
+    let layout = PieceLayout::new(data.len() as u64, plen).expect("layout");
+    let store = n.storage.create(id, layout).expect("create");
+    for p in 0..layout.piece_count() {
+        let r = layout.piece_range(p).expect("range");
+        let bytes = &data[r.start as usize..r.end as usize];
+        store
+            .write_piece(p, bytes, wire::piece_crc(bytes))
+            .expect("write");
+    }
+}
+
+fn wait_event(n: &Node, pred: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    futures::executor::block_on(async {
+        loop {
+            let ev = n.dp.bridge().next_event().await;
+            let done = pred(&ev);
+            seen.push(ev);
+            if done {
+                return;
+            }
+        }
+    });
+    seen
+}
+
+#[test]
+fn peer_fetches_every_piece_from_two_parents() {
+    let a = node(1);
+    let b = node(1);
+    let c = node(2);
+    let id = TaskId([3; 32]);
+    let data = content(5 * 16384 + 777);
+    seed_task(&a, id, &data, 16384);
+    seed_task(&b, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let store = c.storage.create(id, layout).expect("create");
+    let parents = vec![
+        Parent {
+            host_id: "a".into(),
+            addr: a.dp.local_addr(),
+            is_seed: true,
+        },
+        Parent {
+            host_id: "b".into(),
+            addr: b.dp.local_addr(),
+            is_seed: false,
+        },
+    ];
+    let t = c.dp.bridge().thread_of(&id);
+    c.dp.bridge()
+        .send(
+            t,
+            Command::Download {
+                store: store.clone(),
+                parents,
+            },
+        )
+        .expect("send");
+    let events = wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    let finished = events
+        .iter()
+        .filter(|e| matches!(e, Event::PieceFinished { .. }))
+        .count();
+    assert_eq!(finished, layout.piece_count() as usize);
+    let got = std::fs::read(store.path()).expect("read");
+    assert_eq!(got, data);
+    let from_seed = c.counters.bytes_from_seed.load(Ordering::Relaxed);
+    let from_peers = c.counters.bytes_from_peers.load(Ordering::Relaxed);
+    assert_eq!(from_seed + from_peers, data.len() as u64);
+    assert_eq!(
+        a.counters.bytes_uploaded.load(Ordering::Relaxed)
+            + b.counters.bytes_uploaded.load(Ordering::Relaxed),
+        data.len() as u64
+    );
+    for n in [a, b, c] {
+        n.dp.shutdown();
+    }
+}
+
+#[test]
+fn empty_task_finishes_without_transfer() {
+    let c = node(1);
+    let id = TaskId([4; 32]);
+    let store = c
+        .storage
+        .create(id, PieceLayout::new(0, 16384).expect("layout"))
+        .expect("create");
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::Download {
+                store,
+                parents: vec![],
+            },
+        )
+        .expect("send");
+    let events = wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    assert_eq!(events.len(), 1);
+    c.dp.shutdown();
+}
+
+#[test]
+fn dead_parent_asks_for_new_parents() {
+    let c = node(1);
+    let id = TaskId([5; 32]);
+    let store = c
+        .storage
+        .create(id, PieceLayout::new(100, 16384).expect("layout"))
+        .expect("create");
+    // A port nobody listens on.
+    let dead: SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let parents = vec![Parent {
+        host_id: "dead".into(),
+        addr: dead,
+        is_seed: false,
+    }];
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::Download {
+                store: store.clone(),
+                parents,
+            },
+        )
+        .expect("send");
+    let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::ParentFailed { parent, .. } if parent == "dead")));
+    assert!(!store.has(0));
+    c.dp.shutdown();
+}
+
+fn read_frame(s: &mut TcpStream) -> Option<Frame> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(Some((f, _))) = frame::decode(&buf) {
+            return Some(f);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn send(s: &mut TcpStream, f: &Frame) {
+    let mut b = bytes::BytesMut::new();
+    frame::encode(f, &mut b);
+    s.write_all(&b).expect("write");
+}
+
+#[test]
+fn upload_server_answers_bad_requests_with_errors() {
+    let a = node(1);
+    let id = TaskId([6; 32]);
+    seed_task(&a, id, &content(20_000), 16384);
+    let connect = || {
+        let s = TcpStream::connect(a.dp.local_addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s
+    };
+    // Garbage: one Malformed error, then the server closes.
+    let mut s = connect();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+    match read_frame(&mut s) {
+        Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::Malformed),
+        other => panic!("expected a malformed error, got {other:?}"),
+    }
+    assert!(read_frame(&mut s).is_none(), "connection must be closed");
+    // A header declaring a 4 GiB payload is refused before anything is buffered.
+    let mut s = connect();
+    s.write_all(&[frame::VERSION, 5, 0, 0, 0xff, 0xff, 0xff, 0xff])
+        .expect("write");
+    assert!(matches!(
+        read_frame(&mut s),
+        Some(Frame::Error {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
+    // Unknown task, piece out of range: errors, and the connection keeps working.
+    let mut s = connect();
+    send(
+        &mut s,
+        &Frame::PieceRequest {
+            task: TaskId([9; 32]),
+            number: 0,
+        },
+    );
+    assert!(matches!(
+        read_frame(&mut s),
+        Some(Frame::Error {
+            code: ErrorCode::TaskNotFound,
+            ..
+        })
+    ));
+    send(
+        &mut s,
+        &Frame::PieceRequest {
+            task: id,
+            number: 2,
+        },
+    );
+    assert!(matches!(
+        read_frame(&mut s),
+        Some(Frame::Error {
+            code: ErrorCode::PieceOutOfRange,
+            ..
+        })
+    ));
+    send(
+        &mut s,
+        &Frame::PieceRequest {
+            task: id,
+            number: 1,
+        },
+    );
+    match read_frame(&mut s) {
+        Some(Frame::Piece(h)) => assert_eq!((h.number, h.length), (1, 20_000 - 16384)),
+        other => panic!("expected a piece, got {other:?}"),
+    }
+    assert!(a.counters.malformed_frames.load(Ordering::Relaxed) >= 2);
+    a.dp.shutdown();
+}
+
+#[test]
+fn corrupt_piece_is_never_stored() {
+    // A fake parent that sends every piece with a wrong crc32c.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let id = TaskId([8; 32]);
+    let data = content(16384);
+    let data2 = data.clone();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut requests = 0;
+        while let Some(f) = read_frame(&mut s) {
+            match f {
+                Frame::BitmapRequest { task, .. } => send(
+                    &mut s,
+                    &Frame::Bitmap {
+                        task,
+                        content_length: 16384,
+                        piece_length: 16384,
+                        piece_count: 1,
+                        bits: vec![1],
+                    },
+                ),
+                Frame::PieceRequest { task, number } => {
+                    requests += 1;
+                    send(
+                        &mut s,
+                        &Frame::Piece(frame::PieceHeader {
+                            task,
+                            number,
+                            offset: 0,
+                            length: 16384,
+                            crc32c: wire::piece_crc(&data2) ^ 0xdead,
+                        }),
+                    );
+                    s.write_all(&data2).expect("write");
+                }
+                _ => break,
+            }
+        }
+        requests
+    });
+    let c = node(1);
+    let store = c
+        .storage
+        .create(
+            id,
+            PieceLayout::new(data.len() as u64, 16384).expect("layout"),
+        )
+        .expect("create");
+    let parents = vec![Parent {
+        host_id: "evil".into(),
+        addr,
+        is_seed: false,
+    }];
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::Download {
+                store: store.clone(),
+                parents,
+            },
+        )
+        .expect("send");
+    let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::PieceFailed { parent, .. } if parent == "evil")));
+    assert!(!store.has(0));
+    assert_eq!(c.counters.pieces_corrupt.load(Ordering::Relaxed), 1);
+    assert_eq!(fake.join().expect("fake parent"), 1);
+    c.dp.shutdown();
+}
