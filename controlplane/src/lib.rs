@@ -1,1 +1,17 @@
-//! x
+//! The control plane of dfdaemon (tokio + tonic).
+//!
+//! It owns the process: loads the [`config`], opens storage, starts the data plane, and then
+//! runs the scheduler sessions ([`scheduler`]), the per-task downloads ([`task`]), fetches
+//! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
+//! socket ([`local_api`]) and Prometheus metrics ([`metrics`]).
+
+pub mod config;
+pub mod daemon;
+pub mod local_api;
+pub mod metrics;
+pub mod origin;
+pub mod scheduler;
+pub mod task;
+
+pub use config::DaemonConfig;
+pub use daemon::Daemon;

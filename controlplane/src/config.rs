@@ -1,0 +1,217 @@
+//! dfdaemon's configuration file (YAML). Every key has a default; see the crate README.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Whole dfdaemon configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Identity and placement of this host.
+    pub host: HostConfig,
+    /// Seed peer mode.
+    pub seed_peer: SeedPeerConfig,
+    /// Schedulers to use.
+    pub scheduler: SchedulerConfig,
+    /// Where pieces are stored.
+    pub storage: StorageConfig,
+    /// Local API for dfget.
+    pub local_api: LocalApiConfig,
+    /// Data plane (piece transfer) settings.
+    pub data_plane: DataPlaneSection,
+    /// Download behaviour.
+    pub download: DownloadConfig,
+    /// Prometheus metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// `host:` section.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Host id; empty means `<hostname>-<data port>`.
+    pub id: String,
+    /// Hostname; empty means the system's.
+    pub hostname: String,
+    /// IP other peers reach this host on; empty means the address used to reach the
+    /// scheduler.
+    pub ip: String,
+    /// Data center, for parent scoring.
+    pub idc: String,
+    /// Location (e.g. `region|zone|rack`), for parent scoring.
+    pub location: String,
+}
+
+/// `seed_peer:` section.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeedPeerConfig {
+    /// Run as a seed peer: the scheduler asks it to fetch new tasks from the origin.
+    pub enable: bool,
+}
+
+/// `scheduler:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Scheduler addresses (`host:port`); a task goes to one of them by rendezvous hash.
+    pub addrs: Vec<String>,
+    /// How long a download waits for parents before it goes back to the origin.
+    #[serde(with = "humantime_serde")]
+    pub schedule_timeout: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            addrs: vec!["127.0.0.1:8002".into()],
+            schedule_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `storage:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the task content files.
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/damselfly"),
+        }
+    }
+}
+
+/// `local_api:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalApiConfig {
+    /// Unix socket of the local gRPC API (dfget connects here).
+    pub socket: PathBuf,
+}
+
+/// Default local API socket, shared with dfget.
+pub const DEFAULT_SOCKET: &str = "/var/run/damselfly/dfdaemon.sock";
+
+impl Default for LocalApiConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+/// `data_plane:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataPlaneSection {
+    /// TCP address of the upload server.
+    pub listen: SocketAddr,
+    /// Data-plane threads; 0 means one per core.
+    pub threads: usize,
+    /// Use io_uring when available (else epoll).
+    pub io_uring: bool,
+    /// Capacity of each bridge queue between the planes.
+    pub queue_capacity: usize,
+    /// Piece requests outstanding per parent connection.
+    pub pieces_in_flight: usize,
+    /// Time allowed to connect to a parent.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one piece from a parent.
+    #[serde(with = "humantime_serde")]
+    pub piece_timeout: Duration,
+}
+
+impl Default for DataPlaneSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4005)),
+            threads: 0,
+            io_uring: true,
+            queue_capacity: 4096,
+            pieces_in_flight: 8,
+            connect_timeout: Duration::from_secs(5),
+            piece_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `download:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadConfig {
+    /// Smallest piece length in bytes chosen by the piece length rule.
+    pub piece_length_min: u64,
+    /// Largest piece length in bytes chosen by the piece length rule.
+    pub piece_length_max: u64,
+    /// Retries of an interrupted origin transfer (each resumes with a Range request).
+    pub origin_retries: u32,
+    /// Time allowed to connect to the origin and get its response headers.
+    #[serde(with = "humantime_serde")]
+    pub origin_timeout: Duration,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        Self {
+            piece_length_min: wire::piece::DEFAULT_MIN_PIECE_LENGTH,
+            piece_length_max: wire::piece::MAX_PIECE_LENGTH,
+            origin_retries: 3,
+            origin_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `metrics:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`/metrics`, `/healthy`); empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4002".into(),
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Reads a YAML file; a missing key takes its default, an unknown key is an error.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_file_takes_defaults() {
+        let c: DaemonConfig = serde_yaml::from_str(
+            "seed_peer:\n  enable: true\nscheduler:\n  schedule_timeout: 5s\n",
+        )
+        .expect("parses");
+        assert!(c.seed_peer.enable);
+        assert_eq!(c.scheduler.schedule_timeout, Duration::from_secs(5));
+        assert_eq!(c.scheduler.addrs, vec!["127.0.0.1:8002".to_string()]);
+        assert_eq!(c.data_plane.pieces_in_flight, 8);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        assert!(serde_yaml::from_str::<DaemonConfig>("data_plane:\n  thread: 2\n").is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Starting dfdaemon: storage, data plane, scheduler sessions, local API, metrics.
+
+use crate::config::DaemonConfig;
+use crate::scheduler::SchedulerPool;
+use crate::task::TaskManager;
+use anyhow::Context as _;
+use dataplane::fetch::FetchConfig;
+use dataplane::{Bridge, Counters, DataPlane, DataPlaneConfig, Storage};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::sync::Arc;
+use wire::proto::scheduler::{Host, HostType};
+
+/// Everything the control plane's tasks share.
+#[derive(Debug)]
+pub struct Context {
+    /// Effective configuration.
+    pub config: DaemonConfig,
+    /// This host as announced to schedulers.
+    pub host: Host,
+    /// Task storage (shared with the data plane).
+    pub storage: Arc<Storage>,
+    /// Byte and piece counters (shared with the data plane).
+    pub counters: Arc<Counters>,
+    /// Queues to the data plane.
+    pub bridge: Arc<Bridge>,
+    /// Scheduler channels.
+    pub schedulers: SchedulerPool,
+    /// HTTP client for origins.
+    pub http: reqwest::Client,
+    /// Running downloads.
+    pub tasks: TaskManager,
+}
+
+/// A running dfdaemon.
+#[derive(Debug)]
+pub struct Daemon {
+    ctx: Arc<Context>,
+    dataplane: DataPlane,
+}
+
+/// The local address this host uses to reach `target` (no packet is sent).
+fn route_ip(target: &str) -> Option<IpAddr> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    sock.connect(target).ok()?;
+    Some(sock.local_addr().ok()?.ip())
+}
+
+impl Daemon {
+    /// Opens storage, starts the data plane and builds the shared context. Nothing is served
+    /// until [`Daemon::run`].
+    pub fn start(config: DaemonConfig) -> anyhow::Result<Self> {
+        let storage =
+            Arc::new(Storage::open(&config.storage.dir).with_context(|| {
+                format!("opening storage dir {}", config.storage.dir.display())
+            })?);
+        let counters = Arc::new(Counters::default());
+        let dp_cfg = DataPlaneConfig {
+            threads: if config.data_plane.threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                config.data_plane.threads
+            },
+            listen: config.data_plane.listen,
+            queue_capacity: config.data_plane.queue_capacity,
+            io_uring: config.data_plane.io_uring,
+            fetch: FetchConfig {
+                pieces_in_flight: config.data_plane.pieces_in_flight,
+                connect_timeout: config.data_plane.connect_timeout,
+                piece_timeout: config.data_plane.piece_timeout,
+                ..FetchConfig::default()
+            },
+        };
+        let dataplane = DataPlane::start(dp_cfg, storage.clone(), counters.clone())
+            .with_context(|| format!("starting data plane on {}", config.data_plane.listen))?;
+        let data_port = dataplane.local_addr().port();
+        let hostname = if config.host.hostname.is_empty() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_or_else(|_| "localhost".into(), |s| s.trim().to_string())
+        } else {
+            config.host.hostname.clone()
+        };
+        let ip = if !config.host.ip.is_empty() {
+            config
+                .host
+                .ip
+                .parse::<IpAddr>()
+                .with_context(|| format!("host.ip {:?}", config.host.ip))?
+        } else {
+            config
+                .scheduler
+                .addrs
+                .first()
+                .and_then(|a| route_ip(a))
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        };
+        let host = Host {
+            id: if config.host.id.is_empty() {
+                format!("{hostname}-{data_port}")
+            } else {
+                config.host.id.clone()
+            },
+            hostname,
+            ip: ip.to_string(),
+            data_port: u32::from(data_port),
+            r#type: if config.seed_peer.enable {
+                HostType::Seed
+            } else {
+                HostType::Normal
+            } as i32,
+            idc: config.host.idc.clone(),
+            location: config.host.location.clone(),
+            upload_rate_limit: 0,
+        };
+        let schedulers = SchedulerPool::new(&config.scheduler.addrs)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.download.origin_timeout)
+            .build()
+            .context("building the HTTP client")?;
+        let ctx = Arc::new(Context {
+            bridge: dataplane.bridge().clone(),
+            config,
+            host,
+            storage,
+            counters,
+            schedulers,
+            http,
+            tasks: TaskManager::default(),
+        });
+        Ok(Self { ctx, dataplane })
+    }
+
+    /// The shared context.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Serves until `shutdown` resolves, then stops the data plane and removes the socket.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let ctx = self.ctx.clone();
+        // Data-plane events → task runs.
+        let pump_ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = pump_ctx.bridge.next_event().await;
+                pump_ctx.tasks.route(ev).await;
+            }
+        });
+        for (addr, channel) in ctx.schedulers.all() {
+            tokio::spawn(crate::scheduler::host_loop(
+                ctx.clone(),
+                addr.clone(),
+                channel.clone(),
+            ));
+        }
+        if !ctx.config.metrics.listen.is_empty() {
+            let l = tokio::net::TcpListener::bind(&ctx.config.metrics.listen)
+                .await
+                .with_context(|| format!("binding metrics on {}", ctx.config.metrics.listen))?;
+            tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+            tokio::spawn(crate::metrics::serve(ctx.clone(), l));
+        }
+        let socket = ctx.config.local_api.socket.clone();
+        let api = crate::local_api::serve(ctx.clone(), &socket, shutdown);
+        tracing::info!(
+            "dfdaemon {} ({}) ready: local API {}, data plane {}:{}",
+            ctx.host.id,
+            if ctx.config.seed_peer.enable {
+                "seed peer"
+            } else {
+                "peer"
+            },
+            socket.display(),
+            ctx.host.ip,
+            ctx.host.data_port
+        );
+        let res = api.await;
+        let _ = std::fs::remove_file(&socket);
+        self.dataplane.shutdown();
+        res
+    }
+}

@@ -1,0 +1,251 @@
+//! The local gRPC API on a Unix socket: what dfget (and later dfcache) call.
+
+use crate::daemon::Context;
+use crate::task::{Progress, TaskSpec, TaskState};
+use anyhow::Context as _;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use wire::proto::dfdaemon::dfdaemon_server::{Dfdaemon, DfdaemonServer};
+use wire::proto::dfdaemon::{DownloadProgress, DownloadRequest, StatsRequest, StatsResponse};
+use wire::task::TaskIdOptions;
+use wire::TaskId;
+
+/// Serves the local API on `socket` until `shutdown` resolves.
+pub async fn serve(
+    ctx: Arc<Context>,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket file left by a daemon that died; refuse if a live daemon still answers on it.
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!("another dfdaemon is already serving {}", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(DfdaemonServer::new(LocalApi { ctx }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+        .context("local API server")
+}
+
+struct LocalApi {
+    ctx: Arc<Context>,
+}
+
+fn to_proto(id: &TaskId, p: &Progress, done: bool) -> DownloadProgress {
+    DownloadProgress {
+        task_id: id.to_hex(),
+        content_length: p.content_length.unwrap_or(0),
+        completed_length: p.completed_length,
+        piece_count: p.piece_count,
+        finished_pieces: p.finished_pieces,
+        done,
+        bytes_from_origin: p.from_origin,
+        bytes_from_seed: p.from_seed,
+        bytes_from_peers: p.from_peers,
+    }
+}
+
+/// Parses `sha256:<64 hex>`.
+fn parse_digest(d: &str) -> Result<[u8; 32], Status> {
+    let Some(hexpart) = d.strip_prefix("sha256:") else {
+        return Err(Status::invalid_argument(format!(
+            "digest {d:?} must look like sha256:<64 hex characters>"
+        )));
+    };
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hexpart, &mut out).map_err(|_| {
+        Status::invalid_argument(format!(
+            "digest {d:?} must look like sha256:<64 hex characters>"
+        ))
+    })?;
+    Ok(out)
+}
+
+/// Verifies the task file against `digest` and copies it to `output` atomically (a temporary
+/// file in the same directory renamed into place): `output` exists only when complete.
+fn deliver(src: &Path, output: &Path, digest: Option<[u8; 32]>) -> Result<(), Status> {
+    if let Some(want) = digest {
+        let mut f = std::fs::File::open(src)
+            .map_err(|e| Status::internal(format!("opening task file: {e}")))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| Status::internal(format!("reading task file: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        let got: [u8; 32] = h.finalize().into();
+        if got != want {
+            return Err(Status::data_loss(format!(
+                "digest mismatch: expected sha256:{}, got sha256:{}",
+                hex::encode(want),
+                hex::encode(got)
+            )));
+        }
+    }
+    let dir = output.parent().unwrap_or(Path::new("/"));
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
+    let res = std::fs::copy(src, &tmp).and_then(|_| std::fs::rename(&tmp, output));
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Status::internal(format!(
+            "writing {}: {e}",
+            output.display()
+        )));
+    }
+    Ok(())
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<DownloadProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Dfdaemon for LocalApi {
+    type DownloadStream = ProgressStream;
+
+    async fn download(
+        &self,
+        req: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let r = req.into_inner();
+        let url = url_check(&r.url)?;
+        let output = PathBuf::from(&r.output);
+        if !output.is_absolute() {
+            return Err(Status::invalid_argument(format!(
+                "output {:?} must be an absolute path",
+                r.output
+            )));
+        }
+        match output.parent() {
+            Some(d) if d.is_dir() => {}
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "the directory of {} does not exist",
+                    output.display()
+                )))
+            }
+        }
+        let digest = if r.digest.is_empty() {
+            None
+        } else {
+            Some(parse_digest(&r.digest)?)
+        };
+        let id = TaskId::from_url(
+            &url,
+            &TaskIdOptions {
+                tag: &r.tag,
+                application: &r.application,
+                piece_length: r.piece_length,
+                filtered_query_params: &r.filtered_query_params,
+            },
+        )
+        .map_err(|e| Status::invalid_argument(format!("url {url:?}: {e}")))?;
+        if r.piece_length != 0 && wire::PieceLayout::new(0, r.piece_length).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "piece length {} is out of range",
+                r.piece_length
+            )));
+        }
+        let spec = TaskSpec {
+            id,
+            url,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            piece_length: r.piece_length,
+            back_to_source: false,
+            disable_back_to_source: r.disable_back_to_source,
+        };
+        let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
+        Ok(Response::new(progress_stream(id, rx, output, digest)))
+    }
+
+    async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        use dataplane::Counters as C;
+        let c = &self.ctx.counters;
+        Ok(Response::new(StatsResponse {
+            bytes_from_origin: C::get(&c.bytes_from_origin),
+            bytes_from_seed: C::get(&c.bytes_from_seed),
+            bytes_from_peers: C::get(&c.bytes_from_peers),
+            bytes_uploaded: C::get(&c.bytes_uploaded),
+            pieces_uploaded: C::get(&c.pieces_uploaded),
+            pieces_downloaded: C::get(&c.pieces_downloaded),
+            pieces_corrupt: C::get(&c.pieces_corrupt),
+            tasks: self.ctx.storage.len() as u64,
+        }))
+    }
+}
+
+fn url_check(u: &str) -> Result<String, Status> {
+    let parsed =
+        url::Url::parse(u).map_err(|e| Status::invalid_argument(format!("url {u:?}: {e}")))?;
+    match parsed.scheme() {
+        "http" | "https" => Ok(u.to_string()),
+        s => Err(Status::invalid_argument(format!(
+            "url scheme {s:?} is not supported (http, https)"
+        ))),
+    }
+}
+
+fn progress_stream(
+    id: TaskId,
+    rx: watch::Receiver<TaskState>,
+    output: PathBuf,
+    digest: Option<[u8; 32]>,
+) -> ProgressStream {
+    enum St {
+        Watching(watch::Receiver<TaskState>, bool),
+        End,
+    }
+    let stream = futures::stream::unfold(St::Watching(rx, true), move |st| {
+        let output = output.clone();
+        async move {
+            let St::Watching(mut rx, first) = st else {
+                return None;
+            };
+            if !first && rx.changed().await.is_err() {
+                let item = Err(Status::internal("download ended without a result"));
+                return Some((item, St::End));
+            }
+            let state = rx.borrow_and_update().clone();
+            match state {
+                TaskState::Running(p) => {
+                    Some((Ok(to_proto(&id, &p, false)), St::Watching(rx, false)))
+                }
+                TaskState::Failed(e) => Some((Err(Status::unavailable(e)), St::End)),
+                TaskState::Done(store, p) => {
+                    let src = store.path().to_path_buf();
+                    let out = output.clone();
+                    let res = tokio::task::spawn_blocking(move || deliver(&src, &out, digest))
+                        .await
+                        .map_err(|e| Status::internal(format!("delivery task: {e}")))
+                        .and_then(|r| r);
+                    let item = res.map(|()| to_proto(&id, &p, true));
+                    Some((item, St::End))
+                }
+            }
+        }
+    });
+    Box::pin(stream)
+}

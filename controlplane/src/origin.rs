@@ -1,0 +1,300 @@
+//! Back to source: fetching a task's pieces from its HTTP(S) origin.
+//!
+//! The first request is `GET` with `Range: bytes=0-`; its `Content-Range` (206) or
+//! `Content-Length` (200) gives the size, from which the piece layout follows. The body is
+//! cut into pieces as it streams in, and each piece is stored and announced as soon as it is
+//! complete, so peers can fetch piece 0 while later pieces are still on the wire. An
+//! interrupted or short transfer is resumed with a Range request from the first missing
+//! piece; pieces already stored are never fetched twice.
+
+use crate::daemon::Context;
+use crate::task::TaskSpec;
+use dataplane::{Counters, TaskStore};
+use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
+use reqwest::StatusCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::PieceLayout;
+
+/// Why a fetch from the origin failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// The origin answered with an error status that retrying will not fix.
+    #[error("origin answered {0} for {1}")]
+    Status(StatusCode, String),
+    /// The origin did not say how long the content is.
+    #[error("origin sent neither Content-Range nor Content-Length; content of unknown length is not supported")]
+    UnknownLength,
+    /// The origin's answer contradicts itself or the task's known layout.
+    #[error("origin answer is inconsistent: {0}")]
+    Inconsistent(String),
+    /// A request header given by the user is not valid HTTP.
+    #[error("invalid header {0:?}")]
+    BadHeader(String),
+    /// The transfer kept failing after the configured retries.
+    #[error("origin transfer failed after {retries} retries: {last}")]
+    Exhausted {
+        /// Retries made.
+        retries: u32,
+        /// Last error.
+        last: String,
+    },
+    /// The size is outside what the protocol can carry.
+    #[error("{0}")]
+    Layout(#[from] wire::piece::LayoutError),
+    /// Storing a piece failed (disk full, I/O error).
+    #[error("storing piece: {0}")]
+    Storage(String),
+}
+
+/// Receives what an origin fetch produces.
+pub trait PieceSink {
+    /// The task's storage exists (called once, when the size is first learnt).
+    fn layout(&mut self, store: &Arc<TaskStore>);
+    /// Piece `number` is stored.
+    fn piece(&mut self, number: u32, crc32c: u32, length: u64, cost_us: u64);
+}
+
+/// One transfer attempt's failure: retry or give up.
+enum Attempt {
+    Retry(String),
+    Fatal(OriginError),
+}
+
+/// Parses `bytes a-b/total` or `bytes */total` into the total.
+fn content_range_total(v: &str) -> Option<u64> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (_, total) = rest.split_once('/')?;
+    total.trim().parse().ok()
+}
+
+/// Parses the start offset of `bytes a-b/total`.
+fn content_range_start(v: &str) -> Option<u64> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, _) = rest.split_once('/')?;
+    let (a, _) = range.split_once('-')?;
+    a.trim().parse().ok()
+}
+
+/// Fetches every missing piece of `spec` from its origin into `existing` (or a new store
+/// created once the size is known). Returns the complete store.
+pub async fn fetch(
+    ctx: &Context,
+    spec: &TaskSpec,
+    existing: Option<Arc<TaskStore>>,
+    sink: &mut (dyn PieceSink + Send),
+) -> Result<Arc<TaskStore>, OriginError> {
+    let mut store = existing;
+    let mut retries = 0u32;
+    loop {
+        if let Some(s) = &store {
+            if s.is_complete() {
+                return Ok(s.clone());
+            }
+        }
+        match attempt(ctx, spec, &mut store, sink).await {
+            Ok(()) => {}
+            Err(Attempt::Fatal(e)) => return Err(e),
+            Err(Attempt::Retry(last)) => {
+                retries += 1;
+                if retries > ctx.config.download.origin_retries {
+                    return Err(OriginError::Exhausted {
+                        retries: retries - 1,
+                        last,
+                    });
+                }
+                tracing::warn!(task = %spec.id, "origin transfer interrupted ({last}); retry {retries}");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;
+            }
+        }
+    }
+}
+
+async fn attempt(
+    ctx: &Context,
+    spec: &TaskSpec,
+    store: &mut Option<Arc<TaskStore>>,
+    sink: &mut (dyn PieceSink + Send),
+) -> Result<(), Attempt> {
+    // Resume from the first missing piece.
+    let start = match store {
+        Some(s) => {
+            let layout = s.layout();
+            let first = (0..layout.piece_count()).find(|&n| !s.has(n)).unwrap_or(0);
+            layout.piece_range(first).map_or(0, |r| r.start)
+        }
+        None => 0,
+    };
+    let mut req = ctx
+        .http
+        .get(&spec.url)
+        .header(RANGE, format!("bytes={start}-"));
+    for (k, v) in &spec.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
+        req = req.header(name, value);
+    }
+    let mut resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await
+    {
+        Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
+        Ok(Err(e)) => return Err(Attempt::Retry(format!("request failed: {e}"))),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let header = |name| {
+        resp.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // (total length, offset of the first body byte)
+    let (total, body_start) = match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = header(CONTENT_RANGE).ok_or(Attempt::Fatal(OriginError::Inconsistent(
+                "206 without Content-Range".into(),
+            )))?;
+            let total = content_range_total(&cr).ok_or_else(|| {
+                Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "bad Content-Range {cr:?}"
+                )))
+            })?;
+            let s = content_range_start(&cr).ok_or_else(|| {
+                Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "bad Content-Range {cr:?}"
+                )))
+            })?;
+            (total, s)
+        }
+        StatusCode::OK => {
+            let len = header(CONTENT_LENGTH)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(Attempt::Fatal(OriginError::UnknownLength))?;
+            (len, 0)
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            // `bytes=0-` of an empty file.
+            match header(CONTENT_RANGE).and_then(|v| content_range_total(&v)) {
+                Some(0) if start == 0 => (0, 0),
+                _ => {
+                    return Err(Attempt::Fatal(OriginError::Status(
+                        status,
+                        spec.url.clone(),
+                    )))
+                }
+            }
+        }
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            return Err(Attempt::Retry(format!("origin answered {s}")));
+        }
+        s => return Err(Attempt::Fatal(OriginError::Status(s, spec.url.clone()))),
+    };
+    if body_start > start {
+        return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+            "asked for bytes from {start}, got them from {body_start}"
+        ))));
+    }
+    let store = match store {
+        Some(s) => {
+            if s.layout().content_length() != total {
+                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "content length changed from {} to {total}",
+                    s.layout().content_length()
+                ))));
+            }
+            s.clone()
+        }
+        None => {
+            let piece_length = if spec.piece_length != 0 {
+                spec.piece_length
+            } else {
+                wire::piece::piece_length_for(
+                    total,
+                    ctx.config.download.piece_length_min,
+                    ctx.config.download.piece_length_max,
+                )
+            };
+            let layout =
+                PieceLayout::new(total, piece_length).map_err(|e| Attempt::Fatal(e.into()))?;
+            let s = ctx
+                .storage
+                .create(spec.id, layout)
+                .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+            sink.layout(&s);
+            *store = Some(s.clone());
+            s
+        }
+    };
+    let layout = store.layout();
+    let mut pos = body_start;
+    let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
+    let mut piece_started = Instant::now();
+    if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        return Ok(());
+    }
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => return Err(Attempt::Retry(format!("body: {e}"))),
+        };
+        let mut data = &chunk[..];
+        while !data.is_empty() {
+            if pos >= total {
+                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "origin sent more than the {total} bytes it announced"
+                ))));
+            }
+            if pos < start {
+                // An origin that ignored our Range: skip what we have.
+                let skip = ((start - pos) as usize).min(data.len());
+                data = &data[skip..];
+                pos += skip as u64;
+                continue;
+            }
+            let Some(n) = layout.piece_at(pos) else { break };
+            let Some(range) = layout.piece_range(n) else {
+                break;
+            };
+            let take = ((range.end - pos) as usize).min(data.len());
+            buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            pos += take as u64;
+            if pos == range.end {
+                if !store.has(n) {
+                    let crc = wire::piece_crc(&buf);
+                    store
+                        .write_piece(n, &buf, crc)
+                        .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+                    Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
+                    let cost =
+                        u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    sink.piece(n, crc, buf.len() as u64, cost);
+                }
+                buf.clear();
+                piece_started = Instant::now();
+            }
+        }
+    }
+    if pos < total {
+        return Err(Attempt::Retry(format!(
+            "body ended at byte {pos} of {total}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_range() {
+        assert_eq!(content_range_total("bytes 0-99/100"), Some(100));
+        assert_eq!(content_range_total("bytes */0"), Some(0));
+        assert_eq!(content_range_total("bytes 0-99/*"), None);
+        assert_eq!(content_range_start("bytes 5-99/100"), Some(5));
+        assert_eq!(content_range_total("items 0-1/2"), None);
+    }
+}

@@ -1,0 +1,499 @@
+//! Per-task downloads: the scheduler session of one task, the data-plane commands it leads
+//! to, and going back to the origin when that is the best (or only) option.
+
+use crate::daemon::Context;
+use crate::origin::{self, PieceSink};
+use dataplane::{Command, Event, Parent, PieceSource, TaskStore};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use wire::proto::scheduler::{
+    announce_peer_request::Request, announce_peer_response::Response,
+    scheduler_client::SchedulerClient, AnnouncePeerRequest, Header, HostType, PeerFailed,
+    PeerFinished, PieceFailed, PieceFinished, RegisterPeer, RescheduleRequest, TaskMetadata,
+    TaskSource,
+};
+use wire::{PieceLayout, TaskId};
+
+/// What to download.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// Task id.
+    pub id: TaskId,
+    /// Origin URL.
+    pub url: String,
+    /// Headers for the origin request.
+    pub headers: Vec<(String, String)>,
+    /// Forced piece length (0: derived from the size).
+    pub piece_length: u64,
+    /// Fetch from the origin right away (seed trigger).
+    pub back_to_source: bool,
+    /// Never fetch from the origin; fail when no peer can serve.
+    pub disable_back_to_source: bool,
+}
+
+/// Progress of a task, as reported to local clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Content length, once known.
+    pub content_length: Option<u64>,
+    /// Pieces in the task.
+    pub piece_count: u32,
+    /// Pieces stored.
+    pub finished_pieces: u32,
+    /// Bytes stored.
+    pub completed_length: u64,
+    /// Bytes of this task fetched from the origin.
+    pub from_origin: u64,
+    /// Bytes of this task fetched from seed peers.
+    pub from_seed: u64,
+    /// Bytes of this task fetched from other peers.
+    pub from_peers: u64,
+}
+
+/// State of a task download, watched by local clients.
+#[derive(Debug, Clone)]
+pub enum TaskState {
+    /// Still downloading.
+    Running(Progress),
+    /// Every piece is stored.
+    Done(Arc<TaskStore>, Progress),
+    /// The download failed for good.
+    Failed(String),
+}
+
+/// The running downloads of this daemon, by task id.
+#[derive(Debug, Default)]
+pub struct TaskManager {
+    runs: Mutex<HashMap<TaskId, Run>>,
+}
+
+#[derive(Debug)]
+struct Run {
+    state: watch::Receiver<TaskState>,
+    events: mpsc::Sender<Event>,
+}
+
+/// Bounded per-task event queue between the event pump and a run.
+const RUN_EVENT_QUEUE: usize = 1024;
+
+impl TaskManager {
+    /// Joins the running download of `spec.id`, or starts one; returns its state.
+    pub fn start_or_join(&self, ctx: Arc<Context>, spec: TaskSpec) -> watch::Receiver<TaskState> {
+        if let Some(store) = ctx.storage.get(&spec.id).filter(|s| s.is_complete()) {
+            let p = progress_of(&store, &Progress::default());
+            return watch::channel(TaskState::Done(store, p)).1;
+        }
+        let Ok(mut runs) = self.runs.lock() else {
+            return watch::channel(TaskState::Failed("task table poisoned".into())).1;
+        };
+        if let Some(r) = runs.get(&spec.id) {
+            if !matches!(&*r.state.borrow(), TaskState::Failed(_)) {
+                return r.state.clone();
+            }
+        }
+        let (state_tx, state_rx) = watch::channel(TaskState::Running(Progress::default()));
+        let (ev_tx, ev_rx) = mpsc::channel(RUN_EVENT_QUEUE);
+        runs.insert(
+            spec.id,
+            Run {
+                state: state_rx.clone(),
+                events: ev_tx,
+            },
+        );
+        drop(runs);
+        tokio::spawn(async move {
+            let id = spec.id;
+            let mut run = TaskRun::new(ctx.clone(), spec, state_tx, ev_rx);
+            let result = run.run().await;
+            if let Ok(mut runs) = ctx.tasks.runs.lock() {
+                runs.remove(&id);
+            }
+            match result {
+                Ok(store) => {
+                    let p = progress_of(&store, &run.progress);
+                    run.state.send_replace(TaskState::Done(store, p));
+                    tracing::info!(task = %id, "download finished");
+                    // Stay registered as a peer of the task so others can fetch from us.
+                    run.keep_serving().await;
+                }
+                Err(e) => {
+                    tracing::warn!(task = %id, "download failed: {e}");
+                    run.announce(Request::Failed(PeerFailed { reason: e.clone() }));
+                    run.cancel_dataplane();
+                    run.state.send_replace(TaskState::Failed(e));
+                }
+            }
+        });
+        state_rx
+    }
+
+    /// Routes a data-plane event to the run of its task (dropped when no run waits for it).
+    pub async fn route(&self, ev: Event) {
+        let task = match &ev {
+            Event::PieceFinished { task, .. }
+            | Event::PieceFailed { task, .. }
+            | Event::ParentFailed { task, .. }
+            | Event::NeedParents { task }
+            | Event::StorageFailed { task, .. }
+            | Event::DownloadFinished { task } => *task,
+        };
+        let tx = self
+            .runs
+            .lock()
+            .ok()
+            .and_then(|r| r.get(&task).map(|r| r.events.clone()));
+        if let Some(tx) = tx {
+            let _ = tx.send(ev).await;
+        }
+    }
+}
+
+fn progress_of(store: &TaskStore, base: &Progress) -> Progress {
+    let l = store.layout();
+    Progress {
+        content_length: Some(l.content_length()),
+        piece_count: l.piece_count(),
+        finished_pieces: store.finished_count(),
+        completed_length: store.completed_length(),
+        ..base.clone()
+    }
+}
+
+struct TaskRun {
+    ctx: Arc<Context>,
+    spec: TaskSpec,
+    state: watch::Sender<TaskState>,
+    events: mpsc::Receiver<Event>,
+    progress: Progress,
+    store: Option<Arc<TaskStore>>,
+    announce: Option<mpsc::Sender<AnnouncePeerRequest>>,
+    responses: Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
+    dispatched: bool,
+    bad_parents: HashSet<String>,
+}
+
+/// Bounded queue of messages to the scheduler for one task.
+const ANNOUNCE_QUEUE: usize = 4096;
+
+impl TaskRun {
+    fn new(
+        ctx: Arc<Context>,
+        spec: TaskSpec,
+        state: watch::Sender<TaskState>,
+        events: mpsc::Receiver<Event>,
+    ) -> Self {
+        Self {
+            ctx,
+            spec,
+            state,
+            events,
+            progress: Progress::default(),
+            store: None,
+            announce: None,
+            responses: None,
+            dispatched: false,
+            bad_parents: HashSet::new(),
+        }
+    }
+
+    /// Sends a message to the scheduler on this task's stream (dropped when there is none or
+    /// it is gone: the download goes on without the scheduler).
+    fn announce(&self, r: Request) {
+        if let Some(tx) = &self.announce {
+            if let Err(e) = tx.try_send(AnnouncePeerRequest { request: Some(r) }) {
+                tracing::debug!(task = %self.spec.id, "announcement dropped: {e}");
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let p = match &self.store {
+            Some(s) => progress_of(s, &self.progress),
+            None => self.progress.clone(),
+        };
+        self.progress = p.clone();
+        self.state.send_replace(TaskState::Running(p));
+    }
+
+    async fn connect_scheduler(&mut self) -> Result<(), String> {
+        let Some((addr, channel)) = self.ctx.schedulers.pick(&self.spec.id) else {
+            return Err("no scheduler configured".into());
+        };
+        let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
+        let register = RegisterPeer {
+            task_id: self.spec.id.to_hex(),
+            peer_id: format!("{}-{:016x}", self.ctx.host.id, rand::random::<u64>()),
+            host: Some(self.ctx.host.clone()),
+            source: Some(TaskSource {
+                url: self.spec.url.clone(),
+                headers: self
+                    .spec
+                    .headers
+                    .iter()
+                    .map(|(n, v)| Header {
+                        name: n.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+            }),
+            piece_length: self.spec.piece_length,
+            back_to_source: self.spec.back_to_source,
+        };
+        tx.try_send(AnnouncePeerRequest {
+            request: Some(Request::Register(register)),
+        })
+        .map_err(|e| format!("queueing register: {e}"))?;
+        let mut client = SchedulerClient::new(channel);
+        let resp = client
+            .announce_peer(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
+        self.announce = Some(tx);
+        self.responses = Some(resp.into_inner());
+        Ok(())
+    }
+
+    async fn run(&mut self) -> Result<Arc<TaskStore>, String> {
+        if let Err(e) = self.connect_scheduler().await {
+            if self.spec.disable_back_to_source {
+                return Err(format!("{e}; back-to-source is disabled"));
+            }
+            tracing::warn!(task = %self.spec.id, "{e}; fetching from the origin directly");
+            return self.from_origin().await;
+        }
+        if self.spec.back_to_source {
+            return self.from_origin().await;
+        }
+        let timeout = tokio::time::sleep(self.ctx.config.scheduler.schedule_timeout);
+        tokio::pin!(timeout);
+        loop {
+            tokio::select! {
+                msg = next_response(&mut self.responses) => match msg {
+                    Some(Ok(Some(r))) => match r.response {
+                        Some(Response::CandidateParents(cp)) => self.on_parents(cp)?,
+                        Some(Response::NeedBackToSource(n)) => {
+                            if self.spec.disable_back_to_source {
+                                return Err(format!("no peer can serve the task ({}) and back-to-source is disabled", n.reason));
+                            }
+                            tracing::info!(task = %self.spec.id, "scheduler says back to source: {}", n.reason);
+                            return self.from_origin().await;
+                        }
+                        None => {}
+                    },
+                    Some(Ok(None)) | Some(Err(_)) => {
+                        tracing::warn!(task = %self.spec.id, "scheduler stream ended");
+                        self.responses = None;
+                        self.announce = None;
+                        if !self.dispatched {
+                            if self.spec.disable_back_to_source {
+                                return Err("scheduler went away before naming parents; back-to-source is disabled".into());
+                            }
+                            return self.from_origin().await;
+                        }
+                    }
+                    None => {}
+                },
+                ev = self.events.recv() => {
+                    let Some(ev) = ev else { return Err("event queue closed".into()) };
+                    if let Some(result) = self.on_event(ev).await {
+                        return result;
+                    }
+                }
+                _ = &mut timeout, if !self.dispatched => {
+                    if self.spec.disable_back_to_source {
+                        return Err(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout));
+                    }
+                    tracing::warn!(task = %self.spec.id, "no parents within the schedule timeout; back to source");
+                    return self.from_origin().await;
+                }
+            }
+        }
+    }
+
+    fn on_parents(&mut self, cp: wire::proto::scheduler::CandidateParents) -> Result<(), String> {
+        if self.store.is_none() {
+            let md = cp
+                .metadata
+                .ok_or("scheduler sent parents without the task's size")?;
+            let layout = PieceLayout::new(md.content_length, md.piece_length)
+                .map_err(|e| format!("task layout: {e}"))?;
+            let store = self
+                .ctx
+                .storage
+                .create(self.spec.id, layout)
+                .map_err(|e| format!("creating task file: {e}"))?;
+            self.store = Some(store);
+            self.publish();
+        }
+        let parents: Vec<Parent> = cp
+            .parents
+            .into_iter()
+            .filter(|p| p.host_id != self.ctx.host.id && !self.bad_parents.contains(&p.host_id))
+            .filter_map(|p| {
+                let ip: IpAddr = p.ip.parse().ok()?;
+                let port = u16::try_from(p.data_port).ok()?;
+                Some(Parent {
+                    host_id: p.host_id,
+                    addr: SocketAddr::new(ip, port),
+                    is_seed: p.r#type == HostType::Seed as i32,
+                })
+            })
+            .collect();
+        tracing::debug!(task = %self.spec.id, "parents: {:?}", parents.iter().map(|p| &p.host_id).collect::<Vec<_>>());
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let bridge = &self.ctx.bridge;
+        let thread = bridge.thread_of(&self.spec.id);
+        let cmd = if self.dispatched {
+            Command::AddParents {
+                task: self.spec.id,
+                parents,
+            }
+        } else {
+            Command::Download { store, parents }
+        };
+        bridge
+            .send(thread, cmd)
+            .map_err(|_| "data plane command queue is full".to_string())?;
+        self.dispatched = true;
+        Ok(())
+    }
+
+    /// Handles a data-plane event; returns the end of the run when there is one.
+    async fn on_event(&mut self, ev: Event) -> Option<Result<Arc<TaskStore>, String>> {
+        match ev {
+            Event::PieceFinished {
+                number,
+                crc32c,
+                length,
+                source,
+                cost_us,
+                ..
+            } => {
+                match &source {
+                    PieceSource::Seed(_) => self.progress.from_seed += length,
+                    PieceSource::Peer(_) => self.progress.from_peers += length,
+                }
+                self.announce(Request::PieceFinished(PieceFinished {
+                    number,
+                    crc32c,
+                    length,
+                    parent_host_id: source.host_id().to_string(),
+                    cost_us,
+                }));
+                self.publish();
+            }
+            Event::PieceFailed {
+                number,
+                parent,
+                reason,
+                ..
+            } => {
+                self.announce(Request::PieceFailed(PieceFailed {
+                    number,
+                    parent_host_id: parent,
+                    reason,
+                }));
+            }
+            Event::ParentFailed { parent, .. } => {
+                self.bad_parents.insert(parent);
+            }
+            Event::NeedParents { .. } => {
+                if self.announce.is_some() {
+                    self.announce(Request::Reschedule(RescheduleRequest {
+                        bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
+                        reason: "every parent failed or has nothing left for us".into(),
+                    }));
+                } else if self.spec.disable_back_to_source {
+                    return Some(Err(
+                        "every parent failed, no scheduler, and back-to-source is disabled".into(),
+                    ));
+                } else {
+                    return Some(self.from_origin().await);
+                }
+            }
+            Event::StorageFailed { reason, .. } => return Some(Err(format!("storage: {reason}"))),
+            Event::DownloadFinished { .. } => {
+                let store = self.store.clone()?;
+                self.announce(Request::Finished(PeerFinished {
+                    content_length: store.layout().content_length(),
+                }));
+                return Some(Ok(store));
+            }
+        }
+        None
+    }
+
+    async fn from_origin(&mut self) -> Result<Arc<TaskStore>, String> {
+        if self.dispatched {
+            self.cancel_dataplane();
+        }
+        let ctx = self.ctx.clone();
+        let spec = self.spec.clone();
+        let existing = self.store.clone();
+        let result = origin::fetch(&ctx, &spec, existing, self)
+            .await
+            .map_err(|e| e.to_string());
+        if let Ok(store) = &result {
+            self.announce(Request::Finished(PeerFinished {
+                content_length: store.layout().content_length(),
+            }));
+        }
+        result
+    }
+
+    fn cancel_dataplane(&self) {
+        let bridge = &self.ctx.bridge;
+        let _ = bridge.send(
+            bridge.thread_of(&self.spec.id),
+            Command::Cancel { task: self.spec.id },
+        );
+    }
+
+    /// Keeps the scheduler stream open after the download, so the scheduler keeps offering
+    /// this peer as a parent, until the scheduler closes it.
+    async fn keep_serving(mut self) {
+        let Some(mut responses) = self.responses.take() else {
+            return;
+        };
+        let _announce = self.announce.take();
+        while let Ok(Some(_)) = responses.message().await {}
+    }
+}
+
+impl PieceSink for TaskRun {
+    fn layout(&mut self, store: &Arc<TaskStore>) {
+        self.store = Some(store.clone());
+        let l = store.layout();
+        self.announce(Request::TaskMetadata(TaskMetadata {
+            content_length: l.content_length(),
+            piece_length: l.piece_length(),
+        }));
+        self.publish();
+    }
+
+    fn piece(&mut self, number: u32, crc32c: u32, length: u64, cost_us: u64) {
+        self.progress.from_origin += length;
+        self.announce(Request::PieceFinished(PieceFinished {
+            number,
+            crc32c,
+            length,
+            parent_host_id: String::new(),
+            cost_us,
+        }));
+        self.publish();
+    }
+}
+
+async fn next_response(
+    r: &mut Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
+) -> Option<Result<Option<wire::proto::scheduler::AnnouncePeerResponse>, tonic::Status>> {
+    match r {
+        Some(s) => Some(s.message().await),
+        None => std::future::pending().await,
+    }
+}
