@@ -1,1 +1,67 @@
-//! x
+//! Damselfly's scheduler: the per-task swarm brain.
+//!
+//! Daemons announce their host on a long-lived stream and register one peer per task; the
+//! scheduler answers with candidate parents, triggers a seed peer when nobody has a task yet,
+//! and tells a peer to go back to the origin only when that is the best option.
+//!
+//! * [`state`]: the swarm state machine, sans-IO ([`state::SchedulerState`]).
+//! * [`service`]: the tonic gRPC service that feeds it ([`service::SchedulerService`]).
+//! * [`config`]: the YAML configuration ([`config::Config`]).
+//!
+//! [`run`] is the whole binary: bind, serve until Ctrl-C or SIGTERM.
+
+pub mod config;
+pub mod service;
+pub mod state;
+
+pub use config::{Config, SchedulingConfig, ServerConfig};
+pub use service::{serve, SchedulerService};
+pub use state::SchedulerState;
+
+/// Installs the stderr log subscriber, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second call (tests, embedding) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Binds `config.server.listen` and serves until Ctrl-C or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.server.listen))?;
+    serve(listener, config.scheduling, shutdown_signal()).await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

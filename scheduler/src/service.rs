@@ -1,0 +1,453 @@
+//! The gRPC service: thin glue between tonic streams and [`SchedulerState`].
+//!
+//! Each open stream owns a bounded channel; the state's [`Output`]s are delivered with
+//! `try_send` under the state lock, so a slow or vanished daemon never blocks the scheduler:
+//! if its channel is full or closed, its peer (or host) is dropped instead, and its stream
+//! ends with an error status. A guard inside each response stream tells the state when tonic
+//! drops the stream (the client went away).
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
+use wire::proto::scheduler::{
+    announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
+    HostCommand, StatTaskRequest, TaskInfo,
+};
+
+use crate::config::SchedulingConfig;
+use crate::state::{HostKey, Output, PeerKey, SchedulerState};
+
+/// Messages buffered per `AnnouncePeer` stream before the peer counts as stuck and is dropped.
+/// A burst of first-piece pushes to one peer is bounded by `parent_limit`, so this is ample.
+pub const PEER_CHANNEL_CAPACITY: usize = 64;
+/// Commands buffered per `AnnounceHost` stream before the host counts as stuck.
+pub const HOST_CHANNEL_CAPACITY: usize = 64;
+/// How long shutdown waits for connections to close after ending every stream.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// HTTP/2 pings detect daemons that vanished without closing their connection.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// TCP keepalive on accepted connections, for the same reason at the kernel level.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Sending half of one response stream, plus the status to end it with.
+struct Slot<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    end: Arc<Mutex<Option<Status>>>,
+}
+
+impl<T> Slot<T> {
+    /// Ends the stream once the buffered messages are read: with `status` as an error, or
+    /// cleanly if `None`.
+    fn close(self, status: Option<Status>) {
+        *self.end.lock() = status;
+    }
+}
+
+/// Creates a slot and the response stream it feeds.
+fn channel<T>(capacity: usize, guard: impl FnOnce() -> Guard) -> (Slot<T>, Outbound<T>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let end = Arc::new(Mutex::new(None));
+    (
+        Slot {
+            tx,
+            end: end.clone(),
+        },
+        Outbound {
+            rx,
+            end,
+            _guard: guard(),
+        },
+    )
+}
+
+/// A response stream: what the state sends, then possibly one final error.
+pub struct Outbound<T> {
+    rx: mpsc::Receiver<Result<T, Status>>,
+    end: Arc<Mutex<Option<Status>>>,
+    _guard: Guard,
+}
+
+impl<T> Stream for Outbound<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(None) => Poll::Ready(this.end.lock().take().map(Err)),
+            other => other,
+        }
+    }
+}
+
+/// Tells the state that a response stream was dropped (by tonic, when the client is gone).
+struct Guard {
+    shared: Arc<Shared>,
+    stream: GuardedStream,
+}
+
+enum GuardedStream {
+    Host(HostKey),
+    Peer {
+        key: PeerKey,
+        /// Dropped with the guard, which wakes the peer's reader task.
+        _gone: oneshot::Sender<()>,
+    },
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut inner = self.shared.inner.lock();
+        match &self.stream {
+            GuardedStream::Host(key) => inner.host_gone(*key, None),
+            GuardedStream::Peer { key, .. } => inner.peer_gone(*key, None),
+        }
+    }
+}
+
+/// Everything behind the lock: the state and the open streams.
+struct Inner {
+    state: SchedulerState,
+    peers: HashMap<PeerKey, Slot<AnnouncePeerResponse>>,
+    hosts: HashMap<HostKey, Slot<HostCommand>>,
+    /// Set by shutdown: new streams are refused.
+    closed: bool,
+}
+
+impl Inner {
+    /// Delivers outputs without blocking; a stream that cannot take its message is dropped,
+    /// which may produce more outputs (delivered in the same loop).
+    fn dispatch(&mut self, outputs: Vec<Output>) {
+        let mut queue = VecDeque::from(outputs);
+        while let Some(output) = queue.pop_front() {
+            match output {
+                Output::Peer { peer, response } => {
+                    let sent = self
+                        .peers
+                        .get(&peer)
+                        .is_some_and(|slot| slot.tx.try_send(Ok(response)).is_ok());
+                    if !sent {
+                        warn!(?peer, "peer stream full or closed; dropping the peer");
+                        if let Some(slot) = self.peers.remove(&peer) {
+                            slot.close(Some(Status::resource_exhausted(
+                                "peer too slow to read scheduler messages",
+                            )));
+                        }
+                        queue.extend(self.state.peer_left(peer));
+                    }
+                }
+                Output::Host { host, command } => {
+                    let sent = self
+                        .hosts
+                        .get(&host)
+                        .is_some_and(|slot| slot.tx.try_send(Ok(command)).is_ok());
+                    if !sent {
+                        warn!(?host, "host stream full or closed; dropping the host");
+                        if let Some(slot) = self.hosts.remove(&host) {
+                            slot.close(Some(Status::resource_exhausted(
+                                "host too slow to read scheduler commands",
+                            )));
+                        }
+                        queue.extend(self.state.host_left(host));
+                    }
+                }
+                Output::ClosePeer { peer, reason } => {
+                    if let Some(slot) = self.peers.remove(&peer) {
+                        slot.close(Some(Status::aborted(reason)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The peer's stream is over: end it (if still open) and forget the peer.
+    fn peer_gone(&mut self, key: PeerKey, status: Option<Status>) {
+        if let Some(slot) = self.peers.remove(&key) {
+            slot.close(status);
+        }
+        let outputs = self.state.peer_left(key);
+        self.dispatch(outputs);
+    }
+
+    /// The host's stream is over: end it (if still open) and forget the host.
+    fn host_gone(&mut self, key: HostKey, status: Option<Status>) {
+        if let Some(slot) = self.hosts.remove(&key) {
+            slot.close(status);
+        }
+        let outputs = self.state.host_left(key);
+        self.dispatch(outputs);
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    next_key: AtomicU64,
+}
+
+impl Shared {
+    fn next_key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The `Scheduler` gRPC service. Cheap to clone (all clones share one state).
+#[derive(Clone)]
+pub struct SchedulerService {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SchedulerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerService").finish_non_exhaustive()
+    }
+}
+
+impl SchedulerService {
+    /// A service over an empty state.
+    pub fn new(config: SchedulingConfig) -> Self {
+        Self::with_state(SchedulerState::new(config))
+    }
+
+    /// A service over `state` (e.g. one with a fixed random seed).
+    pub fn with_state(state: SchedulerState) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    state,
+                    peers: HashMap::new(),
+                    hosts: HashMap::new(),
+                    closed: false,
+                }),
+                next_key: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Ends every open stream with `UNAVAILABLE` and refuses new ones, so that a graceful
+    /// server shutdown does not wait on daemons' long-lived streams.
+    pub fn shutdown(&self) {
+        let mut inner = self.shared.inner.lock();
+        inner.closed = true;
+        for (_, slot) in inner.peers.drain() {
+            slot.close(Some(Status::unavailable("scheduler shutting down")));
+        }
+        for (_, slot) in inner.hosts.drain() {
+            slot.close(Some(Status::unavailable("scheduler shutting down")));
+        }
+    }
+
+    /// The tonic server wrapping this service.
+    pub fn into_server(self) -> SchedulerServer<Self> {
+        SchedulerServer::new(self)
+    }
+
+    fn refuse_if_closed(inner: &Inner) -> Result<(), Status> {
+        if inner.closed {
+            Err(Status::unavailable("scheduler shutting down"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    type AnnounceHostStream = Outbound<HostCommand>;
+    type AnnouncePeerStream = Outbound<AnnouncePeerResponse>;
+
+    async fn announce_host(
+        &self,
+        request: Request<AnnounceHostRequest>,
+    ) -> Result<Response<Self::AnnounceHostStream>, Status> {
+        let host = request
+            .into_inner()
+            .host
+            .ok_or_else(|| Status::invalid_argument("host is required"))?;
+        let key = HostKey(self.shared.next_key());
+        let (slot, stream) = channel(HOST_CHANNEL_CAPACITY, || Guard {
+            shared: self.shared.clone(),
+            stream: GuardedStream::Host(key),
+        });
+        let registered = {
+            let mut inner = self.shared.inner.lock();
+            Self::refuse_if_closed(&inner).and_then(|()| {
+                inner
+                    .state
+                    .host_announced(key, host)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                inner.hosts.insert(key, slot);
+                Ok(())
+            })
+        };
+        // On error the stream (and its guard, which takes the lock) is dropped here, after
+        // the lock was released.
+        registered.map(|()| Response::new(stream))
+    }
+
+    async fn announce_peer(
+        &self,
+        request: Request<Streaming<AnnouncePeerRequest>>,
+    ) -> Result<Response<Self::AnnouncePeerStream>, Status> {
+        Self::refuse_if_closed(&self.shared.inner.lock())?;
+        let inbound = request.into_inner();
+        let key = PeerKey(self.shared.next_key());
+        let (gone_tx, gone_rx) = oneshot::channel();
+        let (slot, stream) = channel(PEER_CHANNEL_CAPACITY, || Guard {
+            shared: self.shared.clone(),
+            stream: GuardedStream::Peer {
+                key,
+                _gone: gone_tx,
+            },
+        });
+        // Answer at once and read the registration in the reader task: a client that only
+        // sends its first message after the call returns must not deadlock.
+        tokio::spawn(read_peer(self.shared.clone(), key, inbound, slot, gone_rx));
+        Ok(Response::new(stream))
+    }
+
+    async fn stat_task(
+        &self,
+        request: Request<StatTaskRequest>,
+    ) -> Result<Response<TaskInfo>, Status> {
+        let task_id = request.into_inner().task_id;
+        let info = self.shared.inner.lock().state.stat_task(&task_id);
+        info.map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("task {task_id} not found")))
+    }
+}
+
+/// Reads one `AnnouncePeer` stream: the registration, then reports, until the client closes
+/// it, fails, or the response stream is dropped (`gone` fires).
+async fn read_peer(
+    shared: Arc<Shared>,
+    key: PeerKey,
+    mut inbound: Streaming<AnnouncePeerRequest>,
+    slot: Slot<AnnouncePeerResponse>,
+    mut gone: oneshot::Receiver<()>,
+) {
+    use announce_peer_request::Request;
+    let first = tokio::select! {
+        message = inbound.message() => message,
+        _ = &mut gone => return,
+    };
+    let register = match first {
+        Ok(Some(AnnouncePeerRequest {
+            request: Some(Request::Register(register)),
+        })) => register,
+        Ok(Some(_)) => {
+            slot.close(Some(Status::invalid_argument(
+                "the first AnnouncePeer message must be RegisterPeer",
+            )));
+            return;
+        }
+        Ok(None) => return,
+        Err(status) => {
+            debug!(%status, "peer stream failed before registering");
+            return;
+        }
+    };
+    {
+        let mut inner = shared.inner.lock();
+        if inner.closed || slot.tx.is_closed() {
+            return;
+        }
+        match inner.state.register_peer(key, register) {
+            Ok(outputs) => {
+                inner.peers.insert(key, slot);
+                inner.dispatch(outputs);
+            }
+            Err(e) => {
+                slot.close(Some(Status::invalid_argument(e.to_string())));
+                return;
+            }
+        }
+    }
+    loop {
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            _ = &mut gone => return,
+        };
+        let mut inner = shared.inner.lock();
+        match message {
+            Ok(Some(AnnouncePeerRequest {
+                request: Some(request),
+            })) => {
+                let outputs = inner.state.peer_request(key, request);
+                inner.dispatch(outputs);
+                if !inner.state.has_peer(key) {
+                    // Failed, or dropped by the scheduler: end the response stream cleanly
+                    // (a no-op if it was already closed with an error).
+                    inner.peer_gone(key, None);
+                    return;
+                }
+            }
+            Ok(Some(AnnouncePeerRequest { request: None })) => {
+                debug!(?key, "empty AnnouncePeer message ignored");
+            }
+            Ok(None) => {
+                debug!(?key, "peer closed its stream");
+                inner.peer_gone(key, None);
+                return;
+            }
+            Err(status) => {
+                debug!(?key, %status, "peer stream failed");
+                inner.peer_gone(key, None);
+                return;
+            }
+        }
+    }
+}
+
+/// Serves the scheduler on `listener` until `shutdown` resolves, then ends every stream and
+/// waits (briefly) for connections to close. Logs `scheduler listening on <addr>` once
+/// serving.
+pub async fn serve(
+    listener: TcpListener,
+    config: SchedulingConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let addr = listener.local_addr()?;
+    let service = SchedulerService::new(config);
+    let closer = service.clone();
+    let (fired_tx, fired_rx) = oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        closer.shutdown();
+        let _ = fired_tx.send(());
+    };
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    info!("scheduler listening on {addr}");
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, signal);
+    let grace = async {
+        if fired_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = grace => warn!("connections still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
+    }
+    info!("scheduler stopped");
+    Ok(())
+}

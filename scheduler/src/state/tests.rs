@@ -1,0 +1,696 @@
+//! Tests of the swarm state machine, driven without any network.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use announce_peer_request::Request;
+use proptest::prelude::*;
+use wire::proto::scheduler::PeerFailed;
+
+const TASK: &str = "task-1";
+
+fn host(id: &str, seed: bool) -> Host {
+    Host {
+        id: id.to_owned(),
+        hostname: id.to_owned(),
+        ip: format!("10.0.0.{}", id.len()),
+        data_port: 4005,
+        r#type: if seed {
+            HostType::Seed as i32
+        } else {
+            HostType::Normal as i32
+        },
+        ..Host::default()
+    }
+}
+
+fn metadata(content_length: u64) -> TaskMetadata {
+    TaskMetadata {
+        content_length,
+        piece_length: 1 << 20,
+    }
+}
+
+/// A state plus key counters and helpers to read outputs.
+struct Sim {
+    st: SchedulerState,
+    next: u64,
+}
+
+impl Sim {
+    fn new() -> Self {
+        Self::with(SchedulingConfig::default())
+    }
+
+    fn with(config: SchedulingConfig) -> Self {
+        Self {
+            st: SchedulerState::with_seed(config, 7),
+            next: 0,
+        }
+    }
+
+    fn key(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    fn announce(&mut self, id: &str, seed: bool) -> HostKey {
+        let k = HostKey(self.key());
+        self.st.host_announced(k, host(id, seed)).unwrap();
+        k
+    }
+
+    fn register_task(
+        &mut self,
+        task: &str,
+        peer_id: &str,
+        host_id: &str,
+        seed: bool,
+        bts: bool,
+    ) -> (PeerKey, Vec<Output>) {
+        let k = PeerKey(self.key());
+        let out = self
+            .st
+            .register_peer(
+                k,
+                RegisterPeer {
+                    task_id: task.to_owned(),
+                    peer_id: peer_id.to_owned(),
+                    host: Some(host(host_id, seed)),
+                    source: Some(TaskSource {
+                        url: "http://origin/file".to_owned(),
+                        headers: vec![],
+                    }),
+                    piece_length: 0,
+                    back_to_source: bts,
+                },
+            )
+            .unwrap();
+        (k, out)
+    }
+
+    fn register(&mut self, peer_id: &str, host_id: &str, bts: bool) -> (PeerKey, Vec<Output>) {
+        self.register_task(TASK, peer_id, host_id, false, bts)
+    }
+
+    fn register_seed_peer(&mut self, peer_id: &str, host_id: &str) -> (PeerKey, Vec<Output>) {
+        self.register_task(TASK, peer_id, host_id, true, true)
+    }
+
+    fn send(&mut self, k: PeerKey, r: Request) -> Vec<Output> {
+        self.st.peer_request(k, r)
+    }
+
+    fn piece(&mut self, k: PeerKey, number: u32) -> Vec<Output> {
+        self.send(
+            k,
+            Request::PieceFinished(PieceFinished {
+                number,
+                ..PieceFinished::default()
+            }),
+        )
+    }
+
+    fn meta(&mut self, k: PeerKey, content_length: u64) -> Vec<Output> {
+        self.send(k, Request::TaskMetadata(metadata(content_length)))
+    }
+}
+
+/// Host ids of the parents sent to `peer` in `out` (all CandidateParents messages, in order).
+fn parents_to(out: &[Output], peer: PeerKey) -> Vec<String> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Peer {
+                peer: p,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::CandidateParents(c)),
+                    },
+            } if *p == peer => {
+                assert!(c.metadata.is_some(), "CandidateParents without metadata");
+                Some(
+                    c.parents
+                        .iter()
+                        .map(|x| x.host_id.clone())
+                        .collect::<Vec<_>>(),
+                )
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn back_to_source(out: &[Output], peer: PeerKey) -> Option<String> {
+    out.iter().find_map(|o| match o {
+        Output::Peer {
+            peer: p,
+            response:
+                AnnouncePeerResponse {
+                    response: Some(announce_peer_response::Response::NeedBackToSource(n)),
+                },
+        } if *p == peer => Some(n.reason.clone()),
+        _ => None,
+    })
+}
+
+fn triggers(out: &[Output]) -> Vec<(HostKey, String)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Host {
+                host,
+                command:
+                    HostCommand {
+                        command: Some(host_command::Command::DownloadTask(d)),
+                    },
+            } => Some((*host, d.task_id.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn waiting_peers_get_parents_when_metadata_arrives() {
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    assert_eq!(triggers(&out), vec![(seed, TASK.to_owned())]);
+    assert!(parents_to(&out, a).is_empty());
+
+    // A second peer waits too; the trigger is outstanding, so no second trigger.
+    let (b, out) = sim.register("peer-b", "host-b", false);
+    assert!(out.is_empty(), "{out:?}");
+
+    // The seed registers as a source peer: nothing is sent yet.
+    let (s, out) = sim.register_seed_peer("seed-peer", "seed-a");
+    assert!(out.is_empty(), "{out:?}");
+
+    let out = sim.meta(s, 10 << 20);
+    assert_eq!(parents_to(&out, a), vec!["seed-a"]);
+    assert_eq!(parents_to(&out, b), vec!["seed-a"]);
+    assert!(parents_to(&out, s).is_empty());
+
+    // A later peer is answered at once.
+    let (c, out) = sim.register("peer-c", "host-c", false);
+    assert_eq!(parents_to(&out, c), vec!["seed-a"]);
+
+    let info = sim.st.stat_task(TASK).unwrap();
+    assert_eq!(info.piece_count, 10);
+    assert_eq!(info.metadata, Some(metadata(10 << 20)));
+    assert_eq!(info.peers.len(), 4);
+}
+
+#[test]
+fn source_peer_is_among_parents_when_metadata_arrives() {
+    let mut sim = Sim::with(SchedulingConfig {
+        candidate_parent_limit: 1,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    // A done seed peer of the same task outranks a fresh source peer, but the peer that just
+    // brought the metadata must still be offered to those who waited for it.
+    let (done, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    let (w, out) = sim.register("w", "host-w", false);
+    assert!(out.is_empty());
+    sim.send(
+        done,
+        Request::Finished(PeerFinished {
+            content_length: 1 << 20,
+        }),
+    );
+    let out = sim.meta(src, 1 << 20);
+    assert_eq!(parents_to(&out, w), vec!["host-src"]);
+}
+
+#[test]
+fn seed_trigger_is_consistent_and_moves_on_when_the_seed_fails() {
+    // Rendezvous hashing: the same seed is chosen whatever the announce order.
+    let pick = |order: &[&str]| {
+        let mut sim = Sim::new();
+        let keys: Vec<(HostKey, String)> = order
+            .iter()
+            .map(|id| (sim.announce(id, true), id.to_string()))
+            .collect();
+        let (_, out) = sim.register("peer-a", "host-a", false);
+        let t = triggers(&out);
+        assert_eq!(t.len(), 1);
+        keys.into_iter().find(|(k, _)| *k == t[0].0).unwrap().1
+    };
+    let first = pick(&["s1", "s2", "s3"]);
+    assert_eq!(first, pick(&["s3", "s1", "s2"]));
+
+    let mut sim = Sim::new();
+    let hosts: Vec<(HostKey, &str)> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|id| (sim.announce(id, true), *id))
+        .collect();
+    sim.announce("normal", false);
+    let name = |k: HostKey| hosts.iter().find(|(h, _)| *h == k).unwrap().1;
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    let t1 = triggers(&out)[0].0;
+    assert_eq!(name(t1), first);
+
+    // The triggered seed registers, then fails before learning the size: next seed.
+    let (s, _) = sim.register_task(TASK, "seed-peer-1", name(t1), true, true);
+    let out = sim.send(
+        s,
+        Request::Failed(PeerFailed {
+            reason: "origin 500".to_owned(),
+        }),
+    );
+    let t2 = triggers(&out);
+    assert_eq!(t2.len(), 1);
+    assert_ne!(t2[0].0, t1);
+
+    // The second seed's stream disappears before it registered: the third one is triggered.
+    let out = sim.st.host_left(t2[0].0);
+    let t3 = triggers(&out);
+    assert_eq!(t3.len(), 1);
+    assert!(t3[0].0 != t1 && t3[0].0 != t2[0].0);
+    assert!(back_to_source(&out, a).is_none());
+
+    // The third seed goes away too: no seed left, the waiting peer goes back to source.
+    let out = sim.st.host_left(t3[0].0);
+    assert!(triggers(&out).is_empty());
+    assert_eq!(back_to_source(&out, a).as_deref(), Some(REASON_NO_SEED));
+}
+
+#[test]
+fn failed_seed_is_skipped_even_when_it_comes_back() {
+    let mut sim = Sim::new();
+    let s1 = sim.announce("s1", true);
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    assert_eq!(triggers(&out), vec![(s1, TASK.to_owned())]);
+    let out = sim.st.host_left(s1);
+    assert_eq!(back_to_source(&out, a).as_deref(), Some(REASON_NO_SEED));
+    // A source peer is now fetching: later peers wait without a trigger.
+    sim.announce("s1", true);
+    let (_, out) = sim.register("peer-b", "host-b", false);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn no_seed_means_back_to_source_and_others_wait_for_it() {
+    let mut sim = Sim::new();
+    sim.announce("normal", false);
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    assert_eq!(back_to_source(&out, a).as_deref(), Some(REASON_NO_SEED));
+    assert!(triggers(&out).is_empty());
+
+    let (b, out) = sim.register("peer-b", "host-b", false);
+    assert!(out.is_empty(), "{out:?}");
+    let out = sim.meta(a, 4 << 20);
+    assert_eq!(parents_to(&out, b), vec!["host-a"]);
+    assert!(parents_to(&out, a).is_empty());
+}
+
+#[test]
+fn source_leaving_before_metadata_hands_over() {
+    let mut sim = Sim::new();
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (b, _) = sim.register("peer-b", "host-b", false);
+    // a went back to source (no seed); it leaves before knowing the size.
+    let out = sim.st.peer_left(a);
+    assert_eq!(back_to_source(&out, b).as_deref(), Some(REASON_NO_SEED));
+}
+
+#[test]
+fn parents_hold_pieces_or_are_source_peers() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    // Registered after the metadata: gets the source peer only.
+    let (empty, out) = sim.register("empty", "host-empty", false);
+    assert_eq!(parents_to(&out, empty), vec!["host-src"]);
+    // A peer on the same host as the holder cannot use it.
+    let (same_host, out) = sim.register("same", "host-src", false);
+    assert!(parents_to(&out, same_host).is_empty());
+    assert_eq!(
+        back_to_source(&out, same_host).as_deref(),
+        Some(REASON_NO_PARENT)
+    );
+
+    // `empty` has no piece: not a parent. Once it has one, it is.
+    let (x, out) = sim.register("x", "host-x", false);
+    let got = parents_to(&out, x);
+    assert!(!got.contains(&"host-empty".to_owned()), "{got:?}");
+    sim.piece(empty, 3);
+    let (y, out) = sim.register("y", "host-y", false);
+    let got = parents_to(&out, y);
+    assert!(got.contains(&"host-empty".to_owned()), "{got:?}");
+    assert!(got.contains(&"host-src".to_owned()), "{got:?}");
+    // The peer that went back to source (same host) is a source peer now: eligible too.
+    assert!(got.len() <= 4);
+}
+
+#[test]
+fn a_peer_gets_several_parents_best_first() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 16 << 20);
+    let mut holders = Vec::new();
+    for i in 0..6 {
+        let (k, _) = sim.register(&format!("p{i}"), &format!("h{i}"), false);
+        for n in 0..=i {
+            sim.piece(k, n);
+        }
+        holders.push(k);
+    }
+    let (done, _) = sim.register("done", "h-done", false);
+    sim.send(
+        done,
+        Request::Finished(PeerFinished {
+            content_length: 16 << 20,
+        }),
+    );
+    let (c, out) = sim.register("child", "h-child", false);
+    let got = parents_to(&out, c);
+    assert_eq!(got.len(), 4, "{got:?}");
+    // Done peer first, then most pieces.
+    assert_eq!(got, vec!["h-done", "h5", "h4", "h3"]);
+}
+
+#[test]
+fn first_piece_is_pushed_to_peers_with_room() {
+    let mut sim = Sim::with(SchedulingConfig {
+        parent_limit: 2,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    let (a, out) = sim.register("a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["host-src"]);
+    let (b, out) = sim.register("b", "host-b", false);
+    assert_eq!(parents_to(&out, b), vec!["host-src"]);
+    let (b2, out) = sim.register("b2", "host-b", false);
+    assert_eq!(parents_to(&out, b2), vec!["host-src"]);
+
+    // a's first piece: pushed to b and b2 (not to the source peer, not to a itself).
+    let out = sim.piece(a, 0);
+    assert_eq!(parents_to(&out, b), vec!["host-a"]);
+    assert_eq!(parents_to(&out, b2), vec!["host-a"]);
+    assert!(parents_to(&out, src).is_empty());
+    assert!(parents_to(&out, a).is_empty());
+    // Second piece: nothing new.
+    assert!(sim.piece(a, 1).is_empty());
+
+    // b's first piece goes to a (room: 1 parent of 2) but not to b2 (same host).
+    let out = sim.piece(b, 0);
+    assert_eq!(parents_to(&out, a), vec!["host-b"]);
+    assert!(parents_to(&out, b2).is_empty());
+
+    // c gets parents; then d's first piece: a is full (2 parents), c has room.
+    let (c, _) = sim.register("c", "host-c", false);
+    let (d, _) = sim.register("d", "host-d", false);
+    let out = sim.piece(d, 0);
+    assert!(parents_to(&out, a).is_empty());
+    assert!(parents_to(&out, b).is_empty(), "b is full too");
+    assert!(parents_to(&out, c).is_empty() || parents_to(&out, c) == vec!["host-d"]);
+    // Never the same parent twice.
+    let out = sim.piece(d, 1);
+    assert!(out.is_empty());
+}
+
+#[test]
+fn reschedule_excludes_bad_parents_and_prefers_new_ones() {
+    let mut sim = Sim::with(SchedulingConfig {
+        candidate_parent_limit: 2,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    for i in 0..3 {
+        let (k, _) = sim.register(&format!("p{i}"), &format!("h{i}"), false);
+        for n in 0..(3 - i) {
+            sim.piece(k, n);
+        }
+    }
+    let (c, out) = sim.register("child", "h-child", false);
+    let first = parents_to(&out, c);
+    assert_eq!(first.len(), 2);
+    let out = sim.send(
+        c,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec![first[0].clone()],
+            reason: "slow".to_owned(),
+        }),
+    );
+    let second = parents_to(&out, c);
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(!second.contains(&first[0]), "{second:?}");
+    // A fresh parent comes before the one already given.
+    assert!(!first.contains(&second[0]), "{first:?} then {second:?}");
+
+    // Everyone bad: back to source (within budget).
+    let all: Vec<String> = ["host-src", "h0", "h1", "h2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = sim.send(
+        c,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: all,
+            reason: "all bad".to_owned(),
+        }),
+    );
+    assert!(parents_to(&out, c).is_empty());
+    assert_eq!(back_to_source(&out, c).as_deref(), Some(REASON_NO_PARENT));
+}
+
+#[test]
+fn back_to_source_budget_then_wait_for_a_parent() {
+    let mut sim = Sim::with(SchedulingConfig {
+        back_to_source_limit: 1,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "shared", true);
+    sim.meta(src, 8 << 20);
+    // Same host as the only holder: no parent; the first goes back to source...
+    let (b, out) = sim.register("b", "shared", false);
+    assert_eq!(back_to_source(&out, b).as_deref(), Some(REASON_NO_PARENT));
+    // ...the second waits (budget spent).
+    let (c, out) = sim.register("c", "shared", false);
+    assert!(out.is_empty(), "{out:?}");
+    // A peer elsewhere gets its first piece: c is offered it.
+    let (d, out) = sim.register("d", "other", false);
+    assert_eq!(parents_to(&out, d).len(), 2);
+    let out = sim.piece(d, 0);
+    assert_eq!(parents_to(&out, c), vec!["other"]);
+}
+
+#[test]
+fn out_of_range_piece_numbers_are_ignored() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    // Before the size is known, only absurd numbers are refused.
+    assert!(sim.piece(src, u32::MAX).is_empty());
+    sim.piece(src, 5);
+    sim.meta(src, 4 << 20); // 4 pieces: piece 5 is dropped.
+    assert_eq!(sim.st.stat_task(TASK).unwrap().peers[0].finished_pieces, 0);
+    for n in [4, 5, u32::MAX] {
+        assert!(sim.piece(src, n).is_empty());
+    }
+    sim.piece(src, 3);
+    let info = sim.st.stat_task(TASK).unwrap();
+    assert_eq!(info.piece_count, 4);
+    assert_eq!(info.peers[0].finished_pieces, 1);
+}
+
+#[test]
+fn invalid_metadata_is_ignored_and_first_metadata_wins() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    let (w, _) = sim.register("w", "host-w", false);
+    let out = sim.send(
+        src,
+        Request::TaskMetadata(TaskMetadata {
+            content_length: 10,
+            piece_length: 0,
+        }),
+    );
+    assert!(out.is_empty());
+    assert!(sim.st.stat_task(TASK).unwrap().metadata.is_none());
+    let out = sim.meta(src, 2 << 20);
+    assert_eq!(parents_to(&out, w), vec!["host-src"]);
+    assert!(sim.meta(src, 9 << 20).is_empty());
+    assert_eq!(sim.st.stat_task(TASK).unwrap().piece_count, 2);
+}
+
+#[test]
+fn register_validation_and_replacement() {
+    let mut sim = Sim::new();
+    let bad = |task: &str, peer: &str, host: Option<Host>| RegisterPeer {
+        task_id: task.to_owned(),
+        peer_id: peer.to_owned(),
+        host,
+        ..RegisterPeer::default()
+    };
+    let k = PeerKey(1000);
+    assert_eq!(
+        sim.st
+            .register_peer(k, bad("", "p", Some(host("h", false)))),
+        Err(InvalidRequest::MissingTaskId)
+    );
+    assert_eq!(
+        sim.st
+            .register_peer(k, bad("t", "", Some(host("h", false)))),
+        Err(InvalidRequest::MissingPeerId)
+    );
+    assert_eq!(
+        sim.st.register_peer(k, bad("t", "p", None)),
+        Err(InvalidRequest::MissingHost)
+    );
+    assert_eq!(
+        sim.st
+            .register_peer(k, bad("t", "p", Some(host("", false)))),
+        Err(InvalidRequest::MissingHost)
+    );
+    assert_eq!(sim.st.peer_count(), 0);
+    assert!(sim.st.host_announced(HostKey(1), host("", true)).is_err());
+
+    let (old, _) = sim.register("same", "host-a", true);
+    let (new, out) = sim.register("same", "host-a", true);
+    assert!(out.contains(&Output::ClosePeer {
+        peer: old,
+        reason: "replaced by a newer registration of the same peer".to_owned()
+    }));
+    assert!(!sim.st.has_peer(old) && sim.st.has_peer(new));
+    assert_eq!(sim.st.stat_task(TASK).unwrap().peers.len(), 1);
+}
+
+#[test]
+fn tasks_are_forgotten_when_their_last_peer_leaves() {
+    let mut sim = Sim::new();
+    let (a, _) = sim.register("a", "host-a", true);
+    let (b, _) = sim.register_task("other", "b", "host-b", false, true);
+    sim.send(a, Request::Finished(PeerFinished::default()));
+    assert_eq!(sim.st.task_count(), 2);
+    sim.st.peer_left(a);
+    assert!(sim.st.stat_task(TASK).is_none());
+    sim.send(
+        b,
+        Request::Failed(PeerFailed {
+            reason: "x".to_owned(),
+        }),
+    );
+    assert_eq!(sim.st.task_count(), 0);
+    assert_eq!(sim.st.peer_count(), 0);
+    // Messages for forgotten peers are ignored.
+    assert!(sim.piece(b, 0).is_empty());
+    assert!(sim.st.peer_left(b).is_empty());
+}
+
+#[test]
+fn leaving_parents_free_room_for_new_ones() {
+    let mut sim = Sim::with(SchedulingConfig {
+        parent_limit: 1,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    let (a, out) = sim.register("a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["host-src"]);
+    let (b, _) = sim.register("b", "host-b", false);
+    // a is full: b's first piece is not pushed to it...
+    assert!(parents_to(&sim.piece(b, 0), a).is_empty());
+    // ...until its parent leaves.
+    sim.st.peer_left(src);
+    let (c, _) = sim.register("c", "host-c", false);
+    assert_eq!(parents_to(&sim.piece(c, 0), a), vec!["host-c"]);
+}
+
+/// One step of the random walk below.
+#[derive(Debug, Clone)]
+enum Op {
+    Announce(u8, bool),
+    HostLeft(u8),
+    Register(u8, u8, bool),
+    Piece(u8, u32),
+    Meta(u8, u64, u64),
+    Reschedule(u8, u8),
+    Finished(u8),
+    Failed(u8),
+    Left(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..4, any::<bool>()).prop_map(|(h, s)| Op::Announce(h, s)),
+        (0u8..8).prop_map(Op::HostLeft),
+        (0u8..6, 0u8..4, any::<bool>()).prop_map(|(p, h, b)| Op::Register(p, h, b)),
+        (0u8..16, prop_oneof![0u32..12, any::<u32>()]).prop_map(|(p, n)| Op::Piece(p, n)),
+        (
+            0u8..16,
+            0u64..(64 << 20),
+            prop_oneof![Just(1u64 << 20), any::<u64>()]
+        )
+            .prop_map(|(p, c, l)| Op::Meta(p, c, l)),
+        (0u8..16, 0u8..4).prop_map(|(p, h)| Op::Reschedule(p, h)),
+        (0u8..16).prop_map(Op::Finished),
+        (0u8..16).prop_map(Op::Failed),
+        (0u8..16).prop_map(Op::Left),
+    ]
+}
+
+proptest! {
+    /// Whatever peers do, the state never panics, never offers a peer a parent on its own
+    /// host or one it called bad, never exceeds the limits, and sends metadata with parents.
+    #[test]
+    fn random_swarms_keep_invariants(ops in proptest::collection::vec(op(), 1..80)) {
+        let config = SchedulingConfig { candidate_parent_limit: 2, parent_limit: 3, back_to_source_limit: 2 };
+        let mut sim = Sim::with(config.clone());
+        let mut hosts: Vec<HostKey> = Vec::new();
+        let mut peers: Vec<PeerKey> = Vec::new();
+        let mut bad: HashMap<PeerKey, HashSet<String>> = HashMap::new();
+        let mut host_of: HashMap<PeerKey, String> = HashMap::new();
+        let pick = |v: &Vec<PeerKey>, i: u8| v.get(usize::from(i) % v.len().max(1)).copied();
+        for op in ops {
+            let out = match op {
+                Op::Announce(h, seed) => { hosts.push(sim.announce(&format!("h{h}"), seed)); vec![] }
+                Op::HostLeft(i) => match hosts.get(usize::from(i) % hosts.len().max(1)) {
+                    Some(k) => sim.st.host_left(*k),
+                    None => vec![],
+                },
+                Op::Register(p, h, bts) => {
+                    let (k, out) = sim.register(&format!("p{p}"), &format!("h{h}"), bts);
+                    peers.push(k);
+                    host_of.insert(k, format!("h{h}"));
+                    out
+                }
+                Op::Piece(i, n) => match pick(&peers, i) { Some(k) => sim.piece(k, n), None => vec![] },
+                Op::Meta(i, c, l) => match pick(&peers, i) {
+                    Some(k) => sim.send(k, Request::TaskMetadata(TaskMetadata { content_length: c, piece_length: l })),
+                    None => vec![],
+                },
+                Op::Reschedule(i, h) => match pick(&peers, i) {
+                    Some(k) => {
+                        bad.entry(k).or_default().insert(format!("h{h}"));
+                        sim.send(k, Request::Reschedule(RescheduleRequest { bad_parent_host_ids: vec![format!("h{h}")], reason: String::new() }))
+                    }
+                    None => vec![],
+                },
+                Op::Finished(i) => match pick(&peers, i) { Some(k) => sim.send(k, Request::Finished(PeerFinished::default())), None => vec![] },
+                Op::Failed(i) => match pick(&peers, i) { Some(k) => sim.send(k, Request::Failed(PeerFailed::default())), None => vec![] },
+                Op::Left(i) => match pick(&peers, i) { Some(k) => sim.st.peer_left(k), None => vec![] },
+            };
+            for o in &out {
+                if let Output::Peer { peer, response: AnnouncePeerResponse { response: Some(announce_peer_response::Response::CandidateParents(c)) } } = o {
+                    prop_assert!(c.metadata.is_some());
+                    prop_assert!(!c.parents.is_empty());
+                    prop_assert!(c.parents.len() <= config.candidate_parent_limit);
+                    for p in &c.parents {
+                        prop_assert_ne!(Some(&p.host_id), host_of.get(peer));
+                        prop_assert!(!bad.get(peer).is_some_and(|b| b.contains(&p.host_id)));
+                    }
+                }
+            }
+            for p in sim.st.peers.values() {
+                prop_assert!(p.parents.len() <= config.parent_limit.max(config.candidate_parent_limit) + config.candidate_parent_limit);
+            }
+            for t in sim.st.tasks.values() {
+                prop_assert!(!t.peers.is_empty());
+                prop_assert!(t.peers.iter().all(|k| sim.st.peers.contains_key(k)));
+            }
+        }
+    }
+}
