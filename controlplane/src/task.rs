@@ -262,10 +262,10 @@ impl TaskRun {
                 return Err(format!("{e}; back-to-source is disabled"));
             }
             tracing::warn!(task = %self.spec.id, "{e}; fetching from the origin directly");
-            return self.from_origin().await;
+            return self.back_to_source().await;
         }
         if self.spec.back_to_source {
-            return self.from_origin().await;
+            return self.back_to_source().await;
         }
         let timeout = tokio::time::sleep(self.ctx.config.scheduler.schedule_timeout);
         tokio::pin!(timeout);
@@ -279,7 +279,7 @@ impl TaskRun {
                                 return Err(format!("no peer can serve the task ({}) and back-to-source is disabled", n.reason));
                             }
                             tracing::info!(task = %self.spec.id, "scheduler says back to source: {}", n.reason);
-                            return self.from_origin().await;
+                            return self.back_to_source().await;
                         }
                         None => {}
                     },
@@ -291,7 +291,7 @@ impl TaskRun {
                             if self.spec.disable_back_to_source {
                                 return Err("scheduler went away before naming parents; back-to-source is disabled".into());
                             }
-                            return self.from_origin().await;
+                            return self.back_to_source().await;
                         }
                     }
                     None => {}
@@ -307,7 +307,7 @@ impl TaskRun {
                         return Err(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout));
                     }
                     tracing::warn!(task = %self.spec.id, "no parents within the schedule timeout; back to source");
-                    return self.from_origin().await;
+                    return self.back_to_source().await;
                 }
             }
         }
@@ -413,7 +413,7 @@ impl TaskRun {
                         "every parent failed, no scheduler, and back-to-source is disabled".into(),
                     ));
                 } else {
-                    return Some(self.from_origin().await);
+                    return Some(self.back_to_source().await);
                 }
             }
             Event::StorageFailed { reason, .. } => return Some(Err(format!("storage: {reason}"))),
@@ -428,7 +428,7 @@ impl TaskRun {
         None
     }
 
-    async fn from_origin(&mut self) -> Result<Arc<TaskStore>, String> {
+    async fn back_to_source(&mut self) -> Result<Arc<TaskStore>, String> {
         if self.dispatched {
             self.cancel_dataplane();
         }
