@@ -127,6 +127,76 @@ pub struct DataPlaneSection {
     /// Time allowed for one piece from a parent.
     #[serde(with = "humantime_serde")]
     pub piece_timeout: Duration,
+    /// Total upload rate in bytes per second (`"100MiB"`, `"1Gi"`, or a number); 0: unlimited.
+    pub upload_rate_limit: ByteSize,
+    /// Total download rate (peers and origin together); 0: unlimited.
+    pub download_rate_limit: ByteSize,
+    /// Upload rate of each peer connection; 0: unlimited.
+    pub per_peer_upload_rate_limit: ByteSize,
+    /// Download rate from each parent connection; 0: unlimited.
+    pub per_peer_download_rate_limit: ByteSize,
+}
+
+impl DataPlaneSection {
+    /// The rate limits of this section for the data plane.
+    pub fn shaping(&self) -> dataplane::shaper::ShapingConfig {
+        dataplane::shaper::ShapingConfig {
+            upload: self.upload_rate_limit.0,
+            download: self.download_rate_limit.0,
+            per_peer_upload: self.per_peer_upload_rate_limit.0,
+            per_peer_download: self.per_peer_download_rate_limit.0,
+        }
+    }
+}
+
+/// A byte count (or rate) written as a number or with a unit: `4096`, `"64KiB"`, `"100MB"`,
+/// `"1Gi"`. Binary units (`Ki`, `KiB`, `Mi`, …) are powers of 1024, decimal ones (`KB`, `MB`,
+/// …) powers of 1000.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// Parses a [`ByteSize`] string.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" | "kB" => 1000,
+        "Ki" | "KiB" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "Mi" | "MiB" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "Gi" | "GiB" => 1 << 30,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ti" | "TiB" => 1 << 40,
+        u => return Err(format!("size {s:?}: unknown unit {u:?}")),
+    };
+    let bytes = value * mult as f64;
+    if !(0.0..1.8e19).contains(&bytes) {
+        return Err(format!("size {s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Self(n)),
+            Raw::S(s) => parse_size(&s).map(Self).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl Default for DataPlaneSection {
@@ -139,6 +209,10 @@ impl Default for DataPlaneSection {
             pieces_in_flight: 8,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
+            upload_rate_limit: ByteSize(0),
+            download_rate_limit: ByteSize(0),
+            per_peer_upload_rate_limit: ByteSize(0),
+            per_peer_download_rate_limit: ByteSize(0),
         }
     }
 }
@@ -147,10 +221,10 @@ impl Default for DataPlaneSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownloadConfig {
-    /// Smallest piece length in bytes chosen by the piece length rule.
-    pub piece_length_min: u64,
-    /// Largest piece length in bytes chosen by the piece length rule.
-    pub piece_length_max: u64,
+    /// Smallest piece length chosen by the piece length rule.
+    pub piece_length_min: ByteSize,
+    /// Largest piece length chosen by the piece length rule.
+    pub piece_length_max: ByteSize,
     /// Retries of an interrupted origin transfer (each resumes with a Range request).
     pub origin_retries: u32,
     /// Time allowed to connect to the origin and get its response headers.
@@ -161,8 +235,8 @@ pub struct DownloadConfig {
 impl Default for DownloadConfig {
     fn default() -> Self {
         Self {
-            piece_length_min: wire::piece::DEFAULT_MIN_PIECE_LENGTH,
-            piece_length_max: wire::piece::MAX_PIECE_LENGTH,
+            piece_length_min: ByteSize(wire::piece::DEFAULT_MIN_PIECE_LENGTH),
+            piece_length_max: ByteSize(wire::piece::MAX_PIECE_LENGTH),
             origin_retries: 3,
             origin_timeout: Duration::from_secs(30),
         }
@@ -208,6 +282,23 @@ mod tests {
         assert_eq!(c.scheduler.schedule_timeout, Duration::from_secs(5));
         assert_eq!(c.scheduler.addrs, vec!["127.0.0.1:8002".to_string()]);
         assert_eq!(c.data_plane.pieces_in_flight, 8);
+    }
+
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("1.5Mi"), Ok(1_572_864));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        let c: DaemonConfig = serde_yaml::from_str(
+            "data_plane:\n  upload_rate_limit: 100MiB\n  download_rate_limit: 5000\n",
+        )
+        .expect("parses");
+        assert_eq!(c.data_plane.shaping().upload, 100 << 20);
+        assert_eq!(c.data_plane.shaping().download, 5000);
     }
 
     #[test]

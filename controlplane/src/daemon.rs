@@ -5,6 +5,7 @@ use crate::scheduler::SchedulerPool;
 use crate::task::TaskManager;
 use anyhow::Context as _;
 use dataplane::fetch::FetchConfig;
+use dataplane::shaper::Shaping;
 use dataplane::{Bridge, Counters, DataPlane, DataPlaneConfig, Storage};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct Context {
     pub storage: Arc<Storage>,
     /// Byte and piece counters (shared with the data plane).
     pub counters: Arc<Counters>,
+    /// Rate limits (shared with the data plane; can change while running).
+    pub shaping: Arc<Shaping>,
     /// Queues to the data plane.
     pub bridge: Arc<Bridge>,
     /// Scheduler channels.
@@ -54,6 +57,7 @@ impl Daemon {
                 format!("opening storage dir {}", config.storage.dir.display())
             })?);
         let counters = Arc::new(Counters::default());
+        let shaping = Arc::new(Shaping::new(config.data_plane.shaping()));
         let dp_cfg = DataPlaneConfig {
             threads: if config.data_plane.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -70,8 +74,9 @@ impl Daemon {
                 ..FetchConfig::default()
             },
         };
-        let dataplane = DataPlane::start(dp_cfg, storage.clone(), counters.clone())
-            .with_context(|| format!("starting data plane on {}", config.data_plane.listen))?;
+        let dataplane =
+            DataPlane::start(dp_cfg, storage.clone(), counters.clone(), shaping.clone())
+                .with_context(|| format!("starting data plane on {}", config.data_plane.listen))?;
         let data_port = dataplane.local_addr().port();
         let hostname = if config.host.hostname.is_empty() {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -109,7 +114,7 @@ impl Daemon {
             } as i32,
             idc: config.host.idc.clone(),
             location: config.host.location.clone(),
-            upload_rate_limit: 0,
+            upload_rate_limit: config.data_plane.upload_rate_limit.0,
         };
         let schedulers = SchedulerPool::new(&config.scheduler.addrs)?;
         let http = reqwest::Client::builder()
@@ -122,6 +127,7 @@ impl Daemon {
             host,
             storage,
             counters,
+            shaping,
             schedulers,
             http,
             tasks: TaskManager::default(),

@@ -176,6 +176,7 @@ impl Dfdaemon for LocalApi {
             piece_length: r.piece_length,
             back_to_source: false,
             disable_back_to_source: r.disable_back_to_source,
+            rate_limit: r.rate_limit,
         };
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         Ok(Response::new(progress_stream(id, rx, output, digest)))
@@ -184,6 +185,7 @@ impl Dfdaemon for LocalApi {
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         use dataplane::Counters as C;
         let c = &self.ctx.counters;
+        let shaping = self.ctx.shaping.config();
         Ok(Response::new(StatsResponse {
             bytes_from_origin: C::get(&c.bytes_from_origin),
             bytes_from_seed: C::get(&c.bytes_from_seed),
@@ -193,6 +195,12 @@ impl Dfdaemon for LocalApi {
             pieces_downloaded: C::get(&c.pieces_downloaded),
             pieces_corrupt: C::get(&c.pieces_corrupt),
             tasks: self.ctx.storage.len() as u64,
+            upload_rate_limit: shaping.upload,
+            download_rate_limit: shaping.download,
+            per_peer_upload_rate_limit: shaping.per_peer_upload,
+            per_peer_download_rate_limit: shaping.per_peer_download,
+            shaping_waits: C::get(&c.shaping_waits),
+            max_requests_in_flight: C::get(&c.max_requests_in_flight),
         }))
     }
 }

@@ -9,6 +9,7 @@
 
 use crate::daemon::Context;
 use crate::task::TaskSpec;
+use dataplane::shaper::{self, RateLimiter};
 use dataplane::{Counters, TaskStore};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
@@ -86,13 +87,14 @@ pub async fn fetch(
 ) -> Result<Arc<TaskStore>, OriginError> {
     let mut store = existing;
     let mut retries = 0u32;
+    let limiter = RateLimiter::new(spec.rate_limit);
     loop {
         if let Some(s) = &store {
             if s.is_complete() {
                 return Ok(s.clone());
             }
         }
-        match attempt(ctx, spec, &mut store, sink).await {
+        match attempt(ctx, spec, &mut store, sink, &limiter).await {
             Ok(()) => {}
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(last)) => {
@@ -115,6 +117,7 @@ async fn attempt(
     spec: &TaskSpec,
     store: &mut Option<Arc<TaskStore>>,
     sink: &mut (dyn PieceSink + Send),
+    limiter: &RateLimiter,
 ) -> Result<(), Attempt> {
     // Resume from the first missing piece.
     let start = match store {
@@ -211,8 +214,8 @@ async fn attempt(
             } else {
                 wire::piece::piece_length_for(
                     total,
-                    ctx.config.download.piece_length_min,
-                    ctx.config.download.piece_length_max,
+                    ctx.config.download.piece_length_min.0,
+                    ctx.config.download.piece_length_max.0,
                 )
             };
             let layout =
@@ -239,6 +242,14 @@ async fn attempt(
             Ok(None) => break,
             Err(e) => return Err(Attempt::Retry(format!("body: {e}"))),
         };
+        let wait = shaper::reserve_all(
+            &[Some(&ctx.shaping.download), Some(limiter)],
+            chunk.len() as u64,
+        );
+        if !wait.is_zero() {
+            Counters::add(&ctx.counters.shaping_waits, 1);
+            tokio::time::sleep(wait).await;
+        }
         let mut data = &chunk[..];
         while !data.is_empty() {
             if pos >= total {

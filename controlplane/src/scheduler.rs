@@ -119,6 +119,7 @@ fn handle_command(ctx: &Arc<Context>, cmd: Option<host_command::Command>) {
                 piece_length: t.piece_length,
                 back_to_source: true,
                 disable_back_to_source: false,
+                rate_limit: 0,
             };
             // The run reports through the scheduler; nobody waits on it locally.
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));

@@ -32,6 +32,8 @@ pub struct TaskSpec {
     pub back_to_source: bool,
     /// Never fetch from the origin; fail when no peer can serve.
     pub disable_back_to_source: bool,
+    /// This download's own rate limit in bytes per second (0: none).
+    pub rate_limit: u64,
 }
 
 /// Progress of a task, as reported to local clients.
@@ -354,7 +356,11 @@ impl TaskRun {
                 parents,
             }
         } else {
-            Command::Download { store, parents }
+            Command::Download {
+                store,
+                parents,
+                rate_limit: self.spec.rate_limit,
+            }
         };
         bridge
             .send(thread, cmd)

@@ -59,6 +59,8 @@ pub enum Command {
         store: Arc<TaskStore>,
         /// Parents to start with.
         parents: Vec<Parent>,
+        /// This download's own rate limit in bytes per second (0: none).
+        rate_limit: u64,
     },
     /// More parents for a running download.
     AddParents {

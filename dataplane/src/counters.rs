@@ -19,6 +19,10 @@ pub struct Counters {
     pub pieces_downloaded: AtomicU64,
     /// Pieces received whose digest did not match (dropped, fetched again elsewhere).
     pub pieces_corrupt: AtomicU64,
+    /// Times a transfer waited for a rate limit.
+    pub shaping_waits: AtomicU64,
+    /// Largest number of piece requests seen outstanding on one parent connection.
+    pub max_requests_in_flight: AtomicU64,
     /// Data-plane connections refused or closed for a malformed frame.
     pub malformed_frames: AtomicU64,
 }
@@ -27,6 +31,11 @@ impl Counters {
     /// Adds `n` to a counter (relaxed: these are statistics, not synchronisation).
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Raises a high-water mark to `n`.
+    pub fn max(c: &AtomicU64, n: u64) {
+        c.fetch_max(n, Ordering::Relaxed);
     }
 
     /// Reads a counter.

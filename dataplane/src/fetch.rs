@@ -14,6 +14,7 @@
 use crate::bridge::{Bridge, Event, Full, Parent, PieceSource};
 use crate::conn::{encode_frames, ConnError, FrameReader};
 use crate::counters::Counters;
+use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{StoreError, TaskStore};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -82,9 +83,15 @@ enum ParentError {
 /// One download on one data-plane thread.
 pub struct Session {
     store: Arc<TaskStore>,
+    /// The task file opened for this thread's runtime (io_uring writes; a dup of the store's
+    /// descriptor).
+    file: monoio::fs::File,
     bridge: Arc<Bridge>,
     counters: Arc<Counters>,
     cfg: FetchConfig,
+    shaping: Arc<Shaping>,
+    /// This download's own limit (dfget `--rate-limit`).
+    limiter: RateLimiter,
     state: RefCell<State>,
     changed: event_listener::Event,
 }
@@ -104,13 +111,19 @@ impl Session {
         bridge: Arc<Bridge>,
         counters: Arc<Counters>,
         cfg: FetchConfig,
-    ) -> Rc<Self> {
+        shaping: Arc<Shaping>,
+        rate_limit: u64,
+    ) -> std::io::Result<Rc<Self>> {
         let count = store.layout().piece_count() as usize;
-        Rc::new(Self {
+        let file = monoio::fs::File::from_std(store.file().try_clone()?)?;
+        Ok(Rc::new(Self {
+            file,
             store,
             bridge,
             counters,
             cfg,
+            shaping,
+            limiter: RateLimiter::new(rate_limit),
             state: RefCell::new(State {
                 in_flight: vec![false; count],
                 availability: vec![0; count],
@@ -119,7 +132,7 @@ impl Session {
                 done: false,
             }),
             changed: event_listener::Event::new(),
-        })
+        }))
     }
 
     /// Task id.
@@ -197,6 +210,29 @@ impl Session {
         let (_, k) = best?;
         st.in_flight[k] = true;
         Some(k as u32)
+    }
+
+    /// Verifies a received piece and writes it at its offset through the runtime (io_uring
+    /// where available), then marks it stored. The buffer is handed back for reuse.
+    async fn store_piece(
+        &self,
+        n: u32,
+        buf: Vec<u8>,
+        crc: u32,
+    ) -> (Result<(), StoreError>, Vec<u8>) {
+        if let Err(e) = self.store.verify(n, &buf, crc) {
+            return (Err(e), buf);
+        }
+        if self.store.has(n) {
+            return (Ok(()), buf);
+        }
+        let offset = u64::from(n) * self.store.layout().piece_length();
+        let (res, buf) = self.file.write_all_at(buf, offset).await;
+        if let Err(e) = res {
+            return (Err(StoreError::Io(e)), buf);
+        }
+        self.store.commit(n, crc);
+        (Ok(()), buf)
     }
 
     fn release(&self, n: u32) {
@@ -316,6 +352,7 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
     let _ = stream.set_nodelay(true);
     let mut reader = FrameReader::new();
     let mut piece_buf: Vec<u8> = Vec::new();
+    let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
     let task = s.task();
     let layout = s.store.layout();
     let window = s.cfg.pieces_in_flight.max(1);
@@ -344,10 +381,25 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
             // No piece request may queue behind a long poll on the same connection.
             while pieces < window && !bitmap_pending {
                 let Some(n) = s.pick(&pc.bits) else { break };
+                let size = layout.piece_size(n).unwrap_or(0);
+                let wait = shaper::reserve_all(
+                    &[Some(&s.shaping.download), Some(&s.limiter), Some(&limiter)],
+                    size,
+                );
+                if !wait.is_zero() {
+                    Counters::add(&s.counters.shaping_waits, 1);
+                    if !frames.is_empty() {
+                        let (res, _) = stream.write_all(encode_frames(&frames)).await;
+                        res.map_err(ParentError::Write)?;
+                        frames.clear();
+                    }
+                    monoio::time::sleep(wait).await;
+                }
                 frames.push(Frame::PieceRequest { task, number: n });
                 pc.pending.push_back(Pending::Piece(n, Instant::now()));
                 pieces += 1;
             }
+            Counters::max(&s.counters.max_requests_in_flight, pieces as u64);
             let parent_complete = pc.count == layout.piece_count();
             if pieces < window && !bitmap_pending && !parent_complete {
                 let wait_ms = if pc.pending.is_empty() {
@@ -455,8 +507,12 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
                     s.release(n);
                     return Err(e.into());
                 }
-                match s.store.write_piece(n, &piece_buf, h.crc32c) {
-                    Ok(_) => {
+                let (res, buf) = s
+                    .store_piece(n, std::mem::take(&mut piece_buf), h.crc32c)
+                    .await;
+                piece_buf = buf;
+                match res {
+                    Ok(()) => {
                         s.release(n);
                         let source = if p.is_seed {
                             Counters::add(&s.counters.bytes_from_seed, len);
@@ -538,22 +594,48 @@ thread_local! {
 }
 
 /// Starts (or extends) the download of `store` on this thread.
+/// Where a download runs and what it may use.
+#[derive(Debug, Clone)]
+pub struct FetchEnv {
+    /// Queues to the control plane.
+    pub bridge: Arc<Bridge>,
+    /// Counters.
+    pub counters: Arc<Counters>,
+    /// Fetcher tunables.
+    pub cfg: FetchConfig,
+    /// Rate limits of the daemon.
+    pub shaping: Arc<Shaping>,
+}
+
+/// Starts (or extends) the download of `store` on this thread, limited to `rate_limit`
+/// bytes per second on top of the daemon's limits (0: no own limit).
 pub async fn start_download(
     store: Arc<TaskStore>,
     parents: Vec<Parent>,
-    bridge: Arc<Bridge>,
-    counters: Arc<Counters>,
-    cfg: FetchConfig,
+    rate_limit: u64,
+    env: FetchEnv,
 ) {
+    let FetchEnv {
+        bridge,
+        counters,
+        cfg,
+        shaping,
+    } = env;
     let id = store.id();
     let existing = SESSIONS.with(|m| m.borrow().get(&id).filter(|s| !s.is_done()).cloned());
     let session = match existing {
         Some(s) => s,
-        None => {
-            let s = Session::new(store, bridge.clone(), counters, cfg);
-            SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
-            s
-        }
+        None => match Session::new(store, bridge.clone(), counters, cfg, shaping, rate_limit) {
+            Ok(s) => {
+                SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
+                s
+            }
+            Err(e) => {
+                let reason = format!("opening the task file: {e}");
+                emit(&bridge, Event::StorageFailed { task: id, reason }).await;
+                return;
+            }
+        },
     };
     if session.check_complete().await {
         SESSIONS.with(|m| m.borrow_mut().remove(&id));

@@ -14,7 +14,9 @@ pub mod conn;
 pub mod counters;
 pub mod fetch;
 pub mod runtime;
+pub mod shaper;
 pub mod storage;
+pub mod sys;
 pub mod upload;
 
 pub use bridge::{Bridge, Command, Event, Parent, PieceSource};

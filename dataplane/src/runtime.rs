@@ -2,7 +2,8 @@
 
 use crate::bridge::{Bridge, Command};
 use crate::counters::Counters;
-use crate::fetch::{self, FetchConfig};
+use crate::fetch::{self, FetchConfig, FetchEnv};
+use crate::shaper::Shaping;
 use crate::storage::Storage;
 use crate::upload::{serve_connection, UploadContext};
 use socket2::{Domain, Socket, Type};
@@ -63,6 +64,7 @@ impl DataPlane {
         cfg: DataPlaneConfig,
         storage: Arc<Storage>,
         counters: Arc<Counters>,
+        shaping: Arc<Shaping>,
     ) -> io::Result<Self> {
         let threads = cfg.threads.max(1);
         let first = bind_reuseport(cfg.listen)?;
@@ -80,8 +82,14 @@ impl DataPlane {
                 upload: UploadContext {
                     storage: storage.clone(),
                     counters: counters.clone(),
+                    shaping: shaping.clone(),
                 },
-                fetch: cfg.fetch.clone(),
+                fetch: FetchEnv {
+                    bridge: bridge.clone(),
+                    counters: counters.clone(),
+                    cfg: cfg.fetch.clone(),
+                    shaping: shaping.clone(),
+                },
             };
             let uring = cfg.io_uring;
             let h = std::thread::Builder::new()
@@ -130,7 +138,7 @@ struct ThreadContext {
     index: usize,
     bridge: Arc<Bridge>,
     upload: UploadContext,
-    fetch: FetchConfig,
+    fetch: FetchEnv,
 }
 
 fn run_thread(uring: bool, listener: std::net::TcpListener, ctx: ThreadContext) -> io::Result<()> {
@@ -139,7 +147,18 @@ fn run_thread(uring: bool, listener: std::net::TcpListener, ctx: ThreadContext) 
             .enable_timer()
             .build()
         {
-            Ok(mut rt) => return rt.block_on(thread_main(listener, ctx)),
+            Ok(mut rt) => {
+                tracing::debug!(
+                    "data-plane thread {} runs on {}",
+                    ctx.index,
+                    if monoio::utils::detect_uring() {
+                        "io_uring"
+                    } else {
+                        "epoll"
+                    }
+                );
+                return rt.block_on(thread_main(listener, ctx));
+            }
             Err(e) => tracing::warn!("io_uring runtime unavailable ({e}); using epoll"),
         }
     }
@@ -169,13 +188,16 @@ async fn thread_main(listener: std::net::TcpListener, ctx: ThreadContext) -> io:
     loop {
         let cmd = futures::future::poll_fn(|cx| ctx.bridge.poll_command(ctx.index, cx)).await;
         match cmd {
-            Command::Download { store, parents } => {
+            Command::Download {
+                store,
+                parents,
+                rate_limit,
+            } => {
                 fetch::reap();
                 monoio::spawn(fetch::start_download(
                     store,
                     parents,
-                    ctx.bridge.clone(),
-                    ctx.upload.counters.clone(),
+                    rate_limit,
                     ctx.fetch.clone(),
                 ));
             }

@@ -94,6 +94,11 @@ impl TaskStore {
         self.layout
     }
 
+    /// The content file, for zero-copy reads (`sendfile`) by the upload server.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Path of the content file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -148,9 +153,8 @@ impl TaskStore {
         self.changed.listen()
     }
 
-    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece.
-    /// Returns whether the piece was new. A digest mismatch stores nothing.
-    pub fn write_piece(&self, n: u32, data: &[u8], crc: u32) -> Result<bool, StoreError> {
+    /// Checks that `data` is piece `n`: right length and crc32c `crc`.
+    pub fn verify(&self, n: u32, data: &[u8], crc: u32) -> Result<(), StoreError> {
         let range = self
             .layout
             .piece_range(n)
@@ -171,16 +175,25 @@ impl TaskStore {
                 got,
             });
         }
+        Ok(())
+    }
+
+    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece.
+    /// Returns whether the piece was new. A digest mismatch stores nothing.
+    pub fn write_piece(&self, n: u32, data: &[u8], crc: u32) -> Result<bool, StoreError> {
+        self.verify(n, data, crc)?;
         if self.has(n) {
             return Ok(false);
         }
-        self.file.write_all_at(data, range.start)?;
-        Ok(self.mark(n, crc))
+        let offset = u64::from(n) * self.layout.piece_length();
+        self.file.write_all_at(data, offset)?;
+        Ok(self.commit(n, crc))
     }
 
-    /// Marks piece `n` as stored with digest `crc` (its bytes must already be in the file).
-    /// Returns whether it was new.
-    fn mark(&self, n: u32, crc: u32) -> bool {
+    /// Marks piece `n` as stored with digest `crc`. The caller must have written bytes that
+    /// passed [`TaskStore::verify`] at the piece's offset (the fetcher does so with io_uring).
+    /// Returns whether the piece was new.
+    pub fn commit(&self, n: u32, crc: u32) -> bool {
         let (Some(word), Some(slot)) = (self.bits.get(n as usize / 64), self.crcs.get(n as usize))
         else {
             return false;

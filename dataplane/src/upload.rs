@@ -7,8 +7,14 @@
 
 use crate::conn::{ConnError, FrameReader};
 use crate::counters::Counters;
+use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{Storage, TaskStore};
+use crate::sys;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 use wire::frame::{self, ErrorCode, Frame, PieceHeader};
@@ -17,6 +23,51 @@ use wire::TaskId;
 /// Longest long poll a client may ask for with a bitmap request.
 pub const MAX_BITMAP_WAIT: Duration = Duration::from_secs(5);
 
+/// Largest single `sendfile` call (the loop continues until the piece is sent).
+const SENDFILE_CHUNK: usize = 4 << 20;
+
+/// A transport an upload connection runs on: frames both ways, plus a way to send a byte
+/// range of a task file, zero-copy where the transport allows it.
+pub trait UploadStream: AsyncReadRent + AsyncWriteRent {
+    /// Sends `len` bytes of `file` starting at `offset`.
+    fn send_file_range(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<()>>;
+}
+
+impl UploadStream for monoio::net::TcpStream {
+    /// `sendfile(2)` from the page cache to the socket: no piece byte passes through user
+    /// space. The socket is non-blocking only during the loop; a full socket buffer waits for
+    /// writability on the runtime instead of blocking the thread.
+    async fn send_file_range(&mut self, file: &File, offset: u64, len: u64) -> io::Result<()> {
+        let fd = self.as_raw_fd();
+        let _nb = sys::NonBlocking::set(fd)?;
+        let end = offset + len;
+        let mut off = offset;
+        while off < end {
+            let want = usize::try_from(end - off)
+                .unwrap_or(usize::MAX)
+                .min(SENDFILE_CHUNK);
+            match sys::sendfile(fd, file, off, want) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "task file is shorter than the piece being sent",
+                    ))
+                }
+                Ok(n) => off += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable(false).await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What an upload connection needs from its thread.
 #[derive(Clone, Debug)]
 pub struct UploadContext {
@@ -24,6 +75,8 @@ pub struct UploadContext {
     pub storage: Arc<Storage>,
     /// Counters to update.
     pub counters: Arc<Counters>,
+    /// Rate limits.
+    pub shaping: Arc<Shaping>,
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>) -> Frame {
@@ -33,7 +86,7 @@ fn error_frame(code: ErrorCode, message: impl Into<String>) -> Frame {
     }
 }
 
-async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> std::io::Result<()> {
+async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> io::Result<()> {
     let mut b = bytes::BytesMut::new();
     frame::encode(f, &mut b);
     let (res, _) = s.write_all(b.to_vec()).await;
@@ -41,12 +94,9 @@ async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> std::io::Result
 }
 
 /// Serves one connection until the peer closes it or sends garbage.
-pub async fn serve_connection<S: AsyncReadRent + AsyncWriteRent>(
-    mut stream: S,
-    ctx: UploadContext,
-) {
+pub async fn serve_connection<S: UploadStream>(mut stream: S, ctx: UploadContext) {
     let mut reader = FrameReader::new();
-    let mut scratch: Vec<u8> = Vec::new();
+    let limiter = RateLimiter::new(ctx.shaping.config().per_peer_upload);
     loop {
         let frame = match reader.read_frame(&mut stream).await {
             Ok(Some(f)) => f,
@@ -68,7 +118,7 @@ pub async fn serve_connection<S: AsyncReadRent + AsyncWriteRent>(
         };
         let res = match frame {
             Frame::PieceRequest { task, number } => {
-                serve_piece(&mut stream, &ctx, task, number, &mut scratch).await
+                serve_piece(&mut stream, &ctx, &limiter, task, number).await
             }
             Frame::BitmapRequest {
                 task,
@@ -105,13 +155,13 @@ fn lookup(ctx: &UploadContext, task: &TaskId) -> Result<Arc<TaskStore>, Frame> {
         .ok_or_else(|| error_frame(ErrorCode::TaskNotFound, format!("task {task} is not here")))
 }
 
-async fn serve_piece<S: AsyncWriteRent>(
+async fn serve_piece<S: UploadStream>(
     stream: &mut S,
     ctx: &UploadContext,
+    limiter: &RateLimiter,
     task: TaskId,
     number: u32,
-    scratch: &mut Vec<u8>,
-) -> std::io::Result<()> {
+) -> io::Result<()> {
     let store = match lookup(ctx, &task) {
         Ok(s) => s,
         Err(f) => return write_frame(stream, &f).await,
@@ -135,7 +185,6 @@ async fn serve_piece<S: AsyncWriteRent>(
         return write_frame(stream, &f).await;
     };
     let length = range.end - range.start;
-    // Header and piece in one buffer, one write.
     let header = Frame::Piece(PieceHeader {
         task,
         number,
@@ -144,20 +193,17 @@ async fn serve_piece<S: AsyncWriteRent>(
         length: length as u32,
         crc32c: crc,
     });
-    let mut b = bytes::BytesMut::new();
-    frame::encode(&header, &mut b);
-    let mut buf = std::mem::take(scratch);
-    buf.clear();
-    buf.extend_from_slice(&b);
-    if let Err(e) = store.read_piece_after(number, &mut buf) {
-        tracing::warn!("reading piece {number} of {task} for upload: {e}");
-        *scratch = buf;
-        let f = error_frame(ErrorCode::Internal, format!("reading piece {number}: {e}"));
-        return write_frame(stream, &f).await;
+    let wait = shaper::reserve_all(&[Some(&ctx.shaping.upload), Some(limiter)], length);
+    if !wait.is_zero() {
+        Counters::add(&ctx.counters.shaping_waits, 1);
+        monoio::time::sleep(wait).await;
     }
-    let (res, buf) = stream.write_all(buf).await;
-    *scratch = buf;
-    res?;
+    // Once the header is out, the piece must follow in full: an error after this point can
+    // only close the connection.
+    write_frame(stream, &header).await?;
+    stream
+        .send_file_range(store.file(), range.start, length)
+        .await?;
     Counters::add(&ctx.counters.bytes_uploaded, length);
     Counters::add(&ctx.counters.pieces_uploaded, 1);
     Ok(())
@@ -169,7 +215,7 @@ async fn serve_bitmap<S: AsyncWriteRent>(
     task: TaskId,
     known: u32,
     wait_ms: u32,
-) -> std::io::Result<()> {
+) -> io::Result<()> {
     let store = match lookup(ctx, &task) {
         Ok(s) => s,
         Err(f) => return write_frame(stream, &f).await,

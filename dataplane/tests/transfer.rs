@@ -2,6 +2,7 @@
 //! a hostile client feeding the upload server bad frames.
 
 use damselfly_dataplane::fetch::FetchConfig;
+use damselfly_dataplane::shaper::{Shaping, ShapingConfig};
 use damselfly_dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,6 +20,10 @@ struct Node {
 }
 
 fn node(threads: usize) -> Node {
+    node_with(threads, ShapingConfig::default(), 4)
+}
+
+fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
@@ -28,11 +33,17 @@ fn node(threads: usize) -> Node {
         queue_capacity: 64,
         io_uring: true,
         fetch: FetchConfig {
-            pieces_in_flight: 4,
+            pieces_in_flight,
             ..FetchConfig::default()
         },
     };
-    let dp = DataPlane::start(cfg, storage.clone(), counters.clone()).expect("start");
+    let dp = DataPlane::start(
+        cfg,
+        storage.clone(),
+        counters.clone(),
+        Arc::new(Shaping::new(shaping)),
+    )
+    .expect("start");
     Node {
         _dir: dir,
         storage,
@@ -102,6 +113,7 @@ fn peer_fetches_every_piece_from_two_parents() {
             Command::Download {
                 store: store.clone(),
                 parents,
+                rate_limit: 0,
             },
         )
         .expect("send");
@@ -140,6 +152,7 @@ fn empty_task_finishes_without_transfer() {
             Command::Download {
                 store,
                 parents: vec![],
+                rate_limit: 0,
             },
         )
         .expect("send");
@@ -172,6 +185,7 @@ fn dead_parent_asks_for_new_parents() {
             Command::Download {
                 store: store.clone(),
                 parents,
+                rate_limit: 0,
             },
         )
         .expect("send");
@@ -341,6 +355,7 @@ fn corrupt_piece_is_never_stored() {
             Command::Download {
                 store: store.clone(),
                 parents,
+                rate_limit: 0,
             },
         )
         .expect("send");
@@ -351,5 +366,128 @@ fn corrupt_piece_is_never_stored() {
     assert!(!store.has(0));
     assert_eq!(c.counters.pieces_corrupt.load(Ordering::Relaxed), 1);
     assert_eq!(fake.join().expect("fake parent"), 1);
+    c.dp.shutdown();
+}
+
+fn download(
+    c: &Node,
+    id: TaskId,
+    layout: PieceLayout,
+    parents: Vec<Parent>,
+    rate_limit: u64,
+) -> Vec<Event> {
+    let store = c.storage.create(id, layout).expect("create");
+    let t = c.dp.bridge().thread_of(&id);
+    c.dp.bridge()
+        .send(
+            t,
+            Command::Download {
+                store,
+                parents,
+                rate_limit,
+            },
+        )
+        .expect("send");
+    wait_event(c, |e| matches!(e, Event::DownloadFinished { .. }))
+}
+
+#[test]
+fn pipelining_keeps_the_window_full() {
+    let a = node(1);
+    let c = node_with(1, ShapingConfig::default(), 6);
+    let id = TaskId([10; 32]);
+    let data = content(20 * 16384);
+    seed_task(&a, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        is_seed: false,
+    }];
+    download(&c, id, layout, parents, 0);
+    // The first fill puts the whole window on the wire before any answer is read.
+    assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
+        data
+    );
+    a.dp.shutdown();
+    c.dp.shutdown();
+}
+
+#[test]
+fn shaping_settings_reach_both_directions() {
+    let id = TaskId([11; 32]);
+    let data = content(16 * 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    // Upload limit on the parent, none on the child.
+    let a = node_with(
+        1,
+        ShapingConfig {
+            upload: 2_000_000,
+            ..ShapingConfig::default()
+        },
+        4,
+    );
+    let c = node(1);
+    seed_task(&a, id, &data, 16384);
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        is_seed: false,
+    }];
+    download(&c, id, layout, parents, 0);
+    assert!(
+        a.counters.shaping_waits.load(Ordering::Relaxed) > 0,
+        "uploader never waited for its limit"
+    );
+    assert_eq!(c.counters.shaping_waits.load(Ordering::Relaxed), 0);
+    // Download limit on the child, none on the parent.
+    let b = node(1);
+    let d = node_with(
+        1,
+        ShapingConfig {
+            download: 2_000_000,
+            ..ShapingConfig::default()
+        },
+        4,
+    );
+    seed_task(&b, id, &data, 16384);
+    let parents = vec![Parent {
+        host_id: "b".into(),
+        addr: b.dp.local_addr(),
+        is_seed: false,
+    }];
+    download(&d, id, layout, parents, 0);
+    assert!(
+        d.counters.shaping_waits.load(Ordering::Relaxed) > 0,
+        "downloader never waited for its limit"
+    );
+    assert_eq!(b.counters.shaping_waits.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        std::fs::read(d.storage.get(&id).expect("task").path()).expect("read"),
+        data
+    );
+    for n in [a, b, c, d] {
+        n.dp.shutdown();
+    }
+}
+
+#[test]
+fn per_download_rate_limit_applies() {
+    let a = node(1);
+    let c = node(1);
+    let id = TaskId([12; 32]);
+    let data = content(16 * 16384);
+    seed_task(&a, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        is_seed: false,
+    }];
+    download(&c, id, layout, parents, 2_000_000);
+    assert!(c.counters.shaping_waits.load(Ordering::Relaxed) > 0);
+    a.dp.shutdown();
     c.dp.shutdown();
 }

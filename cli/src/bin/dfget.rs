@@ -45,6 +45,9 @@ struct Args {
     /// Piece length in bytes (0 lets the daemon choose).
     #[arg(long, default_value_t = 0)]
     piece_length: u64,
+    /// Download rate limit for this download (e.g. 50MiB, 100MB; bytes per second).
+    #[arg(long, value_parser = controlplane::config::parse_size, default_value = "0")]
+    rate_limit: u64,
     /// Fail instead of fetching from the origin when no peer can serve.
     #[arg(long)]
     disable_back_to_source: bool,
@@ -125,6 +128,7 @@ async fn run(args: Args) -> Result<(), String> {
         piece_length: args.piece_length,
         disable_back_to_source: args.disable_back_to_source,
         filtered_query_params: args.filtered_query_params.clone(),
+        rate_limit: args.rate_limit,
     };
     let started = Instant::now();
     let mut stream = client

@@ -1,0 +1,64 @@
+//! The few system calls the data plane makes directly (the only module allowed `unsafe`).
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// `sendfile(2)`: copies up to `count` bytes of `file` from `offset` to the socket `out`
+/// inside the kernel, without the file position moving. Returns the bytes sent (0 at the end
+/// of the file); `WouldBlock` when a non-blocking socket's buffer is full.
+pub fn sendfile(out: RawFd, file: &impl AsRawFd, offset: u64, count: usize) -> io::Result<usize> {
+    let mut off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: both descriptors are open for the duration of the call (the caller holds the
+    // socket and the file); `off` is a valid, exclusively borrowed off_t.
+    let n = unsafe { libc::sendfile(out, file.as_raw_fd(), &mut off, count) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        // n >= 0 and bounded by count, so it fits.
+        Ok(n as usize)
+    }
+}
+
+/// Puts a descriptor in non-blocking mode for as long as the guard lives, then restores its
+/// flags. Sockets accepted through io_uring are blocking, and io_uring ops should see them
+/// that way; only our own `sendfile` loop needs `EAGAIN` instead of a blocked thread.
+#[derive(Debug)]
+pub struct NonBlocking {
+    fd: RawFd,
+    restore: Option<libc::c_int>,
+}
+
+impl NonBlocking {
+    /// Sets `O_NONBLOCK` on `fd` unless it is already set.
+    pub fn set(fd: RawFd) -> io::Result<Self> {
+        // SAFETY: fcntl on a descriptor the caller keeps open; F_GETFL/F_SETFL take and return
+        // plain ints.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if flags & libc::O_NONBLOCK != 0 {
+            return Ok(Self { fd, restore: None });
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            fd,
+            restore: Some(flags),
+        })
+    }
+}
+
+impl Drop for NonBlocking {
+    fn drop(&mut self) {
+        if let Some(flags) = self.restore {
+            // SAFETY: same descriptor, still open (the guard never outlives the socket's use).
+            unsafe { libc::fcntl(self.fd, libc::F_SETFL, flags) };
+        }
+    }
+}
