@@ -1,0 +1,294 @@
+//! Loopback throughput in one run: the same file sent with plain `sendfile` (the kernel's
+//! baseline) and with our data plane, with and without a shaping limit. Prints a table, the
+//! ratios and one JSON record.
+//!
+//! Every variant ends with the file written at the receiver (a plain reader writes what it
+//! receives into a file; ours verifies each piece's crc32c and writes it at its offset).
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use damselfly_bench::cpu_seconds;
+use dataplane::fetch::FetchConfig;
+use dataplane::shaper::{Shaping, ShapingConfig};
+use dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::{PieceLayout, TaskId};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser, Debug)]
+#[command(about = "Loopback throughput: sendfile baseline vs Damselfly's data plane")]
+struct Args {
+    /// Bytes to send (accepts a plain number of MiB with --size-mib instead).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Piece length in KiB for our data plane.
+    #[arg(long, default_value_t = 4096)]
+    piece_kib: u64,
+    /// Pieces in flight per parent connection.
+    #[arg(long, default_value_t = 8)]
+    pieces_in_flight: usize,
+    /// Shaping limit for the shaped run, MB/s (decimal).
+    #[arg(long, default_value_t = 200)]
+    shaped_mbps: u64,
+    /// Bytes for the shaped run, MiB (long enough to measure the rate).
+    #[arg(long, default_value_t = 256)]
+    shaped_mib: u64,
+    /// Repeat each measurement this many times and keep the best.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Write the JSON record here too.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+struct Sample {
+    secs: f64,
+    bytes: u64,
+    cpu_secs: f64,
+}
+
+impl Sample {
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e9
+    }
+    fn cpu_per_gbps(&self) -> f64 {
+        // CPU seconds per second of transfer, per GB/s moved: cores used per GB/s.
+        (self.cpu_secs / self.secs) / self.gbps()
+    }
+}
+
+fn best(mut v: Vec<Sample>) -> Sample {
+    v.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    v[0]
+}
+
+fn make_file(dir: &Path, size: u64) -> Result<std::fs::File> {
+    let path = dir.join("source.bin");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut off = 0;
+    while off < size {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = x.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+        let n = (size - off).min(block.len() as u64) as usize;
+        f.write_all_at(&block[..n], off)?;
+        off += n as u64;
+    }
+    Ok(f)
+}
+
+/// (a) sendfile from the file to a socket; the receiver writes what it reads into a file.
+fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let src = src.try_clone()?;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let sender = std::thread::spawn(move || -> Result<()> {
+        let (s, _) = l.accept()?;
+        let mut off = 0u64;
+        while off < size {
+            let n = dataplane::sys::sendfile(s.as_raw_fd(), &src, off, (size - off).min(1 << 30) as usize)?;
+            if n == 0 {
+                bail!("source file ended early");
+            }
+            off += n as u64;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    let f = std::fs::File::create(out)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while got < size {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            bail!("baseline sender closed early at {got}");
+        }
+        f.write_all_at(&buf[..n], got)?;
+        got += n as u64;
+    }
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(Sample { secs: t0.elapsed().as_secs_f64(), bytes: size, cpu_secs: cpu_seconds() - cpu0 })
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    storage: Arc<Storage>,
+    dp: DataPlane,
+}
+
+fn node(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Result<Node> {
+    let dir = tempfile::tempdir()?;
+    let storage = Arc::new(Storage::open(dir.path())?);
+    let cfg = DataPlaneConfig {
+        threads,
+        listen: "127.0.0.1:0".parse()?,
+        queue_capacity: 4096,
+        io_uring: true,
+        fetch: FetchConfig { pieces_in_flight, ..FetchConfig::default() },
+    };
+    let dp = DataPlane::start(cfg, storage.clone(), Arc::new(Counters::default()), Arc::new(Shaping::new(shaping)))?;
+    Ok(Node { _dir: dir, storage, dp })
+}
+
+/// Fills a task in `n` from `src` (pieces verified and written; page cache warm).
+fn seed(n: &Node, id: TaskId, src: &std::fs::File, layout: PieceLayout) -> Result<()> {
+    let store = n.storage.create(id, layout)?;
+    let mut buf = Vec::new();
+    for p in 0..layout.piece_count() {
+        let r = layout.piece_range(p).context("range")?;
+        buf.resize((r.end - r.start) as usize, 0);
+        src.read_exact_at(&mut buf, r.start)?;
+        store.write_piece(p, &buf, wire::piece_crc(&buf))?;
+    }
+    Ok(())
+}
+
+/// Our data plane: `tasks` tasks of `size` bytes each, fetched at once from `a` by `b`.
+fn ours(a: &Node, b: &Node, ids: &[TaskId], layout: PieceLayout, rate_limit: u64) -> Result<Sample> {
+    for id in ids {
+        let _ = b.storage.remove(id);
+    }
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    for id in ids {
+        let store = b.storage.create(*id, layout)?;
+        let parents = vec![Parent { host_id: "a".into(), addr: a.dp.local_addr(), is_seed: true }];
+        let t = b.dp.bridge().thread_of(id);
+        if b.dp.bridge().send(t, Command::Download { store, parents, rate_limit }).is_err() {
+            bail!("bridge full");
+        }
+    }
+    let mut left = ids.len();
+    futures::executor::block_on(async {
+        while left > 0 {
+            match b.dp.bridge().next_event().await {
+                Event::DownloadFinished { .. } => left -= 1,
+                Event::NeedParents { task } | Event::StorageFailed { task, .. } => {
+                    eprintln!("download of {task} failed");
+                    left -= 1;
+                }
+                _ => {}
+            }
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    for id in ids {
+        if !b.storage.get(id).is_some_and(|s| s.is_complete()) {
+            bail!("download incomplete");
+        }
+    }
+    Ok(Sample { secs, bytes: layout.content_length() * ids.len() as u64, cpu_secs: cpu_seconds() - cpu0 })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let size = args.size_mib << 20;
+    let dir = tempfile::tempdir()?;
+    eprintln!("[throughput] writing a {} MiB source file ...", args.size_mib);
+    let src = make_file(dir.path(), size)?;
+    let layout = PieceLayout::new(size, args.piece_kib << 10)?;
+    let out = dir.path().join("baseline.out");
+
+    eprintln!("[throughput] (a) sendfile baseline x{} ...", args.runs);
+    let mut v = Vec::new();
+    for _ in 0..args.runs {
+        v.push(sendfile_baseline(&src, size, &out)?);
+        std::fs::remove_file(&out)?;
+    }
+    let baseline = best(v);
+
+    let mut results = serde_json::Map::new();
+    let mut ours_by_threads = Vec::new();
+    for threads in [1usize, 2] {
+        eprintln!("[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...", args.runs);
+        let a = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
+        let b = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
+        // One task per thread, so every thread has a download to run.
+        let ids: Vec<TaskId> = (0..threads as u8).map(|i| TaskId([i + 1; 32])).collect();
+        let per_task = PieceLayout::new(size / threads as u64, layout.piece_length())?;
+        for id in &ids {
+            seed(&a, *id, &src, per_task)?;
+        }
+        let mut v = Vec::new();
+        for _ in 0..args.runs {
+            v.push(ours(&a, &b, &ids, per_task, 0)?);
+        }
+        ours_by_threads.push((threads, best(v)));
+        a.dp.shutdown();
+        b.dp.shutdown();
+    }
+
+    eprintln!("[throughput] (e) our TCP shaped to {} MB/s ...", args.shaped_mbps);
+    let shaped_size = args.shaped_mib << 20;
+    let shaped_layout = PieceLayout::new(shaped_size, layout.piece_length())?;
+    let a = node(1, ShapingConfig::default(), args.pieces_in_flight)?;
+    let b = node(1, ShapingConfig { download: args.shaped_mbps * 1_000_000, ..ShapingConfig::default() }, args.pieces_in_flight)?;
+    let id = TaskId([99; 32]);
+    seed(&a, id, &src, shaped_layout)?;
+    let shaped = ours(&a, &b, &[id], shaped_layout, 0)?;
+    a.dp.shutdown();
+    b.dp.shutdown();
+
+    let (_, one) = ours_by_threads[0];
+    let (_, two) = ours_by_threads[1];
+    println!();
+    println!("{:<44} {:>9} {:>10} {:>14}", "variant", "GB/s", "vs (a)", "cores per GB/s");
+    let row = |name: &str, s: &Sample| {
+        println!("{:<44} {:>9.2} {:>9.2}x {:>14.2}", name, s.gbps(), s.gbps() / baseline.gbps(), s.cpu_per_gbps());
+    };
+    row("(a) sendfile -> reader writing a file", &baseline);
+    row("(b) our TCP, 1 thread per side", &one);
+    row("(b) our TCP, 2 threads per side (2 tasks)", &two);
+    println!("{:<44} {:>9}", "(c) plain quinn, one stream", "not built yet");
+    println!("{:<44} {:>9}", "(d) our QUIC", "not built yet");
+    let shaped_rate = shaped.bytes as f64 / shaped.secs;
+    let limit = (args.shaped_mbps * 1_000_000) as f64;
+    println!(
+        "{:<44} {:>9.3} {:>10}   limit {:.3} GB/s, error {:+.1} %",
+        "(e) our TCP, download limit",
+        shaped_rate / 1e9,
+        "",
+        limit / 1e9,
+        (shaped_rate / limit - 1.0) * 100.0
+    );
+    println!();
+    println!("ratio ours/sendfile (1 thread): {:.2}", one.gbps() / baseline.gbps());
+    println!("scaling 1 -> 2 threads: {:.2}x (this machine has {} cores, shared by sender and receiver)", two.gbps() / one.gbps(), std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+    results.insert("size_bytes".into(), size.into());
+    results.insert("piece_length".into(), layout.piece_length().into());
+    results.insert("pieces_in_flight".into(), args.pieces_in_flight.into());
+    results.insert("sendfile".into(), serde_json::to_value(baseline)?);
+    results.insert("ours_tcp_1_thread".into(), serde_json::to_value(one)?);
+    results.insert("ours_tcp_2_threads".into(), serde_json::to_value(two)?);
+    results.insert("ratio_ours_vs_sendfile".into(), (one.gbps() / baseline.gbps()).into());
+    results.insert("shaped_limit_bytes_per_sec".into(), limit.into());
+    results.insert("shaped_measured_bytes_per_sec".into(), shaped_rate.into());
+    results.insert("shaped_error_percent".into(), ((shaped_rate / limit - 1.0) * 100.0).into());
+    results.insert("quic".into(), "not built yet".into());
+    let json = serde_json::Value::Object(results).to_string();
+    println!("{json}");
+    if let Some(p) = args.json {
+        let mut f = std::fs::File::create(&p)?;
+        writeln!(f, "{json}")?;
+    }
+    let _ = Duration::ZERO;
+    Ok(())
+}

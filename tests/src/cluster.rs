@@ -1,0 +1,607 @@
+//! A local Damselfly cluster of real processes on loopback.
+//!
+//! [`Cluster::start`] starts a `scheduler`, then seed peers and peers (`dfdaemon`), each with
+//! its own directory under one temp dir, its own socket and free ports, and its stdout/stderr
+//! in `<name>.log` in that directory. Every process is killed when the cluster is dropped,
+//! also while unwinding from a panic; a panicking test gets the tail of every log printed on
+//! stderr, so a failure shows what the daemons said.
+
+use crate::bin_path;
+use crate::content::{file_sha256_hex_async, Content};
+use crate::grpc;
+use anyhow::{bail, Context, Result};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use wire::proto::dfdaemon::StatsResponse;
+
+/// Lines of each log printed by [`Cluster::dump_logs`] and on panic.
+pub const LOG_TAIL_LINES: usize = 40;
+
+/// How a [`Cluster`] is made.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of seed peers (`dfdaemon --seed`).
+    pub seeds: usize,
+    /// Number of ordinary peers.
+    pub peers: usize,
+    /// `--threads` of every daemon.
+    pub threads: usize,
+    /// Longest wait for a process to become ready.
+    pub ready_timeout: Duration,
+    /// Longest run of one `dfget`.
+    pub dfget_timeout: Duration,
+    /// `RUST_LOG` for the processes; `None` uses the caller's `RUST_LOG`, or `info`.
+    pub rust_log: Option<String>,
+    /// Extra arguments appended to every `dfdaemon` command line.
+    pub daemon_args: Vec<String>,
+    /// Print progress ("starting scheduler ... ready") on stderr.
+    pub verbose: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            seeds: 1,
+            peers: 3,
+            threads: 1,
+            ready_timeout: Duration::from_secs(20),
+            dfget_timeout: Duration::from_secs(60),
+            rust_log: None,
+            daemon_args: Vec::new(),
+            verbose: false,
+        }
+    }
+}
+
+/// A child process with its log file; killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl Proc {
+    fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+        rust_log: &str,
+    ) -> Result<Self> {
+        let out = File::create(&log).with_context(|| format!("creating log {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("cloning log {}", log.display()))?;
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .env("RUST_BACKTRACE", "1")
+            // Plain logs in the files (tracing-subscriber honours NO_COLOR).
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| {
+                format!("starting {name}: {} {}", program.display(), args.join(" "))
+            })?;
+        Ok(Self {
+            name: name.to_string(),
+            log,
+            child: Mutex::new(Some(child)),
+        })
+    }
+
+    /// Name of the process in this cluster (`scheduler`, `seed-1`, `peer-2`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Path of the file receiving its stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// OS process id, while it has not been killed.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Child::id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        match self.child.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// `None` while the process runs; its exit description once it has exited (or was killed).
+    pub fn exit_status(&self) -> Option<String> {
+        let mut g = self.lock();
+        match g.as_mut() {
+            None => Some("killed by the test".to_string()),
+            Some(c) => match c.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(status.to_string()),
+                Err(e) => Some(format!("unknown ({e})")),
+            },
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it. Idempotent.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.lock().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Last `lines` lines of the file at `path` (reads at most its last 256 KiB).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut f = File::open(path)?;
+        let len = f.metadata()?.len();
+        let start = len.saturating_sub(256 << 10);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// One `dfdaemon` of the cluster.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Name in the cluster and `--host-id`: `seed-1`, `peer-1`, ...
+    pub name: String,
+    /// Whether it runs with `--seed`.
+    pub seed: bool,
+    /// Its directory (holding `data/`, the socket and nothing else of other processes).
+    pub dir: PathBuf,
+    /// `--data-dir`.
+    pub data_dir: PathBuf,
+    /// `--socket`: the local gRPC API.
+    pub socket: PathBuf,
+    /// Data-plane address (`127.0.0.1:--data-port`).
+    pub data_addr: SocketAddr,
+    /// `--metrics` address.
+    pub metrics_addr: SocketAddr,
+    /// The process.
+    pub proc: Proc,
+}
+
+impl Daemon {
+    /// Its counters via the local API.
+    pub async fn stats(&self) -> Result<StatsResponse> {
+        grpc::daemon_stats(&self.socket)
+            .await
+            .with_context(|| format!("Stats of {}", self.name))
+    }
+
+    /// Kills the daemon (SIGKILL).
+    pub fn kill(&self) {
+        self.proc.kill();
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_running(&self) -> bool {
+        self.proc.is_running()
+    }
+}
+
+/// A running cluster: one scheduler, seed peers, peers. Dropping it kills them all and removes
+/// the temp dir (unless [`Cluster::keep_dir`] was called).
+pub struct Cluster {
+    opts: ClusterOptions,
+    tmp: Option<TempDir>,
+    root: PathBuf,
+    rust_log: String,
+    scheduler_addr: SocketAddr,
+    scheduler: Proc,
+    seeds: Vec<Daemon>,
+    peers: Vec<Daemon>,
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released; another process could take it in
+/// between, which is unlikely on a test machine).
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("reading a free port")?.port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Cluster {
+    /// Starts the scheduler, then all seed peers and peers, and waits until each is ready
+    /// (scheduler: its TCP port accepts; daemon: its Unix socket and data port accept).
+    pub async fn start(opts: ClusterOptions) -> Result<Self> {
+        let scheduler_bin = bin_path("scheduler")?;
+        bin_path("dfdaemon")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("damselfly-")
+            .tempdir()
+            .context("creating the cluster temp dir")?;
+        let root = tmp.path().to_path_buf();
+        let rust_log = opts
+            .rust_log
+            .clone()
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .unwrap_or_else(|| "info".to_string());
+
+        let port = free_port()?;
+        let scheduler_addr = loopback(port);
+        let started = Instant::now();
+        if opts.verbose {
+            eprintln!("[demo] starting scheduler on {scheduler_addr} ...");
+        }
+        let scheduler = Proc::spawn(
+            "scheduler",
+            &scheduler_bin,
+            &["--listen".to_string(), scheduler_addr.to_string()],
+            root.join("scheduler.log"),
+            &rust_log,
+        )?;
+        let mut cluster = Self {
+            opts,
+            tmp: Some(tmp),
+            root,
+            rust_log,
+            scheduler_addr,
+            scheduler,
+            seeds: Vec::new(),
+            peers: Vec::new(),
+        };
+        let timeout = cluster.opts.ready_timeout;
+        wait_ready(&cluster.scheduler, timeout, || async move {
+            tokio::net::TcpStream::connect(scheduler_addr).await.is_ok()
+        })
+        .await?;
+        if cluster.opts.verbose {
+            eprintln!("[demo] scheduler ready after {:.1?}", started.elapsed());
+        }
+
+        for i in 1..=cluster.opts.seeds {
+            let d = cluster.spawn_daemon(&format!("seed-{i}"), true)?;
+            cluster.seeds.push(d);
+        }
+        for i in 1..=cluster.opts.peers {
+            let d = cluster.spawn_daemon(&format!("peer-{i}"), false)?;
+            cluster.peers.push(d);
+        }
+        let daemons: Vec<&Daemon> = cluster.seeds.iter().chain(cluster.peers.iter()).collect();
+        for d in daemons {
+            wait_daemon(d, timeout).await?;
+            if cluster.opts.verbose {
+                eprintln!(
+                    "[demo] {} ready after {:.1?} (data port {}, socket {})",
+                    d.name,
+                    started.elapsed(),
+                    d.data_addr.port(),
+                    d.socket.display()
+                );
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more ordinary peer (named `peer-<n+1>`) and waits until it is ready.
+    pub async fn add_peer(&mut self) -> Result<&Daemon> {
+        let name = format!("peer-{}", self.peers.len() + 1);
+        let d = self.spawn_daemon(&name, false)?;
+        wait_daemon(&d, self.opts.ready_timeout).await?;
+        self.peers.push(d);
+        self.peers.last().context("peer just added")
+    }
+
+    fn spawn_daemon(&self, name: &str, seed: bool) -> Result<Daemon> {
+        let dir = self.root.join(name);
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let socket = dir.join("dfdaemon.sock");
+        let data_addr = loopback(free_port()?);
+        let metrics_addr = loopback(free_port()?);
+        let mut args: Vec<String> = Vec::new();
+        if seed {
+            args.push("--seed".into());
+        }
+        args.extend([
+            "--scheduler".into(),
+            self.scheduler_addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--data-port".into(),
+            data_addr.port().to_string(),
+            "--ip".into(),
+            "127.0.0.1".into(),
+            "--host-id".into(),
+            name.to_string(),
+            "--metrics".into(),
+            metrics_addr.to_string(),
+            "--threads".into(),
+            self.opts.threads.to_string(),
+        ]);
+        args.extend(self.opts.daemon_args.iter().cloned());
+        if self.opts.verbose {
+            eprintln!("[demo] starting {name} ...");
+        }
+        let proc = Proc::spawn(
+            name,
+            &bin_path("dfdaemon")?,
+            &args,
+            self.root.join(format!("{name}.log")),
+            &self.rust_log,
+        )?;
+        Ok(Daemon {
+            name: name.to_string(),
+            seed,
+            dir,
+            data_dir,
+            socket,
+            data_addr,
+            metrics_addr,
+            proc,
+        })
+    }
+
+    /// The cluster's temp dir (logs, daemon dirs); a good place for dfget outputs.
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    /// Keeps the temp dir after the cluster is dropped and returns its path.
+    pub fn keep_dir(&mut self) -> PathBuf {
+        if let Some(t) = self.tmp.take() {
+            let _ = t.keep();
+        }
+        self.root.clone()
+    }
+
+    /// Address of the scheduler's gRPC server.
+    pub fn scheduler_addr(&self) -> SocketAddr {
+        self.scheduler_addr
+    }
+
+    /// The scheduler process.
+    pub fn scheduler(&self) -> &Proc {
+        &self.scheduler
+    }
+
+    /// The seed peers, `seed-1` first.
+    pub fn seeds(&self) -> &[Daemon] {
+        &self.seeds
+    }
+
+    /// The ordinary peers, `peer-1` first.
+    pub fn peers(&self) -> &[Daemon] {
+        &self.peers
+    }
+
+    /// Peer number `n`, counting from 1 like the names (`peer(1)` is `peer-1`).
+    pub fn peer(&self, n: usize) -> &Daemon {
+        &self.peers[n - 1]
+    }
+
+    /// Seed peer number `n`, counting from 1.
+    pub fn seed(&self, n: usize) -> &Daemon {
+        &self.seeds[n - 1]
+    }
+
+    /// Kills a daemon of this cluster (SIGKILL); the others keep running.
+    pub fn kill(&self, daemon: &Daemon) {
+        daemon.kill();
+    }
+
+    /// Its counters via the local API.
+    pub async fn stats(&self, daemon: &Daemon) -> Result<StatsResponse> {
+        daemon.stats().await
+    }
+
+    /// Runs `dfget URL -O OUT --endpoint <daemon socket> [--digest D] [extra...]`, bounded by
+    /// the cluster's `dfget_timeout` (a timeout is an error and kills dfget).
+    pub async fn run_dfget_with(
+        &self,
+        daemon: &Daemon,
+        url: &str,
+        out: &Path,
+        digest: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Output> {
+        let mut cmd = tokio::process::Command::new(bin_path("dfget")?);
+        cmd.arg(url)
+            .arg("-O")
+            .arg(out)
+            .arg("--endpoint")
+            .arg(&daemon.socket);
+        if let Some(d) = digest {
+            cmd.arg("--digest").arg(d);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", &self.rust_log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let timeout = self.opts.dfget_timeout;
+        match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(out) => out.with_context(|| format!("running dfget on {}", daemon.name)),
+            Err(_) => bail!(
+                "dfget {url} on {} did not finish within {timeout:?}",
+                daemon.name
+            ),
+        }
+    }
+
+    /// Runs `dfget URL -O OUT` through `daemon`, with `--digest` when given.
+    pub async fn run_dfget(
+        &self,
+        daemon: &Daemon,
+        url: &str,
+        out: &Path,
+        digest: Option<&str>,
+    ) -> Result<Output> {
+        self.run_dfget_with(daemon, url, out, digest, &[]).await
+    }
+
+    /// Downloads `url` through `daemon` into `out` with `--digest` of `content`, and checks
+    /// that dfget exited 0 and that the file's sha256 matches `content` (computed here too).
+    pub async fn download_verified(
+        &self,
+        daemon: &Daemon,
+        url: &str,
+        out: &Path,
+        content: &Content,
+    ) -> Result<()> {
+        let expected = content.sha256_hex();
+        let o = self
+            .run_dfget(daemon, url, out, Some(&format!("sha256:{expected}")))
+            .await?;
+        check_dfget(&daemon.name, &o)?;
+        let got = file_sha256_hex_async(out).await?;
+        if got != expected {
+            bail!(
+                "dfget on {} exited 0 but {} has sha256 {got}, expected {expected}",
+                daemon.name,
+                out.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Every process of the cluster, scheduler first.
+    pub fn procs(&self) -> Vec<&Proc> {
+        std::iter::once(&self.scheduler)
+            .chain(self.seeds.iter().map(|d| &d.proc))
+            .chain(self.peers.iter().map(|d| &d.proc))
+            .collect()
+    }
+
+    /// The last `lines` lines of every process's log, with a heading per process.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for p in self.procs() {
+            let state = p.exit_status().unwrap_or_else(|| "running".to_string());
+            s.push_str(&format!(
+                "===== {} ({state}) {} =====\n{}\n",
+                p.name(),
+                p.log_path().display(),
+                p.log_tail(lines)
+            ));
+        }
+        s
+    }
+
+    /// Prints [`Cluster::log_tails`] on stderr.
+    pub fn dump_logs(&self) {
+        eprintln!("{}", self.log_tails(LOG_TAIL_LINES));
+    }
+
+    /// Kills every process now (also done on drop).
+    pub fn shutdown(&self) {
+        for p in self.procs().into_iter().rev() {
+            p.kill();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed; log tails of the cluster in {}:",
+                self.root.display()
+            );
+            self.dump_logs();
+        }
+        self.shutdown();
+    }
+}
+
+async fn wait_ready<F, Fut>(proc: &Proc, timeout: Duration, mut ready: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        if let Some(status) = proc.exit_status() {
+            bail!(
+                "{} exited ({status}) before becoming ready; last lines of {}:\n{}",
+                proc.name(),
+                proc.log_path().display(),
+                proc.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} not ready within {timeout:?}; last lines of {}:\n{}",
+                proc.name(),
+                proc.log_path().display(),
+                proc.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_daemon(d: &Daemon, timeout: Duration) -> Result<()> {
+    let socket = d.socket.clone();
+    let data = d.data_addr;
+    wait_ready(&d.proc, timeout, || {
+        let socket = socket.clone();
+        async move {
+            tokio::net::UnixStream::connect(&socket).await.is_ok()
+                && tokio::net::TcpStream::connect(data).await.is_ok()
+        }
+    })
+    .await
+}
+
+/// Turns a finished `dfget` into an error unless it exited 0, with its stderr in the message.
+pub fn check_dfget(who: &str, out: &Output) -> Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    bail!(
+        "dfget on {who} failed ({}):\nstderr: {}\nstdout: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim(),
+        String::from_utf8_lossy(&out.stdout).trim()
+    )
+}
