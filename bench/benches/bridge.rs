@@ -16,7 +16,9 @@ fn bridge(c: &mut Criterion) {
             let p = bridge.clone();
             let producer = std::thread::spawn(move || {
                 for n in 0..BATCH {
-                    let mut ev = Event::DownloadFinished { task: TaskId([(n % 251) as u8; 32]) };
+                    let mut ev = Event::DownloadFinished {
+                        task: TaskId([(n % 251) as u8; 32]),
+                    };
                     loop {
                         match p.emit(ev) {
                             Ok(()) => break,

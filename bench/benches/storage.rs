@@ -26,7 +26,9 @@ fn storage(c: &mut Criterion) {
             storage.remove(&id).expect("remove");
         })
     });
-    g.bench_function("crc32c_1MiB", |b| b.iter(|| wire::piece_crc(std::hint::black_box(&data))));
+    g.bench_function("crc32c_1MiB", |b| {
+        b.iter(|| wire::piece_crc(std::hint::black_box(&data)))
+    });
     g.finish();
 }
 

@@ -73,7 +73,12 @@ fn best(mut v: Vec<Sample>) -> Sample {
 
 fn make_file(dir: &Path, size: u64) -> Result<std::fs::File> {
     let path = dir.join("source.bin");
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
     let mut block = vec![0u8; 1 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut off = 0;
@@ -103,7 +108,12 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         let (s, _) = l.accept()?;
         let mut off = 0u64;
         while off < size {
-            let n = dataplane::sys::sendfile(s.as_raw_fd(), &src, off, (size - off).min(1 << 30) as usize)?;
+            let n = dataplane::sys::sendfile(
+                s.as_raw_fd(),
+                &src,
+                off,
+                (size - off).min(1 << 30) as usize,
+            )?;
             if n == 0 {
                 bail!("source file ended early");
             }
@@ -123,8 +133,14 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         f.write_all_at(&buf[..n], got)?;
         got += n as u64;
     }
-    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
-    Ok(Sample { secs: t0.elapsed().as_secs_f64(), bytes: size, cpu_secs: cpu_seconds() - cpu0 })
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok(Sample {
+        secs: t0.elapsed().as_secs_f64(),
+        bytes: size,
+        cpu_secs: cpu_seconds() - cpu0,
+    })
 }
 
 struct Node {
@@ -141,10 +157,22 @@ fn node(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Resu
         listen: "127.0.0.1:0".parse()?,
         queue_capacity: 4096,
         io_uring: true,
-        fetch: FetchConfig { pieces_in_flight, ..FetchConfig::default() },
+        fetch: FetchConfig {
+            pieces_in_flight,
+            ..FetchConfig::default()
+        },
     };
-    let dp = DataPlane::start(cfg, storage.clone(), Arc::new(Counters::default()), Arc::new(Shaping::new(shaping)))?;
-    Ok(Node { _dir: dir, storage, dp })
+    let dp = DataPlane::start(
+        cfg,
+        storage.clone(),
+        Arc::new(Counters::default()),
+        Arc::new(Shaping::new(shaping)),
+    )?;
+    Ok(Node {
+        _dir: dir,
+        storage,
+        dp,
+    })
 }
 
 /// Fills a task in `n` from `src` (pieces verified and written; page cache warm).
@@ -161,7 +189,13 @@ fn seed(n: &Node, id: TaskId, src: &std::fs::File, layout: PieceLayout) -> Resul
 }
 
 /// Our data plane: `tasks` tasks of `size` bytes each, fetched at once from `a` by `b`.
-fn ours(a: &Node, b: &Node, ids: &[TaskId], layout: PieceLayout, rate_limit: u64) -> Result<Sample> {
+fn ours(
+    a: &Node,
+    b: &Node,
+    ids: &[TaskId],
+    layout: PieceLayout,
+    rate_limit: u64,
+) -> Result<Sample> {
     for id in ids {
         let _ = b.storage.remove(id);
     }
@@ -169,9 +203,24 @@ fn ours(a: &Node, b: &Node, ids: &[TaskId], layout: PieceLayout, rate_limit: u64
     let t0 = Instant::now();
     for id in ids {
         let store = b.storage.create(*id, layout)?;
-        let parents = vec![Parent { host_id: "a".into(), addr: a.dp.local_addr(), is_seed: true }];
+        let parents = vec![Parent {
+            host_id: "a".into(),
+            addr: a.dp.local_addr(),
+            is_seed: true,
+        }];
         let t = b.dp.bridge().thread_of(id);
-        if b.dp.bridge().send(t, Command::Download { store, parents, rate_limit }).is_err() {
+        if b.dp
+            .bridge()
+            .send(
+                t,
+                Command::Download {
+                    store,
+                    parents,
+                    rate_limit,
+                },
+            )
+            .is_err()
+        {
             bail!("bridge full");
         }
     }
@@ -194,14 +243,21 @@ fn ours(a: &Node, b: &Node, ids: &[TaskId], layout: PieceLayout, rate_limit: u64
             bail!("download incomplete");
         }
     }
-    Ok(Sample { secs, bytes: layout.content_length() * ids.len() as u64, cpu_secs: cpu_seconds() - cpu0 })
+    Ok(Sample {
+        secs,
+        bytes: layout.content_length() * ids.len() as u64,
+        cpu_secs: cpu_seconds() - cpu0,
+    })
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let size = args.size_mib << 20;
     let dir = tempfile::tempdir()?;
-    eprintln!("[throughput] writing a {} MiB source file ...", args.size_mib);
+    eprintln!(
+        "[throughput] writing a {} MiB source file ...",
+        args.size_mib
+    );
     let src = make_file(dir.path(), size)?;
     let layout = PieceLayout::new(size, args.piece_kib << 10)?;
     let out = dir.path().join("baseline.out");
@@ -217,7 +273,10 @@ fn main() -> Result<()> {
     let mut results = serde_json::Map::new();
     let mut ours_by_threads = Vec::new();
     for threads in [1usize, 2] {
-        eprintln!("[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...", args.runs);
+        eprintln!(
+            "[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...",
+            args.runs
+        );
         let a = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
         let b = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
         // One task per thread, so every thread has a download to run.
@@ -235,11 +294,21 @@ fn main() -> Result<()> {
         b.dp.shutdown();
     }
 
-    eprintln!("[throughput] (e) our TCP shaped to {} MB/s ...", args.shaped_mbps);
+    eprintln!(
+        "[throughput] (e) our TCP shaped to {} MB/s ...",
+        args.shaped_mbps
+    );
     let shaped_size = args.shaped_mib << 20;
     let shaped_layout = PieceLayout::new(shaped_size, layout.piece_length())?;
     let a = node(1, ShapingConfig::default(), args.pieces_in_flight)?;
-    let b = node(1, ShapingConfig { download: args.shaped_mbps * 1_000_000, ..ShapingConfig::default() }, args.pieces_in_flight)?;
+    let b = node(
+        1,
+        ShapingConfig {
+            download: args.shaped_mbps * 1_000_000,
+            ..ShapingConfig::default()
+        },
+        args.pieces_in_flight,
+    )?;
     let id = TaskId([99; 32]);
     seed(&a, id, &src, shaped_layout)?;
     let shaped = ours(&a, &b, &[id], shaped_layout, 0)?;
@@ -249,14 +318,26 @@ fn main() -> Result<()> {
     let (_, one) = ours_by_threads[0];
     let (_, two) = ours_by_threads[1];
     println!();
-    println!("{:<44} {:>9} {:>10} {:>14}", "variant", "GB/s", "vs (a)", "cores per GB/s");
+    println!(
+        "{:<44} {:>9} {:>10} {:>14}",
+        "variant", "GB/s", "vs (a)", "cores per GB/s"
+    );
     let row = |name: &str, s: &Sample| {
-        println!("{:<44} {:>9.2} {:>9.2}x {:>14.2}", name, s.gbps(), s.gbps() / baseline.gbps(), s.cpu_per_gbps());
+        println!(
+            "{:<44} {:>9.2} {:>9.2}x {:>14.2}",
+            name,
+            s.gbps(),
+            s.gbps() / baseline.gbps(),
+            s.cpu_per_gbps()
+        );
     };
     row("(a) sendfile -> reader writing a file", &baseline);
     row("(b) our TCP, 1 thread per side", &one);
     row("(b) our TCP, 2 threads per side (2 tasks)", &two);
-    println!("{:<44} {:>9}", "(c) plain quinn, one stream", "not built yet");
+    println!(
+        "{:<44} {:>9}",
+        "(c) plain quinn, one stream", "not built yet"
+    );
     println!("{:<44} {:>9}", "(d) our QUIC", "not built yet");
     let shaped_rate = shaped.bytes as f64 / shaped.secs;
     let limit = (args.shaped_mbps * 1_000_000) as f64;
@@ -269,8 +350,15 @@ fn main() -> Result<()> {
         (shaped_rate / limit - 1.0) * 100.0
     );
     println!();
-    println!("ratio ours/sendfile (1 thread): {:.2}", one.gbps() / baseline.gbps());
-    println!("scaling 1 -> 2 threads: {:.2}x (this machine has {} cores, shared by sender and receiver)", two.gbps() / one.gbps(), std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "ratio ours/sendfile (1 thread): {:.2}",
+        one.gbps() / baseline.gbps()
+    );
+    println!(
+        "scaling 1 -> 2 threads: {:.2}x (this machine has {} cores, shared by sender and receiver)",
+        two.gbps() / one.gbps(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
 
     results.insert("size_bytes".into(), size.into());
     results.insert("piece_length".into(), layout.piece_length().into());
@@ -278,10 +366,16 @@ fn main() -> Result<()> {
     results.insert("sendfile".into(), serde_json::to_value(baseline)?);
     results.insert("ours_tcp_1_thread".into(), serde_json::to_value(one)?);
     results.insert("ours_tcp_2_threads".into(), serde_json::to_value(two)?);
-    results.insert("ratio_ours_vs_sendfile".into(), (one.gbps() / baseline.gbps()).into());
+    results.insert(
+        "ratio_ours_vs_sendfile".into(),
+        (one.gbps() / baseline.gbps()).into(),
+    );
     results.insert("shaped_limit_bytes_per_sec".into(), limit.into());
     results.insert("shaped_measured_bytes_per_sec".into(), shaped_rate.into());
-    results.insert("shaped_error_percent".into(), ((shaped_rate / limit - 1.0) * 100.0).into());
+    results.insert(
+        "shaped_error_percent".into(),
+        ((shaped_rate / limit - 1.0) * 100.0).into(),
+    );
     results.insert("quic".into(), "not built yet".into());
     let json = serde_json::Value::Object(results).to_string();
     println!("{json}");
