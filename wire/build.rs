@@ -1,7 +1,11 @@
 //! Compiles the gRPC protos with protox (pure Rust): no `protoc` install needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/scheduler.proto", "proto/dfdaemon.proto"];
+    let protos = [
+        "proto/scheduler.proto",
+        "proto/dfdaemon.proto",
+        "proto/manager.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

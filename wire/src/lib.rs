@@ -5,7 +5,8 @@
 //!   here reads a clock or touches a runtime.
 //! * [`piece`]: piece length rule and piece ranges of a task.
 //! * [`task`]: task ids (sha256 over the normalised URL and the task's options).
-//! * [`proto`]: the gRPC services (scheduler, dfdaemon local API), compiled with protox.
+//! * [`proto`]: the gRPC services (scheduler, dfdaemon local API, manager), compiled with
+//!   protox.
 
 pub mod frame;
 pub mod piece;
@@ -25,6 +26,10 @@ pub mod proto {
     /// dfdaemon local API used by dfget and dfcache.
     pub mod dfdaemon {
         tonic::include_proto!("damselfly.dfdaemon.v1");
+    }
+    /// Manager API: registration, keepalive, dynamic config, searcher, preheat.
+    pub mod manager {
+        tonic::include_proto!("damselfly.manager.v1");
     }
 }
 

@@ -1,0 +1,470 @@
+//! Preheat jobs: have seed peers fetch a URL, or an image's layers, before peers ask.
+//!
+//! Flow of one job: REST creates it (`pending`); a task resolves it to targets (the URL, or
+//! the image's layer blobs through [`registry`](crate::registry)) and marks it `running`;
+//! each target is sent as a [`PreheatRequest`] to one scheduler of the job's cluster that
+//! holds a `SubscribePreheat` stream open (round robin; waiting up to
+//! `preheat.dispatch_timeout` for one to connect); the scheduler has a seed peer fetch it and
+//! calls `ReportPreheatResult`. The job ends `success` when every target succeeded,
+//! `failure` on the first failed one or after `preheat.job_timeout`.
+//!
+//! Jobs live in this process while running: a manager restart fails its unfinished jobs
+//! (they can be created again), and a scheduler must subscribe to the manager that holds
+//! the job.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Mutex, Notify};
+use tonic::Status;
+
+use crate::config::PreheatConfig;
+use crate::model::{JobState, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, Timestamp};
+use crate::proto;
+use crate::registry::{Credentials, ImageRef, Resolver};
+use crate::store::{Store, StoreError};
+
+/// Capacity of each scheduler's preheat stream; a full stream counts as unavailable.
+const STREAM_CAPACITY: usize = 256;
+
+/// What to preheat (the REST request's arguments).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PreheatArgs {
+    /// File or image.
+    pub kind: Option<PreheatKind>,
+    /// URL, image reference or manifest URL.
+    pub url: String,
+    /// Headers for the origin requests.
+    pub headers: Vec<(String, String)>,
+    /// Target cluster; `None`: the default cluster.
+    pub cluster_id: Option<u64>,
+    /// Registry credentials (images).
+    pub credentials: Option<Credentials>,
+    /// Platform of a multi-platform image; empty: `preheat.platform`.
+    pub platform: String,
+    /// Plain HTTP to the registry (image references without a scheme).
+    pub insecure: bool,
+    /// Task tag, passed on to the scheduler.
+    pub tag: String,
+    /// Task application, passed on to the scheduler.
+    pub application: String,
+}
+
+/// Errors creating a job.
+#[derive(Debug, thiserror::Error)]
+pub enum PreheatError {
+    /// The request is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Sender = mpsc::Sender<Result<proto::PreheatRequest, Status>>;
+
+struct Subscriber {
+    cluster_id: u64,
+    generation: u64,
+    tx: Sender,
+}
+
+struct RunningJob {
+    targets: Vec<PreheatTarget>,
+    done: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Inner {
+    subscribers: HashMap<u64, Subscriber>,
+    jobs: HashMap<u64, RunningJob>,
+    next_generation: u64,
+    round_robin: usize,
+    closed: bool,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    config: PreheatConfig,
+    inner: Mutex<Inner>,
+    subscribers_changed: Notify,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Runs preheat jobs and holds the schedulers' preheat streams. Cheap to clone.
+#[derive(Clone)]
+pub struct Preheater {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Preheater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preheater").finish_non_exhaustive()
+    }
+}
+
+impl Preheater {
+    /// A preheater on `store`; its streams end when `shutdown` turns true.
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: PreheatConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                store,
+                config,
+                inner: Mutex::new(Inner::default()),
+                subscribers_changed: Notify::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Validates and stores a job, then runs it in the background.
+    pub async fn create(&self, args: PreheatArgs) -> Result<PreheatJob, PreheatError> {
+        let kind = args.kind.unwrap_or(PreheatKind::File);
+        match kind {
+            PreheatKind::File => {
+                let url = url::Url::parse(&args.url)
+                    .map_err(|e| PreheatError::Invalid(format!("bad url {:?}: {e}", args.url)))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(PreheatError::Invalid(format!(
+                        "url must be http or https, got {:?}",
+                        args.url
+                    )));
+                }
+            }
+            PreheatKind::Image => {
+                ImageRef::parse(&args.url, args.insecure)
+                    .map_err(|e| PreheatError::Invalid(e.to_string()))?;
+            }
+        }
+        let store = &self.shared.store;
+        let cluster = match args.cluster_id {
+            Some(id) => store.get_cluster(id).await?,
+            None => store.default_cluster().await?,
+        }
+        .ok_or_else(|| PreheatError::Invalid("no such cluster".into()))?;
+        let job = store
+            .create_job(
+                NewPreheatJob {
+                    kind,
+                    url: args.url.clone(),
+                    cluster_id: Some(cluster.id),
+                },
+                Timestamp::now(),
+            )
+            .await?;
+        let this = self.clone();
+        let id = job.id;
+        tokio::spawn(async move { this.run(id, kind, cluster.id, args).await });
+        Ok(job)
+    }
+
+    /// Registers a scheduler's preheat stream; returns its receiving end and a guard that
+    /// unregisters it when dropped (keep it with the response stream).
+    pub async fn subscribe(
+        &self,
+        scheduler_id: u64,
+        cluster_id: u64,
+    ) -> (
+        mpsc::Receiver<Result<proto::PreheatRequest, Status>>,
+        SubscriptionGuard,
+    ) {
+        let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
+        let mut inner = self.shared.inner.lock().await;
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let guard = SubscriptionGuard {
+            preheater: self.clone(),
+            scheduler_id,
+            generation,
+        };
+        if inner.closed {
+            return (rx, guard); // tx dropped: the stream ends at once.
+        }
+        inner.subscribers.insert(
+            scheduler_id,
+            Subscriber {
+                cluster_id,
+                generation,
+                tx,
+            },
+        );
+        drop(inner);
+        self.shared.subscribers_changed.notify_waiters();
+        tracing::info!(scheduler_id, cluster_id, "scheduler subscribed to preheat");
+        (rx, guard)
+    }
+
+    /// Schedulers with an open preheat stream.
+    pub async fn subscribed_schedulers(&self) -> Vec<u64> {
+        let inner = self.shared.inner.lock().await;
+        let mut ids: Vec<u64> = inner.subscribers.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Ends every preheat stream and refuses new ones (shutdown).
+    pub async fn close(&self) {
+        let mut inner = self.shared.inner.lock().await;
+        inner.closed = true;
+        inner.subscribers.clear();
+    }
+
+    /// Records a scheduler's result for one target; false when no running job has it.
+    pub async fn report(&self, result: &proto::PreheatResult) -> Result<bool, StoreError> {
+        let mut inner = self.shared.inner.lock().await;
+        let Some(job) = inner.jobs.get_mut(&result.job_id) else {
+            return Ok(false);
+        };
+        let Some(target) = job
+            .targets
+            .iter_mut()
+            .find(|t| t.url == result.url && !t.state.is_final())
+        else {
+            return Ok(false);
+        };
+        if result.success {
+            target.state = JobState::Success;
+        } else {
+            target.state = JobState::Failure;
+            target.error = if result.error.is_empty() {
+                "seed peer failed".into()
+            } else {
+                result.error.clone()
+            };
+        }
+        let (state, error) = overall(&job.targets);
+        let targets = job.targets.clone();
+        let done = job.done.clone();
+        self.shared
+            .store
+            .update_job(result.job_id, state, &targets, &error, Timestamp::now())
+            .await?;
+        if state.is_final() {
+            done.notify_one();
+        }
+        Ok(true)
+    }
+
+    async fn run(&self, id: u64, kind: PreheatKind, cluster_id: u64, args: PreheatArgs) {
+        let store = self.shared.store.clone();
+        let (targets, headers) = match self.resolve(kind, &args).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(job = id, "preheat resolution failed: {e}");
+                let _ = store
+                    .update_job(id, JobState::Failure, &[], &e, Timestamp::now())
+                    .await;
+                return;
+            }
+        };
+        let done = Arc::new(Notify::new());
+        {
+            let mut inner = self.shared.inner.lock().await;
+            inner.jobs.insert(
+                id,
+                RunningJob {
+                    targets: targets.clone(),
+                    done: done.clone(),
+                },
+            );
+            let _ = store
+                .update_job(id, JobState::Running, &targets, "", Timestamp::now())
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.config.dispatch_timeout;
+        for target in &targets {
+            let request = proto::PreheatRequest {
+                job_id: id,
+                url: target.url.clone(),
+                headers: headers
+                    .iter()
+                    .map(|(name, value)| proto::Header {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+                digest: target.digest.clone(),
+                tag: args.tag.clone(),
+                application: args.application.clone(),
+            };
+            if !self.dispatch(cluster_id, request, deadline).await {
+                let _ = self
+                    .report(&proto::PreheatResult {
+                        job_id: id,
+                        url: target.url.clone(),
+                        success: false,
+                        error: format!("no scheduler of cluster {cluster_id} connected"),
+                    })
+                    .await;
+                break;
+            }
+        }
+        let mut shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            _ = done.notified() => {}
+            _ = tokio::time::sleep(self.shared.config.job_timeout) => {}
+            _ = crate::shutdown_requested(&mut shutdown) => {}
+        }
+        let mut inner = self.shared.inner.lock().await;
+        if let Some(job) = inner.jobs.remove(&id) {
+            let (mut state, mut error) = overall(&job.targets);
+            if !state.is_final() {
+                state = JobState::Failure;
+                error = "timed out waiting for seed peers".into();
+            }
+            let _ = store
+                .update_job(id, state, &job.targets, &error, Timestamp::now())
+                .await;
+            tracing::info!(job = id, state = state.as_str(), "preheat job finished");
+        }
+    }
+
+    /// Targets and headers of a job.
+    async fn resolve(
+        &self,
+        kind: PreheatKind,
+        args: &PreheatArgs,
+    ) -> Result<(Vec<PreheatTarget>, Vec<(String, String)>), String> {
+        let target = |url: String, digest: String| PreheatTarget {
+            url,
+            digest,
+            state: JobState::Pending,
+            error: String::new(),
+        };
+        match kind {
+            PreheatKind::File => Ok((
+                vec![target(args.url.clone(), String::new())],
+                args.headers.clone(),
+            )),
+            PreheatKind::Image => {
+                let image = ImageRef::parse(&args.url, args.insecure).map_err(|e| e.to_string())?;
+                let resolver = Resolver::new(self.shared.config.registry_timeout)
+                    .map_err(|e| e.to_string())?;
+                let platform = if args.platform.is_empty() {
+                    self.shared.config.platform.as_str()
+                } else {
+                    args.platform.as_str()
+                };
+                let resolved = resolver
+                    .resolve(&image, platform, args.credentials.as_ref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut headers = args.headers.clone();
+                headers.extend(resolved.headers);
+                let targets = resolved
+                    .layers
+                    .into_iter()
+                    .map(|l| target(l.url, l.digest))
+                    .collect();
+                Ok((targets, headers))
+            }
+        }
+    }
+
+    /// Sends one request to a subscribed scheduler of the cluster, waiting for one until
+    /// `deadline`; marks the target running. False when none took it in time.
+    async fn dispatch(
+        &self,
+        cluster_id: u64,
+        request: proto::PreheatRequest,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            let changed = self.shared.subscribers_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut inner = self.shared.inner.lock().await;
+                let mut ids: Vec<u64> = inner
+                    .subscribers
+                    .iter()
+                    .filter(|(_, s)| s.cluster_id == cluster_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.sort_unstable();
+                let start = inner.round_robin;
+                inner.round_robin = inner.round_robin.wrapping_add(1);
+                for k in 0..ids.len() {
+                    let id = ids[(start + k) % ids.len()];
+                    let sent = inner
+                        .subscribers
+                        .get(&id)
+                        .is_some_and(|s| s.tx.try_send(Ok(request.clone())).is_ok());
+                    if sent {
+                        if let Some(t) = inner.jobs.get_mut(&request.job_id).and_then(|j| {
+                            j.targets
+                                .iter_mut()
+                                .find(|t| t.url == request.url && t.state == JobState::Pending)
+                        }) {
+                            t.state = JobState::Running;
+                        }
+                        tracing::info!(job = request.job_id, url = %request.url, scheduler = id, "preheat dispatched");
+                        return true;
+                    }
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            // Wake on a new subscriber, or re-check a full stream every second.
+            let wait = (deadline - now).min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(wait, changed).await;
+        }
+    }
+}
+
+/// Unregisters a scheduler's preheat stream when dropped (the stream ended).
+pub struct SubscriptionGuard {
+    preheater: Preheater,
+    scheduler_id: u64,
+    generation: u64,
+}
+
+impl std::fmt::Debug for SubscriptionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionGuard")
+            .field("scheduler_id", &self.scheduler_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let shared = self.preheater.shared.clone();
+        let (scheduler_id, generation) = (self.scheduler_id, self.generation);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut inner = shared.inner.lock().await;
+                if inner
+                    .subscribers
+                    .get(&scheduler_id)
+                    .is_some_and(|s| s.generation == generation)
+                {
+                    inner.subscribers.remove(&scheduler_id);
+                    tracing::info!(scheduler_id, "scheduler preheat stream closed");
+                }
+            });
+        }
+    }
+}
+
+/// Overall state from the targets: failure on any failed, success when all succeeded.
+fn overall(targets: &[PreheatTarget]) -> (JobState, String) {
+    if let Some(failed) = targets.iter().find(|t| t.state == JobState::Failure) {
+        return (
+            JobState::Failure,
+            format!("{}: {}", failed.url, failed.error),
+        );
+    }
+    if targets.iter().all(|t| t.state == JobState::Success) {
+        (JobState::Success, String::new())
+    } else {
+        (JobState::Running, String::new())
+    }
+}

@@ -1,0 +1,428 @@
+//! Preheat: manifest resolution against a tiny in-test registry (OCI index, manifests, bearer
+//! token flow) and the job flow through REST and a scheduler's preheat stream.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use common::{eventually, grpc, manager, Rest, BOUND, TOKEN};
+use damselfly_manager::proto;
+use damselfly_manager::registry::{Credentials, ImageRef, Resolver};
+use reqwest::Method;
+use serde_json::json;
+
+const TOKEN_VALUE: &str = "registry-token-123";
+
+fn digest(n: u8) -> String {
+    format!("sha256:{}", format!("{n:02x}").repeat(32))
+}
+
+#[derive(Clone)]
+struct Registry {
+    addr: std::net::SocketAddr,
+    /// Require the bearer token flow (with these basic credentials at the token endpoint).
+    auth: bool,
+    token_requests: Arc<AtomicUsize>,
+}
+
+async fn manifests(
+    State(r): State<Registry>,
+    Path((ns, name, reference)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if r.auth
+        && headers.get("authorization").and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {TOKEN_VALUE}"))
+    {
+        let challenge = format!(
+            "Bearer realm=\"http://{}/token\",service=\"test-registry\",scope=\"repository:{ns}/{name}:pull\"",
+            r.addr
+        );
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", challenge)],
+            "{}",
+        )
+            .into_response();
+    }
+    let accept = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !accept.contains("application/vnd.oci.image.index.v1+json") {
+        return (StatusCode::NOT_ACCEPTABLE, "missing Accept").into_response();
+    }
+    if format!("{ns}/{name}") != "team/app" {
+        return (StatusCode::NOT_FOUND, "{}").into_response();
+    }
+    let body = if reference == "1.0" {
+        json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(0xa0),
+                 "size": 1, "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(0xa1),
+                 "size": 1, "platform": {"architecture": "amd64", "os": "linux"}}
+            ]
+        })
+    } else if reference == digest(0xa1) {
+        json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(0xc0), "size": 1},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(1), "size": 10},
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(2), "size": 20}
+            ]
+        })
+    } else if reference == digest(0xa0) {
+        json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest(3), "size": 30}]
+        })
+    } else {
+        return (StatusCode::NOT_FOUND, "{}").into_response();
+    };
+    (
+        [("content-type", "application/vnd.oci.image.index.v1+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn token(
+    State(r): State<Registry>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    r.token_requests.fetch_add(1, Ordering::SeqCst);
+    // "user:pass" in base64.
+    let basic_ok =
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Basic dXNlcjpwYXNz");
+    if !basic_ok || q.get("service").map(String::as_str) != Some("test-registry") {
+        return (StatusCode::UNAUTHORIZED, "{}").into_response();
+    }
+    if q.get("scope").map(String::as_str) != Some("repository:team/app:pull") {
+        return (StatusCode::FORBIDDEN, "{}").into_response();
+    }
+    json!({"token": TOKEN_VALUE}).to_string().into_response()
+}
+
+/// A registry imitation on 127.0.0.1:0: `/v2/<ns>/<name>/manifests/<ref>` and `/token`.
+async fn registry(auth: bool) -> Registry {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let r = Registry {
+        addr: listener.local_addr().unwrap(),
+        auth,
+        token_requests: Arc::new(AtomicUsize::new(0)),
+    };
+    let app = Router::new()
+        .route("/v2/{ns}/{name}/manifests/{reference}", get(manifests))
+        .route("/token", get(token))
+        .with_state(r.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    r
+}
+
+#[tokio::test]
+async fn resolves_index_to_platform_layers_with_token_auth() {
+    let reg = registry(true).await;
+    let resolver = Resolver::new(Duration::from_secs(10)).unwrap();
+    let creds = Credentials {
+        username: "user".into(),
+        password: "pass".into(),
+    };
+    let image = ImageRef::parse(&format!("{}/team/app:1.0", reg.addr), true).unwrap();
+    let resolved = resolver
+        .resolve(&image, "linux/amd64", Some(&creds))
+        .await
+        .unwrap();
+    let base = format!("http://{}/v2/team/app/blobs", reg.addr);
+    assert_eq!(
+        resolved
+            .layers
+            .iter()
+            .map(|l| (l.url.clone(), l.digest.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (format!("{base}/{}", digest(1)), digest(1)),
+            (format!("{base}/{}", digest(2)), digest(2)),
+        ]
+    );
+    assert_eq!(
+        resolved.headers,
+        vec![("Authorization".to_string(), format!("Bearer {TOKEN_VALUE}"))]
+    );
+    assert_eq!(reg.token_requests.load(Ordering::SeqCst), 1);
+
+    // The manifest URL form and another platform (with variant).
+    let image = ImageRef::parse(
+        &format!("http://{}/v2/team/app/manifests/1.0", reg.addr),
+        false,
+    )
+    .unwrap();
+    let arm = resolver
+        .resolve(&image, "linux/arm64/v8", Some(&creds))
+        .await
+        .unwrap();
+    assert_eq!(arm.layers.len(), 1);
+    assert_eq!(arm.layers[0].digest, digest(3));
+
+    // Missing platform, wrong credentials, unknown repository.
+    let err = resolver
+        .resolve(&image, "windows/amd64", Some(&creds))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("windows/amd64"), "{err}");
+    let bad = Credentials {
+        username: "user".into(),
+        password: "nope".into(),
+    };
+    assert!(resolver
+        .resolve(&image, "linux/amd64", Some(&bad))
+        .await
+        .is_err());
+    let open = registry(false).await;
+    let missing = ImageRef::parse(&format!("{}/team/other:1.0", open.addr), true).unwrap();
+    let err = resolver
+        .resolve(&missing, "linux/amd64", None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+}
+
+async fn job(rest: &Rest, id: u64) -> serde_json::Value {
+    let (status, j) = rest.get(&format!("/api/v1/jobs/{id}")).await;
+    assert_eq!(status, 200);
+    j
+}
+
+#[tokio::test]
+async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
+    let (m, _dir) = manager(|_| {}).await;
+    let rest = Rest::new(&m);
+    let mut client = grpc(&m).await;
+    let s = client
+        .register_scheduler(proto::RegisterSchedulerRequest {
+            cluster_id: 0,
+            hostname: "s".into(),
+            ip: "127.0.0.1".into(),
+            port: 8002,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .subscribe_preheat(proto::SubscribePreheatRequest { scheduler_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let (status, created) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {
+                "type": "file", "url": "http://origin.local/big.bin",
+                "headers": {"X-Test": "1"}, "tag": "t"
+            }})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    assert_eq!(created["state"], "pending");
+
+    let req = tokio::time::timeout(BOUND, stream.message())
+        .await
+        .expect("a preheat request arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.job_id, id);
+    assert_eq!(req.url, "http://origin.local/big.bin");
+    assert_eq!(req.tag, "t");
+    assert_eq!(
+        req.headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect::<Vec<_>>(),
+        [("X-Test", "1")]
+    );
+    assert_eq!(job(&rest, id).await["state"], "running");
+
+    client
+        .report_preheat_result(proto::PreheatResult {
+            job_id: id,
+            url: req.url.clone(),
+            success: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    eventually("job succeeds", || async {
+        job(&rest, id).await["state"] == "success"
+    })
+    .await;
+    // A report for a finished job is refused.
+    let late = client
+        .report_preheat_result(proto::PreheatResult {
+            job_id: id,
+            url: req.url,
+            success: true,
+            error: String::new(),
+        })
+        .await;
+    assert_eq!(late.unwrap_err().code(), tonic::Code::NotFound);
+
+    let (_, list) = rest.get("/api/v1/jobs").await;
+    assert_eq!(list[0]["id"].as_u64(), Some(id));
+    let (_, page) = rest.text("/").await;
+    assert!(page.contains("http://origin.local/big.bin") && page.contains("success"));
+
+    // Bad requests.
+    for body in [
+        json!({"type": "preheat", "args": {"url": "ftp://x/y"}}),
+        json!({"type": "sync", "args": {"url": "http://x/y"}}),
+        json!({"type": "preheat", "args": {"type": "image", "url": "Not An Image"}}),
+        json!({"type": "preheat", "cluster_id": 99, "args": {"url": "http://x/y"}}),
+    ] {
+        let (status, _) = rest
+            .call(Method::POST, "/api/v1/jobs", Some(TOKEN), Some(body))
+            .await;
+        assert_eq!(status, 400);
+    }
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn image_preheat_sends_each_layer_with_the_registry_token() {
+    let reg = registry(true).await;
+    let (m, _dir) = manager(|_| {}).await;
+    let rest = Rest::new(&m);
+    let mut client = grpc(&m).await;
+    let s = client
+        .register_scheduler(proto::RegisterSchedulerRequest {
+            hostname: "s".into(),
+            ip: "127.0.0.1".into(),
+            port: 8002,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .subscribe_preheat(proto::SubscribePreheatRequest { scheduler_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let (status, created) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {
+                "type": "image", "url": format!("{}/team/app:1.0", reg.addr), "insecure": true,
+                "username": "user", "password": "pass"
+            }})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let req = tokio::time::timeout(BOUND, stream.message())
+            .await
+            .expect("a layer request arrives")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.job_id, id);
+        assert!(req
+            .headers
+            .iter()
+            .any(|h| h.name == "Authorization" && h.value == format!("Bearer {TOKEN_VALUE}")));
+        got.push((req.url, req.digest));
+    }
+    assert_eq!(got[0].1, digest(1));
+    assert_eq!(got[1].1, digest(2));
+    assert!(got[1]
+        .0
+        .ends_with(&format!("/v2/team/app/blobs/{}", digest(2))));
+    let j = job(&rest, id).await;
+    assert_eq!(j["targets"].as_array().unwrap().len(), 2);
+
+    client
+        .report_preheat_result(proto::PreheatResult {
+            job_id: id,
+            url: got[0].0.clone(),
+            success: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    client
+        .report_preheat_result(proto::PreheatResult {
+            job_id: id,
+            url: got[1].0.clone(),
+            success: false,
+            error: "origin said 500".into(),
+        })
+        .await
+        .unwrap();
+    eventually("job fails", || async {
+        job(&rest, id).await["state"] == "failure"
+    })
+    .await;
+    let j = job(&rest, id).await;
+    assert!(j["error"].as_str().unwrap().contains("origin said 500"));
+    assert_eq!(j["targets"][0]["state"], "success");
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn jobs_fail_without_a_scheduler_or_a_resolvable_image() {
+    let reg = registry(false).await;
+    let (m, _dir) = manager(|c| {
+        c.preheat.dispatch_timeout = Duration::from_millis(100);
+    })
+    .await;
+    let rest = Rest::new(&m);
+    let (_, a) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {"url": "http://origin.local/f"}})),
+        )
+        .await;
+    let (_, b) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {
+                "type": "image", "url": format!("{}/team/missing:1", reg.addr), "insecure": true
+            }})),
+        )
+        .await;
+    for (j, why) in [(a, "no scheduler"), (b, "404")] {
+        let id = j["id"].as_u64().unwrap();
+        eventually("job fails", || async {
+            job(&rest, id).await["state"] == "failure"
+        })
+        .await;
+        let error = job(&rest, id).await["error"].as_str().unwrap().to_owned();
+        assert!(error.contains(why), "{error}");
+    }
+    m.shutdown().await.unwrap();
+}
