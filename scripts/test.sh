@@ -4,6 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+# Real parts the tests start themselves: a throwaway PostgreSQL cluster (manager store tests)
+# and headless Chromium (manager status page).
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing ${need[*]} for the tests ..."
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "note: ${need[*]} missing and cannot be installed here; the tests that need them will say SKIP" >&2
+    fi
+fi
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
