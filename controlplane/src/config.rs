@@ -25,6 +25,35 @@ pub struct DaemonConfig {
     pub download: DownloadConfig,
     /// Prometheus metrics endpoint.
     pub metrics: MetricsConfig,
+    /// Manager (searcher, dynamic config, seed peer keepalive).
+    pub manager: ManagerConfig,
+}
+
+/// `manager:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// Manager gRPC addresses (`host:port`); empty: no manager, static `scheduler.addrs` only.
+    pub addrs: Vec<String>,
+    /// Scheduler cluster a seed peer registers in (0: the manager's default cluster).
+    pub cluster_id: u64,
+    /// How often the scheduler list is asked for again.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// How long one dynamic-config long poll waits for a change.
+    #[serde(with = "humantime_serde")]
+    pub config_wait: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            addrs: Vec::new(),
+            cluster_id: 0,
+            refresh_interval: Duration::from_secs(30),
+            config_wait: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `host:` section.

@@ -1,7 +1,7 @@
 //! Starting dfdaemon: storage, data plane, scheduler sessions, local API, metrics.
 
 use crate::config::DaemonConfig;
-use crate::scheduler::SchedulerPool;
+use crate::scheduler::SchedulerSet;
 use crate::task::TaskManager;
 use anyhow::Context as _;
 use dataplane::fetch::FetchConfig;
@@ -26,12 +26,14 @@ pub struct Context {
     pub shaping: Arc<Shaping>,
     /// Queues to the data plane.
     pub bridge: Arc<Bridge>,
-    /// Scheduler channels.
-    pub schedulers: SchedulerPool,
+    /// Scheduler channels (replaced at run time when the manager names others).
+    pub schedulers: SchedulerSet,
     /// HTTP client for origins.
     pub http: reqwest::Client,
     /// Running downloads.
     pub tasks: TaskManager,
+    /// Version of the manager's dynamic config applied (0: none yet).
+    pub config_version: std::sync::atomic::AtomicU64,
 }
 
 /// A running dfdaemon.
@@ -116,7 +118,7 @@ impl Daemon {
             location: config.host.location.clone(),
             upload_rate_limit: config.data_plane.upload_rate_limit.0,
         };
-        let schedulers = SchedulerPool::new(&config.scheduler.addrs)?;
+        let schedulers = SchedulerSet::new(&config.scheduler.addrs)?;
         let http = reqwest::Client::builder()
             .connect_timeout(config.download.origin_timeout)
             .build()
@@ -131,6 +133,7 @@ impl Daemon {
             schedulers,
             http,
             tasks: TaskManager::default(),
+            config_version: std::sync::atomic::AtomicU64::new(0),
         });
         Ok(Self { ctx, dataplane })
     }
@@ -151,12 +154,9 @@ impl Daemon {
                 pump_ctx.tasks.route(ev).await;
             }
         });
-        for (addr, channel) in ctx.schedulers.all() {
-            tokio::spawn(crate::scheduler::host_loop(
-                ctx.clone(),
-                addr.clone(),
-                channel.clone(),
-            ));
+        ctx.schedulers.reconcile(&ctx);
+        if !ctx.config.manager.addrs.is_empty() {
+            crate::manager::start(ctx.clone());
         }
         if !ctx.config.metrics.listen.is_empty() {
             let l = tokio::net::TcpListener::bind(&ctx.config.metrics.listen)

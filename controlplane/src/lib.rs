@@ -8,6 +8,7 @@
 pub mod config;
 pub mod daemon;
 pub mod local_api;
+pub mod manager;
 pub mod metrics;
 pub mod origin;
 pub mod scheduler;

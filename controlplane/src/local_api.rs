@@ -201,6 +201,17 @@ impl Dfdaemon for LocalApi {
             per_peer_download_rate_limit: shaping.per_peer_download,
             shaping_waits: C::get(&c.shaping_waits),
             max_requests_in_flight: C::get(&c.max_requests_in_flight),
+            pieces_in_flight: self
+                .ctx
+                .shaping
+                .pieces_in_flight()
+                .unwrap_or(self.ctx.config.data_plane.pieces_in_flight)
+                as u64,
+            config_version: self
+                .ctx
+                .config_version
+                .load(std::sync::atomic::Ordering::Relaxed),
+            schedulers: self.ctx.schedulers.addrs(),
         }))
     }
 }

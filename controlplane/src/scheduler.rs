@@ -3,8 +3,10 @@
 
 use crate::daemon::Context;
 use crate::task::TaskSpec;
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use wire::proto::scheduler::{
@@ -12,10 +14,31 @@ use wire::proto::scheduler::{
 };
 use wire::TaskId;
 
-/// Lazily connected channels to every configured scheduler.
-#[derive(Debug, Clone)]
+/// Lazily connected channels to a list of schedulers.
+#[derive(Debug, Clone, Default)]
 pub struct SchedulerPool {
     schedulers: Vec<(String, Channel)>,
+}
+
+fn endpoint(addr: &str) -> anyhow::Result<Channel> {
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| anyhow::anyhow!("scheduler address {addr:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    Ok(ep.connect_lazy())
+}
+
+/// Rendezvous weight of (scheduler address, task).
+fn weight(addr: &str, task: &TaskId) -> u64 {
+    let mut h = Sha256::new();
+    h.update(addr.as_bytes());
+    h.update(task.0);
+    let d = h.finalize();
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(w)
 }
 
 impl SchedulerPool {
@@ -23,13 +46,7 @@ impl SchedulerPool {
     pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
         let mut schedulers = Vec::new();
         for a in addrs {
-            let ep = Endpoint::from_shared(format!("http://{a}"))
-                .map_err(|e| anyhow::anyhow!("scheduler address {a:?}: {e}"))?
-                .connect_timeout(Duration::from_secs(3))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(10));
-            schedulers.push((a.clone(), ep.connect_lazy()));
+            schedulers.push((a.clone(), endpoint(a)?));
         }
         Ok(Self { schedulers })
     }
@@ -43,18 +60,97 @@ impl SchedulerPool {
     /// daemon with the same list sends a task to the same scheduler, and adding a scheduler
     /// moves only about 1/n of the tasks.
     pub fn pick(&self, task: &TaskId) -> Option<(String, Channel)> {
-        self.schedulers
+        self.ordered(task).into_iter().next()
+    }
+
+    /// Every scheduler in the order a task tries them: its own first, then the next best.
+    pub fn ordered(&self, task: &TaskId) -> Vec<(String, Channel)> {
+        let mut v = self.schedulers.clone();
+        v.sort_by_key(|(addr, _)| std::cmp::Reverse(weight(addr, task)));
+        v
+    }
+}
+
+/// The schedulers in use, replaceable at run time (the manager's searcher feeds it), with one
+/// host announcement loop per scheduler.
+#[derive(Debug)]
+pub struct SchedulerSet {
+    pool: ArcSwap<SchedulerPool>,
+    loops: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl SchedulerSet {
+    /// A set starting with `addrs`.
+    pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool: ArcSwap::from_pointee(SchedulerPool::new(addrs)?),
+            loops: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The current pool.
+    pub fn pool(&self) -> Arc<SchedulerPool> {
+        self.pool.load_full()
+    }
+
+    /// Addresses in use.
+    pub fn addrs(&self) -> Vec<String> {
+        self.pool
+            .load()
+            .all()
             .iter()
-            .max_by_key(|(addr, _)| {
-                let mut h = Sha256::new();
-                h.update(addr.as_bytes());
-                h.update(task.0);
-                let d = h.finalize();
-                let mut w = [0u8; 8];
-                w.copy_from_slice(&d[..8]);
-                u64::from_be_bytes(w)
-            })
-            .cloned()
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// Switches to `addrs` (keeping the channels of addresses already in use) and starts or
+    /// stops host announcement loops to match. Returns whether anything changed.
+    pub fn replace(&self, ctx: &Arc<Context>, addrs: &[String]) -> anyhow::Result<bool> {
+        let old = self.pool.load_full();
+        let mut sorted_new: Vec<&String> = addrs.iter().collect();
+        sorted_new.sort();
+        sorted_new.dedup();
+        let mut sorted_old: Vec<&String> = old.all().iter().map(|(a, _)| a).collect();
+        sorted_old.sort();
+        if sorted_new == sorted_old {
+            return Ok(false);
+        }
+        let mut schedulers = Vec::new();
+        for a in sorted_new {
+            let ch = match old.all().iter().find(|(o, _)| o == a) {
+                Some((_, ch)) => ch.clone(),
+                None => endpoint(a)?,
+            };
+            schedulers.push((a.clone(), ch));
+        }
+        tracing::info!(
+            "schedulers now {:?}",
+            schedulers.iter().map(|(a, _)| a).collect::<Vec<_>>()
+        );
+        self.pool.store(Arc::new(SchedulerPool { schedulers }));
+        self.reconcile(ctx);
+        Ok(true)
+    }
+
+    /// Starts a host loop for every scheduler without one, stops loops of schedulers that
+    /// left.
+    pub fn reconcile(&self, ctx: &Arc<Context>) {
+        let pool = self.pool.load_full();
+        let Ok(mut loops) = self.loops.lock() else {
+            return;
+        };
+        loops.retain(|addr, h| {
+            let keep = pool.all().iter().any(|(a, _)| a == addr);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for (addr, ch) in pool.all() {
+            loops
+                .entry(addr.clone())
+                .or_insert_with(|| tokio::spawn(host_loop(ctx.clone(), addr.clone(), ch.clone())));
+        }
     }
 }
 
@@ -125,5 +221,55 @@ fn handle_command(ctx: &Arc<Context>, cmd: Option<host_command::Command>) {
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));
         }
         None => tracing::debug!("empty host command"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tasks(n: usize) -> Vec<TaskId> {
+        (0..n)
+            .map(|i| TaskId::from_content_digest(&format!("sha256:{i}")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn adding_a_scheduler_moves_about_one_nth_of_the_tasks() {
+        let three: Vec<String> = (1..=3).map(|i| format!("10.0.0.{i}:8002")).collect();
+        let mut four = three.clone();
+        four.push("10.0.0.4:8002".into());
+        let a = SchedulerPool::new(&three).expect("pool");
+        let b = SchedulerPool::new(&four).expect("pool");
+        let ts = tasks(4000);
+        let moved = ts
+            .iter()
+            .filter(|t| a.pick(t).map(|p| p.0) != b.pick(t).map(|p| p.0))
+            .count();
+        // Expected 1/4 of the tasks; every moved task moved to the new scheduler.
+        assert!((800..1200).contains(&moved), "moved {moved} of 4000");
+        for t in &ts {
+            let (before, after) = (a.pick(t).map(|p| p.0), b.pick(t).map(|p| p.0));
+            if before != after {
+                assert_eq!(after.as_deref(), Some("10.0.0.4:8002"));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_scheduler_gets_a_share_and_order_is_stable() {
+        let addrs: Vec<String> = (1..=4).map(|i| format!("10.0.0.{i}:8002")).collect();
+        let p = SchedulerPool::new(&addrs).expect("pool");
+        let mut counts = HashMap::new();
+        for t in tasks(4000) {
+            let order = p.ordered(&t);
+            assert_eq!(order.len(), 4);
+            assert_eq!(Some(order[0].0.clone()), p.pick(&t).map(|x| x.0));
+            *counts.entry(order[0].0.clone()).or_insert(0) += 1;
+        }
+        for a in &addrs {
+            let c = counts.get(a).copied().unwrap_or(0);
+            assert!((800..1200).contains(&c), "{a} got {c} of 4000");
+        }
     }
 }

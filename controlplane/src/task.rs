@@ -221,9 +221,30 @@ impl TaskRun {
     }
 
     async fn connect_scheduler(&mut self) -> Result<(), String> {
-        let Some((addr, channel)) = self.ctx.schedulers.pick(&self.spec.id) else {
+        let order = self.ctx.schedulers.pool().ordered(&self.spec.id);
+        if order.is_empty() {
             return Err("no scheduler configured".into());
-        };
+        }
+        // The task's own scheduler first; when it does not answer, the next one by rendezvous
+        // order, so a dead scheduler's tasks move without waiting for the manager to notice.
+        let mut errors = Vec::new();
+        for (addr, channel) in order {
+            match self.register_with(&addr, channel).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(task = %self.spec.id, "{e}");
+                    errors.push(e);
+                }
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn register_with(
+        &mut self,
+        addr: &str,
+        channel: tonic::transport::Channel,
+    ) -> Result<(), String> {
         let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
         let register = RegisterPeer {
             task_id: self.spec.id.to_hex(),

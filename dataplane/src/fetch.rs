@@ -52,7 +52,7 @@ impl Default for FetchConfig {
 }
 
 /// How often a parent that does not know the task yet is asked again before it is dropped.
-const TASK_NOT_FOUND_RETRIES: u32 = 10;
+const TASK_NOT_FOUND_RETRIES: u32 = 50;
 /// Pause between those tries.
 const TASK_NOT_FOUND_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -355,7 +355,11 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
     let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
     let task = s.task();
     let layout = s.store.layout();
-    let window = s.cfg.pieces_in_flight.max(1);
+    let window = s
+        .shaping
+        .pieces_in_flight()
+        .unwrap_or(s.cfg.pieces_in_flight)
+        .max(1);
     let bitmap_wait_ms = u32::try_from(s.cfg.bitmap_wait.as_millis()).unwrap_or(u32::MAX);
     loop {
         if s.is_done() || s.check_complete().await {

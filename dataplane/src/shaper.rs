@@ -134,7 +134,8 @@ mod tests {
     }
 }
 
-/// Rate limits of one daemon, shared by both planes; rates can change while running.
+/// Rate limits (and the other knobs the manager may change) of one daemon, shared by both
+/// planes; they can change while running.
 #[derive(Debug)]
 pub struct Shaping {
     /// Every upload of this daemon together.
@@ -143,6 +144,8 @@ pub struct Shaping {
     pub download: RateLimiter,
     per_peer_upload: AtomicU64,
     per_peer_download: AtomicU64,
+    /// Pieces in flight per parent set at run time (0: the static config's value).
+    pieces_in_flight: AtomicU64,
 }
 
 /// Rates in bytes per second; 0 means unlimited.
@@ -166,6 +169,7 @@ impl Shaping {
             download: RateLimiter::new(cfg.download),
             per_peer_upload: AtomicU64::new(cfg.per_peer_upload),
             per_peer_download: AtomicU64::new(cfg.per_peer_download),
+            pieces_in_flight: AtomicU64::new(0),
         }
     }
 
@@ -177,6 +181,19 @@ impl Shaping {
             .store(cfg.per_peer_upload, Ordering::Relaxed);
         self.per_peer_download
             .store(cfg.per_peer_download, Ordering::Relaxed);
+    }
+
+    /// Overrides the pieces in flight per parent connection (0: back to the static value).
+    pub fn set_pieces_in_flight(&self, n: usize) {
+        self.pieces_in_flight.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The run-time override of pieces in flight, if any.
+    pub fn pieces_in_flight(&self) -> Option<usize> {
+        match self.pieces_in_flight.load(Ordering::Relaxed) {
+            0 => None,
+            n => usize::try_from(n).ok(),
+        }
     }
 
     /// The rates in force.

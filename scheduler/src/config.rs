@@ -8,8 +8,16 @@
 //!   listen: 0.0.0.0:8002
 //! scheduling:
 //!   candidate_parent_limit: 4
-//!   parent_limit: 6
+//!   parent_limit: 8
 //!   back_to_source_limit: 4
+//!   filter_parent_limit: 15
+//!   retry_limit: 5
+//!   normal_upload_slots: 20
+//!   seed_upload_slots: 40
+//!   dag: false
+//!   weights: { load: 0.6, idc: 0.2, location: 0.1, host_type: 0.1, bandwidth: 0.1 }
+//!   bandwidth_reference: 125000000
+//!   bad_parent: { window: 2000, min_samples: 30, small_window_multiple: 20, sigma: 3 }
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,7 +30,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PORT: u16 = 8002;
 
 /// Whole scheduler configuration, as read from YAML.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// Network settings of the gRPC server.
@@ -48,26 +56,111 @@ impl Default for ServerConfig {
 }
 
 /// Knobs of the swarm logic in [`crate::state::SchedulerState`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SchedulingConfig {
     /// Parents sent at once when a peer is (re)scheduled (default 4). A handful is enough to
     /// stripe a download over several uploaders without every peer hammering the same few.
     pub candidate_parent_limit: usize,
-    /// Most parents a peer is given in total, counting later pushes of peers that just got
-    /// their first piece (default 6).
+    /// Most parents a peer holds at once, counting later pushes and reschedules (default 8).
+    /// Peers below it are offered newly scheduled peers, which evens out how many children
+    /// each peer has (see the README's swarm strategy).
     pub parent_limit: usize,
     /// Most peers of one task the scheduler tells to go back to the origin (default 4, as in
     /// Dragonfly): the origin should send each byte about once.
     pub back_to_source_limit: u32,
+    /// Random candidates the evaluator looks at before keeping the best
+    /// `candidate_parent_limit` (default 15, as in Dragonfly).
+    pub filter_parent_limit: usize,
+    /// Reschedules of one peer before it is sent back to the origin, if the task's
+    /// back-to-source budget allows (default 5, as in Dragonfly).
+    pub retry_limit: u32,
+    /// Children a normal peer serves at once (default 20). A slot is one child connection
+    /// (which keeps several piece requests in flight), not one piece as in Dragonfly's 200.
+    pub normal_upload_slots: usize,
+    /// Children a seed peer serves at once (default 40).
+    pub seed_upload_slots: usize,
+    /// Refuse a parent edge that would close a cycle among a task's peers (default false:
+    /// mutual exchange is how every peer uploads from the first seconds; see the README).
+    pub dag: bool,
+    /// Weights of the evaluator's terms.
+    pub weights: EvaluatorWeights,
+    /// Upload rate (bytes/s) that earns the full bandwidth term (default 125,000,000 = 1 Gbit/s).
+    pub bandwidth_reference: u64,
+    /// Slow-parent detection over measured piece costs.
+    pub bad_parent: BadParentConfig,
 }
 
 impl Default for SchedulingConfig {
     fn default() -> Self {
         Self {
             candidate_parent_limit: 4,
-            parent_limit: 6,
+            parent_limit: 8,
             back_to_source_limit: 4,
+            filter_parent_limit: 15,
+            retry_limit: 5,
+            normal_upload_slots: 20,
+            seed_upload_slots: 40,
+            dag: false,
+            weights: EvaluatorWeights::default(),
+            bandwidth_reference: 125_000_000,
+            bad_parent: BadParentConfig::default(),
+        }
+    }
+}
+
+/// Weights of the parent score (see [`crate::state::evaluator`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EvaluatorWeights {
+    /// Free upload slots of the parent (default 0.6, Dragonfly's).
+    pub load: f64,
+    /// Same IDC as the child (default 0.2).
+    pub idc: f64,
+    /// Shared location prefix (default 0.1).
+    pub location: f64,
+    /// Host type: seed peers early, normal peers later (default 0.1).
+    pub host_type: f64,
+    /// Measured upload bandwidth of the parent's host (default 0.1; not in Dragonfly).
+    pub bandwidth: f64,
+}
+
+impl Default for EvaluatorWeights {
+    fn default() -> Self {
+        Self {
+            load: 0.6,
+            idc: 0.2,
+            location: 0.1,
+            host_type: 0.1,
+            bandwidth: 0.1,
+        }
+    }
+}
+
+/// When a parent counts as slow: over a window of its normalised piece costs, a new cost
+/// above mean + `sigma`·σ, or above `small_window_multiple`·mean while the window holds
+/// fewer than `min_samples` costs. A slow parent is not offered to anyone until a later
+/// piece it serves is normal again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BadParentConfig {
+    /// Costs kept per parent host (default 2000; 0 disables the detection).
+    pub window: usize,
+    /// Samples needed before the σ rule applies (default 30).
+    pub min_samples: usize,
+    /// Multiple of the mean that is bad while the window is small (default 20).
+    pub small_window_multiple: f64,
+    /// Standard deviations above the mean that are bad (default 3).
+    pub sigma: f64,
+}
+
+impl Default for BadParentConfig {
+    fn default() -> Self {
+        Self {
+            window: 2000,
+            min_samples: 30,
+            small_window_multiple: 20.0,
+            sigma: 3.0,
         }
     }
 }
@@ -80,6 +173,26 @@ impl SchedulingConfig {
         }
         if self.parent_limit == 0 {
             bail!("scheduling.parent_limit must be at least 1");
+        }
+        if self.filter_parent_limit == 0 {
+            bail!("scheduling.filter_parent_limit must be at least 1");
+        }
+        if self.normal_upload_slots == 0 || self.seed_upload_slots == 0 {
+            bail!("scheduling.normal_upload_slots and seed_upload_slots must be at least 1");
+        }
+        let w = &self.weights;
+        if [w.load, w.idc, w.location, w.host_type, w.bandwidth]
+            .iter()
+            .any(|x| !x.is_finite() || *x < 0.0)
+        {
+            bail!("scheduling.weights must be finite and non-negative");
+        }
+        let b = &self.bad_parent;
+        if !(b.small_window_multiple.is_finite() && b.sigma.is_finite())
+            || b.small_window_multiple <= 0.0
+            || b.sigma < 0.0
+        {
+            bail!("scheduling.bad_parent multiples must be finite and positive");
         }
         Ok(())
     }
@@ -121,7 +234,7 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.server.listen.port(), 8002);
         assert_eq!(c.scheduling.candidate_parent_limit, 4);
-        assert_eq!(c.scheduling.parent_limit, 6);
+        assert_eq!(c.scheduling.parent_limit, 8);
         assert_eq!(c.scheduling.back_to_source_limit, 4);
     }
 
@@ -131,6 +244,10 @@ mod tests {
         assert_eq!(c.scheduling.parent_limit, 9);
         assert_eq!(c.scheduling.candidate_parent_limit, 4);
         assert_eq!(c.server, ServerConfig::default());
+        let c = Config::from_yaml("scheduling:\n  dag: true\n  weights:\n    idc: 0.5\n").unwrap();
+        assert!(c.scheduling.dag);
+        assert_eq!(c.scheduling.weights.idc, 0.5);
+        assert_eq!(c.scheduling.weights.load, 0.6);
         let c = Config::from_yaml("server:\n  listen: 127.0.0.1:0\n").unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:0".parse().unwrap());
     }
@@ -140,6 +257,8 @@ mod tests {
         assert!(Config::from_yaml("server:\n  listen: nowhere\n").is_err());
         assert!(Config::from_yaml("scheduling:\n  candidate_parent_limit: 0\n").is_err());
         assert!(Config::from_yaml("scheduling:\n  parent_limit: -1\n").is_err());
+        assert!(Config::from_yaml("scheduling:\n  weights:\n    idc: -1\n").is_err());
+        assert!(Config::from_yaml("scheduling:\n  seed_upload_slots: 0\n").is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
 use wire::proto::scheduler::{
     announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    HostCommand, StatTaskRequest, TaskInfo,
+    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, StatTaskRequest, TaskInfo,
 };
 
 use crate::config::SchedulingConfig;
@@ -325,6 +325,21 @@ impl Scheduler for SchedulerService {
         let info = self.shared.inner.lock().state.stat_task(&task_id);
         info.map(Response::new)
             .ok_or_else(|| Status::not_found(format!("task {task_id} not found")))
+    }
+
+    async fn announce_task(
+        &self,
+        request: Request<AnnounceTaskRequest>,
+    ) -> Result<Response<AnnounceTaskResponse>, Status> {
+        let key = PeerKey(self.shared.next_key());
+        let mut inner = self.shared.inner.lock();
+        Self::refuse_if_closed(&inner)?;
+        let outputs = inner
+            .state
+            .announce_task(key, request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        inner.dispatch(outputs);
+        Ok(Response::new(AnnounceTaskResponse {}))
     }
 }
 

@@ -43,6 +43,9 @@ struct Args {
     /// Metrics address (metrics.listen); an empty string disables it.
     #[arg(long)]
     metrics: Option<String>,
+    /// Manager address host:port (manager.addrs); repeat for several.
+    #[arg(long = "manager")]
+    managers: Vec<String>,
     /// Data-plane threads (data_plane.threads; 0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -88,6 +91,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(m) = args.metrics {
         cfg.metrics.listen = m;
+    }
+    if !args.managers.is_empty() {
+        cfg.manager.addrs = args.managers;
     }
     if let Some(t) = args.threads {
         cfg.data_plane.threads = t;

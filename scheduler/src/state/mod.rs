@@ -11,46 +11,66 @@
 //!    then [`SchedulerState::peer_request`] for each later message, and
 //!    [`SchedulerState::peer_left`] when the stream ends (or an output to it could not be
 //!    delivered).
-//! 3. [`SchedulerState::stat_task`] to answer `StatTask`.
+//! 3. [`SchedulerState::announce_task`] for `AnnounceTask` (a complete task imported on a
+//!    host; the runtime picks a fresh [`PeerKey`] for it).
+//! 4. [`SchedulerState::stat_task`] to answer `StatTask`.
 //!
 //! Nothing here blocks, reads a clock or panics on peer input; tests drive it directly.
+//!
+//! Parent selection (see the crate README for the swarm strategy): a peer that has been
+//! scheduled once can serve at once (its data plane long-polls parents for new pieces), so
+//! every peer of a burst uploads from its first piece on. Candidates are a random sample of
+//! the task's serving peers, filtered (own host, blocked hosts, slow hosts, full upload slots,
+//! cycles when `dag` is on), scored by the [`evaluator`], and the best are sent. A peer that
+//! becomes able to serve is also pushed to a few peers that still have fewer parents than
+//! `parent_limit`, so that the last peers of a burst have children too.
 
+pub mod evaluator;
+mod keyset;
 mod pieces;
+mod stats;
 #[cfg(test)]
 mod tests;
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use rand::rngs::SmallRng;
-use rand::{Rng as _, SeedableRng as _};
+use rand::SeedableRng as _;
 use tracing::{debug, info, warn};
 use wire::piece::MAX_PIECE_COUNT;
 use wire::proto::scheduler::{
     announce_peer_request, announce_peer_response, host_command, AnnouncePeerResponse,
-    CandidateParents, DownloadTask, Host, HostCommand, HostType, NeedBackToSource, Parent,
-    PeerFinished, PeerInfo, PieceFailed, PieceFinished, RegisterPeer, RescheduleRequest, TaskInfo,
-    TaskMetadata, TaskSource,
+    AnnounceTaskRequest, CandidateParents, DownloadTask, Host, HostCommand, HostType,
+    NeedBackToSource, Parent, PeerFinished, PeerInfo, PieceFailed, PieceFinished, RegisterPeer,
+    RescheduleRequest, TaskInfo, TaskMetadata, TaskSource,
 };
 use wire::PieceLayout;
 
 use crate::config::SchedulingConfig;
+use evaluator::ParentView;
+use keyset::KeySet;
 use pieces::PieceSet;
+use stats::CostWindow;
 
 /// Most bad parents remembered per peer: enough for any real swarm, bounded against a peer
 /// that sends endless reschedule lists.
 pub const MAX_BAD_PARENTS: usize = 1024;
 
+/// Most peers visited by one cycle check (`dag` on); beyond it the edge is refused.
+pub const DAG_SEARCH_LIMIT: usize = 4096;
+
 /// Reason sent with `NeedBackToSource` when no seed host is live for a new task.
 pub const REASON_NO_SEED: &str = "no seed peer available";
 /// Reason sent with `NeedBackToSource` when the task's size is known but nobody can serve it.
 pub const REASON_NO_PARENT: &str = "no parent available";
+/// Reason sent with `NeedBackToSource` when a peer asked for new parents too often.
+pub const REASON_RETRY_LIMIT: &str = "reschedule limit reached";
 
 /// Names one `AnnounceHost` stream (not the host: a host that reconnects gets a new key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostKey(pub u64);
 
-/// Names one `AnnouncePeer` stream, i.e. one peer of one task.
+/// Names one `AnnouncePeer` stream, i.e. one peer of one task (or one `AnnounceTask`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerKey(pub u64);
 
@@ -89,15 +109,21 @@ pub enum InvalidRequest {
     /// The host is absent or has an empty id.
     #[error("host with a non-empty id is required")]
     MissingHost,
-    /// `RegisterPeer.task_id` is empty.
+    /// `task_id` is empty.
     #[error("task_id is required")]
     MissingTaskId,
-    /// `RegisterPeer.peer_id` is empty.
+    /// `peer_id` is empty.
     #[error("peer_id is required")]
     MissingPeerId,
     /// The stream key is already in use (a bug in the runtime, not in the peer).
     #[error("stream already registered")]
     DuplicateKey,
+    /// `AnnounceTask` without valid metadata, or with a piece count that does not match it.
+    #[error("invalid task metadata: {0}")]
+    InvalidMetadata(String),
+    /// `AnnounceTask` metadata differs from what the scheduler already knows of the task.
+    #[error("task metadata conflicts with the known size of the task")]
+    ConflictingMetadata,
 }
 
 /// One peer: a host downloading (or holding) one task.
@@ -108,22 +134,29 @@ struct Peer {
     host: Host,
     /// Fetches from the origin (registered with `back_to_source`, or told to).
     source: bool,
-    /// Reported `PeerFinished`.
+    /// Reported `PeerFinished` (or was announced complete).
     done: bool,
     /// Needs parents and has none to use: gets them as soon as any appear.
     waiting: bool,
+    /// Received `CandidateParents` at least once: it fetches, so it can serve what it gets.
+    scheduled: bool,
+    /// Came from `AnnounceTask`: no stream; lives until its host's stream closes.
+    announced: bool,
     pieces: PieceSet,
-    /// Parents sent to this peer that are still in the task.
+    /// Parents it currently downloads from (edges child → parent).
     parents: HashSet<PeerKey>,
-    /// Host ids this peer reported as bad parents.
+    /// Peers that currently download from it; their number is its used upload slots.
+    children: HashSet<PeerKey>,
+    /// Host ids this peer reported as bad parents (failed or corrupt pieces).
     bad_hosts: HashSet<String>,
     pieces_failed: u64,
+    reschedules: u32,
 }
 
 impl Peer {
     /// Whether the peer can be handed out as a parent.
     fn can_serve(&self, metadata_known: bool) -> bool {
-        self.done || self.pieces.count() > 0 || (self.source && metadata_known)
+        metadata_known && (self.done || self.scheduled || self.source || self.pieces.count() > 0)
     }
 
     /// Whether the peer still wants parents.
@@ -142,14 +175,21 @@ struct SeedTrigger {
 }
 
 /// One task and its swarm.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Task {
     /// Origin of the task, from the first registration that named one.
     source: Option<TaskSource>,
     /// Piece length asked for by that registration (0: derive from the content length).
     piece_length: u64,
     metadata: Option<PieceLayout>,
-    peers: BTreeSet<PeerKey>,
+    peers: KeySet<PeerKey>,
+    by_peer_id: HashMap<String, PeerKey>,
+    /// Peers that can be offered as parents.
+    servers: KeySet<PeerKey>,
+    /// Scheduled peers that still have fewer than `parent_limit` parents.
+    hungry: KeySet<PeerKey>,
+    /// Peers waiting for parents (all of them while the size is unknown).
+    waiting: KeySet<PeerKey>,
     /// Peers told to go back to the origin.
     back_to_source: u32,
     trigger: Option<SeedTrigger>,
@@ -174,6 +214,14 @@ impl Task {
     }
 }
 
+/// What the scheduler measured of one host as a parent.
+#[derive(Debug, Default)]
+struct HostStats {
+    /// Live peers on the host plus live `AnnounceHost` streams of it.
+    refs: usize,
+    costs: CostWindow,
+}
+
 /// The scheduler's whole in-memory state: hosts, tasks, peers. See the module docs for the
 /// order of calls.
 #[derive(Debug)]
@@ -182,6 +230,10 @@ pub struct SchedulerState {
     hosts: BTreeMap<HostKey, Host>,
     tasks: HashMap<String, Task>,
     peers: HashMap<PeerKey, Peer>,
+    host_stats: HashMap<String, HostStats>,
+    /// Set while a batch (metadata arrival, waking waiting peers) schedules many peers, so
+    /// that peers scheduled inside it do not start nested batches.
+    in_batch: bool,
     rng: SmallRng,
 }
 
@@ -210,13 +262,21 @@ fn peer_response(response: announce_peer_response::Response) -> AnnouncePeerResp
     }
 }
 
+fn set_member(set: &mut KeySet<PeerKey>, key: PeerKey, member: bool) {
+    if member {
+        set.insert(key);
+    } else {
+        set.remove(&key);
+    }
+}
+
 impl SchedulerState {
     /// An empty state with a randomly seeded tie-breaker.
     pub fn new(config: SchedulingConfig) -> Self {
         Self::with_rng(config, SmallRng::from_os_rng())
     }
 
-    /// An empty state whose random tie-breaks follow `seed` (for reproducible tests).
+    /// An empty state whose random choices follow `seed` (for reproducible tests).
     pub fn with_seed(config: SchedulingConfig, seed: u64) -> Self {
         Self::with_rng(config, SmallRng::seed_from_u64(seed))
     }
@@ -227,6 +287,8 @@ impl SchedulerState {
             hosts: BTreeMap::new(),
             tasks: HashMap::new(),
             peers: HashMap::new(),
+            host_stats: HashMap::new(),
+            in_batch: false,
             rng,
         }
     }
@@ -251,6 +313,19 @@ impl SchedulerState {
         self.peers.contains_key(&peer)
     }
 
+    fn host_ref(&mut self, host_id: &str) {
+        self.host_stats.entry(host_id.to_owned()).or_default().refs += 1;
+    }
+
+    fn host_unref(&mut self, host_id: &str) {
+        if let Some(s) = self.host_stats.get_mut(host_id) {
+            s.refs = s.refs.saturating_sub(1);
+            if s.refs == 0 {
+                self.host_stats.remove(host_id);
+            }
+        }
+    }
+
     /// An `AnnounceHost` stream opened: the host is live (a seed host may now be triggered).
     pub fn host_announced(&mut self, key: HostKey, host: Host) -> Result<(), InvalidRequest> {
         if host.id.is_empty() {
@@ -260,18 +335,21 @@ impl SchedulerState {
             return Err(InvalidRequest::DuplicateKey);
         }
         info!(host_id = %host.id, ip = %host.ip, seed = is_seed(&host), "host announced");
+        self.host_ref(&host.id);
         self.hosts.insert(key, host);
         Ok(())
     }
 
     /// An `AnnounceHost` stream closed. Seed triggers still waiting for that host move to the
-    /// next seed (or send a waiting peer back to the origin).
+    /// next seed (or send a waiting peer back to the origin); tasks the host announced with
+    /// `AnnounceTask` are withdrawn when no other stream of that host is open.
     pub fn host_left(&mut self, key: HostKey) -> Vec<Output> {
         let mut out = Vec::new();
         let Some(host) = self.hosts.remove(&key) else {
             return out;
         };
         info!(host_id = %host.id, "host left");
+        self.host_unref(&host.id);
         let mut orphaned = Vec::new();
         for (task_id, task) in &mut self.tasks {
             if task
@@ -288,6 +366,18 @@ impl SchedulerState {
         for task_id in orphaned {
             warn!(task_id = %task_id, host_id = %host.id, "triggered seed host left before registering");
             self.ensure_source(&task_id, None, &mut out);
+        }
+        if !self.hosts.values().any(|h| h.id == host.id) {
+            let mut announced: Vec<PeerKey> = self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.announced && p.host.id == host.id)
+                .map(|(k, _)| *k)
+                .collect();
+            announced.sort();
+            for k in announced {
+                self.remove_peer(k, &mut out);
+            }
         }
         out
     }
@@ -320,36 +410,15 @@ impl SchedulerState {
             return Err(InvalidRequest::DuplicateKey);
         }
         let mut out = Vec::new();
+        self.replace_previous(&task_id, &peer_id, &mut out);
 
-        let previous = self.tasks.get(&task_id).and_then(|t| {
-            t.peers
-                .iter()
-                .copied()
-                .find(|k| self.peers.get(k).is_some_and(|p| p.peer_id == peer_id))
-        });
-        if let Some(old) = previous {
-            warn!(task_id = %task_id, peer_id = %peer_id, "peer registered again; replacing the old stream");
-            out.push(Output::ClosePeer {
-                peer: old,
-                reason: "replaced by a newer registration of the same peer".to_owned(),
-            });
-            self.remove_peer(old, &mut out);
-        }
-
-        let task = self.tasks.entry(task_id.clone()).or_insert_with(|| Task {
-            source: None,
-            piece_length: 0,
-            metadata: None,
-            peers: BTreeSet::new(),
-            back_to_source: 0,
-            trigger: None,
-            failed_seeds: HashSet::new(),
-        });
+        let task = self.tasks.entry(task_id.clone()).or_default();
         if task.source.is_none() && source.is_some() {
             task.source = source;
             task.piece_length = piece_length;
         }
         task.peers.insert(key);
+        task.by_peer_id.insert(peer_id.clone(), key);
         if back_to_source {
             if let Some(t) = task.trigger.as_mut() {
                 if t.peer.is_none() && t.host_id == host.id {
@@ -359,6 +428,7 @@ impl SchedulerState {
         }
         let metadata_known = task.metadata.is_some();
         debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, "peer registered");
+        self.host_ref(&host.id);
         self.peers.insert(
             key,
             Peer {
@@ -368,19 +438,127 @@ impl SchedulerState {
                 source: back_to_source,
                 done: false,
                 waiting: !back_to_source,
+                scheduled: false,
+                announced: false,
                 pieces: PieceSet::default(),
                 parents: HashSet::new(),
+                children: HashSet::new(),
                 bad_hosts: HashSet::new(),
                 pieces_failed: 0,
+                reschedules: 0,
             },
         );
+        self.sync(key, &mut out);
 
         if back_to_source {
             // Fetches from the origin; it will tell us the size with TaskMetadata.
         } else if metadata_known {
-            self.schedule(key, None, &mut out);
+            self.schedule(key, &mut out);
         } else {
             self.ensure_source(&task_id, Some(key), &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Forgets a live peer of `task_id` with `peer_id` (a newer registration replaces it).
+    fn replace_previous(&mut self, task_id: &str, peer_id: &str, out: &mut Vec<Output>) {
+        let previous = self
+            .tasks
+            .get(task_id)
+            .and_then(|t| t.by_peer_id.get(peer_id).copied());
+        if let Some(old) = previous {
+            let announced = self.peers.get(&old).is_some_and(|p| p.announced);
+            warn!(task_id = %task_id, peer_id = %peer_id, "peer registered again; replacing the old one");
+            if !announced {
+                out.push(Output::ClosePeer {
+                    peer: old,
+                    reason: "replaced by a newer registration of the same peer".to_owned(),
+                });
+            }
+            self.remove_peer(old, out);
+        }
+    }
+
+    /// `AnnounceTask`: `request.host` holds the whole task. The peer serves as a done parent
+    /// until its host's `AnnounceHost` stream closes (or a newer announcement of the same peer
+    /// id replaces it). Peers of the task that wait for parents get them.
+    pub fn announce_task(
+        &mut self,
+        key: PeerKey,
+        request: AnnounceTaskRequest,
+    ) -> Result<Vec<Output>, InvalidRequest> {
+        let AnnounceTaskRequest {
+            task_id,
+            peer_id,
+            host,
+            metadata,
+            piece_count,
+        } = request;
+        if task_id.is_empty() {
+            return Err(InvalidRequest::MissingTaskId);
+        }
+        if peer_id.is_empty() {
+            return Err(InvalidRequest::MissingPeerId);
+        }
+        let host = host
+            .filter(|h| !h.id.is_empty())
+            .ok_or(InvalidRequest::MissingHost)?;
+        if self.peers.contains_key(&key) {
+            return Err(InvalidRequest::DuplicateKey);
+        }
+        let metadata = metadata
+            .ok_or_else(|| InvalidRequest::InvalidMetadata("metadata is required".into()))?;
+        let layout = PieceLayout::new(metadata.content_length, metadata.piece_length)
+            .map_err(|e| InvalidRequest::InvalidMetadata(e.to_string()))?;
+        if layout.piece_count() != piece_count {
+            return Err(InvalidRequest::InvalidMetadata(format!(
+                "piece_count {piece_count} does not match {} pieces of the metadata",
+                layout.piece_count()
+            )));
+        }
+        if let Some(known) = self.tasks.get(&task_id).and_then(|t| t.metadata) {
+            if known != layout {
+                return Err(InvalidRequest::ConflictingMetadata);
+            }
+        }
+        let mut out = Vec::new();
+        self.replace_previous(&task_id, &peer_id, &mut out);
+        let task = self.tasks.entry(task_id.clone()).or_default();
+        task.peers.insert(key);
+        task.by_peer_id.insert(peer_id.clone(), key);
+        let mut pieces = PieceSet::default();
+        for n in 0..piece_count {
+            pieces.insert(n);
+        }
+        info!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, piece_count, "task announced");
+        self.host_ref(&host.id);
+        self.peers.insert(
+            key,
+            Peer {
+                peer_id,
+                task_id: task_id.clone(),
+                host,
+                source: false,
+                done: true,
+                waiting: false,
+                scheduled: false,
+                announced: true,
+                pieces,
+                parents: HashSet::new(),
+                children: HashSet::new(),
+                bad_hosts: HashSet::new(),
+                pieces_failed: 0,
+                reschedules: 0,
+            },
+        );
+        let had_metadata = self
+            .tasks
+            .get(&task_id)
+            .is_some_and(|t| t.metadata.is_some());
+        if had_metadata {
+            self.sync(key, &mut out);
+        } else {
+            self.set_metadata(&task_id, layout, &mut out);
         }
         Ok(out)
     }
@@ -400,7 +578,7 @@ impl SchedulerState {
         match request {
             Request::Register(_) => warn!(?key, "second RegisterPeer on one stream ignored"),
             Request::PieceFinished(p) => self.piece_finished(key, p, &mut out),
-            Request::PieceFailed(p) => self.piece_failed(key, p),
+            Request::PieceFailed(p) => self.piece_failed(key, p, &mut out),
             Request::TaskMetadata(m) => self.task_metadata(key, m, &mut out),
             Request::Reschedule(r) => self.reschedule(key, r, &mut out),
             Request::Finished(f) => self.peer_finished(key, f, &mut out),
@@ -424,8 +602,9 @@ impl SchedulerState {
     /// What the scheduler knows of a task, or `None` if it has no such task.
     pub fn stat_task(&self, task_id: &str) -> Option<TaskInfo> {
         let task = self.tasks.get(task_id)?;
-        let peers = task
-            .peers
+        let mut keys: Vec<PeerKey> = task.peers.iter().copied().collect();
+        keys.sort();
+        let peers = keys
             .iter()
             .filter_map(|k| self.peers.get(k))
             .map(|p| PeerInfo {
@@ -444,12 +623,39 @@ impl SchedulerState {
         })
     }
 
+    /// Recomputes `key`'s membership of its task's sets; when it just became able to serve,
+    /// offers it to peers short of parents.
+    fn sync(&mut self, key: PeerKey, out: &mut Vec<Output>) {
+        let Some(p) = self.peers.get(&key) else {
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&p.task_id) else {
+            return;
+        };
+        let metadata_known = task.metadata.is_some();
+        let serves = p.can_serve(metadata_known);
+        let newly_serving = serves && !task.servers.contains(&key);
+        set_member(&mut task.servers, key, serves);
+        set_member(
+            &mut task.hungry,
+            key,
+            metadata_known
+                && p.scheduled
+                && p.wants_parents()
+                && p.parents.len() < self.config.parent_limit,
+        );
+        set_member(&mut task.waiting, key, p.waiting && p.wants_parents());
+        if newly_serving {
+            self.became_server(key, out);
+        }
+    }
+
     fn task_metadata(&mut self, key: PeerKey, metadata: TaskMetadata, out: &mut Vec<Output>) {
         let Some(peer) = self.peers.get(&key) else {
             return;
         };
         let task_id = peer.task_id.clone();
-        let Some(task) = self.tasks.get_mut(&task_id) else {
+        let Some(task) = self.tasks.get(&task_id) else {
             return;
         };
         if let Some(known) = task.metadata {
@@ -467,6 +673,14 @@ impl SchedulerState {
                 return;
             }
         };
+        self.set_metadata(&task_id, layout, out);
+    }
+
+    /// The task's size is known: every waiting peer is scheduled, in registration order.
+    fn set_metadata(&mut self, task_id: &str, layout: PieceLayout, out: &mut Vec<Output>) {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return;
+        };
         info!(
             task_id = %task_id,
             content_length = layout.content_length(),
@@ -475,10 +689,12 @@ impl SchedulerState {
         );
         task.metadata = Some(layout);
         let keys: Vec<PeerKey> = task.peers.iter().copied().collect();
+        let was_batch = std::mem::replace(&mut self.in_batch, true);
         for k in &keys {
             if let Some(p) = self.peers.get_mut(k) {
                 p.pieces.truncate(layout.piece_count());
             }
+            self.sync(*k, out);
         }
         for k in keys {
             if self
@@ -486,9 +702,10 @@ impl SchedulerState {
                 .get(&k)
                 .is_some_and(|p| p.waiting && p.wants_parents())
             {
-                self.schedule(k, Some(key), out);
+                self.schedule(k, out);
             }
         }
+        self.in_batch = was_batch;
     }
 
     fn piece_finished(&mut self, key: PeerKey, piece: PieceFinished, out: &mut Vec<Output>) {
@@ -508,35 +725,51 @@ impl SchedulerState {
             );
             return;
         }
-        let metadata_known = task.metadata.is_some();
         if !peer.pieces.insert(piece.number) {
             return;
         }
-        if peer.pieces.count() == 1 && metadata_known && !peer.done {
-            self.push_parent(key, out);
+        let first = peer.pieces.count() == 1;
+        if !piece.parent_host_id.is_empty() {
+            if let Some(stats) = self.host_stats.get_mut(&piece.parent_host_id) {
+                let slow = stats
+                    .costs
+                    .record(piece.length, piece.cost_us, &self.config.bad_parent);
+                if slow {
+                    debug!(parent = %piece.parent_host_id, cost_us = piece.cost_us, "slow parent");
+                }
+            }
+        }
+        if first {
+            self.sync(key, out);
         }
     }
 
-    fn piece_failed(&mut self, key: PeerKey, piece: PieceFailed) {
-        if let Some(peer) = self.peers.get_mut(&key) {
-            peer.pieces_failed += 1;
-            debug!(
-                peer_id = %peer.peer_id,
-                number = piece.number,
-                parent = %piece.parent_host_id,
-                reason = %piece.reason,
-                failed = peer.pieces_failed,
-                "piece failed"
-            );
-        }
-    }
-
-    fn reschedule(&mut self, key: PeerKey, request: RescheduleRequest, out: &mut Vec<Output>) {
+    fn piece_failed(&mut self, key: PeerKey, piece: PieceFailed, out: &mut Vec<Output>) {
         let Some(peer) = self.peers.get_mut(&key) else {
             return;
         };
-        info!(peer_id = %peer.peer_id, bad = ?request.bad_parent_host_ids, reason = %request.reason, "reschedule");
-        for id in request.bad_parent_host_ids {
+        peer.pieces_failed += 1;
+        debug!(
+            peer_id = %peer.peer_id,
+            number = piece.number,
+            parent = %piece.parent_host_id,
+            reason = %piece.reason,
+            failed = peer.pieces_failed,
+            "piece failed"
+        );
+        if piece.parent_host_id.is_empty() {
+            return;
+        }
+        self.block_hosts(key, vec![piece.parent_host_id]);
+        self.sync(key, out);
+    }
+
+    /// Blocks `host_ids` as parents of `key` and drops its edges to them.
+    fn block_hosts(&mut self, key: PeerKey, host_ids: Vec<String>) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        for id in host_ids {
             if peer.bad_hosts.len() >= MAX_BAD_PARENTS {
                 warn!(peer_id = %peer.peer_id, "too many bad parents; the rest are ignored");
                 break;
@@ -546,30 +779,45 @@ impl SchedulerState {
         let Some(peer) = self.peers.get(&key) else {
             return;
         };
-        let keep: HashSet<PeerKey> = peer
+        let drop: Vec<PeerKey> = peer
             .parents
             .iter()
             .copied()
             .filter(|k| {
                 self.peers
                     .get(k)
-                    .is_some_and(|p| !peer.bad_hosts.contains(&p.host.id))
+                    .is_none_or(|p| peer.bad_hosts.contains(&p.host.id))
             })
             .collect();
+        for parent in drop {
+            self.unlink(key, parent);
+        }
+    }
+
+    fn reschedule(&mut self, key: PeerKey, request: RescheduleRequest, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        peer.reschedules += 1;
+        info!(peer_id = %peer.peer_id, bad = ?request.bad_parent_host_ids, reason = %request.reason, reschedules = peer.reschedules, "reschedule");
+        let over_limit = peer.reschedules > self.config.retry_limit && peer.wants_parents();
         let task_id = peer.task_id.clone();
-        let metadata_known = self
-            .tasks
-            .get(&task_id)
-            .is_some_and(|t| t.metadata.is_some());
-        if let Some(peer) = self.peers.get_mut(&key) {
-            peer.parents = keep;
-            if !metadata_known {
-                peer.waiting = true;
-            }
+        self.block_hosts(key, request.bad_parent_host_ids);
+        let Some(task) = self.tasks.get(&task_id) else {
+            return;
+        };
+        let metadata_known = task.metadata.is_some();
+        if over_limit && task.back_to_source < self.config.back_to_source_limit {
+            self.send_back_to_source(key, REASON_RETRY_LIMIT, out);
+            return;
         }
         if metadata_known {
-            self.schedule(key, None, out);
+            self.schedule(key, out);
         } else {
+            if let Some(p) = self.peers.get_mut(&key) {
+                p.waiting = true;
+            }
+            self.sync(key, out);
             self.ensure_source(&task_id, Some(key), out);
         }
     }
@@ -584,8 +832,6 @@ impl SchedulerState {
         let Some(task) = self.tasks.get_mut(&peer.task_id) else {
             return;
         };
-        let metadata_known = task.metadata.is_some();
-        let could_serve = peer.can_serve(metadata_known);
         peer.done = true;
         peer.waiting = false;
         if task.trigger.as_ref().is_some_and(|t| t.peer == Some(key)) {
@@ -597,27 +843,44 @@ impl SchedulerState {
             content_length = finished.content_length,
             "peer finished"
         );
-        if !metadata_known {
+        if task.metadata.is_none() {
             warn!(task_id = %peer.task_id, "peer finished but nobody reported the task's metadata");
-        } else if !could_serve {
-            self.push_parent(key, out);
         }
+        // A finished peer downloads nothing more: its parents' slots are free again.
+        let parents: Vec<PeerKey> = peer.parents.iter().copied().collect();
+        for parent in parents {
+            self.unlink(key, parent);
+        }
+        self.sync(key, out);
     }
 
     /// Forgets a peer. If it was fetching the task from the origin for everyone (the source
     /// of a task of unknown size, or the triggered seed), someone else must take over.
     fn remove_peer(&mut self, key: PeerKey, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get(&key) else {
+            return;
+        };
+        let parents: Vec<PeerKey> = peer.parents.iter().copied().collect();
+        let children: Vec<PeerKey> = peer.children.iter().copied().collect();
+        for parent in parents {
+            self.unlink(key, parent);
+        }
+        for child in &children {
+            self.unlink(*child, key);
+        }
         let Some(peer) = self.peers.remove(&key) else {
             return;
         };
+        self.host_unref(&peer.host.id);
         let Some(task) = self.tasks.get_mut(&peer.task_id) else {
             return;
         };
         task.peers.remove(&key);
-        for k in &task.peers {
-            if let Some(p) = self.peers.get_mut(k) {
-                p.parents.remove(&key);
-            }
+        task.servers.remove(&key);
+        task.hungry.remove(&key);
+        task.waiting.remove(&key);
+        if task.by_peer_id.get(&peer.peer_id) == Some(&key) {
+            task.by_peer_id.remove(&peer.peer_id);
         }
         debug!(task_id = %peer.task_id, peer_id = %peer.peer_id, done = peer.done, "peer left");
         if task.peers.is_empty() {
@@ -632,6 +895,9 @@ impl SchedulerState {
         }
         if was_trigger {
             task.trigger = None;
+        }
+        for child in children {
+            self.sync(child, out);
         }
         if lost_source {
             warn!(task_id = %peer.task_id, host_id = %peer.host.id, "source peer left before finishing");
@@ -648,18 +914,14 @@ impl SchedulerState {
         if task.trigger.is_some() {
             return;
         }
-        let members = || {
-            task.peers
-                .iter()
-                .filter_map(|k| self.peers.get(k).map(|p| (*k, p)))
-        };
-        if members().any(|(_, p)| p.source && !p.done) {
+        let members = || task.peers.iter().filter_map(|k| self.peers.get(k));
+        if members().any(|p| p.source && !p.done) {
             return;
         }
-        if task.metadata.is_some() && members().any(|(_, p)| p.done) {
+        if task.metadata.is_some() && members().any(|p| p.done) {
             return;
         }
-        if !members().any(|(_, p)| p.wants_parents()) {
+        if !members().any(|p| p.wants_parents()) {
             return;
         }
         let waiting = |k: &PeerKey| {
@@ -667,9 +929,11 @@ impl SchedulerState {
                 .get(k)
                 .is_some_and(|p| p.waiting && p.wants_parents())
         };
-        let fallback = requester
-            .filter(waiting)
-            .or_else(|| task.peers.iter().copied().find(waiting));
+        let fallback = requester.filter(waiting).or_else(|| {
+            let mut w: Vec<PeerKey> = task.waiting.iter().copied().filter(waiting).collect();
+            w.sort();
+            w.first().copied()
+        });
 
         let seed = self
             .hosts
@@ -704,10 +968,16 @@ impl SchedulerState {
         }
     }
 
-    /// Sends `child` candidate parents (preferring `prefer`), or back to the origin if none
-    /// is eligible and the task's back-to-source budget allows, or leaves it waiting.
-    fn schedule(&mut self, child: PeerKey, prefer: Option<PeerKey>, out: &mut Vec<Output>) {
-        let parents = self.rank_parents(child, prefer);
+    /// Sends `child` new candidate parents; with none, its current ones again; with none at
+    /// all, back to the origin if the task's budget allows, else it waits.
+    fn schedule(&mut self, child: PeerKey, out: &mut Vec<Output>) {
+        let mut parents = self.rank_parents(child);
+        if parents.is_empty() {
+            if let Some(p) = self.peers.get(&child) {
+                parents = p.parents.iter().copied().collect();
+                parents.sort();
+            }
+        }
         if !parents.is_empty() {
             self.send_parents(child, &parents, out);
             return;
@@ -724,56 +994,152 @@ impl SchedulerState {
         } else {
             debug!(peer_id = %peer.peer_id, "no parent and back-to-source budget spent; waiting");
             peer.waiting = true;
+            self.sync(child, out);
         }
     }
 
-    /// Eligible parents of `child`, best first, at most `candidate_parent_limit`.
-    ///
-    /// Order: parents not yet given to `child`; then `prefer`; then done peers and seed peers;
-    /// then more finished pieces; random tie-break.
-    fn rank_parents(&mut self, child: PeerKey, prefer: Option<PeerKey>) -> Vec<PeerKey> {
+    /// Upload slots of a peer.
+    fn slots(&self, peer: &Peer) -> usize {
+        if is_seed(&peer.host) {
+            self.config.seed_upload_slots
+        } else {
+            self.config.normal_upload_slots
+        }
+    }
+
+    /// Whether `parent` may be given to `child` now.
+    fn eligible(&self, child: PeerKey, parent: PeerKey) -> bool {
+        if child == parent {
+            return false;
+        }
+        let (Some(c), Some(p)) = (self.peers.get(&child), self.peers.get(&parent)) else {
+            return false;
+        };
+        let metadata_known = self
+            .tasks
+            .get(&c.task_id)
+            .is_some_and(|t| t.metadata.is_some());
+        if c.task_id != p.task_id
+            || p.host.id == c.host.id
+            || c.bad_hosts.contains(&p.host.id)
+            || c.parents.contains(&parent)
+            || !p.can_serve(metadata_known)
+            || p.children.len() >= self.slots(p)
+            || self
+                .host_stats
+                .get(&p.host.id)
+                .is_some_and(|s| s.costs.is_slow())
+        {
+            return false;
+        }
+        !(self.config.dag && self.is_ancestor(child, parent))
+    }
+
+    /// Whether `ancestor` can be reached from `of` through parent edges (or the search is too
+    /// large to tell, which counts as yes).
+    fn is_ancestor(&self, ancestor: PeerKey, of: PeerKey) -> bool {
+        let mut seen: HashSet<PeerKey> = HashSet::new();
+        let mut stack = vec![of];
+        while let Some(k) = stack.pop() {
+            if k == ancestor {
+                return true;
+            }
+            if !seen.insert(k) {
+                continue;
+            }
+            if seen.len() > DAG_SEARCH_LIMIT {
+                return true;
+            }
+            if let Some(p) = self.peers.get(&k) {
+                stack.extend(p.parents.iter().copied());
+            }
+        }
+        false
+    }
+
+    fn view<'a>(&'a self, peer: &'a Peer) -> ParentView<'a> {
+        ParentView {
+            host: &peer.host,
+            children: peer.children.len(),
+            slots: self.slots(peer),
+            fetching_from_origin: peer.source && !peer.done,
+            measured_rate: self
+                .host_stats
+                .get(&peer.host.id)
+                .and_then(|s| s.costs.rate()),
+        }
+    }
+
+    /// New parents for `child`, best first: a random sample of `filter_parent_limit` serving
+    /// peers (resampled a few times if too few pass the filter), filtered by [`Self::eligible`],
+    /// ordered by score; at most `candidate_parent_limit`, and no more than `parent_limit`
+    /// parents in total.
+    fn rank_parents(&mut self, child: PeerKey) -> Vec<PeerKey> {
         let Some(peer) = self.peers.get(&child) else {
             return Vec::new();
         };
         let Some(task) = self.tasks.get(&peer.task_id) else {
             return Vec::new();
         };
-        let metadata_known = task.metadata.is_some();
-        if !metadata_known {
+        if task.metadata.is_none() {
             return Vec::new();
         }
-        let mut ranked = Vec::new();
-        for &k in &task.peers {
-            let Some(candidate) = self.peers.get(&k) else {
-                continue;
-            };
-            if k == child
-                || candidate.host.id == peer.host.id
-                || peer.bad_hosts.contains(&candidate.host.id)
-                || !candidate.can_serve(metadata_known)
-            {
-                continue;
-            }
-            let given = peer.parents.contains(&k);
-            let tier = if Some(k) == prefer {
-                0u8
-            } else if candidate.done || is_seed(&candidate.host) {
-                1
-            } else {
-                2
-            };
-            let tie: u64 = self.rng.random();
-            ranked.push((given, tier, Reverse(candidate.pieces.count()), tie, k));
+        let want = self
+            .config
+            .candidate_parent_limit
+            .min(self.config.parent_limit.saturating_sub(peer.parents.len()));
+        if want == 0 {
+            return Vec::new();
         }
-        ranked.sort_unstable();
-        ranked
-            .into_iter()
-            .take(self.config.candidate_parent_limit)
-            .map(|(.., k)| k)
-            .collect()
+        let filter = self.config.filter_parent_limit;
+        let mut seen: HashSet<PeerKey> = HashSet::new();
+        let mut candidates: Vec<(f64, PeerKey)> = Vec::new();
+        for _round in 0..4 {
+            for k in task.servers.sample(filter, &mut self.rng) {
+                if !seen.insert(k) || !self.eligible(child, k) {
+                    continue;
+                }
+                if let Some(p) = self.peers.get(&k) {
+                    let s = evaluator::score(
+                        &self.config.weights,
+                        self.config.bandwidth_reference,
+                        &peer.host,
+                        &self.view(p),
+                    );
+                    candidates.push((s, k));
+                }
+            }
+            if candidates.len() >= want.min(filter) || seen.len() >= task.servers.len() {
+                break;
+            }
+        }
+        // Stable sort: equal scores keep the random sampling order.
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+        candidates.truncate(want);
+        candidates.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// Sends `parents` to `child` as `CandidateParents` and records them as given.
+    /// Links `child` to `parent`.
+    fn link(&mut self, child: PeerKey, parent: PeerKey) {
+        if let Some(c) = self.peers.get_mut(&child) {
+            c.parents.insert(parent);
+        }
+        if let Some(p) = self.peers.get_mut(&parent) {
+            p.children.insert(child);
+        }
+    }
+
+    /// Removes the edge `child` → `parent`.
+    fn unlink(&mut self, child: PeerKey, parent: PeerKey) {
+        if let Some(c) = self.peers.get_mut(&child) {
+            c.parents.remove(&parent);
+        }
+        if let Some(p) = self.peers.get_mut(&parent) {
+            p.children.remove(&child);
+        }
+    }
+
+    /// Sends `parents` to `child` as `CandidateParents` and records the edges.
     fn send_parents(&mut self, child: PeerKey, parents: &[PeerKey], out: &mut Vec<Output>) {
         let messages: Vec<Parent> = parents
             .iter()
@@ -786,6 +1152,9 @@ impl SchedulerState {
                 r#type: p.host.r#type,
             })
             .collect();
+        for parent in parents {
+            self.link(child, *parent);
+        }
         let Some(peer) = self.peers.get_mut(&child) else {
             return;
         };
@@ -793,8 +1162,8 @@ impl SchedulerState {
             .tasks
             .get(&peer.task_id)
             .and_then(Task::metadata_message);
-        peer.parents.extend(parents.iter().copied());
         peer.waiting = false;
+        peer.scheduled = true;
         debug!(
             peer_id = %peer.peer_id,
             parents = ?messages.iter().map(|p| &p.host_id).collect::<Vec<_>>(),
@@ -809,6 +1178,7 @@ impl SchedulerState {
                 },
             )),
         });
+        self.sync(child, out);
     }
 
     /// `NeedBackToSource` to `child`, which becomes a source peer; counts toward the limit.
@@ -830,35 +1200,63 @@ impl SchedulerState {
                 },
             )),
         });
+        let parents: Vec<PeerKey> = self
+            .peers
+            .get(&child)
+            .map(|p| p.parents.iter().copied().collect())
+            .unwrap_or_default();
+        for parent in parents {
+            self.unlink(child, parent);
+        }
+        self.sync(child, out);
     }
 
-    /// `parent` just became able to serve: offer it to every other peer of the task that
-    /// still wants parents, has room for one more and does not have it yet.
-    fn push_parent(&mut self, parent: PeerKey, out: &mut Vec<Output>) {
-        let Some(p) = self.peers.get(&parent) else {
+    /// `server` just became able to serve: offer it to up to `candidate_parent_limit` peers
+    /// that have fewer than `parent_limit` parents; then (outside a batch) schedule peers that were
+    /// waiting for any parent.
+    fn became_server(&mut self, server: PeerKey, out: &mut Vec<Output>) {
+        let Some(p) = self.peers.get(&server) else {
             return;
         };
-        let Some(task) = self.tasks.get(&p.task_id) else {
+        let task_id = p.task_id.clone();
+        let Some(task) = self.tasks.get(&task_id) else {
             return;
         };
-        let limit = self.config.parent_limit;
+        let limit = self.config.candidate_parent_limit;
         let targets: Vec<PeerKey> = task
-            .peers
-            .iter()
-            .copied()
-            .filter(|k| *k != parent)
-            .filter(|k| {
-                self.peers.get(k).is_some_and(|q| {
-                    q.wants_parents()
-                        && q.host.id != p.host.id
-                        && q.parents.len() < limit
-                        && !q.parents.contains(&parent)
-                        && !q.bad_hosts.contains(&p.host.id)
-                })
-            })
+            .hungry
+            .sample(limit * 4, &mut self.rng)
+            .into_iter()
+            .filter(|k| self.eligible(*k, server))
+            .take(limit)
             .collect();
         for target in targets {
-            self.send_parents(target, &[parent], out);
+            if self.eligible(target, server) {
+                self.send_parents(target, &[server], out);
+            }
         }
+        if self.in_batch {
+            return;
+        }
+        let Some(task) = self.tasks.get(&task_id) else {
+            return;
+        };
+        if task.metadata.is_none() || task.waiting.is_empty() {
+            return;
+        }
+        let mut waiting: Vec<PeerKey> = task.waiting.iter().copied().collect();
+        waiting.sort();
+        self.in_batch = true;
+        for k in waiting {
+            let usable = self.eligible(k, server)
+                && self
+                    .peers
+                    .get(&k)
+                    .is_some_and(|p| p.waiting && p.wants_parents());
+            if usable {
+                self.schedule(k, out);
+            }
+        }
+        self.in_batch = false;
     }
 }

@@ -185,14 +185,20 @@ fn waiting_peers_get_parents_when_metadata_arrives() {
     let (s, out) = sim.register_seed_peer("seed-peer", "seed-a");
     assert!(out.is_empty(), "{out:?}");
 
+    // Metadata: a (first in line) gets the seed; b gets the seed and a (a fetches now, so
+    // it can serve b as soon as it has pieces); a is then offered b as well.
     let out = sim.meta(s, 10 << 20);
-    assert_eq!(parents_to(&out, a), vec!["seed-a"]);
-    assert_eq!(parents_to(&out, b), vec!["seed-a"]);
+    assert_eq!(parents_to(&out, a), vec!["seed-a", "host-b"]);
+    let mut got_b = parents_to(&out, b);
+    got_b.sort();
+    assert_eq!(got_b, vec!["host-a", "seed-a"]);
     assert!(parents_to(&out, s).is_empty());
 
-    // A later peer is answered at once.
+    // A later peer is answered at once, with the seed (running, preferred) first.
     let (c, out) = sim.register("peer-c", "host-c", false);
-    assert_eq!(parents_to(&out, c), vec!["seed-a"]);
+    let got = parents_to(&out, c);
+    assert_eq!(got.first().map(String::as_str), Some("seed-a"), "{got:?}");
+    assert_eq!(got.len(), 3);
 
     let info = sim.st.stat_task(TASK).unwrap();
     assert_eq!(info.piece_count, 10);
@@ -315,64 +321,28 @@ fn source_leaving_before_metadata_hands_over() {
 }
 
 #[test]
-fn parents_hold_pieces_or_are_source_peers() {
+fn parents_are_serving_peers_on_other_hosts() {
     let mut sim = Sim::new();
     let (src, _) = sim.register("src", "host-src", true);
     sim.meta(src, 8 << 20);
     // Registered after the metadata: gets the source peer only.
-    let (empty, out) = sim.register("empty", "host-empty", false);
-    assert_eq!(parents_to(&out, empty), vec!["host-src"]);
-    // A peer on the same host as the holder cannot use it.
+    let (a, out) = sim.register("a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["host-src"]);
+    // A peer on the same host as the only other servers' hosts... has a as a parent.
     let (same_host, out) = sim.register("same", "host-src", false);
-    assert!(parents_to(&out, same_host).is_empty());
-    assert_eq!(
-        back_to_source(&out, same_host).as_deref(),
-        Some(REASON_NO_PARENT)
-    );
-
-    // `empty` has no piece: not a parent. Once it has one, it is.
-    let (x, out) = sim.register("x", "host-x", false);
-    let got = parents_to(&out, x);
-    assert!(!got.contains(&"host-empty".to_owned()), "{got:?}");
-    sim.piece(empty, 3);
-    let (y, out) = sim.register("y", "host-y", false);
-    let got = parents_to(&out, y);
-    assert!(got.contains(&"host-empty".to_owned()), "{got:?}");
-    assert!(got.contains(&"host-src".to_owned()), "{got:?}");
-    // The peer that went back to source (same host) is a source peer now: eligible too.
-    assert!(got.len() <= 4);
+    assert_eq!(parents_to(&out, same_host), vec!["host-a"]);
+    // A peer alone with peers of its own host: back to source.
+    let (lonely, out) = sim.register_task("t2", "x", "host-x", false, true);
+    sim.meta(lonely, 1 << 20);
+    let (y, out2) = sim.register_task("t2", "y", "host-x", false, false);
+    assert!(out.is_empty());
+    assert_eq!(back_to_source(&out2, y).as_deref(), Some(REASON_NO_PARENT));
 }
 
 #[test]
-fn a_peer_gets_several_parents_best_first() {
-    let mut sim = Sim::new();
-    let (src, _) = sim.register("src", "host-src", true);
-    sim.meta(src, 16 << 20);
-    let mut holders = Vec::new();
-    for i in 0..6 {
-        let (k, _) = sim.register(&format!("p{i}"), &format!("h{i}"), false);
-        for n in 0..=i {
-            sim.piece(k, n);
-        }
-        holders.push(k);
-    }
-    let (done, _) = sim.register("done", "h-done", false);
-    sim.send(
-        done,
-        Request::Finished(PeerFinished {
-            content_length: 16 << 20,
-        }),
-    );
-    let (c, out) = sim.register("child", "h-child", false);
-    let got = parents_to(&out, c);
-    assert_eq!(got.len(), 4, "{got:?}");
-    // Done peer first, then most pieces.
-    assert_eq!(got, vec!["h-done", "h5", "h4", "h3"]);
-}
-
-#[test]
-fn first_piece_is_pushed_to_peers_with_room() {
+fn new_peers_are_pushed_to_peers_short_of_parents() {
     let mut sim = Sim::with(SchedulingConfig {
+        candidate_parent_limit: 2,
         parent_limit: 2,
         ..SchedulingConfig::default()
     });
@@ -380,35 +350,226 @@ fn first_piece_is_pushed_to_peers_with_room() {
     sim.meta(src, 8 << 20);
     let (a, out) = sim.register("a", "host-a", false);
     assert_eq!(parents_to(&out, a), vec!["host-src"]);
+    // b takes src and a; b is pushed to a (which had one parent of two).
     let (b, out) = sim.register("b", "host-b", false);
-    assert_eq!(parents_to(&out, b), vec!["host-src"]);
-    let (b2, out) = sim.register("b2", "host-b", false);
-    assert_eq!(parents_to(&out, b2), vec!["host-src"]);
-
-    // a's first piece: pushed to b and b2 (not to the source peer, not to a itself).
-    let out = sim.piece(a, 0);
-    assert_eq!(parents_to(&out, b), vec!["host-a"]);
-    assert_eq!(parents_to(&out, b2), vec!["host-a"]);
-    assert!(parents_to(&out, src).is_empty());
-    assert!(parents_to(&out, a).is_empty());
-    // Second piece: nothing new.
-    assert!(sim.piece(a, 1).is_empty());
-
-    // b's first piece goes to a (room: 1 parent of 2) but not to b2 (same host).
-    let out = sim.piece(b, 0);
+    assert_eq!(parents_to(&out, b).len(), 2);
     assert_eq!(parents_to(&out, a), vec!["host-b"]);
-    assert!(parents_to(&out, b2).is_empty());
+    // Everyone has parent_limit parents now: c is pushed to nobody.
+    let (c, out) = sim.register("c", "host-c", false);
+    assert_eq!(parents_to(&out, c).len(), 2);
+    assert!(out
+        .iter()
+        .all(|o| matches!(o, Output::Peer { peer, .. } if *peer == c)));
+}
 
-    // c gets parents; then d's first piece: a is full (2 parents), c has room.
-    let (c, _) = sim.register("c", "host-c", false);
-    let (d, _) = sim.register("d", "host-d", false);
-    let out = sim.piece(d, 0);
-    assert!(parents_to(&out, a).is_empty());
-    assert!(parents_to(&out, b).is_empty(), "b is full too");
-    assert!(parents_to(&out, c).is_empty() || parents_to(&out, c) == vec!["host-d"]);
-    // Never the same parent twice.
-    let out = sim.piece(d, 1);
-    assert!(out.is_empty());
+#[test]
+fn a_peer_gets_several_parents_best_first() {
+    let mut sim = Sim::with(SchedulingConfig {
+        candidate_parent_limit: 1,
+        normal_upload_slots: 4,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 16 << 20);
+    let (busy, _) = sim.register("busy", "h-busy", false);
+    // Three children of busy (pushed or chosen), then a child that must pick between src
+    // (1 child of 20 slots... normal host: 4 slots) and the others by load.
+    for i in 0..3 {
+        let (k, _) = sim.register(&format!("c{i}"), &format!("hc{i}"), false);
+        let _ = k;
+    }
+    let load = |sim: &Sim, host: &str| {
+        sim.st
+            .peers
+            .values()
+            .find(|p| p.host.id == host)
+            .map(|p| p.children.len())
+            .unwrap()
+    };
+    let (x, out) = sim.register("x", "h-x", false);
+    let got = parents_to(&out, x);
+    assert_eq!(got.len(), 1);
+    // The chosen parent had the least load among those of equal type.
+    let chosen = load(&sim, &got[0]) - 1;
+    for h in ["h-busy", "hc0", "hc1", "hc2"] {
+        if h != got[0] {
+            assert!(
+                load(&sim, h) >= chosen,
+                "{h} was less loaded than {}",
+                got[0]
+            );
+        }
+    }
+    let _ = busy;
+}
+
+#[test]
+fn upload_slots_are_never_exceeded() {
+    let mut sim = Sim::with(SchedulingConfig {
+        normal_upload_slots: 2,
+        seed_upload_slots: 3,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register_seed_peer("src", "seed");
+    sim.meta(src, 16 << 20);
+    for i in 0..30 {
+        sim.register(&format!("p{i}"), &format!("h{i}"), false);
+    }
+    for p in sim.st.peers.values() {
+        let slots = if is_seed(&p.host) { 3 } else { 2 };
+        assert!(
+            p.children.len() <= slots,
+            "{} has {}",
+            p.host.id,
+            p.children.len()
+        );
+    }
+}
+
+#[test]
+fn failed_pieces_block_the_parent_for_that_peer_only() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    let (a, _) = sim.register("a", "host-a", false);
+    let (b, out) = sim.register("b", "host-b", false);
+    assert!(parents_to(&out, b).contains(&"host-src".to_owned()));
+    sim.send(
+        b,
+        Request::PieceFailed(PieceFailed {
+            number: 0,
+            parent_host_id: "host-src".to_owned(),
+            reason: "corrupt".to_owned(),
+        }),
+    );
+    assert!(!sim.st.peers[&b].parents.contains(&src));
+    assert!(sim.st.peers[&a].parents.contains(&src));
+    // A reschedule never brings the blocked parent back.
+    let out = sim.send(b, Request::Reschedule(RescheduleRequest::default()));
+    assert!(!parents_to(&out, b).contains(&"host-src".to_owned()));
+}
+
+#[test]
+fn slow_parents_are_not_offered() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 64 << 20);
+    let (a, _) = sim.register("a", "host-a", false);
+    for n in 0..5 {
+        sim.send(
+            a,
+            Request::PieceFinished(PieceFinished {
+                number: n,
+                length: 1 << 20,
+                parent_host_id: "host-src".to_owned(),
+                cost_us: 1000,
+                ..PieceFinished::default()
+            }),
+        );
+    }
+    let (b, out) = sim.register("b", "host-b", false);
+    assert!(parents_to(&out, b).contains(&"host-src".to_owned()));
+    // 100x slower than its mean: bad while the window is small.
+    sim.send(
+        a,
+        Request::PieceFinished(PieceFinished {
+            number: 9,
+            length: 1 << 20,
+            parent_host_id: "host-src".to_owned(),
+            cost_us: 100_000,
+            ..PieceFinished::default()
+        }),
+    );
+    let (c, out) = sim.register("c", "host-c", false);
+    assert!(!parents_to(&out, c).contains(&"host-src".to_owned()));
+}
+
+#[test]
+fn reschedule_limit_sends_back_to_source() {
+    let mut sim = Sim::with(SchedulingConfig {
+        retry_limit: 2,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 8 << 20);
+    let (a, _) = sim.register("a", "host-a", false);
+    for _ in 0..2 {
+        let out = sim.send(a, Request::Reschedule(RescheduleRequest::default()));
+        assert!(back_to_source(&out, a).is_none());
+        assert!(!parents_to(&out, a).is_empty());
+    }
+    let out = sim.send(a, Request::Reschedule(RescheduleRequest::default()));
+    assert_eq!(back_to_source(&out, a).as_deref(), Some(REASON_RETRY_LIMIT));
+}
+
+#[test]
+fn announced_task_serves_peers_and_shows_in_stat() {
+    let mut sim = Sim::new();
+    let host_key = sim.announce("cache-host", false);
+    // A peer waits for the task (no seed: it would go back to source... so announce first).
+    let k = PeerKey(sim.key());
+    let req = AnnounceTaskRequest {
+        task_id: TASK.to_owned(),
+        peer_id: "imported".to_owned(),
+        host: Some(host("cache-host", false)),
+        metadata: Some(metadata(3 << 20)),
+        piece_count: 3,
+    };
+    let bad = AnnounceTaskRequest {
+        piece_count: 4,
+        ..req.clone()
+    };
+    assert!(matches!(
+        sim.st.announce_task(PeerKey(999), bad),
+        Err(InvalidRequest::InvalidMetadata(_))
+    ));
+    assert!(sim.st.announce_task(k, req).unwrap().is_empty());
+    let info = sim.st.stat_task(TASK).unwrap();
+    assert_eq!(info.piece_count, 3);
+    assert_eq!(info.peers.len(), 1);
+    assert!(info.peers[0].done);
+    assert_eq!(info.peers[0].finished_pieces, 3);
+    // A one-piece-or-more task is served P2P in one round trip.
+    let (a, out) = sim.register("a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["cache-host"]);
+    // Conflicting metadata is refused.
+    let conflict = AnnounceTaskRequest {
+        task_id: TASK.to_owned(),
+        peer_id: "other".to_owned(),
+        host: Some(host("h2", false)),
+        metadata: Some(metadata(5 << 20)),
+        piece_count: 5,
+    };
+    assert_eq!(
+        sim.st.announce_task(PeerKey(1000), conflict),
+        Err(InvalidRequest::ConflictingMetadata)
+    );
+    // The host leaves: the announced peer is withdrawn.
+    sim.st.host_left(host_key);
+    let info = sim.st.stat_task(TASK).unwrap();
+    assert_eq!(info.peers.len(), 1);
+    assert_eq!(info.peers[0].peer_id, "a");
+}
+
+#[test]
+fn announced_task_wakes_waiting_peers() {
+    let mut sim = Sim::new();
+    let _seed = sim.announce("seed-a", true);
+    let (a, _) = sim.register("a", "host-a", false);
+    let out = sim
+        .st
+        .announce_task(
+            PeerKey(500),
+            AnnounceTaskRequest {
+                task_id: TASK.to_owned(),
+                peer_id: "imported".to_owned(),
+                host: Some(host("cache-host", false)),
+                metadata: Some(metadata(1 << 20)),
+                piece_count: 1,
+            },
+        )
+        .unwrap();
+    assert_eq!(parents_to(&out, a), vec!["cache-host"]);
 }
 
 #[test]
@@ -471,10 +632,10 @@ fn back_to_source_budget_then_wait_for_a_parent() {
     // ...the second waits (budget spent).
     let (c, out) = sim.register("c", "shared", false);
     assert!(out.is_empty(), "{out:?}");
-    // A peer elsewhere gets its first piece: c is offered it.
+    // A peer elsewhere is scheduled: it can serve, so c gets it at once.
     let (d, out) = sim.register("d", "other", false);
-    assert_eq!(parents_to(&out, d).len(), 2);
-    let out = sim.piece(d, 0);
+    // src and b (a source peer now): both on "shared".
+    assert_eq!(parents_to(&out, d)[..2], ["shared", "shared"]);
     assert_eq!(parents_to(&out, c), vec!["other"]);
 }
 
@@ -581,22 +742,55 @@ fn tasks_are_forgotten_when_their_last_peer_leaves() {
 }
 
 #[test]
-fn leaving_parents_free_room_for_new_ones() {
+fn leaving_parents_free_slots_for_new_children() {
     let mut sim = Sim::with(SchedulingConfig {
-        parent_limit: 1,
+        seed_upload_slots: 1,
+        normal_upload_slots: 1,
+        candidate_parent_limit: 1,
         ..SchedulingConfig::default()
     });
-    let (src, _) = sim.register("src", "host-src", true);
+    let (src, _) = sim.register_seed_peer("src", "seed");
     sim.meta(src, 8 << 20);
     let (a, out) = sim.register("a", "host-a", false);
-    assert_eq!(parents_to(&out, a), vec!["host-src"]);
-    let (b, _) = sim.register("b", "host-b", false);
-    // a is full: b's first piece is not pushed to it...
-    assert!(parents_to(&sim.piece(b, 0), a).is_empty());
-    // ...until its parent leaves.
-    sim.st.peer_left(src);
-    let (c, _) = sim.register("c", "host-c", false);
-    assert_eq!(parents_to(&sim.piece(c, 0), a), vec!["host-c"]);
+    assert_eq!(parents_to(&out, a), vec!["seed"]);
+    let (b, out) = sim.register("b", "host-b", false);
+    assert_eq!(parents_to(&out, b), vec!["host-a"], "seed is full");
+    // a finishes: the seed's slot is free again.
+    sim.send(a, Request::Finished(PeerFinished::default()));
+    assert!(sim.st.peers[&src].children.is_empty());
+    let (c, out) = sim.register("c", "host-c", false);
+    assert_eq!(parents_to(&out, c), vec!["seed"]);
+    // b's parent a leaves: a's children lose the edge.
+    sim.st.peer_left(a);
+    assert!(!sim.st.peers[&b].parents.contains(&a));
+    assert!(sim.st.peers.values().all(|p| !p.children.contains(&a)));
+}
+
+/// Whether the parent edges over all peers form a DAG (Kahn's algorithm).
+fn acyclic(st: &SchedulerState) -> bool {
+    let mut indegree: HashMap<PeerKey, usize> = st
+        .peers
+        .iter()
+        .map(|(k, p)| (*k, p.parents.len()))
+        .collect();
+    let mut ready: Vec<PeerKey> = indegree
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let mut seen = 0;
+    while let Some(k) = ready.pop() {
+        seen += 1;
+        for c in &st.peers[&k].children {
+            if let Some(d) = indegree.get_mut(c) {
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(*c);
+                }
+            }
+        }
+    }
+    seen == st.peers.len()
 }
 
 /// One step of the random walk below.
@@ -636,8 +830,8 @@ proptest! {
     /// Whatever peers do, the state never panics, never offers a peer a parent on its own
     /// host or one it called bad, never exceeds the limits, and sends metadata with parents.
     #[test]
-    fn random_swarms_keep_invariants(ops in proptest::collection::vec(op(), 1..80)) {
-        let config = SchedulingConfig { candidate_parent_limit: 2, parent_limit: 3, back_to_source_limit: 2 };
+    fn random_swarms_keep_invariants(ops in proptest::collection::vec(op(), 1..80), dag in any::<bool>()) {
+        let config = SchedulingConfig { candidate_parent_limit: 2, parent_limit: 3, back_to_source_limit: 2, dag, ..SchedulingConfig::default() };
         let mut sim = Sim::with(config.clone());
         let mut hosts: Vec<HostKey> = Vec::new();
         let mut peers: Vec<PeerKey> = Vec::new();
@@ -677,15 +871,25 @@ proptest! {
                 if let Output::Peer { peer, response: AnnouncePeerResponse { response: Some(announce_peer_response::Response::CandidateParents(c)) } } = o {
                     prop_assert!(c.metadata.is_some());
                     prop_assert!(!c.parents.is_empty());
-                    prop_assert!(c.parents.len() <= config.candidate_parent_limit);
+                    prop_assert!(c.parents.len() <= config.candidate_parent_limit.max(config.parent_limit));
                     for p in &c.parents {
                         prop_assert_ne!(Some(&p.host_id), host_of.get(peer));
                         prop_assert!(!bad.get(peer).is_some_and(|b| b.contains(&p.host_id)));
                     }
                 }
             }
-            for p in sim.st.peers.values() {
+            for (k, p) in &sim.st.peers {
                 prop_assert!(p.parents.len() <= config.parent_limit.max(config.candidate_parent_limit) + config.candidate_parent_limit);
+                prop_assert!(p.children.len() <= sim.st.slots(p));
+                for c in &p.children {
+                    prop_assert!(sim.st.peers[c].parents.contains(k), "edge bookkeeping");
+                }
+                for q in &p.parents {
+                    prop_assert!(sim.st.peers[q].children.contains(k), "edge bookkeeping");
+                }
+            }
+            if dag {
+                prop_assert!(acyclic(&sim.st), "a parent edge closed a cycle");
             }
             for t in sim.st.tasks.values() {
                 prop_assert!(!t.peers.is_empty());

@@ -1,0 +1,203 @@
+//! `loadgen`: Damselfly benchmarks. `loadgen simulate` drives a real scheduler process with
+//! thousands of virtual peers over gRPC and a flow-level model of their links.
+
+mod client;
+mod flow;
+mod report;
+mod sim;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use rand::seq::SliceRandom as _;
+use rand::SeedableRng as _;
+
+/// Damselfly load generator.
+#[derive(Debug, Parser)]
+#[command(name = "loadgen", version)]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Simulate a burst: N virtual peers fetch one task through a real scheduler.
+    Simulate(Simulate),
+}
+
+/// Options of `loadgen simulate`.
+#[derive(Debug, clap::Args)]
+struct Simulate {
+    /// Virtual peers (the seed peer comes on top).
+    #[arg(long, default_value_t = 10_000)]
+    peers: usize,
+    /// Task size in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Piece length in MiB (4 MiB: Dragonfly's rule for 1 GiB, 256 pieces).
+    #[arg(long, default_value_t = 4)]
+    piece_mib: u64,
+    /// Up and down rate of every peer, Mbit/s (ignored with --mixed).
+    #[arg(long, default_value_t = 100.0)]
+    host_mbit: f64,
+    /// Origin upload rate, Mbit/s (the seed peer's links run at this rate too).
+    #[arg(long, default_value_t = 1000.0)]
+    origin_mbit: f64,
+    /// Mixed fleet: 40% 100 Mbit, 30% 1 Gbit, 20% 50 Mbit, 10% 20 Mbit; three IDCs.
+    #[arg(long)]
+    mixed: bool,
+    /// Virtual time step, milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    step_ms: f64,
+    /// Peers arrive uniformly over this many virtual seconds (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    arrival_s: f64,
+    /// Registrations awaiting an answer at once.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// HTTP/2 connections to the scheduler (peers' streams are spread over them).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Stop after this much virtual time, seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    max_virtual_s: f64,
+    /// Piece choice of the virtual peers: rarest first over the swarm, or random.
+    #[arg(long, value_enum, default_value = "rarest")]
+    piece_choice: PieceChoice,
+    /// Random seed of the simulator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Use a running scheduler instead of starting target/<profile>/scheduler.
+    #[arg(long, value_name = "ADDR")]
+    scheduler: Option<SocketAddr>,
+    /// Scheduler binary to start (default: `scheduler` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    scheduler_bin: Option<PathBuf>,
+    /// YAML configuration for the started scheduler.
+    #[arg(long, value_name = "PATH")]
+    scheduler_config: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+/// How virtual peers choose the next piece from a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PieceChoice {
+    /// Fewest holders (plus transfers in flight) in the whole swarm.
+    Rarest,
+    /// Uniformly random among the pieces the parent has and the peer lacks.
+    Random,
+}
+
+const MBIT: f64 = 125_000.0;
+
+fn params(a: &Simulate) -> sim::Params {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed);
+    let (hosts, placement) = if a.mixed {
+        let mut rates: Vec<f64> = (0..a.peers)
+            .map(|i| match i % 10 {
+                0..=3 => 100.0,
+                4..=6 => 1000.0,
+                7..=8 => 50.0,
+                _ => 20.0,
+            })
+            .collect();
+        rates.shuffle(&mut rng);
+        let hosts = rates
+            .iter()
+            .map(|r| sim::Links {
+                up: r * MBIT,
+                down: r * MBIT,
+            })
+            .collect();
+        let placement = (0..a.peers)
+            .map(|i| {
+                (
+                    format!("idc-{}", i % 3),
+                    format!("cn|r{}|z{}", i % 3, i % 6),
+                )
+            })
+            .collect();
+        (hosts, placement)
+    } else {
+        let l = sim::Links {
+            up: a.host_mbit * MBIT,
+            down: a.host_mbit * MBIT,
+        };
+        (vec![l; a.peers], Vec::new())
+    };
+    sim::Params {
+        size: a.size_mib << 20,
+        piece_length: a.piece_mib << 20,
+        hosts,
+        placement,
+        origin_rate: a.origin_mbit * MBIT,
+        step: a.step_ms / 1e3,
+        arrival: a.arrival_s,
+        window: a.window.max(1),
+        max_time: a.max_virtual_s,
+        seed: a.seed,
+        random_pieces: a.piece_choice == PieceChoice::Random,
+    }
+}
+
+fn simulate(a: Simulate) -> anyhow::Result<()> {
+    if a.peers == 0 || a.size_mib == 0 || a.piece_mib == 0 || a.step_ms <= 0.0 {
+        anyhow::bail!("--peers, --size-mib, --piece-mib and --step-ms must be positive");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let _process;
+    let addr = match a.scheduler {
+        Some(addr) => addr,
+        None => {
+            let bin = match &a.scheduler_bin {
+                Some(b) => b.clone(),
+                None => client::default_scheduler_binary()?,
+            };
+            let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref())?;
+            let addr = p.addr;
+            _process = p;
+            addr
+        }
+    };
+    eprintln!("scheduler at {addr}; simulating {} peers", a.peers);
+    let channels = rt.block_on(client::connect(addr, a.connections))?;
+    let (inbound, events) = std::sync::mpsc::channel();
+    let io = sim::Io {
+        rt: rt.handle().clone(),
+        channels,
+        events,
+        inbound,
+    };
+    let report = sim::run(params(&a), io)?;
+    print!("{}", report.table());
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Cmd::Simulate(s) => simulate(s),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

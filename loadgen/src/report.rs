@@ -1,0 +1,167 @@
+//! The simulation's results: a printed table and JSON.
+
+use serde::Serialize;
+
+/// Percentiles of a sample (infinite values count as "never").
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Percentiles {
+    /// Number of values.
+    pub count: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `values`.
+    pub fn of(mut values: Vec<f64>) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+            values[rank - 1]
+        };
+        Self {
+            count: values.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+/// Everything one simulation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Virtual peers (the seed peer not counted).
+    pub peers: usize,
+    /// Task size in bytes.
+    pub size: u64,
+    /// Piece length in bytes.
+    pub piece_length: u64,
+    /// Pieces of the task.
+    pub pieces: u32,
+    /// Virtual time step.
+    pub step_s: f64,
+    /// Lower bound T* = max(S/u_origin, S/d_min, N·S/(u_origin + Σu_i)).
+    pub t_star_s: f64,
+    /// Completion times of the peers (virtual seconds from the burst's start).
+    pub completion_s: Percentiles,
+    /// Peers that did not finish within the time limit.
+    pub unfinished: usize,
+    /// Wall time from a request that needs an answer (register with the size known) to the
+    /// answer, microseconds.
+    pub decision_latency_us: Percentiles,
+    /// Registrations sent before the size was known: wall time until metadata woke them.
+    pub woken_by_metadata_us: Percentiles,
+    /// PieceFinished messages sent.
+    pub announcements: u64,
+    /// Finished pieces the scheduler counted at the end (StatTask).
+    pub announcements_processed: u64,
+    /// Wall time from the first announcement until the scheduler had processed them all.
+    pub announce_wall_s: f64,
+    /// announcements_processed / announce_wall_s.
+    pub announcements_per_s: f64,
+    /// Bytes fetched from the origin over the task size.
+    pub origin_copies: f64,
+    /// Peers told to go back to the origin.
+    pub back_to_source: u64,
+    /// Parent entries received in CandidateParents.
+    pub parents_received: u64,
+    /// Streams the scheduler ended with an error.
+    pub streams_failed: u64,
+    /// Virtual time simulated.
+    pub virtual_s: f64,
+    /// Wall time of the simulation loop.
+    pub sim_wall_s: f64,
+    /// Wall time of the whole run.
+    pub wall_s: f64,
+}
+
+impl Report {
+    /// Human-readable table.
+    pub fn table(&self) -> String {
+        let c = &self.completion_s;
+        let d = &self.decision_latency_us;
+        let w = &self.woken_by_metadata_us;
+        let ratio = |x: f64| x / self.t_star_s;
+        let mut s = String::new();
+        s += &format!(
+            "peers {}  size {} MiB  piece {} MiB ({} pieces)  step {} ms\n",
+            self.peers,
+            self.size >> 20,
+            self.piece_length >> 20,
+            self.pieces,
+            self.step_s * 1e3
+        );
+        s += &format!("{:<34}{:>12}{:>12}{:>12}\n", "", "p50", "p99", "max");
+        s += &format!(
+            "{:<34}{:>12.1}{:>12.1}{:>12.1}\n",
+            "completion (virtual s)", c.p50, c.p99, c.max
+        );
+        s += &format!(
+            "{:<34}{:>12.3}{:>12.3}{:>12.3}\n",
+            "completion / T*",
+            ratio(c.p50),
+            ratio(c.p99),
+            ratio(c.max)
+        );
+        s += &format!(
+            "{:<34}{:>12.0}{:>12.0}{:>12.0}\n",
+            format!("decision latency (us, n={})", d.count),
+            d.p50,
+            d.p99,
+            d.max
+        );
+        s += &format!(
+            "{:<34}{:>12.0}{:>12.0}{:>12.0}\n",
+            format!("woken by metadata (us, n={})", w.count),
+            w.p50,
+            w.p99,
+            w.max
+        );
+        s += &format!(
+            "T* (virtual s)                    {:>12.1}\n",
+            self.t_star_s
+        );
+        s += &format!(
+            "announcements/s                   {:>12.0}   ({} processed of {} in {:.1} s)\n",
+            self.announcements_per_s,
+            self.announcements_processed,
+            self.announcements,
+            self.announce_wall_s
+        );
+        s += &format!(
+            "origin copies                     {:>12.3}\n",
+            self.origin_copies
+        );
+        s += &format!(
+            "back to source {}  unfinished {}  failed streams {}  parents received {}\n",
+            self.back_to_source, self.unfinished, self.streams_failed, self.parents_received
+        );
+        s += &format!(
+            "virtual {:.1} s simulated in {:.1} s wall ({:.1} s total)\n",
+            self.virtual_s, self.sim_wall_s, self.wall_s
+        );
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert_eq!((p.p50, p.p99, p.max, p.count), (50.0, 99.0, 100.0, 100));
+        let p = Percentiles::of(vec![3.0]);
+        assert_eq!((p.p50, p.p99, p.max), (3.0, 3.0, 3.0));
+        assert_eq!(Percentiles::of(vec![]).count, 0);
+    }
+}
