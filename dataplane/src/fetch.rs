@@ -83,9 +83,6 @@ enum ParentError {
 /// One download on one data-plane thread.
 pub struct Session {
     store: Arc<TaskStore>,
-    /// The task file opened for this thread's runtime (io_uring writes; a dup of the store's
-    /// descriptor).
-    file: monoio::fs::File,
     bridge: Arc<Bridge>,
     counters: Arc<Counters>,
     cfg: FetchConfig,
@@ -115,9 +112,7 @@ impl Session {
         rate_limit: u64,
     ) -> std::io::Result<Rc<Self>> {
         let count = store.layout().piece_count() as usize;
-        let file = monoio::fs::File::from_std(store.file().try_clone()?)?;
         Ok(Rc::new(Self {
-            file,
             store,
             bridge,
             counters,
@@ -212,26 +207,56 @@ impl Session {
         Some(k as u32)
     }
 
-    /// Verifies a received piece and writes it at its offset through the runtime (io_uring
-    /// where available), then marks it stored. The buffer is handed back for reuse.
-    async fn store_piece(
+    /// Receives the `len` raw bytes of piece `n` (at byte `offset`) chunk by chunk, writing
+    /// each chunk at its place while it is still hot in the cache and extending the crc32c as
+    /// it goes; the piece is marked stored only when the whole piece matches `crc`. Bytes of a
+    /// piece that fails the check may sit in the file, but its bit is never set, so they are
+    /// never served. The buffer (one chunk) is handed back for reuse.
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_piece(
         &self,
+        reader: &mut FrameReader,
+        stream: &mut TcpStream,
         n: u32,
-        buf: Vec<u8>,
+        offset: u64,
+        len: u64,
         crc: u32,
-    ) -> (Result<(), StoreError>, Vec<u8>) {
-        if let Err(e) = self.store.verify(n, &buf, crc) {
-            return (Err(e), buf);
+        buf: Vec<u8>,
+    ) -> (Result<(), Received>, Vec<u8>) {
+        let mut buf = buf;
+        let write = !self.store.has(n);
+        let mut got = 0u64;
+        let mut running = 0u32;
+        while got < len {
+            let want = (len - got).min(RECEIVE_CHUNK);
+            let (res, b) = reader.read_raw(stream, want as usize, buf).await;
+            buf = b;
+            if let Err(e) = res {
+                return (Err(Received::Conn(e)), buf);
+            }
+            running = wire::piece_crc_append(running, &buf);
+            if write {
+                if let Err(e) =
+                    std::os::unix::fs::FileExt::write_all_at(self.store.file(), &buf, offset + got)
+                {
+                    return (Err(Received::Store(StoreError::Io(e))), buf);
+                }
+            }
+            got += want;
         }
-        if self.store.has(n) {
-            return (Ok(()), buf);
+        if running != crc {
+            return (
+                Err(Received::Store(StoreError::Digest {
+                    number: n,
+                    expected: crc,
+                    got: running,
+                })),
+                buf,
+            );
         }
-        let offset = u64::from(n) * self.store.layout().piece_length();
-        let (res, buf) = self.file.write_all_at(buf, offset).await;
-        if let Err(e) = res {
-            return (Err(StoreError::Io(e)), buf);
+        if write {
+            self.store.commit(n, crc);
         }
-        self.store.commit(n, crc);
         (Ok(()), buf)
     }
 
@@ -272,6 +297,18 @@ pub async fn emit(bridge: &Bridge, ev: Event) {
             }
         }
     }
+}
+
+/// Bytes of a piece received and written per step: small enough to stay in the cache
+/// between the socket read, the crc and the file write.
+const RECEIVE_CHUNK: u64 = 256 << 10;
+
+/// Why receiving a piece failed.
+enum Received {
+    /// The connection failed mid-piece.
+    Conn(ConnError),
+    /// The piece is corrupt or could not be written.
+    Store(StoreError),
 }
 
 enum Pending {
@@ -503,18 +540,26 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
                         h.number, h.offset, h.length, range.start
                     )));
                 }
-                let (res, buf) = reader
-                    .read_raw(&mut stream, len as usize, std::mem::take(&mut piece_buf))
-                    .await;
-                piece_buf = buf;
-                if let Err(e) = res {
-                    s.release(n);
-                    return Err(e.into());
-                }
                 let (res, buf) = s
-                    .store_piece(n, std::mem::take(&mut piece_buf), h.crc32c)
+                    .receive_piece(
+                        &mut reader,
+                        &mut stream,
+                        n,
+                        range.start,
+                        len,
+                        h.crc32c,
+                        std::mem::take(&mut piece_buf),
+                    )
                     .await;
                 piece_buf = buf;
+                let res = match res {
+                    Ok(()) => Ok(()),
+                    Err(Received::Conn(e)) => {
+                        s.release(n);
+                        return Err(e.into());
+                    }
+                    Err(Received::Store(e)) => Err(e),
+                };
                 match res {
                     Ok(()) => {
                         s.release(n);
