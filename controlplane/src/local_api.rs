@@ -177,6 +177,7 @@ impl Dfdaemon for LocalApi {
             back_to_source: false,
             disable_back_to_source: r.disable_back_to_source,
             rate_limit: r.rate_limit,
+            scheduler: None,
         };
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         Ok(Response::new(progress_stream(id, rx, output, digest)))

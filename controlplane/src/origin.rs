@@ -62,15 +62,20 @@ enum Attempt {
     Fatal(OriginError),
 }
 
-/// Parses `bytes a-b/total` or `bytes */total` into the total.
-fn content_range_total(v: &str) -> Option<u64> {
+/// Parses a `Content-Range` value `bytes a-b/total` or `bytes */total` into the total.
+///
+/// The value comes from the origin, so it is untrusted: any string gives `Some` or `None`,
+/// never a panic (fuzzed by `fuzz/fuzz_targets/content_range.rs`).
+pub fn content_range_total(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     let (_, total) = rest.split_once('/')?;
     total.trim().parse().ok()
 }
 
-/// Parses the start offset of `bytes a-b/total`.
-fn content_range_start(v: &str) -> Option<u64> {
+/// Parses the start offset of a `Content-Range` value `bytes a-b/total`.
+///
+/// Like [`content_range_total`], safe on any string the origin sends.
+pub fn content_range_start(v: &str) -> Option<u64> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
     let (range, _) = rest.split_once('/')?;
     let (a, _) = range.split_once('-')?;

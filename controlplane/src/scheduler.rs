@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use wire::proto::scheduler::{
-    host_command, scheduler_client::SchedulerClient, AnnounceHostRequest,
+    host_command, scheduler_client::SchedulerClient, AnnounceHostRequest, AnnounceTaskRequest,
+    TaskMetadata,
 };
 use wire::TaskId;
 
@@ -170,7 +171,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
                 let mut stream = resp.into_inner();
                 loop {
                     match stream.message().await {
-                        Ok(Some(cmd)) => handle_command(&ctx, cmd.command),
+                        Ok(Some(cmd)) => handle_command(&ctx, &addr, &channel, cmd.command),
                         Ok(None) => {
                             tracing::warn!("scheduler {addr} closed the host stream");
                             break;
@@ -192,7 +193,15 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
     }
 }
 
-fn handle_command(ctx: &Arc<Context>, cmd: Option<host_command::Command>) {
+/// Runs a command from the scheduler at `addr`. A seed trigger registers with that
+/// scheduler first (it waits for this seed's registration); a trigger for a task this host
+/// already holds completely is answered with `AnnounceTask` there instead of a download.
+fn handle_command(
+    ctx: &Arc<Context>,
+    addr: &str,
+    channel: &Channel,
+    cmd: Option<host_command::Command>,
+) {
     match cmd {
         Some(host_command::Command::DownloadTask(t)) => {
             let Ok(id) = TaskId::parse(&t.task_id) else {
@@ -203,6 +212,17 @@ fn handle_command(ctx: &Arc<Context>, cmd: Option<host_command::Command>) {
                 tracing::warn!("scheduler sent a seed trigger without a source for {id}");
                 return;
             };
+            if let Some(store) = ctx.storage.get(&id).filter(|s| s.is_complete()) {
+                tracing::info!(task = %id, "seed trigger for a task held completely: announcing it to {addr}");
+                tokio::spawn(announce_complete(
+                    ctx.clone(),
+                    addr.to_owned(),
+                    channel.clone(),
+                    id,
+                    store.layout(),
+                ));
+                return;
+            }
             tracing::info!(task = %id, url = %source.url, "seed trigger: fetching from the origin");
             let spec = TaskSpec {
                 id,
@@ -216,11 +236,36 @@ fn handle_command(ctx: &Arc<Context>, cmd: Option<host_command::Command>) {
                 back_to_source: true,
                 disable_back_to_source: false,
                 rate_limit: 0,
+                scheduler: Some(addr.to_owned()),
             };
             // The run reports through the scheduler; nobody waits on it locally.
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));
         }
         None => tracing::debug!("empty host command"),
+    }
+}
+
+/// Tells the scheduler at `addr` that this host holds the whole task `id` (`AnnounceTask`):
+/// it serves as a done parent while this host's announcement stream stays open.
+async fn announce_complete(
+    ctx: Arc<Context>,
+    addr: String,
+    channel: Channel,
+    id: TaskId,
+    layout: wire::PieceLayout,
+) {
+    let req = AnnounceTaskRequest {
+        task_id: id.to_hex(),
+        peer_id: format!("{}-{:016x}", ctx.host.id, rand::random::<u64>()),
+        host: Some(ctx.host.clone()),
+        metadata: Some(TaskMetadata {
+            content_length: layout.content_length(),
+            piece_length: layout.piece_length(),
+        }),
+        piece_count: layout.piece_count(),
+    };
+    if let Err(e) = SchedulerClient::new(channel).announce_task(req).await {
+        tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());
     }
 }
 

@@ -34,6 +34,10 @@ pub struct TaskSpec {
     pub disable_back_to_source: bool,
     /// This download's own rate limit in bytes per second (0: none).
     pub rate_limit: u64,
+    /// Scheduler (address) to register with first: the one that sent a seed trigger, which
+    /// waits for this seed's registration. `None`: the task's own scheduler by rendezvous
+    /// order.
+    pub scheduler: Option<String>,
 }
 
 /// Progress of a task, as reported to local clients.
@@ -221,7 +225,13 @@ impl TaskRun {
     }
 
     async fn connect_scheduler(&mut self) -> Result<(), String> {
-        let order = self.ctx.schedulers.pool().ordered(&self.spec.id);
+        let mut order = self.ctx.schedulers.pool().ordered(&self.spec.id);
+        if let Some(first) = &self.spec.scheduler {
+            if let Some(i) = order.iter().position(|(a, _)| a == first) {
+                let preferred = order.remove(i);
+                order.insert(0, preferred);
+            }
+        }
         if order.is_empty() {
             return Err("no scheduler configured".into());
         }

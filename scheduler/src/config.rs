@@ -18,10 +18,20 @@
 //!   weights: { load: 0.6, idc: 0.2, location: 0.1, host_type: 0.1, bandwidth: 0.1 }
 //!   bandwidth_reference: 125000000
 //!   bad_parent: { window: 2000, min_samples: 30, small_window_multiple: 20, sigma: 3 }
+//! manager:
+//!   addr: ""                  # manager gRPC host:port; empty: no manager
+//!   cluster_id: 0             # scheduler cluster to join; 0: the manager's default cluster
+//!   advertise_ip: ""          # IP daemons reach this scheduler on; empty: derived
+//!   hostname: ""              # empty: the system's hostname
+//!   idc: ""
+//!   location: ""
+//!   config_wait: 30s          # longest dynamic-config long poll
+//!   preheat_timeout: 30m      # longest wait for a seed peer to fetch a preheated task
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
@@ -37,6 +47,50 @@ pub struct Config {
     pub server: ServerConfig,
     /// Parent selection and back-to-source limits.
     pub scheduling: SchedulingConfig,
+    /// Registration with a manager, its dynamic config and preheat requests.
+    pub manager: ManagerConfig,
+}
+
+/// `manager:` section: where the manager is and how this scheduler presents itself to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ManagerConfig {
+    /// Manager gRPC address `host:port` (`manager.addr`, `--manager`); empty: no manager.
+    pub addr: String,
+    /// Scheduler cluster to register in (default 0: the manager's default cluster).
+    pub cluster_id: u64,
+    /// IP daemons reach this scheduler on, registered with the manager. Empty: the IP of
+    /// `server.listen`, or when that is unspecified (`0.0.0.0`), the local address this host
+    /// uses to reach the manager.
+    pub advertise_ip: String,
+    /// Hostname registered with the manager; empty: the system's hostname.
+    pub hostname: String,
+    /// Data center registered with the manager (for the searcher).
+    pub idc: String,
+    /// Location registered with the manager (`region|zone|rack`, for the searcher).
+    pub location: String,
+    /// Longest dynamic-config long poll (default 30 s); the manager caps it too.
+    #[serde(with = "humantime_serde")]
+    pub config_wait: Duration,
+    /// Longest wait for a seed peer to fetch a preheated task before the preheat is
+    /// reported failed (default 30 min, the manager's job timeout).
+    #[serde(with = "humantime_serde")]
+    pub preheat_timeout: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            addr: String::new(),
+            cluster_id: 0,
+            advertise_ip: String::new(),
+            hostname: String::new(),
+            idc: String::new(),
+            location: String::new(),
+            config_wait: Duration::from_secs(30),
+            preheat_timeout: Duration::from_secs(30 * 60),
+        }
+    }
 }
 
 /// Network settings of the gRPC server.
@@ -219,7 +273,18 @@ impl Config {
 
     /// Checks every section.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.scheduling.validate()
+        self.scheduling.validate()?;
+        let m = &self.manager;
+        if !m.advertise_ip.is_empty() && m.advertise_ip.parse::<std::net::IpAddr>().is_err() {
+            bail!(
+                "manager.advertise_ip {:?} is not an IP address",
+                m.advertise_ip
+            );
+        }
+        if m.config_wait.is_zero() || m.preheat_timeout.is_zero() {
+            bail!("manager.config_wait and manager.preheat_timeout must be positive");
+        }
+        Ok(())
     }
 }
 
@@ -259,6 +324,24 @@ mod tests {
         assert!(Config::from_yaml("scheduling:\n  parent_limit: -1\n").is_err());
         assert!(Config::from_yaml("scheduling:\n  weights:\n    idc: -1\n").is_err());
         assert!(Config::from_yaml("scheduling:\n  seed_upload_slots: 0\n").is_err());
+        assert!(Config::from_yaml("manager:\n  advertise_ip: somewhere\n").is_err());
+        assert!(Config::from_yaml("manager:\n  config_wait: 0s\n").is_err());
+    }
+
+    #[test]
+    fn manager_section() {
+        let c = Config::from_yaml("").unwrap();
+        assert!(c.manager.addr.is_empty());
+        assert_eq!(c.manager.config_wait, Duration::from_secs(30));
+        let c = Config::from_yaml(
+            "manager:\n  addr: 127.0.0.1:65003\n  cluster_id: 2\n  advertise_ip: 10.0.0.1\n  config_wait: 500ms\n",
+        )
+        .unwrap();
+        assert_eq!(c.manager.addr, "127.0.0.1:65003");
+        assert_eq!(c.manager.cluster_id, 2);
+        assert_eq!(c.manager.advertise_ip, "10.0.0.1");
+        assert_eq!(c.manager.config_wait, Duration::from_millis(500));
+        assert_eq!(c.manager.preheat_timeout, Duration::from_secs(1800));
     }
 
     #[test]

@@ -7,15 +7,18 @@
 //! * [`state`]: the swarm state machine, sans-IO ([`state::SchedulerState`]).
 //! * [`service`]: the tonic gRPC service that feeds it ([`service::SchedulerService`]).
 //! * [`config`]: the YAML configuration ([`config::Config`]).
+//! * [`manager`]: registration with the manager, its dynamic config and preheat requests.
 //!
-//! [`run`] is the whole binary: bind, serve until Ctrl-C or SIGTERM.
+//! [`run`] is the whole binary: bind, register with the manager (if any), serve until
+//! Ctrl-C or SIGTERM.
 
 pub mod config;
+pub mod manager;
 pub mod service;
 pub mod state;
 
-pub use config::{Config, SchedulingConfig, ServerConfig};
-pub use service::{serve, SchedulerService};
+pub use config::{Config, ManagerConfig, SchedulingConfig, ServerConfig};
+pub use service::{serve, serve_service, SchedulerService};
 pub use state::SchedulerState;
 
 /// Installs the stderr log subscriber, filtered by `RUST_LOG` (default `info`).
@@ -30,12 +33,28 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// Binds `config.server.listen` and serves until Ctrl-C or SIGTERM.
+/// Binds `config.server.listen`, starts the manager client when `manager.addr` is set, and
+/// serves until Ctrl-C or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.server.listen))?;
-    serve(listener, config.scheduling, shutdown_signal()).await
+    let service = SchedulerService::new(config.scheduling.clone());
+    let manager = if config.manager.addr.is_empty() {
+        None
+    } else {
+        Some(manager::start(
+            service.clone(),
+            config.manager.clone(),
+            config.scheduling.clone(),
+            listener.local_addr()?,
+        )?)
+    };
+    let result = serve_service(listener, service, shutdown_signal()).await;
+    // Ends the keepalive stream: the manager marks this scheduler inactive at once.
+    drop(manager);
+    result
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

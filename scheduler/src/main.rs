@@ -20,6 +20,13 @@ struct Args {
     /// gRPC listen address; overrides `server.listen` (default 0.0.0.0:8002).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Manager gRPC address host:port; overrides `manager.addr` (default: no manager).
+    #[arg(long, value_name = "ADDR")]
+    manager: Option<String>,
+    /// IP daemons reach this scheduler on, registered with the manager; overrides
+    /// `manager.advertise_ip` (default: the listen IP, or the one that reaches the manager).
+    #[arg(long, value_name = "IP")]
+    advertise_ip: Option<std::net::IpAddr>,
 }
 
 #[tokio::main]
@@ -33,12 +40,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let config = Config {
+    let mut config = Config {
         server: damselfly_scheduler::ServerConfig {
             listen: args.listen.unwrap_or(config.server.listen),
         },
         ..config
     };
+    if let Some(addr) = args.manager {
+        config.manager.addr = addr;
+    }
+    if let Some(ip) = args.advertise_ip {
+        config.manager.advertise_ip = ip.to_string();
+    }
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -24,11 +24,11 @@ use tracing::{debug, info, warn};
 use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
 use wire::proto::scheduler::{
     announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, StatTaskRequest, TaskInfo,
+    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, StatTaskRequest, TaskInfo, TaskSource,
 };
 
 use crate::config::SchedulingConfig;
-use crate::state::{HostKey, Output, PeerKey, SchedulerState};
+use crate::state::{HostKey, InvalidRequest, Output, PeerKey, PreheatStatus, SchedulerState};
 
 /// Messages buffered per `AnnouncePeer` stream before the peer counts as stuck and is dropped.
 /// A burst of first-piece pushes to one peer is bounded by `parent_limit`, so this is ample.
@@ -248,6 +248,48 @@ impl SchedulerService {
         }
     }
 
+    /// The scheduling knobs in force.
+    pub fn scheduling_config(&self) -> SchedulingConfig {
+        self.shared.inner.lock().state.config().clone()
+    }
+
+    /// Replaces the scheduling knobs at run time (the manager's dynamic config); refuses an
+    /// invalid config and keeps the current one.
+    pub fn set_scheduling_config(&self, config: SchedulingConfig) -> anyhow::Result<()> {
+        config.validate()?;
+        self.shared.inner.lock().state.set_config(config);
+        Ok(())
+    }
+
+    /// Starts a preheat of `task_id` (see [`SchedulerState::preheat`]): triggers a seed
+    /// host unless a peer holds or fetches the task. Call [`Self::preheat_finished`] once
+    /// the caller stops waiting, whatever the outcome.
+    pub fn preheat(
+        &self,
+        task_id: &str,
+        source: TaskSource,
+    ) -> Result<PreheatStatus, InvalidRequest> {
+        let mut inner = self.shared.inner.lock();
+        let (status, outputs) = inner.state.preheat(task_id, source, 0)?;
+        inner.dispatch(outputs);
+        // Delivery may have dropped the triggered seed's host stream: ask again.
+        let status = match status {
+            PreheatStatus::Pending => inner.state.preheat_status(task_id),
+            other => other,
+        };
+        Ok(status)
+    }
+
+    /// Where the preheat of `task_id` stands (see [`SchedulerState::preheat_status`]).
+    pub fn preheat_status(&self, task_id: &str) -> PreheatStatus {
+        self.shared.inner.lock().state.preheat_status(task_id)
+    }
+
+    /// One preheat of `task_id` is over (see [`SchedulerState::preheat_finished`]).
+    pub fn preheat_finished(&self, task_id: &str) {
+        self.shared.inner.lock().state.preheat_finished(task_id);
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> SchedulerServer<Self> {
         SchedulerServer::new(self)
@@ -434,8 +476,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    serve_service(listener, SchedulerService::new(config), shutdown).await
+}
+
+/// Like [`serve`], with a service made by the caller (who may keep a clone of it, e.g. for
+/// the manager client).
+pub async fn serve_service(
+    listener: TcpListener,
+    service: SchedulerService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let service = SchedulerService::new(config);
     let closer = service.clone();
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
     let signal = async move {

@@ -1,14 +1,17 @@
 //! A local Damselfly cluster of real processes on loopback.
 //!
-//! [`Cluster::start`] starts a `scheduler`, then seed peers and peers (`dfdaemon`), each with
-//! its own directory under one temp dir, its own socket and free ports, and its stdout/stderr
-//! in `<name>.log` in that directory. Every process is killed when the cluster is dropped,
+//! [`Cluster::start`] starts (optionally) a `manager`, one or more `scheduler`s, then seed
+//! peers and peers (`dfdaemon`), each with its own directory under one temp dir, its own
+//! socket and free ports, and its stdout/stderr in `<name>.log` in that directory. With a
+//! manager, schedulers register with it and daemons get `--manager` (and, unless
+//! [`ClusterOptions::static_schedulers`] is off, the static `--scheduler` list as fallback). Every process is killed when the cluster is dropped,
 //! also while unwinding from a panic; a panicking test gets the tail of every log printed on
 //! stderr, so a failure shows what the daemons said.
 
 use crate::bin_path;
 use crate::content::{file_sha256_hex_async, Content};
 use crate::grpc;
+use crate::manager::{ManagerOptions, ManagerProc};
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -42,6 +45,16 @@ pub struct ClusterOptions {
     pub daemon_args: Vec<String>,
     /// Print progress ("starting scheduler ... ready") on stderr.
     pub verbose: bool,
+    /// Number of schedulers (`scheduler-1`, …; at least 1).
+    pub schedulers: usize,
+    /// Start a manager (SQLite in the temp dir) that schedulers register with and daemons
+    /// use (`--manager`).
+    pub manager: Option<ManagerOptions>,
+    /// Give daemons the schedulers' addresses with `--scheduler` (with a manager: as a
+    /// fallback; without one this must stay on).
+    pub static_schedulers: bool,
+    /// Daemons' `manager.refresh_interval` (how often they ask for their schedulers).
+    pub manager_refresh: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +68,10 @@ impl Default for ClusterOptions {
             rust_log: None,
             daemon_args: Vec::new(),
             verbose: false,
+            schedulers: 1,
+            manager: None,
+            static_schedulers: true,
+            manager_refresh: Duration::from_millis(500),
         }
     }
 }
@@ -68,7 +85,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(
+    /// Starts `program args` with its stdout and stderr in `log`.
+    pub fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
@@ -219,15 +237,24 @@ impl Daemon {
     }
 }
 
-/// A running cluster: one scheduler, seed peers, peers. Dropping it kills them all and removes
-/// the temp dir (unless [`Cluster::keep_dir`] was called).
+/// One `scheduler` of the cluster.
+#[derive(Debug)]
+pub struct SchedulerProc {
+    /// gRPC address (`127.0.0.1:<port>`).
+    pub addr: SocketAddr,
+    /// The process (named `scheduler`, or `scheduler-<n>` when there are several).
+    pub proc: Proc,
+}
+
+/// A running cluster: an optional manager, schedulers, seed peers, peers. Dropping it kills
+/// them all and removes the temp dir (unless [`Cluster::keep_dir`] was called).
 pub struct Cluster {
     opts: ClusterOptions,
     tmp: Option<TempDir>,
     root: PathBuf,
     rust_log: String,
-    scheduler_addr: SocketAddr,
-    scheduler: Proc,
+    manager: Option<ManagerProc>,
+    schedulers: Vec<SchedulerProc>,
     seeds: Vec<Daemon>,
     peers: Vec<Daemon>,
 }
@@ -244,11 +271,18 @@ fn loopback(port: u16) -> SocketAddr {
 }
 
 impl Cluster {
-    /// Starts the scheduler, then all seed peers and peers, and waits until each is ready
-    /// (scheduler: its TCP port accepts; daemon: its Unix socket and data port accept).
+    /// Starts the manager (if any), the schedulers, then all seed peers and peers, and waits
+    /// until each is ready (manager: `/healthy` answers; scheduler: its TCP port accepts, and
+    /// with a manager it is listed active there; daemon: its Unix socket and data port
+    /// accept).
     pub async fn start(opts: ClusterOptions) -> Result<Self> {
         let scheduler_bin = bin_path("scheduler")?;
         bin_path("dfdaemon")?;
+        if opts.manager.is_some() {
+            bin_path("manager")?;
+        } else if !opts.static_schedulers {
+            bail!("without a manager, daemons need the static scheduler list");
+        }
         let tmp = tempfile::Builder::new()
             .prefix("damselfly-")
             .tempdir()
@@ -260,36 +294,87 @@ impl Cluster {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .unwrap_or_else(|| "info".to_string());
 
-        let port = free_port()?;
-        let scheduler_addr = loopback(port);
         let started = Instant::now();
-        if opts.verbose {
-            eprintln!("[demo] starting scheduler on {scheduler_addr} ...");
-        }
-        let scheduler = Proc::spawn(
-            "scheduler",
-            &scheduler_bin,
-            &["--listen".to_string(), scheduler_addr.to_string()],
-            root.join("scheduler.log"),
-            &rust_log,
-        )?;
+        let timeout = opts.ready_timeout;
         let mut cluster = Self {
             opts,
             tmp: Some(tmp),
             root,
             rust_log,
-            scheduler_addr,
-            scheduler,
+            manager: None,
+            schedulers: Vec::new(),
             seeds: Vec::new(),
             peers: Vec::new(),
         };
-        let timeout = cluster.opts.ready_timeout;
-        wait_ready(&cluster.scheduler, timeout, || async move {
-            tokio::net::TcpStream::connect(scheduler_addr).await.is_ok()
-        })
-        .await?;
+        if let Some(mopts) = cluster.opts.manager.clone() {
+            let m = ManagerProc::spawn(&cluster.root, &mopts, &cluster.rust_log)?;
+            if cluster.opts.verbose {
+                eprintln!(
+                    "[demo] starting manager (gRPC {}, REST http://{}, SQLite {}) ...",
+                    m.grpc_addr,
+                    m.rest_addr,
+                    cluster.root.join("manager.db").display()
+                );
+            }
+            // Kept in the cluster before waiting, so that a failure still kills it.
+            let m = cluster.manager.insert(m);
+            m.wait_ready(timeout).await?;
+            if cluster.opts.verbose {
+                eprintln!("[demo] manager ready after {:.1?}", started.elapsed());
+            }
+        }
+        let count = cluster.opts.schedulers.max(1);
+        for i in 1..=count {
+            let name = if count == 1 {
+                "scheduler".to_string()
+            } else {
+                format!("scheduler-{i}")
+            };
+            let addr = loopback(free_port()?);
+            if cluster.opts.verbose {
+                eprintln!("[demo] starting {name} on {addr} ...");
+            }
+            let mut args = vec!["--listen".to_string(), addr.to_string()];
+            if let Some(m) = &cluster.manager {
+                args.extend(["--manager".to_string(), m.grpc_addr.to_string()]);
+            }
+            let proc = Proc::spawn(
+                &name,
+                &scheduler_bin,
+                &args,
+                cluster.root.join(format!("{name}.log")),
+                &cluster.rust_log,
+            )?;
+            cluster.schedulers.push(SchedulerProc { addr, proc });
+        }
+        for s in &cluster.schedulers {
+            let addr = s.addr;
+            wait_ready(&s.proc, timeout, || async move {
+                tokio::net::TcpStream::connect(addr).await.is_ok()
+            })
+            .await?;
+        }
+        if let Some(m) = &cluster.manager {
+            m.rest().wait_active_schedulers(count, timeout).await?;
+        }
         if cluster.opts.verbose {
-            eprintln!("[demo] scheduler ready after {:.1?}", started.elapsed());
+            eprintln!(
+                "[demo] {count} scheduler(s) ready{} after {:.1?}",
+                if cluster.manager.is_some() {
+                    " and registered with the manager"
+                } else {
+                    ""
+                },
+                started.elapsed()
+            );
+        }
+        if cluster.manager.is_some() {
+            let path = cluster.root.join("dfdaemon.yaml");
+            let yaml = format!(
+                "manager:\n  refresh_interval: {}ms\n  config_wait: 10s\n",
+                cluster.opts.manager_refresh.as_millis()
+            );
+            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         }
 
         for i in 1..=cluster.opts.seeds {
@@ -337,9 +422,20 @@ impl Cluster {
         if seed {
             args.push("--seed".into());
         }
+        if self.opts.static_schedulers {
+            for s in &self.schedulers {
+                args.extend(["--scheduler".into(), s.addr.to_string()]);
+            }
+        }
+        if let Some(m) = &self.manager {
+            args.extend([
+                "--manager".into(),
+                m.grpc_addr.to_string(),
+                "--config".into(),
+                self.root.join("dfdaemon.yaml").display().to_string(),
+            ]);
+        }
         args.extend([
-            "--scheduler".into(),
-            self.scheduler_addr.to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--socket".into(),
@@ -391,14 +487,36 @@ impl Cluster {
         self.root.clone()
     }
 
-    /// Address of the scheduler's gRPC server.
+    /// Address of the (first) scheduler's gRPC server.
     pub fn scheduler_addr(&self) -> SocketAddr {
-        self.scheduler_addr
+        self.schedulers[0].addr
     }
 
-    /// The scheduler process.
+    /// The (first) scheduler process.
     pub fn scheduler(&self) -> &Proc {
-        &self.scheduler
+        &self.schedulers[0].proc
+    }
+
+    /// Every scheduler, `scheduler-1` first.
+    pub fn schedulers(&self) -> &[SchedulerProc] {
+        &self.schedulers
+    }
+
+    /// The manager, when the cluster has one.
+    pub fn manager(&self) -> Option<&ManagerProc> {
+        self.manager.as_ref()
+    }
+
+    /// Kills the manager and starts it again on the same ports and database, then waits until
+    /// it is ready.
+    pub async fn restart_manager(&mut self) -> Result<()> {
+        let timeout = self.opts.ready_timeout;
+        let m = self
+            .manager
+            .as_mut()
+            .context("the cluster has no manager")?;
+        m.restart(&self.root, &self.rust_log)?;
+        m.wait_ready(timeout).await
     }
 
     /// The seed peers, `seed-1` first.
@@ -501,9 +619,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every process of the cluster, scheduler first.
+    /// Every process of the cluster: manager, schedulers, seed peers, peers.
     pub fn procs(&self) -> Vec<&Proc> {
-        std::iter::once(&self.scheduler)
+        self.manager
+            .iter()
+            .map(|m| &m.proc)
+            .chain(self.schedulers.iter().map(|s| &s.proc))
             .chain(self.seeds.iter().map(|d| &d.proc))
             .chain(self.peers.iter().map(|d| &d.proc))
             .collect()
@@ -550,7 +671,9 @@ impl Drop for Cluster {
     }
 }
 
-async fn wait_ready<F, Fut>(proc: &Proc, timeout: Duration, mut ready: F) -> Result<()>
+/// Polls `ready` every 50 ms until it holds; fails when `proc` exits first or after
+/// `timeout`, with the tail of its log.
+pub async fn wait_ready<F, Fut>(proc: &Proc, timeout: Duration, mut ready: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

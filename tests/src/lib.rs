@@ -3,14 +3,16 @@
 //! * [`content`]: deterministic generated file content, hashable and writable by streaming.
 //! * [`origin`]: a real HTTP/1.1 origin (hyper) serving generated files, with ranges and
 //!   byte counters.
-//! * [`cluster`]: a scheduler, seed peers and peers started as real processes on loopback,
+//! * [`cluster`]: a manager, schedulers, seed peers and peers started as real processes on loopback,
 //!   each with its own temp dir, ports and log file; killed on drop.
 //! * [`grpc`]: clients for a daemon's local API (over its Unix socket) and the scheduler.
+//! * [`manager`]: a `manager` process (SQLite, bootstrap token, fast keepalives) and a
+//!   client for its REST API.
 //! * [`frames`]: a small async client/server connection speaking the data-plane frames.
 //! * [`fake_parent`]: a misbehaving parent that registers with the scheduler and serves
 //!   corrupt pieces.
 //!
-//! The binaries under test (`scheduler`, `dfdaemon`, `dfget`) are found next to the running
+//! The binaries under test (`manager`, `scheduler`, `dfdaemon`, `dfget`) are found next to the running
 //! executable, see [`bin_path`].
 
 pub mod cluster;
@@ -18,6 +20,7 @@ pub mod content;
 pub mod fake_parent;
 pub mod frames;
 pub mod grpc;
+pub mod manager;
 pub mod origin;
 
 pub use cluster::{Cluster, ClusterOptions, Daemon};

@@ -148,6 +148,18 @@ impl SqlStore {
         Ok(store)
     }
 
+    /// Starts a transaction that will write. On SQLite it is `BEGIN IMMEDIATE`: the write
+    /// lock is taken up front (waiting up to `busy_timeout`), because a deferred transaction
+    /// that reads and then writes fails at once with `SQLITE_BUSY` ("database is locked")
+    /// when another connection committed in between (e.g. a keepalive), whatever the busy
+    /// timeout.
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
     /// The dialect of this store.
     pub fn dialect(&self) -> Dialect {
         self.dialect
@@ -179,7 +191,7 @@ impl SqlStore {
             if version <= applied {
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.begin_write().await?;
             for statement in statements.iter() {
                 sqlx::query(statement).execute(&mut *tx).await?;
             }
@@ -306,7 +318,7 @@ impl Store for SqlStore {
             return Err(StoreError::Invalid("cluster name is empty".into()));
         }
         let now = Timestamp::now().0;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM clusters")
             .fetch_one(&mut *tx)
             .await?
@@ -363,7 +375,7 @@ impl Store for SqlStore {
     }
 
     async fn update_cluster(&self, id: u64, update: ClusterUpdate) -> StoreResult<Option<Cluster>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let Some(row) = sqlx::query(&format!(
             "SELECT {CLUSTER_COLUMNS} FROM clusters WHERE id = $1"
         ))
@@ -422,7 +434,7 @@ impl Store for SqlStore {
     }
 
     async fn delete_cluster(&self, id: u64) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT is_default FROM clusters WHERE id = $1")
             .bind(to_db(id))
             .fetch_optional(&mut *tx)

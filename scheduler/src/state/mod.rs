@@ -14,6 +14,11 @@
 //! 3. [`SchedulerState::announce_task`] for `AnnounceTask` (a complete task imported on a
 //!    host; the runtime picks a fresh [`PeerKey`] for it).
 //! 4. [`SchedulerState::stat_task`] to answer `StatTask`.
+//! 5. [`SchedulerState::preheat`] when the manager asks for a task ahead of time, then
+//!    [`SchedulerState::preheat_status`] until it is done or failed, then
+//!    [`SchedulerState::preheat_finished`].
+//! 6. [`SchedulerState::set_config`] when the scheduling knobs change at run time (the
+//!    manager's dynamic config).
 //!
 //! Nothing here blocks, reads a clock or panics on peer input; tests drive it directly.
 //!
@@ -65,6 +70,17 @@ pub const REASON_NO_SEED: &str = "no seed peer available";
 pub const REASON_NO_PARENT: &str = "no parent available";
 /// Reason sent with `NeedBackToSource` when a peer asked for new parents too often.
 pub const REASON_RETRY_LIMIT: &str = "reschedule limit reached";
+
+/// Where a preheated task stands ([`SchedulerState::preheat_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreheatStatus {
+    /// A peer holds the whole task (normally the triggered seed peer).
+    Done,
+    /// A seed was triggered, or a peer fetches the task; ask again later.
+    Pending,
+    /// Nobody fetches the task and no seed can be triggered for it.
+    Failed(String),
+}
 
 /// Names one `AnnounceHost` stream (not the host: a host that reconnects gets a new key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -195,6 +211,9 @@ struct Task {
     trigger: Option<SeedTrigger>,
     /// Seed hosts that failed this task (never triggered again for it).
     failed_seeds: HashSet<String>,
+    /// Preheats waiting for this task ([`SchedulerState::preheat`]): while non-zero the task
+    /// wants a source even without peers, and is kept when its last peer leaves.
+    preheats: u32,
 }
 
 impl Task {
@@ -311,6 +330,98 @@ impl SchedulerState {
     /// Whether `peer` is registered (false after it failed, left or was replaced).
     pub fn has_peer(&self, peer: PeerKey) -> bool {
         self.peers.contains_key(&peer)
+    }
+
+    /// The scheduling knobs in force.
+    pub fn config(&self) -> &SchedulingConfig {
+        &self.config
+    }
+
+    /// Replaces the scheduling knobs (the manager's dynamic config). Decisions from now on
+    /// use the new values; edges already made stay (a lowered slot or parent limit is reached
+    /// as children finish and parents leave). The caller validates `config` first.
+    pub fn set_config(&mut self, config: SchedulingConfig) {
+        if config == self.config {
+            return;
+        }
+        info!(?config, "scheduling config replaced");
+        self.config = config;
+        // `hungry` depends on `parent_limit`: recompute it for every peer.
+        let parent_limit = self.config.parent_limit;
+        for (key, p) in &self.peers {
+            let Some(task) = self.tasks.get_mut(&p.task_id) else {
+                continue;
+            };
+            let hungry = task.metadata.is_some()
+                && p.scheduled
+                && p.wants_parents()
+                && p.parents.len() < parent_limit;
+            set_member(&mut task.hungry, *key, hungry);
+        }
+    }
+
+    /// The manager asks for `task_id` ahead of time (preheat). Unless a peer already holds
+    /// or fetches it, a seed host is triggered to fetch it from `source` (as for a new task
+    /// that a peer asked for). The task is kept, even without peers, until
+    /// [`Self::preheat_finished`] is called once for each call of this method; in between,
+    /// [`Self::preheat_status`] tells how it goes.
+    pub fn preheat(
+        &mut self,
+        task_id: &str,
+        source: TaskSource,
+        piece_length: u64,
+    ) -> Result<(PreheatStatus, Vec<Output>), InvalidRequest> {
+        if task_id.is_empty() {
+            return Err(InvalidRequest::MissingTaskId);
+        }
+        let mut out = Vec::new();
+        let task = self.tasks.entry(task_id.to_owned()).or_default();
+        if task.source.is_none() {
+            task.source = Some(source);
+            task.piece_length = piece_length;
+        }
+        task.preheats += 1;
+        info!(task_id = %task_id, "preheat requested");
+        self.ensure_source(task_id, None, &mut out);
+        Ok((self.preheat_status(task_id), out))
+    }
+
+    /// Where the preheat of `task_id` stands: done when a peer holds the whole task;
+    /// pending while a seed trigger is outstanding or a peer still fetches; failed otherwise
+    /// (no seed host could be triggered, or every triggered one failed).
+    pub fn preheat_status(&self, task_id: &str) -> PreheatStatus {
+        let Some(task) = self.tasks.get(task_id) else {
+            return PreheatStatus::Failed("task unknown to this scheduler".to_owned());
+        };
+        let members = || task.peers.iter().filter_map(|k| self.peers.get(k));
+        if task.metadata.is_some() && members().any(|p| p.done) {
+            return PreheatStatus::Done;
+        }
+        if task.trigger.is_some() || members().any(|p| !p.done) {
+            return PreheatStatus::Pending;
+        }
+        if task.failed_seeds.is_empty() {
+            PreheatStatus::Failed(REASON_NO_SEED.to_owned())
+        } else {
+            let mut failed: Vec<&String> = task.failed_seeds.iter().collect();
+            failed.sort();
+            PreheatStatus::Failed(format!(
+                "seed peers failed to fetch the task: {failed:?}; no other seed peer available"
+            ))
+        }
+    }
+
+    /// One preheat of `task_id` is over (whatever its outcome): the task is forgotten if no
+    /// peer and no other preheat needs it.
+    pub fn preheat_finished(&mut self, task_id: &str) {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        task.preheats = task.preheats.saturating_sub(1);
+        if task.preheats == 0 && task.peers.is_empty() {
+            debug!(task_id = %task_id, "preheated task has no peers; forgotten");
+            self.tasks.remove(task_id);
+        }
     }
 
     fn host_ref(&mut self, host_id: &str) {
@@ -526,6 +637,14 @@ impl SchedulerState {
         let task = self.tasks.entry(task_id.clone()).or_default();
         task.peers.insert(key);
         task.by_peer_id.insert(peer_id.clone(), key);
+        // A seed triggered for a task it already holds answers with AnnounceTask.
+        if task
+            .trigger
+            .as_ref()
+            .is_some_and(|t| t.peer.is_none() && t.host_id == host.id)
+        {
+            task.trigger = None;
+        }
         let mut pieces = PieceSet::default();
         for n in 0..piece_count {
             pieces.insert(n);
@@ -729,7 +848,12 @@ impl SchedulerState {
             return;
         }
         let first = peer.pieces.count() == 1;
-        if !piece.parent_host_id.is_empty() {
+        // A piece shorter than the task's piece length (the last one) costs mostly fixed
+        // latency; normalised per MiB it would look like a very slow parent.
+        let full_piece = task
+            .metadata
+            .is_some_and(|m| piece.length >= m.piece_length());
+        if !piece.parent_host_id.is_empty() && full_piece {
             if let Some(stats) = self.host_stats.get_mut(&piece.parent_host_id) {
                 let slow = stats
                     .costs
@@ -883,7 +1007,7 @@ impl SchedulerState {
             task.by_peer_id.remove(&peer.peer_id);
         }
         debug!(task_id = %peer.task_id, peer_id = %peer.peer_id, done = peer.done, "peer left");
-        if task.peers.is_empty() {
+        if task.peers.is_empty() && task.preheats == 0 {
             debug!(task_id = %peer.task_id, "task has no peers left; forgotten");
             self.tasks.remove(&peer.task_id);
             return;
@@ -921,7 +1045,7 @@ impl SchedulerState {
         if task.metadata.is_some() && members().any(|p| p.done) {
             return;
         }
-        if !members().any(|p| p.wants_parents()) {
+        if task.preheats == 0 && !members().any(|p| p.wants_parents()) {
             return;
         }
         let waiting = |k: &PeerKey| {
@@ -1009,6 +1133,13 @@ impl SchedulerState {
 
     /// Whether `parent` may be given to `child` now.
     fn eligible(&self, child: PeerKey, parent: PeerKey) -> bool {
+        self.eligible_with(child, parent, false)
+    }
+
+    /// [`Self::eligible`], optionally letting hosts flagged slow through (the last resort
+    /// when nobody else can serve: a slow parent beats the origin, and serving again is how
+    /// a slow host's flag clears).
+    fn eligible_with(&self, child: PeerKey, parent: PeerKey, allow_slow: bool) -> bool {
         if child == parent {
             return false;
         }
@@ -1025,10 +1156,11 @@ impl SchedulerState {
             || c.parents.contains(&parent)
             || !p.can_serve(metadata_known)
             || p.children.len() >= self.slots(p)
-            || self
-                .host_stats
-                .get(&p.host.id)
-                .is_some_and(|s| s.costs.is_slow())
+            || (!allow_slow
+                && self
+                    .host_stats
+                    .get(&p.host.id)
+                    .is_some_and(|s| s.costs.is_slow()))
         {
             return false;
         }
@@ -1111,6 +1243,25 @@ impl SchedulerState {
             }
             if candidates.len() >= want.min(filter) || seen.len() >= task.servers.len() {
                 break;
+            }
+        }
+        if candidates.is_empty() {
+            // Nobody usable: fall back to the hosts flagged slow.
+            let mut sampled: Vec<PeerKey> = seen.into_iter().collect();
+            sampled.sort();
+            for k in sampled {
+                if !self.eligible_with(child, k, true) {
+                    continue;
+                }
+                if let Some(p) = self.peers.get(&k) {
+                    let s = evaluator::score(
+                        &self.config.weights,
+                        self.config.bandwidth_reference,
+                        &peer.host,
+                        &self.view(p),
+                    );
+                    candidates.push((s, k));
+                }
             }
         }
         // Stable sort: equal scores keep the random sampling order.

@@ -898,3 +898,221 @@ proptest! {
         }
     }
 }
+
+fn source() -> TaskSource {
+    TaskSource {
+        url: "http://origin/preheat".to_owned(),
+        headers: vec![],
+    }
+}
+
+#[test]
+fn preheat_triggers_a_seed_and_is_done_when_the_seed_finished() {
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    sim.announce("normal", false);
+    let (status, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    assert_eq!(status, PreheatStatus::Pending);
+    assert_eq!(triggers(&out), vec![(seed, TASK.to_owned())]);
+    // The trigger carries the preheat's source.
+    let url = out.iter().find_map(|o| match o {
+        Output::Host {
+            command:
+                HostCommand {
+                    command: Some(host_command::Command::DownloadTask(d)),
+                },
+            ..
+        } => d.source.as_ref().map(|s| s.url.clone()),
+        _ => None,
+    });
+    assert_eq!(url.as_deref(), Some("http://origin/preheat"));
+    // A second preheat of the same task does not trigger again.
+    let (status, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    assert_eq!(status, PreheatStatus::Pending);
+    assert!(triggers(&out).is_empty());
+
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Pending);
+    sim.meta(s, 3 << 20);
+    for n in 0..3 {
+        sim.piece(s, n);
+    }
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Pending);
+    sim.send(
+        s,
+        Request::Finished(PeerFinished {
+            content_length: 3 << 20,
+        }),
+    );
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Done);
+    sim.st.preheat_finished(TASK);
+    sim.st.preheat_finished(TASK);
+    // The seed's peer keeps the task; a peer asking now gets the seed at once.
+    let info = sim.st.stat_task(TASK).unwrap();
+    assert!(info.peers.iter().any(|p| p.done && p.host_id == "seed-a"));
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["seed-a"]);
+    assert!(triggers(&out).is_empty());
+}
+
+#[test]
+fn preheat_without_a_seed_fails_and_leaves_nothing_behind() {
+    let mut sim = Sim::new();
+    sim.announce("normal", false);
+    let (status, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(status, PreheatStatus::Failed(REASON_NO_SEED.to_owned()));
+    sim.st.preheat_finished(TASK);
+    assert!(sim.st.stat_task(TASK).is_none());
+    assert_eq!(sim.st.task_count(), 0);
+    assert!(sim.st.preheat(String::new().as_str(), source(), 0).is_err());
+}
+
+#[test]
+fn preheat_moves_to_the_next_seed_and_fails_when_none_is_left() {
+    let mut sim = Sim::new();
+    let hosts: Vec<(HostKey, &str)> = ["s1", "s2"]
+        .iter()
+        .map(|id| (sim.announce(id, true), *id))
+        .collect();
+    let name = |k: HostKey| hosts.iter().find(|(h, _)| *h == k).unwrap().1;
+    let (_, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    let first = triggers(&out)[0].0;
+    // The first seed registers and fails: the task (without any other peer) is kept and the
+    // other seed is triggered.
+    let (s, _) = sim.register_task(TASK, "seed-peer-1", name(first), true, true);
+    let out = sim.send(
+        s,
+        Request::Failed(PeerFailed {
+            reason: "origin said no".into(),
+        }),
+    );
+    let second = triggers(&out);
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].0, first);
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Pending);
+    // The second seed's host leaves before registering: nobody is left.
+    let out = sim.st.host_left(second[0].0);
+    assert!(triggers(&out).is_empty());
+    assert!(matches!(
+        sim.st.preheat_status(TASK),
+        PreheatStatus::Failed(_)
+    ));
+    sim.st.preheat_finished(TASK);
+    assert_eq!(sim.st.task_count(), 0);
+}
+
+#[test]
+fn preheat_of_a_task_a_peer_holds_is_done_at_once() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 1 << 20);
+    sim.send(
+        src,
+        Request::Finished(PeerFinished {
+            content_length: 1 << 20,
+        }),
+    );
+    let (status, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    assert_eq!(status, PreheatStatus::Done);
+    assert!(out.is_empty());
+    sim.st.preheat_finished(TASK);
+    assert!(sim.st.stat_task(TASK).is_some());
+}
+
+#[test]
+fn set_config_changes_later_decisions() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 4 << 20);
+    let mut config = sim.st.config().clone();
+    config.candidate_parent_limit = 1;
+    config.back_to_source_limit = 1;
+    sim.st.set_config(config.clone());
+    assert_eq!(sim.st.config(), &config);
+    let (a, out) = sim.register("a", "host-a", false);
+    assert_eq!(parents_to(&out, a).len(), 1);
+    let (b, out) = sim.register("b", "host-b", false);
+    assert_eq!(parents_to(&out, b).len(), 1);
+}
+
+#[test]
+fn a_triggered_seed_holding_the_task_announces_it() {
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    let (status, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    assert_eq!(status, PreheatStatus::Pending);
+    assert_eq!(triggers(&out), vec![(seed, TASK.to_owned())]);
+    let k = PeerKey(sim.key());
+    sim.st
+        .announce_task(
+            k,
+            AnnounceTaskRequest {
+                task_id: TASK.to_owned(),
+                peer_id: "seed-held".to_owned(),
+                host: Some(host("seed-a", true)),
+                metadata: Some(metadata(2 << 20)),
+                piece_count: 2,
+            },
+        )
+        .unwrap();
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Done);
+    sim.st.preheat_finished(TASK);
+    // The trigger is answered: when the seed's host leaves, nobody is triggered again.
+    let out = sim.st.host_left(seed);
+    assert!(triggers(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_slow_parent_is_offered_when_nobody_else_can_serve() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 64 << 20);
+    sim.send(
+        src,
+        Request::Finished(PeerFinished {
+            content_length: 64 << 20,
+        }),
+    );
+    let (a, _) = sim.register("a", "host-a", false);
+    for (n, cost_us) in [(0, 1000), (1, 1000), (2, 100_000)] {
+        sim.send(
+            a,
+            Request::PieceFinished(PieceFinished {
+                number: n,
+                length: 1 << 20,
+                parent_host_id: "host-src".to_owned(),
+                cost_us,
+                ..PieceFinished::default()
+            }),
+        );
+    }
+    sim.send(a, Request::Failed(PeerFailed::default()));
+    // host-src is flagged slow, but it is the only holder: better than the origin.
+    let (b, out) = sim.register("b", "host-b", false);
+    assert_eq!(parents_to(&out, b), vec!["host-src"]);
+    assert!(back_to_source(&out, b).is_none());
+}
+
+#[test]
+fn a_short_last_piece_does_not_flag_its_parent_slow() {
+    let mut sim = Sim::new();
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, (3 << 20) + 333);
+    let (a, _) = sim.register("a", "host-a", false);
+    for (n, length, cost_us) in [(0, 1 << 20, 200), (1, 1 << 20, 200), (3, 333, 300)] {
+        sim.send(
+            a,
+            Request::PieceFinished(PieceFinished {
+                number: n,
+                length,
+                parent_host_id: "host-src".to_owned(),
+                cost_us,
+                ..PieceFinished::default()
+            }),
+        );
+    }
+    let (b, out) = sim.register("b", "host-b", false);
+    assert!(parents_to(&out, b).contains(&"host-src".to_owned()));
+    assert!(!sim.st.host_stats["host-src"].costs.is_slow());
+}

@@ -1,5 +1,7 @@
-//! Local Damselfly demo: an origin, a scheduler, one seed peer and N peers as real processes on
-//! loopback; every peer downloads the same generated file at once through its dfdaemon.
+//! Local Damselfly demo: an origin, a manager (SQLite in the temp dir), a scheduler registered
+//! with it, one seed peer and N peers as real processes on loopback; the daemons find their
+//! scheduler through the manager (the scheduler's address is also given to them with
+//! `--scheduler` as a fallback), and every peer downloads the same generated file at once.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -17,6 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use testkit::cluster::check_dfget;
 use testkit::content::file_sha256_hex_async;
+use testkit::manager::ManagerOptions;
 use testkit::{bin_path, human_bytes, parse_size, Cluster, ClusterOptions, Origin};
 
 /// Runs a local P2P download of one generated file by several peers at once.
@@ -84,7 +87,7 @@ fn mib_per_s(bytes: u64, d: Duration) -> String {
 }
 
 async fn run(args: Args) -> Result<bool> {
-    for b in ["scheduler", "dfdaemon", "dfget"] {
+    for b in ["manager", "scheduler", "dfdaemon", "dfget"] {
         bin_path(b)?;
     }
     let size = args.size;
@@ -109,9 +112,32 @@ async fn run(args: Args) -> Result<bool> {
         threads: usize::from(args.threads),
         dfget_timeout: Duration::from_secs(args.timeout),
         verbose: true,
+        manager: Some(ManagerOptions::default()),
+        static_schedulers: true,
         ..ClusterOptions::default()
     })
     .await?;
+    if let Some(m) = cluster.manager() {
+        let rest = m.rest();
+        let schedulers = rest.schedulers().await.unwrap_or_default();
+        eprintln!(
+            "[demo] manager status page http://{}/ ; schedulers {:?}",
+            m.rest_addr, schedulers
+        );
+        // Until every daemon has heard from the manager (its cluster config arrived).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for d in cluster.seeds().iter().chain(cluster.peers()) {
+            loop {
+                let via_manager = d.stats().await.is_ok_and(|s| s.config_version > 0);
+                if via_manager || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let seeds = rest.seed_peers().await.unwrap_or_default();
+        eprintln!("[demo] manager knows seed peers {seeds:?}");
+    }
     let kept = args.keep.then(|| cluster.keep_dir());
     let out_dir = cluster.dir().join("out");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
