@@ -125,6 +125,18 @@ impl ImageRef {
     }
 
     fn check(&self) -> Result<(), String> {
+        // The registry is spliced into every request URL, so it must be a host with an
+        // optional port and nothing else: no user info, path, query or fragment riding along,
+        // and no port the URL parser rejects.
+        let registry_ok = self
+            .registry
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+            && Url::parse(&format!("{}://{}/", self.scheme, self.registry))
+                .is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()) && u.path() == "/");
+        if !registry_ok {
+            return Err(format!("invalid registry {:?}", self.registry));
+        }
         let repo_ok = !self.repository.is_empty()
             && self.repository.split('/').all(|c| {
                 c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
@@ -136,7 +148,12 @@ impl ImageRef {
         if !repo_ok {
             return Err(format!("invalid repository {:?}", self.repository));
         }
-        let ref_ok = !self.reference.is_empty()
+        // A tag starts with a word character (Docker's grammar, and a digest starts with its
+        // algorithm): a reference of `.` or `..` would be a dot segment, which the URL parser
+        // removes, so the request would go to another path.
+        let ref_ok = self
+            .reference
+            .starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
             && self.reference.len() <= 128 + 8
             && self
                 .reference
@@ -561,6 +578,45 @@ mod tests {
         assert!(ImageRef::parse("https://h/x/manifests/1", false).is_err());
         assert!(ImageRef::parse("Bad/Name", false).is_err());
         assert!(ImageRef::parse("h.io/a/../b:1", false).is_err());
+    }
+
+    #[test]
+    fn registry_must_be_a_host_and_port() {
+        // Found by fuzz/fuzz_targets/image_ref.rs: the registry part was not checked, so these
+        // were accepted and gave a manifest URL that does not parse, or one whose user info,
+        // query or fragment sends the request somewhere other than the named registry.
+        for bad in [
+            "localhost:500\u{f}/team/app:1.2",
+            "localhost:99999/app",
+            "user@evil.io/app:1",
+            "evil.io?.real.io/app:1",
+            "evil.io#.real.io/app:1",
+            "a.b c/app",
+            ":5000/app",
+        ] {
+            assert!(ImageRef::parse(bad, false).is_err(), "{bad:?}");
+        }
+        // Also found by the fuzzer: a tag of `.` or `..` became a dot segment of the URL.
+        for bad in [
+            "https:.",
+            "alpine:..",
+            "h.io/app:.",
+            "https://h.io/v2/app/manifests/..",
+        ] {
+            assert!(ImageRef::parse(bad, false).is_err(), "{bad:?}");
+        }
+        for good in [
+            "localhost:5000/app",
+            "[::1]:5000/a/b:1",
+            "Registry.Example.com/app",
+        ] {
+            let r = ImageRef::parse(good, true).expect(good);
+            let url = Url::parse(&r.manifest_url(&r.reference)).expect("manifest URL parses");
+            assert_eq!(
+                url.path(),
+                format!("/v2/{}/manifests/{}", r.repository, r.reference)
+            );
+        }
     }
 
     #[test]
