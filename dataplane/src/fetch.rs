@@ -110,9 +110,9 @@ impl Session {
         cfg: FetchConfig,
         shaping: Arc<Shaping>,
         rate_limit: u64,
-    ) -> std::io::Result<Rc<Self>> {
+    ) -> Rc<Self> {
         let count = store.layout().piece_count() as usize;
-        Ok(Rc::new(Self {
+        Rc::new(Self {
             store,
             bridge,
             counters,
@@ -127,7 +127,7 @@ impl Session {
                 done: false,
             }),
             changed: event_listener::Event::new(),
-        }))
+        })
     }
 
     /// Task id.
@@ -674,17 +674,11 @@ pub async fn start_download(
     let existing = SESSIONS.with(|m| m.borrow().get(&id).filter(|s| !s.is_done()).cloned());
     let session = match existing {
         Some(s) => s,
-        None => match Session::new(store, bridge.clone(), counters, cfg, shaping, rate_limit) {
-            Ok(s) => {
-                SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
-                s
-            }
-            Err(e) => {
-                let reason = format!("opening the task file: {e}");
-                emit(&bridge, Event::StorageFailed { task: id, reason }).await;
-                return;
-            }
-        },
+        None => {
+            let s = Session::new(store, bridge.clone(), counters, cfg, shaping, rate_limit);
+            SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
+            s
+        }
     };
     if session.check_complete().await {
         SESSIONS.with(|m| m.borrow_mut().remove(&id));

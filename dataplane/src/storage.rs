@@ -222,19 +222,6 @@ impl TaskStore {
         self.file.read_exact_at(buf, range.start)?;
         Ok(())
     }
-
-    /// Reads piece `n` into the tail of `buf` after `buf.len()` bytes already there (used to
-    /// put a frame header and the piece in one buffer).
-    pub fn read_piece_after(&self, n: u32, buf: &mut Vec<u8>) -> Result<(), StoreError> {
-        let range = self
-            .layout
-            .piece_range(n)
-            .ok_or(StoreError::OutOfRange(n))?;
-        let start = buf.len();
-        buf.resize(start + (range.end - range.start) as usize, 0);
-        self.file.read_exact_at(&mut buf[start..], range.start)?;
-        Ok(())
-    }
 }
 
 /// Every task this daemon stores, readable without locks by all threads.

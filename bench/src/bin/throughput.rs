@@ -17,7 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use wire::{PieceLayout, TaskId};
 
 #[global_allocator]
@@ -383,6 +383,5 @@ fn main() -> Result<()> {
         let mut f = std::fs::File::create(&p)?;
         writeln!(f, "{json}")?;
     }
-    let _ = Duration::ZERO;
     Ok(())
 }

@@ -493,6 +493,30 @@ impl SchedulerState {
         out
     }
 
+    /// Checks what a registration or a task announcement must carry (task id, peer id, a host
+    /// with an id, a stream key not in use) and returns the host.
+    fn check_identity(
+        &self,
+        key: PeerKey,
+        task_id: &str,
+        peer_id: &str,
+        host: Option<Host>,
+    ) -> Result<Host, InvalidRequest> {
+        if task_id.is_empty() {
+            return Err(InvalidRequest::MissingTaskId);
+        }
+        if peer_id.is_empty() {
+            return Err(InvalidRequest::MissingPeerId);
+        }
+        let host = host
+            .filter(|h| !h.id.is_empty())
+            .ok_or(InvalidRequest::MissingHost)?;
+        if self.peers.contains_key(&key) {
+            return Err(InvalidRequest::DuplicateKey);
+        }
+        Ok(host)
+    }
+
     /// The first message of an `AnnouncePeer` stream. A registration with the same task and
     /// peer id as a live one replaces it (the old stream gets [`Output::ClosePeer`]).
     pub fn register_peer(
@@ -508,18 +532,7 @@ impl SchedulerState {
             piece_length,
             back_to_source,
         } = register;
-        if task_id.is_empty() {
-            return Err(InvalidRequest::MissingTaskId);
-        }
-        if peer_id.is_empty() {
-            return Err(InvalidRequest::MissingPeerId);
-        }
-        let host = host
-            .filter(|h| !h.id.is_empty())
-            .ok_or(InvalidRequest::MissingHost)?;
-        if self.peers.contains_key(&key) {
-            return Err(InvalidRequest::DuplicateKey);
-        }
+        let host = self.check_identity(key, &task_id, &peer_id, host)?;
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
 
@@ -605,18 +618,7 @@ impl SchedulerState {
             metadata,
             piece_count,
         } = request;
-        if task_id.is_empty() {
-            return Err(InvalidRequest::MissingTaskId);
-        }
-        if peer_id.is_empty() {
-            return Err(InvalidRequest::MissingPeerId);
-        }
-        let host = host
-            .filter(|h| !h.id.is_empty())
-            .ok_or(InvalidRequest::MissingHost)?;
-        if self.peers.contains_key(&key) {
-            return Err(InvalidRequest::DuplicateKey);
-        }
+        let host = self.check_identity(key, &task_id, &peer_id, host)?;
         let metadata = metadata
             .ok_or_else(|| InvalidRequest::InvalidMetadata("metadata is required".into()))?;
         let layout = PieceLayout::new(metadata.content_length, metadata.piece_length)
