@@ -27,6 +27,45 @@ pub struct DaemonConfig {
     pub metrics: MetricsConfig,
     /// Manager (searcher, dynamic config, seed peer keepalive).
     pub manager: ManagerConfig,
+    /// Registry mirror proxy.
+    pub proxy: ProxyConfig,
+}
+
+/// `proxy:` section: the registry mirror (containerd's `hosts.toml` or docker's
+/// `registry-mirrors` point at it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Serve the proxy.
+    pub enable: bool,
+    /// Address the proxy listens on (plain HTTP).
+    pub listen: SocketAddr,
+    /// Regular expressions matched against the upstream URL of a `GET`; a match goes through
+    /// P2P, anything else is passed to the registry.
+    pub rules: Vec<String>,
+    /// Default upstream registry (`https://host[:port]` or `http://…`); a request's
+    /// `X-Dragonfly-Registry` header overrides it.
+    pub registry_mirror: String,
+    /// Accept any TLS certificate from the upstream on requests the proxy passes through.
+    pub insecure_skip_verify: bool,
+    /// PEM files of extra CA certificates trusted for the upstream on passed-through requests.
+    pub ca_certs: Vec<PathBuf>,
+}
+
+/// Default port of the registry mirror proxy.
+pub const DEFAULT_PROXY_PORT: u16 = 4001;
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PROXY_PORT)),
+            rules: vec!["blobs/sha256.*".into()],
+            registry_mirror: "https://index.docker.io".into(),
+            insecure_skip_verify: false,
+            ca_certs: Vec::new(),
+        }
+    }
 }
 
 /// `manager:` section.
@@ -328,6 +367,18 @@ mod tests {
         .expect("parses");
         assert_eq!(c.data_plane.shaping().upload, 100 << 20);
         assert_eq!(c.data_plane.shaping().download, 5000);
+    }
+
+    #[test]
+    fn proxy_section() {
+        let c: DaemonConfig = serde_yaml::from_str(
+            "proxy:\n  enable: true\n  registry_mirror: http://127.0.0.1:5000\n",
+        )
+        .expect("parses");
+        assert!(c.proxy.enable);
+        assert_eq!(c.proxy.listen.port(), DEFAULT_PROXY_PORT);
+        assert_eq!(c.proxy.rules, vec!["blobs/sha256.*".to_string()]);
+        assert_eq!(c.proxy.registry_mirror, "http://127.0.0.1:5000");
     }
 
     #[test]

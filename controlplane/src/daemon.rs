@@ -34,6 +34,8 @@ pub struct Context {
     pub tasks: TaskManager,
     /// Version of the manager's dynamic config applied (0: none yet).
     pub config_version: std::sync::atomic::AtomicU64,
+    /// Counters of the registry mirror proxy.
+    pub proxy: crate::proxy::ProxyCounters,
 }
 
 /// A running dfdaemon.
@@ -134,6 +136,7 @@ impl Daemon {
             http,
             tasks: TaskManager::default(),
             config_version: std::sync::atomic::AtomicU64::new(0),
+            proxy: crate::proxy::ProxyCounters::default(),
         });
         Ok(Self { ctx, dataplane })
     }
@@ -164,6 +167,18 @@ impl Daemon {
                 .with_context(|| format!("binding metrics on {}", ctx.config.metrics.listen))?;
             tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
             tokio::spawn(crate::metrics::serve(ctx.clone(), l));
+        }
+        if ctx.config.proxy.enable {
+            let proxy = Arc::new(crate::proxy::Proxy::new(ctx.clone())?);
+            let l = tokio::net::TcpListener::bind(ctx.config.proxy.listen)
+                .await
+                .with_context(|| format!("binding the proxy on {}", ctx.config.proxy.listen))?;
+            tracing::info!(
+                "registry mirror proxy on http://{} (upstream {})",
+                l.local_addr()?,
+                ctx.config.proxy.registry_mirror
+            );
+            tokio::spawn(proxy.serve(l));
         }
         let socket = ctx.config.local_api.socket.clone();
         let api = crate::local_api::serve(ctx.clone(), &socket, shutdown);

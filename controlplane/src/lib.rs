@@ -3,7 +3,8 @@
 //! It owns the process: loads the [`config`], opens storage, starts the data plane, and then
 //! runs the scheduler sessions ([`scheduler`]), the per-task downloads ([`task`]), fetches
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
-//! socket ([`local_api`]) and Prometheus metrics ([`metrics`]).
+//! socket ([`local_api`]), the registry mirror ([`proxy`]) and Prometheus metrics
+//! ([`metrics`]).
 
 pub mod config;
 pub mod daemon;
@@ -11,6 +12,7 @@ pub mod local_api;
 pub mod manager;
 pub mod metrics;
 pub mod origin;
+pub mod proxy;
 pub mod scheduler;
 pub mod task;
 

@@ -82,6 +82,31 @@ impl Collector for DaemonCollector {
             "Connections closed for a malformed frame",
             &c.malformed_frames,
         )?;
+        let p = &self.ctx.proxy;
+        counter(
+            &mut enc,
+            "damselfly_proxy_p2p_requests",
+            "Registry proxy requests answered from P2P tasks",
+            &p.p2p_requests,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_proxy_pass_through_requests",
+            "Registry proxy requests passed to the upstream registry",
+            &p.pass_through_requests,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_proxy_p2p_bytes",
+            "Body bytes the registry proxy sent from P2P tasks",
+            &p.p2p_bytes,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_proxy_digest_mismatches",
+            "Proxied blob responses aborted for a digest mismatch",
+            &p.digest_mismatches,
+        )?;
         let g = ConstGauge::new(self.ctx.storage.len() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_tasks",

@@ -55,6 +55,8 @@ pub struct ClusterOptions {
     pub static_schedulers: bool,
     /// Daemons' `manager.refresh_interval` (how often they ask for their schedulers).
     pub manager_refresh: Duration,
+    /// Give every daemon a registry mirror proxy on a free port (`--proxy`).
+    pub proxy: bool,
 }
 
 impl Default for ClusterOptions {
@@ -72,6 +74,7 @@ impl Default for ClusterOptions {
             manager: None,
             static_schedulers: true,
             manager_refresh: Duration::from_millis(500),
+            proxy: false,
         }
     }
 }
@@ -214,6 +217,8 @@ pub struct Daemon {
     pub data_addr: SocketAddr,
     /// `--metrics` address.
     pub metrics_addr: SocketAddr,
+    /// `--proxy` address (the registry mirror), when [`ClusterOptions::proxy`] is on.
+    pub proxy_addr: Option<SocketAddr>,
     /// The process.
     pub proc: Proc,
 }
@@ -451,6 +456,13 @@ impl Cluster {
             "--threads".into(),
             self.opts.threads.to_string(),
         ]);
+        let proxy_addr = if self.opts.proxy {
+            let a = loopback(free_port()?);
+            args.extend(["--proxy".into(), a.to_string()]);
+            Some(a)
+        } else {
+            None
+        };
         args.extend(self.opts.daemon_args.iter().cloned());
         if self.opts.verbose {
             eprintln!("[demo] starting {name} ...");
@@ -470,6 +482,7 @@ impl Cluster {
             socket,
             data_addr,
             metrics_addr,
+            proxy_addr,
             proc,
         })
     }
@@ -706,11 +719,16 @@ where
 async fn wait_daemon(d: &Daemon, timeout: Duration) -> Result<()> {
     let socket = d.socket.clone();
     let data = d.data_addr;
+    let proxy = d.proxy_addr;
     wait_ready(&d.proc, timeout, || {
         let socket = socket.clone();
         async move {
             tokio::net::UnixStream::connect(&socket).await.is_ok()
                 && tokio::net::TcpStream::connect(data).await.is_ok()
+                && match proxy {
+                    Some(p) => tokio::net::TcpStream::connect(p).await.is_ok(),
+                    None => true,
+                }
         }
     })
     .await

@@ -9,6 +9,8 @@
 //! * [`manager`]: a `manager` process (SQLite, bootstrap token, fast keepalives) and a
 //!   client for its REST API.
 //! * [`frames`]: a small async client/server connection speaking the data-plane frames.
+//! * [`registry`]: a real `docker-registry`, OCI images built here and pushed with `skopeo`,
+//!   a throwaway `containerd` for `ctr images pull` through a mirror.
 //! * [`fake_parent`]: a misbehaving parent that registers with the scheduler and serves
 //!   corrupt pieces.
 //!
@@ -22,6 +24,7 @@ pub mod frames;
 pub mod grpc;
 pub mod manager;
 pub mod origin;
+pub mod registry;
 
 pub use cluster::{Cluster, ClusterOptions, Daemon};
 pub use content::Content;

@@ -49,6 +49,13 @@ struct Args {
     /// Data-plane threads (data_plane.threads; 0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Serve the registry mirror proxy on this address (proxy.enable + proxy.listen).
+    #[arg(long)]
+    proxy: Option<SocketAddr>,
+    /// Default upstream registry of the proxy, e.g. https://index.docker.io
+    /// (proxy.registry_mirror).
+    #[arg(long)]
+    registry_mirror: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +104,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(t) = args.threads {
         cfg.data_plane.threads = t;
+    }
+    if let Some(addr) = args.proxy {
+        cfg.proxy.enable = true;
+        cfg.proxy.listen = addr;
+    }
+    if let Some(u) = args.registry_mirror {
+        cfg.proxy.registry_mirror = u;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

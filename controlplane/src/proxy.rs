@@ -1,0 +1,691 @@
+//! The registry mirror proxy (`proxy:` section, default `127.0.0.1:4001`).
+//!
+//! containerd (`hosts.toml`) or docker (`registry-mirrors`) send their registry API requests
+//! here, in plain HTTP. The upstream registry is `proxy.registry_mirror`, or the
+//! `X-Dragonfly-Registry` header of the request.
+//!
+//! * A `GET` whose upstream URL matches one of `proxy.rules` (default `blobs/sha256.*`) goes
+//!   through P2P: the blob's digest (`sha256:…` in the path) is the task id, so one blob is
+//!   one task whatever the repository or registry it is asked from. The task runs through the
+//!   usual machinery (scheduler, seed peer and peers, or back to the registry with the
+//!   client's headers, `Authorization` included). The response starts as soon as the task's
+//!   size is known and streams each piece as soon as it is stored. The whole body is hashed
+//!   on the way and the last chunk is held back until the digest matches: a mismatch aborts
+//!   the connection, so a client never gets a complete body with wrong content. `Range`
+//!   requests are answered `206` from the pieces (only crc32c-checked per piece: a part of a
+//!   blob has no digest). When the task fails before the response starts, the request is
+//!   passed through instead, so the registry's own answer (`401` with `WWW-Authenticate`,
+//!   `404`, …) reaches the client.
+//! * Everything else (`/v2/` ping, manifests, `HEAD` on blobs, token challenges) is passed to
+//!   the upstream unchanged: headers (minus hop-by-hop ones), status, redirects (not
+//!   followed) and body, streamed.
+
+use crate::config::ProxyConfig;
+use crate::daemon::Context;
+use crate::task::{TaskSpec, TaskState};
+use anyhow::Context as _;
+use dataplane::TaskStore;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, BodyDataStream, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use regex::Regex;
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt as _;
+use wire::TaskId;
+
+/// Header naming the upstream registry of one request (`https://registry.example.com`).
+pub const REGISTRY_HEADER: &str = "x-dragonfly-registry";
+
+/// Largest read from a task file per body chunk.
+const CHUNK: u64 = 1 << 20;
+
+/// Body chunks buffered between the file reader and the client connection.
+const BODY_QUEUE: usize = 4;
+
+/// How often a stream waiting for a piece looks at the task again even without a wake-up.
+const PIECE_POLL: Duration = Duration::from_secs(1);
+
+/// Body of every proxy response.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Counters of the proxy (exposed on `/metrics`).
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    /// Requests answered from P2P (the response started from a task).
+    pub p2p_requests: AtomicU64,
+    /// Requests passed to the upstream registry (including P2P fallbacks).
+    pub pass_through_requests: AtomicU64,
+    /// Body bytes sent to clients from P2P tasks.
+    pub p2p_bytes: AtomicU64,
+    /// Blob streams aborted because the content did not match its digest.
+    pub digest_mismatches: AtomicU64,
+}
+
+/// The proxy: validated configuration and the HTTP client for passed-through requests.
+#[derive(Debug)]
+pub struct Proxy {
+    ctx: Arc<Context>,
+    rules: Vec<Regex>,
+    upstream: url::Url,
+    client: reqwest::Client,
+}
+
+/// Why a request could not be served; answered with a registry-style JSON error.
+#[derive(Debug, thiserror::Error)]
+enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("upstream registry: {0}")]
+    Upstream(String),
+}
+
+impl Proxy {
+    /// Checks the `proxy:` section (rules compile, upstream URL and CA files are valid) and
+    /// builds the client for passed-through requests (redirects are not followed).
+    pub fn new(ctx: Arc<Context>) -> anyhow::Result<Self> {
+        let cfg: &ProxyConfig = &ctx.config.proxy;
+        let rules = cfg
+            .rules
+            .iter()
+            .map(|r| Regex::new(r).with_context(|| format!("proxy.rules: {r:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let upstream = parse_upstream(&cfg.registry_mirror)
+            .map_err(|e| anyhow::anyhow!("proxy.registry_mirror: {e}"))?;
+        let mut b = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(ctx.config.download.origin_timeout)
+            .danger_accept_invalid_certs(cfg.insecure_skip_verify);
+        for path in &cfg.ca_certs {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("proxy.ca_certs: reading {}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("proxy.ca_certs: {} is not PEM", path.display()))?;
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let client = b.build().context("building the proxy's HTTP client")?;
+        Ok(Self {
+            ctx,
+            rules,
+            upstream,
+            client,
+        })
+    }
+
+    /// Serves HTTP/1.1 connections from `listener` forever.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("proxy accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await
+                {
+                    tracing::debug!("proxy connection: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        match self.route(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("proxy {method} {path}: {e}");
+                let status = match e {
+                    ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                    ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+                };
+                error_response(status, &e.to_string())
+            }
+        }
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let upstream = match req.headers().get(REGISTRY_HEADER) {
+            Some(v) => {
+                let s = v.to_str().map_err(|_| {
+                    ProxyError::BadRequest(format!("{REGISTRY_HEADER} is not ASCII"))
+                })?;
+                parse_upstream(s)
+                    .map_err(|e| ProxyError::BadRequest(format!("{REGISTRY_HEADER}: {e}")))?
+            }
+            None => self.upstream.clone(),
+        };
+        let path_q = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let target = format!("{}{path_q}", upstream.as_str().trim_end_matches('/'));
+        let url = url::Url::parse(&target)
+            .map_err(|e| ProxyError::BadRequest(format!("url {target:?}: {e}")))?;
+        if req.method() == Method::GET && self.rules.iter().any(|r| r.is_match(url.as_str())) {
+            let (parts, _body) = req.into_parts();
+            return self.p2p(parts, url).await;
+        }
+        let (parts, body) = req.into_parts();
+        let body = if body_less(&parts.method, &parts.headers) {
+            None
+        } else {
+            Some(reqwest::Body::wrap_stream(BodyDataStream::new(body)))
+        };
+        self.pass_through(&parts.method, &parts.headers, body, url)
+            .await
+    }
+
+    /// Forwards a request to the upstream and streams its answer back unchanged.
+    async fn pass_through(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        body: Option<reqwest::Body>,
+        url: url::Url,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        dataplane::Counters::add(&self.ctx.proxy.pass_through_requests, 1);
+        let mut rb = self.client.request(method.clone(), url.clone());
+        for (name, value) in headers {
+            if forwardable(name) {
+                rb = rb.header(name, value);
+            }
+        }
+        if let Some(b) = body {
+            rb = rb.body(b);
+        }
+        let resp = match tokio::time::timeout(self.ctx.config.download.origin_timeout, rb.send())
+            .await
+        {
+            Err(_) => {
+                return Err(ProxyError::Upstream(format!(
+                    "{url}: no response headers within {:?}",
+                    self.ctx.config.download.origin_timeout
+                )))
+            }
+            Ok(Err(e)) => return Err(ProxyError::Upstream(format!("{url}: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        tracing::debug!("proxy {method} {url} → {}", resp.status());
+        let mut out = Response::builder().status(resp.status());
+        for (name, value) in resp.headers() {
+            if !hop_by_hop(name) {
+                out = out.header(name, value);
+            }
+        }
+        let stream = resp
+            .bytes_stream()
+            .map(|r| r.map(Frame::data).map_err(|e| -> BoxError { Box::new(e) }));
+        out.body(StreamBody::new(stream).boxed())
+            .map_err(|e| ProxyError::Upstream(format!("building the response: {e}")))
+    }
+
+    /// Serves a blob from its P2P task, or passes the request through when the task fails
+    /// before the response starts.
+    async fn p2p(
+        &self,
+        parts: hyper::http::request::Parts,
+        url: url::Url,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let digest = blob_digest(url.path());
+        let id = match &digest {
+            Some((text, _)) => TaskId::from_content_digest(text),
+            None => TaskId::from_url(url.as_str(), &wire::task::TaskIdOptions::default())
+                .map_err(|e| ProxyError::BadRequest(format!("url {url}: {e}")))?,
+        };
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(n, _)| forwardable(n) && *n != header::RANGE && *n != header::ACCEPT_ENCODING)
+            .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        let spec = TaskSpec {
+            id,
+            url: url.to_string(),
+            headers,
+            piece_length: 0,
+            back_to_source: false,
+            disable_back_to_source: false,
+            rate_limit: 0,
+            scheduler: None,
+        };
+        let mut state = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
+        let store = match self.wait_layout(&id, &mut state).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(task = %id, "proxy: P2P download of {url} failed before the response started ({e}); passing the request through");
+                return self.pass_through(&parts.method, &parts.headers, None, url).await;
+            }
+        };
+        let len = store.layout().content_length();
+        let range = match parse_range(parts.headers.get(header::RANGE), len) {
+            RangeAsk::Full => None,
+            RangeAsk::Part(a, b) => Some((a, b)),
+            RangeAsk::Unsatisfiable => {
+                let mut r = error_response(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    &format!("range not satisfiable for a blob of {len} bytes"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    r.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(r);
+            }
+        };
+        let (start, end) = range.unwrap_or((0, len));
+        dataplane::Counters::add(&self.ctx.proxy.p2p_requests, 1);
+        let mut out = Response::builder()
+            .status(if range.is_some() {
+                StatusCode::PARTIAL_CONTENT
+            } else {
+                StatusCode::OK
+            })
+            .header(header::CONTENT_LENGTH, end - start)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::ACCEPT_RANGES, "bytes");
+        if range.is_some() {
+            out = out.header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{len}", end - 1),
+            );
+        }
+        if let Some((text, _)) = &digest {
+            out = out.header("docker-content-digest", text.as_str());
+        }
+        // A part of a blob has no digest to check; the whole blob has.
+        let want = if range.is_none() {
+            digest.map(|(_, d)| d)
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel(BODY_QUEUE);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let res = stream_blob(&ctx, &store, state, start, end, want, &tx).await;
+            if let Err(e) = res {
+                tracing::warn!(task = %id, "proxy: aborting the response of {url}: {e}");
+                if matches!(e, StreamError::Digest(_)) {
+                    dataplane::Counters::add(&ctx.proxy.digest_mismatches, 1);
+                    if store.is_complete() {
+                        // Keep nobody else from being served the bad content.
+                        let _ = ctx.storage.remove(&id);
+                    }
+                }
+                let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+            }
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        out.body(body.boxed())
+            .map_err(|e| ProxyError::Upstream(format!("building the response: {e}")))
+    }
+
+    /// Waits until the task's size is known (its store exists); fails when the task fails.
+    async fn wait_layout(
+        &self,
+        id: &TaskId,
+        state: &mut watch::Receiver<TaskState>,
+    ) -> Result<Arc<TaskStore>, String> {
+        loop {
+            let now = state.borrow_and_update().clone();
+            match now {
+                TaskState::Done(store, _) => return Ok(store),
+                TaskState::Failed(e) => return Err(e),
+                TaskState::Running(p) => {
+                    if p.content_length.is_some() {
+                        if let Some(s) = self.ctx.storage.get(id) {
+                            return Ok(s);
+                        }
+                    }
+                }
+            }
+            if state.changed().await.is_err() {
+                // The run is over; its last state says how.
+                let last = state.borrow().clone();
+                return match last {
+                    TaskState::Done(store, _) => Ok(store),
+                    TaskState::Failed(e) => Err(e),
+                    TaskState::Running(_) => self
+                        .ctx
+                        .storage
+                        .get(id)
+                        .ok_or_else(|| "download ended without a result".to_string()),
+                };
+            }
+        }
+    }
+}
+
+/// Why a P2P blob stream stopped early.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("{0}")]
+    Task(String),
+    #[error("reading the task file: {0}")]
+    Io(String),
+    #[error("digest mismatch: {0}")]
+    Digest(String),
+}
+
+type BodyTx = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+/// Streams bytes `start..end` of the task to `tx` as pieces arrive. With `want`, the bytes
+/// are the whole blob: they are hashed and the last chunk is sent only when the digest
+/// matches. Returns `Ok` also when the client went away.
+async fn stream_blob(
+    ctx: &Context,
+    store: &Arc<TaskStore>,
+    mut state: watch::Receiver<TaskState>,
+    start: u64,
+    end: u64,
+    want: Option<[u8; 32]>,
+    tx: &BodyTx,
+) -> Result<(), StreamError> {
+    let layout = store.layout();
+    let mut hasher = want.map(|_| Sha256::new());
+    let mut held: Option<Bytes> = None;
+    let mut pos = start;
+    let mut state_open = true;
+    while pos < end {
+        let (n, piece_end) = layout
+            .piece_at(pos)
+            .and_then(|n| Some((n, layout.piece_range(n)?.end)))
+            .ok_or_else(|| StreamError::Task(format!("offset {pos} is outside the task")))?;
+        wait_piece(store, n, &mut state, &mut state_open).await?;
+        let stop = end.min(piece_end).min(pos + CHUNK);
+        let (data, h) = read_chunk(store.clone(), pos, stop - pos, hasher.take()).await?;
+        hasher = h;
+        pos = stop;
+        dataplane::Counters::add(&ctx.proxy.p2p_bytes, data.len() as u64);
+        if let Some(prev) = held.replace(data) {
+            if tx.send(Ok(Frame::data(prev))).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if let (Some(h), Some(w)) = (hasher, want) {
+        let got: [u8; 32] = h.finalize().into();
+        if got != w {
+            return Err(StreamError::Digest(format!(
+                "expected sha256:{}, got sha256:{}",
+                hex::encode(w),
+                hex::encode(got)
+            )));
+        }
+    }
+    if let Some(last) = held {
+        let _ = tx.send(Ok(Frame::data(last))).await;
+    }
+    Ok(())
+}
+
+/// Waits until piece `n` is stored; fails when the task fails first.
+async fn wait_piece(
+    store: &TaskStore,
+    n: u32,
+    state: &mut watch::Receiver<TaskState>,
+    state_open: &mut bool,
+) -> Result<(), StreamError> {
+    loop {
+        if store.has(n) {
+            return Ok(());
+        }
+        let listener = store.listen();
+        if store.has(n) {
+            return Ok(());
+        }
+        if let TaskState::Failed(e) = &*state.borrow() {
+            return Err(StreamError::Task(format!("download failed: {e}")));
+        }
+        if !*state_open && !matches!(&*state.borrow(), TaskState::Running(_)) {
+            // Done without this piece: the store was replaced or removed.
+            return Err(StreamError::Task(format!("download ended without piece {n}")));
+        }
+        tokio::select! {
+            _ = listener => {}
+            r = state.changed(), if *state_open => {
+                if r.is_err() {
+                    *state_open = false;
+                }
+            }
+            _ = tokio::time::sleep(PIECE_POLL) => {}
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of the task file (and hashes them) off the async threads.
+async fn read_chunk(
+    store: Arc<TaskStore>,
+    offset: u64,
+    len: u64,
+    hasher: Option<Sha256>,
+) -> Result<(Bytes, Option<Sha256>), StreamError> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        store
+            .file()
+            .read_exact_at(&mut buf, offset)
+            .map_err(|e| StreamError::Io(e.to_string()))?;
+        let hasher = hasher.map(|mut h| {
+            h.update(&buf);
+            h
+        });
+        Ok((Bytes::from(buf), hasher))
+    })
+    .await
+    .map_err(|e| StreamError::Io(format!("reader task: {e}")))?
+}
+
+/// Parses an upstream registry URL (`http` or `https`, no query).
+fn parse_upstream(s: &str) -> Result<url::Url, String> {
+    let u = url::Url::parse(s.trim()).map_err(|e| format!("{s:?}: {e}"))?;
+    match u.scheme() {
+        "http" | "https" if u.host_str().is_some() => Ok(u),
+        _ => Err(format!(
+            "{s:?} must be an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+/// The `sha256:<64 hex>` digest in a blob path (`/v2/<name>/blobs/sha256:<hex>`), as text and
+/// bytes.
+pub fn blob_digest(path: &str) -> Option<(String, [u8; 32])> {
+    let i = path.find("/blobs/sha256:")?;
+    let hexpart = path.get(i + "/blobs/sha256:".len()..)?;
+    let hexpart = hexpart.split('/').next()?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hexpart, &mut out).ok()?;
+    Some((format!("sha256:{}", hexpart.to_ascii_lowercase()), out))
+}
+
+/// What a `Range` header asks of a blob of known length.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No range (or one this proxy answers with the whole body, as HTTP allows: several
+    /// ranges, other units, unparsable).
+    Full,
+    /// Bytes `start..end` (end exclusive).
+    Part(u64, u64),
+    /// A single byte range that starts past the end.
+    Unsatisfiable,
+}
+
+/// Parses `Range: bytes=a-b`, `bytes=a-`, `bytes=-n` against `len`.
+pub fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeAsk {
+    let Some(s) = h.and_then(|v| v.to_str().ok()) else {
+        return RangeAsk::Full;
+    };
+    let Some(spec) = s.trim().strip_prefix("bytes=") else {
+        return RangeAsk::Full;
+    };
+    if spec.contains(',') {
+        return RangeAsk::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAsk::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // Suffix: the last n bytes.
+        let Ok(n) = b.parse::<u64>() else {
+            return RangeAsk::Full;
+        };
+        if n == 0 || len == 0 {
+            return RangeAsk::Unsatisfiable;
+        }
+        return RangeAsk::Part(len - n.min(len), len);
+    }
+    let Ok(start) = a.parse::<u64>() else {
+        return RangeAsk::Full;
+    };
+    let end = if b.is_empty() {
+        len
+    } else {
+        match b.parse::<u64>() {
+            Ok(last) if last >= start => last.saturating_add(1).min(len),
+            _ => return RangeAsk::Full,
+        }
+    };
+    if start >= len {
+        return RangeAsk::Unsatisfiable;
+    }
+    RangeAsk::Part(start, end)
+}
+
+/// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Request headers passed to the upstream (`Host` is the upstream's own).
+fn forwardable(name: &HeaderName) -> bool {
+    !hop_by_hop(name) && *name != header::HOST && name.as_str() != REGISTRY_HEADER
+}
+
+/// Whether a request has no body to forward.
+fn body_less(method: &Method, headers: &HeaderMap) -> bool {
+    (*method == Method::GET || *method == Method::HEAD)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// A registry-style JSON error (`{"errors":[{"code":…,"message":…}]}`).
+fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let code = match status {
+        StatusCode::BAD_REQUEST => "UNSUPPORTED",
+        StatusCode::RANGE_NOT_SATISFIABLE => "BLOB_UNKNOWN",
+        _ => "UNAVAILABLE",
+    };
+    let body = format!(
+        "{{\"errors\":[{{\"code\":\"{code}\",\"message\":{}}}]}}\n",
+        json_string(message)
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).expect("header")
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range(None, 100), RangeAsk::Full);
+        assert_eq!(parse_range(Some(&hv("bytes=0-")), 100), RangeAsk::Part(0, 100));
+        assert_eq!(parse_range(Some(&hv("bytes=10-19")), 100), RangeAsk::Part(10, 20));
+        assert_eq!(parse_range(Some(&hv("bytes=90-500")), 100), RangeAsk::Part(90, 100));
+        assert_eq!(parse_range(Some(&hv("bytes=-10")), 100), RangeAsk::Part(90, 100));
+        assert_eq!(parse_range(Some(&hv("bytes=-500")), 100), RangeAsk::Part(0, 100));
+        assert_eq!(parse_range(Some(&hv("bytes=100-")), 100), RangeAsk::Unsatisfiable);
+        assert_eq!(parse_range(Some(&hv("bytes=0-1,5-6")), 100), RangeAsk::Full);
+        assert_eq!(parse_range(Some(&hv("bytes=5-1")), 100), RangeAsk::Full);
+        assert_eq!(parse_range(Some(&hv("items=0-1")), 100), RangeAsk::Full);
+        assert_eq!(parse_range(Some(&hv("bytes=x-")), 100), RangeAsk::Full);
+    }
+
+    #[test]
+    fn digests_in_paths() {
+        let hex64 = "ab".repeat(32);
+        let (text, bytes) =
+            blob_digest(&format!("/v2/library/alpine/blobs/sha256:{hex64}")).expect("digest");
+        assert_eq!(text, format!("sha256:{hex64}"));
+        assert_eq!(bytes, [0xab; 32]);
+        assert!(blob_digest("/v2/library/alpine/blobs/sha256:abc").is_none());
+        assert!(blob_digest("/v2/library/alpine/manifests/latest").is_none());
+        assert!(blob_digest(&format!("/v2/x/blobs/sha512:{hex64}")).is_none());
+    }
+
+    #[test]
+    fn upstreams() {
+        assert!(parse_upstream("https://registry.example.com").is_ok());
+        assert!(parse_upstream("http://127.0.0.1:5000").is_ok());
+        assert!(parse_upstream("ftp://x").is_err());
+        assert!(parse_upstream("registry.example.com").is_err());
+    }
+
+    #[test]
+    fn json_errors_escape() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

@@ -1,0 +1,390 @@
+//! Real container-registry parts for the registry-mirror tests.
+//!
+//! * [`Registry`]: Debian's `docker-registry` (distribution 2.x) serving from a temp dir on
+//!   loopback, with its access log (one line per request) parsed to count blob fetches.
+//! * [`OciImage`]: an OCI image layout built here (generated tar.gz layers, config,
+//!   manifest, `index.json`) that `skopeo copy oci:DIR:TAG docker://…` pushes.
+//! * [`skopeo`]: runs `skopeo` with a permissive signature policy of its own.
+//! * [`Containerd`]: a `containerd` with its root, state and socket in a temp dir, for
+//!   `ctr images pull --hosts-dir` through a mirror.
+//!
+//! The tools are Debian packages (`docker-registry`, `skopeo`, `containerd`);
+//! [`missing_tools`] names the ones not installed so a test can say SKIP.
+
+use crate::cluster::{free_port, wait_ready, Proc};
+use crate::content;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+/// The registry binary of Debian's `docker-registry` package.
+pub const REGISTRY_BIN: &str = "docker-registry";
+
+/// Which of `tools` are not on `PATH`.
+pub fn missing_tools(tools: &[&str]) -> Vec<String> {
+    tools
+        .iter()
+        .filter(|t| which(t).is_none())
+        .map(|t| t.to_string())
+        .collect()
+}
+
+/// The path of `tool` on `PATH`.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A running `docker-registry` on `127.0.0.1`; killed on drop.
+#[derive(Debug)]
+pub struct Registry {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Storage root (`docker/registry/v2/...` below it).
+    pub storage: PathBuf,
+    /// The process (its log holds the access log).
+    pub proc: Proc,
+}
+
+impl Registry {
+    /// Starts a registry with its config, storage and log in `dir`, and waits until `/v2/`
+    /// answers.
+    pub async fn start(dir: &Path) -> Result<Self> {
+        let bin = which(REGISTRY_BIN).with_context(|| {
+            format!("{REGISTRY_BIN} not found (apt-get install docker-registry)")
+        })?;
+        let storage = dir.join("registry-data");
+        std::fs::create_dir_all(&storage)
+            .with_context(|| format!("creating {}", storage.display()))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+                 http:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        let proc = Proc::spawn(
+            "registry",
+            &bin,
+            &["serve".to_string(), config.display().to_string()],
+            dir.join("registry.log"),
+            "info",
+        )?;
+        let url = format!("http://{addr}/v2/");
+        wait_ready(&proc, Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                reqwest::get(&url)
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await?;
+        Ok(Self {
+            addr,
+            storage,
+            proc,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests in the access log whose request line starts with `method path_prefix`
+    /// (e.g. `"GET"`, `"/v2/test/img/blobs/sha256:…"`).
+    pub fn requests(&self, method: &str, path_prefix: &str) -> Result<usize> {
+        let log = std::fs::read_to_string(self.proc.log_path())
+            .with_context(|| format!("reading {}", self.proc.log_path().display()))?;
+        let needle = format!("\"{method} {path_prefix}");
+        Ok(log.lines().filter(|l| l.contains(&needle)).count())
+    }
+
+    /// `GET`s of blob `digest` (`sha256:…`) in any repository, as the access log shows.
+    pub fn blob_gets(&self, digest: &str) -> Result<usize> {
+        let log = std::fs::read_to_string(self.proc.log_path())
+            .with_context(|| format!("reading {}", self.proc.log_path().display()))?;
+        let tail = format!("/blobs/{digest} ");
+        Ok(log
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&tail))
+            .count())
+    }
+
+    /// The file holding blob `digest` in the registry's storage (to corrupt it in tests).
+    pub fn blob_file(&self, digest: &str) -> Result<PathBuf> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .with_context(|| format!("digest {digest:?} is not sha256:…"))?;
+        let two = hex.get(..2).context("digest too short")?;
+        Ok(self
+            .storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(two)
+            .join(hex)
+            .join("data"))
+    }
+}
+
+/// One blob of an [`OciImage`].
+#[derive(Debug, Clone)]
+pub struct Blob {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// An OCI image layout on disk: `oci-layout`, `index.json`, `blobs/sha256/*`.
+#[derive(Debug, Clone)]
+pub struct OciImage {
+    /// The layout directory (`oci:DIR:TAG` for skopeo).
+    pub dir: PathBuf,
+    /// Its tag (`org.opencontainers.image.ref.name`).
+    pub tag: String,
+    /// Manifest blob.
+    pub manifest: Blob,
+    /// Config blob.
+    pub config: Blob,
+    /// Layer blobs (gzip-compressed tars).
+    pub layers: Vec<Blob>,
+}
+
+fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn put_blob(dir: &Path, data: &[u8]) -> Result<Blob> {
+    let digest = sha256_digest(data);
+    let hex = &digest["sha256:".len()..];
+    let path = dir.join("blobs/sha256").join(hex);
+    std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Blob {
+        digest,
+        size: data.len() as u64,
+    })
+}
+
+impl OciImage {
+    /// Builds an image in `dir` (created) with one layer per entry of `layer_sizes`: a tar.gz
+    /// holding one file of that many generated bytes (seed `seed + i`, incompressible, so the
+    /// blob is a little larger than the file).
+    pub fn build(dir: &Path, tag: &str, seed: u64, layer_sizes: &[u64]) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("blobs/sha256"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let mut layers = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (i, &size) in layer_sizes.iter().enumerate() {
+            let mut data = vec![0u8; size as usize];
+            content::fill(seed + i as u64, 0, &mut data);
+            let mut tar = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("layer{i}/data.bin"), &data[..])
+                .context("building a layer tar")?;
+            let tar = tar.into_inner().context("finishing a layer tar")?;
+            diff_ids.push(sha256_digest(&tar));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&tar).context("compressing a layer")?;
+            let gz = gz.finish().context("compressing a layer")?;
+            layers.push(put_blob(dir, &gz)?);
+        }
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        let config = put_blob(dir, config.to_string().as_bytes())?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config.digest,
+                "size": config.size,
+            },
+            "layers": layers.iter().map(|l| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": l.digest,
+                "size": l.size,
+            })).collect::<Vec<_>>(),
+        });
+        let manifest = put_blob(dir, manifest.to_string().as_bytes())?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest.digest,
+                "size": manifest.size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        });
+        std::fs::write(dir.join("index.json"), index.to_string()).context("writing index.json")?;
+        std::fs::write(dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")
+            .context("writing oci-layout")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            tag: tag.to_string(),
+            manifest,
+            config,
+            layers,
+        })
+    }
+
+    /// The config and layer blobs (what a pull fetches with `GET …/blobs/…`).
+    pub fn blobs(&self) -> Vec<Blob> {
+        std::iter::once(self.config.clone())
+            .chain(self.layers.iter().cloned())
+            .collect()
+    }
+
+    /// Path of blob `digest` in this layout.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        blob_path(&self.dir, digest)
+    }
+}
+
+/// Path of blob `digest` in the OCI layout at `dir`.
+pub fn blob_path(dir: &Path, digest: &str) -> PathBuf {
+    dir.join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap_or(digest))
+}
+
+/// Runs `skopeo ARGS` with a signature policy (accept anything) written in `work`, bounded by
+/// `timeout`.
+pub async fn skopeo(work: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    let policy = work.join("skopeo-policy.json");
+    if !policy.exists() {
+        std::fs::write(
+            &policy,
+            "{\"default\":[{\"type\":\"insecureAcceptAnything\"}]}",
+        )
+        .with_context(|| format!("writing {}", policy.display()))?;
+    }
+    let mut cmd = tokio::process::Command::new("skopeo");
+    cmd.arg("--policy")
+        .arg(&policy)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Ok(o) => o.context("running skopeo"),
+        Err(_) => bail!("skopeo {} did not finish within {timeout:?}", args.join(" ")),
+    }
+}
+
+/// A `containerd` with its root, state and sockets under one directory; killed on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    /// Its gRPC socket (`ctr --address`).
+    pub socket: PathBuf,
+    /// The process.
+    pub proc: Proc,
+}
+
+impl Containerd {
+    /// Starts containerd (CRI plugin off) with everything under `dir`, and waits until `ctr
+    /// version` answers.
+    pub async fn start(dir: &Path) -> Result<Self> {
+        let bin = which("containerd").context("containerd not found")?;
+        let root = dir.join("root");
+        let state = dir.join("state");
+        for d in [&root, &state] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("containerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}.ttrpc\"\n\
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                root.display(),
+                state.display(),
+                socket.display(),
+                socket.display()
+            ),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        let proc = Proc::spawn(
+            "containerd",
+            &bin,
+            &["--config".to_string(), config.display().to_string()],
+            dir.join("containerd.log"),
+            "info",
+        )?;
+        let c = Self { socket, proc };
+        let sock = c.socket.clone();
+        wait_ready(&c.proc, Duration::from_secs(20), || {
+            let sock = sock.clone();
+            async move {
+                tokio::process::Command::new("ctr")
+                    .arg("--address")
+                    .arg(&sock)
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.success())
+            }
+        })
+        .await?;
+        Ok(c)
+    }
+
+    /// Runs `ctr --address SOCK ARGS`, bounded by `timeout`.
+    pub async fn ctr(&self, args: &[&str], timeout: Duration) -> Result<Output> {
+        let mut cmd = tokio::process::Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(o) => o.context("running ctr"),
+            Err(_) => bail!("ctr {} did not finish within {timeout:?}", args.join(" ")),
+        }
+    }
+}
+
+/// Writes `<hosts_dir>/<registry_host>/hosts.toml` sending pulls of `registry_host` (served
+/// by `server`) to the mirror at `mirror` (`http://127.0.0.1:4001`), with the
+/// `X-Dragonfly-Registry: server` header.
+pub fn write_hosts_toml(
+    hosts_dir: &Path,
+    registry_host: &str,
+    server: &str,
+    mirror: &str,
+) -> Result<PathBuf> {
+    let dir = hosts_dir.join(registry_host);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("hosts.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "server = \"{server}\"\n\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n\
+             [host.\"{mirror}\".header]\n  X-Dragonfly-Registry = [\"{server}\"]\n"
+        ),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}

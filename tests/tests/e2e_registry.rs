@@ -1,0 +1,381 @@
+//! The registry mirror proxy against real parts: Debian's `docker-registry` holding an image
+//! built here and pushed with `skopeo`, two dfdaemons with proxies, `skopeo` and
+//! containerd's `ctr` pulling through them. The registry must serve each blob once (its
+//! access log is counted), the second host must get the layers from the first, the pulled
+//! blobs must equal the pushed ones, `Range` and `HEAD` and `X-Dragonfly-Registry` must work,
+//! and a blob whose content does not match its digest must never be served complete.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+use testkit::registry::{self, blob_path, skopeo, Containerd, OciImage, Registry, REGISTRY_BIN};
+use testkit::{Cluster, ClusterOptions};
+
+const MIB: u64 = 1 << 20;
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn check(what: &str, o: &Output) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstderr: {}\nstdout: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr).trim(),
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
+}
+
+/// Whether the registry tools are installed; prints why the test is skipped when not.
+fn tools_or_skip(test: &str) -> bool {
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
+    if missing.is_empty() {
+        return true;
+    }
+    eprintln!(
+        "SKIP {test}: {} not installed (apt-get install -y docker-registry skopeo containerd)",
+        missing.join(", ")
+    );
+    false
+}
+
+/// A counter of a daemon's `/metrics` (prometheus-client appends `_total` to counters).
+async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics request")
+        .text()
+        .await
+        .expect("metrics body");
+    let total = format!("{name}_total");
+    text.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let n = it.next()?;
+            (n == name || n == total).then(|| it.next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+async fn push(reg: &Registry, work: &Path, image: &OciImage, repo: &str) {
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{}", image.dir.display(), image.tag),
+            &format!("docker://{}/{repo}:{}", reg.addr, image.tag),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo push", &o);
+}
+
+fn assert_same_blobs(image: &OciImage, out: &Path, who: &str) {
+    for b in image.blobs() {
+        let got = std::fs::read(blob_path(out, &b.digest))
+            .unwrap_or_else(|e| panic!("{who}: blob {} missing from the pull: {e}", b.digest));
+        let want = std::fs::read(image.blob_path(&b.digest)).expect("reading a pushed blob");
+        assert!(got == want, "{who}: blob {} differs from the pushed one", b.digest);
+    }
+}
+
+fn assert_served_once(reg: &Registry, image: &OciImage, when: &str) {
+    for b in image.blobs() {
+        let gets = reg.blob_gets(&b.digest).expect("reading the registry log");
+        assert_eq!(
+            gets, 1,
+            "{when}: the registry served blob {} ({} bytes) {gets} times, expected once",
+            b.digest, b.size
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pulls_through_two_proxies_leave_the_registry_once() {
+    if !tools_or_skip("image_pulls_through_two_proxies_leave_the_registry_once") {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-registry-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let reg = Registry::start(work).await.expect("starting docker-registry");
+    let image = OciImage::build(&work.join("image"), "v1", 77, &[3 * MIB + 4321, 2 * MIB])
+        .expect("building the image");
+    push(&reg, work, &image, "test/img").await;
+    for b in image.blobs() {
+        assert_eq!(reg.blob_gets(&b.digest).expect("log"), 0, "push fetched a blob");
+    }
+
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 2,
+        proxy: true,
+        daemon_args: vec!["--registry-mirror".into(), reg.url()],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
+    let proxy1 = p1.proxy_addr.expect("peer-1 has a proxy");
+    let proxy2 = p2.proxy_addr.expect("peer-2 has a proxy");
+    let blob_bytes: u64 = image.blobs().iter().map(|b| b.size).sum();
+
+    // Host 1: skopeo pulls through its proxy (the proxy is the registry endpoint).
+    let out1 = work.join("pull-1");
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{proxy1}/test/img:v1"),
+            &format!("oci:{}:v1", out1.display()),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo pull through peer-1's proxy", &o);
+    assert_same_blobs(&image, &out1, "skopeo through peer-1");
+    assert_served_once(&reg, &image, "after the first pull");
+    let s1 = p1.stats().await.expect("stats of peer-1");
+    assert_eq!(
+        s1.bytes_from_origin, blob_bytes,
+        "peer-1 fetched the blobs from the registry once"
+    );
+    assert!(
+        metric(p1.metrics_addr, "damselfly_proxy_p2p_requests").await >= image.blobs().len() as u64,
+        "every blob GET went through P2P on peer-1"
+    );
+
+    // Host 2: containerd pulls through its proxy (hosts.toml mirror with the
+    // X-Dragonfly-Registry header), when containerd can run here.
+    let ctr_missing = registry::missing_tools(&["containerd", "ctr"]);
+    if ctr_missing.is_empty() {
+        let ctd = Containerd::start(&work.join("containerd"))
+            .await
+            .expect("starting containerd");
+        let hosts = work.join("hosts.d");
+        registry::write_hosts_toml(
+            &hosts,
+            &reg.addr.to_string(),
+            &reg.url(),
+            &format!("http://{proxy2}"),
+        )
+        .expect("hosts.toml");
+        let image_ref = format!("{}/test/img:v1", reg.addr);
+        let o = ctd
+            .ctr(
+                &[
+                    "images",
+                    "pull",
+                    "--hosts-dir",
+                    &hosts.display().to_string(),
+                    "--plain-http",
+                    &image_ref,
+                ],
+                TOOL_TIMEOUT,
+            )
+            .await
+            .expect("running ctr");
+        check("ctr images pull through peer-2's proxy", &o);
+        for b in image.blobs() {
+            let o = ctd
+                .ctr(&["content", "get", &b.digest], TOOL_TIMEOUT)
+                .await
+                .expect("running ctr content get");
+            check("ctr content get", &o);
+            let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
+            assert!(o.stdout == want, "containerd's copy of {} differs", b.digest);
+        }
+    } else {
+        eprintln!(
+            "NOTE: {} not installed; host 2 pulls with skopeo only",
+            ctr_missing.join(", ")
+        );
+    }
+    let out2 = work.join("pull-2");
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{proxy2}/test/img:v1"),
+            &format!("oci:{}:v1", out2.display()),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo pull through peer-2's proxy", &o);
+    assert_same_blobs(&image, &out2, "skopeo through peer-2");
+    assert_served_once(&reg, &image, "after the second host's pulls");
+    let s2 = p2.stats().await.expect("stats of peer-2");
+    assert_eq!(s2.bytes_from_origin, 0, "peer-2 never went to the registry");
+    assert_eq!(
+        s2.bytes_from_peers, blob_bytes,
+        "peer-2 got every blob byte from peer-1"
+    );
+
+    // Range on a proxied blob: 206 from peer-2's pieces, the registry not asked again.
+    let layer = &image.layers[0];
+    let data = std::fs::read(image.blob_path(&layer.digest)).expect("pushed layer");
+    let http = reqwest::Client::new();
+    let blob_url = format!("http://{proxy2}/v2/test/img/blobs/{}", layer.digest);
+    let (a, b) = (1_000_000u64, 2_100_000u64);
+    let r = http
+        .get(&blob_url)
+        .header("Range", format!("bytes={a}-{b}"))
+        .send()
+        .await
+        .expect("range request");
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("bytes {a}-{b}/{}", layer.size).as_str())
+    );
+    let body = r.bytes().await.expect("range body");
+    assert!(
+        body[..] == data[a as usize..=b as usize],
+        "range body differs"
+    );
+    let r = http
+        .get(&blob_url)
+        .header("Range", format!("bytes={}-", layer.size))
+        .send()
+        .await
+        .expect("range request");
+    assert_eq!(r.status(), 416);
+    assert_served_once(&reg, &image, "after the range requests");
+
+    // HEAD on a blob passes through to the registry.
+    let heads = reg
+        .requests("HEAD", &format!("/v2/test/img/blobs/{}", layer.digest))
+        .expect("log");
+    let r = http.head(&blob_url).send().await.expect("HEAD");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(layer.size.to_string().as_str())
+    );
+    assert_eq!(
+        reg.requests("HEAD", &format!("/v2/test/img/blobs/{}", layer.digest))
+            .expect("log"),
+        heads + 1,
+        "HEAD reached the registry"
+    );
+
+    // X-Dragonfly-Registry chooses the upstream per request.
+    let manifest_url = format!("http://{proxy1}/v2/test/img/manifests/v1");
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let dead = testkit::cluster::free_port().expect("port");
+    let r = http
+        .get(&manifest_url)
+        .header("Accept", accept)
+        .header("X-Dragonfly-Registry", format!("http://127.0.0.1:{dead}"))
+        .send()
+        .await
+        .expect("manifest request");
+    assert_eq!(r.status(), 502, "the header's (dead) registry was asked");
+    let r = http
+        .get(&manifest_url)
+        .header("Accept", accept)
+        .header("X-Dragonfly-Registry", reg.url())
+        .send()
+        .await
+        .expect("manifest request");
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.expect("manifest body");
+    let want = std::fs::read(image.blob_path(&image.manifest.digest)).expect("manifest");
+    assert!(body[..] == want[..], "manifest through the proxy differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
+    if !tools_or_skip("a_blob_that_does_not_match_its_digest_is_never_served_complete") {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-registry-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let reg = Registry::start(work).await.expect("starting docker-registry");
+    let image = OciImage::build(&work.join("image"), "v1", 91, &[2 * MIB + 100])
+        .expect("building the image");
+    push(&reg, work, &image, "test/bad").await;
+    // Corrupt the layer in the registry's storage (same length, a few bytes flipped).
+    let layer = &image.layers[0];
+    let file = reg.blob_file(&layer.digest).expect("blob file");
+    let mut data = std::fs::read(&file).expect("reading the stored blob");
+    for i in (0..data.len()).step_by(300_007) {
+        data[i] ^= 0x5a;
+    }
+    std::fs::write(&file, &data).expect("corrupting the stored blob");
+
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 1,
+        proxy: true,
+        daemon_args: vec!["--registry-mirror".into(), reg.url()],
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let p1 = cluster.peer(1);
+    let proxy = p1.proxy_addr.expect("proxy");
+    let r = reqwest::get(format!(
+        "http://{proxy}/v2/test/bad/blobs/{}",
+        layer.digest
+    ))
+    .await
+    .expect("blob request");
+    let status = r.status();
+    match r.bytes().await {
+        Ok(b) => assert!(
+            !(status.is_success() && b.len() as u64 == layer.size),
+            "a corrupt blob was served complete with status {status}"
+        ),
+        Err(e) => eprintln!("corrupt blob aborted as expected: {e}"),
+    }
+    assert!(
+        metric(p1.metrics_addr, "damselfly_proxy_digest_mismatches").await >= 1,
+        "the mismatch was counted"
+    );
+    // A whole pull fails too (skopeo retries, and every try is aborted).
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--retry-times",
+            "0",
+            "--src-tls-verify=false",
+            &format!("docker://{proxy}/test/bad:v1"),
+            &format!("oci:{}:v1", work.join("pull").display()),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    assert!(
+        !o.status.success(),
+        "skopeo pulled an image whose layer does not match its digest"
+    );
+    // The config blob (intact) is served complete.
+    let r = reqwest::get(format!(
+        "http://{proxy}/v2/test/bad/blobs/{}",
+        image.config.digest
+    ))
+    .await
+    .expect("config request");
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.expect("config body");
+    let want = std::fs::read(image.blob_path(&image.config.digest)).expect("config");
+    assert!(body[..] == want[..]);
+}
