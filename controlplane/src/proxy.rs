@@ -26,7 +26,7 @@ use crate::task::{TaskSpec, TaskState};
 use anyhow::Context as _;
 use dataplane::TaskStore;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, BodyDataStream, Full, StreamBody};
+use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -216,18 +216,17 @@ impl Proxy {
         if let Some(b) = body {
             rb = rb.body(b);
         }
-        let resp = match tokio::time::timeout(self.ctx.config.download.origin_timeout, rb.send())
-            .await
-        {
-            Err(_) => {
-                return Err(ProxyError::Upstream(format!(
-                    "{url}: no response headers within {:?}",
-                    self.ctx.config.download.origin_timeout
-                )))
-            }
-            Ok(Err(e)) => return Err(ProxyError::Upstream(format!("{url}: {e}"))),
-            Ok(Ok(r)) => r,
-        };
+        let resp =
+            match tokio::time::timeout(self.ctx.config.download.origin_timeout, rb.send()).await {
+                Err(_) => {
+                    return Err(ProxyError::Upstream(format!(
+                        "{url}: no response headers within {:?}",
+                        self.ctx.config.download.origin_timeout
+                    )))
+                }
+                Ok(Err(e)) => return Err(ProxyError::Upstream(format!("{url}: {e}"))),
+                Ok(Ok(r)) => r,
+            };
         tracing::debug!("proxy {method} {url} → {}", resp.status());
         let mut out = Response::builder().status(resp.status());
         for (name, value) in resp.headers() {
@@ -276,7 +275,9 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(task = %id, "proxy: P2P download of {url} failed before the response started ({e}); passing the request through");
-                return self.pass_through(&parts.method, &parts.headers, None, url).await;
+                return self
+                    .pass_through(&parts.method, &parts.headers, None, url)
+                    .await;
             }
         };
         let len = store.layout().content_length();
@@ -460,7 +461,9 @@ async fn wait_piece(
         }
         if !*state_open && !matches!(&*state.borrow(), TaskState::Running(_)) {
             // Done without this piece: the store was replaced or removed.
-            return Err(StreamError::Task(format!("download ended without piece {n}")));
+            return Err(StreamError::Task(format!(
+                "download ended without piece {n}"
+            )));
         }
         tokio::select! {
             _ = listener => {}
@@ -652,12 +655,30 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(parse_range(None, 100), RangeAsk::Full);
-        assert_eq!(parse_range(Some(&hv("bytes=0-")), 100), RangeAsk::Part(0, 100));
-        assert_eq!(parse_range(Some(&hv("bytes=10-19")), 100), RangeAsk::Part(10, 20));
-        assert_eq!(parse_range(Some(&hv("bytes=90-500")), 100), RangeAsk::Part(90, 100));
-        assert_eq!(parse_range(Some(&hv("bytes=-10")), 100), RangeAsk::Part(90, 100));
-        assert_eq!(parse_range(Some(&hv("bytes=-500")), 100), RangeAsk::Part(0, 100));
-        assert_eq!(parse_range(Some(&hv("bytes=100-")), 100), RangeAsk::Unsatisfiable);
+        assert_eq!(
+            parse_range(Some(&hv("bytes=0-")), 100),
+            RangeAsk::Part(0, 100)
+        );
+        assert_eq!(
+            parse_range(Some(&hv("bytes=10-19")), 100),
+            RangeAsk::Part(10, 20)
+        );
+        assert_eq!(
+            parse_range(Some(&hv("bytes=90-500")), 100),
+            RangeAsk::Part(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some(&hv("bytes=-10")), 100),
+            RangeAsk::Part(90, 100)
+        );
+        assert_eq!(
+            parse_range(Some(&hv("bytes=-500")), 100),
+            RangeAsk::Part(0, 100)
+        );
+        assert_eq!(
+            parse_range(Some(&hv("bytes=100-")), 100),
+            RangeAsk::Unsatisfiable
+        );
         assert_eq!(parse_range(Some(&hv("bytes=0-1,5-6")), 100), RangeAsk::Full);
         assert_eq!(parse_range(Some(&hv("bytes=5-1")), 100), RangeAsk::Full);
         assert_eq!(parse_range(Some(&hv("items=0-1")), 100), RangeAsk::Full);

@@ -3,12 +3,16 @@
 //! containerd's `ctr` pulling through them. The registry must serve each blob once (its
 //! access log is counted), the second host must get the layers from the first, the pulled
 //! blobs must equal the pushed ones, `Range` and `HEAD` and `X-Dragonfly-Registry` must work,
-//! and a blob whose content does not match its digest must never be served complete.
+//! a blob whose content does not match its digest must never be served complete, and a
+//! blob's first pieces must reach the client while the registry still holds the rest.
 
+use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
-use testkit::registry::{self, blob_path, skopeo, Containerd, OciImage, Registry, REGISTRY_BIN};
+use testkit::registry::{
+    self, blob_path, skopeo, Containerd, GatedBlob, OciImage, Registry, REGISTRY_BIN,
+};
 use testkit::{Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
@@ -76,7 +80,11 @@ fn assert_same_blobs(image: &OciImage, out: &Path, who: &str) {
         let got = std::fs::read(blob_path(out, &b.digest))
             .unwrap_or_else(|e| panic!("{who}: blob {} missing from the pull: {e}", b.digest));
         let want = std::fs::read(image.blob_path(&b.digest)).expect("reading a pushed blob");
-        assert!(got == want, "{who}: blob {} differs from the pushed one", b.digest);
+        assert!(
+            got == want,
+            "{who}: blob {} differs from the pushed one",
+            b.digest
+        );
     }
 }
 
@@ -101,12 +109,18 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
         .tempdir()
         .expect("temp dir");
     let work = tmp.path();
-    let reg = Registry::start(work).await.expect("starting docker-registry");
+    let reg = Registry::start(work)
+        .await
+        .expect("starting docker-registry");
     let image = OciImage::build(&work.join("image"), "v1", 77, &[3 * MIB + 4321, 2 * MIB])
         .expect("building the image");
     push(&reg, work, &image, "test/img").await;
     for b in image.blobs() {
-        assert_eq!(reg.blob_gets(&b.digest).expect("log"), 0, "push fetched a blob");
+        assert_eq!(
+            reg.blob_gets(&b.digest).expect("log"),
+            0,
+            "push fetched a blob"
+        );
     }
 
     let cluster = Cluster::start(ClusterOptions {
@@ -188,7 +202,11 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
                 .expect("running ctr content get");
             check("ctr content get", &o);
             let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
-            assert!(o.stdout == want, "containerd's copy of {} differs", b.digest);
+            assert!(
+                o.stdout == want,
+                "containerd's copy of {} differs",
+                b.digest
+            );
         }
     } else {
         eprintln!(
@@ -306,7 +324,9 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
         .tempdir()
         .expect("temp dir");
     let work = tmp.path();
-    let reg = Registry::start(work).await.expect("starting docker-registry");
+    let reg = Registry::start(work)
+        .await
+        .expect("starting docker-registry");
     let image = OciImage::build(&work.join("image"), "v1", 91, &[2 * MIB + 100])
         .expect("building the image");
     push(&reg, work, &image, "test/bad").await;
@@ -330,12 +350,9 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
     .expect("starting the cluster");
     let p1 = cluster.peer(1);
     let proxy = p1.proxy_addr.expect("proxy");
-    let r = reqwest::get(format!(
-        "http://{proxy}/v2/test/bad/blobs/{}",
-        layer.digest
-    ))
-    .await
-    .expect("blob request");
+    let r = reqwest::get(format!("http://{proxy}/v2/test/bad/blobs/{}", layer.digest))
+        .await
+        .expect("blob request");
     let status = r.status();
     match r.bytes().await {
         Ok(b) => assert!(
@@ -378,4 +395,56 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
     let body = r.bytes().await.expect("config body");
     let want = std::fs::read(image.blob_path(&image.config.digest)).expect("config");
     assert!(body[..] == want[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest() {
+    let size = 3 * MIB + 777;
+    let mut data = vec![0u8; size as usize];
+    testkit::content::fill(5, 0, &mut data);
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    // The upstream sends 2.5 MiB (pieces 0 and 1 of 1 MiB) and then waits to be released.
+    let gated = GatedBlob::start(data.clone(), (2 * MIB + MIB / 2) as usize)
+        .await
+        .expect("gated blob server");
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 1,
+        proxy: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let p1 = cluster.peer(1);
+    let proxy = p1.proxy_addr.expect("proxy");
+    let mut r = reqwest::Client::new()
+        .get(format!("http://{proxy}/v2/any/repo/blobs/{digest}"))
+        .header("X-Dragonfly-Registry", gated.url())
+        .send()
+        .await
+        .expect("blob request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.content_length(), Some(size));
+    // The first MiB arrives while the upstream still holds the last one (if the proxy waited
+    // for the whole blob, nothing would come until the release below).
+    let mut got = Vec::new();
+    while (got.len() as u64) < MIB {
+        match tokio::time::timeout(Duration::from_secs(30), r.chunk()).await {
+            Ok(Ok(Some(c))) => got.extend_from_slice(&c),
+            other => panic!(
+                "no blob bytes while the upstream holds the rest of the blob ({} so far): {other:?}",
+                got.len()
+            ),
+        }
+    }
+    assert!(!gated.released());
+    assert!(got[..] == data[..got.len()], "streamed prefix differs");
+    gated.release();
+    while let Some(c) = r.chunk().await.expect("rest of the body") {
+        got.extend_from_slice(&c);
+    }
+    assert!(got == data, "streamed blob differs");
+    assert_eq!(gated.requests(), 1, "the upstream was asked once");
+    let s = p1.stats().await.expect("stats");
+    assert_eq!(s.bytes_from_origin, size);
 }
