@@ -56,6 +56,13 @@ impl Registry {
     /// Starts a registry with its config, storage and log in `dir`, and waits until `/v2/`
     /// answers.
     pub async fn start(dir: &Path) -> Result<Self> {
+        Self::start_with_auth(dir, None).await
+    }
+
+    /// Like [`Registry::start`], with htpasswd (basic) authentication when `auth` gives a
+    /// user and the bcrypt hash of its password: requests without valid credentials get
+    /// `401` with `WWW-Authenticate: Basic realm="damselfly-test"`.
+    pub async fn start_with_auth(dir: &Path, auth: Option<(&str, &str)>) -> Result<Self> {
         let bin = which(REGISTRY_BIN).with_context(|| {
             format!("{REGISTRY_BIN} not found (apt-get install docker-registry)")
         })?;
@@ -64,12 +71,24 @@ impl Registry {
             .with_context(|| format!("creating {}", storage.display()))?;
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = dir.join("registry.yml");
+        let auth_yaml = match auth {
+            Some((user, hash)) => {
+                let file = dir.join("htpasswd");
+                std::fs::write(&file, format!("{user}:{hash}\n"))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: damselfly-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
+                 {auth_yaml}http:\n  addr: {addr}\n",
                 storage.display()
             ),
         )
@@ -85,9 +104,9 @@ impl Registry {
         wait_ready(&proc, Duration::from_secs(20), || {
             let url = url.clone();
             async move {
-                reqwest::get(&url)
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
+                reqwest::get(&url).await.is_ok_and(|r| {
+                    r.status().is_success() || r.status() == reqwest::StatusCode::UNAUTHORIZED
+                })
             }
         })
         .await?;
@@ -112,14 +131,27 @@ impl Registry {
         Ok(log.lines().filter(|l| l.contains(&needle)).count())
     }
 
-    /// `GET`s of blob `digest` (`sha256:…`) in any repository, as the access log shows.
+    /// Successful (2xx) `GET`s of blob `digest` (`sha256:…`) in any repository, as the
+    /// access log shows (`"GET /v2/<repo>/blobs/<digest>[?query] HTTP/1.1" 200 …`).
     pub fn blob_gets(&self, digest: &str) -> Result<usize> {
         let log = std::fs::read_to_string(self.proc.log_path())
             .with_context(|| format!("reading {}", self.proc.log_path().display()))?;
-        let tail = format!("/blobs/{digest} ");
+        let path = format!("/blobs/{digest}");
         Ok(log
             .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains(&tail))
+            .filter(|l| {
+                let Some(i) = l.find("\"GET /v2/") else {
+                    return false;
+                };
+                let line = &l[i..];
+                let Some(j) = line.find(&path) else {
+                    return false;
+                };
+                let after = &line[j + path.len()..];
+                let ok_end = after.starts_with(' ') || after.starts_with('?');
+                let status = line.find("\" ").map(|k| &line[k + 2..]).unwrap_or_default();
+                ok_end && status.starts_with('2')
+            })
             .count())
     }
 

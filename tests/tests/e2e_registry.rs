@@ -17,6 +17,10 @@ use testkit::{Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The registry's basic-auth user, password, and the password's bcrypt hash (cost 4).
+const USER: &str = "user";
+const PASSWORD: &str = "secret";
+const BCRYPT: &str = "$2b$04$KWUX7DApuAGMW/841nFwvO2Y2va4L3jsjrmljK6fn2rpZK/EwPdDW";
 
 fn check(what: &str, o: &Output) {
     assert!(
@@ -59,12 +63,14 @@ async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
 }
 
-async fn push(reg: &Registry, work: &Path, image: &OciImage, repo: &str) {
+async fn push(reg: &Registry, work: &Path, image: &OciImage, repo: &str, creds: &str) {
     let o = skopeo(
         work,
         &[
             "copy",
             "--dest-tls-verify=false",
+            "--dest-creds",
+            creds,
             &format!("oci:{}:{}", image.dir.display(), image.tag),
             &format!("docker://{}/{repo}:{}", reg.addr, image.tag),
         ],
@@ -109,12 +115,13 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
         .tempdir()
         .expect("temp dir");
     let work = tmp.path();
-    let reg = Registry::start(work)
+    let reg = Registry::start_with_auth(work, Some((USER, BCRYPT)))
         .await
         .expect("starting docker-registry");
+    let creds = format!("{USER}:{PASSWORD}");
     let image = OciImage::build(&work.join("image"), "v1", 77, &[3 * MIB + 4321, 2 * MIB])
         .expect("building the image");
-    push(&reg, work, &image, "test/img").await;
+    push(&reg, work, &image, "test/img", &creds).await;
     for b in image.blobs() {
         assert_eq!(
             reg.blob_gets(&b.digest).expect("log"),
@@ -136,14 +143,36 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
     let proxy1 = p1.proxy_addr.expect("peer-1 has a proxy");
     let proxy2 = p2.proxy_addr.expect("peer-2 has a proxy");
     let blob_bytes: u64 = image.blobs().iter().map(|b| b.size).sum();
+    let http = reqwest::Client::new();
 
-    // Host 1: skopeo pulls through its proxy (the proxy is the registry endpoint).
+    // Without credentials, the P2P download of a blob fails at the registry (401) and the
+    // request is passed through: the client gets the registry's challenge.
+    let r = http
+        .get(format!(
+            "http://{proxy1}/v2/test/img/blobs/{}",
+            image.config.digest
+        ))
+        .send()
+        .await
+        .expect("unauthenticated blob request");
+    assert_eq!(r.status(), 401, "the registry's answer reached the client");
+    assert_eq!(
+        r.headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Basic realm=\"damselfly-test\"")
+    );
+
+    // Host 1: skopeo pulls through its proxy (the proxy is the registry endpoint); its
+    // Authorization header goes with the P2P task to the registry.
     let out1 = work.join("pull-1");
     let o = skopeo(
         work,
         &[
             "copy",
             "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
             &format!("docker://{proxy1}/test/img:v1"),
             &format!("oci:{}:v1", out1.display()),
         ],
@@ -185,6 +214,8 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
                 &[
                     "images",
                     "pull",
+                    "--user",
+                    &creds,
                     "--hosts-dir",
                     &hosts.display().to_string(),
                     "--plain-http",
@@ -220,6 +251,8 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
         &[
             "copy",
             "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
             &format!("docker://{proxy2}/test/img:v1"),
             &format!("oci:{}:v1", out2.display()),
         ],
@@ -240,11 +273,11 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
     // Range on a proxied blob: 206 from peer-2's pieces, the registry not asked again.
     let layer = &image.layers[0];
     let data = std::fs::read(image.blob_path(&layer.digest)).expect("pushed layer");
-    let http = reqwest::Client::new();
     let blob_url = format!("http://{proxy2}/v2/test/img/blobs/{}", layer.digest);
     let (a, b) = (1_000_000u64, 2_100_000u64);
     let r = http
         .get(&blob_url)
+        .basic_auth(USER, Some(PASSWORD))
         .header("Range", format!("bytes={a}-{b}"))
         .send()
         .await
@@ -263,6 +296,7 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
     );
     let r = http
         .get(&blob_url)
+        .basic_auth(USER, Some(PASSWORD))
         .header("Range", format!("bytes={}-", layer.size))
         .send()
         .await
@@ -274,7 +308,12 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
     let heads = reg
         .requests("HEAD", &format!("/v2/test/img/blobs/{}", layer.digest))
         .expect("log");
-    let r = http.head(&blob_url).send().await.expect("HEAD");
+    let r = http
+        .head(&blob_url)
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .expect("HEAD");
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()
@@ -304,6 +343,7 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
     let r = http
         .get(&manifest_url)
         .header("Accept", accept)
+        .basic_auth(USER, Some(PASSWORD))
         .header("X-Dragonfly-Registry", reg.url())
         .send()
         .await
@@ -329,7 +369,7 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
         .expect("starting docker-registry");
     let image = OciImage::build(&work.join("image"), "v1", 91, &[2 * MIB + 100])
         .expect("building the image");
-    push(&reg, work, &image, "test/bad").await;
+    push(&reg, work, &image, "test/bad", "anyone:anything").await;
     // Corrupt the layer in the registry's storage (same length, a few bytes flipped).
     let layer = &image.layers[0];
     let file = reg.blob_file(&layer.digest).expect("blob file");
