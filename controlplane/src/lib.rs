@@ -5,6 +5,7 @@
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
 //! socket ([`local_api`]) and Prometheus metrics ([`metrics`]).
 
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod local_api;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod origin;
 pub mod scheduler;
 pub mod task;
+pub mod task_reader;
 
 pub use config::DaemonConfig;
 pub use daemon::Daemon;
