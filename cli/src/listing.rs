@@ -60,7 +60,9 @@ pub fn parse_index(dir: &Url, html: &str) -> (Vec<Entry>, Vec<Skipped>) {
     let mut skipped = Vec::new();
     let hrefs = doc.root_element().descendants().filter_map(|n| {
         let el = n.value().as_element()?;
-        (el.name() == "a").then(|| el.attr("href"))?.map(str::to_owned)
+        (el.name() == "a")
+            .then(|| el.attr("href"))?
+            .map(str::to_owned)
     });
     for href in hrefs {
         let h = href.trim();
@@ -71,7 +73,10 @@ pub fn parse_index(dir: &Url, html: &str) -> (Vec<Entry>, Vec<Skipped>) {
             continue; // parent and self
         }
         let raw_path = h.split(['?', '#']).next().unwrap_or("");
-        if raw_path.split('/').any(|s| s == ".." || s == "%2e%2e" || s == "%2E%2E") {
+        if raw_path
+            .split('/')
+            .any(|s| s == ".." || s == "%2e%2e" || s == "%2E%2E")
+        {
             skipped.push(Skipped {
                 href,
                 reason: "contains a '..' segment",
@@ -212,6 +217,9 @@ mod tests {
         assert_eq!(percent_decode("a%2"), "a%2");
         assert_eq!(percent_decode("%2F"), "/");
         assert!(!safe_segment(&percent_decode("%2F")));
-        assert_eq!(as_dir(&Url::parse("http://h/x?q=1").expect("url")).as_str(), "http://h/x/");
+        assert_eq!(
+            as_dir(&Url::parse("http://h/x?q=1").expect("url")).as_str(),
+            "http://h/x/"
+        );
     }
 }

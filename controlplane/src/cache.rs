@@ -44,7 +44,11 @@ impl CacheKey {
                 "a content id is required (the sha256:<hex> printed by dfcache import, or your own id)",
             ));
         }
-        Ok(TaskId::from_cache_id(&self.cid, &self.tag, &self.application))
+        Ok(TaskId::from_cache_id(
+            &self.cid,
+            &self.tag,
+            &self.application,
+        ))
     }
 }
 
@@ -77,12 +81,7 @@ fn file_digest(path: &Path) -> std::io::Result<String> {
 }
 
 /// Copies `path` into the store of `id` piece by piece (blocking).
-fn store_file(
-    ctx: &Context,
-    id: TaskId,
-    path: &Path,
-    layout: PieceLayout,
-) -> Result<(), String> {
+fn store_file(ctx: &Context, id: TaskId, path: &Path, layout: PieceLayout) -> Result<(), String> {
     let store = ctx
         .storage
         .create(id, layout)
@@ -123,7 +122,11 @@ fn cache_peer_id(ctx: &Context, id: &TaskId) -> String {
 
 /// Announces the complete task `id` to its scheduler (the next ones by rendezvous order when
 /// it does not answer). Returns the scheduler that accepted it.
-pub async fn announce(ctx: &Arc<Context>, id: &TaskId, layout: PieceLayout) -> Result<String, String> {
+pub async fn announce(
+    ctx: &Arc<Context>,
+    id: &TaskId,
+    layout: PieceLayout,
+) -> Result<String, String> {
     let order = ctx.schedulers.pool().ordered(id);
     if order.is_empty() {
         return Err("no scheduler configured".into());
@@ -254,13 +257,17 @@ pub async fn scheduler_stat(ctx: &Arc<Context>, id: &TaskId) -> Result<Option<Ta
 
 /// Checks that some other peer holds task `id` before an export, and returns the download
 /// spec: no origin, back-to-source disabled.
-pub async fn export_spec(ctx: &Arc<Context>, key: &CacheKey, rate_limit: u64) -> Result<TaskSpec, Status> {
+pub async fn export_spec(
+    ctx: &Arc<Context>,
+    key: &CacheKey,
+    rate_limit: u64,
+) -> Result<TaskSpec, Status> {
     let id = key.task_id()?;
     let held_here = ctx.storage.get(&id).is_some_and(|s| s.is_complete());
     if !held_here {
-        let info = scheduler_stat(ctx, &id)
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot ask the scheduler about task {id}: {e}")))?;
+        let info = scheduler_stat(ctx, &id).await.map_err(|e| {
+            Status::unavailable(format!("cannot ask the scheduler about task {id}: {e}"))
+        })?;
         let holders = info.as_ref().map_or(0, |i| {
             i.peers
                 .iter()

@@ -27,7 +27,9 @@ impl ByteRange {
     pub fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
         let t = t.strip_prefix("bytes=").unwrap_or(t);
-        let bad = || format!("range {s:?} must look like START-END or START- (byte offsets, END inclusive)");
+        let bad = || {
+            format!("range {s:?} must look like START-END or START- (byte offsets, END inclusive)")
+        };
         let (a, b) = t.split_once('-').ok_or_else(bad)?;
         if a.is_empty() {
             return Err(format!(

@@ -282,7 +282,8 @@ fn respond(
             body.page = Some(page);
         }
         let mut r = Response::new(body);
-        r.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+        r.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(len));
         r.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/html; charset=utf-8"),

@@ -98,7 +98,11 @@ async fn import_export_stat_delete_without_an_origin() {
         stderr.contains("task not found in the P2P network"),
         "stderr: {stderr}"
     );
-    assert!(!missing.exists(), "a failed export left {}", missing.display());
+    assert!(
+        !missing.exists(),
+        "a failed export left {}",
+        missing.display()
+    );
 
     // A user id with a tag: the same id without the tag is another task.
     let small = Content::new(7, 70_000);
@@ -106,7 +110,10 @@ async fn import_export_stat_delete_without_an_origin() {
     small.write_to(&small_src).expect("writing small");
     let small_s = small_src.to_string_lossy().into_owned();
     let o = cluster
-        .run_dfcache(a, &["import", &small_s, "--id", "my-dataset-v1", "--tag", "eu"])
+        .run_dfcache(
+            a,
+            &["import", &small_s, "--id", "my-dataset-v1", "--tag", "eu"],
+        )
         .await
         .expect("import with id and tag");
     assert_eq!(ok("import --id --tag", &o).trim(), "my-dataset-v1");
@@ -162,7 +169,10 @@ async fn import_export_stat_delete_without_an_origin() {
         .await
         .expect("stat after both deletes");
     let (stdout, stderr) = out_str(&o);
-    assert!(!o.status.success(), "stat of a deleted task exited 0: {stdout}");
+    assert!(
+        !o.status.success(),
+        "stat of a deleted task exited 0: {stdout}"
+    );
     assert!(stderr.contains("not found"), "stderr: {stderr}");
     let again = dir.join("again.bin");
     let again_s = again.to_string_lossy().into_owned();
@@ -194,5 +204,8 @@ async fn dfcache_without_a_daemon_fails_and_mentions_dfdaemon() {
         .expect("running dfcache");
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "dfcache exited 0 without a daemon");
-    assert!(stderr.contains("no dfdaemon is answering"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("no dfdaemon is answering"),
+        "stderr: {stderr}"
+    );
 }

@@ -52,7 +52,11 @@ async fn ranges_recursive_and_config_defaults() {
         (format!("{}-{}", mib - 1000, mib + 999), mib - 1000, 2000),
         (format!("{}-", size - 5000), size - 5000, 5000),
         ("5-5".into(), 5, 1),
-        (format!("{}-{}", 2 * mib, size + 10_000), 2 * mib, size - 2 * mib),
+        (
+            format!("{}-{}", 2 * mib, size + 10_000),
+            2 * mib,
+            size - 2 * mib,
+        ),
     ];
     for (i, (spec, start, len)) in cases.iter().enumerate() {
         let path = out.join(format!("range-{i}"));
@@ -240,6 +244,9 @@ async fn ranges_recursive_and_config_defaults() {
         .output()
         .await
         .expect("dfget with a bad config");
-    assert!(!o.status.success(), "a config with an unknown key was accepted");
+    assert!(
+        !o.status.success(),
+        "a config with an unknown key was accepted"
+    );
     assert!(stderr(&o).contains("unknown field"), "{}", stderr(&o));
 }

@@ -256,7 +256,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             if r.local {
                 println!(
                     "local: {} ({}/{} pieces)",
-                    if r.local_complete { "complete" } else { "partial" },
+                    if r.local_complete {
+                        "complete"
+                    } else {
+                        "partial"
+                    },
                     r.local_finished_pieces,
                     r.piece_count
                 );

@@ -344,8 +344,8 @@ async fn recursive(
     for (n, v) in &s.headers {
         let name = reqwest::header::HeaderName::from_bytes(n.as_bytes())
             .map_err(|e| format!("header {n:?}: {e}"))?;
-        let value = reqwest::header::HeaderValue::from_str(v)
-            .map_err(|e| format!("header {n:?}: {e}"))?;
+        let value =
+            reqwest::header::HeaderValue::from_str(v).map_err(|e| format!("header {n:?}: {e}"))?;
         headers.append(name, value);
     }
     let http = reqwest::Client::builder()
@@ -361,7 +361,9 @@ async fn recursive(
     while let Some((dir, rel)) = queue.pop_front() {
         pages += 1;
         if pages > MAX_PAGES {
-            return Err(format!("more than {MAX_PAGES} directory pages below {base}"));
+            return Err(format!(
+                "more than {MAX_PAGES} directory pages below {base}"
+            ));
         }
         let resp = http
             .get(dir.clone())
@@ -369,7 +371,10 @@ async fn recursive(
             .await
             .map_err(|e| format!("listing {dir}: {}", damselfly_cli::source_chain(&e)))?;
         if !resp.status().is_success() {
-            return Err(format!("listing {dir}: the server answered {}", resp.status()));
+            return Err(format!(
+                "listing {dir}: the server answered {}",
+                resp.status()
+            ));
         }
         let html = resp
             .text()
