@@ -1,6 +1,10 @@
 //! Shared helpers of the Damselfly command-line binaries (thin: parsing, progress, exit codes).
 
-use std::path::PathBuf;
+pub mod dfget_config;
+pub mod listing;
+
+use std::path::{Path, PathBuf};
+use wire::proto::dfdaemon::dfdaemon_client::DfdaemonClient;
 
 /// Sets up `tracing` logs on stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logs(default: &str) {
@@ -27,6 +31,49 @@ pub async fn unix_channel(
             }
         }))
         .await
+}
+
+/// Connects to the dfdaemon local API on `endpoint`, or explains how to get a daemon there
+/// (`env` names the environment variable that sets the endpoint).
+pub async fn connect_daemon(
+    endpoint: &Path,
+    env: &str,
+) -> Result<DfdaemonClient<tonic::transport::Channel>, String> {
+    let channel = unix_channel(endpoint.to_path_buf()).await.map_err(|e| {
+        format!(
+            "no dfdaemon is answering on {} ({}). Start one with `dfdaemon --config /etc/damselfly/dfdaemon.yaml` \
+             (or `dfdaemon --scheduler HOST:8002`), or point --endpoint / {env} at its socket.",
+            endpoint.display(),
+            source_chain(&e)
+        )
+    })?;
+    Ok(DfdaemonClient::new(channel))
+}
+
+/// An error and its sources on one line, without repeating a source already in the text.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Makes `p` absolute against the current directory.
+pub fn absolute(p: &Path) -> Result<PathBuf, String> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()
+            .map_err(|e| format!("current directory: {e}"))?
+            .join(p))
+    }
 }
 
 /// Parses `Name: value` into a header pair.

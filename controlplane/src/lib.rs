@@ -6,6 +6,7 @@
 //! socket ([`local_api`]), the registry mirror ([`proxy`]) and Prometheus metrics
 //! ([`metrics`]).
 
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod local_api;
@@ -15,6 +16,7 @@ pub mod origin;
 pub mod proxy;
 pub mod scheduler;
 pub mod task;
+pub mod task_reader;
 
 pub use config::DaemonConfig;
 pub use daemon::Daemon;

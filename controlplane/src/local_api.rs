@@ -2,6 +2,7 @@
 
 use crate::daemon::Context;
 use crate::task::{Progress, TaskSpec, TaskState};
+use crate::task_reader::{copy_range_to_file, wait_for_range, ByteRange};
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -12,7 +13,11 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use wire::proto::dfdaemon::dfdaemon_server::{Dfdaemon, DfdaemonServer};
-use wire::proto::dfdaemon::{DownloadProgress, DownloadRequest, StatsRequest, StatsResponse};
+use wire::proto::dfdaemon::{
+    CacheId, DeleteTaskRequest, DeleteTaskResponse, DownloadProgress, DownloadRequest,
+    ExportTaskRequest, ImportTaskRequest, ImportTaskResponse, StatPeer, StatTaskRequest,
+    StatTaskResponse, StatsRequest, StatsResponse,
+};
 use wire::task::TaskIdOptions;
 use wire::TaskId;
 
@@ -58,6 +63,37 @@ fn to_proto(id: &TaskId, p: &Progress, done: bool) -> DownloadProgress {
         bytes_from_origin: p.from_origin,
         bytes_from_seed: p.from_seed,
         bytes_from_peers: p.from_peers,
+        output_length: if done {
+            p.content_length.unwrap_or(0)
+        } else {
+            0
+        },
+    }
+}
+
+fn cache_key(c: Option<CacheId>) -> crate::cache::CacheKey {
+    let c = c.unwrap_or_default();
+    crate::cache::CacheKey {
+        cid: c.id,
+        tag: c.tag,
+        application: c.application,
+    }
+}
+
+/// Checks that `output` is absolute and its directory exists.
+fn check_output(output: &str) -> Result<PathBuf, Status> {
+    let path = PathBuf::from(output);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "output {output:?} must be an absolute path"
+        )));
+    }
+    match path.parent() {
+        Some(d) if d.is_dir() => Ok(path),
+        _ => Err(Status::invalid_argument(format!(
+            "the directory of {} does not exist",
+            path.display()
+        ))),
     }
 }
 
@@ -132,21 +168,33 @@ impl Dfdaemon for LocalApi {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let r = req.into_inner();
         let url = url_check(&r.url)?;
-        let output = PathBuf::from(&r.output);
-        if !output.is_absolute() {
-            return Err(Status::invalid_argument(format!(
-                "output {:?} must be an absolute path",
-                r.output
-            )));
-        }
-        match output.parent() {
-            Some(d) if d.is_dir() => {}
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "the directory of {} does not exist",
-                    output.display()
-                )))
+        let output = check_output(&r.output)?;
+        let range = match r.range {
+            Some(br) => {
+                if br.end.is_some_and(|e| e < br.start) {
+                    return Err(Status::invalid_argument(format!(
+                        "range end {} is before its start {}",
+                        br.end.unwrap_or(0),
+                        br.start
+                    )));
+                }
+                if !r.digest.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a digest covers the whole file and cannot be checked on a range",
+                    ));
+                }
+                Some(ByteRange {
+                    start: br.start,
+                    end: br.end,
+                })
             }
+            None => None,
+        };
+        if !(0..=6).contains(&r.priority) {
+            return Err(Status::invalid_argument(format!(
+                "priority {} is not a level 0..6",
+                r.priority
+            )));
         }
         let digest = if r.digest.is_empty() {
             None
@@ -178,9 +226,125 @@ impl Dfdaemon for LocalApi {
             disable_back_to_source: r.disable_back_to_source,
             rate_limit: r.rate_limit,
             scheduler: None,
+            priority: r.priority,
         };
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
+        match range {
+            Some(range) => Ok(Response::new(range_stream(
+                self.ctx.clone(),
+                id,
+                rx,
+                output,
+                range,
+            ))),
+            None => Ok(Response::new(progress_stream(id, rx, output, digest))),
+        }
+    }
+
+    type ExportTaskStream = ProgressStream;
+
+    async fn import_task(
+        &self,
+        req: Request<ImportTaskRequest>,
+    ) -> Result<Response<ImportTaskResponse>, Status> {
+        let r = req.into_inner();
+        if r.piece_length != 0 && wire::PieceLayout::new(0, r.piece_length).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "piece length {} is out of range",
+                r.piece_length
+            )));
+        }
+        let imp = crate::cache::import(
+            &self.ctx,
+            PathBuf::from(&r.path),
+            cache_key(r.cid),
+            r.piece_length,
+        )
+        .await?;
+        Ok(Response::new(ImportTaskResponse {
+            task_id: imp.id.to_hex(),
+            cid: imp.cid,
+            content_length: imp.layout.content_length(),
+            piece_count: imp.layout.piece_count(),
+            scheduler: imp.scheduler.unwrap_or_default(),
+        }))
+    }
+
+    async fn export_task(
+        &self,
+        req: Request<ExportTaskRequest>,
+    ) -> Result<Response<Self::ExportTaskStream>, Status> {
+        let r = req.into_inner();
+        let output = check_output(&r.output)?;
+        let digest = if r.digest.is_empty() {
+            None
+        } else {
+            Some(parse_digest(&r.digest)?)
+        };
+        let spec = crate::cache::export_spec(&self.ctx, &cache_key(r.cid), r.rate_limit).await?;
+        let id = spec.id;
+        let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         Ok(Response::new(progress_stream(id, rx, output, digest)))
+    }
+
+    async fn stat_task(
+        &self,
+        req: Request<StatTaskRequest>,
+    ) -> Result<Response<StatTaskResponse>, Status> {
+        let key = cache_key(req.into_inner().cid);
+        let id = key.task_id()?;
+        let mut resp = StatTaskResponse {
+            task_id: id.to_hex(),
+            ..Default::default()
+        };
+        if let Some(s) = self.ctx.storage.get(&id) {
+            let l = s.layout();
+            resp.local = true;
+            resp.local_complete = s.is_complete();
+            resp.local_finished_pieces = s.finished_count();
+            resp.content_length = l.content_length();
+            resp.piece_count = l.piece_count();
+            resp.piece_length = l.piece_length();
+        }
+        match crate::cache::scheduler_stat(&self.ctx, &id).await {
+            Ok(Some(info)) => {
+                resp.in_scheduler = true;
+                if let Some(m) = &info.metadata {
+                    if !resp.local {
+                        resp.content_length = m.content_length;
+                        resp.piece_length = m.piece_length;
+                        resp.piece_count = info.piece_count;
+                    }
+                }
+                resp.peers = info
+                    .peers
+                    .into_iter()
+                    .map(|p| StatPeer {
+                        host_id: p.host_id,
+                        finished_pieces: p.finished_pieces,
+                        done: p.done,
+                    })
+                    .collect();
+            }
+            Ok(None) => {}
+            Err(e) => resp.scheduler_error = e,
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn delete_task(
+        &self,
+        req: Request<DeleteTaskRequest>,
+    ) -> Result<Response<DeleteTaskResponse>, Status> {
+        let id = cache_key(req.into_inner().cid).task_id()?;
+        let (removed, scheduler_told, scheduler_error) =
+            crate::cache::delete(&self.ctx, &id).await?;
+        Ok(Response::new(DeleteTaskResponse {
+            task_id: id.to_hex(),
+            removed,
+            scheduler_told,
+            scheduler_error,
+        }))
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
@@ -268,4 +432,84 @@ fn progress_stream(
         }
     });
     Box::pin(stream)
+}
+
+/// Progress of a range download: the task's progress while the range's pieces arrive, then
+/// one done message once exactly the range's bytes are in `output` (the rest of the task
+/// keeps downloading in the background, so its pieces are there for later).
+fn range_stream(
+    ctx: Arc<Context>,
+    id: TaskId,
+    rx: watch::Receiver<TaskState>,
+    output: PathBuf,
+    range: ByteRange,
+) -> ProgressStream {
+    let (tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut progress_rx = rx.clone();
+    tokio::spawn(async move {
+        let mut waiter = rx;
+        let waiting = wait_for_range(&ctx.storage, &id, &mut waiter, range);
+        tokio::pin!(waiting);
+        let found = loop {
+            tokio::select! {
+                r = &mut waiting => break r,
+                changed = progress_rx.changed() => {
+                    if changed.is_err() {
+                        // Only the waiter decides now.
+                        break (&mut waiting).await;
+                    }
+                    let state = progress_rx.borrow_and_update().clone();
+                    if let TaskState::Running(p) = state {
+                        if tx.send(Ok(to_proto(&id, &p, false))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let item = match found {
+            Err(e) => Err(Status::unavailable(e)),
+            Ok((store, r)) => {
+                let p = Progress {
+                    content_length: Some(store.layout().content_length()),
+                    piece_count: store.layout().piece_count(),
+                    finished_pieces: store.finished_count(),
+                    completed_length: store.completed_length(),
+                    ..match &*progress_rx.borrow() {
+                        TaskState::Running(p) | TaskState::Done(_, p) => p.clone(),
+                        TaskState::Failed(_) => Progress::default(),
+                    }
+                };
+                let len = r.end - r.start;
+                let res = tokio::task::spawn_blocking(move || {
+                    let dir = output.parent().unwrap_or(Path::new("/"));
+                    let name = output
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
+                    let res = copy_range_to_file(&store, r, &tmp)
+                        .and_then(|()| std::fs::rename(&tmp, &output));
+                    if let Err(e) = res {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(Status::internal(format!(
+                            "writing {}: {e}",
+                            output.display()
+                        )));
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| Status::internal(format!("delivery task: {e}")))
+                .and_then(|r| r);
+                res.map(|()| {
+                    let mut m = to_proto(&id, &p, true);
+                    m.output_length = len;
+                    m
+                })
+            }
+        };
+        let _ = tx.send(item).await;
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))
 }

@@ -269,6 +269,7 @@ impl Proxy {
             disable_back_to_source: false,
             rate_limit: 0,
             scheduler: None,
+            priority: 0,
         };
         let mut state = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         let store = match self.wait_layout(&id, &mut state).await {

@@ -237,6 +237,7 @@ fn handle_command(
                 disable_back_to_source: false,
                 rate_limit: 0,
                 scheduler: Some(addr.to_owned()),
+                priority: 0,
             };
             // The run reports through the scheduler; nobody waits on it locally.
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));

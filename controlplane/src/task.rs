@@ -38,6 +38,8 @@ pub struct TaskSpec {
     /// waits for this seed's registration. `None`: the task's own scheduler by rendezvous
     /// order.
     pub scheduler: Option<String>,
+    /// Dragonfly priority level passed to the scheduler (0: default).
+    pub priority: i32,
 }
 
 /// Progress of a task, as reported to local clients.
@@ -260,7 +262,8 @@ impl TaskRun {
             task_id: self.spec.id.to_hex(),
             peer_id: format!("{}-{:016x}", self.ctx.host.id, rand::random::<u64>()),
             host: Some(self.ctx.host.clone()),
-            source: Some(TaskSource {
+            // No origin at all (dfcache export): peers only.
+            source: (!self.spec.url.is_empty()).then(|| TaskSource {
                 url: self.spec.url.clone(),
                 headers: self
                     .spec
@@ -274,6 +277,7 @@ impl TaskRun {
             }),
             piece_length: self.spec.piece_length,
             back_to_source: self.spec.back_to_source,
+            priority: self.spec.priority,
         };
         tx.try_send(AnnouncePeerRequest {
             request: Some(Request::Register(register)),
@@ -466,6 +470,9 @@ impl TaskRun {
     }
 
     async fn back_to_source(&mut self) -> Result<Arc<TaskStore>, String> {
+        if self.spec.url.is_empty() {
+            return Err("task not found in the P2P network (it has no origin)".into());
+        }
         if self.dispatched {
             self.cancel_dataplane();
         }

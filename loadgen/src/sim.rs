@@ -262,6 +262,7 @@ impl Sim {
                 }),
                 piece_length: self.p.piece_length,
                 back_to_source,
+                priority: 0,
             }),
         );
         if back_to_source {

@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
 use wire::proto::scheduler::{
     announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, StatTaskRequest, TaskInfo, TaskSource,
+    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, LeaveTaskRequest, LeaveTaskResponse,
+    StatTaskRequest, TaskInfo, TaskSource,
 };
 
 use crate::config::SchedulingConfig;
@@ -382,6 +383,20 @@ impl Scheduler for SchedulerService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         inner.dispatch(outputs);
         Ok(Response::new(AnnounceTaskResponse {}))
+    }
+
+    async fn leave_task(
+        &self,
+        request: Request<LeaveTaskRequest>,
+    ) -> Result<Response<LeaveTaskResponse>, Status> {
+        let r = request.into_inner();
+        if r.task_id.is_empty() || r.host_id.is_empty() {
+            return Err(Status::invalid_argument("task_id and host_id are required"));
+        }
+        let mut inner = self.shared.inner.lock();
+        let (peers, outputs) = inner.state.leave_task(&r.task_id, &r.host_id);
+        inner.dispatch(outputs);
+        Ok(Response::new(LeaveTaskResponse { peers }))
     }
 }
 

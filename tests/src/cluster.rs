@@ -596,6 +596,28 @@ impl Cluster {
         }
     }
 
+    /// Runs `dfcache ARGS... --endpoint <daemon socket>`, bounded by the cluster's
+    /// `dfget_timeout` (a timeout is an error and kills dfcache).
+    pub async fn run_dfcache(&self, daemon: &Daemon, args: &[&str]) -> Result<Output> {
+        let mut cmd = tokio::process::Command::new(bin_path("dfcache")?);
+        cmd.args(args)
+            .arg("--endpoint")
+            .arg(&daemon.socket)
+            .env("RUST_LOG", &self.rust_log)
+            .env("NO_COLOR", "1")
+            .env_remove("DFCACHE_ENDPOINT")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let timeout = self.opts.dfget_timeout;
+        match tokio::time::timeout(timeout, cmd.output()).await {
+            Ok(out) => out.with_context(|| format!("running dfcache on {}", daemon.name)),
+            Err(_) => bail!(
+                "dfcache {args:?} on {} did not finish within {timeout:?}",
+                daemon.name
+            ),
+        }
+    }
+
     /// Runs `dfget URL -O OUT` through `daemon`, with `--digest` when given.
     pub async fn run_dfget(
         &self,

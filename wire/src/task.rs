@@ -78,6 +78,24 @@ impl TaskId {
         Self(h.finalize().into())
     }
 
+    /// The id of a dfcache entry: content id `cid` (usually `sha256:<hex>` of the file) with a
+    /// tag and an application. Without tag and application it is
+    /// [`TaskId::from_content_digest`] of `cid`, so an imported blob and the same blob
+    /// fetched by digest are one task.
+    pub fn from_cache_id(cid: &str, tag: &str, application: &str) -> Self {
+        if tag.is_empty() && application.is_empty() {
+            return Self::from_content_digest(cid);
+        }
+        let mut h = Sha256::new();
+        h.update(b"cache:");
+        h.update(cid.as_bytes());
+        h.update([0]);
+        h.update(tag.as_bytes());
+        h.update([0]);
+        h.update(application.as_bytes());
+        Self(h.finalize().into())
+    }
+
     /// Parses the 64-hex-character form.
     pub fn parse(s: &str) -> Result<Self, ParseTaskIdError> {
         let mut out = [0u8; 32];
@@ -145,6 +163,17 @@ mod tests {
         let id = TaskId::from_content_digest("sha256:abc");
         assert_eq!(TaskId::parse(&id.to_hex()), Ok(id));
         assert_eq!(TaskId::parse("zz"), Err(ParseTaskIdError));
+    }
+
+    #[test]
+    fn cache_ids() {
+        let plain = TaskId::from_cache_id("sha256:ab", "", "");
+        assert_eq!(plain, TaskId::from_content_digest("sha256:ab"));
+        assert_ne!(plain, TaskId::from_cache_id("sha256:ab", "t", ""));
+        assert_ne!(
+            TaskId::from_cache_id("sha256:ab", "t", ""),
+            TaskId::from_cache_id("sha256:ab", "", "t")
+        );
     }
 
     #[test]

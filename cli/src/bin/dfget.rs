@@ -1,12 +1,19 @@
-//! dfget: download a URL through the local dfdaemon.
+//! dfget: download a URL (a byte range of it, or a whole directory listing) through the local
+//! dfdaemon.
 
 use clap::Parser;
-use damselfly_cli::{parse_header, unix_channel};
+use controlplane::task_reader::ByteRange as Range;
+use damselfly_cli::dfget_config::{self, DfgetConfig};
+use damselfly_cli::listing::{self, Entry};
+use damselfly_cli::{absolute, connect_daemon, parse_header};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use wire::proto::dfdaemon::{dfdaemon_client::DfdaemonClient, DownloadRequest, Header};
+use tonic::transport::Channel;
+use wire::proto::dfdaemon::{
+    dfdaemon_client::DfdaemonClient, ByteRange, DownloadProgress, DownloadRequest, Header,
+};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -19,9 +26,9 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
     about = "Download a URL through the local Damselfly daemon"
 )]
 struct Args {
-    /// URL to download (http or https).
+    /// URL to download (http or https); with --recursive, a directory index page.
     url: String,
-    /// Output file.
+    /// Output file (with --recursive: output directory).
     #[arg(short = 'O', long)]
     output: PathBuf,
     /// Expected digest of the whole file, sha256:<hex>; the download fails on mismatch.
@@ -30,24 +37,25 @@ struct Args {
     /// Header for the origin request, 'Name: value'; repeat for several.
     #[arg(short = 'H', long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
-    /// Give up after this long (e.g. 30s, 10m); 0 waits forever.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-    /// Unix socket of the dfdaemon local API.
-    #[arg(long, env = "DFGET_ENDPOINT", default_value = controlplane::config::DEFAULT_SOCKET)]
-    endpoint: PathBuf,
+    /// Give up after this long (e.g. 30s, 10m); 0 waits forever. Default: config file, else 0.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Unix socket of the dfdaemon local API. Default: config file, else
+    /// /var/run/damselfly/dfdaemon.sock.
+    #[arg(long, env = "DFGET_ENDPOINT")]
+    endpoint: Option<PathBuf>,
     /// Tag: different tags make different tasks for the same URL.
-    #[arg(long, default_value = "")]
-    tag: String,
+    #[arg(long)]
+    tag: Option<String>,
     /// Application name, part of the task id.
-    #[arg(long, default_value = "")]
-    application: String,
+    #[arg(long)]
+    application: Option<String>,
     /// Piece length in bytes (0 lets the daemon choose).
     #[arg(long, default_value_t = 0)]
     piece_length: u64,
     /// Download rate limit for this download (e.g. 50MiB, 100MB; bytes per second).
-    #[arg(long, value_parser = controlplane::config::parse_size, default_value = "0")]
-    rate_limit: u64,
+    #[arg(long, value_parser = controlplane::config::parse_size)]
+    rate_limit: Option<u64>,
     /// Fail instead of fetching from the origin when no peer can serve.
     #[arg(long)]
     disable_back_to_source: bool,
@@ -57,10 +65,88 @@ struct Args {
     /// No progress bar even on a terminal.
     #[arg(long)]
     no_progress: bool,
+    /// Only these bytes: START-END (END inclusive, HTTP Range semantics) or START- (to the
+    /// end). The task is still the whole file's, so its pieces serve later downloads.
+    #[arg(long, value_parser = Range::parse, allow_hyphen_values = true)]
+    range: Option<Range>,
+    /// Priority level 0..6 passed to the scheduler (Dragonfly's levels; 0: default).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(0..=6))]
+    priority: Option<i32>,
+    /// Download every file below URL, an HTML directory index (nginx, Apache, python
+    /// http.server), into the -O directory, keeping relative paths; follows subdirectories.
+    #[arg(long, short = 'r')]
+    recursive: bool,
+    /// Config file with defaults (see cli/README.md). Default: ~/.config/damselfly/dfget.yaml,
+    /// else /etc/damselfly/dfget.yaml, when present.
+    #[arg(long, env = "DFGET_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Effective settings: flags, then environment, then the config file, then built-in defaults.
+#[derive(Debug, Clone)]
+struct Settings {
+    endpoint: PathBuf,
+    timeout: Duration,
+    headers: Vec<(String, String)>,
+    tag: String,
+    application: String,
+    piece_length: u64,
+    rate_limit: u64,
+    disable_back_to_source: bool,
+    filtered_query_params: Vec<String>,
+    no_progress: bool,
+    priority: i32,
+}
+
+fn settings(args: &Args, file: DfgetConfig) -> Result<Settings, String> {
+    let mut headers = Vec::new();
+    for h in file.headers.unwrap_or_default() {
+        headers.push(parse_header(&h).map_err(|e| format!("config headers: {e}"))?);
+    }
+    headers.extend(args.headers.iter().cloned());
+    Ok(Settings {
+        endpoint: args
+            .endpoint
+            .clone()
+            .or(file.endpoint)
+            .unwrap_or_else(|| PathBuf::from(controlplane::config::DEFAULT_SOCKET)),
+        timeout: args.timeout.or(file.timeout).unwrap_or(Duration::ZERO),
+        headers,
+        tag: args.tag.clone().or(file.tag).unwrap_or_default(),
+        application: args
+            .application
+            .clone()
+            .or(file.application)
+            .unwrap_or_default(),
+        piece_length: args.piece_length,
+        rate_limit: args
+            .rate_limit
+            .or(file.rate_limit.map(|r| r.0))
+            .unwrap_or(0),
+        disable_back_to_source: args.disable_back_to_source
+            || file.disable_back_to_source.unwrap_or(false),
+        filtered_query_params: if args.filtered_query_params.is_empty() {
+            file.filtered_query_params.unwrap_or_default()
+        } else {
+            args.filtered_query_params.clone()
+        },
+        no_progress: args.no_progress || file.no_progress.unwrap_or(false),
+        priority: args.priority.or(file.priority).unwrap_or(0),
+    })
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let res = dfget_config::load(args.config.as_deref())
+        .map_err(|e| format!("config: {e}"))
+        .and_then(|loaded| settings(&args, loaded.config));
+    let s = match res {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dfget: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -71,12 +157,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let timeout = args.timeout;
+    let timeout = s.timeout;
     let res = rt.block_on(async move {
         if timeout.is_zero() {
-            run(args).await
+            run(args, s).await
         } else {
-            match tokio::time::timeout(timeout, run(args)).await {
+            match tokio::time::timeout(timeout, run(args, s)).await {
                 Ok(r) => r,
                 Err(_) => Err(format!(
                     "timed out after {}",
@@ -94,27 +180,78 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let output = if args.output.is_absolute() {
-        args.output.clone()
+async fn run(args: Args, s: Settings) -> Result<(), String> {
+    let output = absolute(&args.output)?;
+    if args.recursive {
+        if args.range.is_some() {
+            return Err("--range cannot be used with --recursive".into());
+        }
+        if args.digest.is_some() {
+            return Err("--digest names one file and cannot be used with --recursive".into());
+        }
+    }
+    if args.range.is_some() && args.digest.is_some() {
+        return Err("--digest checks the whole file and cannot be used with --range".into());
+    }
+    let mut client = connect_daemon(&s.endpoint, "DFGET_ENDPOINT").await?;
+    if args.recursive {
+        return recursive(&mut client, &s, &args.url, &output).await;
+    }
+    let started = Instant::now();
+    let p = download_one(
+        &mut client,
+        &s,
+        &args.url,
+        &output,
+        args.digest.clone(),
+        args.range,
+        true,
+    )
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    let written = written_length(&p);
+    eprintln!(
+        "dfget: {} ({} bytes{}) in {:.2}s, {:.1} MB/s; from origin {} B, seed peers {} B, peers {} B; task {}",
+        output.display(),
+        written,
+        if args.range.is_some() {
+            format!(" of {}", p.content_length)
+        } else {
+            String::new()
+        },
+        secs,
+        written as f64 / secs.max(1e-9) / 1e6,
+        p.bytes_from_origin,
+        p.bytes_from_seed,
+        p.bytes_from_peers,
+        p.task_id
+    );
+    Ok(())
+}
+
+/// Bytes the daemon wrote to the output (older daemons: the content length).
+fn written_length(p: &DownloadProgress) -> u64 {
+    if p.output_length != 0 {
+        p.output_length
     } else {
-        std::env::current_dir()
-            .map_err(|e| format!("current directory: {e}"))?
-            .join(&args.output)
-    };
-    let channel = unix_channel(args.endpoint.clone()).await.map_err(|e| {
-        format!(
-            "no dfdaemon is answering on {} ({}). Start one with `dfdaemon --config /etc/damselfly/dfdaemon.yaml` \
-             (or `dfdaemon --scheduler HOST:8002`), or point --endpoint / DFGET_ENDPOINT at its socket.",
-            args.endpoint.display(),
-            source_chain(&e)
-        )
-    })?;
-    let mut client = DfdaemonClient::new(channel);
+        p.content_length
+    }
+}
+
+/// Downloads `url` into `output` through the daemon; checks the output's length.
+async fn download_one(
+    client: &mut DfdaemonClient<Channel>,
+    s: &Settings,
+    url: &str,
+    output: &Path,
+    digest: Option<String>,
+    range: Option<Range>,
+    show_bar: bool,
+) -> Result<DownloadProgress, String> {
     let req = DownloadRequest {
-        url: args.url.clone(),
+        url: url.to_string(),
         output: output.to_string_lossy().into_owned(),
-        headers: args
+        headers: s
             .headers
             .iter()
             .map(|(n, v)| Header {
@@ -122,21 +259,25 @@ async fn run(args: Args) -> Result<(), String> {
                 value: v.clone(),
             })
             .collect(),
-        digest: args.digest.clone().unwrap_or_default(),
-        tag: args.tag.clone(),
-        application: args.application.clone(),
-        piece_length: args.piece_length,
-        disable_back_to_source: args.disable_back_to_source,
-        filtered_query_params: args.filtered_query_params.clone(),
-        rate_limit: args.rate_limit,
+        digest: digest.unwrap_or_default(),
+        tag: s.tag.clone(),
+        application: s.application.clone(),
+        piece_length: s.piece_length,
+        disable_back_to_source: s.disable_back_to_source,
+        filtered_query_params: s.filtered_query_params.clone(),
+        rate_limit: s.rate_limit,
+        range: range.map(|r| ByteRange {
+            start: r.start,
+            end: r.end,
+        }),
+        priority: s.priority,
     };
-    let started = Instant::now();
     let mut stream = client
         .download(req)
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|st| st.message().to_string())?
         .into_inner();
-    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+    let bar = (show_bar && !s.no_progress && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(0);
         b.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
@@ -148,7 +289,7 @@ async fn run(args: Args) -> Result<(), String> {
     while let Some(p) = stream
         .message()
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|st| st.message().to_string())?
     {
         if let Some(b) = &bar {
             b.set_length(p.content_length);
@@ -166,41 +307,118 @@ async fn run(args: Args) -> Result<(), String> {
     let p = last
         .filter(|p| p.done)
         .ok_or("the daemon ended the download without finishing it")?;
-    let len = std::fs::metadata(&output)
+    let len = std::fs::metadata(output)
         .map_err(|e| format!("{}: {e}", output.display()))?
         .len();
-    if len != p.content_length {
+    let want = written_length(&p);
+    if len != want {
         return Err(format!(
-            "{} has {len} bytes, expected {}",
-            output.display(),
-            p.content_length
+            "{} has {len} bytes, expected {want}",
+            output.display()
         ));
     }
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "dfget: {} ({} bytes) in {:.2}s, {:.1} MB/s; from origin {} B, seed peers {} B, peers {} B; task {}",
-        output.display(),
-        p.content_length,
-        secs,
-        p.content_length as f64 / secs.max(1e-9) / 1e6,
-        p.bytes_from_origin,
-        p.bytes_from_seed,
-        p.bytes_from_peers,
-        p.task_id
-    );
-    Ok(())
+    Ok(p)
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
+/// Most index pages and files one recursive download visits (a guard against endless
+/// generated listings).
+const MAX_PAGES: usize = 10_000;
+const MAX_FILES: usize = 100_000;
+
+/// Downloads every file below the directory index at `url` into `out_dir`.
+async fn recursive(
+    client: &mut DfdaemonClient<Channel>,
+    s: &Settings,
+    url: &str,
+    out_dir: &Path,
+) -> Result<(), String> {
+    let base = url::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err(format!(
+            "url scheme {:?} is not supported (http, https)",
+            base.scheme()
+        ));
     }
-    s
+    let base = listing::as_dir(&base);
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (n, v) in &s.headers {
+        let name = reqwest::header::HeaderName::from_bytes(n.as_bytes())
+            .map_err(|e| format!("header {n:?}: {e}"))?;
+        let value =
+            reqwest::header::HeaderValue::from_str(v).map_err(|e| format!("header {n:?}: {e}"))?;
+        headers.append(name, value);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let started = Instant::now();
+    let mut queue = std::collections::VecDeque::from([(base.clone(), PathBuf::new())]);
+    let mut seen = std::collections::HashSet::from([base.to_string()]);
+    let (mut pages, mut files, mut bytes) = (0usize, 0usize, 0u64);
+    while let Some((dir, rel)) = queue.pop_front() {
+        pages += 1;
+        if pages > MAX_PAGES {
+            return Err(format!(
+                "more than {MAX_PAGES} directory pages below {base}"
+            ));
+        }
+        let resp = http
+            .get(dir.clone())
+            .send()
+            .await
+            .map_err(|e| format!("listing {dir}: {}", damselfly_cli::source_chain(&e)))?;
+        if !resp.status().is_success() {
+            return Err(format!(
+                "listing {dir}: the server answered {}",
+                resp.status()
+            ));
+        }
+        let html = resp
+            .text()
+            .await
+            .map_err(|e| format!("listing {dir}: {}", damselfly_cli::source_chain(&e)))?;
+        let (entries, skipped) = listing::parse_index(&dir, &html);
+        for sk in skipped {
+            eprintln!("dfget: skipping link {:?} in {dir}: {}", sk.href, sk.reason);
+        }
+        for e in entries {
+            match e {
+                Entry::Dir { url, rel: name } => {
+                    if seen.insert(url.to_string()) {
+                        queue.push_back((url, rel.join(name)));
+                    }
+                }
+                Entry::File { url, rel: name } => {
+                    files += 1;
+                    if files > MAX_FILES {
+                        return Err(format!("more than {MAX_FILES} files below {base}"));
+                    }
+                    let target = out_dir.join(&rel).join(&name);
+                    if let Some(parent) = target.parent() {
+                        std::fs::create_dir_all(parent)
+                            .map_err(|e| format!("{}: {e}", parent.display()))?;
+                    }
+                    let p = download_one(client, s, url.as_str(), &target, None, None, false)
+                        .await
+                        .map_err(|e| format!("{url}: {e}"))?;
+                    bytes += written_length(&p);
+                    eprintln!(
+                        "dfget: {} ({} bytes; task {})",
+                        target.display(),
+                        written_length(&p),
+                        p.task_id
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "dfget: {files} files, {bytes} bytes from {pages} directory pages into {} in {:.2}s",
+        out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

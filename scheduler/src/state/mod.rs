@@ -531,8 +531,12 @@ impl SchedulerState {
             source,
             piece_length,
             back_to_source,
+            priority,
         } = register;
         let host = self.check_identity(key, &task_id, &peer_id, host)?;
+        if priority != 0 {
+            debug!(task_id = %task_id, peer_id = %peer_id, priority, "priority asked (not used for scheduling yet)");
+        }
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
 
@@ -682,6 +686,34 @@ impl SchedulerState {
             self.set_metadata(&task_id, layout, &mut out);
         }
         Ok(out)
+    }
+
+    /// `LeaveTask`: the host `host_id` no longer holds `task_id` (dfcache delete). Every peer
+    /// of that host in the task is forgotten; those with an open `AnnouncePeer` stream get
+    /// [`Output::ClosePeer`]. Returns how many peers were forgotten and the outputs.
+    pub fn leave_task(&mut self, task_id: &str, host_id: &str) -> (u32, Vec<Output>) {
+        let mut out = Vec::new();
+        let Some(task) = self.tasks.get(task_id) else {
+            return (0, out);
+        };
+        let mut keys: Vec<PeerKey> = task
+            .peers
+            .iter()
+            .copied()
+            .filter(|k| self.peers.get(k).is_some_and(|p| p.host.id == host_id))
+            .collect();
+        keys.sort();
+        for key in &keys {
+            if self.peers.get(key).is_some_and(|p| !p.announced) {
+                out.push(Output::ClosePeer {
+                    peer: *key,
+                    reason: "the host left the task".to_owned(),
+                });
+            }
+            self.remove_peer(*key, &mut out);
+        }
+        info!(task_id = %task_id, host_id = %host_id, peers = keys.len(), "host left the task");
+        (u32::try_from(keys.len()).unwrap_or(u32::MAX), out)
     }
 
     /// A later message of the `AnnouncePeer` stream of `key`. Unknown keys are ignored.

@@ -83,6 +83,7 @@ impl Sim {
                     }),
                     piece_length: 0,
                     back_to_source: bts,
+                    priority: 0,
                 },
             )
             .unwrap();

@@ -1,0 +1,331 @@
+//! dfcache: files put into the P2P network by hand, without an origin.
+//!
+//! * Import stores a local file as a finished task (pieces cut with the usual length rule,
+//!   crc32c per piece) and announces it to the task's scheduler with `AnnounceTask`, so other
+//!   peers can fetch it.
+//! * Export fetches such a task from peers only: there is no origin to go back to, so a task
+//!   nobody holds fails with "task not found in the P2P network".
+//! * Stat combines local storage and the scheduler's `StatTask`; delete removes the task
+//!   locally and withdraws this host from it at the schedulers (`LeaveTask`).
+//!
+//! A cached task is named by a content id (by default `sha256:<hex>` of the file), a tag and
+//! an application ([`TaskId::from_cache_id`]).
+
+use crate::daemon::Context;
+use crate::task::TaskSpec;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tonic::{Code, Status};
+use wire::proto::scheduler::{
+    scheduler_client::SchedulerClient, AnnounceTaskRequest, LeaveTaskRequest, StatTaskRequest,
+    TaskInfo, TaskMetadata,
+};
+use wire::{PieceLayout, TaskId};
+
+/// Content id, tag and application of a cached task.
+#[derive(Debug, Clone, Default)]
+pub struct CacheKey {
+    /// Content id; empty on import means the file's `sha256:<hex>`.
+    pub cid: String,
+    /// Tag.
+    pub tag: String,
+    /// Application.
+    pub application: String,
+}
+
+impl CacheKey {
+    /// The task id of this key (the content id must be set).
+    pub fn task_id(&self) -> Result<TaskId, Status> {
+        if self.cid.is_empty() {
+            return Err(Status::invalid_argument(
+                "a content id is required (the sha256:<hex> printed by dfcache import, or your own id)",
+            ));
+        }
+        Ok(TaskId::from_cache_id(
+            &self.cid,
+            &self.tag,
+            &self.application,
+        ))
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// Task id.
+    pub id: TaskId,
+    /// Content id used.
+    pub cid: String,
+    /// Layout of the stored task.
+    pub layout: PieceLayout,
+    /// Scheduler that accepted the announcement, if any.
+    pub scheduler: Option<String>,
+}
+
+/// sha256 of a file, as `sha256:<hex>`.
+fn file_digest(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Copies `path` into the store of `id` piece by piece (blocking).
+fn store_file(ctx: &Context, id: TaskId, path: &Path, layout: PieceLayout) -> Result<(), String> {
+    let store = ctx
+        .storage
+        .create(id, layout)
+        .map_err(|e| format!("creating the task file: {e}"))?;
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = Vec::new();
+    for n in 0..layout.piece_count() {
+        if store.has(n) {
+            continue;
+        }
+        let Some(r) = layout.piece_range(n) else {
+            continue;
+        };
+        buf.resize(usize::try_from(r.end - r.start).unwrap_or(0), 0);
+        f.read_exact_at(&mut buf, r.start).map_err(|e| {
+            format!(
+                "reading {} at {} (did the file change during the import?): {e}",
+                path.display(),
+                r.start
+            )
+        })?;
+        let crc = wire::piece_crc(&buf);
+        store
+            .write_piece(n, &buf, crc)
+            .map_err(|e| format!("storing piece {n}: {e}"))?;
+    }
+    if !store.is_complete() {
+        return Err("the imported task is incomplete".into());
+    }
+    Ok(())
+}
+
+/// Peer id this host uses for an imported task (stable, so a second import replaces the
+/// first at the scheduler).
+fn cache_peer_id(ctx: &Context, id: &TaskId) -> String {
+    format!("{}-cache-{}", ctx.host.id, &id.to_hex()[..16])
+}
+
+/// Announces the complete task `id` to its scheduler (the next ones by rendezvous order when
+/// it does not answer). Returns the scheduler that accepted it.
+pub async fn announce(
+    ctx: &Arc<Context>,
+    id: &TaskId,
+    layout: PieceLayout,
+) -> Result<String, String> {
+    let order = ctx.schedulers.pool().ordered(id);
+    if order.is_empty() {
+        return Err("no scheduler configured".into());
+    }
+    let mut errors = Vec::new();
+    for (addr, ch) in order {
+        let req = AnnounceTaskRequest {
+            task_id: id.to_hex(),
+            peer_id: cache_peer_id(ctx, id),
+            host: Some(ctx.host.clone()),
+            metadata: Some(TaskMetadata {
+                content_length: layout.content_length(),
+                piece_length: layout.piece_length(),
+            }),
+            piece_count: layout.piece_count(),
+        };
+        match SchedulerClient::new(ch).announce_task(req).await {
+            Ok(_) => return Ok(addr),
+            Err(e) => errors.push(format!("scheduler {addr}: {}", e.message())),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Imports the file at `path` (absolute) as a finished task and announces it.
+pub async fn import(
+    ctx: &Arc<Context>,
+    path: PathBuf,
+    key: CacheKey,
+    piece_length: u64,
+) -> Result<Imported, Status> {
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "path {} must be absolute",
+            path.display()
+        )));
+    }
+    let meta = std::fs::metadata(&path)
+        .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Status::invalid_argument(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    let len = meta.len();
+    if len == 0 {
+        return Err(Status::invalid_argument(format!(
+            "{} is empty; empty files cannot be imported",
+            path.display()
+        )));
+    }
+    let piece_length = if piece_length != 0 {
+        piece_length
+    } else {
+        wire::piece::piece_length_for(
+            len,
+            ctx.config.download.piece_length_min.0,
+            ctx.config.download.piece_length_max.0,
+        )
+    };
+    let layout = PieceLayout::new(len, piece_length)
+        .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
+    let ctx2 = ctx.clone();
+    let (id, cid) = tokio::task::spawn_blocking(move || -> Result<(TaskId, String), Status> {
+        let cid = if key.cid.is_empty() {
+            file_digest(&path)
+                .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?
+        } else {
+            key.cid.clone()
+        };
+        let id = TaskId::from_cache_id(&cid, &key.tag, &key.application);
+        match ctx2.storage.get(&id) {
+            Some(s) if s.is_complete() && s.layout() == layout => return Ok((id, cid)),
+            Some(s) if s.is_complete() => {
+                return Err(Status::already_exists(format!(
+                    "task {id} is already held with {} bytes in pieces of {}; delete it first",
+                    s.layout().content_length(),
+                    s.layout().piece_length()
+                )))
+            }
+            _ => {}
+        }
+        if let Err(e) = store_file(&ctx2, id, &path, layout) {
+            let _ = ctx2.storage.remove(&id);
+            return Err(Status::internal(e));
+        }
+        Ok((id, cid))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("import task: {e}")))??;
+    tracing::info!(task = %id, %cid, bytes = len, "imported");
+    let scheduler = match announce(ctx, &id, layout).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::warn!(task = %id, "announcing the imported task: {e}");
+            None
+        }
+    };
+    Ok(Imported {
+        id,
+        cid,
+        layout,
+        scheduler,
+    })
+}
+
+/// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)` when a
+/// scheduler answered that it does not know the task, `Err` when none answered.
+pub async fn scheduler_stat(ctx: &Arc<Context>, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+    let order = ctx.schedulers.pool().ordered(id);
+    if order.is_empty() {
+        return Err("no scheduler configured".into());
+    }
+    let mut errors = Vec::new();
+    for (addr, ch) in order {
+        let req = StatTaskRequest {
+            task_id: id.to_hex(),
+        };
+        match SchedulerClient::new(ch).stat_task(req).await {
+            Ok(r) => return Ok(Some(r.into_inner())),
+            Err(s) if s.code() == Code::NotFound => return Ok(None),
+            Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// Checks that some other peer holds task `id` before an export, and returns the download
+/// spec: no origin, back-to-source disabled.
+pub async fn export_spec(
+    ctx: &Arc<Context>,
+    key: &CacheKey,
+    rate_limit: u64,
+) -> Result<TaskSpec, Status> {
+    let id = key.task_id()?;
+    let held_here = ctx.storage.get(&id).is_some_and(|s| s.is_complete());
+    if !held_here {
+        let info = scheduler_stat(ctx, &id).await.map_err(|e| {
+            Status::unavailable(format!("cannot ask the scheduler about task {id}: {e}"))
+        })?;
+        let holders = info.as_ref().map_or(0, |i| {
+            i.peers
+                .iter()
+                .filter(|p| p.host_id != ctx.host.id && (p.done || p.finished_pieces > 0))
+                .count()
+        });
+        if holders == 0 || info.as_ref().is_some_and(|i| i.metadata.is_none()) {
+            return Err(Status::not_found(format!(
+                "task not found in the P2P network: no peer holds {} (task {id})",
+                describe(key)
+            )));
+        }
+    }
+    Ok(TaskSpec {
+        id,
+        url: String::new(),
+        headers: Vec::new(),
+        piece_length: 0,
+        back_to_source: false,
+        disable_back_to_source: true,
+        rate_limit,
+        scheduler: None,
+        priority: 0,
+    })
+}
+
+fn describe(key: &CacheKey) -> String {
+    let mut s = key.cid.clone();
+    if !key.tag.is_empty() {
+        s.push_str(&format!(" tag {:?}", key.tag));
+    }
+    if !key.application.is_empty() {
+        s.push_str(&format!(" application {:?}", key.application));
+    }
+    s
+}
+
+/// Removes task `id` from local storage and tells every scheduler that this host left it.
+/// Returns (held locally, scheduler told, scheduler error).
+pub async fn delete(ctx: &Arc<Context>, id: &TaskId) -> Result<(bool, bool, String), Status> {
+    let held = ctx.storage.get(id).is_some();
+    if held {
+        ctx.storage
+            .remove(id)
+            .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?;
+        tracing::info!(task = %id, "deleted");
+    }
+    let mut told = false;
+    let mut errors = Vec::new();
+    for (addr, ch) in ctx.schedulers.pool().all().iter().cloned() {
+        let req = LeaveTaskRequest {
+            task_id: id.to_hex(),
+            host_id: ctx.host.id.clone(),
+        };
+        match SchedulerClient::new(ch).leave_task(req).await {
+            Ok(_) => told = true,
+            Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+        }
+    }
+    Ok((held, told, errors.join("; ")))
+}
