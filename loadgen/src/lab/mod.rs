@@ -53,6 +53,11 @@ pub struct ClusterArgs {
     /// Piece length passed to dfget (bytes or 1MiB, ...; 0: the daemon's rule).
     #[arg(long, default_value = "0", value_parser = parse_size)]
     pub piece_length: u64,
+    /// Pass `--digest` to dfget, so the daemon hashes each copy before delivering it (its
+    /// time counts in the completion time). Off by default: the lab hashes every copy itself
+    /// after the burst, so the times measure distribution, not a hashing queue on 2 cores.
+    #[arg(long)]
+    pub dfget_digest: bool,
     /// `--threads` of every dfdaemon.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -279,8 +284,9 @@ fn proc_cpu(pid: u32, tck: f64) -> Option<f64> {
     Some((ut + st) / tck)
 }
 
-/// Busy time of all cores (everything but idle and iowait), seconds.
-fn machine_cpu(tck: f64) -> Option<f64> {
+/// Busy time of all cores from `/proc/stat`, seconds: (total busy, system, irq + softirq).
+/// Total busy is everything but idle and iowait, other users of the machine included.
+fn machine_cpu(tck: f64) -> Option<(f64, f64, f64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let line = text.lines().next()?.strip_prefix("cpu ")?;
     let v: Vec<f64> = line
@@ -288,7 +294,11 @@ fn machine_cpu(tck: f64) -> Option<f64> {
         .filter_map(|x| x.parse().ok())
         .collect();
     let total: f64 = v.iter().take(8).sum();
-    Some((total - v.get(3)? - v.get(4)?) / tck)
+    Some((
+        (total - v.get(3)? - v.get(4)?) / tck,
+        v.get(2)? / tck,
+        (v.get(5)? + v.get(6)?) / tck,
+    ))
 }
 
 fn clock_ticks() -> f64 {
@@ -327,6 +337,7 @@ fn file_sha256(path: &Path) -> anyhow::Result<String> {
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
+        check_stop()?;
         let n = f
             .read(&mut buf)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -528,7 +539,10 @@ fn cpu_snapshot(pids: &[(String, u32)], tck: f64) -> Vec<(String, f64)> {
             None => by_role.push((role.clone(), c)),
         }
     }
-    by_role.push(("machine".into(), machine_cpu(tck).unwrap_or(0.0)));
+    let (busy, system, irq) = machine_cpu(tck).unwrap_or_default();
+    by_role.push(("machine".into(), busy));
+    by_role.push(("machine_system".into(), system));
+    by_role.push(("machine_softirq".into(), irq));
     by_role
 }
 
@@ -784,8 +798,6 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             c.arg(&url)
                 .arg("-O")
                 .arg(&out)
-                .arg("--digest")
-                .arg(format!("sha256:{sha}"))
                 .arg("--endpoint")
                 .arg(socket)
                 .arg("--timeout")
@@ -810,6 +822,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     let tx1 = network.tx_bytes(&origin)?;
     procs.check_alive()?;
     let checks = verify(&runs, &sha, a.keep);
+    check_stop()?;
     let hosts_p2p: Vec<HostResult> = runs
         .iter()
         .zip(checks)
@@ -879,6 +892,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         let cpu1 = cpu_snapshot(&pids, tck);
         let tx1 = network.tx_bytes(&origin)?;
         let checks = verify(&runs, &sha, a.keep);
+        check_stop()?;
         let hosts_http = runs
             .iter()
             .zip(checks)

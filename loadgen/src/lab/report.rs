@@ -58,7 +58,8 @@ pub struct Phase {
     /// Copies whose sha256 matched.
     pub verified: usize,
     /// CPU seconds used during the phase, per role (`daemons`, `seed`, `scheduler`,
-    /// `origin`) and `machine` (every core's busy time from /proc/stat, other users included).
+    /// `origin`), `machine` (every core's busy time from /proc/stat, other users included),
+    /// `machine_system` and `machine_softirq` (kernel time; the links' work is softirq).
     pub cpu_s: Vec<(String, f64)>,
 }
 
