@@ -1,8 +1,10 @@
 //! `loadgen`: Damselfly benchmarks. `loadgen simulate` drives a real scheduler process with
-//! thousands of virtual peers over gRPC and a flow-level model of their links.
+//! thousands of virtual peers over gRPC and a flow-level model of their links. `loadgen
+//! cluster` is the burst lab: real processes in network namespaces on shaped links.
 
 mod client;
 mod flow;
+mod lab;
 mod report;
 mod sim;
 
@@ -27,6 +29,12 @@ struct Args {
 enum Cmd {
     /// Simulate a burst: N virtual peers fetch one task through a real scheduler.
     Simulate(Simulate),
+    /// Burst lab (root): origin, scheduler, seed peer and N dfdaemons in network namespaces
+    /// on shaped links; N dfget at once, then N plain HTTP downloads; ratios to T*.
+    Cluster(lab::ClusterArgs),
+    /// The lab's HTTP origin (started by `loadgen cluster` inside a namespace).
+    #[command(hide = true)]
+    LabOrigin(lab::origin::OriginArgs),
 }
 
 /// Options of `loadgen simulate`.
@@ -192,6 +200,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Cmd::Simulate(s) => simulate(s),
+        Cmd::Cluster(c) => lab::cluster(c),
+        Cmd::LabOrigin(o) => lab::origin::serve(o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

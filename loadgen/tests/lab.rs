@@ -1,0 +1,252 @@
+//! The burst lab end to end: a tiny `loadgen cluster` (3 peer hosts, a few MiB) with the
+//! debug binaries (`cargo build --workspace --bins` first), in network namespaces. Skips with
+//! a message where namespaces cannot be created (not root, no `ip netns`). Every run uses a
+//! prefix with this process's id, so leftovers of another (crashed) run are never touched,
+//! and each test checks that nothing with its prefix is left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn loadgen() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_loadgen"))
+}
+
+/// Whether this machine lets us create a network namespace (probed with a throwaway one).
+fn namespaces_available() -> bool {
+    let probe = format!("dflyprobe{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    }
+    ok
+}
+
+fn namespaces(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Deletes whatever namespaces with `prefix` exist (after a failed assertion).
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for ns in namespaces(&self.0) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+}
+
+fn lab_args(prefix: &str, dir: &Path, json: &Path) -> Vec<String> {
+    let bin_dir = loadgen()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for b in ["dfdaemon", "dfget", "scheduler"] {
+        assert!(
+            bin_dir.join(b).is_file(),
+            "{} missing: run `cargo build --workspace --bins` before this test",
+            bin_dir.join(b).display()
+        );
+    }
+    vec![
+        "cluster".into(),
+        "--hosts".into(),
+        "3".into(),
+        "--size".into(),
+        "3MiB".into(),
+        "--rate".into(),
+        "200mbit".into(),
+        "--origin-rate".into(),
+        "400mbit".into(),
+        "--prefix".into(),
+        prefix.into(),
+        "--clean".into(),
+        "--bin-dir".into(),
+        bin_dir.display().to_string(),
+        "--dir".into(),
+        dir.display().to_string(),
+        "--json".into(),
+        json.display().to_string(),
+        "--timeout".into(),
+        "40".into(),
+    ]
+}
+
+fn output_text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn tiny_lab_completes_verifies_and_cleans_up() {
+    if !namespaces_available() {
+        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        return;
+    }
+    let prefix = format!("dflyt{}a-", std::process::id());
+    let _cleanup = Cleanup(prefix.clone());
+    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
+    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
+    let mut args = lab_args(&prefix, &dir, &json);
+    args.push("--svg".into());
+    let svg = std::env::temp_dir().join(format!("{prefix}cdf.svg"));
+    args.push(svg.display().to_string());
+
+    // A leftover namespace with our prefix: refused without --clean, and left alone.
+    let leftover = format!("{prefix}origin");
+    let made = Command::new("ip")
+        .args(["netns", "add", &leftover])
+        .status();
+    assert!(made.is_ok_and(|s| s.success()), "creating {leftover}");
+    let no_clean: Vec<String> = args.iter().filter(|a| *a != "--clean").cloned().collect();
+    let out = Command::new(loadgen())
+        .args(&no_clean)
+        .output()
+        .expect("running loadgen");
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("leftover"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(namespaces(&prefix), vec![leftover.clone()]);
+
+    // Without curl there is no HTTP baseline (and no origin byte count); the P2P part runs.
+    let curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !curl {
+        eprintln!("note: curl missing, running without the HTTP baseline");
+        args.push("--no-baseline".into());
+    }
+    // With --clean: the leftover goes, the lab runs.
+    let out = Command::new(loadgen())
+        .args(&args)
+        .output()
+        .expect("running loadgen");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
+            .expect("parsing the JSON report");
+    let phases = report["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), if curl { 2 } else { 1 }, "phases: {report}");
+    for p in phases {
+        assert_eq!(p["verified"], 3, "every copy verified: {p}");
+        for h in p["hosts"].as_array().expect("hosts") {
+            assert!(h["seconds"].as_f64().is_some_and(|s| s > 0.0), "{h}");
+        }
+    }
+    let p2p = &phases[0];
+    assert_eq!(p2p["name"], "p2p");
+    // The seed fetched the file once; peers got it from the swarm.
+    let copies = p2p["origin_copies_payload"]
+        .as_f64()
+        .expect("origin payload");
+    assert!((0.99..1.5).contains(&copies), "origin copies {copies}");
+    let http = &phases[1];
+    let copies = http["origin_copies_payload"]
+        .as_f64()
+        .expect("origin payload");
+    assert!(copies >= 2.99, "HTTP baseline served every host: {copies}");
+    assert!(report["t_star_s"].as_f64().is_some_and(|t| t > 0.0));
+    let svg_text = std::fs::read_to_string(&svg).expect("reading the SVG");
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("<path"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("p2p"), "{table}");
+
+    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
+    assert!(!dir.exists(), "work dir left behind");
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+}
+
+#[test]
+fn sigterm_mid_run_removes_everything() {
+    if !namespaces_available() {
+        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        return;
+    }
+    let prefix = format!("dflyt{}b-", std::process::id());
+    let _cleanup = Cleanup(prefix.clone());
+    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
+    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
+    let mut args = lab_args(&prefix, &dir, &json);
+    args.push("--no-baseline".into());
+    // Slow links, so that the run is still going when the signal comes.
+    for (i, v) in [("--rate", "2mbit"), ("--size", "8MiB")] {
+        if let Some(p) = args.iter().position(|a| a == i) {
+            args[p + 1] = v.into();
+        }
+    }
+    let mut child = Command::new(loadgen())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting loadgen");
+    // Until the daemons run in their namespaces (the peers' namespaces exist and the lab
+    // started downloading), bounded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stderr_path = dir.join("seed").join("dfdaemon.log");
+    while Instant::now() < deadline && !stderr_path.exists() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(stderr_path.exists(), "the lab never started its daemons");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!namespaces(&prefix).is_empty());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(killed.is_ok_and(|s| s.success()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for loadgen") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "loadgen did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = child.wait_with_output().expect("loadgen output");
+    assert!(
+        !status.success(),
+        "an interrupted run must not report success"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
+    assert!(!dir.exists(), "work dir left behind");
+    // No lab process survives (they would keep a namespace alive).
+    let ps = Command::new("ps").args(["-eo", "args"]).output();
+    let ps = ps
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        !ps.lines().any(|l| l.contains(&dir.display().to_string())),
+        "a lab process is still running"
+    );
+}
