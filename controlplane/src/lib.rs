@@ -3,15 +3,18 @@
 //! It owns the process: loads the [`config`], opens storage, starts the data plane, and then
 //! runs the scheduler sessions ([`scheduler`]), the per-task downloads ([`task`]), fetches
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
-//! socket ([`local_api`]) and Prometheus metrics ([`metrics`]).
+//! socket ([`local_api`]) and Prometheus metrics ([`metrics`]). Task metadata survives restarts
+//! in [`store`]; [`gc`] evicts tasks by TTL and disk watermarks.
 
 pub mod config;
 pub mod daemon;
+pub mod gc;
 pub mod local_api;
 pub mod manager;
 pub mod metrics;
 pub mod origin;
 pub mod scheduler;
+pub mod store;
 pub mod task;
 
 pub use config::DaemonConfig;
