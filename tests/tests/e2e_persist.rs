@@ -235,12 +235,13 @@ async fn gc_evicts_old_finished_tasks_but_never_the_one_being_downloaded() {
     // d (12 MiB) takes the total to 24 MiB > 20: GC wants 20 MiB freed (down to 4), which
     // would take d too, but d is being downloaded.
     let d_out = dir.join("d.out");
+    let (d_url, d_digest) = (origin.url("/d.bin"), d.digest());
     {
         let dl = cluster.run_dfget_with(
             p,
-            &origin.url("/d.bin"),
+            &d_url,
             &d_out,
-            Some(&d.digest()),
+            Some(&d_digest),
             &["--rate-limit", "3MiB"],
         );
         tokio::pin!(dl);
