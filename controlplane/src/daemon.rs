@@ -170,9 +170,9 @@ impl Daemon {
             loop {
                 tokio::time::sleep(flush_ctx.config.storage.persist_interval).await;
                 let c = flush_ctx.clone();
-                match tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await {
-                    Ok(Err(e)) => tracing::warn!("writing task metadata: {e:#}"),
-                    Ok(Ok(_)) | Err(_) => {}
+                let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
+                if let Ok(Err(e)) = res {
+                    tracing::warn!("writing task metadata: {e:#}");
                 }
             }
         });

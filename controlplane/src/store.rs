@@ -60,6 +60,9 @@ pub struct TaskRecord {
     pub last_access_ms: u64,
 }
 
+/// A loaded task: its record, piece bitmap (wire format) and one crc32c per piece.
+pub type Loaded = (TaskRecord, Vec<u8>, Vec<u32>);
+
 /// What the flush loop last wrote for a task.
 #[derive(Debug, Clone, Copy)]
 struct Written {
@@ -147,7 +150,7 @@ impl MetaStore {
 
     /// Every task record with its bitmap and crcs (records whose piece data is missing or
     /// malformed come with an empty bitmap).
-    pub fn load(&self) -> anyhow::Result<Vec<(TaskRecord, Vec<u8>, Vec<u32>)>> {
+    pub fn load(&self) -> anyhow::Result<Vec<Loaded>> {
         let txn = self.db.begin_read()?;
         let tasks = txn.open_table(TASKS)?;
         let pieces = txn.open_table(PIECES)?;

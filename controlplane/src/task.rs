@@ -127,9 +127,9 @@ impl TaskManager {
                     store.touch();
                     // Record the finished task before reporting it done.
                     let c = ctx.clone();
-                    match tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await {
-                        Ok(Err(e)) => tracing::warn!(task = %id, "writing task metadata: {e:#}"),
-                        Ok(Ok(_)) | Err(_) => {}
+                    let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
+                    if let Ok(Err(e)) = res {
+                        tracing::warn!(task = %id, "writing task metadata: {e:#}");
                     }
                     let p = progress_of(&store, &run.progress);
                     run.state.send_replace(TaskState::Done(store, p));
