@@ -29,6 +29,8 @@ pub struct DaemonConfig {
     pub manager: ManagerConfig,
     /// Registry mirror proxy.
     pub proxy: ProxyConfig,
+    /// Garbage collection of stored tasks.
+    pub gc: GcConfig,
 }
 
 /// `proxy:` section: the registry mirror (containerd's `hosts.toml` or docker's
@@ -64,6 +66,39 @@ impl Default for ProxyConfig {
             registry_mirror: "https://index.docker.io".into(),
             insecure_skip_verify: false,
             ca_certs: Vec::new(),
+        }
+    }
+}
+
+/// `gc:` section: when stored tasks are evicted (see the crate README).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcConfig {
+    /// How often a collection runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Tasks unused for longer than this are evicted (0: never by age).
+    #[serde(with = "humantime_serde")]
+    pub task_ttl: Duration,
+    /// Collect when the task files take more than this many bytes (0: no byte limit).
+    pub high_watermark_bytes: ByteSize,
+    /// ...down to this many bytes.
+    pub low_watermark_bytes: ByteSize,
+    /// Collect when the storage dir's filesystem is fuller than this percent (0: off).
+    pub high_watermark_percent: u8,
+    /// ...down to this percent.
+    pub low_watermark_percent: u8,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            task_ttl: Duration::from_secs(6 * 3600),
+            high_watermark_bytes: ByteSize(0),
+            low_watermark_bytes: ByteSize(0),
+            high_watermark_percent: 80,
+            low_watermark_percent: 60,
         }
     }
 }
@@ -144,14 +179,23 @@ impl Default for SchedulerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Directory of the task content files.
+    /// Directory of the task content files (and of the metadata store, `metadata.redb`).
     pub dir: PathBuf,
+    /// How often piece progress is written to the metadata store (and at every finished
+    /// download).
+    #[serde(with = "humantime_serde")]
+    pub persist_interval: Duration,
+    /// On start, re-read every recorded piece and check its crc32c (else a recorded piece is
+    /// trusted when the content file reaches its end).
+    pub verify_on_start: bool,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("/var/lib/damselfly"),
+            persist_interval: Duration::from_millis(100),
+            verify_on_start: false,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct Context {
     pub host: Host,
     /// Task storage (shared with the data plane).
     pub storage: Arc<Storage>,
+    /// Task metadata that survives restarts (pieces, layout, access times).
+    pub meta: Arc<crate::store::MetaStore>,
     /// Byte and piece counters (shared with the data plane).
     pub counters: Arc<Counters>,
     /// Rate limits (shared with the data plane; can change while running).
@@ -60,6 +62,13 @@ impl Daemon {
             Arc::new(Storage::open(&config.storage.dir).with_context(|| {
                 format!("opening storage dir {}", config.storage.dir.display())
             })?);
+        let meta = Arc::new(crate::store::MetaStore::open(&config.storage.dir)?);
+        let restored = meta
+            .restore(&storage, config.storage.verify_on_start)
+            .context("restoring tasks from the metadata store")?;
+        for r in &restored {
+            tracing::info!(task = %r.id, pieces = r.trusted, of = r.piece_count, recorded = r.recorded, "task restored");
+        }
         let counters = Arc::new(Counters::default());
         let shaping = Arc::new(Shaping::new(config.data_plane.shaping()));
         let dp_cfg = DataPlaneConfig {
@@ -130,6 +139,7 @@ impl Daemon {
             config,
             host,
             storage,
+            meta,
             counters,
             shaping,
             schedulers,
@@ -157,6 +167,19 @@ impl Daemon {
                 pump_ctx.tasks.route(ev).await;
             }
         });
+        // Piece progress → metadata store, in batches.
+        let flush_ctx = ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(flush_ctx.config.storage.persist_interval).await;
+                let c = flush_ctx.clone();
+                let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
+                if let Ok(Err(e)) = res {
+                    tracing::warn!("writing task metadata: {e:#}");
+                }
+            }
+        });
+        tokio::spawn(crate::gc::run(ctx.clone()));
         ctx.schedulers.reconcile(&ctx);
         if !ctx.config.manager.addrs.is_empty() {
             crate::manager::start(ctx.clone());
@@ -197,6 +220,9 @@ impl Daemon {
         let res = api.await;
         let _ = std::fs::remove_file(&socket);
         self.dataplane.shutdown();
+        if let Err(e) = ctx.meta.flush(&ctx.storage) {
+            tracing::warn!("writing task metadata at shutdown: {e:#}");
+        }
         res
     }
 }

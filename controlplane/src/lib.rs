@@ -4,17 +4,20 @@
 //! runs the scheduler sessions ([`scheduler`]), the per-task downloads ([`task`]), fetches
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
 //! socket ([`local_api`]), the registry mirror ([`proxy`]) and Prometheus metrics
-//! ([`metrics`]).
+//! ([`metrics`]). Task metadata survives restarts in [`store`]; [`gc`] evicts tasks by TTL and
+//! disk watermarks.
 
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod gc;
 pub mod local_api;
 pub mod manager;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod scheduler;
+pub mod store;
 pub mod task;
 pub mod task_reader;
 

@@ -421,10 +421,14 @@ fn progress_stream(
                 TaskState::Done(store, p) => {
                     let src = store.path().to_path_buf();
                     let out = output.clone();
-                    let res = tokio::task::spawn_blocking(move || deliver(&src, &out, digest))
-                        .await
-                        .map_err(|e| Status::internal(format!("delivery task: {e}")))
-                        .and_then(|r| r);
+                    let res = tokio::task::spawn_blocking(move || {
+                        // Garbage collection leaves the task alone while it is copied out.
+                        let _busy = store.busy();
+                        deliver(&src, &out, digest)
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("delivery task: {e}")))
+                    .and_then(|r| r);
                     let item = res.map(|()| to_proto(&id, &p, true));
                     Some((item, St::End))
                 }

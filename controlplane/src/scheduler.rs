@@ -168,6 +168,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
             Ok(resp) => {
                 tracing::info!("announced host {} to scheduler {addr}", ctx.host.id);
                 backoff = Duration::from_millis(100);
+                announce_held_tasks(&ctx, &addr, &channel);
                 let mut stream = resp.into_inner();
                 loop {
                     match stream.message().await {
@@ -243,6 +244,30 @@ fn handle_command(
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));
         }
         None => tracing::debug!("empty host command"),
+    }
+}
+
+/// Announces to the scheduler at `addr` every complete task it is the scheduler of and that
+/// no finished download keeps registered (tasks restored after a restart, or whose stream
+/// ended): each time the host stream is (re)established, since such announcements last as
+/// long as the host stream.
+fn announce_held_tasks(ctx: &Arc<Context>, addr: &str, channel: &Channel) {
+    let pool = ctx.schedulers.pool();
+    for t in ctx.storage.tasks() {
+        let id = t.id();
+        if !t.is_complete() || ctx.tasks.is_serving(&id) || ctx.tasks.is_running(&id) {
+            continue;
+        }
+        if pool.pick(&id).is_some_and(|(a, _)| a == addr) {
+            tracing::info!(task = %id, "announcing a held task to {addr}");
+            tokio::spawn(announce_complete(
+                ctx.clone(),
+                addr.to_owned(),
+                channel.clone(),
+                id,
+                t.layout(),
+            ));
+        }
     }
 }
 

@@ -76,6 +76,8 @@ pub enum TaskState {
 #[derive(Debug, Default)]
 pub struct TaskManager {
     runs: Mutex<HashMap<TaskId, Run>>,
+    /// Finished downloads whose scheduler stream stays open; notified to close it.
+    serving: Mutex<HashMap<TaskId, Arc<tokio::sync::Notify>>>,
 }
 
 #[derive(Debug)]
@@ -90,7 +92,9 @@ const RUN_EVENT_QUEUE: usize = 1024;
 impl TaskManager {
     /// Joins the running download of `spec.id`, or starts one; returns its state.
     pub fn start_or_join(&self, ctx: Arc<Context>, spec: TaskSpec) -> watch::Receiver<TaskState> {
+        ctx.meta.note_url(spec.id, &spec.url);
         if let Some(store) = ctx.storage.get(&spec.id).filter(|s| s.is_complete()) {
+            store.touch();
             let p = progress_of(&store, &Progress::default());
             return watch::channel(TaskState::Done(store, p)).1;
         }
@@ -121,6 +125,14 @@ impl TaskManager {
             }
             match result {
                 Ok(store) => {
+                    // Most recently used: GC takes it last until it is delivered.
+                    store.touch();
+                    // Record the finished task before reporting it done.
+                    let c = ctx.clone();
+                    let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
+                    if let Ok(Err(e)) = res {
+                        tracing::warn!(task = %id, "writing task metadata: {e:#}");
+                    }
                     let p = progress_of(&store, &run.progress);
                     run.state.send_replace(TaskState::Done(store, p));
                     tracing::info!(task = %id, "download finished");
@@ -136,6 +148,24 @@ impl TaskManager {
             }
         });
         state_rx
+    }
+
+    /// Whether a download of `id` is running.
+    pub fn is_running(&self, id: &TaskId) -> bool {
+        self.runs.lock().is_ok_and(|r| r.contains_key(id))
+    }
+
+    /// Whether a finished download of `id` still has its scheduler stream open.
+    pub fn is_serving(&self, id: &TaskId) -> bool {
+        self.serving.lock().is_ok_and(|s| s.contains_key(id))
+    }
+
+    /// Closes the scheduler stream of a finished download of `id` (the scheduler stops
+    /// offering this peer for it).
+    pub fn stop_serving(&self, id: &TaskId) {
+        if let Some(n) = self.serving.lock().ok().and_then(|mut s| s.remove(id)) {
+            n.notify_one();
+        }
     }
 
     /// Routes a data-plane event to the run of its task (dropped when no run waits for it).
@@ -294,12 +324,18 @@ impl TaskRun {
     }
 
     async fn run(&mut self) -> Result<Arc<TaskStore>, String> {
+        // Pieces kept from before (a restart, a cancelled run): only the missing ones are
+        // fetched.
+        self.store = self.ctx.storage.get(&self.spec.id);
         if let Err(e) = self.connect_scheduler().await {
             if self.spec.disable_back_to_source {
                 return Err(format!("{e}; back-to-source is disabled"));
             }
             tracing::warn!(task = %self.spec.id, "{e}; fetching from the origin directly");
             return self.back_to_source().await;
+        }
+        if let Some(store) = self.store.clone() {
+            self.announce_held(&store);
         }
         if self.spec.back_to_source {
             return self.back_to_source().await;
@@ -350,7 +386,37 @@ impl TaskRun {
         }
     }
 
+    /// Tells the scheduler the size of a task this peer already holds pieces of, and which.
+    fn announce_held(&mut self, store: &Arc<TaskStore>) {
+        let l = store.layout();
+        self.announce(Request::TaskMetadata(TaskMetadata {
+            content_length: l.content_length(),
+            piece_length: l.piece_length(),
+        }));
+        for n in (0..l.piece_count()).filter(|&n| store.has(n)) {
+            if let (Some(crc32c), Some(length)) = (store.piece_crc(n), l.piece_size(n)) {
+                self.announce(Request::PieceFinished(PieceFinished {
+                    number: n,
+                    crc32c,
+                    length,
+                    parent_host_id: String::new(),
+                    cost_us: 0,
+                }));
+            }
+        }
+        self.publish();
+    }
+
     fn on_parents(&mut self, cp: wire::proto::scheduler::CandidateParents) -> Result<(), String> {
+        if let (Some(store), Some(md)) = (&self.store, &cp.metadata) {
+            let l = store.layout();
+            if (l.content_length(), l.piece_length()) != (md.content_length, md.piece_length) {
+                return Err(format!(
+                    "the scheduler's task size ({} bytes, pieces of {}) differs from the pieces kept here ({} bytes, pieces of {})",
+                    md.content_length, md.piece_length, l.content_length(), l.piece_length()
+                ));
+            }
+        }
         if self.store.is_none() {
             let md = cp
                 .metadata
@@ -505,7 +571,22 @@ impl TaskRun {
             return;
         };
         let _announce = self.announce.take();
-        while let Ok(Some(_)) = responses.message().await {}
+        let id = self.spec.id;
+        let stop = Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut s) = self.ctx.tasks.serving.lock() {
+            s.insert(id, stop.clone());
+        }
+        loop {
+            tokio::select! {
+                m = responses.message() => if !matches!(m, Ok(Some(_))) { break },
+                _ = stop.notified() => return,
+            }
+        }
+        if let Ok(mut s) = self.ctx.tasks.serving.lock() {
+            if s.get(&id).is_some_and(|n| Arc::ptr_eq(n, &stop)) {
+                s.remove(&id);
+            }
+        }
     }
 }
 

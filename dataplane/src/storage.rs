@@ -57,6 +57,27 @@ pub struct TaskStore {
     crcs: Box<[AtomicU32]>,
     finished: AtomicU32,
     changed: event_listener::Event,
+    /// Unix time in milliseconds of the last use (created, served, delivered).
+    last_access: AtomicU64,
+    /// Users that must not see the task evicted (uploads in progress, deliveries).
+    in_use: AtomicU32,
+}
+
+/// Unix time in milliseconds.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Marks a task in use while it lives (see [`TaskStore::busy`]).
+#[derive(Debug)]
+pub struct Busy<'a>(&'a TaskStore);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl TaskStore {
@@ -81,7 +102,106 @@ impl TaskStore {
             crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
             finished: AtomicU32::new(0),
             changed: event_listener::Event::new(),
+            last_access: AtomicU64::new(unix_millis()),
+            in_use: AtomicU32::new(0),
         })
+    }
+
+    /// Re-opens the content file of a task stored before a restart, with the pieces a
+    /// metadata store recorded: `bitmap` in the wire format of [`TaskStore::bitmap_bytes`],
+    /// `crcs` one crc32c per piece. A recorded piece is trusted only when the file reaches its
+    /// end, and, with `verify`, when its bytes still have its crc32c; others count as missing.
+    /// The file is (re)sized to the content length; a missing file gives a store with no
+    /// pieces.
+    pub fn restore(
+        dir: &Path,
+        id: TaskId,
+        layout: PieceLayout,
+        bitmap: &[u8],
+        crcs: &[u32],
+        verify: bool,
+    ) -> io::Result<Self> {
+        let path = dir.join(format!("{id}.data"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let file_len = file.metadata()?.len();
+        if file_len != layout.content_length() {
+            file.set_len(layout.content_length())?;
+        }
+        let count = layout.piece_count() as usize;
+        let store = Self {
+            id,
+            layout,
+            path,
+            file,
+            bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            finished: AtomicU32::new(0),
+            changed: event_listener::Event::new(),
+            last_access: AtomicU64::new(unix_millis()),
+            in_use: AtomicU32::new(0),
+        };
+        let mut buf = Vec::new();
+        for n in 0..layout.piece_count() {
+            let recorded = bitmap
+                .get(n as usize / 8)
+                .is_some_and(|b| b & (1 << (n % 8)) != 0);
+            let (Some(&crc), Some(range)) = (crcs.get(n as usize), layout.piece_range(n)) else {
+                continue;
+            };
+            if !recorded || range.end > file_len {
+                continue;
+            }
+            if verify {
+                buf.resize((range.end - range.start) as usize, 0);
+                if store.file.read_exact_at(&mut buf, range.start).is_err()
+                    || wire::piece_crc(&buf) != crc
+                {
+                    continue;
+                }
+            }
+            store.commit(n, crc);
+        }
+        Ok(store)
+    }
+
+    /// Unix time in milliseconds of the last use.
+    pub fn last_access(&self) -> u64 {
+        self.last_access.load(Ordering::Relaxed)
+    }
+
+    /// Sets the time of the last use (restoring a task's recorded time).
+    pub fn set_last_access(&self, unix_ms: u64) {
+        self.last_access.store(unix_ms, Ordering::Relaxed);
+    }
+
+    /// Records a use now.
+    pub fn touch(&self) {
+        self.last_access.store(unix_millis(), Ordering::Relaxed);
+    }
+
+    /// Marks the task in use (and used now) until the guard is dropped: garbage collection
+    /// never evicts a task in use.
+    pub fn busy(&self) -> Busy<'_> {
+        self.in_use.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        Busy(self)
+    }
+
+    /// Whether some user holds a [`Busy`] guard.
+    pub fn in_use(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) > 0
+    }
+
+    /// The crc32c of every piece (0 for a piece not stored).
+    pub fn crcs(&self) -> Vec<u32> {
+        (0..self.layout.piece_count())
+            .map(|n| self.piece_crc(n).unwrap_or(0))
+            .collect()
     }
 
     /// Task id.
@@ -286,9 +406,34 @@ impl Storage {
             m
         });
         if let Some(t) = removed {
+            self.allocated
+                .fetch_sub(t.layout().content_length(), Ordering::Relaxed);
             std::fs::remove_file(t.path())?;
         }
         Ok(())
+    }
+
+    /// Registers a task restored from disk ([`TaskStore::restore`]), replacing any task of
+    /// the same id.
+    pub fn insert(&self, store: Arc<TaskStore>) {
+        let id = store.id();
+        self.allocated
+            .fetch_add(store.layout().content_length(), Ordering::Relaxed);
+        self.tasks.rcu(move |m| {
+            let mut m = HashMap::clone(m);
+            m.insert(id, store.clone());
+            m
+        });
+    }
+
+    /// Every task stored now.
+    pub fn tasks(&self) -> Vec<Arc<TaskStore>> {
+        self.tasks.load().values().cloned().collect()
+    }
+
+    /// Sum of the content lengths of the tasks stored (what their files take at most).
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
     }
 
     /// Number of tasks stored.
@@ -346,6 +491,47 @@ mod tests {
         s.read_piece(2, &mut buf).expect("read");
         assert_eq!(buf, last);
         assert!(s.read_piece(1, &mut buf).is_err());
+    }
+
+    #[test]
+    fn restore_trusts_only_pieces_the_file_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = PieceLayout::new(3 * 16384, 16384).expect("layout");
+        let id = TaskId([9; 32]);
+        let s = TaskStore::create(dir.path(), id, layout).expect("create");
+        let pieces: Vec<Vec<u8>> = (0..3u8).map(|n| vec![n + 1; 16384]).collect();
+        for n in [0usize, 2] {
+            s.write_piece(n as u32, &pieces[n], wire::piece_crc(&pieces[n]))
+                .expect("write");
+        }
+        let (bits, crcs) = (s.bitmap_bytes(), s.crcs());
+        drop(s);
+        let r = TaskStore::restore(dir.path(), id, layout, &bits, &crcs, true).expect("restore");
+        assert!(r.has(0) && !r.has(1) && r.has(2));
+        assert_eq!(r.finished_count(), 2);
+        // Piece 0 corrupted on disk: verification drops it; a short file drops piece 2.
+        drop(r);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(format!("{id}.data")))
+            .expect("open");
+        f.write_all_at(&[0xff; 10], 0).expect("corrupt");
+        f.set_len(2 * 16384).expect("truncate");
+        let r = TaskStore::restore(dir.path(), id, layout, &bits, &crcs, true).expect("restore");
+        assert!(!r.has(0) && !r.has(2));
+        assert_eq!(r.finished_count(), 0);
+        assert_eq!(
+            std::fs::metadata(r.path()).expect("meta").len(),
+            3 * 16384,
+            "the file is sized back to the content length"
+        );
+        // Without verification the bit is trusted when the file is long enough.
+        drop(r);
+        f.set_len(2 * 16384).expect("truncate");
+        let r = TaskStore::restore(dir.path(), id, layout, &bits, &crcs, false).expect("restore");
+        assert!(r.has(0) && !r.has(2));
+        let _b = r.busy();
+        assert!(r.in_use());
     }
 
     #[test]

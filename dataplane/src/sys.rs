@@ -62,3 +62,27 @@ impl Drop for NonBlocking {
         }
     }
 }
+
+/// Space of the filesystem holding `path` (`statvfs(3)`): (bytes used, bytes available to
+/// unprivileged users). Like `df`, used + available is the capacity usage is measured
+/// against (blocks reserved for root are neither).
+#[allow(clippy::unnecessary_cast)] // the statvfs field types differ between platforms
+pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a valid, exclusively borrowed
+    // statvfs for the duration of the call.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    let used = (st.f_blocks as u64).saturating_sub(st.f_bfree as u64);
+    Ok((
+        used.saturating_mul(frsize),
+        (st.f_bavail as u64).saturating_mul(frsize),
+    ))
+}

@@ -166,6 +166,8 @@ async fn serve_piece<S: UploadStream>(
         Ok(s) => s,
         Err(f) => return write_frame(stream, &f).await,
     };
+    // Garbage collection leaves the task alone while a piece of it is being sent.
+    let _busy = store.busy();
     let layout = store.layout();
     let Some(range) = layout.piece_range(number) else {
         let f = error_frame(

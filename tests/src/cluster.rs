@@ -415,6 +415,28 @@ impl Cluster {
         self.peers.last().context("peer just added")
     }
 
+    /// Kills peer number `n` (SIGKILL, counting from 1) and starts it again with the same
+    /// name, host id and directory (so the same storage dir) on new ports, then waits until it
+    /// is ready. The previous log is kept as `<name>.log.<k>`.
+    pub async fn restart_peer(&mut self, n: usize) -> Result<&Daemon> {
+        let i = n.checked_sub(1).context("peers count from 1")?;
+        let name = self.peers.get(i).context("no such peer")?.name.clone();
+        self.peers[i].kill();
+        let log = self.root.join(format!("{name}.log"));
+        let mut k = 1;
+        while self.root.join(format!("{name}.log.{k}")).exists() {
+            k += 1;
+        }
+        std::fs::rename(&log, self.root.join(format!("{name}.log.{k}")))
+            .with_context(|| format!("keeping {}", log.display()))?;
+        let d = self.spawn_daemon(&name, false)?;
+        // The old entry is replaced (and its already-killed process dropped) before waiting,
+        // so a failure still kills the new one.
+        self.peers[i] = d;
+        wait_daemon(&self.peers[i], self.opts.ready_timeout).await?;
+        Ok(&self.peers[i])
+    }
+
     fn spawn_daemon(&self, name: &str, seed: bool) -> Result<Daemon> {
         let dir = self.root.join(name);
         let data_dir = dir.join("data");
