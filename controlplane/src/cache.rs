@@ -305,16 +305,22 @@ fn describe(key: &CacheKey) -> String {
     s
 }
 
-/// Removes task `id` from local storage and tells every scheduler that this host left it.
+/// Removes task `id` from local storage and the metadata store (see [`crate::gc::delete_task`])
+/// and tells every scheduler that this host left it.
 /// Returns (held locally, scheduler told, scheduler error).
 pub async fn delete(ctx: &Arc<Context>, id: &TaskId) -> Result<(bool, bool, String), Status> {
-    let held = ctx.storage.get(id).is_some();
+    let held = crate::gc::delete_task(ctx, id)
+        .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?;
     if held {
-        ctx.storage
-            .remove(id)
-            .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?;
         tracing::info!(task = %id, "deleted");
     }
+    let (told, errors) = leave_schedulers(ctx, id).await;
+    Ok((held, told, errors))
+}
+
+/// Sends `LeaveTask` for task `id` of this host to every scheduler. Returns whether at least
+/// one scheduler took it, and the errors of the others.
+pub async fn leave_schedulers(ctx: &Context, id: &TaskId) -> (bool, String) {
     let mut told = false;
     let mut errors = Vec::new();
     for (addr, ch) in ctx.schedulers.pool().all().iter().cloned() {
@@ -327,5 +333,5 @@ pub async fn delete(ctx: &Arc<Context>, id: &TaskId) -> Result<(bool, bool, Stri
             Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
         }
     }
-    Ok((held, told, errors.join("; ")))
+    (told, errors.join("; "))
 }

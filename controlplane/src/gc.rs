@@ -155,7 +155,15 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         tokio::time::sleep(interval).await;
         let c = ctx.clone();
-        let _ = tokio::task::spawn_blocking(move || collect(&c)).await;
+        if let Ok(evicted) = tokio::task::spawn_blocking(move || collect(&c)).await {
+            // Schedulers stop offering this host for what it no longer holds.
+            for id in evicted {
+                let (told, errors) = crate::cache::leave_schedulers(&ctx, &id).await;
+                if !told {
+                    tracing::debug!(task = %id, "no scheduler took the leave: {errors}");
+                }
+            }
+        }
     }
 }
 
