@@ -36,6 +36,7 @@ fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) ->
             pieces_in_flight,
             ..FetchConfig::default()
         },
+        quic: None,
     };
     let dp = DataPlane::start(
         cfg,
@@ -98,11 +99,13 @@ fn peer_fetches_every_piece_from_two_parents() {
         Parent {
             host_id: "a".into(),
             addr: a.dp.local_addr(),
+            quic_addr: None,
             is_seed: true,
         },
         Parent {
             host_id: "b".into(),
             addr: b.dp.local_addr(),
+            quic_addr: None,
             is_seed: false,
         },
     ];
@@ -177,6 +180,7 @@ fn dead_parent_asks_for_new_parents() {
     let parents = vec![Parent {
         host_id: "dead".into(),
         addr: dead,
+        quic_addr: None,
         is_seed: false,
     }];
     c.dp.bridge()
@@ -347,6 +351,7 @@ fn corrupt_piece_is_never_stored() {
     let parents = vec![Parent {
         host_id: "evil".into(),
         addr,
+        quic_addr: None,
         is_seed: false,
     }];
     c.dp.bridge()
@@ -402,6 +407,7 @@ fn pipelining_keeps_the_window_full() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
@@ -434,6 +440,7 @@ fn shaping_settings_reach_both_directions() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
@@ -456,6 +463,7 @@ fn shaping_settings_reach_both_directions() {
     let parents = vec![Parent {
         host_id: "b".into(),
         addr: b.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&d, id, layout, parents, 0);
@@ -484,6 +492,7 @@ fn per_download_rate_limit_applies() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 2_000_000);
