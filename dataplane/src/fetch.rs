@@ -406,14 +406,16 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
 
 async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result<(), ParentError> {
     if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
-        let stream =
-            match monoio::time::timeout(s.cfg.connect_timeout, crate::quic::connect(ep, addr))
-                .await
-            {
-                Ok(Ok(st)) => st,
-                Ok(Err(e)) => return Err(ParentError::Connect(e)),
-                Err(_) => return Err(ParentError::ConnectTimeout),
-            };
+        let stream = match monoio::time::timeout(
+            s.cfg.connect_timeout,
+            crate::quic::connect(ep, addr),
+        )
+        .await
+        {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => return Err(ParentError::Connect(e)),
+            Err(_) => return Err(ParentError::ConnectTimeout),
+        };
         Counters::add(&s.counters.quic_connections, 1);
         return parent_io(s, p, pc, stream).await;
     }

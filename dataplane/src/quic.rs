@@ -231,7 +231,10 @@ impl quinn::Runtime for HandleRuntime {
         self.0.spawn(future);
     }
 
-    fn wrap_udp_socket(&self, t: std::net::UdpSocket) -> io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+    fn wrap_udp_socket(
+        &self,
+        t: std::net::UdpSocket,
+    ) -> io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
         let _g = self.0.enter();
         quinn::TokioRuntime.wrap_udp_socket(t)
     }
@@ -334,7 +337,10 @@ pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> io::Result
     QuicStream::open(conn).await
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, threads: Arc<Vec<mpsc::UnboundedSender<QuicStream>>>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    threads: Arc<Vec<mpsc::UnboundedSender<QuicStream>>>,
+) {
     let next = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
         let threads = threads.clone();
@@ -381,7 +387,9 @@ fn transport_config(cfg: &QuicConfig) -> quinn::TransportConfig {
     t
 }
 
-fn load_or_generate(cfg: &QuicConfig) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn load_or_generate(
+    cfg: &QuicConfig,
+) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let invalid = |what: &str, e: &dyn std::fmt::Display| {
         io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {e}"))
     };
@@ -418,7 +426,11 @@ fn load_or_generate(cfg: &QuicConfig) -> io::Result<(Vec<CertificateDer<'static>
 /// that benchmarks can run plain quinn with the same settings).
 pub fn configs(
     cfg: &QuicConfig,
-) -> io::Result<(quinn::EndpointConfig, quinn::ServerConfig, quinn::ClientConfig)> {
+) -> io::Result<(
+    quinn::EndpointConfig,
+    quinn::ServerConfig,
+    quinn::ClientConfig,
+)> {
     let mut ep_cfg = quinn::EndpointConfig::default();
     ep_cfg
         .max_udp_payload_size(cfg.max_udp_payload.max(1200))

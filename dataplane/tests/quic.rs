@@ -167,7 +167,10 @@ fn parent_without_quic_is_reached_over_tcp() {
         is_seed: false,
     }];
     let events = fetch(&c, id, layout, parents);
-    assert!(matches!(events.last(), Some(Event::DownloadFinished { .. })));
+    assert!(matches!(
+        events.last(),
+        Some(Event::DownloadFinished { .. })
+    ));
     let got = std::fs::read(c.storage.get(&id).expect("task").path()).expect("read");
     assert_eq!(got, data);
     assert_eq!(c.counters.quic_connections.load(Ordering::Relaxed), 0);

@@ -334,13 +334,19 @@ fn main() -> Result<()> {
             "[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...",
             args.runs
         );
-        ours_by_threads.push((threads, run_ours(threads, knobs, &src, size, layout, args.runs)?));
+        ours_by_threads.push((
+            threads,
+            run_ours(threads, knobs, &src, size, layout, args.runs)?,
+        ));
     }
 
     let (plain_quinn, ours_quic) = if args.no_quic {
         (None, None)
     } else {
-        eprintln!("[throughput] (c) plain quinn, one stream x{} ...", args.runs);
+        eprintln!(
+            "[throughput] (c) plain quinn, one stream x{} ...",
+            args.runs
+        );
         let mut v = Vec::new();
         for _ in 0..args.runs {
             v.push(plain_quinn(&src, size, &out)?);
@@ -529,11 +535,7 @@ fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
     let addr = server.local_addr()?;
     let src = src.try_clone()?;
     let sender = server_rt.spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .context("no connection")?
-            .await?;
+        let conn = server.accept().await.context("no connection")?.await?;
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut go = [0u8; 1];
         recv.read_exact(&mut go).await?;
