@@ -24,6 +24,17 @@ fn node(threads: usize) -> Node {
 }
 
 fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Node {
+    node_fetch(
+        threads,
+        shaping,
+        FetchConfig {
+            pieces_in_flight,
+            ..FetchConfig::default()
+        },
+    )
+}
+
+fn node_fetch(threads: usize, shaping: ShapingConfig, fetch: FetchConfig) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
@@ -32,10 +43,7 @@ fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) ->
         listen: "127.0.0.1:0".parse().expect("addr"),
         queue_capacity: 64,
         io_uring: true,
-        fetch: FetchConfig {
-            pieces_in_flight,
-            ..FetchConfig::default()
-        },
+        fetch,
         quic: None,
     };
     let dp = DataPlane::start(
@@ -413,6 +421,39 @@ fn pipelining_keeps_the_window_full() {
     download(&c, id, layout, parents, 0);
     // The first fill puts the whole window on the wire before any answer is read.
     assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
+        data
+    );
+    a.dp.shutdown();
+    c.dp.shutdown();
+}
+
+#[test]
+fn byte_window_bounds_requests_in_flight() {
+    let a = node(1);
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            pieces_in_flight: 8,
+            bytes_in_flight: 3 * 16384,
+            ..FetchConfig::default()
+        },
+    );
+    let id = TaskId([13; 32]);
+    let data = content(20 * 16384);
+    seed_task(&a, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        quic_addr: None,
+        is_seed: false,
+    }];
+    download(&c, id, layout, parents, 0);
+    // Three pieces fill the byte window before the piece window of eight.
+    assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 3);
     assert_eq!(
         std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
         data
