@@ -310,11 +310,12 @@ impl QuicEndpoint {
         self.local_addr
     }
 
-    /// Closes every connection and stops the thread.
+    /// Closes every connection and stops the thread (without blocking: this may run inside
+    /// the control plane's tokio runtime).
     pub fn shutdown(mut self) {
         self.endpoint.close(0u32.into(), b"shutdown");
         if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_millis(200));
+            rt.shutdown_background();
         }
     }
 }
