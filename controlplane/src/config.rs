@@ -247,6 +247,29 @@ pub struct DataPlaneSection {
     pub per_peer_upload_rate_limit: ByteSize,
     /// Download rate from each parent connection; 0: unlimited.
     pub per_peer_download_rate_limit: ByteSize,
+    /// Bytes of piece requests outstanding per parent connection (with `pieces_in_flight`,
+    /// whichever is reached first).
+    pub bytes_in_flight: ByteSize,
+    /// Transport of fetches: `tcp`, or `quic` (also serves QUIC on `quic_listen`; parents
+    /// without QUIC are still reached over TCP).
+    pub transport: TransportKind,
+    /// UDP address of the QUIC endpoint (with `transport: quic`).
+    pub quic_listen: SocketAddr,
+    /// PEM certificate of the QUIC endpoint; a self-signed one is generated when unset.
+    pub quic_cert: Option<PathBuf>,
+    /// PEM private key of `quic_cert`.
+    pub quic_key: Option<PathBuf>,
+}
+
+/// Data-plane transport (`data_plane.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// TCP only.
+    #[default]
+    Tcp,
+    /// QUIC endpoint on, fetches over QUIC where the parent serves it.
+    Quic,
 }
 
 impl DataPlaneSection {
@@ -325,6 +348,11 @@ impl Default for DataPlaneSection {
             download_rate_limit: ByteSize(0),
             per_peer_upload_rate_limit: ByteSize(0),
             per_peer_download_rate_limit: ByteSize(0),
+            bytes_in_flight: ByteSize(dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT),
+            transport: TransportKind::Tcp,
+            quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
+            quic_cert: None,
+            quic_key: None,
         }
     }
 }

@@ -1,10 +1,11 @@
 //! Starting dfdaemon: storage, data plane, scheduler sessions, local API, metrics.
 
-use crate::config::DaemonConfig;
+use crate::config::{DaemonConfig, TransportKind};
 use crate::scheduler::SchedulerSet;
 use crate::task::TaskManager;
 use anyhow::Context as _;
-use dataplane::fetch::FetchConfig;
+use dataplane::fetch::{FetchConfig, Transport};
+use dataplane::quic::QuicConfig;
 use dataplane::shaper::Shaping;
 use dataplane::{Bridge, Counters, DataPlane, DataPlaneConfig, Storage};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
@@ -84,7 +85,21 @@ impl Daemon {
                 pieces_in_flight: config.data_plane.pieces_in_flight,
                 connect_timeout: config.data_plane.connect_timeout,
                 piece_timeout: config.data_plane.piece_timeout,
+                bytes_in_flight: config.data_plane.bytes_in_flight.0,
+                transport: match config.data_plane.transport {
+                    TransportKind::Tcp => Transport::Tcp,
+                    TransportKind::Quic => Transport::Quic,
+                },
                 ..FetchConfig::default()
+            },
+            quic: match config.data_plane.transport {
+                TransportKind::Tcp => None,
+                TransportKind::Quic => Some(QuicConfig {
+                    listen: config.data_plane.quic_listen,
+                    cert: config.data_plane.quic_cert.clone(),
+                    key: config.data_plane.quic_key.clone(),
+                    ..QuicConfig::default()
+                }),
             },
         };
         let dataplane =
@@ -128,6 +143,7 @@ impl Daemon {
             idc: config.host.idc.clone(),
             location: config.host.location.clone(),
             upload_rate_limit: config.data_plane.upload_rate_limit.0,
+            quic_port: dataplane.quic_addr().map_or(0, |a| u32::from(a.port())),
         };
         let schedulers = SchedulerSet::new(&config.scheduler.addrs)?;
         let http = reqwest::Client::builder()

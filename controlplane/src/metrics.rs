@@ -107,6 +107,18 @@ impl Collector for DaemonCollector {
             "Proxied blob responses aborted for a digest mismatch",
             &p.digest_mismatches,
         )?;
+        counter(
+            &mut enc,
+            "damselfly_quic_connections",
+            "Fetch connections to parents opened over QUIC",
+            &c.quic_connections,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_quic_streams_served",
+            "QUIC streams accepted by the upload side",
+            &c.quic_streams_served,
+        )?;
         let g = ConstGauge::new(self.ctx.storage.len() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_tasks",

@@ -438,9 +438,11 @@ impl TaskRun {
             .filter_map(|p| {
                 let ip: IpAddr = p.ip.parse().ok()?;
                 let port = u16::try_from(p.data_port).ok()?;
+                let quic_port = u16::try_from(p.quic_port).unwrap_or(0);
                 Some(Parent {
                     host_id: p.host_id,
                     addr: SocketAddr::new(ip, port),
+                    quic_addr: (quic_port != 0).then(|| SocketAddr::new(ip, quic_port)),
                     is_seed: p.r#type == HostType::Seed as i32,
                 })
             })

@@ -25,8 +25,10 @@ use wire::TaskId;
 pub struct Parent {
     /// Host id of the parent.
     pub host_id: String,
-    /// Data-plane address of the parent.
+    /// Data-plane address of the parent (TCP).
     pub addr: SocketAddr,
+    /// QUIC address of the parent's data plane, when it serves QUIC.
+    pub quic_addr: Option<SocketAddr>,
     /// Whether the parent is a seed peer (for per-source counters).
     pub is_seed: bool,
 }

@@ -25,6 +25,10 @@ pub struct Counters {
     pub max_requests_in_flight: AtomicU64,
     /// Data-plane connections refused or closed for a malformed frame.
     pub malformed_frames: AtomicU64,
+    /// Fetch connections to parents opened over QUIC.
+    pub quic_connections: AtomicU64,
+    /// QUIC streams accepted by the upload side.
+    pub quic_streams_served: AtomicU64,
 }
 
 impl Counters {

@@ -16,7 +16,7 @@ use crate::conn::{encode_frames, ConnError, FrameReader};
 use crate::counters::Counters;
 use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{StoreError, TaskStore};
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use rand::Rng;
 use std::cell::RefCell;
@@ -30,26 +30,47 @@ use wire::TaskId;
 /// Tunables of the fetcher.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Piece requests kept outstanding per parent connection.
+    /// Piece requests kept outstanding per parent connection (at most).
     pub pieces_in_flight: usize,
+    /// Bytes of piece requests kept outstanding per parent connection (at most; one piece is
+    /// always allowed, however long). Bounds the window when pieces are long.
+    pub bytes_in_flight: u64,
     /// Time allowed to connect to a parent.
     pub connect_timeout: Duration,
     /// Time allowed for one response (a whole piece) before the parent is dropped.
     pub piece_timeout: Duration,
     /// Long-poll time of a bitmap request when a parent has nothing new.
     pub bitmap_wait: Duration,
+    /// Transport to parents. QUIC is used for a parent that announces a QUIC address when
+    /// this data plane runs a QUIC endpoint; otherwise TCP.
+    pub transport: Transport,
+}
+
+/// Transport of fetch connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TCP (the parent sends pieces with `sendfile`).
+    #[default]
+    Tcp,
+    /// QUIC streams.
+    Quic,
 }
 
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             pieces_in_flight: 8,
+            bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
             bitmap_wait: Duration::from_secs(1),
+            transport: Transport::Tcp,
         }
     }
 }
+
+/// Default of [`FetchConfig::bytes_in_flight`].
+pub const DEFAULT_BYTES_IN_FLIGHT: u64 = 16 << 20;
 
 /// How often a parent that does not know the task yet is asked again before it is dropped.
 const TASK_NOT_FOUND_RETRIES: u32 = 50;
@@ -87,6 +108,8 @@ pub struct Session {
     counters: Arc<Counters>,
     cfg: FetchConfig,
     shaping: Arc<Shaping>,
+    /// QUIC endpoint to reach parents with, when QUIC is on.
+    quic: Option<quinn::Endpoint>,
     /// This download's own limit (dfget `--rate-limit`).
     limiter: RateLimiter,
     state: RefCell<State>,
@@ -109,6 +132,7 @@ impl Session {
         counters: Arc<Counters>,
         cfg: FetchConfig,
         shaping: Arc<Shaping>,
+        quic: Option<quinn::Endpoint>,
         rate_limit: u64,
     ) -> Rc<Self> {
         let count = store.layout().piece_count() as usize;
@@ -118,6 +142,7 @@ impl Session {
             counters,
             cfg,
             shaping,
+            quic,
             limiter: RateLimiter::new(rate_limit),
             state: RefCell::new(State {
                 in_flight: vec![false; count],
@@ -213,10 +238,10 @@ impl Session {
     /// piece that fails the check may sit in the file, but its bit is never set, so they are
     /// never served. The buffer (one chunk) is handed back for reuse.
     #[allow(clippy::too_many_arguments)]
-    async fn receive_piece(
+    async fn receive_piece<S: AsyncReadRent>(
         &self,
         reader: &mut FrameReader,
-        stream: &mut TcpStream,
+        stream: &mut S,
         n: u32,
         offset: u64,
         len: u64,
@@ -380,13 +405,37 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
 }
 
 async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result<(), ParentError> {
-    let mut stream =
+    if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
+        let stream = match monoio::time::timeout(
+            s.cfg.connect_timeout,
+            crate::quic::connect(ep, addr),
+        )
+        .await
+        {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => return Err(ParentError::Connect(e)),
+            Err(_) => return Err(ParentError::ConnectTimeout),
+        };
+        Counters::add(&s.counters.quic_connections, 1);
+        return parent_io(s, p, pc, stream).await;
+    }
+    let stream =
         match monoio::time::timeout(s.cfg.connect_timeout, TcpStream::connect_addr(p.addr)).await {
             Ok(Ok(st)) => st,
             Ok(Err(e)) => return Err(ParentError::Connect(e)),
             Err(_) => return Err(ParentError::ConnectTimeout),
         };
     let _ = stream.set_nodelay(true);
+    parent_io(s, p, pc, stream).await
+}
+
+/// Runs the request/response exchange with one parent over an open connection.
+async fn parent_io<S: AsyncReadRent + AsyncWriteRent>(
+    s: &Rc<Session>,
+    p: &Parent,
+    pc: &mut ParentConn,
+    mut stream: S,
+) -> Result<(), ParentError> {
     let mut reader = FrameReader::new();
     let mut piece_buf: Vec<u8> = Vec::new();
     let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
@@ -397,6 +446,7 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
         .pieces_in_flight()
         .unwrap_or(s.cfg.pieces_in_flight)
         .max(1);
+    let max_bytes = s.cfg.bytes_in_flight.max(1);
     let bitmap_wait_ms = u32::try_from(s.cfg.bitmap_wait.as_millis()).unwrap_or(u32::MAX);
     loop {
         if s.is_done() || s.check_complete().await {
@@ -414,13 +464,20 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
                 pc.pending.push_back(Pending::Bitmap);
             }
         } else {
-            let mut pieces = pc
-                .pending
-                .iter()
-                .filter(|x| matches!(x, Pending::Piece(..)))
-                .count();
+            let (mut pieces, mut bytes) = (0usize, 0u64);
+            for x in &pc.pending {
+                if let Pending::Piece(n, _) = x {
+                    pieces += 1;
+                    bytes += layout.piece_size(*n).unwrap_or(0);
+                }
+            }
+            // The window is full at `window` pieces or at `bytes_in_flight` bytes, whichever
+            // comes first (one piece always fits).
+            let full = |pieces: usize, bytes: u64| {
+                pieces >= window || (pieces > 0 && bytes + layout.piece_length() > max_bytes)
+            };
             // No piece request may queue behind a long poll on the same connection.
-            while pieces < window && !bitmap_pending {
+            while !full(pieces, bytes) && !bitmap_pending {
                 let Some(n) = s.pick(&pc.bits) else { break };
                 let size = layout.piece_size(n).unwrap_or(0);
                 let wait = shaper::reserve_all(
@@ -439,10 +496,11 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
                 frames.push(Frame::PieceRequest { task, number: n });
                 pc.pending.push_back(Pending::Piece(n, Instant::now()));
                 pieces += 1;
+                bytes += size;
             }
             Counters::max(&s.counters.max_requests_in_flight, pieces as u64);
             let parent_complete = pc.count == layout.piece_count();
-            if pieces < window && !bitmap_pending && !parent_complete {
+            if !full(pieces, bytes) && !bitmap_pending && !parent_complete {
                 let wait_ms = if pc.pending.is_empty() {
                     bitmap_wait_ms
                 } else {
@@ -654,6 +712,8 @@ pub struct FetchEnv {
     pub cfg: FetchConfig,
     /// Rate limits of the daemon.
     pub shaping: Arc<Shaping>,
+    /// QUIC endpoint, when the data plane runs one.
+    pub quic: Option<quinn::Endpoint>,
 }
 
 /// Starts (or extends) the download of `store` on this thread, limited to `rate_limit`
@@ -669,13 +729,22 @@ pub async fn start_download(
         counters,
         cfg,
         shaping,
+        quic,
     } = env;
     let id = store.id();
     let existing = SESSIONS.with(|m| m.borrow().get(&id).filter(|s| !s.is_done()).cloned());
     let session = match existing {
         Some(s) => s,
         None => {
-            let s = Session::new(store, bridge.clone(), counters, cfg, shaping, rate_limit);
+            let s = Session::new(
+                store,
+                bridge.clone(),
+                counters,
+                cfg,
+                shaping,
+                quic,
+                rate_limit,
+            );
             SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
             s
         }

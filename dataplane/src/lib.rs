@@ -13,6 +13,7 @@ pub mod bridge;
 pub mod conn;
 pub mod counters;
 pub mod fetch;
+pub mod quic;
 pub mod runtime;
 pub mod shaper;
 pub mod storage;

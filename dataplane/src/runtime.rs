@@ -3,6 +3,7 @@
 use crate::bridge::{Bridge, Command};
 use crate::counters::Counters;
 use crate::fetch::{self, FetchConfig, FetchEnv};
+use crate::quic::{Incoming, QuicConfig, QuicEndpoint};
 use crate::shaper::Shaping;
 use crate::storage::Storage;
 use crate::upload::{serve_connection, UploadContext};
@@ -26,6 +27,8 @@ pub struct DataPlaneConfig {
     pub io_uring: bool,
     /// Fetcher tunables.
     pub fetch: FetchConfig,
+    /// QUIC endpoint (serving and fetching over QUIC); `None`: TCP only.
+    pub quic: Option<QuicConfig>,
 }
 
 impl Default for DataPlaneConfig {
@@ -36,6 +39,7 @@ impl Default for DataPlaneConfig {
             queue_capacity: 4096,
             io_uring: true,
             fetch: FetchConfig::default(),
+            quic: None,
         }
     }
 }
@@ -46,6 +50,15 @@ pub struct DataPlane {
     bridge: Arc<Bridge>,
     local_addr: SocketAddr,
     threads: Vec<JoinHandle<()>>,
+    quic: Option<QuicEndpoint>,
+    tids: Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+/// Kernel thread id of the calling thread (from `/proc/thread-self`), for per-thread CPU
+/// accounting; `None` where procfs is absent.
+pub fn current_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
 }
 
 fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -74,8 +87,18 @@ impl DataPlane {
             listeners.push(bind_reuseport(local_addr)?);
         }
         let bridge = Arc::new(Bridge::new(threads, cfg.queue_capacity));
+        let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (quic, mut incoming) = match &cfg.quic {
+            Some(q) => {
+                let (ep, rx) = QuicEndpoint::start(q, threads, tids.clone())?;
+                (Some(ep), rx.into_iter().map(Some).collect())
+            }
+            None => (None, Vec::new()),
+        };
+        incoming.resize_with(threads, || None);
+        let endpoint = quic.as_ref().map(|q| q.endpoint().clone());
         let mut handles = Vec::with_capacity(threads);
-        for (i, l) in listeners.into_iter().enumerate() {
+        for ((i, l), quic_streams) in listeners.into_iter().enumerate().zip(incoming) {
             let ctx = ThreadContext {
                 index: i,
                 bridge: bridge.clone(),
@@ -89,12 +112,18 @@ impl DataPlane {
                     counters: counters.clone(),
                     cfg: cfg.fetch.clone(),
                     shaping: shaping.clone(),
+                    quic: endpoint.clone(),
                 },
+                quic_streams,
             };
             let uring = cfg.io_uring;
+            let tids = tids.clone();
             let h = std::thread::Builder::new()
                 .name(format!("dataplane-{i}"))
                 .spawn(move || {
+                    if let (Some(t), Ok(mut v)) = (current_tid(), tids.lock()) {
+                        v.push(t);
+                    }
                     if let Err(e) = run_thread(uring, l, ctx) {
                         tracing::error!("data-plane thread {i} failed: {e}");
                     }
@@ -106,6 +135,8 @@ impl DataPlane {
             bridge,
             local_addr,
             threads: handles,
+            quic,
+            tids,
         })
     }
 
@@ -117,6 +148,17 @@ impl DataPlane {
     /// Address the upload server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Kernel thread ids of the data plane's threads (monoio threads and the QUIC thread)
+    /// started so far, to account their CPU time (`/proc/self/task/TID/stat`).
+    pub fn thread_ids(&self) -> Vec<u32> {
+        self.tids.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// UDP address of the QUIC endpoint, when QUIC is on.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().map(QuicEndpoint::local_addr)
     }
 
     /// Stops every thread and waits for them.
@@ -131,6 +173,9 @@ impl DataPlane {
         for h in self.threads {
             let _ = h.join();
         }
+        if let Some(q) = self.quic {
+            q.shutdown();
+        }
     }
 }
 
@@ -139,6 +184,7 @@ struct ThreadContext {
     bridge: Arc<Bridge>,
     upload: UploadContext,
     fetch: FetchEnv,
+    quic_streams: Option<Incoming>,
 }
 
 fn run_thread(uring: bool, listener: std::net::TcpListener, ctx: ThreadContext) -> io::Result<()> {
@@ -168,8 +214,19 @@ fn run_thread(uring: bool, listener: std::net::TcpListener, ctx: ThreadContext) 
     rt.block_on(thread_main(listener, ctx))
 }
 
-async fn thread_main(listener: std::net::TcpListener, ctx: ThreadContext) -> io::Result<()> {
+async fn thread_main(listener: std::net::TcpListener, mut ctx: ThreadContext) -> io::Result<()> {
     let listener = monoio::net::TcpListener::from_std(listener)?;
+    if let Some(mut streams) = ctx.quic_streams.take() {
+        // QUIC streams accepted by the endpoint thread are served here like TCP connections.
+        let upload = ctx.upload.clone();
+        monoio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(stream) = streams.next().await {
+                Counters::add(&upload.counters.quic_streams_served, 1);
+                monoio::spawn(serve_connection(stream, upload.clone()));
+            }
+        });
+    }
     let upload = ctx.upload.clone();
     monoio::spawn(async move {
         loop {

@@ -86,3 +86,11 @@ pub fn fs_space(path: &std::path::Path) -> io::Result<(u64, u64)> {
         (st.f_bavail as u64).saturating_mul(frsize),
     ))
 }
+
+/// The initialised bytes of a monoio buffer, as a slice (for transports that copy, such as
+/// QUIC streams).
+pub fn io_buf_bytes<T: monoio::buf::IoBuf>(buf: &T) -> &[u8] {
+    // SAFETY: `IoBuf` is an unsafe trait whose implementors guarantee that `read_ptr` points
+    // at `bytes_init` initialised bytes that stay valid while the buffer is borrowed.
+    unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }
+}

@@ -24,6 +24,17 @@ fn node(threads: usize) -> Node {
 }
 
 fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Node {
+    node_fetch(
+        threads,
+        shaping,
+        FetchConfig {
+            pieces_in_flight,
+            ..FetchConfig::default()
+        },
+    )
+}
+
+fn node_fetch(threads: usize, shaping: ShapingConfig, fetch: FetchConfig) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
@@ -32,10 +43,8 @@ fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) ->
         listen: "127.0.0.1:0".parse().expect("addr"),
         queue_capacity: 64,
         io_uring: true,
-        fetch: FetchConfig {
-            pieces_in_flight,
-            ..FetchConfig::default()
-        },
+        fetch,
+        quic: None,
     };
     let dp = DataPlane::start(
         cfg,
@@ -98,11 +107,13 @@ fn peer_fetches_every_piece_from_two_parents() {
         Parent {
             host_id: "a".into(),
             addr: a.dp.local_addr(),
+            quic_addr: None,
             is_seed: true,
         },
         Parent {
             host_id: "b".into(),
             addr: b.dp.local_addr(),
+            quic_addr: None,
             is_seed: false,
         },
     ];
@@ -177,6 +188,7 @@ fn dead_parent_asks_for_new_parents() {
     let parents = vec![Parent {
         host_id: "dead".into(),
         addr: dead,
+        quic_addr: None,
         is_seed: false,
     }];
     c.dp.bridge()
@@ -347,6 +359,7 @@ fn corrupt_piece_is_never_stored() {
     let parents = vec![Parent {
         host_id: "evil".into(),
         addr,
+        quic_addr: None,
         is_seed: false,
     }];
     c.dp.bridge()
@@ -402,11 +415,45 @@ fn pipelining_keeps_the_window_full() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
     // The first fill puts the whole window on the wire before any answer is read.
     assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
+        data
+    );
+    a.dp.shutdown();
+    c.dp.shutdown();
+}
+
+#[test]
+fn byte_window_bounds_requests_in_flight() {
+    let a = node(1);
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            pieces_in_flight: 8,
+            bytes_in_flight: 3 * 16384,
+            ..FetchConfig::default()
+        },
+    );
+    let id = TaskId([13; 32]);
+    let data = content(20 * 16384);
+    seed_task(&a, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        quic_addr: None,
+        is_seed: false,
+    }];
+    download(&c, id, layout, parents, 0);
+    // Three pieces fill the byte window before the piece window of eight.
+    assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 3);
     assert_eq!(
         std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
         data
@@ -434,6 +481,7 @@ fn shaping_settings_reach_both_directions() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
@@ -456,6 +504,7 @@ fn shaping_settings_reach_both_directions() {
     let parents = vec![Parent {
         host_id: "b".into(),
         addr: b.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&d, id, layout, parents, 0);
@@ -484,6 +533,7 @@ fn per_download_rate_limit_applies() {
     let parents = vec![Parent {
         host_id: "a".into(),
         addr: a.dp.local_addr(),
+        quic_addr: None,
         is_seed: false,
     }];
     download(&c, id, layout, parents, 2_000_000);

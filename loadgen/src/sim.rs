@@ -176,6 +176,7 @@ impl Sim {
                 r#type: HostType::Normal as i32,
                 idc,
                 location,
+                quic_port: 0,
                 upload_rate_limit: l.up as u64,
             });
         }
@@ -187,6 +188,7 @@ impl Sim {
             r#type: HostType::Seed as i32,
             idc: String::new(),
             location: String::new(),
+            quic_port: 0,
             upload_rate_limit: p.origin_rate as u64,
         });
         links.push(Links {

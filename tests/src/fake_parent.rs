@@ -179,6 +179,7 @@ impl FakeParent {
             idc: String::new(),
             location: String::new(),
             upload_rate_limit: 0,
+            quic_port: 0,
         };
         let mut host_stream = client
             .announce_host(AnnounceHostRequest {

@@ -1,14 +1,17 @@
 //! Loopback throughput in one run: the same file sent with plain `sendfile` (the kernel's
-//! baseline) and with our data plane, with and without a shaping limit. Prints a table, the
-//! ratios and one JSON record.
+//! baseline), with our data plane over TCP, with plain quinn on one stream, with our data
+//! plane over QUIC, and with a shaping limit. Prints a table, the ratios and one JSON record.
 //!
 //! Every variant ends with the file written at the receiver (a plain reader writes what it
 //! receives into a file; ours verifies each piece's crc32c and writes it at its offset).
+//! For our data plane the CPU time of the serving node's threads is measured on its own
+//! (`/proc/self/task/TID/stat`), as cores used per GB/s served.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use damselfly_bench::cpu_seconds;
-use dataplane::fetch::FetchConfig;
+use dataplane::fetch::{FetchConfig, Transport};
+use dataplane::quic::QuicConfig;
 use dataplane::shaper::{Shaping, ShapingConfig};
 use dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
 use std::io::{Read, Write};
@@ -35,6 +38,12 @@ struct Args {
     /// Pieces in flight per parent connection.
     #[arg(long, default_value_t = 8)]
     pieces_in_flight: usize,
+    /// Bytes in flight per parent connection, MiB.
+    #[arg(long, default_value_t = dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT >> 20)]
+    mib_in_flight: u64,
+    /// Skip the QUIC rows.
+    #[arg(long)]
+    no_quic: bool,
     /// Shaping limit for the shaped run, MB/s (decimal).
     #[arg(long, default_value_t = 200)]
     shaped_mbps: u64,
@@ -54,6 +63,8 @@ struct Sample {
     secs: f64,
     bytes: u64,
     cpu_secs: f64,
+    /// CPU seconds of the serving node's threads alone (0 when not measured).
+    serve_cpu_secs: f64,
 }
 
 impl Sample {
@@ -64,6 +75,25 @@ impl Sample {
         // CPU seconds per second of transfer, per GB/s moved: cores used per GB/s.
         (self.cpu_secs / self.secs) / self.gbps()
     }
+    fn serve_cpu_per_gbps(&self) -> f64 {
+        (self.serve_cpu_secs / self.secs) / self.gbps()
+    }
+}
+
+/// CPU seconds (user + system) the given threads of this process have used.
+fn threads_cpu(tids: &[u32]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    tids.iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let k: f64 = f.get(12)?.parse().ok()?;
+            Some((u + k) / tick)
+        })
+        .sum()
 }
 
 fn best(mut v: Vec<Sample>) -> Sample {
@@ -140,6 +170,7 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         secs: t0.elapsed().as_secs_f64(),
         bytes: size,
         cpu_secs: cpu_seconds() - cpu0,
+        serve_cpu_secs: 0.0,
     })
 }
 
@@ -149,7 +180,14 @@ struct Node {
     dp: DataPlane,
 }
 
-fn node(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Result<Node> {
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    pieces_in_flight: usize,
+    bytes_in_flight: u64,
+    quic: bool,
+}
+
+fn node(threads: usize, shaping: ShapingConfig, k: Knobs) -> Result<Node> {
     let dir = tempfile::tempdir()?;
     let storage = Arc::new(Storage::open(dir.path())?);
     let cfg = DataPlaneConfig {
@@ -158,9 +196,19 @@ fn node(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) -> Resu
         queue_capacity: 4096,
         io_uring: true,
         fetch: FetchConfig {
-            pieces_in_flight,
+            pieces_in_flight: k.pieces_in_flight,
+            bytes_in_flight: k.bytes_in_flight,
+            transport: if k.quic {
+                Transport::Quic
+            } else {
+                Transport::Tcp
+            },
             ..FetchConfig::default()
         },
+        quic: k.quic.then(|| QuicConfig {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            ..QuicConfig::default()
+        }),
     };
     let dp = DataPlane::start(
         cfg,
@@ -199,6 +247,8 @@ fn ours(
     for id in ids {
         let _ = b.storage.remove(id);
     }
+    let serve_tids = a.dp.thread_ids();
+    let serve0 = threads_cpu(&serve_tids);
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     for id in ids {
@@ -206,6 +256,7 @@ fn ours(
         let parents = vec![Parent {
             host_id: "a".into(),
             addr: a.dp.local_addr(),
+            quic_addr: a.dp.quic_addr(),
             is_seed: true,
         }];
         let t = b.dp.bridge().thread_of(id);
@@ -247,6 +298,7 @@ fn ours(
         secs,
         bytes: layout.content_length() * ids.len() as u64,
         cpu_secs: cpu_seconds() - cpu0,
+        serve_cpu_secs: threads_cpu(&serve_tids) - serve0,
     })
 }
 
@@ -270,6 +322,11 @@ fn main() -> Result<()> {
     }
     let baseline = best(v);
 
+    let knobs = Knobs {
+        pieces_in_flight: args.pieces_in_flight,
+        bytes_in_flight: args.mib_in_flight << 20,
+        quic: false,
+    };
     let mut results = serde_json::Map::new();
     let mut ours_by_threads = Vec::new();
     for threads in [1usize, 2] {
@@ -277,22 +334,39 @@ fn main() -> Result<()> {
             "[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...",
             args.runs
         );
-        let a = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
-        let b = node(threads, ShapingConfig::default(), args.pieces_in_flight)?;
-        // One task per thread, so every thread has a download to run.
-        let ids: Vec<TaskId> = (0..threads as u8).map(|i| TaskId([i + 1; 32])).collect();
-        let per_task = PieceLayout::new(size / threads as u64, layout.piece_length())?;
-        for id in &ids {
-            seed(&a, *id, &src, per_task)?;
-        }
+        ours_by_threads.push((
+            threads,
+            run_ours(threads, knobs, &src, size, layout, args.runs)?,
+        ));
+    }
+
+    let (plain_quinn, ours_quic) = if args.no_quic {
+        (None, None)
+    } else {
+        eprintln!(
+            "[throughput] (c) plain quinn, one stream x{} ...",
+            args.runs
+        );
         let mut v = Vec::new();
         for _ in 0..args.runs {
-            v.push(ours(&a, &b, &ids, per_task, 0)?);
+            v.push(plain_quinn(&src, size, &out)?);
+            std::fs::remove_file(&out)?;
         }
-        ours_by_threads.push((threads, best(v)));
-        a.dp.shutdown();
-        b.dp.shutdown();
-    }
+        let pq = best(v);
+        eprintln!("[throughput] (d) our QUIC data plane x{} ...", args.runs);
+        let q = run_ours(
+            1,
+            Knobs {
+                quic: true,
+                ..knobs
+            },
+            &src,
+            size,
+            layout,
+            args.runs,
+        )?;
+        (Some(pq), Some(q))
+    };
 
     eprintln!(
         "[throughput] (e) our TCP shaped to {} MB/s ...",
@@ -300,14 +374,14 @@ fn main() -> Result<()> {
     );
     let shaped_size = args.shaped_mib << 20;
     let shaped_layout = PieceLayout::new(shaped_size, layout.piece_length())?;
-    let a = node(1, ShapingConfig::default(), args.pieces_in_flight)?;
+    let a = node(1, ShapingConfig::default(), knobs)?;
     let b = node(
         1,
         ShapingConfig {
             download: args.shaped_mbps * 1_000_000,
             ..ShapingConfig::default()
         },
-        args.pieces_in_flight,
+        knobs,
     )?;
     let id = TaskId([99; 32]);
     seed(&a, id, &src, shaped_layout)?;
@@ -319,26 +393,34 @@ fn main() -> Result<()> {
     let (_, two) = ours_by_threads[1];
     println!();
     println!(
-        "{:<44} {:>9} {:>10} {:>14}",
-        "variant", "GB/s", "vs (a)", "cores per GB/s"
+        "{:<44} {:>9} {:>10} {:>14} {:>14}",
+        "variant", "GB/s", "vs (a)", "cores per GB/s", "serving side"
     );
     let row = |name: &str, s: &Sample| {
+        let serve = if s.serve_cpu_secs > 0.0 {
+            format!("{:.2}", s.serve_cpu_per_gbps())
+        } else {
+            "-".to_string()
+        };
         println!(
-            "{:<44} {:>9.2} {:>9.2}x {:>14.2}",
+            "{:<44} {:>9.2} {:>9.2}x {:>14.2} {:>14}",
             name,
             s.gbps(),
             s.gbps() / baseline.gbps(),
-            s.cpu_per_gbps()
+            s.cpu_per_gbps(),
+            serve
         );
     };
     row("(a) sendfile -> reader writing a file", &baseline);
     row("(b) our TCP, 1 thread per side", &one);
     row("(b) our TCP, 2 threads per side (2 tasks)", &two);
-    println!(
-        "{:<44} {:>9}",
-        "(c) plain quinn, one stream", "not built yet"
-    );
-    println!("{:<44} {:>9}", "(d) our QUIC", "not built yet");
+    match (&plain_quinn, &ours_quic) {
+        (Some(pq), Some(q)) => {
+            row("(c) plain quinn, one stream", pq);
+            row("(d) our QUIC, 1 thread per side", q);
+        }
+        _ => println!("{:<44} {:>9}", "(c), (d) QUIC", "skipped"),
+    }
     let shaped_rate = shaped.bytes as f64 / shaped.secs;
     let limit = (args.shaped_mbps * 1_000_000) as f64;
     println!(
@@ -354,6 +436,13 @@ fn main() -> Result<()> {
         "ratio ours/sendfile (1 thread): {:.2}",
         one.gbps() / baseline.gbps()
     );
+    if let (Some(pq), Some(q)) = (&plain_quinn, &ours_quic) {
+        println!(
+            "our QUIC: {:.2} GB/s, {:.2}x plain quinn",
+            q.gbps(),
+            q.gbps() / pq.gbps()
+        );
+    }
     println!(
         "scaling 1 -> 2 threads: {:.2}x (this machine has {} cores, shared by sender and receiver)",
         two.gbps() / one.gbps(),
@@ -363,6 +452,7 @@ fn main() -> Result<()> {
     results.insert("size_bytes".into(), size.into());
     results.insert("piece_length".into(), layout.piece_length().into());
     results.insert("pieces_in_flight".into(), args.pieces_in_flight.into());
+    results.insert("bytes_in_flight".into(), (args.mib_in_flight << 20).into());
     results.insert("sendfile".into(), serde_json::to_value(baseline)?);
     results.insert("ours_tcp_1_thread".into(), serde_json::to_value(one)?);
     results.insert("ours_tcp_2_threads".into(), serde_json::to_value(two)?);
@@ -370,13 +460,21 @@ fn main() -> Result<()> {
         "ratio_ours_vs_sendfile".into(),
         (one.gbps() / baseline.gbps()).into(),
     );
+    results.insert(
+        "ours_tcp_serving_cores_per_gbps".into(),
+        one.serve_cpu_per_gbps().into(),
+    );
+    if let (Some(pq), Some(q)) = (&plain_quinn, &ours_quic) {
+        results.insert("plain_quinn".into(), serde_json::to_value(pq)?);
+        results.insert("ours_quic".into(), serde_json::to_value(q)?);
+        results.insert("ours_quic_gbps".into(), q.gbps().into());
+    }
     results.insert("shaped_limit_bytes_per_sec".into(), limit.into());
     results.insert("shaped_measured_bytes_per_sec".into(), shaped_rate.into());
     results.insert(
         "shaped_error_percent".into(),
         ((shaped_rate / limit - 1.0) * 100.0).into(),
     );
-    results.insert("quic".into(), "not built yet".into());
     let json = serde_json::Value::Object(results).to_string();
     println!("{json}");
     if let Some(p) = args.json {
@@ -384,4 +482,114 @@ fn main() -> Result<()> {
         writeln!(f, "{json}")?;
     }
     Ok(())
+}
+
+/// Best of `runs` fetches between two fresh nodes of `threads` threads (one task per thread).
+fn run_ours(
+    threads: usize,
+    knobs: Knobs,
+    src: &std::fs::File,
+    size: u64,
+    layout: PieceLayout,
+    runs: usize,
+) -> Result<Sample> {
+    let a = node(threads, ShapingConfig::default(), knobs)?;
+    let b = node(threads, ShapingConfig::default(), knobs)?;
+    // One task per thread, so every thread has a download to run.
+    let ids: Vec<TaskId> = (0..threads as u8).map(|i| TaskId([i + 1; 32])).collect();
+    let per_task = PieceLayout::new(size / threads as u64, layout.piece_length())?;
+    for id in &ids {
+        seed(&a, *id, src, per_task)?;
+    }
+    let mut v = Vec::new();
+    for _ in 0..runs {
+        v.push(ours(&a, &b, &ids, per_task, 0)?);
+    }
+    a.dp.shutdown();
+    b.dp.shutdown();
+    Ok(best(v))
+}
+
+/// (c) plain quinn: the file sent on one stream in 1 MiB chunks read from the page cache;
+/// the receiver writes what it reads into a file. Same TLS and transport settings as our
+/// QUIC data plane; each side on its own one-thread tokio runtime.
+fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
+    let qcfg = QuicConfig {
+        listen: "127.0.0.1:0".parse()?,
+        ..QuicConfig::default()
+    };
+    let (ep_cfg, server_cfg, client_cfg) = dataplane::quic::configs(&qcfg)?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = {
+        let _g = server_rt.enter();
+        quinn::Endpoint::new(
+            ep_cfg.clone(),
+            Some(server_cfg),
+            dataplane::quic::bind_udp(&qcfg)?,
+            Arc::new(quinn::TokioRuntime),
+        )?
+    };
+    let addr = server.local_addr()?;
+    let src = src.try_clone()?;
+    let sender = server_rt.spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut go = [0u8; 1];
+        recv.read_exact(&mut go).await?;
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(1 << 20) as usize;
+            let mut b = bytes::BytesMut::zeroed(n);
+            src.read_exact_at(&mut b, off)?;
+            send.write_chunk(b.freeze()).await?;
+            off += n as u64;
+        }
+        send.finish()?;
+        let _ = send.stopped().await;
+        anyhow::Ok(())
+    });
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let f = std::fs::File::create(out)?;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    client_rt.block_on(async {
+        let mut client = quinn::Endpoint::new(
+            ep_cfg,
+            None,
+            dataplane::quic::bind_udp(&QuicConfig {
+                listen: "127.0.0.1:0".parse()?,
+                ..QuicConfig::default()
+            })?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        client.set_default_client_config(client_cfg);
+        let conn = client.connect(addr, "damselfly")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[1]).await?;
+        let mut got = 0u64;
+        while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+            f.write_all_at(&chunk.bytes, got)?;
+            got += chunk.bytes.len() as u64;
+        }
+        if got != size {
+            bail!("plain quinn received {got} of {size} bytes");
+        }
+        conn.close(0u32.into(), b"done");
+        anyhow::Ok(())
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    server_rt
+        .block_on(sender)
+        .map_err(|e| anyhow::anyhow!("sender task: {e}"))??;
+    Ok(Sample {
+        secs,
+        bytes: size,
+        cpu_secs: cpu_seconds() - cpu0,
+        serve_cpu_secs: 0.0,
+    })
 }

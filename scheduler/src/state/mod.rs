@@ -1335,6 +1335,7 @@ impl SchedulerState {
                 ip: p.host.ip.clone(),
                 data_port: p.host.data_port,
                 r#type: p.host.r#type,
+                quic_port: p.host.quic_port,
             })
             .collect();
         for parent in parents {
