@@ -2,6 +2,7 @@
 //! thousands of virtual peers over gRPC and a flow-level model of their links.
 
 mod client;
+mod cpu;
 mod flow;
 mod report;
 mod sim;
@@ -156,6 +157,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let _process;
+    let mut scheduler_pid = None;
     let addr = match a.scheduler {
         Some(addr) => addr,
         None => {
@@ -165,6 +167,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
             };
             let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref())?;
             let addr = p.addr;
+            scheduler_pid = Some(p.pid());
             _process = p;
             addr
         }
@@ -177,6 +180,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         channels,
         events,
         inbound,
+        scheduler_pid,
     };
     let report = sim::run(params(&a), io)?;
     print!("{}", report.table());
