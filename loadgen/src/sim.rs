@@ -596,7 +596,10 @@ impl Sim {
                 for i in 0..self.n {
                     phist[self.conns[i].len().min(23)] += 1;
                 }
-                eprintln!("  children histogram {hist:?} seed children {}", kids[self.n]);
+                eprintln!(
+                    "  children histogram {hist:?} seed children {}",
+                    kids[self.n]
+                );
                 eprintln!("  parents histogram  {phist:?}");
             }
             if self.n - self.normal_done() <= 3 {
@@ -611,9 +614,18 @@ impl Sim {
                         .iter()
                         .map(|c| {
                             let kids = (0..total)
-                                .filter(|x| self.conns[*x].iter().any(|cc| cc.parent == c.parent && cc.piece.is_some()))
+                                .filter(|x| {
+                                    self.conns[*x]
+                                        .iter()
+                                        .any(|cc| cc.parent == c.parent && cc.piece.is_some())
+                                })
                                 .count();
-                            format!("{}:{}/{}", c.parent, self.count.get(c.parent as usize).copied().unwrap_or(0), kids)
+                            format!(
+                                "{}:{}/{}",
+                                c.parent,
+                                self.count.get(c.parent as usize).copied().unwrap_or(0),
+                                kids
+                            )
                         })
                         .collect();
                     eprintln!(
@@ -795,9 +807,7 @@ pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
         back_to_source: sim.back_to_source,
         parents_received: sim.parents_received,
         streams_failed: sim.closed_with_error,
-        scheduler_cpu_s: sched_cpu_end
-            .zip(sched_cpu_start)
-            .map(|(e, s)| e - s),
+        scheduler_cpu_s: sched_cpu_end.zip(sched_cpu_start).map(|(e, s)| e - s),
         scheduler_cpu_decisions_s: sim
             .sched_cpu_at_first_announce
             .zip(sched_cpu_start)

@@ -869,9 +869,8 @@ impl SchedulerState {
             }
         }
         let count = peer.pieces.count();
-        let short_of_parents = peer.scheduled
-            && peer.wants_parents()
-            && peer.parents.len() < self.config.parent_limit;
+        let short_of_parents =
+            peer.scheduled && peer.wants_parents() && peer.parents.len() < self.config.parent_limit;
         if first {
             self.sync(key, out);
         }
