@@ -579,7 +579,7 @@ impl Sim {
                 idle_conns,
                 self.normal_done()
             );
-            if ((self.t / self.p.step).round() as u64) % 640 == 0 {
+            if ((self.t / self.p.step).round() as u64).is_multiple_of(640) {
                 let mut kids = vec![0usize; total];
                 for i in 0..total {
                     for c in &self.conns[i] {

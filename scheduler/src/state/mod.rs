@@ -879,7 +879,7 @@ impl SchedulerState {
         // of the swarm is at full speed, and finishes last. Every few pieces it is offered
         // more parents, the least loaded first, which also gives children to the peers that
         // registered last.
-        if short_of_parents && count % TOP_UP_EVERY == 0 {
+        if short_of_parents && count.is_multiple_of(TOP_UP_EVERY) {
             let parents = self.rank_parents(key);
             if !parents.is_empty() {
                 self.send_parents(key, &parents, out);
