@@ -48,6 +48,13 @@ pub struct SchedulerProcess {
     pub addr: SocketAddr,
 }
 
+impl SchedulerProcess {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for SchedulerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

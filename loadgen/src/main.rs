@@ -3,6 +3,7 @@
 //! cluster` is the burst lab: real processes in network namespaces on shaped links.
 
 mod client;
+mod cpu;
 mod flow;
 mod lab;
 mod report;
@@ -164,6 +165,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let _process;
+    let mut scheduler_pid = None;
     let addr = match a.scheduler {
         Some(addr) => addr,
         None => {
@@ -173,6 +175,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
             };
             let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref())?;
             let addr = p.addr;
+            scheduler_pid = Some(p.pid());
             _process = p;
             addr
         }
@@ -185,6 +188,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         channels,
         events,
         inbound,
+        scheduler_pid,
     };
     let report = sim::run(params(&a), io)?;
     print!("{}", report.table());

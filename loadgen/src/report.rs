@@ -75,6 +75,21 @@ pub struct Report {
     pub parents_received: u64,
     /// Streams the scheduler ended with an error.
     pub streams_failed: u64,
+    /// Scheduler CPU seconds (all threads) over the whole run; `None` when the scheduler is
+    /// not a local process started by loadgen.
+    pub scheduler_cpu_s: Option<f64>,
+    /// Scheduler CPU seconds until the first announcement: the registration burst and its
+    /// decisions (with `--arrival-s` > 0 later registrations fall in the next phase).
+    pub scheduler_cpu_decisions_s: Option<f64>,
+    /// Scheduler CPU seconds from the first announcement until all were processed: mostly
+    /// `PieceFinished` handling (plus the `PeerFinished` messages and pushes in that phase).
+    pub scheduler_cpu_announcements_s: Option<f64>,
+    /// This process's CPU seconds (simulation, flow solver, gRPC client).
+    pub loadgen_cpu_s: Option<f64>,
+    /// 1-minute load average of the machine when the run started.
+    pub load_average_start: Option<f64>,
+    /// 1-minute load average when it ended.
+    pub load_average_end: Option<f64>,
     /// Virtual time simulated.
     pub virtual_s: f64,
     /// Wall time of the simulation loop.
@@ -136,6 +151,21 @@ impl Report {
             self.announcements,
             self.announce_wall_s
         );
+        if let Some(cpu) = self.scheduler_cpu_announcements_s.filter(|c| *c > 0.0) {
+            s += &format!(
+                "announcements per scheduler CPU s {:>12.0}   ({:.2} us CPU each, {:.1} s CPU)\n",
+                self.announcements_processed as f64 / cpu,
+                cpu * 1e6 / self.announcements_processed.max(1) as f64,
+                cpu
+            );
+        }
+        if let Some(cpu) = self.scheduler_cpu_decisions_s {
+            s += &format!(
+                "scheduler CPU in registrations    {:>12.2} s   ({:.0} us per registration)\n",
+                cpu,
+                cpu * 1e6 / self.peers.max(1) as f64
+            );
+        }
         s += &format!(
             "origin copies                     {:>12.3}\n",
             self.origin_copies
@@ -147,6 +177,14 @@ impl Report {
         s += &format!(
             "virtual {:.1} s simulated in {:.1} s wall ({:.1} s total)\n",
             self.virtual_s, self.sim_wall_s, self.wall_s
+        );
+        let opt = |x: Option<f64>| x.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
+        s += &format!(
+            "CPU s: scheduler {}  loadgen {}   load average {} -> {}\n",
+            opt(self.scheduler_cpu_s),
+            opt(self.loadgen_cpu_s),
+            opt(self.load_average_start),
+            opt(self.load_average_end)
         );
         s
     }

@@ -29,6 +29,7 @@ use wire::proto::scheduler::{
 };
 
 use crate::client::{self, Inbound};
+use crate::cpu;
 use crate::flow::Solver;
 use crate::report::{Percentiles, Report};
 
@@ -142,6 +143,9 @@ struct Sim {
     woken_us: Vec<f64>,
     announcements: u64,
     first_announce: Option<Instant>,
+    /// Scheduler CPU seconds when the first announcement was sent.
+    sched_cpu_at_first_announce: Option<f64>,
+    scheduler_pid: Option<u32>,
     origin_bytes: f64,
     closed_with_error: u64,
     back_to_source: u64,
@@ -227,6 +231,8 @@ impl Sim {
             woken_us: Vec::new(),
             announcements: 0,
             first_announce: None,
+            sched_cpu_at_first_announce: None,
+            scheduler_pid: None,
             origin_bytes: 0.0,
             closed_with_error: 0,
             back_to_source: 0,
@@ -470,7 +476,10 @@ impl Sim {
             self.hosts[parent as usize].id.clone()
         };
         let cost_us = ((at - started) * 1e6).max(1.0) as u64;
-        self.first_announce.get_or_insert_with(Instant::now);
+        if self.first_announce.is_none() {
+            self.first_announce = Some(Instant::now());
+            self.sched_cpu_at_first_announce = self.scheduler_pid.and_then(cpu::process_cpu_s);
+        }
         self.announcements += 1;
         self.send(
             child as u32,
@@ -573,6 +582,63 @@ impl Sim {
                 idle_conns,
                 self.normal_done()
             );
+            if ((self.t / self.p.step).round() as u64).is_multiple_of(640) {
+                let mut kids = vec![0usize; total];
+                for i in 0..total {
+                    for c in &self.conns[i] {
+                        if c.parent != ORIGIN {
+                            kids[c.parent as usize] += 1;
+                        }
+                    }
+                }
+                let mut hist = [0usize; 24];
+                for k in &kids[..self.n] {
+                    hist[(*k).min(23)] += 1;
+                }
+                let mut phist = [0usize; 24];
+                for i in 0..self.n {
+                    phist[self.conns[i].len().min(23)] += 1;
+                }
+                eprintln!(
+                    "  children histogram {hist:?} seed children {}",
+                    kids[self.n]
+                );
+                eprintln!("  parents histogram  {phist:?}");
+            }
+            if self.n - self.normal_done() <= 3 {
+                for i in (0..self.n).filter(|i| self.state[*i] == State::Active) {
+                    let rate: f64 = refs
+                        .iter()
+                        .zip(rates.iter())
+                        .filter(|((c, _), _)| *c as usize == i)
+                        .map(|(_, r)| *r)
+                        .sum();
+                    let parents: Vec<String> = self.conns[i]
+                        .iter()
+                        .map(|c| {
+                            let kids = (0..total)
+                                .filter(|x| {
+                                    self.conns[*x]
+                                        .iter()
+                                        .any(|cc| cc.parent == c.parent && cc.piece.is_some())
+                                })
+                                .count();
+                            format!(
+                                "{}:{}/{}",
+                                c.parent,
+                                self.count.get(c.parent as usize).copied().unwrap_or(0),
+                                kids
+                            )
+                        })
+                        .collect();
+                    eprintln!(
+                        "  straggler p{i}: {} pieces, {:.1} Mbit/s, parents (id:pieces/active children) {}",
+                        self.count[i],
+                        rate / 125_000.0,
+                        parents.join(" ")
+                    );
+                }
+            }
         }
         let dt = self.p.step;
         for f in 0..refs.len() {
@@ -621,12 +687,18 @@ pub struct Io {
     pub events: std_mpsc::Receiver<Inbound>,
     /// Sender side of `events`, cloned into every stream task.
     pub inbound: std_mpsc::Sender<Inbound>,
+    /// Process id of the scheduler, when it runs on this machine (for its CPU time).
+    pub scheduler_pid: Option<u32>,
 }
 
 /// Runs the whole simulation (blocking; call from a blocking thread).
 pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
     let wall = Instant::now();
+    let load_start = cpu::load_average();
+    let own_cpu_start = cpu::own_cpu_s();
+    let sched_cpu_start = io.scheduler_pid.and_then(cpu::process_cpu_s);
     let mut sim = Sim::new(p)?;
+    sim.scheduler_pid = io.scheduler_pid;
     let seed_host = sim.hosts[sim.n].clone();
     io.rt.block_on(client::announce_host(
         io.channels[0].clone(),
@@ -691,6 +763,8 @@ pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let all_processed = Instant::now();
+    let sched_cpu_end = io.scheduler_pid.and_then(cpu::process_cpu_s);
+    let own_cpu_end = cpu::own_cpu_s();
     let announce_secs = sim.first_announce.map_or(0.0, |f| {
         all_processed.saturating_duration_since(f).as_secs_f64()
     });
@@ -736,6 +810,17 @@ pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
         back_to_source: sim.back_to_source,
         parents_received: sim.parents_received,
         streams_failed: sim.closed_with_error,
+        scheduler_cpu_s: sched_cpu_end.zip(sched_cpu_start).map(|(e, s)| e - s),
+        scheduler_cpu_decisions_s: sim
+            .sched_cpu_at_first_announce
+            .zip(sched_cpu_start)
+            .map(|(e, s)| e - s),
+        scheduler_cpu_announcements_s: sched_cpu_end
+            .zip(sim.sched_cpu_at_first_announce)
+            .map(|(e, s)| e - s),
+        loadgen_cpu_s: own_cpu_end.zip(own_cpu_start).map(|(e, s)| e - s),
+        load_average_start: load_start,
+        load_average_end: cpu::load_average(),
         virtual_s: sim.t,
         sim_wall_s: sim_end.duration_since(wall).as_secs_f64(),
         wall_s: wall.elapsed().as_secs_f64(),

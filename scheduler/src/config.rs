@@ -7,7 +7,7 @@
 //! server:
 //!   listen: 0.0.0.0:8002
 //! scheduling:
-//!   candidate_parent_limit: 4
+//!   candidate_parent_limit: 2
 //!   parent_limit: 8
 //!   back_to_source_limit: 4
 //!   filter_parent_limit: 15
@@ -113,8 +113,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SchedulingConfig {
-    /// Parents sent at once when a peer is (re)scheduled (default 4). A handful is enough to
-    /// stripe a download over several uploaders without every peer hammering the same few.
+    /// Parents sent at once when a peer is (re)scheduled, and peers a newly serving peer is
+    /// pushed to (default 2). Few at once: a peer's first pieces then come at a large share
+    /// of its link and it serves sooner; it is topped up to `parent_limit` as it goes.
     pub candidate_parent_limit: usize,
     /// Most parents a peer holds at once, counting later pushes and reschedules (default 8).
     /// Peers below it are offered newly scheduled peers, which evens out how many children
@@ -148,7 +149,7 @@ pub struct SchedulingConfig {
 impl Default for SchedulingConfig {
     fn default() -> Self {
         Self {
-            candidate_parent_limit: 4,
+            candidate_parent_limit: 2,
             parent_limit: 8,
             back_to_source_limit: 4,
             filter_parent_limit: 15,
@@ -298,7 +299,7 @@ mod tests {
         let c = Config::from_yaml("").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.server.listen.port(), 8002);
-        assert_eq!(c.scheduling.candidate_parent_limit, 4);
+        assert_eq!(c.scheduling.candidate_parent_limit, 2);
         assert_eq!(c.scheduling.parent_limit, 8);
         assert_eq!(c.scheduling.back_to_source_limit, 4);
     }
@@ -307,7 +308,7 @@ mod tests {
     fn partial_document_keeps_other_defaults() {
         let c = Config::from_yaml("scheduling:\n  parent_limit: 9\n").unwrap();
         assert_eq!(c.scheduling.parent_limit, 9);
-        assert_eq!(c.scheduling.candidate_parent_limit, 4);
+        assert_eq!(c.scheduling.candidate_parent_limit, 2);
         assert_eq!(c.server, ServerConfig::default());
         let c = Config::from_yaml("scheduling:\n  dag: true\n  weights:\n    idc: 0.5\n").unwrap();
         assert!(c.scheduling.dag);

@@ -470,13 +470,13 @@ mod tests {
         let merged = merge(
             &base,
             &SchedulerClusterConfig {
-                candidate_parent_limit: Some(2),
+                candidate_parent_limit: Some(3),
                 back_to_source_limit: Some(0),
                 seed_upload_slots: Some(7),
                 ..SchedulerClusterConfig::default()
             },
         );
-        assert_eq!(merged.candidate_parent_limit, 2);
+        assert_eq!(merged.candidate_parent_limit, 3);
         assert_eq!(merged.back_to_source_limit, 0);
         assert_eq!(merged.seed_upload_slots, 7);
         assert_eq!(merged.parent_limit, 6);

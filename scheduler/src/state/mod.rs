@@ -70,6 +70,9 @@ pub const REASON_NO_SEED: &str = "no seed peer available";
 pub const REASON_NO_PARENT: &str = "no parent available";
 /// Reason sent with `NeedBackToSource` when a peer asked for new parents too often.
 pub const REASON_RETRY_LIMIT: &str = "reschedule limit reached";
+/// A scheduled peer with fewer than `parent_limit` parents is offered more every this many
+/// finished pieces (see [`SchedulerState`]'s top-up in `piece_finished`).
+pub const TOP_UP_EVERY: u32 = 8;
 
 /// Where a preheated task stands ([`SchedulerState::preheat_status`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -897,8 +900,22 @@ impl SchedulerState {
                 }
             }
         }
+        let count = peer.pieces.count();
+        let short_of_parents =
+            peer.scheduled && peer.wants_parents() && peer.parents.len() < self.config.parent_limit;
         if first {
             self.sync(key, out);
+        }
+        // Top-up: a peer short of parents (scheduled when few could serve, missed by the
+        // pushes, or its parents left) downloads at a fraction of its link while the rest
+        // of the swarm is at full speed, and finishes last. Every few pieces it is offered
+        // more parents, the least loaded first, which also gives children to the peers that
+        // registered last.
+        if short_of_parents && count.is_multiple_of(TOP_UP_EVERY) {
+            let parents = self.rank_parents(key);
+            if !parents.is_empty() {
+                self.send_parents(key, &parents, out);
+            }
         }
     }
 

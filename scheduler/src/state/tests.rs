@@ -195,11 +195,12 @@ fn waiting_peers_get_parents_when_metadata_arrives() {
     assert_eq!(got_b, vec!["host-a", "seed-a"]);
     assert!(parents_to(&out, s).is_empty());
 
-    // A later peer is answered at once, with the seed (running, preferred) first.
+    // A later peer is answered at once, with the seed (running, preferred) first, and
+    // `candidate_parent_limit` (2) parents.
     let (c, out) = sim.register("peer-c", "host-c", false);
     let got = parents_to(&out, c);
     assert_eq!(got.first().map(String::as_str), Some("seed-a"), "{got:?}");
-    assert_eq!(got.len(), 3);
+    assert_eq!(got.len(), 2);
 
     let info = sim.st.stat_task(TASK).unwrap();
     assert_eq!(info.piece_count, 10);
@@ -1116,4 +1117,44 @@ fn a_short_last_piece_does_not_flag_its_parent_slow() {
     let (b, out) = sim.register("b", "host-b", false);
     assert!(parents_to(&out, b).contains(&"host-src".to_owned()));
     assert!(!sim.st.host_stats["host-src"].costs.is_slow());
+}
+
+#[test]
+fn peers_short_of_parents_are_topped_up_as_they_progress() {
+    let mut sim = Sim::with(SchedulingConfig {
+        candidate_parent_limit: 1,
+        parent_limit: 3,
+        ..SchedulingConfig::default()
+    });
+    let (src, _) = sim.register("src", "host-src", true);
+    sim.meta(src, 32 << 20);
+    sim.register("b", "host-b", true);
+    sim.register("c", "host-c", true);
+    // a registers last: nobody is left to push to it, so it starts with one parent.
+    let (a, out) = sim.register("a", "host-a", false);
+    let first = parents_to(&out, a);
+    assert_eq!(first.len(), 1);
+    for n in 0..TOP_UP_EVERY - 1 {
+        let out = sim.piece(a, n);
+        assert!(
+            parents_to(&out, a).is_empty(),
+            "top-up before piece {TOP_UP_EVERY}"
+        );
+    }
+    let out = sim.piece(a, TOP_UP_EVERY - 1);
+    let second = parents_to(&out, a);
+    assert_eq!(second.len(), 1, "topped up after {TOP_UP_EVERY} pieces");
+    assert_ne!(second, first);
+    let mut third = Vec::new();
+    for n in TOP_UP_EVERY..2 * TOP_UP_EVERY {
+        third.extend(parents_to(&sim.piece(a, n), a));
+    }
+    assert_eq!(third.len(), 1);
+    assert!(!first.contains(&third[0]) && !second.contains(&third[0]));
+    // At parent_limit it is not topped up any more.
+    let mut more = Vec::new();
+    for n in 2 * TOP_UP_EVERY..3 * TOP_UP_EVERY {
+        more.extend(parents_to(&sim.piece(a, n), a));
+    }
+    assert!(more.is_empty(), "{more:?}");
 }
