@@ -9,6 +9,7 @@
 //! * [`manager`]: a `manager` process (SQLite, bootstrap token, fast keepalives) and a
 //!   client for its REST API.
 //! * [`frames`]: a small async client/server connection speaking the data-plane frames.
+//! * [`poll`]: waiting for a condition, daemon config files, scraping `/metrics`.
 //! * [`fake_parent`]: a misbehaving parent that registers with the scheduler and serves
 //!   corrupt pieces.
 //!
@@ -22,6 +23,7 @@ pub mod frames;
 pub mod grpc;
 pub mod manager;
 pub mod origin;
+pub mod poll;
 
 pub use cluster::{Cluster, ClusterOptions, Daemon};
 pub use content::Content;
