@@ -46,7 +46,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if config.metrics.enable {
         let l = tokio::net::TcpListener::bind(config.metrics.listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot bind metrics on {}: {e}", config.metrics.listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot bind metrics on {}: {e}", config.metrics.listen)
+            })?;
         tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
         tokio::spawn(metrics::serve(service.clone(), l));
     }

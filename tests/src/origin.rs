@@ -525,7 +525,11 @@ impl Body for GenBody {
             }
             self.sleep = None;
         }
-        let frame = if self.rate > 0 { SLOW_FRAME } else { CHUNK as u64 };
+        let frame = if self.rate > 0 {
+            SLOW_FRAME
+        } else {
+            CHUNK as u64
+        };
         let n = (self.end - self.pos).min(frame) as usize;
         let mut buf = vec![0u8; n];
         fill(self.seed, self.pos, &mut buf);

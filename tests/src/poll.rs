@@ -15,7 +15,10 @@ where
 {
     let deadline = Instant::now() + timeout;
     loop {
-        if cond().await.with_context(|| format!("while waiting until {what}"))? {
+        if cond()
+            .await
+            .with_context(|| format!("while waiting until {what}"))?
+        {
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -43,7 +46,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .await
         .with_context(|| format!("GET {url}"))?;
     let status = resp.status().as_u16();
-    let body = resp.text().await.with_context(|| format!("body of {url}"))?;
+    let body = resp
+        .text()
+        .await
+        .with_context(|| format!("body of {url}"))?;
     Ok((status, body))
 }
 
@@ -59,10 +65,8 @@ pub async fn scrape(addr: SocketAddr) -> Result<String> {
 /// The value of the sample `series` (a metric name with its labels exactly as exposed,
 /// e.g. `damselfly_downloads_failed_total{kind="origin"}`) in a Prometheus text exposition.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }

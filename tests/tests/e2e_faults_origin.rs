@@ -77,7 +77,11 @@ async fn server_errors_are_retried_until_the_origin_recovers_or_reported_when_it
     let out = cluster.dir().join("flaky.out");
     let o = dfget(&cluster, &origin.url("/flaky.bin"), &out, &c).await;
     assert_ok(&cluster, &o, &out, &c);
-    assert_eq!(origin.faulted_requests(), 2, "both 503s should have been served");
+    assert_eq!(
+        origin.faulted_requests(),
+        2,
+        "both 503s should have been served"
+    );
     assert_eq!(
         origin.gets_of("/flaky.bin"),
         3,
@@ -131,7 +135,11 @@ async fn truncated_bodies_are_resumed_or_reported_never_delivered() {
 
     // Every answer closes after 100 KiB (less than a piece): a precise error, no file.
     let c = origin.add_file("/cut-always.bin", 8 * MIB, 4);
-    origin.set_fault("/cut-always.bin", Fault::Truncate { after: 100 << 10 }, None);
+    origin.set_fault(
+        "/cut-always.bin",
+        Fault::Truncate { after: 100 << 10 },
+        None,
+    );
     let out = cluster.dir().join("cut-always.out");
     let o = dfget(&cluster, &origin.url("/cut-always.bin"), &out, &c).await;
     assert_failed(&o, &out, "origin transfer failed after 3 retries");
@@ -152,7 +160,11 @@ async fn wrong_content_lengths_never_give_a_wrong_file() {
     // Longer once, then right: the size changed between answers, which the daemon reports;
     // the next try starts afresh and gets the file.
     let c = origin.add_file("/long-once.bin", 4 * MIB + 5, 6);
-    origin.set_fault("/long-once.bin", Fault::WrongLength { delta: 1 << 20 }, Some(1));
+    origin.set_fault(
+        "/long-once.bin",
+        Fault::WrongLength { delta: 1 << 20 },
+        Some(1),
+    );
     let out = cluster.dir().join("long-once.out");
     let o = dfget(&cluster, &origin.url("/long-once.bin"), &out, &c).await;
     assert_failed(&o, &out, "content length changed");
@@ -235,7 +247,10 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
             return;
         }
     };
-    cluster.add_daemon(false, &[]).await.expect("starting peer-1");
+    cluster
+        .add_daemon(false, &[])
+        .await
+        .expect("starting peer-1");
 
     let big = origin.add_file("/big.bin", 16 * MIB, 9);
     let out = cluster.dir().join("big.out");

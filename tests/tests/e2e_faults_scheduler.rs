@@ -50,14 +50,21 @@ async fn with_the_scheduler_down_dfget_goes_to_the_origin_or_fails_precisely() {
         .await
         .expect("running dfget");
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "no scheduler and no back-to-source must fail: {stderr}");
+    assert!(
+        !o.status.success(),
+        "no scheduler and no back-to-source must fail: {stderr}"
+    );
     assert!(
         stderr.contains("back-to-source is disabled") && stderr.contains("scheduler"),
         "the error should name the unreachable scheduler and the disabled back-to-source: \
          {stderr}"
     );
     assert!(!out.exists(), "a failed dfget left {}", out.display());
-    assert_eq!(origin.gets_of("/b.bin"), 0, "--disable-back-to-source reached the origin");
+    assert_eq!(
+        origin.gets_of("/b.bin"),
+        0,
+        "--disable-back-to-source reached the origin"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,11 +94,15 @@ async fn peers_finish_from_known_parents_when_the_scheduler_dies_mid_download() 
         cluster.download_verified(p1, &url, &o1, &c),
         cluster.download_verified(p2, &url, &o2, &c),
         async {
-            wait_until("both peers receive pieces", Duration::from_secs(30), || async move {
-                let (s1, s2) = (p1.stats().await?, p2.stats().await?);
-                Ok(s1.bytes_from_seed + s1.bytes_from_peers > 0
-                    && s2.bytes_from_seed + s2.bytes_from_peers > 0)
-            })
+            wait_until(
+                "both peers receive pieces",
+                Duration::from_secs(30),
+                || async move {
+                    let (s1, s2) = (p1.stats().await?, p2.stats().await?);
+                    Ok(s1.bytes_from_seed + s1.bytes_from_peers > 0
+                        && s2.bytes_from_seed + s2.bytes_from_peers > 0)
+                },
+            )
             .await?;
             let at_kill = (p1.stats().await?, p2.stats().await?);
             cluster.scheduler().kill();
@@ -159,14 +170,21 @@ async fn new_downloads_with_the_scheduler_down_do_not_stampede_the_origin() {
                 .run_dfget(p1, &url, &out, Some(&format!("sha256:{}", c.sha256_hex())))
                 .await?;
             check_dfget("peer-1", &o)?;
-            anyhow::ensure!(file_sha256_hex(&out)? == c.sha256_hex(), "{path}: wrong file");
+            anyhow::ensure!(
+                file_sha256_hex(&out)? == c.sha256_hex(),
+                "{path}: wrong file"
+            );
             anyhow::Ok(())
         });
     }
     for r in futures::future::join_all(jobs).await {
         r.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tails(30)));
     }
-    assert_eq!(origin.faulted_requests(), FILES, "every file was fetched once");
+    assert_eq!(
+        origin.faulted_requests(),
+        FILES,
+        "every file was fetched once"
+    );
     assert!(
         origin.max_in_flight() <= LIMIT,
         "{FILES} downloads with the scheduler down reached the origin {} at a time; \

@@ -27,7 +27,10 @@ async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
         "data_plane:\n  upload_rate_limit: 3MiB\n",
     )
     .expect("config");
-    cluster.add_daemon(false, &slow).await.expect("peer-1 (slow uploads)");
+    cluster
+        .add_daemon(false, &slow)
+        .await
+        .expect("peer-1 (slow uploads)");
     cluster.add_daemon(false, &[]).await.expect("peer-2");
     let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let size = 24 * MIB + 7;
@@ -46,9 +49,11 @@ async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let (r, killed) = tokio::join!(
         cluster.download_verified(p2, &url, &out2, &content),
         async {
-            wait_until("peer-2 receives bytes from peer-1", Duration::from_secs(30), || async move {
-                Ok(p2.stats().await?.bytes_from_peers > 0)
-            })
+            wait_until(
+                "peer-2 receives bytes from peer-1",
+                Duration::from_secs(30),
+                || async move { Ok(p2.stats().await?.bytes_from_peers > 0) },
+            )
             .await?;
             let s = p2.stats().await?;
             cluster.kill(p1);
@@ -94,26 +99,25 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let url = origin.url("/s.bin");
 
     let out = cluster.dir().join("p1.out");
-    let (r, killed) = tokio::join!(
-        cluster.download_verified(p1, &url, &out, &content),
-        async {
-            wait_until("peer-1 receives bytes from a seed", Duration::from_secs(30), || async move {
-                Ok(p1.stats().await?.bytes_from_seed > 0)
-            })
-            .await?;
-            // The seed that serves it is the one that has uploaded something.
-            let mut victim = None;
-            for s in cluster.seeds() {
-                if s.stats().await?.bytes_uploaded > 0 {
-                    victim = Some(s);
-                }
+    let (r, killed) = tokio::join!(cluster.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from a seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        // The seed that serves it is the one that has uploaded something.
+        let mut victim = None;
+        for s in cluster.seeds() {
+            if s.stats().await?.bytes_uploaded > 0 {
+                victim = Some(s);
             }
-            let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
-            let at_kill = p1.stats().await?;
-            cluster.kill(victim);
-            anyhow::Ok((victim.name.clone(), at_kill))
         }
-    );
+        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let at_kill = p1.stats().await?;
+        cluster.kill(victim);
+        anyhow::Ok((victim.name.clone(), at_kill))
+    });
     let (victim, at_kill) = killed.expect("killing the serving seed");
     r.unwrap_or_else(|e| panic!("peer-1 should finish after losing seed {victim}: {e:#}"));
     assert!(
@@ -126,7 +130,11 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
         .filter(|s| s.is_running())
         .map(|s| s.name.clone())
         .collect();
-    assert_eq!(alive.len(), 1, "exactly the serving seed was killed: {alive:?}");
+    assert_eq!(
+        alive.len(),
+        1,
+        "exactly the serving seed was killed: {alive:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,9 +160,11 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
     // Let the daemons' manager refresh (every 500 ms here) and the scheduler's keepalive
     // notice: wait until the manager's port refuses connections, then for a few refreshes.
     let grpc = manager.grpc_addr;
-    wait_until("the manager's port is closed", Duration::from_secs(10), || async move {
-        Ok(tokio::net::TcpStream::connect(grpc).await.is_err())
-    })
+    wait_until(
+        "the manager's port is closed",
+        Duration::from_secs(10),
+        || async move { Ok(tokio::net::TcpStream::connect(grpc).await.is_err()) },
+    )
     .await
     .expect("manager down");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -181,7 +191,11 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
     );
     for p in cluster.procs() {
         if p.name() != "manager" {
-            assert!(p.is_running(), "{} stopped after the manager went down", p.name());
+            assert!(
+                p.is_running(),
+                "{} stopped after the manager went down",
+                p.name()
+            );
         }
     }
 }

@@ -67,16 +67,17 @@ async fn a_thousand_concurrent_downloads_on_one_daemon_all_succeed() {
         tokio::spawn(async move {
             download(&socket, url, &output).await?;
             let got = file_sha256_hex(&output)?;
-            anyhow::ensure!(got == c.sha256_hex(), "client {i}: wrong bytes in {}", output.display());
+            anyhow::ensure!(
+                got == c.sha256_hex(),
+                "client {i}: wrong bytes in {}",
+                output.display()
+            );
             anyhow::Ok(())
         })
     });
-    let results = tokio::time::timeout(
-        Duration::from_secs(120),
-        futures::future::join_all(jobs),
-    )
-    .await
-    .expect("1,000 downloads did not finish within 120 s");
+    let results = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(jobs))
+        .await
+        .expect("1,000 downloads did not finish within 120 s");
     let failures: Vec<String> = results
         .into_iter()
         .enumerate()
@@ -100,9 +101,11 @@ async fn a_thousand_concurrent_downloads_on_one_daemon_all_succeed() {
          /load-0.bin was fetched {requests} times"
     );
     // The connections are closed: the daemon's descriptors come back down.
-    wait_until("peer-1's open fds return near their level before the load", Duration::from_secs(20), || async move {
-        Ok(open_fds(pid)? <= fds_before + 32)
-    })
+    wait_until(
+        "peer-1's open fds return near their level before the load",
+        Duration::from_secs(20),
+        || async move { Ok(open_fds(pid)? <= fds_before + 32) },
+    )
     .await
     .unwrap_or_else(|e| {
         panic!(

@@ -42,7 +42,12 @@ async fn every_service_exposes_metrics_that_move_with_downloads() {
         .await
         .expect("download through peer-2");
     let missing = cluster
-        .run_dfget(p2, &origin.url("/missing"), &cluster.dir().join("x.out"), None)
+        .run_dfget(
+            p2,
+            &origin.url("/missing"),
+            &cluster.dir().join("x.out"),
+            None,
+        )
         .await
         .expect("dfget of a missing URL");
     assert!(!missing.status.success(), "a 404 should fail dfget");
@@ -54,12 +59,19 @@ async fn every_service_exposes_metrics_that_move_with_downloads() {
         let who = d.name.as_str();
         assert!(value(who, &t, "damselfly_downloads_succeeded_total") >= 1.0);
         assert!(value(who, &t, "damselfly_downloads_started_total") >= 1.0);
-        assert_eq!(value(who, &t, "damselfly_downloads_active"), 0.0, "{who}: {t}");
+        assert_eq!(
+            value(who, &t, "damselfly_downloads_active"),
+            0.0,
+            "{who}: {t}"
+        );
         assert!(value(who, &t, "damselfly_tasks") >= 1.0);
         let down = value(who, &t, "damselfly_bytes_from_origin_total")
             + value(who, &t, "damselfly_bytes_from_seed_total")
             + value(who, &t, "damselfly_bytes_from_peers_total");
-        assert!(down >= content.size as f64, "{who} counts {down} bytes down: {t}");
+        assert!(
+            down >= content.size as f64,
+            "{who} counts {down} bytes down: {t}"
+        );
         if source == "peers" {
             assert!(
                 value(who, &t, "damselfly_pieces_downloaded_total") > 0.0,
@@ -82,21 +94,46 @@ async fn every_service_exposes_metrics_that_move_with_downloads() {
     // Scheduler.
     let s = &cluster.schedulers()[0];
     healthy("scheduler", s.metrics_addr).await;
-    let t = scrape(s.metrics_addr).await.expect("scraping the scheduler");
+    let t = scrape(s.metrics_addr)
+        .await
+        .expect("scraping the scheduler");
     let who = "scheduler";
-    assert!(value(who, &t, "damselfly_scheduler_registrations_total{result=\"ok\"}") >= 3.0);
     assert!(
-        value(who, &t, "damselfly_scheduler_announcements_total{kind=\"piece_finished\"}")
-            >= 10.0,
+        value(
+            who,
+            &t,
+            "damselfly_scheduler_registrations_total{result=\"ok\"}"
+        ) >= 3.0
+    );
+    assert!(
+        value(
+            who,
+            &t,
+            "damselfly_scheduler_announcements_total{kind=\"piece_finished\"}"
+        ) >= 10.0,
         "{t}"
     );
     assert!(value(who, &t, "damselfly_scheduler_scheduling_seconds_count") >= 10.0);
     assert!(
-        value(who, &t, "damselfly_scheduler_responses_total{kind=\"candidate_parents\"}") >= 1.0
+        value(
+            who,
+            &t,
+            "damselfly_scheduler_responses_total{kind=\"candidate_parents\"}"
+        ) >= 1.0
     );
-    assert!(value(who, &t, "damselfly_scheduler_responses_total{kind=\"host_command\"}") >= 1.0);
+    assert!(
+        value(
+            who,
+            &t,
+            "damselfly_scheduler_responses_total{kind=\"host_command\"}"
+        ) >= 1.0
+    );
     assert!(value(who, &t, "damselfly_scheduler_tasks") >= 1.0);
-    assert_eq!(value(who, &t, "damselfly_scheduler_hosts"), 3.0, "seed + 2 peers: {t}");
+    assert_eq!(
+        value(who, &t, "damselfly_scheduler_hosts"),
+        3.0,
+        "seed + 2 peers: {t}"
+    );
 
     // Manager.
     let m = cluster.manager().expect("manager");
@@ -104,30 +141,54 @@ async fn every_service_exposes_metrics_that_move_with_downloads() {
     let rest = m.rest();
     rest.get_ok("/api/v1/schedulers").await.expect("REST GET");
     let maddr = m.metrics_addr;
-    wait_until("the manager counts keepalives", Duration::from_secs(10), || async move {
-        let t = scrape(maddr).await?;
-        Ok(metric(&t, "damselfly_manager_keepalives_total{kind=\"scheduler\"}").unwrap_or(0.0) >= 1.0)
-    })
+    wait_until(
+        "the manager counts keepalives",
+        Duration::from_secs(10),
+        || async move {
+            let t = scrape(maddr).await?;
+            Ok(
+                metric(&t, "damselfly_manager_keepalives_total{kind=\"scheduler\"}").unwrap_or(0.0)
+                    >= 1.0,
+            )
+        },
+    )
     .await
     .expect("keepalives");
     let t = scrape(maddr).await.expect("scraping the manager");
     let who = "manager";
     assert!(
-        value(who, &t, "damselfly_manager_grpc_requests_total{method=\"register_scheduler\"}")
-            >= 1.0
+        value(
+            who,
+            &t,
+            "damselfly_manager_grpc_requests_total{method=\"register_scheduler\"}"
+        ) >= 1.0
     );
     assert!(
-        value(who, &t, "damselfly_manager_instances{kind=\"scheduler\",state=\"active\"}") == 1.0,
+        value(
+            who,
+            &t,
+            "damselfly_manager_instances{kind=\"scheduler\",state=\"active\"}"
+        ) == 1.0,
         "{t}"
     );
     assert!(
-        value(who, &t, "damselfly_manager_instances{kind=\"seed_peer\",state=\"active\"}") == 1.0,
+        value(
+            who,
+            &t,
+            "damselfly_manager_instances{kind=\"seed_peer\",state=\"active\"}"
+        ) == 1.0,
         "{t}"
     );
-    assert!(value(who, &t, "damselfly_manager_keepalive_streams") >= 2.0, "{t}");
     assert!(
-        value(who, &t, "damselfly_manager_rest_requests_total{method=\"GET\",status=\"2xx\"}")
-            >= 1.0,
+        value(who, &t, "damselfly_manager_keepalive_streams") >= 2.0,
+        "{t}"
+    );
+    assert!(
+        value(
+            who,
+            &t,
+            "damselfly_manager_rest_requests_total{method=\"GET\",status=\"2xx\"}"
+        ) >= 1.0,
         "{t}"
     );
     value(who, &t, "damselfly_manager_preheat_jobs{state=\"success\"}");

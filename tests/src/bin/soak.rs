@@ -180,7 +180,13 @@ async fn run(args: Args) -> Result<bool> {
         let (a, b, c3) = tokio::join!(
             one(&cluster, peers[0], &url, &c, out.join(format!("{r}-a"))),
             one(&cluster, peers[1], &url, &c, out.join(format!("{r}-b"))),
-            one(&cluster, peers[2], &old_url, &old_c, out.join(format!("{r}-c"))),
+            one(
+                &cluster,
+                peers[2],
+                &old_url,
+                &old_c,
+                out.join(format!("{r}-c"))
+            ),
         );
         for res in [a, b, c3] {
             downloads += 1;
