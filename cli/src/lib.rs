@@ -17,6 +17,15 @@ pub fn init_logs(default: &str) {
         .init();
 }
 
+/// Raises the soft limit of open files to the hard limit (a daemon serving many peers and
+/// local clients at once needs more than the usual 1024), and logs the result.
+pub fn raise_nofile_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!("open files limit: {n}"),
+        Err(e) => tracing::warn!("could not raise the open files limit: {e}"),
+    }
+}
+
 /// Connects a gRPC channel to a Unix socket.
 pub async fn unix_channel(
     path: PathBuf,

@@ -357,6 +357,9 @@ impl Default for DataPlaneSection {
     }
 }
 
+/// Default of `download.origin_concurrency`.
+pub const DEFAULT_ORIGIN_CONCURRENCY: usize = 16;
+
 /// `download:` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -370,6 +373,10 @@ pub struct DownloadConfig {
     /// Time allowed to connect to the origin and get its response headers.
     #[serde(with = "humantime_serde")]
     pub origin_timeout: Duration,
+    /// Most tasks fetched from origins at the same time by this daemon (more wait for a
+    /// slot), so that downloads going back to source — all of them while the scheduler is
+    /// down — do not stampede the origins. 0: no limit.
+    pub origin_concurrency: usize,
 }
 
 impl Default for DownloadConfig {
@@ -379,6 +386,7 @@ impl Default for DownloadConfig {
             piece_length_max: ByteSize(wire::piece::MAX_PIECE_LENGTH),
             origin_retries: 3,
             origin_timeout: Duration::from_secs(30),
+            origin_concurrency: DEFAULT_ORIGIN_CONCURRENCY,
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct Context {
     pub config_version: std::sync::atomic::AtomicU64,
     /// Counters of the registry mirror proxy.
     pub proxy: crate::proxy::ProxyCounters,
+    /// Control-plane counters (downloads, failures by kind, back-to-source, scheduler loss).
+    pub stats: crate::metrics::ControlStats,
+    /// Slots for origin fetches (`download.origin_concurrency`; `None`: unlimited).
+    pub origin_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// A running dfdaemon.
@@ -150,7 +154,13 @@ impl Daemon {
             .connect_timeout(config.download.origin_timeout)
             .build()
             .context("building the HTTP client")?;
+        let origin_slots = match config.download.origin_concurrency {
+            0 => None,
+            n => Some(Arc::new(tokio::sync::Semaphore::new(n))),
+        };
         let ctx = Arc::new(Context {
+            origin_slots,
+            stats: crate::metrics::ControlStats::default(),
             bridge: dataplane.bridge().clone(),
             config,
             host,

@@ -13,6 +13,53 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// Why a download failed, as counted in `damselfly_downloads_failed_total{kind}`.
+pub const FAILURE_KINDS: [&str; 5] = ["origin", "storage", "no_source", "scheduler", "other"];
+
+/// Counters kept by the control plane (the data plane's are in [`dataplane::Counters`]).
+#[derive(Debug, Default)]
+pub struct ControlStats {
+    /// Downloads started (a task run, not a joining client).
+    pub downloads_started: AtomicU64,
+    /// Downloads that finished with every piece stored.
+    pub downloads_succeeded: AtomicU64,
+    /// Failed downloads, by [`FAILURE_KINDS`] index.
+    pub downloads_failed: [AtomicU64; 5],
+    /// Downloads that went back to the origin.
+    pub back_to_source: AtomicU64,
+    /// Downloads that found no scheduler answering and fetched from the origin (or failed).
+    pub scheduler_unreachable: AtomicU64,
+    /// Scheduler streams that ended while a download was running.
+    pub scheduler_streams_lost: AtomicU64,
+    /// Interrupted origin transfers that were retried.
+    pub origin_retries: AtomicU64,
+    /// Origin fetches that had to wait for a slot (`download.origin_concurrency`).
+    pub origin_slot_waits: AtomicU64,
+}
+
+impl ControlStats {
+    /// Counts a failed download, classified from its error message.
+    pub fn failed(&self, reason: &str) {
+        dataplane::Counters::add(&self.downloads_failed[failure_kind(reason)], 1);
+    }
+}
+
+/// Index in [`FAILURE_KINDS`] of a download error message.
+pub fn failure_kind(reason: &str) -> usize {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("storage") || r.contains("storing piece") || r.contains("task file") {
+        1
+    } else if r.contains("back-to-source is disabled") {
+        2
+    } else if r.contains("origin") {
+        0
+    } else if r.contains("scheduler") {
+        3
+    } else {
+        4
+    }
+}
+
 /// Exposes the data-plane counters (atomics) at scrape time, without copying them into
 /// separate metric objects.
 #[derive(Debug)]
@@ -119,6 +166,89 @@ impl Collector for DaemonCollector {
             "QUIC streams accepted by the upload side",
             &c.quic_streams_served,
         )?;
+        let s = &self.ctx.stats;
+        counter(
+            &mut enc,
+            "damselfly_downloads_started",
+            "Downloads started (task runs)",
+            &s.downloads_started,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_downloads_succeeded",
+            "Downloads finished with every piece stored",
+            &s.downloads_succeeded,
+        )?;
+        let failed = enc.encode_descriptor(
+            "damselfly_downloads_failed",
+            "Failed downloads by kind (origin, storage, no_source, scheduler, other)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        let mut fam = failed;
+        for (i, kind) in FAILURE_KINDS.iter().enumerate() {
+            let c = ConstCounter::new(dataplane::Counters::get(&s.downloads_failed[i]));
+            c.encode(fam.encode_family(&[("kind", *kind)])?)?;
+        }
+        counter(
+            &mut enc,
+            "damselfly_back_to_source",
+            "Downloads that went back to the origin",
+            &s.back_to_source,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_scheduler_unreachable",
+            "Downloads that found no scheduler answering",
+            &s.scheduler_unreachable,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_scheduler_streams_lost",
+            "Scheduler streams that ended during a download",
+            &s.scheduler_streams_lost,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_origin_retries",
+            "Interrupted origin transfers retried",
+            &s.origin_retries,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_origin_slot_waits",
+            "Origin fetches that waited for a slot (download.origin_concurrency)",
+            &s.origin_slot_waits,
+        )?;
+        if let Some(slots) = &self.ctx.origin_slots {
+            let busy = self
+                .ctx
+                .config
+                .download
+                .origin_concurrency
+                .saturating_sub(slots.available_permits());
+            let g = ConstGauge::new(busy as i64);
+            g.encode(enc.encode_descriptor(
+                "damselfly_origin_fetches_active",
+                "Origin fetches running now",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+        let g = ConstGauge::new(self.ctx.tasks.running() as i64);
+        g.encode(enc.encode_descriptor(
+            "damselfly_downloads_active",
+            "Downloads running now",
+            None,
+            g.metric_type(),
+        )?)?;
+        let g = ConstGauge::new(self.ctx.bridge.command_depth() as i64);
+        g.encode(enc.encode_descriptor(
+            "damselfly_bridge_command_depth",
+            "Commands queued from control plane to data plane",
+            None,
+            g.metric_type(),
+        )?)?;
         let g = ConstGauge::new(self.ctx.storage.len() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_tasks",

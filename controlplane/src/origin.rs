@@ -90,6 +90,29 @@ pub async fn fetch(
     existing: Option<Arc<TaskStore>>,
     sink: &mut (dyn PieceSink + Send),
 ) -> Result<Arc<TaskStore>, OriginError> {
+    // One slot per task for the whole fetch, retries included.
+    let _slot = match &ctx.origin_slots {
+        Some(slots) => {
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    tracing::info!(
+                        task = %spec.id,
+                        "all {} origin slots busy (download.origin_concurrency); waiting",
+                        ctx.config.download.origin_concurrency
+                    );
+                    Counters::add(&ctx.stats.origin_slot_waits, 1);
+                    slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| OriginError::Storage("origin slots closed".into()))?
+                }
+            };
+            Some(permit)
+        }
+        None => None,
+    };
     let mut store = existing;
     let mut retries = 0u32;
     let limiter = RateLimiter::new(spec.rate_limit);
@@ -110,6 +133,7 @@ pub async fn fetch(
                         last,
                     });
                 }
+                Counters::add(&ctx.stats.origin_retries, 1);
                 tracing::warn!(task = %spec.id, "origin transfer interrupted ({last}); retry {retries}");
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(retries))).await;
             }

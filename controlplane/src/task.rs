@@ -116,10 +116,23 @@ impl TaskManager {
             },
         );
         drop(runs);
+        dataplane::Counters::add(&ctx.stats.downloads_started, 1);
         tokio::spawn(async move {
             let id = spec.id;
             let mut run = TaskRun::new(ctx.clone(), spec, state_tx, ev_rx);
             let result = run.run().await;
+            if result.is_err() {
+                // A failed task's partial file goes (before the run is forgotten, so no new
+                // run can be using it): it holds disk space (a full disk must not stay
+                // full), and its layout may be wrong (an origin that announced a wrong
+                // length); the next try starts afresh.
+                run.cancel_dataplane();
+                if ctx.storage.get(&id).is_some_and(|s| !s.is_complete()) {
+                    if let Err(e) = ctx.storage.remove(&id) {
+                        tracing::warn!(task = %id, "removing the failed task's file: {e}");
+                    }
+                }
+            }
             if let Ok(mut runs) = ctx.tasks.runs.lock() {
                 runs.remove(&id);
             }
@@ -133,6 +146,7 @@ impl TaskManager {
                     if let Ok(Err(e)) = res {
                         tracing::warn!(task = %id, "writing task metadata: {e:#}");
                     }
+                    dataplane::Counters::add(&run.ctx.stats.downloads_succeeded, 1);
                     let p = progress_of(&store, &run.progress);
                     run.state.send_replace(TaskState::Done(store, p));
                     tracing::info!(task = %id, "download finished");
@@ -141,6 +155,7 @@ impl TaskManager {
                 }
                 Err(e) => {
                     tracing::warn!(task = %id, "download failed: {e}");
+                    run.ctx.stats.failed(&e);
                     run.announce(Request::Failed(PeerFailed { reason: e.clone() }));
                     run.cancel_dataplane();
                     run.state.send_replace(TaskState::Failed(e));
@@ -166,6 +181,11 @@ impl TaskManager {
         if let Some(n) = self.serving.lock().ok().and_then(|mut s| s.remove(id)) {
             n.notify_one();
         }
+    }
+
+    /// Downloads running now.
+    pub fn running(&self) -> usize {
+        self.runs.lock().map_or(0, |r| r.len())
     }
 
     /// Routes a data-plane event to the run of its task (dropped when no run waits for it).
@@ -328,6 +348,7 @@ impl TaskRun {
         // fetched.
         self.store = self.ctx.storage.get(&self.spec.id);
         if let Err(e) = self.connect_scheduler().await {
+            dataplane::Counters::add(&self.ctx.stats.scheduler_unreachable, 1);
             if self.spec.disable_back_to_source {
                 return Err(format!("{e}; back-to-source is disabled"));
             }
@@ -357,7 +378,8 @@ impl TaskRun {
                         None => {}
                     },
                     Some(Ok(None)) | Some(Err(_)) => {
-                        tracing::warn!(task = %self.spec.id, "scheduler stream ended");
+                        tracing::warn!(task = %self.spec.id, dispatched = self.dispatched, "scheduler stream ended; going on with the parents already known");
+                        dataplane::Counters::add(&self.ctx.stats.scheduler_streams_lost, 1);
                         self.responses = None;
                         self.announce = None;
                         if !self.dispatched {
@@ -541,6 +563,7 @@ impl TaskRun {
         if self.spec.url.is_empty() {
             return Err("task not found in the P2P network (it has no origin)".into());
         }
+        dataplane::Counters::add(&self.ctx.stats.back_to_source, 1);
         if self.dispatched {
             self.cancel_dataplane();
         }

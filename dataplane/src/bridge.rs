@@ -240,6 +240,11 @@ impl Bridge {
         futures::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
+    /// Commands waiting for the data-plane threads, over all threads (queue depth).
+    pub fn command_depth(&self) -> usize {
+        self.inboxes.iter().map(|i| i.queue.len()).sum()
+    }
+
     /// Events waiting for the control plane (queue depth).
     pub fn event_depth(&self) -> usize {
         self.events.len()

@@ -34,6 +34,30 @@ pub struct Config {
     pub config: DynConfigConfig,
     /// Preheat jobs.
     pub preheat: PreheatConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Dragonfly's manager metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 8000;
+
+/// `metrics:` section: the Prometheus endpoint (`/metrics`, `/healthy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint (default false, as in Dragonfly; `--metrics ADDR` turns it on).
+    pub enable: bool,
+    /// Address it binds (default `0.0.0.0:8000`, Dragonfly's).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_METRICS_PORT)),
+        }
+    }
 }
 
 /// `server:` section.

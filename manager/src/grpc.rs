@@ -180,6 +180,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::RegisterSchedulerRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
+        crate::metrics::grpc("register_scheduler");
         let r = request.into_inner();
         let new = NewInstance {
             cluster_id: 0,
@@ -200,6 +201,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::RegisterSeedPeerRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
+        crate::metrics::grpc("register_seed_peer");
         let r = request.into_inner();
         let new = NewInstance {
             cluster_id: 0,
@@ -220,6 +222,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<Streaming<proto::KeepAliveRequest>>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
+        crate::metrics::grpc("keep_alive");
         let mut stream = request.into_inner();
         let mut shutdown = self.state.shutdown_signal();
         let first = tokio::select! {
@@ -257,6 +260,7 @@ impl proto::manager_server::Manager for ManagerService {
             tokio::select! {
                 msg = stream.message() => match msg {
                     Ok(Some(_)) => {
+                        crate::metrics::keepalive(kind);
                         match store.keepalive(kind, id, Timestamp::now()).await {
                             Ok(true) => {}
                             Ok(false) => break Err(Status::not_found("instance was deleted")),
@@ -285,6 +289,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::GetConfigRequest>,
     ) -> Result<Response<proto::GetConfigResponse>, Status> {
+        crate::metrics::grpc("get_config");
         let r = request.into_inner();
         let max_wait = self.state.config.config.max_wait;
         let wait = Duration::from_millis(r.wait_ms).min(max_wait);
@@ -316,6 +321,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::ListSchedulersRequest>,
     ) -> Result<Response<proto::ListSchedulersResponse>, Status> {
+        crate::metrics::grpc("list_schedulers");
         let r = request.into_inner();
         let host = r.host.as_ref().map(host_query).unwrap_or_default();
         let cluster = self.state.search_cluster(&host).await.map_err(internal)?;
@@ -353,6 +359,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::SubscribePreheatRequest>,
     ) -> Result<Response<Self::SubscribePreheatStream>, Status> {
+        crate::metrics::grpc("subscribe_preheat");
         let id = request.into_inner().scheduler_id;
         let scheduler = self
             .state
@@ -379,6 +386,7 @@ impl proto::manager_server::Manager for ManagerService {
         &self,
         request: Request<proto::PreheatResult>,
     ) -> Result<Response<proto::ReportPreheatResultResponse>, Status> {
+        crate::metrics::grpc("report_preheat_result");
         let r = request.into_inner();
         let known = self.state.preheat.report(&r).await.map_err(internal)?;
         if !known {

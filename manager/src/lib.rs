@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod config;
 pub mod grpc;
+pub mod metrics;
 pub mod model;
 pub mod preheat;
 pub mod registry;
@@ -146,6 +147,20 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
             .await
             .context("REST server")
     });
+    if config.metrics.enable {
+        let l = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .with_context(|| format!("binding metrics {}", config.metrics.listen))?;
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+        let app = metrics::router(state.clone());
+        let signal = wait_true(shutdown_rx.clone());
+        tasks.spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(signal)
+                .await
+                .context("metrics server")
+        });
+    }
     tasks.spawn(reaper(state.clone(), shutdown_rx));
     tracing::info!(%grpc_addr, %rest_addr, "manager listening");
     Ok(Handle {

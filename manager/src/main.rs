@@ -26,6 +26,10 @@ struct Args {
     /// Database URL; overrides `database.url` (default sqlite:///var/lib/damselfly/manager.db).
     #[arg(long, value_name = "URL")]
     database: Option<String>,
+    /// Serve Prometheus metrics (`/metrics`, `/healthy`) on this address; sets
+    /// `metrics.enable` and `metrics.listen` (Dragonfly's port: 8000).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -44,6 +48,10 @@ async fn main() -> ExitCode {
     }
     if let Some(a) = args.rest {
         config.server.rest = a;
+    }
+    if let Some(a) = args.metrics {
+        config.metrics.enable = true;
+        config.metrics.listen = a;
     }
     if let Some(url) = args.database {
         config.database.url = url;

@@ -65,6 +65,7 @@ pub fn router(state: Arc<ManagerState>) -> Router {
         .route("/api/v1/seed-peers", get(list_seed_peers))
         .route("/api/v1/jobs", get(list_jobs).post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .layer(axum::middleware::from_fn(crate::metrics::track_rest))
         .with_state(state)
 }
 

@@ -76,6 +76,11 @@ impl ManagerState {
         self.shutdown.clone()
     }
 
+    /// Keepalive streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.streams.lock().map_or(0, |s| s.len())
+    }
+
     /// Records that a keepalive stream opened for an instance; returns its generation.
     pub fn stream_opened(&self, kind: InstanceKind, id: u64) -> u64 {
         let generation = self

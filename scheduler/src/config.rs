@@ -27,6 +27,9 @@
 //!   location: ""
 //!   config_wait: 30s          # longest dynamic-config long poll
 //!   preheat_timeout: 30m      # longest wait for a seed peer to fetch a preheated task
+//! metrics:
+//!   enable: false             # serve /metrics and /healthy (--metrics ADDR turns it on)
+//!   listen: 0.0.0.0:8000      # Dragonfly's scheduler metrics port
 //! ```
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -49,6 +52,30 @@ pub struct Config {
     pub scheduling: SchedulingConfig,
     /// Registration with a manager, its dynamic config and preheat requests.
     pub manager: ManagerConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// Dragonfly's scheduler metrics port.
+pub const DEFAULT_METRICS_PORT: u16 = 8000;
+
+/// `metrics:` section: the Prometheus endpoint (`/metrics`, `/healthy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsConfig {
+    /// Serve the endpoint (default false, as in Dragonfly; `--metrics ADDR` turns it on).
+    pub enable: bool,
+    /// Address it binds (default `0.0.0.0:8000`, Dragonfly's).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_METRICS_PORT)),
+        }
+    }
 }
 
 /// `manager:` section: where the manager is and how this scheduler presents itself to it.

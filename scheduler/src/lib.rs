@@ -8,12 +8,14 @@
 //! * [`service`]: the tonic gRPC service that feeds it ([`service::SchedulerService`]).
 //! * [`config`]: the YAML configuration ([`config::Config`]).
 //! * [`manager`]: registration with the manager, its dynamic config and preheat requests.
+//! * [`metrics`]: Prometheus metrics and the `/metrics` + `/healthy` endpoint.
 //!
 //! [`run`] is the whole binary: bind, register with the manager (if any), serve until
 //! Ctrl-C or SIGTERM.
 
 pub mod config;
 pub mod manager;
+pub mod metrics;
 pub mod service;
 pub mod state;
 
@@ -41,6 +43,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.server.listen))?;
     let service = SchedulerService::new(config.scheduling.clone());
+    if config.metrics.enable {
+        let l = tokio::net::TcpListener::bind(config.metrics.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot bind metrics on {}: {e}", config.metrics.listen)
+            })?;
+        tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(metrics::serve(service.clone(), l));
+    }
     let manager = if config.manager.addr.is_empty() {
         None
     } else {

@@ -27,6 +27,10 @@ struct Args {
     /// `manager.advertise_ip` (default: the listen IP, or the one that reaches the manager).
     #[arg(long, value_name = "IP")]
     advertise_ip: Option<std::net::IpAddr>,
+    /// Serve Prometheus metrics (`/metrics`, `/healthy`) on this address; sets
+    /// `metrics.enable` and `metrics.listen` (Dragonfly's port: 8000).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -48,6 +52,10 @@ async fn main() -> ExitCode {
     };
     if let Some(addr) = args.manager {
         config.manager.addr = addr;
+    }
+    if let Some(addr) = args.metrics {
+        config.metrics.enable = true;
+        config.metrics.listen = addr;
     }
     if let Some(ip) = args.advertise_ip {
         config.manager.advertise_ip = ip.to_string();

@@ -133,6 +133,7 @@ impl Inner {
     fn dispatch(&mut self, outputs: Vec<Output>) {
         let mut queue = VecDeque::from(outputs);
         while let Some(output) = queue.pop_front() {
+            crate::metrics::output(&output);
             match output {
                 Output::Peer { peer, response } => {
                     let sent = self
@@ -140,6 +141,7 @@ impl Inner {
                         .get(&peer)
                         .is_some_and(|slot| slot.tx.try_send(Ok(response)).is_ok());
                     if !sent {
+                        crate::metrics::error("stream_full");
                         warn!(?peer, "peer stream full or closed; dropping the peer");
                         if let Some(slot) = self.peers.remove(&peer) {
                             slot.close(Some(Status::resource_exhausted(
@@ -291,6 +293,13 @@ impl SchedulerService {
         self.shared.inner.lock().state.preheat_finished(task_id);
     }
 
+    /// Hosts, tasks and peers in the swarm state (for the metrics gauges).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.shared.inner.lock();
+        let s = &inner.state;
+        (s.host_count(), s.task_count(), s.peer_count())
+    }
+
     /// The tonic server wrapping this service.
     pub fn into_server(self) -> SchedulerServer<Self> {
         SchedulerServer::new(self)
@@ -435,7 +444,10 @@ async fn read_peer(
         if inner.closed || slot.tx.is_closed() {
             return;
         }
-        match inner.state.register_peer(key, register) {
+        let since = std::time::Instant::now();
+        let registered = inner.state.register_peer(key, register);
+        crate::metrics::registered(registered.is_ok(), since);
+        match registered {
             Ok(outputs) => {
                 inner.peers.insert(key, slot);
                 inner.dispatch(outputs);
@@ -456,7 +468,9 @@ async fn read_peer(
             Ok(Some(AnnouncePeerRequest {
                 request: Some(request),
             })) => {
+                let (since, kind) = (std::time::Instant::now(), crate::metrics::kind(&request));
                 let outputs = inner.state.peer_request(key, request);
+                crate::metrics::announced(kind, since);
                 inner.dispatch(outputs);
                 if !inner.state.has_peer(key) {
                     // Failed, or dropped by the scheduler: end the response stream cleanly
@@ -474,6 +488,7 @@ async fn read_peer(
                 return;
             }
             Err(status) => {
+                crate::metrics::error("stream_failed");
                 debug!(?key, %status, "peer stream failed");
                 inner.peer_gone(key, None);
                 return;

@@ -247,6 +247,8 @@ impl Daemon {
 pub struct SchedulerProc {
     /// gRPC address (`127.0.0.1:<port>`).
     pub addr: SocketAddr,
+    /// Prometheus endpoint (`--metrics`).
+    pub metrics_addr: SocketAddr,
     /// The process (named `scheduler`, or `scheduler-<n>` when there are several).
     pub proc: Proc,
 }
@@ -339,7 +341,13 @@ impl Cluster {
             if cluster.opts.verbose {
                 eprintln!("[demo] starting {name} on {addr} ...");
             }
-            let mut args = vec!["--listen".to_string(), addr.to_string()];
+            let metrics_addr = loopback(free_port()?);
+            let mut args = vec![
+                "--listen".to_string(),
+                addr.to_string(),
+                "--metrics".to_string(),
+                metrics_addr.to_string(),
+            ];
             if let Some(m) = &cluster.manager {
                 args.extend(["--manager".to_string(), m.grpc_addr.to_string()]);
             }
@@ -350,7 +358,11 @@ impl Cluster {
                 cluster.root.join(format!("{name}.log")),
                 &cluster.rust_log,
             )?;
-            cluster.schedulers.push(SchedulerProc { addr, proc });
+            cluster.schedulers.push(SchedulerProc {
+                addr,
+                metrics_addr,
+                proc,
+            });
         }
         for s in &cluster.schedulers {
             let addr = s.addr;
@@ -437,7 +449,29 @@ impl Cluster {
         Ok(&self.peers[i])
     }
 
+    /// Starts one more daemon (`seed-<n+1>` or `peer-<n+1>`) with `extra` arguments appended
+    /// to its command line (after the cluster's own and [`ClusterOptions::daemon_args`]), and
+    /// waits until it is ready. Its directory `<dir>/<name>/data` may already exist (e.g. a
+    /// mount point prepared by the test).
+    pub async fn add_daemon(&mut self, seed: bool, extra: &[String]) -> Result<&Daemon> {
+        let list = if seed { &self.seeds } else { &self.peers };
+        let name = format!("{}-{}", if seed { "seed" } else { "peer" }, list.len() + 1);
+        let d = self.spawn_daemon_with(&name, seed, extra)?;
+        wait_daemon(&d, self.opts.ready_timeout).await?;
+        let list = if seed {
+            &mut self.seeds
+        } else {
+            &mut self.peers
+        };
+        list.push(d);
+        list.last().context("daemon just added")
+    }
+
     fn spawn_daemon(&self, name: &str, seed: bool) -> Result<Daemon> {
+        self.spawn_daemon_with(name, seed, &[])
+    }
+
+    fn spawn_daemon_with(&self, name: &str, seed: bool, extra: &[String]) -> Result<Daemon> {
         let dir = self.root.join(name);
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)
@@ -486,6 +520,7 @@ impl Cluster {
             None
         };
         args.extend(self.opts.daemon_args.iter().cloned());
+        args.extend(extra.iter().cloned());
         if self.opts.verbose {
             eprintln!("[demo] starting {name} ...");
         }

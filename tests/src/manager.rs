@@ -53,6 +53,8 @@ pub struct ManagerProc {
     pub rest_addr: SocketAddr,
     /// Token accepted for REST writes.
     pub token: String,
+    /// Prometheus endpoint (`/metrics`, `/healthy`).
+    pub metrics_addr: SocketAddr,
     /// The process.
     pub proc: Proc,
 }
@@ -63,6 +65,7 @@ impl ManagerProc {
     pub fn spawn(dir: &Path, opts: &ManagerOptions, rust_log: &str) -> Result<Self> {
         let grpc_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let rest_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = dir.join("manager.yaml");
         let yaml = format!(
             "server:\n  grpc: {grpc_addr}\n  rest: {rest_addr}\n\
@@ -70,7 +73,8 @@ impl ManagerProc {
              auth:\n  bootstrap_token: {TEST_TOKEN}\n\
              keepalive:\n  interval: {ki}\n  timeout: {kt}\n\
              config:\n  max_wait: {mw}\n  recheck_interval: 500ms\n\
-             preheat:\n  dispatch_timeout: 30s\n  job_timeout: {jt}\n",
+             preheat:\n  dispatch_timeout: 30s\n  job_timeout: {jt}\n\
+             metrics:\n  enable: true\n  listen: {metrics_addr}\n",
             db = dir.join("manager.db").display(),
             ki = humantime(opts.keepalive_interval),
             kt = humantime(opts.keepalive_timeout),
@@ -89,6 +93,7 @@ impl ManagerProc {
             grpc_addr,
             rest_addr,
             token: TEST_TOKEN.to_string(),
+            metrics_addr,
             proc,
         })
     }

@@ -6,7 +6,12 @@
 //! `bytes=-n`): 206 with `Content-Range`, 416 when unsatisfiable, and 200 with the full body
 //! when there is no usable `Range` header. `Content-Length` is always set. Unknown paths get
 //! 404. The server counts requests and body bytes so that tests can check that the origin
-//! served each byte about once.
+//! served each byte about once, and tracks how many responses are in flight at once
+//! ([`Origin::max_in_flight`]).
+//!
+//! Fault injection for the fault-matrix tests: [`Origin::set_fault`] makes the next `times`
+//! (or every) `GET` of a path answer a server error, stream slowly, close the connection
+//! early, or announce a wrong length; see [`Fault`].
 
 use crate::content::{fill, Content, CHUNK};
 use anyhow::{Context, Result};
@@ -18,9 +23,10 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context as TaskContext, Poll};
 
@@ -107,14 +113,86 @@ pub struct RequestRecord {
     pub status: u16,
 }
 
+/// A misbehaviour of the origin for one path, set with [`Origin::set_fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status (e.g. 503) with an empty body instead of the file.
+    Status(u16),
+    /// Stream the body at about this many bytes per second (in 16 KiB frames).
+    Slow {
+        /// Body bytes per second.
+        bytes_per_sec: u64,
+    },
+    /// Send the right headers, then close the connection after this many body bytes.
+    Truncate {
+        /// Body bytes sent before the connection is closed.
+        after: u64,
+    },
+    /// Announce a length off by `delta` bytes (in `Content-Length`, and in the total of
+    /// `Content-Range`). Positive: the body stops short of the announced length and the
+    /// connection is closed. Negative: the announced (shorter) length is all that is sent, so
+    /// the answer is self-consistent but not the file.
+    WrongLength {
+        /// Announced length minus the real one.
+        delta: i64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FaultRule {
+    fault: Fault,
+    /// Requests still affected (`None`: every request).
+    remaining: Option<u32>,
+}
+
 #[derive(Default)]
 struct Shared {
     files: RwLock<HashMap<String, Content>>,
+    faults: Mutex<HashMap<String, FaultRule>>,
     /// Static HTML pages (directory indexes) by path.
     pages: RwLock<HashMap<String, Bytes>>,
     bytes_served: AtomicU64,
     requests: AtomicU64,
+    faulted: AtomicU64,
+    in_flight: AtomicI64,
+    max_in_flight: AtomicI64,
     log: Mutex<Vec<RequestRecord>>,
+}
+
+impl Shared {
+    /// Takes the fault that applies to the next `GET` of `path`, counting it down.
+    fn take_fault(&self, path: &str) -> Option<Fault> {
+        let mut faults = match self.faults.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let rule = faults.get_mut(path)?;
+        match &mut rule.remaining {
+            Some(0) => return None,
+            Some(n) => *n -= 1,
+            None => {}
+        }
+        self.faulted.fetch_add(1, Ordering::Relaxed);
+        Some(rule.fault)
+    }
+}
+
+/// Counts one response in flight from its creation until its body is dropped (sent,
+/// aborted, or the connection closed).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running origin server. Stops accepting when dropped.
@@ -160,6 +238,15 @@ impl Origin {
         })
     }
 
+    /// Serves `html` at `path` as `text/html` (a directory index for `dfget --recursive`).
+    pub fn add_page(&self, path: &str, html: &str) {
+        let mut pages = match self.shared.pages.write() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        pages.insert(path.to_string(), Bytes::from(html.to_owned()));
+    }
+
     /// Registers (or replaces) a generated file at `path` (which must start with `/`).
     pub fn add_file(&self, path: &str, size: u64, seed: u64) -> Content {
         let content = Content::new(seed, size);
@@ -169,15 +256,6 @@ impl Origin {
         };
         files.insert(path.to_string(), content);
         content
-    }
-
-    /// Serves `html` at `path` as `text/html` (a directory index for `dfget --recursive`).
-    pub fn add_page(&self, path: &str, html: &str) {
-        let mut pages = match self.shared.pages.write() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        pages.insert(path.to_string(), Bytes::from(html.to_owned()));
     }
 
     /// The content registered at `path`, if any.
@@ -203,6 +281,60 @@ impl Origin {
     /// Requests answered so far (any method, any status).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Makes `GET`s of `path` misbehave: the next `times` requests, or every one when
+    /// `times` is `None`. Replaces an earlier fault of the path.
+    pub fn set_fault(&self, path: &str, fault: Fault, times: Option<u32>) {
+        let mut faults = match self.shared.faults.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        faults.insert(
+            path.to_string(),
+            FaultRule {
+                fault,
+                remaining: times,
+            },
+        );
+    }
+
+    /// Removes the fault of `path`: its requests are answered normally again.
+    pub fn clear_fault(&self, path: &str) {
+        match self.shared.faults.lock() {
+            Ok(mut f) => f.remove(path),
+            Err(poisoned) => poisoned.into_inner().remove(path),
+        };
+    }
+
+    /// Requests answered with a fault so far.
+    pub fn faulted_requests(&self) -> u64 {
+        self.shared.faulted.load(Ordering::Relaxed)
+    }
+
+    /// Responses whose body is being sent right now.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst).max(0) as u64
+    }
+
+    /// The most responses that were in flight at the same time since the start (or the last
+    /// [`Origin::reset_max_in_flight`]).
+    pub fn max_in_flight(&self) -> u64 {
+        self.shared.max_in_flight.load(Ordering::SeqCst).max(0) as u64
+    }
+
+    /// Restarts [`Origin::max_in_flight`] from the current number in flight.
+    pub fn reset_max_in_flight(&self) {
+        let now = self.shared.in_flight.load(Ordering::SeqCst);
+        self.shared.max_in_flight.store(now, Ordering::SeqCst);
+    }
+
+    /// GET requests of `path` seen so far.
+    pub fn gets_of(&self, path: &str) -> usize {
+        self.request_log()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path == path)
+            .count()
     }
 
     /// Every request seen so far, in arrival order.
@@ -255,7 +387,7 @@ fn respond(
     path: &str,
     range: Option<&str>,
 ) -> Response<GenBody> {
-    let empty = || GenBody::empty(shared.clone());
+    let empty = || GenBody::empty(shared);
     let status_only = |status: StatusCode, extra: Option<(hyper::header::HeaderName, String)>| {
         let mut r = Response::new(empty());
         *r.status_mut() = status;
@@ -293,7 +425,22 @@ fn respond(
     let Some(content) = lookup(shared, path) else {
         return status_only(StatusCode::NOT_FOUND, None);
     };
-    let size = content.size;
+    let fault = if method == Method::GET {
+        shared.take_fault(path)
+    } else {
+        None
+    };
+    if let Some(Fault::Status(code)) = fault {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return status_only(status, None);
+    }
+    // A negative WrongLength shrinks the file as far as this answer is concerned.
+    let size = match fault {
+        Some(Fault::WrongLength { delta }) if delta < 0 => {
+            content.size.saturating_sub(delta.unsigned_abs())
+        }
+        _ => content.size,
+    };
     let (status, start, end) = match range.map_or(RangeRequest::Full, |r| parse_range(r, size)) {
         RangeRequest::Full => (StatusCode::OK, 0, size),
         RangeRequest::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
@@ -307,84 +454,145 @@ fn respond(
     let body = if method == Method::HEAD {
         empty()
     } else {
-        GenBody {
-            seed: content.seed,
-            pos: start,
-            end,
-            shared: shared.clone(),
-            page: None,
+        let mut b = GenBody::new(shared, content.seed, start, end);
+        match fault {
+            Some(Fault::Slow { bytes_per_sec }) => b.rate = bytes_per_sec.max(1),
+            Some(Fault::Truncate { after }) => b.end = end.min(start + after),
+            _ => {}
         }
+        b.abort_at_end = matches!(fault, Some(Fault::Truncate { .. }));
+        b.faulty = fault.is_some();
+        b
+    };
+    // What the headers announce (a positive WrongLength announces more than is sent).
+    let (announced_len, announced_size) = match fault {
+        Some(Fault::WrongLength { delta }) if delta > 0 => {
+            (end - start + delta as u64, size + delta as u64)
+        }
+        _ => (end - start, size),
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
     let h = r.headers_mut();
-    h.insert(CONTENT_LENGTH, HeaderValue::from(end - start));
+    h.insert(CONTENT_LENGTH, HeaderValue::from(announced_len));
     h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+        let last = start + announced_len - 1;
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{last}/{announced_size}")) {
             h.insert(CONTENT_RANGE, v);
         }
     }
     r
 }
 
+/// Frame size of a [`Fault::Slow`] body.
+const SLOW_FRAME: u64 = 16 << 10;
+
 /// A streaming body producing generated bytes `pos..end` in [`CHUNK`]-sized frames and
-/// counting them into the origin's `bytes_served`.
+/// counting them into the origin's `bytes_served`; optionally rate-limited, or ending with
+/// an error (which makes hyper close the connection) instead of a clean end.
 struct GenBody {
     seed: u64,
     pos: u64,
     end: u64,
     shared: Arc<Shared>,
+    /// Bytes per second (0: as fast as the connection takes them).
+    rate: u64,
+    /// When the next frame may go (rate-limited bodies).
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Fail instead of ending cleanly at `end` (a truncated transfer).
+    abort_at_end: bool,
+    /// A fault shapes this body: its size hint is not given to hyper.
+    faulty: bool,
+    _in_flight: InFlight,
     /// A static page sent as one frame instead of generated bytes.
     page: Option<Bytes>,
 }
 
 impl GenBody {
-    fn empty(shared: Arc<Shared>) -> Self {
+    fn new(shared: &Arc<Shared>, seed: u64, pos: u64, end: u64) -> Self {
         Self {
-            seed: 0,
-            pos: 0,
-            end: 0,
-            shared,
+            seed,
+            pos,
+            end,
+            shared: shared.clone(),
+            rate: 0,
+            sleep: None,
+            abort_at_end: false,
+            faulty: false,
+            _in_flight: InFlight::new(shared),
             page: None,
         }
+    }
+
+    fn empty(shared: &Arc<Shared>) -> Self {
+        Self::new(shared, 0, 0, 0)
     }
 }
 
 impl Body for GenBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         if let Some(page) = self.page.take() {
             return Poll::Ready(Some(Ok(Frame::data(page))));
         }
         if self.pos >= self.end {
+            if self.abort_at_end {
+                self.abort_at_end = false;
+                return Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "origin fault: truncated body",
+                ))));
+            }
             return Poll::Ready(None);
         }
-        let n = (self.end - self.pos).min(CHUNK as u64) as usize;
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.sleep = None;
+        }
+        let frame = if self.rate > 0 {
+            SLOW_FRAME
+        } else {
+            CHUNK as u64
+        };
+        let n = (self.end - self.pos).min(frame) as usize;
         let mut buf = vec![0u8; n];
         fill(self.seed, self.pos, &mut buf);
         self.pos += n as u64;
         self.shared
             .bytes_served
             .fetch_add(n as u64, Ordering::Relaxed);
+        if self.rate > 0 {
+            let wait = std::time::Duration::from_secs_f64(n as f64 / self.rate as f64);
+            self.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.page.is_none() && self.pos >= self.end
+        self.page.is_none() && self.pos >= self.end && !self.abort_at_end
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.end - self.pos + self.page.as_ref().map_or(0, |p| p.len() as u64))
+        if self.faulty {
+            // Let hyper go by the (possibly lying) Content-Length header.
+            SizeHint::default()
+        } else {
+            SizeHint::with_exact(
+                self.end - self.pos + self.page.as_ref().map_or(0, |p| p.len() as u64),
+            )
+        }
     }
 }
 

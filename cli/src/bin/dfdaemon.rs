@@ -60,6 +60,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     damselfly_cli::init_logs("info");
+    damselfly_cli::raise_nofile_limit();
     let args = Args::parse();
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,194 @@
+//! Fault matrix, scheduler side, and the degraded swarm: the scheduler down before a
+//! download (back to source with a clear log line, or a precise error with
+//! `--disable-back-to-source`), killed while two peers download from a seed (they finish
+//! with the parents they know, without going to the origin), and many new downloads while
+//! it is down (the origin sees at most `download.origin_concurrency` of them at once).
+
+use std::time::Duration;
+use testkit::cluster::check_dfget;
+use testkit::content::file_sha256_hex;
+use testkit::origin::Fault;
+use testkit::poll::{daemon_config, wait_until};
+use testkit::{Cluster, ClusterOptions, Origin};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_scheduler_down_dfget_goes_to_the_origin_or_fails_precisely() {
+    let origin = Origin::start().await.expect("origin");
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 1,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    cluster.scheduler().kill();
+    let p1 = cluster.peer(1);
+
+    let c = origin.add_file("/a.bin", 5 * MIB + 5, 31);
+    cluster
+        .download_verified(p1, &origin.url("/a.bin"), &cluster.dir().join("a.out"), &c)
+        .await
+        .expect("dfget with the scheduler down should fall back to the origin");
+    let log = p1.proc.log_tail(200);
+    assert!(
+        log.contains("fetching from the origin directly"),
+        "peer-1 should say it fetches from the origin because no scheduler answers:\n{log}"
+    );
+
+    let d = origin.add_file("/b.bin", MIB, 32);
+    let out = cluster.dir().join("b.out");
+    let o = cluster
+        .run_dfget_with(
+            p1,
+            &origin.url("/b.bin"),
+            &out,
+            Some(&format!("sha256:{}", d.sha256_hex())),
+            &["--disable-back-to-source"],
+        )
+        .await
+        .expect("running dfget");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "no scheduler and no back-to-source must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("back-to-source is disabled") && stderr.contains("scheduler"),
+        "the error should name the unreachable scheduler and the disabled back-to-source: \
+         {stderr}"
+    );
+    assert!(!out.exists(), "a failed dfget left {}", out.display());
+    assert_eq!(
+        origin.gets_of("/b.bin"),
+        0,
+        "--disable-back-to-source reached the origin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_finish_from_known_parents_when_the_scheduler_dies_mid_download() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-upload.yaml",
+        "data_plane:\n  upload_rate_limit: 4MiB\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
+    let size = 20 * MIB + 11;
+    let c = origin.add_file("/d.bin", size, 33);
+    let url = origin.url("/d.bin");
+
+    let (o1, o2) = (cluster.dir().join("d1.out"), cluster.dir().join("d2.out"));
+    let (r1, r2, killed) = tokio::join!(
+        cluster.download_verified(p1, &url, &o1, &c),
+        cluster.download_verified(p2, &url, &o2, &c),
+        async {
+            wait_until(
+                "both peers receive pieces",
+                Duration::from_secs(30),
+                || async move {
+                    let (s1, s2) = (p1.stats().await?, p2.stats().await?);
+                    Ok(s1.bytes_from_seed + s1.bytes_from_peers > 0
+                        && s2.bytes_from_seed + s2.bytes_from_peers > 0)
+                },
+            )
+            .await?;
+            let at_kill = (p1.stats().await?, p2.stats().await?);
+            cluster.scheduler().kill();
+            anyhow::Ok(at_kill)
+        }
+    );
+    let (s1, s2) = killed.expect("waiting for both transfers");
+    r1.unwrap_or_else(|e| panic!("peer-1 with the scheduler killed: {e:#}"));
+    r2.unwrap_or_else(|e| panic!("peer-2 with the scheduler killed: {e:#}"));
+    let got = |s: &wire::proto::dfdaemon::StatsResponse| {
+        s.bytes_from_seed + s.bytes_from_peers + s.bytes_from_origin
+    };
+    assert!(
+        got(&s1) < size && got(&s2) < size,
+        "the scheduler was killed after a peer had the whole file: {s1:?} {s2:?}"
+    );
+    assert_eq!(
+        origin.bytes_served(),
+        size,
+        "after the scheduler died the peers kept fetching from the seed and each other; \
+         only the seed should have read the origin: {:#?}",
+        origin.request_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_downloads_with_the_scheduler_down_do_not_stampede_the_origin() {
+    const LIMIT: u64 = 2;
+    const FILES: u64 = 8;
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let cfg = daemon_config(
+        cluster.dir(),
+        "bounded.yaml",
+        &format!("download:\n  origin_concurrency: {LIMIT}\n"),
+    )
+    .expect("config");
+    cluster.add_daemon(false, &cfg).await.expect("peer-1");
+    cluster.scheduler().kill();
+    let p1 = cluster.peer(1);
+
+    let mut jobs = Vec::new();
+    for i in 0..FILES {
+        let path = format!("/n{i}.bin");
+        let c = origin.add_file(&path, MIB + i, 40 + i);
+        // Slow enough that the downloads overlap.
+        origin.set_fault(
+            &path,
+            Fault::Slow {
+                bytes_per_sec: 4 * MIB,
+            },
+            None,
+        );
+        let out = cluster.dir().join(format!("n{i}.out"));
+        let url = origin.url(&path);
+        let cluster = &cluster;
+        jobs.push(async move {
+            let o = cluster
+                .run_dfget(p1, &url, &out, Some(&format!("sha256:{}", c.sha256_hex())))
+                .await?;
+            check_dfget("peer-1", &o)?;
+            anyhow::ensure!(
+                file_sha256_hex(&out)? == c.sha256_hex(),
+                "{path}: wrong file"
+            );
+            anyhow::Ok(())
+        });
+    }
+    for r in futures::future::join_all(jobs).await {
+        r.unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tails(30)));
+    }
+    assert_eq!(
+        origin.faulted_requests(),
+        FILES,
+        "every file was fetched once"
+    );
+    assert!(
+        origin.max_in_flight() <= LIMIT,
+        "{FILES} downloads with the scheduler down reached the origin {} at a time; \
+         download.origin_concurrency is {LIMIT}",
+        origin.max_in_flight()
+    );
+}

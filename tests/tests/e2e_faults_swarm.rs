@@ -1,0 +1,201 @@
+//! Fault matrix, swarm side: a parent or a seed peer killed mid-transfer (the peer
+//! reschedules and finishes), and the manager going down (daemons and scheduler keep
+//! working with what they have). Parents are rate-limited (`upload_rate_limit`) so that the
+//! kill lands mid-transfer; the test waits for the transfer to have started by polling the
+//! peer's counters, never by sleeping.
+
+use std::time::Duration;
+use testkit::manager::ManagerOptions;
+use testkit::poll::{daemon_config, wait_until};
+use testkit::{Cluster, ClusterOptions, Origin};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 0,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-upload.yaml",
+        "data_plane:\n  upload_rate_limit: 3MiB\n",
+    )
+    .expect("config");
+    cluster
+        .add_daemon(false, &slow)
+        .await
+        .expect("peer-1 (slow uploads)");
+    cluster.add_daemon(false, &[]).await.expect("peer-2");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
+    let size = 24 * MIB + 7;
+    let content = origin.add_file("/f.bin", size, 21);
+    let url = origin.url("/f.bin");
+
+    // peer-1 gets the file (from the origin: there is no seed).
+    cluster
+        .download_verified(p1, &url, &cluster.dir().join("p1.out"), &content)
+        .await
+        .expect("download through peer-1");
+    let served_before = origin.bytes_served();
+
+    // peer-2 downloads from peer-1 at 3 MiB/s; peer-1 is killed once bytes flow.
+    let out2 = cluster.dir().join("p2.out");
+    let (r, killed) = tokio::join!(
+        cluster.download_verified(p2, &url, &out2, &content),
+        async {
+            wait_until(
+                "peer-2 receives bytes from peer-1",
+                Duration::from_secs(30),
+                || async move { Ok(p2.stats().await?.bytes_from_peers > 0) },
+            )
+            .await?;
+            let s = p2.stats().await?;
+            cluster.kill(p1);
+            anyhow::Ok(s)
+        }
+    );
+    let at_kill = killed.expect("peer-2 never received bytes from peer-1");
+    r.unwrap_or_else(|e| panic!("peer-2 should finish after losing its parent: {e:#}"));
+    assert!(
+        at_kill.bytes_from_peers < size,
+        "peer-1 was killed after peer-2 had everything ({at_kill:?}): not a mid-transfer kill"
+    );
+    let s = p2.stats().await.expect("Stats of peer-2");
+    assert!(
+        s.bytes_from_origin > 0 && origin.bytes_served() > served_before,
+        "with its only parent dead, peer-2 should have fetched the rest from the origin: \
+         {s:?}"
+    );
+    assert!(!p1.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 1,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-upload.yaml",
+        "data_plane:\n  upload_rate_limit: 3MiB\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(true, &slow).await.expect("seed-2");
+    let p1 = cluster.peer(1);
+    let size = 24 * MIB + 3;
+    let content = origin.add_file("/s.bin", size, 22);
+    let url = origin.url("/s.bin");
+
+    let out = cluster.dir().join("p1.out");
+    let (r, killed) = tokio::join!(cluster.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from a seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        // The seed that serves it is the one that has uploaded something.
+        let mut victim = None;
+        for s in cluster.seeds() {
+            if s.stats().await?.bytes_uploaded > 0 {
+                victim = Some(s);
+            }
+        }
+        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let at_kill = p1.stats().await?;
+        cluster.kill(victim);
+        anyhow::Ok((victim.name.clone(), at_kill))
+    });
+    let (victim, at_kill) = killed.expect("killing the serving seed");
+    r.unwrap_or_else(|e| panic!("peer-1 should finish after losing seed {victim}: {e:#}"));
+    assert!(
+        at_kill.bytes_from_seed < size,
+        "{victim} was killed after peer-1 had everything ({at_kill:?})"
+    );
+    let alive: Vec<_> = cluster
+        .seeds()
+        .iter()
+        .filter(|s| s.is_running())
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(
+        alive.len(),
+        1,
+        "exactly the serving seed was killed: {alive:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
+    let origin = Origin::start().await.expect("origin");
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 2,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
+    let a = origin.add_file("/a.bin", 6 * MIB + 1, 23);
+    cluster
+        .download_verified(p1, &origin.url("/a.bin"), &cluster.dir().join("a1.out"), &a)
+        .await
+        .expect("download with the manager up");
+
+    let manager = cluster.manager().expect("the cluster has a manager");
+    manager.proc.kill();
+    // Let the daemons' manager refresh (every 500 ms here) and the scheduler's keepalive
+    // notice: wait until the manager's port refuses connections, then for a few refreshes.
+    let grpc = manager.grpc_addr;
+    wait_until(
+        "the manager's port is closed",
+        Duration::from_secs(10),
+        || async move { Ok(tokio::net::TcpStream::connect(grpc).await.is_err()) },
+    )
+    .await
+    .expect("manager down");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let b = origin.add_file("/b.bin", 6 * MIB + 2, 24);
+    let url = origin.url("/b.bin");
+    cluster
+        .download_verified(p1, &url, &cluster.dir().join("b1.out"), &b)
+        .await
+        .expect("a new download through peer-1 with the manager down");
+    cluster
+        .download_verified(p2, &url, &cluster.dir().join("b2.out"), &b)
+        .await
+        .expect("a new download through peer-2 with the manager down");
+    cluster
+        .download_verified(p2, &origin.url("/a.bin"), &cluster.dir().join("a2.out"), &a)
+        .await
+        .expect("an old task through peer-2 with the manager down");
+    assert_eq!(
+        origin.bytes_served(),
+        a.size + b.size,
+        "the scheduler still schedules peer to peer: each file leaves the origin once; {:#?}",
+        origin.request_log()
+    );
+    for p in cluster.procs() {
+        if p.name() != "manager" {
+            assert!(
+                p.is_running(),
+                "{} stopped after the manager went down",
+                p.name()
+            );
+        }
+    }
+}
