@@ -25,8 +25,8 @@ pub mod frames;
 pub mod grpc;
 pub mod manager;
 pub mod origin;
-pub mod registry;
 pub mod poll;
+pub mod registry;
 
 pub use cluster::{Cluster, ClusterOptions, Daemon};
 pub use content::Content;
