@@ -50,6 +50,10 @@ struct Args {
     /// CSV output: `elapsed_s,process,rss_kib,fds`.
     #[arg(long, default_value = "soak.csv")]
     csv: PathBuf,
+    /// A dfdaemon config file given to every daemon (e.g. GC settings: `gc.task_ttl`,
+    /// watermarks), so that a long soak keeps a bounded set of tasks.
+    #[arg(long)]
+    daemon_config: Option<PathBuf>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -116,6 +120,10 @@ async fn run(args: Args) -> Result<bool> {
         seeds: 1,
         peers: args.peers,
         rust_log: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+        daemon_args: match &args.daemon_config {
+            Some(p) => vec!["--config".into(), p.display().to_string()],
+            None => Vec::new(),
+        },
         ..ClusterOptions::default()
     })
     .await
