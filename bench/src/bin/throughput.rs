@@ -44,6 +44,9 @@ struct Args {
     /// Skip the QUIC rows.
     #[arg(long)]
     no_quic: bool,
+    /// Skip the TCP rows (b) and run the baseline (a) once: for QUIC tuning
+    #[arg(long)]
+    only_quic: bool,
     /// Shaping limit for the shaped run, MB/s (decimal).
     #[arg(long, default_value_t = 200)]
     shaped_mbps: u64,
@@ -316,7 +319,8 @@ fn main() -> Result<()> {
 
     eprintln!("[throughput] (a) sendfile baseline x{} ...", args.runs);
     let mut v = Vec::new();
-    for _ in 0..args.runs {
+    let runs_ab = if args.only_quic { 1 } else { args.runs };
+    for _ in 0..runs_ab {
         v.push(sendfile_baseline(&src, size, &out)?);
         std::fs::remove_file(&out)?;
     }
@@ -329,7 +333,8 @@ fn main() -> Result<()> {
     };
     let mut results = serde_json::Map::new();
     let mut ours_by_threads = Vec::new();
-    for threads in [1usize, 2] {
+    let threads_list: &[usize] = if args.only_quic { &[] } else { &[1, 2] };
+    for &threads in threads_list {
         eprintln!(
             "[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...",
             args.runs
@@ -367,6 +372,14 @@ fn main() -> Result<()> {
         )?;
         (Some(pq), Some(q))
     };
+    if args.only_quic {
+        println!("(a) sendfile: {:.2} GB/s", baseline.gbps());
+        if let (Some(pq), Some(q)) = (&plain_quinn, &ours_quic) {
+            println!("(c) plain quinn, one stream: {:.2} GB/s", pq.gbps());
+            println!("(d) our QUIC, 1 thread per side: {:.2} GB/s", q.gbps());
+        }
+        return Ok(());
+    }
 
     eprintln!(
         "[throughput] (e) our TCP shaped to {} MB/s ...",
