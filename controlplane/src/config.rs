@@ -377,6 +377,10 @@ pub struct DownloadConfig {
     /// slot), so that downloads going back to source — all of them while the scheduler is
     /// down — do not stampede the origins. 0: no limit.
     pub origin_concurrency: usize,
+    /// Deliver a finished download to its output by a hard link to the task file when both
+    /// are on the same filesystem (no copy; as Dragonfly does), else by a copy. `false`
+    /// always copies, so that writing to the output can never change the cached task.
+    pub hard_link: bool,
 }
 
 impl Default for DownloadConfig {
@@ -387,6 +391,7 @@ impl Default for DownloadConfig {
             origin_retries: 3,
             origin_timeout: Duration::from_secs(30),
             origin_concurrency: DEFAULT_ORIGIN_CONCURRENCY,
+            hard_link: true,
         }
     }
 }

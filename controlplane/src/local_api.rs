@@ -52,6 +52,17 @@ struct LocalApi {
     ctx: Arc<Context>,
 }
 
+impl LocalApi {
+    /// Delivery mode from the configuration.
+    fn delivery(&self) -> Delivery {
+        if self.ctx.config.download.hard_link {
+            Delivery::HardLinkOrCopy
+        } else {
+            Delivery::Copy
+        }
+    }
+}
+
 fn to_proto(id: &TaskId, p: &Progress, done: bool) -> DownloadProgress {
     DownloadProgress {
         task_id: id.to_hex(),
@@ -113,9 +124,24 @@ fn parse_digest(d: &str) -> Result<[u8; 32], Status> {
     Ok(out)
 }
 
-/// Verifies the task file against `digest` and copies it to `output` atomically (a temporary
-/// file in the same directory renamed into place): `output` exists only when complete.
-fn deliver(src: &Path, output: &Path, digest: Option<[u8; 32]>) -> Result<(), Status> {
+/// How a finished task reaches the output path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// A hard link when the output is on the task file's filesystem, else a copy.
+    HardLinkOrCopy,
+    /// Always a copy.
+    Copy,
+}
+
+/// Verifies the task file against `digest` and puts it at `output` atomically (a hard link
+/// or a copy at a temporary name in the same directory, renamed into place): `output` exists
+/// only when complete.
+fn deliver(
+    src: &Path,
+    output: &Path,
+    digest: Option<[u8; 32]>,
+    how: Delivery,
+) -> Result<(), Status> {
     if let Some(want) = digest {
         let mut f = std::fs::File::open(src)
             .map_err(|e| Status::internal(format!("opening task file: {e}")))?;
@@ -145,7 +171,14 @@ fn deliver(src: &Path, output: &Path, digest: Option<[u8; 32]>) -> Result<(), St
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
-    let res = std::fs::copy(src, &tmp).and_then(|_| std::fs::rename(&tmp, output));
+    // A hard link fails across filesystems (EXDEV) or where links are not allowed; the copy
+    // is the fallback for any such failure.
+    let linked = how == Delivery::HardLinkOrCopy && std::fs::hard_link(src, &tmp).is_ok();
+    let res = if linked {
+        std::fs::rename(&tmp, output)
+    } else {
+        std::fs::copy(src, &tmp).and_then(|_| std::fs::rename(&tmp, output))
+    };
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(Status::internal(format!(
@@ -237,7 +270,13 @@ impl Dfdaemon for LocalApi {
                 output,
                 range,
             ))),
-            None => Ok(Response::new(progress_stream(id, rx, output, digest))),
+            None => Ok(Response::new(progress_stream(
+                id,
+                rx,
+                output,
+                digest,
+                self.delivery(),
+            ))),
         }
     }
 
@@ -284,7 +323,13 @@ impl Dfdaemon for LocalApi {
         let spec = crate::cache::export_spec(&self.ctx, &cache_key(r.cid), r.rate_limit).await?;
         let id = spec.id;
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
-        Ok(Response::new(progress_stream(id, rx, output, digest)))
+        Ok(Response::new(progress_stream(
+            id,
+            rx,
+            output,
+            digest,
+            self.delivery(),
+        )))
     }
 
     async fn stat_task(
@@ -397,6 +442,7 @@ fn progress_stream(
     rx: watch::Receiver<TaskState>,
     output: PathBuf,
     digest: Option<[u8; 32]>,
+    how: Delivery,
 ) -> ProgressStream {
     enum St {
         Watching(watch::Receiver<TaskState>, bool),
@@ -424,7 +470,7 @@ fn progress_stream(
                     let res = tokio::task::spawn_blocking(move || {
                         // Garbage collection leaves the task alone while it is copied out.
                         let _busy = store.busy();
-                        deliver(&src, &out, digest)
+                        deliver(&src, &out, digest, how)
                     })
                     .await
                     .map_err(|e| Status::internal(format!("delivery task: {e}")))

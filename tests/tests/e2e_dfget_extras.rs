@@ -250,3 +250,67 @@ async fn ranges_recursive_and_config_defaults() {
     );
     assert!(stderr(&o).contains("unknown field"), "{}", stderr(&o));
 }
+
+/// Inode numbers of the regular files under `dir`.
+fn inodes_under(dir: &Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(dir.join(p)).ok())
+        .map(|m| m.ino())
+        .collect()
+}
+
+/// A finished download reaches its output as a hard link to the task file (no copy) by
+/// default, and as an independent copy with `download.hard_link: false`; both are complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_hard_links_by_default_and_copies_when_told() {
+    use std::os::unix::fs::MetadataExt;
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 1,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let content = origin.add_file("/f.bin", 2 * 1024 * 1024 + 5, 7);
+    let url = origin.url("/f.bin");
+    let out = cluster.dir().join("out");
+    std::fs::create_dir_all(&out).expect("output dir");
+
+    let linked = out.join("linked");
+    let o = cluster
+        .run_dfget(cluster.peer(1), &url, &linked, None)
+        .await
+        .expect("dfget");
+    assert!(o.status.success(), "dfget: {}", stderr(&o));
+    assert_eq!(
+        file_sha256_hex_async(&linked).await.expect("hash"),
+        content.sha256_hex()
+    );
+    let meta = std::fs::metadata(&linked).expect("output metadata");
+    assert_eq!(meta.nlink(), 2, "the output is not a hard link to the task");
+    assert!(
+        inodes_under(&cluster.peer(1).data_dir).contains(&meta.ino()),
+        "the output's inode is not a task file of peer-1"
+    );
+
+    let cfg = cluster.dir().join("copy.yaml");
+    std::fs::write(&cfg, "download:\n  hard_link: false\n").expect("writing copy.yaml");
+    let extra = vec!["--config".to_string(), cfg.display().to_string()];
+    cluster.add_daemon(false, &extra).await.expect("peer-2");
+    let copied = out.join("copied");
+    let o = cluster
+        .run_dfget(cluster.peer(2), &url, &copied, None)
+        .await
+        .expect("dfget");
+    assert!(o.status.success(), "dfget: {}", stderr(&o));
+    assert_eq!(
+        file_sha256_hex_async(&copied).await.expect("hash"),
+        content.sha256_hex()
+    );
+    let meta = std::fs::metadata(&copied).expect("output metadata");
+    assert_eq!(meta.nlink(), 1, "hard_link: false still linked the output");
+    assert!(!inodes_under(&cluster.peer(2).data_dir).contains(&meta.ino()));
+}
