@@ -149,7 +149,8 @@ impl Daemon {
             upload_rate_limit: config.data_plane.upload_rate_limit.0,
             quic_port: dataplane.quic_addr().map_or(0, |a| u32::from(a.port())),
         };
-        let schedulers = SchedulerSet::new(&config.scheduler.addrs)?;
+        let schedulers =
+            SchedulerSet::with_tls(&config.scheduler.addrs, config.scheduler.tls.clone())?;
         let http = reqwest::Client::builder()
             .connect_timeout(config.download.origin_timeout)
             .build()

@@ -8,11 +8,12 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use wire::proto::scheduler::{
     host_command, scheduler_client::SchedulerClient, AnnounceHostRequest, AnnounceTaskRequest,
     TaskMetadata,
 };
+use wire::tls::TlsConfig;
 use wire::TaskId;
 
 /// Lazily connected channels to a list of schedulers.
@@ -21,9 +22,9 @@ pub struct SchedulerPool {
     schedulers: Vec<(String, Channel)>,
 }
 
-fn endpoint(addr: &str) -> anyhow::Result<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| anyhow::anyhow!("scheduler address {addr:?}: {e}"))?
+fn endpoint(addr: &str, tls: Option<&TlsConfig>) -> anyhow::Result<Channel> {
+    let ep = wire::tls::grpc_endpoint(addr, tls)
+        .map_err(|e| anyhow::anyhow!("scheduler {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -45,9 +46,14 @@ fn weight(addr: &str, task: &TaskId) -> u64 {
 impl SchedulerPool {
     /// Channels to `addrs` (`host:port`), connected on first use.
     pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        Self::with_tls(addrs, None)
+    }
+
+    /// Like [`SchedulerPool::new`], over TLS (`https://`) when `tls` is given.
+    pub fn with_tls(addrs: &[String], tls: Option<&TlsConfig>) -> anyhow::Result<Self> {
         let mut schedulers = Vec::new();
         for a in addrs {
-            schedulers.push((a.clone(), endpoint(a)?));
+            schedulers.push((a.clone(), endpoint(a, tls)?));
         }
         Ok(Self { schedulers })
     }
@@ -78,14 +84,22 @@ impl SchedulerPool {
 pub struct SchedulerSet {
     pool: ArcSwap<SchedulerPool>,
     loops: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    tls: Option<TlsConfig>,
 }
 
 impl SchedulerSet {
     /// A set starting with `addrs`.
     pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        Self::with_tls(addrs, None)
+    }
+
+    /// A set starting with `addrs`, every channel over TLS when `tls` is given
+    /// (`scheduler.tls`).
+    pub fn with_tls(addrs: &[String], tls: Option<TlsConfig>) -> anyhow::Result<Self> {
         Ok(Self {
-            pool: ArcSwap::from_pointee(SchedulerPool::new(addrs)?),
+            pool: ArcSwap::from_pointee(SchedulerPool::with_tls(addrs, tls.as_ref())?),
             loops: Mutex::new(HashMap::new()),
+            tls,
         })
     }
 
@@ -120,7 +134,7 @@ impl SchedulerSet {
         for a in sorted_new {
             let ch = match old.all().iter().find(|(o, _)| o == a) {
                 Some((_, ch)) => ch.clone(),
-                None => endpoint(a)?,
+                None => endpoint(a, self.tls.as_ref())?,
             };
             schedulers.push((a.clone(), ch));
         }

@@ -125,11 +125,17 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     let grpc_addr = grpc_listener.local_addr()?;
     let rest_addr = rest_listener.local_addr()?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.server.tls {
+        builder = builder
+            .tls_config(tls.tonic_server()?)
+            .context("server.tls")?;
+    }
     let mut tasks = JoinSet::new();
     let service = grpc::ManagerService::new(state.clone()).into_server();
     let signal = wait_true(shutdown_rx.clone());
     tasks.spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(service)
             .serve_with_incoming_shutdown(

@@ -62,7 +62,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             listener.local_addr()?,
         )?)
     };
-    let result = serve_service(listener, service, shutdown_signal()).await;
+    let tls = match &config.server.tls {
+        Some(t) => Some(t.tonic_server()?),
+        None => None,
+    };
+    let result = service::serve_service_tls(listener, service, tls, shutdown_signal()).await;
     // Ends the keepalive stream: the manager marks this scheduler inactive at once.
     drop(manager);
     result

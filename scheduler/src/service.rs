@@ -516,6 +516,17 @@ pub async fn serve_service(
     service: SchedulerService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    serve_service_tls(listener, service, None, shutdown).await
+}
+
+/// Like [`serve_service`], over TLS when `tls` is given (a client without a valid
+/// certificate, when the config requires one, fails its handshake).
+pub async fn serve_service_tls(
+    listener: TcpListener,
+    service: SchedulerService,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let closer = service.clone();
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
@@ -527,8 +538,17 @@ pub async fn serve_service(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    info!("scheduler listening on {addr}");
-    let server = tonic::transport::Server::builder()
+    info!(
+        "scheduler listening on {addr}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
         .add_service(service.into_server())
