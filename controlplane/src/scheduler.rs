@@ -173,6 +173,7 @@ impl SchedulerSet {
 /// triggers it receives. Runs until the process exits.
 pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
     let mut backoff = Duration::from_millis(100);
+    let mut last_error: Option<String> = None;
     loop {
         let mut client = SchedulerClient::new(channel.clone());
         let req = AnnounceHostRequest {
@@ -180,6 +181,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
         };
         match client.announce_host(req).await {
             Ok(resp) => {
+                last_error = None;
                 tracing::info!("announced host {} to scheduler {addr}", ctx.host.id);
                 backoff = Duration::from_millis(100);
                 announce_held_tasks(&ctx, &addr, &channel);
@@ -201,11 +203,34 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
                     }
                 }
             }
-            Err(e) => tracing::debug!("announcing host to {addr}: {}", e.message()),
+            Err(e) => {
+                // Said once per distinct error (a TLS rejection repeats at every retry).
+                let why = error_chain(&e);
+                if last_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("announcing host to scheduler {addr} failed: {why}");
+                    last_error = Some(why);
+                }
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// A status's message followed by its sources (a transport error says why only there, e.g.
+/// which certificate check failed).
+pub fn error_chain(status: &tonic::Status) -> String {
+    let mut s = status.message().to_string();
+    let mut src = std::error::Error::source(status);
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = e.source();
+    }
+    s
 }
 
 /// Runs a command from the scheduler at `addr`. A seed trigger registers with that

@@ -32,7 +32,8 @@ const SEND_CHUNK: u64 = 256 << 10;
 #[derive(Debug, Clone)]
 pub struct DataTls {
     config: TlsConfig,
-    server: Arc<rustls::ServerConfig>,
+    /// `None` for a fetch-only configuration ([`DataTls::client_only`]).
+    server: Option<Arc<rustls::ServerConfig>>,
     client: Arc<rustls::ClientConfig>,
 }
 
@@ -47,7 +48,17 @@ impl DataTls {
     /// `key` and `ca_cert`.
     pub fn new(config: &TlsConfig) -> Result<Self, wire::tls::TlsError> {
         Ok(Self {
-            server: Arc::new(config.rustls_server(&[])?),
+            server: Some(Arc::new(config.rustls_server(&[])?)),
+            client: Arc::new(config.rustls_client(&[])?),
+            config: config.clone(),
+        })
+    }
+
+    /// A configuration that only fetches (`cert`/`key` optional, presented when set); its
+    /// upload server refuses every connection. For tools and tests.
+    pub fn client_only(config: &TlsConfig) -> Result<Self, wire::tls::TlsError> {
+        Ok(Self {
+            server: None,
             client: Arc::new(config.rustls_client(&[])?),
             config: config.clone(),
         })
@@ -70,13 +81,16 @@ impl DataTls {
 
     /// Runs the server side of the handshake on an accepted connection.
     pub async fn accept(&self, stream: TcpStream) -> io::Result<ServerStream> {
-        let acceptor = monoio_rustls::TlsAcceptor::from(self.server.clone());
+        let Some(server) = &self.server else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this data plane has no server certificate",
+            ));
+        };
+        let acceptor = monoio_rustls::TlsAcceptor::from(server.clone());
         match monoio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
             Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                e.to_string(),
-            )),
+            Ok(Err(e)) => Err(tls_error(e)),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "TLS handshake timed out",
@@ -91,8 +105,18 @@ impl DataTls {
         monoio_rustls::TlsConnector::from(self.client.clone())
             .connect(name, stream)
             .await
-            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, format!("TLS: {e}")))
+            .map_err(tls_error)
     }
+}
+
+/// An io error saying what failed in the handshake (monoio-rustls' own message is only
+/// "io error" / "rustls error").
+fn tls_error(e: monoio_rustls::TlsError) -> io::Error {
+    let inner = io::Error::from(e);
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("TLS handshake: {inner}"),
+    )
 }
 
 impl UploadStream for ServerStream {
