@@ -205,7 +205,12 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
             }
             Err(e) => {
                 // Said once per distinct error (a TLS rejection repeats at every retry).
-                let why = error_chain(&e);
+                let mut why = error_chain(&e);
+                if ctx.config.scheduler.tls.is_some() && why.contains("connection closed") {
+                    why.push_str(
+                        " (TLS: the scheduler may have refused this host's certificate; its log says why)",
+                    );
+                }
                 if last_error.as_deref() != Some(why.as_str()) {
                     tracing::warn!("announcing host to scheduler {addr} failed: {why}");
                     last_error = Some(why);

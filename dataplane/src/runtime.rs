@@ -243,6 +243,10 @@ async fn thread_main(listener: std::net::TcpListener, mut ctx: ThreadContext) ->
                             monoio::spawn(async move {
                                 match tls.accept(stream).await {
                                     Ok(s) => serve_connection(s, upload).await,
+                                    // Closed before a byte: a port probe.
+                                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                        tracing::debug!("{peer} closed during the TLS handshake");
+                                    }
                                     Err(e) => {
                                         Counters::add(&upload.counters.tls_handshakes_failed, 1);
                                         tracing::warn!(

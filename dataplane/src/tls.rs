@@ -113,10 +113,9 @@ impl DataTls {
 /// "io error" / "rustls error").
 fn tls_error(e: monoio_rustls::TlsError) -> io::Error {
     let inner = io::Error::from(e);
-    io::Error::new(
-        io::ErrorKind::PermissionDenied,
-        format!("TLS handshake: {inner}"),
-    )
+    // The kind is kept: `UnexpectedEof` is a peer that closed before finishing (a TCP
+    // health check), not a refused certificate.
+    io::Error::new(inner.kind(), format!("TLS handshake: {inner}"))
 }
 
 impl UploadStream for ServerStream {

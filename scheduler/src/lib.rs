@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod service;
 pub mod state;
 
+use anyhow::Context as _;
+
 pub use config::{Config, ManagerConfig, SchedulingConfig, ServerConfig};
 pub use service::{serve, serve_service, SchedulerService};
 pub use state::SchedulerState;
@@ -63,7 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )?)
     };
     let tls = match &config.server.tls {
-        Some(t) => Some(t.tonic_server()?),
+        Some(t) => Some(t.rustls_server(&[]).context("server.tls")?),
         None => None,
     };
     let result = service::serve_service_tls(listener, service, tls, shutdown_signal()).await;

@@ -519,12 +519,13 @@ pub async fn serve_service(
     serve_service_tls(listener, service, None, shutdown).await
 }
 
-/// Like [`serve_service`], over TLS when `tls` is given (a client without a valid
-/// certificate, when the config requires one, fails its handshake).
+/// Like [`serve_service`], over TLS when `tls` is given (see `wire::tls::grpc_incoming`: a
+/// client without a valid certificate, when the config requires one, is refused and
+/// logged).
 pub async fn serve_service_tls(
     listener: TcpListener,
     service: SchedulerService,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<wire::tls::rustls::ServerConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
@@ -542,17 +543,19 @@ pub async fn serve_service_tls(
         "scheduler listening on {addr}{}",
         if tls.is_some() { " (TLS)" } else { "" }
     );
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .map_err(|e| anyhow::anyhow!("server.tls: {e}"))?;
-    }
-    let server = builder
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(service.into_server());
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            wire::tls::grpc_incoming(incoming, tls, "scheduler"),
+            signal,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, signal)),
+    };
     let grace = async {
         if fired_rx.await.is_ok() {
             tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -19,6 +19,7 @@
 //!
 //! Reading the files is the only I/O here; every error names the file it is about.
 
+pub use rustls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
@@ -249,6 +250,64 @@ impl TlsConfig {
         }
         Ok(tls)
     }
+}
+
+/// Longest TLS handshake of an incoming gRPC connection.
+const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the TLS handshake of every connection from `incoming` (each in its own task, so a
+/// slow client holds up nobody) and yields the established streams, for tonic's
+/// `serve_with_incoming`. A refused handshake (no client certificate, one from another CA,
+/// not TLS at all) is logged with the client's address and why, as `<server>: TLS
+/// handshake with <addr> refused: <reason>`; a connection closed before its first byte
+/// (a port probe) only at debug level. The config gets ALPN `h2`.
+pub fn grpc_incoming<S>(
+    mut incoming: S,
+    mut config: rustls::ServerConfig,
+    server: &'static str,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+>
+where
+    S: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + Unpin + 'static,
+{
+    use tokio_stream::StreamExt;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(conn) = incoming.next().await {
+            if tx.is_closed() {
+                break;
+            }
+            let tcp = match conn {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("{server}: accept failed: {e}");
+                    continue;
+                }
+            };
+            let peer = tcp
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(GRPC_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!("{server}: {peer} closed during the TLS handshake");
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("{server}: TLS handshake with {peer} refused: {e}");
+                    }
+                    Err(_) => tracing::warn!("{server}: TLS handshake with {peer} timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// A gRPC endpoint for `addr` (`host:port`): `https://` with `tls`, else `http://`.
