@@ -206,7 +206,13 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
             Err(e) => {
                 // Said once per distinct error (a TLS rejection repeats at every retry).
                 let mut why = error_chain(&e);
-                if ctx.config.scheduler.tls.is_some() && why.contains("connection closed") {
+                // With TLS 1.3 the server checks the client certificate after the client's
+                // side of the handshake is done: the refusal may arrive as a fatal alert or
+                // only as a closed connection, depending on timing.
+                if ctx.config.scheduler.tls.is_some()
+                    && why.contains("transport error")
+                    && !why.contains("alert")
+                {
                     why.push_str(
                         " (TLS: the scheduler may have refused this host's certificate; its log says why)",
                     );
