@@ -303,3 +303,51 @@ fn a_bad_certificate_file_is_reported_by_name() {
     .expect_err("a broken certificate file is an error");
     assert!(e.to_string().contains("broken.pem"), "{e}");
 }
+
+/// CPU seconds (user + system) of this process so far, from `/proc/self/stat` (100 Hz
+/// ticks).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Not a test: what TLS costs on the data plane. Moves a 512 MiB task between two data
+/// planes on loopback, plaintext (parent uses sendfile) and over TLS (parent reads and
+/// encrypts, child decrypts), and prints CPU seconds per GB of both sides together.
+/// `cargo test -p damselfly-dataplane --test tls -- --ignored --nocapture tls_cost`
+#[test]
+#[ignore]
+fn tls_cost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = ca(dir.path(), "good-ca");
+    let p_leaf = leaf(dir.path(), &good, "parent");
+    let c_leaf = leaf(dir.path(), &good, "child");
+    let len = 512usize << 20;
+    let data = content(len);
+    for (i, with_tls) in [false, true, false, true].into_iter().enumerate() {
+        let mk = |l: &(PathBuf, PathBuf)| {
+            with_tls.then(|| DataTls::new(&tls(&good.path, Some(l))).expect("TLS"))
+        };
+        let parent = node(mk(&p_leaf));
+        let child = node(mk(&c_leaf));
+        let id = TaskId([60 + i as u8; 32]);
+        seed(&parent, id, &data);
+        let (cpu0, t0) = (cpu_seconds(), Instant::now());
+        let ev = fetch(&child, &parent, id, len);
+        let (cpu, wall) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+        assert!(matches!(ev, Event::DownloadFinished { .. }), "{ev:?}");
+        let gb = len as f64 / 1e9;
+        println!(
+            "{}: {:.2} CPU s/GB (both sides), {:.2} GB/s wall",
+            if with_tls { "TLS  " } else { "plain" },
+            cpu / gb,
+            gb / wall
+        );
+        parent.dp.shutdown();
+        child.dp.shutdown();
+    }
+}
