@@ -472,6 +472,22 @@ mod tests {
     }
 
     #[test]
+    fn tls_sections() {
+        let c: DaemonConfig = serde_yaml::from_str(
+            "scheduler:\n  tls: { ca_cert: /ca.pem, cert: /n.pem, key: /k.pem }\n\
+             data_plane:\n  tls:\n    ca_cert: /ca.pem\n    cert: /n.pem\n    key: /k.pem\n    client_auth: true\n",
+        )
+        .expect("parses");
+        let t = c.data_plane.tls.expect("data_plane.tls");
+        assert!(t.client_auth);
+        assert_eq!(t.ca_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert!(!c.scheduler.tls.expect("scheduler.tls").client_auth);
+        assert!(c.manager.tls.is_none());
+        assert!(DaemonConfig::default().data_plane.tls.is_none());
+        assert!(serde_yaml::from_str::<DaemonConfig>("manager:\n  tls: { ca: /x }\n").is_err());
+    }
+
+    #[test]
     fn unknown_key_is_an_error() {
         assert!(serde_yaml::from_str::<DaemonConfig>("data_plane:\n  thread: 2\n").is_err());
     }
