@@ -101,7 +101,11 @@ fn content(len: usize) -> Vec<u8> {
 const PIECE: u64 = 64 << 10;
 
 fn seed(n: &Node, id: TaskId, data: &[u8]) {
-    let layout = PieceLayout::new(data.len() as u64, PIECE).expect("layout");
+    seed_with(n, id, data, PIECE);
+}
+
+fn seed_with(n: &Node, id: TaskId, data: &[u8], piece: u64) {
+    let layout = PieceLayout::new(data.len() as u64, piece).expect("layout");
     let store = n.storage.create(id, layout).expect("create");
     for p in 0..layout.piece_count() {
         let r = layout.piece_range(p).expect("range");
@@ -115,7 +119,11 @@ fn seed(n: &Node, id: TaskId, data: &[u8]) {
 /// Child fetches `id` from `parent`; returns the first terminal event: finished, or the
 /// parent failed.
 fn fetch(child: &Node, parent: &Node, id: TaskId, len: usize) -> Event {
-    let layout = PieceLayout::new(len as u64, PIECE).expect("layout");
+    fetch_with(child, parent, id, len, PIECE)
+}
+
+fn fetch_with(child: &Node, parent: &Node, id: TaskId, len: usize, piece: u64) -> Event {
+    let layout = PieceLayout::new(len as u64, piece).expect("layout");
     let store = child.storage.create(id, layout).expect("create");
     let t = child.dp.bridge().thread_of(&id);
     child
@@ -315,10 +323,10 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// Not a test: what TLS costs on the data plane. Moves a 512 MiB task between two data
+/// Not a test: what TLS costs on the data plane. Moves a 512 MiB task (4 MiB pieces) between two data
 /// planes on loopback, plaintext (parent uses sendfile) and over TLS (parent reads and
 /// encrypts, child decrypts), and prints CPU seconds per GB of both sides together.
-/// `cargo test -p damselfly-dataplane --test tls -- --ignored --nocapture tls_cost`
+/// `cargo test --release -p damselfly-dataplane --test tls -- --ignored --nocapture tls_cost`
 #[test]
 #[ignore]
 fn tls_cost() {
@@ -335,9 +343,9 @@ fn tls_cost() {
         let parent = node(mk(&p_leaf));
         let child = node(mk(&c_leaf));
         let id = TaskId([60 + i as u8; 32]);
-        seed(&parent, id, &data);
+        seed_with(&parent, id, &data, 4 << 20);
         let (cpu0, t0) = (cpu_seconds(), Instant::now());
-        let ev = fetch(&child, &parent, id, len);
+        let ev = fetch_with(&child, &parent, id, len, 4 << 20);
         let (cpu, wall) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
         assert!(matches!(ev, Event::DownloadFinished { .. }), "{ev:?}");
         let gb = len as f64 / 1e9;
