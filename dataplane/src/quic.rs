@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 /// ALPN protocol name of the data plane over QUIC.
 pub const ALPN: &[u8] = b"damselfly-dp/1";
 
-/// Server name the client asks for (certificates are not verified against it).
+/// Name in the self-signed certificate generated when none is configured.
 const SERVER_NAME: &str = "damselfly";
 
 /// Largest chunk read from a quinn stream at once.
@@ -336,14 +336,17 @@ impl Drop for QuicEndpoint {
     }
 }
 
-/// Connects to a parent's QUIC endpoint and opens the stream of one fetch connection. With
-/// `tls` the parent's certificate is checked for its IP (or `server_name`).
+/// Connects to a parent's QUIC endpoint and opens the stream of one fetch connection. The
+/// parent's certificate (when the endpoint verifies it, see [`QuicConfig::tls`]) must carry
+/// its IP, or `tls`'s `server_name` when set.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     tls: Option<&crate::tls::DataTls>,
 ) -> io::Result<QuicStream> {
-    let name = tls.map_or_else(|| SERVER_NAME.to_string(), |t| t.server_name(addr.ip()));
+    // The parent's IP unless `tls` names the server (`server_name`); an unverified endpoint
+    // ignores the name.
+    let name = tls.map_or_else(|| addr.ip().to_string(), |t| t.server_name(addr.ip()));
     let conn = endpoint
         .connect(addr, &name)
         .map_err(io::Error::other)?

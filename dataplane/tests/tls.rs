@@ -3,7 +3,8 @@
 //! a certificate from another CA, with none, or speaking plaintext is refused by the parent;
 //! a parent whose certificate is from another CA is refused by the child.
 
-use damselfly_dataplane::fetch::FetchConfig;
+use damselfly_dataplane::fetch::{FetchConfig, Transport};
+use damselfly_dataplane::quic::QuicConfig;
 use damselfly_dataplane::shaper::{Shaping, ShapingConfig};
 use damselfly_dataplane::tls::DataTls;
 use damselfly_dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
@@ -66,6 +67,15 @@ struct Node {
 }
 
 fn node(tls: Option<DataTls>) -> Node {
+    node_with(tls, None)
+}
+
+/// A node serving and fetching over QUIC with `tls` (the `data_plane.tls` section).
+fn quic_node(tls: &TlsConfig) -> Node {
+    node_with(None, Some(tls.clone()))
+}
+
+fn node_with(tls: Option<DataTls>, quic_tls: Option<TlsConfig>) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
@@ -75,8 +85,18 @@ fn node(tls: Option<DataTls>) -> Node {
         fetch: FetchConfig {
             connect_timeout: Duration::from_secs(3),
             tls: tls.map(Arc::new),
+            transport: if quic_tls.is_some() {
+                Transport::Quic
+            } else {
+                Transport::Tcp
+            },
             ..FetchConfig::default()
         },
+        quic: quic_tls.map(|t| QuicConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: Some(t),
+            ..QuicConfig::default()
+        }),
         ..DataPlaneConfig::default()
     };
     let dp = DataPlane::start(
@@ -136,7 +156,7 @@ fn fetch_with(child: &Node, parent: &Node, id: TaskId, len: usize, piece: u64) -
                 parents: vec![Parent {
                     host_id: "parent".into(),
                     addr: parent.dp.local_addr(),
-                    quic_addr: None,
+                    quic_addr: parent.dp.quic_addr(),
                     is_seed: true,
                 }],
                 rate_limit: 0,
@@ -166,20 +186,22 @@ fn tls(ca: &Path, leaf: Option<&(PathBuf, PathBuf)>) -> TlsConfig {
     }
 }
 
-/// Waits (bounded) until the parent has counted `n` failed handshakes: the parent side
-/// notices a bad client certificate after the child's side of the handshake is done.
-fn wait_failed_handshakes(parent: &Node, n: u64) -> u64 {
+/// Waits (bounded) until `counter` reaches `n` and returns its value: the parent counts
+/// after the child has its bytes (or, for a bad client certificate, after the child's side
+/// of the handshake is done).
+fn wait_counter(counter: &std::sync::atomic::AtomicU64, n: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = parent
-            .counters
-            .tls_handshakes_failed
-            .load(Ordering::Relaxed);
+        let got = counter.load(Ordering::Relaxed);
         if got >= n || Instant::now() > deadline {
             return got;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn wait_failed_handshakes(parent: &Node, n: u64) -> u64 {
+    wait_counter(&parent.counters.tls_handshakes_failed, n)
 }
 
 #[test]
@@ -211,7 +233,7 @@ fn only_children_with_a_certificate_from_the_ca_are_served() {
         data.len() as u64
     );
     assert_eq!(
-        parent.counters.bytes_uploaded.load(Ordering::Relaxed),
+        wait_counter(&parent.counters.bytes_uploaded, data.len() as u64),
         data.len() as u64
     );
     assert_eq!(
@@ -295,6 +317,44 @@ fn a_parent_with_a_certificate_from_another_ca_is_refused() {
     assert_eq!(parent.counters.bytes_uploaded.load(Ordering::Relaxed), 0);
     parent.dp.shutdown();
     child.dp.shutdown();
+}
+
+#[test]
+fn quic_serves_only_children_with_a_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = ca(dir.path(), "good-ca");
+    let rogue = ca(dir.path(), "rogue-ca");
+    let parent_leaf = leaf(dir.path(), &good, "parent");
+    let child_leaf = leaf(dir.path(), &good, "child");
+    let rogue_leaf = leaf(dir.path(), &rogue, "rogue");
+    let parent = quic_node(&tls(&good.path, Some(&parent_leaf)));
+    let id = TaskId([43; 32]);
+    let data = content(3 * PIECE as usize + 99);
+    seed(&parent, id, &data);
+
+    let child = quic_node(&tls(&good.path, Some(&child_leaf)));
+    let ev = fetch(&child, &parent, id, data.len());
+    assert!(matches!(ev, Event::DownloadFinished { .. }), "{ev:?}");
+    let got = std::fs::read(child.storage.get(&id).expect("task").path()).expect("read");
+    assert_eq!(got, data);
+    assert!(child.counters.quic_connections.load(Ordering::Relaxed) >= 1);
+
+    // Rogue certificate: the QUIC handshake fails, nothing is served.
+    let rogue_child = quic_node(&tls(&good.path, Some(&rogue_leaf)));
+    let ev = fetch(&rogue_child, &parent, id, data.len());
+    assert!(matches!(ev, Event::ParentFailed { .. }), "{ev:?}");
+    assert_eq!(
+        rogue_child.counters.bytes_from_seed.load(Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        wait_counter(&parent.counters.bytes_uploaded, data.len() as u64),
+        data.len() as u64,
+        "the parent served more than the good child"
+    );
+    for n in [parent, child, rogue_child] {
+        n.dp.shutdown();
+    }
 }
 
 #[test]
