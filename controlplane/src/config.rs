@@ -117,6 +117,8 @@ pub struct ManagerConfig {
     /// How long one dynamic-config long poll waits for a change.
     #[serde(with = "humantime_serde")]
     pub config_wait: Duration,
+    /// TLS to the manager (`https://`); none: plaintext. See the README's TLS section.
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 impl Default for ManagerConfig {
@@ -126,6 +128,7 @@ impl Default for ManagerConfig {
             cluster_id: 0,
             refresh_interval: Duration::from_secs(30),
             config_wait: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -164,6 +167,8 @@ pub struct SchedulerConfig {
     /// How long a download waits for parents before it goes back to the origin.
     #[serde(with = "humantime_serde")]
     pub schedule_timeout: Duration,
+    /// TLS to the schedulers (`https://`); none: plaintext. See the README's TLS section.
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -171,6 +176,7 @@ impl Default for SchedulerConfig {
         Self {
             addrs: vec!["127.0.0.1:8002".into()],
             schedule_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -259,6 +265,9 @@ pub struct DataPlaneSection {
     pub quic_cert: Option<PathBuf>,
     /// PEM private key of `quic_cert`.
     pub quic_key: Option<PathBuf>,
+    /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP and
+    /// unauthenticated QUIC. See the README's TLS section.
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 /// Data-plane transport (`data_plane.transport`).
@@ -353,6 +362,7 @@ impl Default for DataPlaneSection {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
             quic_cert: None,
             quic_key: None,
+            tls: None,
         }
     }
 }
@@ -464,6 +474,22 @@ mod tests {
         assert_eq!(c.proxy.listen.port(), DEFAULT_PROXY_PORT);
         assert_eq!(c.proxy.rules, vec!["blobs/sha256.*".to_string()]);
         assert_eq!(c.proxy.registry_mirror, "http://127.0.0.1:5000");
+    }
+
+    #[test]
+    fn tls_sections() {
+        let c: DaemonConfig = serde_yaml::from_str(
+            "scheduler:\n  tls: { ca_cert: /ca.pem, cert: /n.pem, key: /k.pem }\n\
+             data_plane:\n  tls:\n    ca_cert: /ca.pem\n    cert: /n.pem\n    key: /k.pem\n    client_auth: true\n",
+        )
+        .expect("parses");
+        let t = c.data_plane.tls.expect("data_plane.tls");
+        assert!(t.client_auth);
+        assert_eq!(t.ca_cert.as_deref(), Some(std::path::Path::new("/ca.pem")));
+        assert!(!c.scheduler.tls.expect("scheduler.tls").client_auth);
+        assert!(c.manager.tls.is_none());
+        assert!(DaemonConfig::default().data_plane.tls.is_none());
+        assert!(serde_yaml::from_str::<DaemonConfig>("manager:\n  tls: { ca: /x }\n").is_err());
     }
 
     #[test]

@@ -76,6 +76,12 @@ impl Daemon {
         }
         let counters = Arc::new(Counters::default());
         let shaping = Arc::new(Shaping::new(config.data_plane.shaping()));
+        let data_tls = match &config.data_plane.tls {
+            Some(t) => Some(Arc::new(
+                dataplane::tls::DataTls::new(t).context("data_plane.tls")?,
+            )),
+            None => None,
+        };
         let dp_cfg = DataPlaneConfig {
             threads: if config.data_plane.threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -94,6 +100,7 @@ impl Daemon {
                     TransportKind::Tcp => Transport::Tcp,
                     TransportKind::Quic => Transport::Quic,
                 },
+                tls: data_tls,
                 ..FetchConfig::default()
             },
             quic: match config.data_plane.transport {
@@ -102,6 +109,7 @@ impl Daemon {
                     listen: config.data_plane.quic_listen,
                     cert: config.data_plane.quic_cert.clone(),
                     key: config.data_plane.quic_key.clone(),
+                    tls: config.data_plane.tls.clone(),
                     ..QuicConfig::default()
                 }),
             },
@@ -149,7 +157,8 @@ impl Daemon {
             upload_rate_limit: config.data_plane.upload_rate_limit.0,
             quic_port: dataplane.quic_addr().map_or(0, |a| u32::from(a.port())),
         };
-        let schedulers = SchedulerSet::new(&config.scheduler.addrs)?;
+        let schedulers =
+            SchedulerSet::with_tls(&config.scheduler.addrs, config.scheduler.tls.clone())?;
         let http = reqwest::Client::builder()
             .connect_timeout(config.download.origin_timeout)
             .build()

@@ -9,7 +9,7 @@ use dataplane::shaper::ShapingConfig;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use wire::proto::manager::{
     get_config_request::Target, manager_client::ManagerClient, DaemonClusterConfig,
     GetConfigRequest, HostInfo, InstanceState, KeepAliveRequest, ListSchedulersRequest,
@@ -23,17 +23,19 @@ pub fn start(ctx: Arc<Context>) {
         .manager
         .addrs
         .iter()
-        .filter_map(|a| match Endpoint::from_shared(format!("http://{a}")) {
-            Ok(ep) => Some(
-                ep.connect_timeout(Duration::from_secs(3))
-                    .tcp_nodelay(true)
-                    .connect_lazy(),
-            ),
-            Err(e) => {
-                tracing::error!("manager address {a:?}: {e}");
-                None
-            }
-        })
+        .filter_map(
+            |a| match wire::tls::grpc_endpoint(a, ctx.config.manager.tls.as_ref()) {
+                Ok(ep) => Some(
+                    ep.connect_timeout(Duration::from_secs(3))
+                        .tcp_nodelay(true)
+                        .connect_lazy(),
+                ),
+                Err(e) => {
+                    tracing::error!("manager {e}");
+                    None
+                }
+            },
+        )
         .collect();
     let Some(channel) = channels.into_iter().next() else {
         return;

@@ -166,6 +166,12 @@ impl Collector for DaemonCollector {
             "QUIC streams accepted by the upload side",
             &c.quic_streams_served,
         )?;
+        counter(
+            &mut enc,
+            "damselfly_tls_handshakes_failed",
+            "Incoming data-plane TLS handshakes (TCP) that failed, e.g. no valid client certificate",
+            &c.tls_handshakes_failed,
+        )?;
         let s = &self.ctx.stats;
         counter(
             &mut enc,

@@ -8,11 +8,12 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use wire::proto::scheduler::{
     host_command, scheduler_client::SchedulerClient, AnnounceHostRequest, AnnounceTaskRequest,
     TaskMetadata,
 };
+use wire::tls::TlsConfig;
 use wire::TaskId;
 
 /// Lazily connected channels to a list of schedulers.
@@ -21,9 +22,9 @@ pub struct SchedulerPool {
     schedulers: Vec<(String, Channel)>,
 }
 
-fn endpoint(addr: &str) -> anyhow::Result<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| anyhow::anyhow!("scheduler address {addr:?}: {e}"))?
+fn endpoint(addr: &str, tls: Option<&TlsConfig>) -> anyhow::Result<Channel> {
+    let ep = wire::tls::grpc_endpoint(addr, tls)
+        .map_err(|e| anyhow::anyhow!("scheduler {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -45,9 +46,14 @@ fn weight(addr: &str, task: &TaskId) -> u64 {
 impl SchedulerPool {
     /// Channels to `addrs` (`host:port`), connected on first use.
     pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        Self::with_tls(addrs, None)
+    }
+
+    /// Like [`SchedulerPool::new`], over TLS (`https://`) when `tls` is given.
+    pub fn with_tls(addrs: &[String], tls: Option<&TlsConfig>) -> anyhow::Result<Self> {
         let mut schedulers = Vec::new();
         for a in addrs {
-            schedulers.push((a.clone(), endpoint(a)?));
+            schedulers.push((a.clone(), endpoint(a, tls)?));
         }
         Ok(Self { schedulers })
     }
@@ -78,14 +84,22 @@ impl SchedulerPool {
 pub struct SchedulerSet {
     pool: ArcSwap<SchedulerPool>,
     loops: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    tls: Option<TlsConfig>,
 }
 
 impl SchedulerSet {
     /// A set starting with `addrs`.
     pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
+        Self::with_tls(addrs, None)
+    }
+
+    /// A set starting with `addrs`, every channel over TLS when `tls` is given
+    /// (`scheduler.tls`).
+    pub fn with_tls(addrs: &[String], tls: Option<TlsConfig>) -> anyhow::Result<Self> {
         Ok(Self {
-            pool: ArcSwap::from_pointee(SchedulerPool::new(addrs)?),
+            pool: ArcSwap::from_pointee(SchedulerPool::with_tls(addrs, tls.as_ref())?),
             loops: Mutex::new(HashMap::new()),
+            tls,
         })
     }
 
@@ -120,7 +134,7 @@ impl SchedulerSet {
         for a in sorted_new {
             let ch = match old.all().iter().find(|(o, _)| o == a) {
                 Some((_, ch)) => ch.clone(),
-                None => endpoint(a)?,
+                None => endpoint(a, self.tls.as_ref())?,
             };
             schedulers.push((a.clone(), ch));
         }
@@ -159,6 +173,7 @@ impl SchedulerSet {
 /// triggers it receives. Runs until the process exits.
 pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
     let mut backoff = Duration::from_millis(100);
+    let mut last_error: Option<String> = None;
     loop {
         let mut client = SchedulerClient::new(channel.clone());
         let req = AnnounceHostRequest {
@@ -166,6 +181,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
         };
         match client.announce_host(req).await {
             Ok(resp) => {
+                last_error = None;
                 tracing::info!("announced host {} to scheduler {addr}", ctx.host.id);
                 backoff = Duration::from_millis(100);
                 announce_held_tasks(&ctx, &addr, &channel);
@@ -187,11 +203,45 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
                     }
                 }
             }
-            Err(e) => tracing::debug!("announcing host to {addr}: {}", e.message()),
+            Err(e) => {
+                // Said once per distinct error (a TLS rejection repeats at every retry).
+                let mut why = error_chain(&e);
+                // With TLS 1.3 the server checks the client certificate after the client's
+                // side of the handshake is done: the refusal may arrive as a fatal alert or
+                // only as a closed connection, depending on timing.
+                if ctx.config.scheduler.tls.is_some()
+                    && why.contains("transport error")
+                    && !why.contains("alert")
+                {
+                    why.push_str(
+                        " (TLS: the scheduler may have refused this host's certificate; its log says why)",
+                    );
+                }
+                if last_error.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("announcing host to scheduler {addr} failed: {why}");
+                    last_error = Some(why);
+                }
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// A status's message followed by its sources (a transport error says why only there, e.g.
+/// which certificate check failed).
+pub fn error_chain(status: &tonic::Status) -> String {
+    let mut s = status.message().to_string();
+    let mut src = std::error::Error::source(status);
+    while let Some(e) = src {
+        let m = e.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = e.source();
+    }
+    s
 }
 
 /// Runs a command from the scheduler at `addr`. A seed trigger registers with that

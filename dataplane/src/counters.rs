@@ -29,6 +29,9 @@ pub struct Counters {
     pub quic_connections: AtomicU64,
     /// QUIC streams accepted by the upload side.
     pub quic_streams_served: AtomicU64,
+    /// Incoming data-plane TLS handshakes that failed (e.g. a child without a valid client
+    /// certificate), on TCP.
+    pub tls_handshakes_failed: AtomicU64,
 }
 
 impl Counters {

@@ -44,6 +44,9 @@ pub struct FetchConfig {
     /// Transport to parents. QUIC is used for a parent that announces a QUIC address when
     /// this data plane runs a QUIC endpoint; otherwise TCP.
     pub transport: Transport,
+    /// TLS of the data plane's TCP connections, fetching and serving alike (the upload
+    /// server takes it from here too); `None`: plaintext.
+    pub tls: Option<Arc<crate::tls::DataTls>>,
 }
 
 /// Transport of fetch connections.
@@ -65,6 +68,7 @@ impl Default for FetchConfig {
             piece_timeout: Duration::from_secs(30),
             bitmap_wait: Duration::from_secs(1),
             transport: Transport::Tcp,
+            tls: None,
         }
     }
 }
@@ -408,7 +412,7 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
     if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
         let stream = match monoio::time::timeout(
             s.cfg.connect_timeout,
-            crate::quic::connect(ep, addr),
+            crate::quic::connect(ep, addr, s.cfg.tls.as_deref()),
         )
         .await
         {
@@ -426,6 +430,17 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
             Err(_) => return Err(ParentError::ConnectTimeout),
         };
     let _ = stream.set_nodelay(true);
+    if let Some(tls) = &s.cfg.tls {
+        let stream =
+            match monoio::time::timeout(s.cfg.connect_timeout, tls.connect(p.addr.ip(), stream))
+                .await
+            {
+                Ok(Ok(st)) => st,
+                Ok(Err(e)) => return Err(ParentError::Connect(e)),
+                Err(_) => return Err(ParentError::ConnectTimeout),
+            };
+        return parent_io(s, p, pc, stream).await;
+    }
     parent_io(s, p, pc, stream).await
 }
 

@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod shaper;
 pub mod storage;
 pub mod sys;
+pub mod tls;
 pub mod upload;
 
 pub use bridge::{Bridge, Command, Event, Parent, PieceSource};

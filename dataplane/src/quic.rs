@@ -15,10 +15,13 @@
 //! Uploads over QUIC copy: the piece is read from the page cache into a buffer that quinn
 //! encrypts into packets (there is no `sendfile` for QUIC).
 //!
-//! TLS 1.3 with rustls (ring). The certificate is the configured one or, when none is
-//! configured, a self-signed one generated at start. The client side does not verify the
-//! parent's certificate (peers have no common PKI yet): traffic is encrypted and integrity
-//! protected, but a parent is not authenticated by its certificate.
+//! TLS 1.3 with rustls (ring). With the data plane's `tls:` section ([`QuicConfig::tls`])
+//! both sides are authenticated: a child checks the parent's certificate against the
+//! section's CA (for the parent's IP, or `server_name`), and with `client_auth` a parent
+//! refuses a child without a certificate signed by it. Without it, the certificate is
+//! `cert`/`key` or a self-signed one generated at start, and the client side does not
+//! verify it: traffic is encrypted and integrity protected, but a parent is not
+//! authenticated.
 
 use crate::upload::UploadStream;
 use bytes::{Bytes, BytesMut};
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 /// ALPN protocol name of the data plane over QUIC.
 pub const ALPN: &[u8] = b"damselfly-dp/1";
 
-/// Server name the client asks for (certificates are not verified against it).
+/// Name in the self-signed certificate generated when none is configured.
 const SERVER_NAME: &str = "damselfly";
 
 /// Largest chunk read from a quinn stream at once.
@@ -60,6 +63,10 @@ pub struct QuicConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key of `cert`.
     pub key: Option<PathBuf>,
+    /// The data plane's `tls:` section: when set it replaces `cert`/`key`: the endpoint
+    /// presents its `cert`, parents are verified against its `ca_cert`, and with
+    /// `client_auth` children must present a certificate signed by it.
+    pub tls: Option<wire::tls::TlsConfig>,
     /// Flow-control window of one stream, bytes.
     pub stream_window: u64,
     /// Flow-control window of one connection, bytes.
@@ -78,6 +85,7 @@ impl Default for QuicConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
             cert: None,
             key: None,
+            tls: None,
             stream_window: 64 << 20,
             connection_window: 128 << 20,
             send_window: 128 << 20,
@@ -328,10 +336,19 @@ impl Drop for QuicEndpoint {
     }
 }
 
-/// Connects to a parent's QUIC endpoint and opens the stream of one fetch connection.
-pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> io::Result<QuicStream> {
+/// Connects to a parent's QUIC endpoint and opens the stream of one fetch connection. The
+/// parent's certificate (when the endpoint verifies it, see [`QuicConfig::tls`]) must carry
+/// its IP, or `tls`'s `server_name` when set.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    tls: Option<&crate::tls::DataTls>,
+) -> io::Result<QuicStream> {
+    // The parent's IP unless `tls` names the server (`server_name`); an unverified endpoint
+    // ignores the name.
+    let name = tls.map_or_else(|| addr.ip().to_string(), |t| t.server_name(addr.ip()));
     let conn = endpoint
-        .connect(addr, SERVER_NAME)
+        .connect(addr, &name)
         .map_err(io::Error::other)?
         .await
         .map_err(io::Error::other)?;
@@ -458,9 +475,32 @@ pub fn bind_udp(cfg: &QuicConfig) -> io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
+/// rustls configurations from the data plane's `tls:` section (verified both ways).
+fn verified_configs(
+    tls: &wire::tls::TlsConfig,
+) -> io::Result<(rustls::ServerConfig, rustls::ClientConfig)> {
+    let invalid =
+        |e: wire::tls::TlsError| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+    let mut server = tls.rustls_server(&[ALPN]).map_err(invalid)?;
+    server.max_early_data_size = 0;
+    let client = tls.rustls_client(&[ALPN]).map_err(invalid)?;
+    Ok((server, client))
+}
+
 fn crypto_configs(cfg: &QuicConfig) -> io::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let other = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
+    if let Some(tls) = &cfg.tls {
+        let (server, client) = verified_configs(tls)?;
+        let server_crypto = QuicServerConfig::try_from(server).map_err(|e| other(&e))?;
+        let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        let transport = Arc::new(transport_config(cfg));
+        server_cfg.transport_config(transport.clone());
+        let client_crypto = QuicClientConfig::try_from(client).map_err(|e| other(&e))?;
+        let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client_cfg.transport_config(transport);
+        return Ok((server_cfg, client_cfg));
+    }
     let (certs, key) = load_or_generate(cfg)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -228,12 +228,35 @@ async fn thread_main(listener: std::net::TcpListener, mut ctx: ThreadContext) ->
         });
     }
     let upload = ctx.upload.clone();
+    let tls = ctx.fetch.cfg.tls.clone();
     monoio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    monoio::spawn(serve_connection(stream, upload.clone()));
+                    match &tls {
+                        None => {
+                            monoio::spawn(serve_connection(stream, upload.clone()));
+                        }
+                        Some(tls) => {
+                            let (tls, upload) = (tls.clone(), upload.clone());
+                            monoio::spawn(async move {
+                                match tls.accept(stream).await {
+                                    Ok(s) => serve_connection(s, upload).await,
+                                    // Closed before a byte: a port probe.
+                                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                        tracing::debug!("{peer} closed during the TLS handshake");
+                                    }
+                                    Err(e) => {
+                                        Counters::add(&upload.counters.tls_handshakes_failed, 1);
+                                        tracing::warn!(
+                                            "data-plane TLS handshake with {peer} failed: {e}"
+                                        );
+                                    }
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("data-plane accept failed: {e}");

@@ -68,6 +68,10 @@ pub struct ServerConfig {
     pub grpc: SocketAddr,
     /// REST API and status page listen address (default `0.0.0.0:8080`).
     pub rest: SocketAddr,
+    /// TLS of the gRPC server (default none: plaintext); with `client_auth: true`
+    /// schedulers and daemons must present a certificate signed by `ca_cert`. The REST API
+    /// is not covered (put it behind a TLS-terminating proxy).
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
         Self {
             grpc: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_GRPC_PORT)),
             rest: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_REST_PORT)),
+            tls: None,
         }
     }
 }

@@ -125,19 +125,30 @@ pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::
     let grpc_addr = grpc_listener.local_addr()?;
     let rest_addr = rest_listener.local_addr()?;
 
+    let tls = match &config.server.tls {
+        Some(t) => Some(t.rustls_server(&[]).context("server.tls")?),
+        None => None,
+    };
     let mut tasks = JoinSet::new();
     let service = grpc::ManagerService::new(state.clone()).into_server();
     let signal = wait_true(shutdown_rx.clone());
     tasks.spawn(async move {
-        tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                signal,
-            )
-            .await
-            .context("gRPC server")
+            .add_service(service);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        match tls {
+            Some(tls) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        wire::tls::grpc_incoming(incoming, tls, "manager"),
+                        signal,
+                    )
+                    .await
+            }
+            None => router.serve_with_incoming_shutdown(incoming, signal).await,
+        }
+        .context("gRPC server")
     });
     let app = rest::router(state.clone());
     let signal = wait_true(shutdown_rx.clone());

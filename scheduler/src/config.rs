@@ -6,6 +6,7 @@
 //! ```yaml
 //! server:
 //!   listen: 0.0.0.0:8002
+//!   tls: ~                    # { ca_cert, cert, key, client_auth }: see wire::tls
 //! scheduling:
 //!   candidate_parent_limit: 2
 //!   parent_limit: 8
@@ -27,6 +28,7 @@
 //!   location: ""
 //!   config_wait: 30s          # longest dynamic-config long poll
 //!   preheat_timeout: 30m      # longest wait for a seed peer to fetch a preheated task
+//!   tls: ~                    # TLS to the manager: { ca_cert, cert, key, server_name }
 //! metrics:
 //!   enable: false             # serve /metrics and /healthy (--metrics ADDR turns it on)
 //!   listen: 0.0.0.0:8000      # Dragonfly's scheduler metrics port
@@ -103,6 +105,9 @@ pub struct ManagerConfig {
     /// reported failed (default 30 min, the manager's job timeout).
     #[serde(with = "humantime_serde")]
     pub preheat_timeout: Duration,
+    /// TLS to the manager (`manager.tls`, default none: plaintext): `ca_cert` verifies the
+    /// manager, `cert`/`key` are presented when the manager requires client certificates.
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 impl Default for ManagerConfig {
@@ -116,6 +121,7 @@ impl Default for ManagerConfig {
             location: String::new(),
             config_wait: Duration::from_secs(30),
             preheat_timeout: Duration::from_secs(30 * 60),
+            tls: None,
         }
     }
 }
@@ -126,12 +132,16 @@ impl Default for ManagerConfig {
 pub struct ServerConfig {
     /// Address the gRPC server binds (`server.listen`, default `0.0.0.0:8002`).
     pub listen: SocketAddr,
+    /// TLS of the gRPC server (`server.tls`, default none: plaintext); with
+    /// `client_auth: true` daemons must present a certificate signed by `ca_cert`.
+    pub tls: Option<wire::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+            tls: None,
         }
     }
 }

@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod service;
 pub mod state;
 
+use anyhow::Context as _;
+
 pub use config::{Config, ManagerConfig, SchedulingConfig, ServerConfig};
 pub use service::{serve, serve_service, SchedulerService};
 pub use state::SchedulerState;
@@ -62,7 +64,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             listener.local_addr()?,
         )?)
     };
-    let result = serve_service(listener, service, shutdown_signal()).await;
+    let tls = match &config.server.tls {
+        Some(t) => Some(t.rustls_server(&[]).context("server.tls")?),
+        None => None,
+    };
+    let result = service::serve_service_tls(listener, service, tls, shutdown_signal()).await;
     // Ends the keepalive stream: the manager marks this scheduler inactive at once.
     drop(manager);
     result

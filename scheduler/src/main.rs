@@ -47,6 +47,7 @@ async fn main() -> ExitCode {
     let mut config = Config {
         server: damselfly_scheduler::ServerConfig {
             listen: args.listen.unwrap_or(config.server.listen),
+            ..config.server.clone()
         },
         ..config
     };

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn};
 use wire::proto::manager::manager_client::ManagerClient;
@@ -92,8 +92,8 @@ pub fn start(
     base: SchedulingConfig,
     listen: SocketAddr,
 ) -> anyhow::Result<ManagerHandle> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", config.addr))
-        .map_err(|e| anyhow::anyhow!("manager address {:?}: {e}", config.addr))?
+    let endpoint = wire::tls::grpc_endpoint(&config.addr, config.tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("manager: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))

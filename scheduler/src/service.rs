@@ -516,6 +516,18 @@ pub async fn serve_service(
     service: SchedulerService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    serve_service_tls(listener, service, None, shutdown).await
+}
+
+/// Like [`serve_service`], over TLS when `tls` is given (see `wire::tls::grpc_incoming`: a
+/// client without a valid certificate, when the config requires one, is refused and
+/// logged).
+pub async fn serve_service_tls(
+    listener: TcpListener,
+    service: SchedulerService,
+    tls: Option<wire::tls::rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let closer = service.clone();
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
@@ -527,12 +539,23 @@ pub async fn serve_service(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    info!("scheduler listening on {addr}");
-    let server = tonic::transport::Server::builder()
+    info!(
+        "scheduler listening on {addr}{}",
+        if tls.is_some() { " (TLS)" } else { "" }
+    );
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming, signal);
+        .add_service(service.into_server());
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            wire::tls::grpc_incoming(incoming, tls, "scheduler"),
+            signal,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, signal)),
+    };
     let grace = async {
         if fired_rx.await.is_ok() {
             tokio::time::sleep(SHUTDOWN_GRACE).await;

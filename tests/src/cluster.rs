@@ -57,6 +57,8 @@ pub struct ClusterOptions {
     pub manager_refresh: Duration,
     /// Give every daemon a registry mirror proxy on a free port (`--proxy`).
     pub proxy: bool,
+    /// Extra arguments appended to every `scheduler` command line (e.g. `--config`).
+    pub scheduler_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -75,6 +77,7 @@ impl Default for ClusterOptions {
             static_schedulers: true,
             manager_refresh: Duration::from_millis(500),
             proxy: false,
+            scheduler_args: Vec::new(),
         }
     }
 }
@@ -351,6 +354,7 @@ impl Cluster {
             if let Some(m) = &cluster.manager {
                 args.extend(["--manager".to_string(), m.grpc_addr.to_string()]);
             }
+            args.extend(cluster.opts.scheduler_args.iter().cloned());
             let proc = Proc::spawn(
                 &name,
                 &scheduler_bin,

@@ -11,6 +11,7 @@
 //! * [`frames`]: a small async client/server connection speaking the data-plane frames.
 //! * [`registry`]: a real `docker-registry`, OCI images built here and pushed with `skopeo`,
 //!   a throwaway `containerd` for `ctr images pull` through a mirror.
+//! * [`pki`]: a test CA and leaf certificates (rcgen) written as PEM files, for TLS tests.
 //! * [`poll`]: waiting for a condition, daemon config files, scraping `/metrics`.
 //! * [`fake_parent`]: a misbehaving parent that registers with the scheduler and serves
 //!   corrupt pieces.
@@ -25,6 +26,7 @@ pub mod frames;
 pub mod grpc;
 pub mod manager;
 pub mod origin;
+pub mod pki;
 pub mod poll;
 pub mod registry;
 

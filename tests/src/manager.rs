@@ -27,6 +27,9 @@ pub struct ManagerOptions {
     pub config_max_wait: Duration,
     /// `preheat.job_timeout`.
     pub preheat_job_timeout: Duration,
+    /// A `tls:` block indented by 2 spaces, put under `server:` (gRPC over TLS); empty:
+    /// plaintext.
+    pub server_tls_yaml: String,
 }
 
 impl Default for ManagerOptions {
@@ -36,6 +39,7 @@ impl Default for ManagerOptions {
             keepalive_timeout: Duration::from_secs(3),
             config_max_wait: Duration::from_secs(10),
             preheat_job_timeout: Duration::from_secs(120),
+            server_tls_yaml: String::new(),
         }
     }
 }
@@ -68,7 +72,7 @@ impl ManagerProc {
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = dir.join("manager.yaml");
         let yaml = format!(
-            "server:\n  grpc: {grpc_addr}\n  rest: {rest_addr}\n\
+            "server:\n  grpc: {grpc_addr}\n  rest: {rest_addr}\n{tls}\
              database:\n  url: sqlite://{db}\n\
              auth:\n  bootstrap_token: {TEST_TOKEN}\n\
              keepalive:\n  interval: {ki}\n  timeout: {kt}\n\
@@ -80,6 +84,7 @@ impl ManagerProc {
             kt = humantime(opts.keepalive_timeout),
             mw = humantime(opts.config_max_wait),
             jt = humantime(opts.preheat_job_timeout),
+            tls = opts.server_tls_yaml,
         );
         std::fs::write(&config, yaml).with_context(|| format!("writing {}", config.display()))?;
         let proc = Proc::spawn(

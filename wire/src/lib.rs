@@ -7,10 +7,13 @@
 //! * [`task`]: task ids (sha256 over the normalised URL and the task's options).
 //! * [`proto`]: the gRPC services (scheduler, dfdaemon local API, manager), compiled with
 //!   protox.
+//! * [`tls`]: the `tls:` config section shared by every process, turned into rustls and
+//!   tonic configurations.
 
 pub mod frame;
 pub mod piece;
 pub mod task;
+pub mod tls;
 
 pub use frame::{DecodeError, ErrorCode, Frame, PieceHeader};
 pub use piece::PieceLayout;
