@@ -159,9 +159,7 @@ mod tests {
         for rate in [50_000_000u64, 200_000_000, 500_000_000] {
             let piece = 4u64 << 20;
             let pieces = rate * 20 / piece;
-            let got = simulate(rate, piece, pieces, |i| {
-                Duration::from_millis(1 + i % 3)
-            });
+            let got = simulate(rate, piece, pieces, |i| Duration::from_millis(1 + i % 3));
             let err = got / rate as f64 - 1.0;
             assert!(
                 (0.0..0.005).contains(&err),

@@ -137,6 +137,9 @@ fn make_file(dir: &Path, size: u64) -> Result<std::fs::File> {
         f.write_all_at(&block[..n], off)?;
         off += n as u64;
     }
+    // Written back before any measurement: otherwise the kernel's writeback of this setup
+    // data runs during the first rows and steals CPU and disk from them.
+    f.sync_all()?;
     Ok(f)
 }
 
@@ -254,6 +257,8 @@ fn seed(n: &Node, id: TaskId, src: &std::fs::File, layout: PieceLayout) -> Resul
         src.read_exact_at(&mut buf, r.start)?;
         store.write_piece(p, &buf, wire::piece_crc(&buf))?;
     }
+    // As for the source file: no writeback of setup data during the measurement.
+    store.file().sync_all()?;
     Ok(())
 }
 
