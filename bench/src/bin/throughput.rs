@@ -57,6 +57,10 @@ struct Args {
     /// (c) with quinn's default transport and endpoint settings instead of ours.
     #[arg(long)]
     quinn_defaults: bool,
+    /// (c) receiver discards what it reads instead of writing the file (diagnostic: the
+    /// transport alone).
+    #[arg(long)]
+    quinn_discard: bool,
     /// Shaping limit for the shaped run, MB/s (decimal).
     #[arg(long, default_value_t = 200)]
     shaped_mbps: u64,
@@ -396,6 +400,7 @@ fn main() -> Result<()> {
                 &out,
                 args.quic_payload,
                 args.quinn_defaults,
+                args.quinn_discard,
             )?);
             std::fs::remove_file(&out)?;
         }
@@ -585,6 +590,7 @@ fn plain_quinn(
     out: &Path,
     payload: Option<u16>,
     quinn_defaults: bool,
+    discard: bool,
 ) -> Result<Sample> {
     let qcfg = quic_config(payload);
     let (mut ep_cfg, mut server_cfg, mut client_cfg) = dataplane::quic::configs(&qcfg)?;
@@ -650,7 +656,9 @@ fn plain_quinn(
         send.write_all(&[1]).await?;
         let mut got = 0u64;
         while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
-            f.write_all_at(&chunk.bytes, got)?;
+            if !discard {
+                f.write_all_at(&chunk.bytes, got)?;
+            }
             got += chunk.bytes.len() as u64;
         }
         if got != size {
