@@ -47,6 +47,20 @@ struct Args {
     /// Skip the TCP rows (b) and run the baseline (a) once: for QUIC tuning
     #[arg(long)]
     only_quic: bool,
+    /// Run only the shaped row (e) (for shaper accuracy runs).
+    #[arg(long)]
+    only_shaped: bool,
+    /// QUIC: largest UDP payload (initial MTU and discovery bound) for rows (c) and (d);
+    /// default: `QuicConfig`'s.
+    #[arg(long)]
+    quic_payload: Option<u16>,
+    /// (c) with quinn's default transport and endpoint settings instead of ours.
+    #[arg(long)]
+    quinn_defaults: bool,
+    /// (c) receiver discards what it reads instead of writing the file (diagnostic: the
+    /// transport alone).
+    #[arg(long)]
+    quinn_discard: bool,
     /// Shaping limit for the shaped run, MB/s (decimal).
     #[arg(long, default_value_t = 200)]
     shaped_mbps: u64,
@@ -127,6 +141,9 @@ fn make_file(dir: &Path, size: u64) -> Result<std::fs::File> {
         f.write_all_at(&block[..n], off)?;
         off += n as u64;
     }
+    // Written back before any measurement: otherwise the kernel's writeback of this setup
+    // data runs during the first rows and steals CPU and disk from them.
+    f.sync_all()?;
     Ok(f)
 }
 
@@ -188,6 +205,17 @@ struct Knobs {
     pieces_in_flight: usize,
     bytes_in_flight: u64,
     quic: bool,
+    quic_payload: Option<u16>,
+}
+
+/// Our QUIC settings on a free loopback port, with the UDP payload overridden if asked.
+fn quic_config(payload: Option<u16>) -> QuicConfig {
+    let d = QuicConfig::default();
+    QuicConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        max_udp_payload: payload.unwrap_or(d.max_udp_payload),
+        ..d
+    }
 }
 
 fn node(threads: usize, shaping: ShapingConfig, k: Knobs) -> Result<Node> {
@@ -208,10 +236,7 @@ fn node(threads: usize, shaping: ShapingConfig, k: Knobs) -> Result<Node> {
             },
             ..FetchConfig::default()
         },
-        quic: k.quic.then(|| QuicConfig {
-            listen: "127.0.0.1:0".parse().expect("literal address"),
-            ..QuicConfig::default()
-        }),
+        quic: k.quic.then(|| quic_config(k.quic_payload)),
     };
     let dp = DataPlane::start(
         cfg,
@@ -236,6 +261,8 @@ fn seed(n: &Node, id: TaskId, src: &std::fs::File, layout: PieceLayout) -> Resul
         src.read_exact_at(&mut buf, r.start)?;
         store.write_piece(p, &buf, wire::piece_crc(&buf))?;
     }
+    // As for the source file: no writeback of setup data during the measurement.
+    store.file().sync_all()?;
     Ok(())
 }
 
@@ -330,7 +357,20 @@ fn main() -> Result<()> {
         pieces_in_flight: args.pieces_in_flight,
         bytes_in_flight: args.mib_in_flight << 20,
         quic: false,
+        quic_payload: args.quic_payload,
     };
+    if args.only_shaped {
+        let shaped = shaped_row(&args, &src, layout, knobs)?;
+        let limit = (args.shaped_mbps * 1_000_000) as f64;
+        let rate = shaped.bytes as f64 / shaped.secs;
+        println!(
+            "(e) our TCP, download limit {:.3} GB/s: {:.4} GB/s, error {:+.2} %",
+            limit / 1e9,
+            rate / 1e9,
+            (rate / limit - 1.0) * 100.0
+        );
+        return Ok(());
+    }
     let mut results = serde_json::Map::new();
     let mut ours_by_threads = Vec::new();
     let threads_list: &[usize] = if args.only_quic { &[] } else { &[1, 2] };
@@ -354,7 +394,14 @@ fn main() -> Result<()> {
         );
         let mut v = Vec::new();
         for _ in 0..args.runs {
-            v.push(plain_quinn(&src, size, &out)?);
+            v.push(plain_quinn(
+                &src,
+                size,
+                &out,
+                args.quic_payload,
+                args.quinn_defaults,
+                args.quinn_discard,
+            )?);
             std::fs::remove_file(&out)?;
         }
         let pq = best(v);
@@ -385,22 +432,7 @@ fn main() -> Result<()> {
         "[throughput] (e) our TCP shaped to {} MB/s ...",
         args.shaped_mbps
     );
-    let shaped_size = args.shaped_mib << 20;
-    let shaped_layout = PieceLayout::new(shaped_size, layout.piece_length())?;
-    let a = node(1, ShapingConfig::default(), knobs)?;
-    let b = node(
-        1,
-        ShapingConfig {
-            download: args.shaped_mbps * 1_000_000,
-            ..ShapingConfig::default()
-        },
-        knobs,
-    )?;
-    let id = TaskId([99; 32]);
-    seed(&a, id, &src, shaped_layout)?;
-    let shaped = ours(&a, &b, &[id], shaped_layout, 0)?;
-    a.dp.shutdown();
-    b.dp.shutdown();
+    let shaped = shaped_row(&args, &src, layout, knobs)?;
 
     let (_, one) = ours_by_threads[0];
     let (_, two) = ours_by_threads[1];
@@ -497,6 +529,32 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// (e) one download through a node whose download limit is `--shaped-mbps`.
+fn shaped_row(
+    args: &Args,
+    src: &std::fs::File,
+    layout: PieceLayout,
+    knobs: Knobs,
+) -> Result<Sample> {
+    let shaped_size = (args.shaped_mib << 20).min(args.size_mib << 20);
+    let shaped_layout = PieceLayout::new(shaped_size, layout.piece_length())?;
+    let a = node(1, ShapingConfig::default(), knobs)?;
+    let b = node(
+        1,
+        ShapingConfig {
+            download: args.shaped_mbps * 1_000_000,
+            ..ShapingConfig::default()
+        },
+        knobs,
+    )?;
+    let id = TaskId([99; 32]);
+    seed(&a, id, src, shaped_layout)?;
+    let shaped = ours(&a, &b, &[id], shaped_layout, 0);
+    a.dp.shutdown();
+    b.dp.shutdown();
+    shaped
+}
+
 /// Best of `runs` fetches between two fresh nodes of `threads` threads (one task per thread).
 fn run_ours(
     threads: usize,
@@ -526,12 +584,22 @@ fn run_ours(
 /// (c) plain quinn: the file sent on one stream in 1 MiB chunks read from the page cache;
 /// the receiver writes what it reads into a file. Same TLS and transport settings as our
 /// QUIC data plane; each side on its own one-thread tokio runtime.
-fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
-    let qcfg = QuicConfig {
-        listen: "127.0.0.1:0".parse()?,
-        ..QuicConfig::default()
-    };
-    let (ep_cfg, server_cfg, client_cfg) = dataplane::quic::configs(&qcfg)?;
+fn plain_quinn(
+    src: &std::fs::File,
+    size: u64,
+    out: &Path,
+    payload: Option<u16>,
+    quinn_defaults: bool,
+    discard: bool,
+) -> Result<Sample> {
+    let qcfg = quic_config(payload);
+    let (mut ep_cfg, mut server_cfg, mut client_cfg) = dataplane::quic::configs(&qcfg)?;
+    if quinn_defaults {
+        let t = Arc::new(quinn::TransportConfig::default());
+        server_cfg.transport_config(t.clone());
+        client_cfg.transport_config(t);
+        ep_cfg = quinn::EndpointConfig::default();
+    }
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -562,6 +630,11 @@ fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
         }
         send.finish()?;
         let _ = send.stopped().await;
+        let st = conn.stats();
+        eprintln!(
+            "[throughput] (c) sender view: tx datagrams {} ios {}, {:?}",
+            st.udp_tx.datagrams, st.udp_tx.ios, st.path
+        );
         anyhow::Ok(())
     });
     let client_rt = tokio::runtime::Builder::new_current_thread()
@@ -574,10 +647,7 @@ fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
         let mut client = quinn::Endpoint::new(
             ep_cfg,
             None,
-            dataplane::quic::bind_udp(&QuicConfig {
-                listen: "127.0.0.1:0".parse()?,
-                ..QuicConfig::default()
-            })?,
+            dataplane::quic::bind_udp(&qcfg)?,
             Arc::new(quinn::TokioRuntime),
         )?;
         client.set_default_client_config(client_cfg);
@@ -586,12 +656,19 @@ fn plain_quinn(src: &std::fs::File, size: u64, out: &Path) -> Result<Sample> {
         send.write_all(&[1]).await?;
         let mut got = 0u64;
         while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
-            f.write_all_at(&chunk.bytes, got)?;
+            if !discard {
+                f.write_all_at(&chunk.bytes, got)?;
+            }
             got += chunk.bytes.len() as u64;
         }
         if got != size {
             bail!("plain quinn received {got} of {size} bytes");
         }
+        let st = conn.stats();
+        eprintln!(
+            "[throughput] (c) client view: rtt {:?}, mtu {}, rx datagrams {}, tx datagrams {}, path {:?}",
+            st.path.rtt, st.path.current_mtu, st.udp_rx.datagrams, st.udp_tx.datagrams, st.path
+        );
         conn.close(0u32.into(), b"done");
         anyhow::Ok(())
     })?;
