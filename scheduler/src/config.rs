@@ -215,7 +215,13 @@ pub struct EvaluatorWeights {
     pub host_type: f64,
     /// Measured upload bandwidth of the parent's host (default 0.1; not in Dragonfly).
     pub bandwidth: f64,
+    /// Pieces the parent holds beyond the child's, as a share of the task (default 0.2;
+    /// Dragonfly's finished-piece score).
+    pub pieces: f64,
 }
+
+/// Default weight of the pieces-ahead term.
+pub const PIECES_WEIGHT: f64 = 0.2;
 
 impl Default for EvaluatorWeights {
     fn default() -> Self {
@@ -225,6 +231,7 @@ impl Default for EvaluatorWeights {
             location: 0.1,
             host_type: 0.1,
             bandwidth: 0.1,
+            pieces: PIECES_WEIGHT,
         }
     }
 }

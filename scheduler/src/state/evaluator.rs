@@ -10,6 +10,9 @@
 //! * host type: a seed peer scores 1 while it is still fetching the task from the origin
 //!   (early in a task, so that the first pieces leave it at once) and 0 afterwards; a normal
 //!   peer 0.5 (Dragonfly's rule);
+//! * pieces ahead: share of the task's pieces the candidate holds beyond the child's,
+//!   `(parent − child) / total` clamped to `[0, 1]` (Dragonfly's finished-piece score), so
+//!   that a full parent beats an empty peer that was merely scheduled;
 //! * bandwidth: the parent host's measured rate (from `PieceFinished.cost_us`), or else its
 //!   announced upload limit, over `bandwidth_reference`, capped at 1; 0.5 when neither is
 //!   known.
@@ -34,6 +37,16 @@ pub struct ParentView<'a> {
     pub fetching_from_origin: bool,
     /// Measured upload rate of its host, bytes per second.
     pub measured_rate: Option<f64>,
+    /// Pieces it holds beyond the child's, over the task's piece count, in `[0, 1]`.
+    pub pieces_ahead: f64,
+}
+
+/// `(parent − child) / total`, clamped to `[0, 1]`; 0 when the piece count is unknown.
+pub fn pieces_ahead_score(parent: u32, child: u32, total: u32) -> f64 {
+    if total == 0 || parent <= child {
+        return 0.0;
+    }
+    (f64::from(parent - child) / f64::from(total)).min(1.0)
 }
 
 /// `1 - children / slots`, 0 when full.
@@ -104,6 +117,7 @@ pub fn score(
         + weights.idc * idc_score(&child.idc, &parent.host.idc)
         + weights.location * location_score(&child.location, &parent.host.location)
         + weights.host_type * host_type_score(parent.host, parent.fetching_from_origin)
+        + weights.pieces * parent.pieces_ahead
         + weights.bandwidth
             * bandwidth_score(
                 parent.measured_rate,
@@ -137,6 +151,7 @@ mod tests {
             slots: 20,
             fetching_from_origin: false,
             measured_rate: None,
+            pieces_ahead: 0.0,
         }
     }
 
@@ -159,6 +174,35 @@ mod tests {
         assert_eq!(host_type_score(&seed, true), 1.0);
         assert_eq!(host_type_score(&seed, false), 0.0);
         assert_eq!(host_type_score(&host("n", "", "", false), true), 0.5);
+        assert_eq!(pieces_ahead_score(10, 4, 12), 0.5);
+        assert_eq!(pieces_ahead_score(3, 4, 12), 0.0);
+        assert_eq!(pieces_ahead_score(3, 0, 0), 0.0);
+    }
+
+    /// A parent holding the whole task beats an equally loaded one that holds nothing yet
+    /// (a peer that was only scheduled), so early children go to where the pieces are.
+    #[test]
+    fn pieces_ahead_prefers_full_parents() {
+        let w = EvaluatorWeights::default();
+        let child = host("c", "", "", false);
+        let peer = host("p", "", "", false);
+        let empty = view(&peer, 2);
+        let full = ParentView {
+            pieces_ahead: pieces_ahead_score(64, 0, 64),
+            ..view(&peer, 2)
+        };
+        assert!(score(&w, 125_000_000, &child, &full) > score(&w, 125_000_000, &child, &empty));
+        // A finished seed with a few children still beats an idle empty peer.
+        let seed = host("s", "", "", true);
+        let finished_seed = ParentView {
+            slots: 40,
+            pieces_ahead: 1.0,
+            ..view(&seed, 8)
+        };
+        assert!(
+            score(&w, 125_000_000, &child, &finished_seed)
+                > score(&w, 125_000_000, &child, &view(&peer, 0))
+        );
     }
 
     /// With Dragonfly's weights, the ordering follows load first, then IDC, then location.

@@ -1240,8 +1240,18 @@ impl SchedulerState {
         false
     }
 
-    fn view<'a>(&'a self, peer: &'a Peer) -> ParentView<'a> {
+    fn view<'a>(&'a self, peer: &'a Peer, child: &Peer) -> ParentView<'a> {
+        let total = self
+            .tasks
+            .get(&peer.task_id)
+            .and_then(|t| t.metadata.as_ref())
+            .map_or(0, |m| m.piece_count());
         ParentView {
+            pieces_ahead: evaluator::pieces_ahead_score(
+                peer.pieces.count(),
+                child.pieces.count(),
+                total,
+            ),
             host: &peer.host,
             children: peer.children.len(),
             slots: self.slots(peer),
@@ -1287,7 +1297,7 @@ impl SchedulerState {
                         &self.config.weights,
                         self.config.bandwidth_reference,
                         &peer.host,
-                        &self.view(p),
+                        &self.view(p, peer),
                     );
                     candidates.push((s, k));
                 }
@@ -1309,7 +1319,7 @@ impl SchedulerState {
                         &self.config.weights,
                         self.config.bandwidth_reference,
                         &peer.host,
-                        &self.view(p),
+                        &self.view(p, peer),
                     );
                     candidates.push((s, k));
                 }
