@@ -80,6 +80,18 @@ struct Simulate {
     /// Random seed of the simulator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Parent-side upload ordering: a parent serves its first K piece requests (FIFO by
+    /// request time) first; 0 = every request shares the uplink equally (max-min fair).
+    #[arg(long, default_value_t = 0)]
+    upload_first: usize,
+    /// What the requests behind the first K get: `priority` = whatever upload the first K
+    /// leave unused (work-conserving), `queue` = nothing until they move up.
+    #[arg(long, value_enum, default_value = "priority")]
+    upload_order: UploadOrder,
+    /// With --upload-first: which requests come first, the oldest or those of the children
+    /// holding the fewest pieces.
+    #[arg(long, value_enum, default_value = "oldest")]
+    upload_prefer: UploadPrefer,
     /// Use a running scheduler instead of starting target/<profile>/scheduler.
     #[arg(long, value_name = "ADDR")]
     scheduler: Option<SocketAddr>,
@@ -101,6 +113,27 @@ enum PieceChoice {
     Rarest,
     /// Uniformly random among the pieces the parent has and the peer lacks.
     Random,
+}
+
+/// What a parent's requests behind the first `--upload-first` get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UploadOrder {
+    /// The upload the first K leave unused.
+    Priority,
+    /// Nothing (they wait in a FIFO queue).
+    Queue,
+    /// Per piece: a parent's first K requests of each piece it holds come first, the rest
+    /// get what they leave (work-conserving).
+    Piece,
+}
+
+/// Which of a parent's requests come first with `--upload-first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UploadPrefer {
+    /// Oldest request first (FIFO).
+    Oldest,
+    /// Child holding the fewest pieces first, then the oldest.
+    Poorest,
 }
 
 const MBIT: f64 = 125_000.0;
@@ -152,6 +185,10 @@ fn params(a: &Simulate) -> sim::Params {
         max_time: a.max_virtual_s,
         seed: a.seed,
         random_pieces: a.piece_choice == PieceChoice::Random,
+        upload_first: a.upload_first,
+        upload_queue: a.upload_order == UploadOrder::Queue,
+        upload_per_piece: a.upload_order == UploadOrder::Piece,
+        upload_poorest: a.upload_prefer == UploadPrefer::Poorest,
     }
 }
 

@@ -72,6 +72,18 @@ pub struct Params {
     pub seed: u64,
     /// Piece choice: rarest first over the swarm, or uniformly random.
     pub random_pieces: bool,
+    /// Parent-side upload ordering: each parent serves its `upload_first` oldest piece
+    /// requests first (0: all requests share its uplink max-min fairly).
+    pub upload_first: usize,
+    /// With `upload_first`: the other requests wait (true) or get the upload the first ones
+    /// leave unused (false, work-conserving strict priority).
+    pub upload_queue: bool,
+    /// With `upload_first`: the order is per (parent, piece): each parent's first
+    /// `upload_first` requests of every piece come first.
+    pub upload_per_piece: bool,
+    /// With `upload_first`: children holding the fewest pieces come first (else the oldest
+    /// requests).
+    pub upload_poorest: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -561,7 +573,11 @@ impl Sim {
         capacity.extend(self.links.iter().map(|l| l.up));
         capacity.extend(self.links.iter().map(|l| l.down));
         capacity.push(self.p.origin_rate);
-        solver.solve(&capacity, flows, rates);
+        if self.p.upload_first == 0 {
+            solver.solve(&capacity, flows, rates);
+        } else {
+            self.solve_ordered(solver, &capacity, flows, refs, rates);
+        }
         if std::env::var_os("LOADGEN_TRACE").is_some()
             && ((self.t / self.p.step).round() as u64) & 63 == 0
         {
@@ -667,6 +683,85 @@ impl Sim {
             }
         }
         self.t += dt;
+    }
+
+    /// Rates when every parent serves its `upload_first` oldest requests first: those flows
+    /// share the links max-min fairly; the rest get what they leave (or nothing, `queue`).
+    fn solve_ordered(
+        &mut self,
+        solver: &mut Solver,
+        capacity: &[f64],
+        flows: &[(u32, u32)],
+        refs: &[(u32, u32)],
+        rates: &mut Vec<f64>,
+    ) {
+        // Flows sorted by their queue (uplink, and with `per_piece` the piece), then by
+        // preference (fewest pieces held with `poorest`, then request time); the first
+        // `upload_first` of each queue are the head class. Keys are computed once: sorting
+        // 80,000 flows every step must stay cheap.
+        let mut keys: Vec<(u64, u32, u64, u32)> = Vec::with_capacity(flows.len());
+        for (f, &(up, _)) in flows.iter().enumerate() {
+            let (i, j) = refs[f];
+            let c = &self.conns[i as usize][j as usize];
+            let piece = if self.p.upload_per_piece {
+                c.piece.unwrap_or(u32::MAX)
+            } else {
+                0
+            };
+            let holds = if self.p.upload_poorest {
+                self.count[i as usize]
+            } else {
+                0
+            };
+            // Start times are non-negative, so their bit patterns order like the values.
+            keys.push((
+                (u64::from(up) << 32) | u64::from(piece),
+                holds,
+                c.started.max(0.0).to_bits(),
+                f as u32,
+            ));
+        }
+        keys.sort_unstable();
+        let mut head = vec![false; flows.len()];
+        let mut run = 0usize;
+        for x in 0..keys.len() {
+            if x > 0 && keys[x - 1].0 == keys[x].0 {
+                run += 1;
+            } else {
+                run = 0;
+            }
+            head[keys[x].3 as usize] = run < self.p.upload_first;
+        }
+        let split = |want: bool| -> (Vec<u32>, Vec<(u32, u32)>) {
+            let idx: Vec<u32> = (0..flows.len() as u32)
+                .filter(|f| head[*f as usize] == want)
+                .collect();
+            let fl = idx.iter().map(|f| flows[*f as usize]).collect();
+            (idx, fl)
+        };
+        let (head_idx, head_flows) = split(true);
+        let (tail_idx, tail_flows) = split(false);
+        rates.clear();
+        rates.resize(flows.len(), 0.0);
+        let mut sub = Vec::new();
+        solver.solve(capacity, &head_flows, &mut sub);
+        let mut residual = capacity.to_vec();
+        for (f, r) in head_idx.iter().zip(&sub) {
+            rates[*f as usize] = *r;
+            let (a, b) = flows[*f as usize];
+            residual[a as usize] -= r;
+            residual[b as usize] -= r;
+        }
+        if self.p.upload_queue || tail_flows.is_empty() {
+            return;
+        }
+        for r in &mut residual {
+            *r = r.max(0.0);
+        }
+        solver.solve(&residual, &tail_flows, &mut sub);
+        for (f, r) in tail_idx.iter().zip(&sub) {
+            rates[*f as usize] = *r;
+        }
     }
 
     fn normal_done(&self) -> usize {

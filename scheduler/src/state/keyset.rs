@@ -1,6 +1,5 @@
 //! A set with O(1) insert, remove and uniform random sampling.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 
 use rand::Rng;
@@ -9,14 +8,14 @@ use rand::Rng;
 #[derive(Debug, Clone)]
 pub(crate) struct KeySet<K> {
     items: Vec<K>,
-    index: HashMap<K, usize>,
+    index: std::collections::HashMap<K, usize, foldhash::fast::RandomState>,
 }
 
 impl<K> Default for KeySet<K> {
     fn default() -> Self {
         Self {
             items: Vec::new(),
-            index: HashMap::new(),
+            index: Default::default(),
         }
     }
 }

@@ -37,7 +37,12 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+/// Maps and sets keyed by peer keys and ids: foldhash (randomly seeded per map, several times
+/// faster than SipHash on short keys) instead of the standard hasher.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng as _;
@@ -307,9 +312,9 @@ impl SchedulerState {
         Self {
             config,
             hosts: BTreeMap::new(),
-            tasks: HashMap::new(),
-            peers: HashMap::new(),
-            host_stats: HashMap::new(),
+            tasks: HashMap::default(),
+            peers: HashMap::default(),
+            host_stats: HashMap::default(),
             in_batch: false,
             rng,
         }
@@ -572,9 +577,9 @@ impl SchedulerState {
                 scheduled: false,
                 announced: false,
                 pieces: PieceSet::default(),
-                parents: HashSet::new(),
-                children: HashSet::new(),
-                bad_hosts: HashSet::new(),
+                parents: HashSet::default(),
+                children: HashSet::default(),
+                bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
             },
@@ -672,9 +677,9 @@ impl SchedulerState {
                 scheduled: false,
                 announced: true,
                 pieces,
-                parents: HashSet::new(),
-                children: HashSet::new(),
-                bad_hosts: HashSet::new(),
+                parents: HashSet::default(),
+                children: HashSet::default(),
+                bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
             },
@@ -1221,7 +1226,7 @@ impl SchedulerState {
     /// Whether `ancestor` can be reached from `of` through parent edges (or the search is too
     /// large to tell, which counts as yes).
     fn is_ancestor(&self, ancestor: PeerKey, of: PeerKey) -> bool {
-        let mut seen: HashSet<PeerKey> = HashSet::new();
+        let mut seen: HashSet<PeerKey> = HashSet::default();
         let mut stack = vec![of];
         while let Some(k) = stack.pop() {
             if k == ancestor {
@@ -1285,7 +1290,7 @@ impl SchedulerState {
             return Vec::new();
         }
         let filter = self.config.filter_parent_limit;
-        let mut seen: HashSet<PeerKey> = HashSet::new();
+        let mut seen: HashSet<PeerKey> = HashSet::default();
         let mut candidates: Vec<(f64, PeerKey)> = Vec::new();
         for _round in 0..4 {
             for k in task.servers.sample(filter, &mut self.rng) {

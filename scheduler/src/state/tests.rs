@@ -837,8 +837,8 @@ proptest! {
         let mut sim = Sim::with(config.clone());
         let mut hosts: Vec<HostKey> = Vec::new();
         let mut peers: Vec<PeerKey> = Vec::new();
-        let mut bad: HashMap<PeerKey, HashSet<String>> = HashMap::new();
-        let mut host_of: HashMap<PeerKey, String> = HashMap::new();
+        let mut bad: HashMap<PeerKey, HashSet<String>> = HashMap::default();
+        let mut host_of: HashMap<PeerKey, String> = HashMap::default();
         let pick = |v: &Vec<PeerKey>, i: u8| v.get(usize::from(i) % v.len().max(1)).copied();
         for op in ops {
             let out = match op {
