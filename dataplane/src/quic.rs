@@ -35,7 +35,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -207,16 +206,7 @@ impl UploadStream for QuicStream {
         while off < end {
             let want = (end - off).min(SEND_CHUNK) as usize;
             let mut b = BytesMut::zeroed(want);
-            file.read_exact_at(&mut b, off).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "task file is shorter than the piece being sent",
-                    )
-                } else {
-                    e
-                }
-            })?;
+            crate::upload::read_piece_chunk(file, &mut b, off)?;
             self.send.write_chunk(b.freeze()).await?;
             off += want as u64;
         }

@@ -17,7 +17,6 @@ use rustls::pki_types::ServerName;
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 use wire::tls::TlsConfig;
@@ -127,16 +126,7 @@ impl UploadStream for ServerStream {
         while off < end {
             let want = (end - off).min(SEND_CHUNK) as usize;
             buf.resize(want, 0);
-            file.read_exact_at(&mut buf, off).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "task file is shorter than the piece being sent",
-                    )
-                } else {
-                    e
-                }
-            })?;
+            crate::upload::read_piece_chunk(file, &mut buf, off)?;
             let (res, b) = self.write_all(buf).await;
             buf = b;
             res?;

@@ -68,6 +68,21 @@ impl UploadStream for monoio::net::TcpStream {
     }
 }
 
+/// Reads `buf.len()` bytes of a task file at `off` for a transport that cannot send from
+/// the file directly (TLS, QUIC); a file shorter than the piece is a precise error.
+pub(crate) fn read_piece_chunk(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, off).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "task file is shorter than the piece being sent",
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// What an upload connection needs from its thread.
 #[derive(Clone, Debug)]
 pub struct UploadContext {
