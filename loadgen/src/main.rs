@@ -47,9 +47,10 @@ struct Simulate {
     /// Task size in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Piece length in MiB (4 MiB: Dragonfly's rule for 1 GiB, 256 pieces).
-    #[arg(long, default_value_t = 4)]
-    piece_mib: u64,
+    /// Piece length in MiB (default: what the daemon's rule picks for --size-mib, 1 MiB for
+    /// 1 GiB; Dragonfly's rule would pick 4 MiB).
+    #[arg(long)]
+    piece_mib: Option<u64>,
     /// Up and down rate of every peer, Mbit/s (ignored with --mixed).
     #[arg(long, default_value_t = 100.0)]
     host_mbit: f64,
@@ -175,7 +176,7 @@ fn params(a: &Simulate) -> sim::Params {
     };
     sim::Params {
         size: a.size_mib << 20,
-        piece_length: a.piece_mib << 20,
+        piece_length: piece_length(a),
         hosts,
         placement,
         origin_rate: a.origin_mbit * MBIT,
@@ -192,8 +193,22 @@ fn params(a: &Simulate) -> sim::Params {
     }
 }
 
+/// The piece length of the simulated task: `--piece-mib`, or the daemon's own rule.
+fn piece_length(a: &Simulate) -> u64 {
+    a.piece_mib.map_or_else(
+        || {
+            wire::piece::piece_length_for(
+                a.size_mib << 20,
+                wire::piece::DEFAULT_MIN_PIECE_LENGTH,
+                wire::piece::MAX_PIECE_LENGTH,
+            )
+        },
+        |m| m << 20,
+    )
+}
+
 fn simulate(a: Simulate) -> anyhow::Result<()> {
-    if a.peers == 0 || a.size_mib == 0 || a.piece_mib == 0 || a.step_ms <= 0.0 {
+    if a.peers == 0 || a.size_mib == 0 || a.piece_mib == Some(0) || a.step_ms <= 0.0 {
         anyhow::bail!("--peers, --size-mib, --piece-mib and --step-ms must be positive");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
