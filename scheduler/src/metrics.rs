@@ -14,9 +14,6 @@
 //! | `damselfly_scheduler_hosts`, `_tasks`, `_peers` | gauge | — |
 
 use crate::service::SchedulerService;
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
@@ -177,49 +174,5 @@ pub fn registry(service: SchedulerService) -> Registry {
 
 /// Serves `/metrics` and `/healthy` on `listener` until the process exits.
 pub async fn serve(service: SchedulerService, listener: TcpListener) {
-    let registry = Arc::new(registry(service));
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("metrics accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&registry, req.uri().path())) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!("metrics connection: {e}");
-            }
-        });
-    }
-}
-
-fn route(registry: &Registry, path: &str) -> Response<Full<Bytes>> {
-    let (status, body) = match path {
-        "/metrics" => {
-            let mut out = String::new();
-            match prometheus_client::encoding::text::encode(&mut out, registry) {
-                Ok(()) => (StatusCode::OK, out),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics: {e}\n"),
-                ),
-            }
-        }
-        "/healthy" => (StatusCode::OK, "OK\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
-    };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r
+    wire::metrics_http::serve(Arc::new(registry(service)), listener).await;
 }

@@ -11,6 +11,7 @@
 //!   tonic configurations.
 
 pub mod frame;
+pub mod metrics_http;
 pub mod piece;
 pub mod task;
 pub mod tls;
