@@ -61,6 +61,17 @@ pub struct ClusterOptions {
     pub scheduler_args: Vec<String>,
 }
 
+impl ClusterOptions {
+    /// The defaults with `seeds` seed peers and `peers` ordinary peers.
+    pub fn sized(seeds: usize, peers: usize) -> Self {
+        Self {
+            seeds,
+            peers,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for ClusterOptions {
     fn default() -> Self {
         Self {

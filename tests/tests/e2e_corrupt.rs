@@ -17,13 +17,9 @@ const FAKE_HOST: &str = "fake-parent";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_pieces_from_a_fake_parent_are_detected_and_refetched() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 2))
+        .await
+        .expect("starting the cluster");
     let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let content = origin.add_file("/victim.bin", 16 * MIB + 4321, 4242);
     let url = origin.url("/victim.bin");

@@ -12,13 +12,9 @@ use wire::TaskId;
 const MIB: u64 = 1 << 20;
 
 async fn one_daemon() -> Cluster {
-    Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster")
+    Cluster::start(ClusterOptions::sized(0, 1))
+        .await
+        .expect("starting the cluster")
 }
 
 fn unknown_task() -> TaskId {
@@ -118,13 +114,9 @@ async fn piece_request_for_an_unknown_task_is_task_not_found() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_task_serves_pieces_and_refuses_pieces_past_the_end() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 1))
+        .await
+        .expect("starting the cluster");
     let d = cluster.peer(1);
     let content = origin.add_file("/dp.bin", 3 * MIB + 5, 5);
     let url = origin.url("/dp.bin");

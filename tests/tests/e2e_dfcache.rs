@@ -26,13 +26,9 @@ fn ok(what: &str, o: &Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_export_stat_delete_without_an_origin() {
     // No seed peer and no origin: the only copy is the imported one.
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(0, 2))
+        .await
+        .expect("starting the cluster");
     let (a, b) = (cluster.peer(1), cluster.peer(2));
     let dir = cluster.dir().join("files");
     std::fs::create_dir_all(&dir).expect("files dir");

@@ -31,13 +31,9 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_recursive_and_config_defaults() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 2))
+        .await
+        .expect("starting the cluster");
     let out = cluster.dir().join("out");
     std::fs::create_dir_all(&out).expect("output dir");
     let p1 = cluster.peer(1);
@@ -267,13 +263,9 @@ fn inodes_under(dir: &Path) -> Vec<u64> {
 async fn delivery_hard_links_by_default_and_copies_when_told() {
     use std::os::unix::fs::MetadataExt;
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(1, 1))
+        .await
+        .expect("starting the cluster");
     let content = origin.add_file("/f.bin", 2 * 1024 * 1024 + 5, 7);
     let url = origin.url("/f.bin");
     let out = cluster.dir().join("out");

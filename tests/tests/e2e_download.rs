@@ -17,13 +17,9 @@ fn out_dir(cluster: &Cluster) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_of_every_shape_reach_all_peers_and_leave_the_origin_once() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 3,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 3))
+        .await
+        .expect("starting the cluster");
     let out = out_dir(&cluster);
     let (p1, p2, p3) = (cluster.peer(1), cluster.peer(2), cluster.peer(3));
 
@@ -90,13 +86,9 @@ async fn files_of_every_shape_reach_all_peers_and_leave_the_origin_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_digest_and_missing_url_fail_without_leaving_a_file() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 1))
+        .await
+        .expect("starting the cluster");
     let out = out_dir(&cluster);
     let peer = cluster.peer(1);
     let content = origin.add_file("/f.bin", 2 * MIB + 1, 77);

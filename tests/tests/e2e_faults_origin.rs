@@ -16,13 +16,9 @@ const MIB: u64 = 1 << 20;
 /// A scheduler and one peer, no seed: the peer goes back to the origin itself, so the
 /// origin's faults reach it directly.
 async fn cluster() -> Cluster {
-    Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster")
+    Cluster::start(ClusterOptions::sized(0, 1))
+        .await
+        .expect("starting the cluster")
 }
 
 async fn dfget(cluster: &Cluster, url: &str, out: &Path, content: &Content) -> Output {
@@ -218,13 +214,9 @@ impl Drop for Mount {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 0,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
     // peer-1's data dir is a 4 MiB tmpfs.
     let data = cluster.dir().join("peer-1").join("data");
     std::fs::create_dir_all(&data).expect("creating the data dir");

@@ -16,13 +16,9 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_scheduler_down_dfget_goes_to_the_origin_or_fails_precisely() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 1))
+        .await
+        .expect("starting the cluster");
     cluster.scheduler().kill();
     let p1 = cluster.peer(1);
 
@@ -70,13 +66,9 @@ async fn with_the_scheduler_down_dfget_goes_to_the_origin_or_fails_precisely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_finish_from_known_parents_when_the_scheduler_dies_mid_download() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 2))
+        .await
+        .expect("starting the cluster");
     let slow = daemon_config(
         cluster.dir(),
         "slow-upload.yaml",
@@ -133,13 +125,9 @@ async fn new_downloads_with_the_scheduler_down_do_not_stampede_the_origin() {
     const LIMIT: u64 = 2;
     const FILES: u64 = 8;
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 0,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
     let cfg = daemon_config(
         cluster.dir(),
         "bounded.yaml",

@@ -14,13 +14,9 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 0,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
     let slow = daemon_config(
         cluster.dir(),
         "slow-upload.yaml",
@@ -78,13 +74,9 @@ async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 1))
+        .await
+        .expect("starting the cluster");
     let slow = daemon_config(
         cluster.dir(),
         "slow-upload.yaml",

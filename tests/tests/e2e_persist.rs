@@ -35,13 +35,9 @@ async fn wait_done_peer(cluster: &Cluster, task: &TaskId, host: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_keeps_and_serves_its_finished_tasks() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 2))
+        .await
+        .expect("starting the cluster");
     let content = origin.add_file("/kept.bin", 8 * MIB + 777, 71);
     let url = origin.url("/kept.bin");
     let task = task_of(&url);
@@ -130,13 +126,9 @@ fn recorded(data_dir: &Path, task: &TaskId) -> (u64, u32, u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_killed_midway_resumes_with_only_the_missing_pieces() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions {
-        seeds: 0,
-        peers: 1,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 1))
+        .await
+        .expect("starting the cluster");
     let size = 24 * MIB + 5;
     let content = origin.add_file("/resume.bin", size, 99);
     let url = origin.url("/resume.bin");

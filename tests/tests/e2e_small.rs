@@ -6,13 +6,9 @@ use testkit::{Cluster, ClusterOptions, Origin};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_piece_file_is_served_peer_to_peer() {
     let origin = Origin::start().await.expect("origin");
-    let cluster = Cluster::start(ClusterOptions {
-        seeds: 1,
-        peers: 2,
-        ..ClusterOptions::default()
-    })
-    .await
-    .expect("starting the cluster");
+    let cluster = Cluster::start(ClusterOptions::sized(1, 2))
+        .await
+        .expect("starting the cluster");
     let out = cluster.dir().join("out");
     std::fs::create_dir_all(&out).expect("output dir");
     let size = 100_000;
