@@ -46,6 +46,8 @@ pub struct SchedulerProcess {
     child: Child,
     /// Address it listens on.
     pub addr: SocketAddr,
+    /// Address of its Prometheus endpoint (`/metrics`), when it reported one.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl SchedulerProcess {
@@ -85,11 +87,14 @@ pub fn spawn_scheduler(
     config: Option<&PathBuf>,
 ) -> anyhow::Result<SchedulerProcess> {
     let mut cmd = Command::new(binary);
-    cmd.arg("--listen").arg("127.0.0.1:0");
+    cmd.arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--metrics")
+        .arg("127.0.0.1:0");
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    cmd.env("RUST_LOG", "warn,damselfly_scheduler::service=info")
+    cmd.env("RUST_LOG", "warn,damselfly_scheduler=info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -107,7 +112,10 @@ pub fn spawn_scheduler(
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Some(rest) = line.split("scheduler listening on ").nth(1) {
-                let _ = tx.send(rest.trim().to_owned());
+                let _ = tx.send((false, rest.trim().to_owned()));
+            } else if let Some(rest) = line.split("metrics on http://").nth(1) {
+                let addr = rest.trim().trim_end_matches("/metrics").to_owned();
+                let _ = tx.send((true, addr));
             } else if line.contains("WARN") || line.contains("ERROR") {
                 echoed += 1;
                 if echoed <= 20 {
@@ -121,14 +129,24 @@ pub fn spawn_scheduler(
     let mut process = SchedulerProcess {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics: None,
     };
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| anyhow!("scheduler did not report its listen address within 20 s"))?;
-    process.addr = line
-        .parse()
-        .with_context(|| format!("scheduler listen address {line:?}"))?;
-    Ok(process)
+    // The metrics line comes first (the endpoint is bound before the gRPC listener).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (is_metrics, line) = rx
+            .recv_timeout(left)
+            .map_err(|_| anyhow!("scheduler did not report its listen address within 20 s"))?;
+        if is_metrics {
+            process.metrics = line.parse().ok();
+            continue;
+        }
+        process.addr = line
+            .parse()
+            .with_context(|| format!("scheduler listen address {line:?}"))?;
+        return Ok(process);
+    }
 }
 
 /// `count` HTTP/2 connections to `addr`.

@@ -218,6 +218,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     let _process;
     let mut scheduler_pid = None;
+    let mut scheduler_metrics = None;
     let addr = match a.scheduler {
         Some(addr) => addr,
         None => {
@@ -228,6 +229,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
             let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref())?;
             let addr = p.addr;
             scheduler_pid = Some(p.pid());
+            scheduler_metrics = p.metrics;
             _process = p;
             addr
         }
@@ -241,6 +243,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         events,
         inbound,
         scheduler_pid,
+        scheduler_metrics,
     };
     let report = sim::run(params(&a), io)?;
     print!("{}", report.table());

@@ -86,6 +86,11 @@ pub struct Report {
     pub scheduler_cpu_announcements_s: Option<f64>,
     /// This process's CPU seconds (simulation, flow solver, gRPC client).
     pub loadgen_cpu_s: Option<f64>,
+    /// Time the scheduler's swarm state took per registration (the parent decision itself,
+    /// without gRPC, queueing or the way back), from its
+    /// `damselfly_scheduler_registration_seconds` histogram, in µs; quantiles are the upper
+    /// bounds of their buckets.
+    pub scheduler_decision_us: Option<BucketQuantiles>,
     /// 1-minute load average of the machine when the run started.
     pub load_average_start: Option<f64>,
     /// 1-minute load average when it ended.
@@ -96,6 +101,73 @@ pub struct Report {
     pub sim_wall_s: f64,
     /// Wall time of the whole run.
     pub wall_s: f64,
+}
+
+/// Quantiles read off a Prometheus histogram: each is the upper bound of the first bucket
+/// holding that share of the observations.
+#[derive(Debug, Clone, Serialize)]
+pub struct BucketQuantiles {
+    /// Observations.
+    pub count: u64,
+    /// Upper bound of the median's bucket (scaled).
+    pub p50: f64,
+    /// Upper bound of the 99th percentile's bucket (scaled).
+    pub p99: f64,
+}
+
+/// `GET /metrics` from `addr` (plain HTTP/1.0), the body as text.
+pub fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(10);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: scheduler\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no end of headers in the answer"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        anyhow::bail!("answer: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// p50 and p99 of histogram `name` in Prometheus text `text`, each multiplied by `scale`;
+/// `None` when the histogram is missing or empty.
+pub fn histogram_quantiles(text: &str, name: &str, scale: f64) -> Option<BucketQuantiles> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else {
+            continue;
+        };
+        let (le, tail) = rest.split_once('"')?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().ok()?
+        };
+        let count = tail.trim_start_matches('}').trim().parse().ok()?;
+        buckets.push((le, count));
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let count = buckets.last()?.1;
+    if count == 0 {
+        return None;
+    }
+    let at = |q: f64| {
+        let want = (q * count as f64).ceil() as u64;
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= want)
+            .map_or(f64::INFINITY, |(le, _)| le * scale)
+    };
+    Some(BucketQuantiles {
+        count,
+        p50: at(0.5),
+        p99: at(0.99),
+    })
 }
 
 impl Report {
@@ -159,6 +231,14 @@ impl Report {
                 cpu
             );
         }
+        if let Some(q) = &self.scheduler_decision_us {
+            s += &format!(
+                "{:<34}{:>12}{:>12}   (state time, bucket bounds)\n",
+                format!("decision in scheduler (us, n={})", q.count),
+                format!("<= {}", q.p50),
+                format!("<= {}", q.p99),
+            );
+        }
         if let Some(cpu) = self.scheduler_cpu_decisions_s {
             s += &format!(
                 "scheduler CPU in registrations    {:>12.2} s   ({:.0} us per registration)\n",
@@ -193,6 +273,23 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn histogram_quantiles_take_the_bucket_bounds() {
+        let text = "# TYPE x histogram\n\
+                    x_sum 1.0\n\
+                    x_count 100\n\
+                    x_bucket{le=\"0.000001\"} 0\n\
+                    x_bucket{le=\"0.000002\"} 60\n\
+                    x_bucket{le=\"0.000004\"} 98\n\
+                    x_bucket{le=\"0.000008\"} 100\n\
+                    x_bucket{le=\"+Inf\"} 100\n";
+        let q = histogram_quantiles(text, "x", 1e6).expect("quantiles");
+        assert_eq!(q.count, 100);
+        assert!((q.p50 - 2.0).abs() < 1e-9, "{q:?}");
+        assert!((q.p99 - 8.0).abs() < 1e-9, "{q:?}");
+        assert!(histogram_quantiles(text, "y", 1.0).is_none());
+    }
 
     #[test]
     fn nearest_rank() {

@@ -784,6 +784,9 @@ pub struct Io {
     pub inbound: std_mpsc::Sender<Inbound>,
     /// Process id of the scheduler, when it runs on this machine (for its CPU time).
     pub scheduler_pid: Option<u32>,
+    /// The scheduler's `/metrics` endpoint, when this process started it (for the time its
+    /// swarm state took per registration).
+    pub scheduler_metrics: Option<std::net::SocketAddr>,
 }
 
 /// Runs the whole simulation (blocking; call from a blocking thread).
@@ -914,6 +917,16 @@ pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
             .zip(sim.sched_cpu_at_first_announce)
             .map(|(e, s)| e - s),
         loadgen_cpu_s: own_cpu_end.zip(own_cpu_start).map(|(e, s)| e - s),
+        scheduler_decision_us: io.scheduler_metrics.and_then(|addr| {
+            let text = crate::report::scrape(addr)
+                .map_err(|e| eprintln!("scraping the scheduler's metrics at {addr}: {e:#}"))
+                .ok()?;
+            crate::report::histogram_quantiles(
+                &text,
+                "damselfly_scheduler_registration_seconds",
+                1e6,
+            )
+        }),
         load_average_start: load_start,
         load_average_end: cpu::load_average(),
         virtual_s: sim.t,

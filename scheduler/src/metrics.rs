@@ -9,6 +9,7 @@
 //! | `damselfly_scheduler_registrations_total` | counter | `result` = `ok` / `invalid` |
 //! | `damselfly_scheduler_announcements_total` | counter | `kind` (peer message kind) |
 //! | `damselfly_scheduler_scheduling_seconds` | histogram | — (state time of one registration or report) |
+//! | `damselfly_scheduler_registration_seconds` | histogram | — (state time of one registration: the parent decision; 1 µs buckets doubling up to ~8 s) |
 //! | `damselfly_scheduler_responses_total` | counter | `kind` = `candidate_parents` / `need_back_to_source` / `host_command` / `close_peer` |
 //! | `damselfly_scheduler_errors_total` | counter | `kind` = `invalid_request` / `stream_full` / `stream_failed` |
 //! | `damselfly_scheduler_hosts`, `_tasks`, `_peers` | gauge | — |
@@ -35,6 +36,7 @@ pub struct Metrics {
     registrations: Family<Label, Counter>,
     announcements: Family<Label, Counter>,
     scheduling: Histogram,
+    registration: Histogram,
     responses: Family<Label, Counter>,
     errors: Family<Label, Counter>,
 }
@@ -44,6 +46,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     announcements: Family::default(),
     // 10 µs .. ~1.3 s.
     scheduling: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
+    // 1 µs .. ~8 s: decisions take microseconds, the finer low end shows it.
+    registration: Histogram::new(exponential_buckets(0.000_001, 2.0, 24)),
     responses: Family::default(),
     errors: Family::default(),
 });
@@ -58,7 +62,9 @@ pub fn registered(ok: bool, since: Instant) {
     let m = metrics();
     let result = if ok { "ok" } else { "invalid" };
     m.registrations.get_or_create(&[("result", result)]).inc();
-    m.scheduling.observe(since.elapsed().as_secs_f64());
+    let secs = since.elapsed().as_secs_f64();
+    m.scheduling.observe(secs);
+    m.registration.observe(secs);
     if !ok {
         error("invalid_request");
     }
@@ -157,6 +163,11 @@ pub fn registry(service: SchedulerService) -> Registry {
         "damselfly_scheduler_scheduling_seconds",
         "Time the swarm state took for one registration or report",
         m.scheduling.clone(),
+    );
+    r.register(
+        "damselfly_scheduler_registration_seconds",
+        "Time the swarm state took for one registration (choosing its parents)",
+        m.registration.clone(),
     );
     r.register(
         "damselfly_scheduler_responses",
