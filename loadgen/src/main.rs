@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 use rand::seq::SliceRandom as _;
 use rand::SeedableRng as _;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Damselfly load generator.
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version)]

@@ -5,6 +5,11 @@
 //! if its channel is full or closed, its peer (or host) is dropped instead, and its stream
 //! ends with an error status. A guard inside each response stream tells the state when tonic
 //! drops the stream (the client went away).
+//!
+//! An `AnnouncePeer` call costs one task: its response stream ([`PeerStream`]) also reads
+//! the call's requests whenever the HTTP/2 stream task polls it, so a message from the daemon
+//! wakes that one task, which updates the state and usually returns the answer in the same
+//! poll (no reader task, no hop through a second task per message).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -101,11 +106,7 @@ struct Guard {
 
 enum GuardedStream {
     Host(HostKey),
-    Peer {
-        key: PeerKey,
-        /// Dropped with the guard, which wakes the peer's reader task.
-        _gone: oneshot::Sender<()>,
-    },
+    Peer(PeerKey),
 }
 
 impl Drop for Guard {
@@ -113,7 +114,7 @@ impl Drop for Guard {
         let mut inner = self.shared.inner.lock();
         match &self.stream {
             GuardedStream::Host(key) => inner.host_gone(*key, None),
-            GuardedStream::Peer { key, .. } => inner.peer_gone(*key, None),
+            GuardedStream::Peer(key) => inner.peer_gone(*key, None),
         }
     }
 }
@@ -317,7 +318,7 @@ impl SchedulerService {
 #[tonic::async_trait]
 impl Scheduler for SchedulerService {
     type AnnounceHostStream = Outbound<HostCommand>;
-    type AnnouncePeerStream = Outbound<AnnouncePeerResponse>;
+    type AnnouncePeerStream = PeerStream;
 
     async fn announce_host(
         &self,
@@ -353,20 +354,20 @@ impl Scheduler for SchedulerService {
         request: Request<Streaming<AnnouncePeerRequest>>,
     ) -> Result<Response<Self::AnnouncePeerStream>, Status> {
         Self::refuse_if_closed(&self.shared.inner.lock())?;
-        let inbound = request.into_inner();
         let key = PeerKey(self.shared.next_key());
-        let (gone_tx, gone_rx) = oneshot::channel();
-        let (slot, stream) = channel(PEER_CHANNEL_CAPACITY, || Guard {
+        let (slot, outbound) = channel(PEER_CHANNEL_CAPACITY, || Guard {
             shared: self.shared.clone(),
-            stream: GuardedStream::Peer {
-                key,
-                _gone: gone_tx,
-            },
+            stream: GuardedStream::Peer(key),
         });
-        // Answer at once and read the registration in the reader task: a client that only
-        // sends its first message after the call returns must not deadlock.
-        tokio::spawn(read_peer(self.shared.clone(), key, inbound, slot, gone_rx));
-        Ok(Response::new(stream))
+        // Answer at once: the registration is read when tonic polls the response stream, so
+        // a client that only sends its first message after the call returns works too.
+        Ok(Response::new(PeerStream {
+            outbound,
+            inbound: Some(request.into_inner()),
+            unregistered: Some(slot),
+            shared: self.shared.clone(),
+            key,
+        }))
     }
 
     async fn stat_task(
@@ -409,63 +410,34 @@ impl Scheduler for SchedulerService {
     }
 }
 
-/// Reads one `AnnouncePeer` stream: the registration, then reports, until the client closes
-/// it, fails, or the response stream is dropped (`gone` fires).
-async fn read_peer(
+/// Requests of one `AnnouncePeer` call handled per poll before the stream yields (so that a
+/// daemon sending without pause cannot keep its task from returning answers).
+const INBOUND_PER_POLL: usize = 64;
+
+/// The response stream of one `AnnouncePeer` call, which also consumes the call's requests:
+/// each poll first handles what the daemon sent (the registration, then reports), then
+/// returns what the state has for the peer. The HTTP/2 stream task that polls it is woken by
+/// either side, so one task serves the whole call.
+pub struct PeerStream {
+    outbound: Outbound<AnnouncePeerResponse>,
+    /// The daemon's requests; `None` once they ended or failed.
+    inbound: Option<Streaming<AnnouncePeerRequest>>,
+    /// This stream's slot until the registration hands it to the state's stream table.
+    unregistered: Option<Slot<AnnouncePeerResponse>>,
     shared: Arc<Shared>,
     key: PeerKey,
-    mut inbound: Streaming<AnnouncePeerRequest>,
-    slot: Slot<AnnouncePeerResponse>,
-    mut gone: oneshot::Receiver<()>,
-) {
-    use announce_peer_request::Request;
-    let first = tokio::select! {
-        message = inbound.message() => message,
-        _ = &mut gone => return,
-    };
-    let register = match first {
-        Ok(Some(AnnouncePeerRequest {
-            request: Some(Request::Register(register)),
-        })) => register,
-        Ok(Some(_)) => {
-            slot.close(Some(Status::invalid_argument(
-                "the first AnnouncePeer message must be RegisterPeer",
-            )));
-            return;
+}
+
+impl PeerStream {
+    /// Handles one item of the daemon's request stream; false when no more will be read.
+    fn handle(&mut self, item: Option<Result<AnnouncePeerRequest, Status>>) -> bool {
+        if let Some(slot) = self.unregistered.take() {
+            return self.register(slot, item);
         }
-        Ok(None) => return,
-        Err(status) => {
-            debug!(%status, "peer stream failed before registering");
-            return;
-        }
-    };
-    {
-        let mut inner = shared.inner.lock();
-        if inner.closed || slot.tx.is_closed() {
-            return;
-        }
-        let since = std::time::Instant::now();
-        let registered = inner.state.register_peer(key, register);
-        crate::metrics::registered(registered.is_ok(), since);
-        match registered {
-            Ok(outputs) => {
-                inner.peers.insert(key, slot);
-                inner.dispatch(outputs);
-            }
-            Err(e) => {
-                slot.close(Some(Status::invalid_argument(e.to_string())));
-                return;
-            }
-        }
-    }
-    loop {
-        let message = tokio::select! {
-            message = inbound.message() => message,
-            _ = &mut gone => return,
-        };
-        let mut inner = shared.inner.lock();
-        match message {
-            Ok(Some(AnnouncePeerRequest {
+        let key = self.key;
+        let mut inner = self.shared.inner.lock();
+        match item {
+            Some(Ok(AnnouncePeerRequest {
                 request: Some(request),
             })) => {
                 let (since, kind) = (std::time::Instant::now(), crate::metrics::kind(&request));
@@ -476,24 +448,97 @@ async fn read_peer(
                     // Failed, or dropped by the scheduler: end the response stream cleanly
                     // (a no-op if it was already closed with an error).
                     inner.peer_gone(key, None);
-                    return;
+                    return false;
                 }
+                true
             }
-            Ok(Some(AnnouncePeerRequest { request: None })) => {
+            Some(Ok(AnnouncePeerRequest { request: None })) => {
                 debug!(?key, "empty AnnouncePeer message ignored");
+                true
             }
-            Ok(None) => {
+            None => {
                 debug!(?key, "peer closed its stream");
                 inner.peer_gone(key, None);
-                return;
+                false
             }
-            Err(status) => {
+            Some(Err(status)) => {
                 crate::metrics::error("stream_failed");
                 debug!(?key, %status, "peer stream failed");
                 inner.peer_gone(key, None);
-                return;
+                false
             }
         }
+    }
+
+    /// The first message must register the peer; on success the slot joins the stream
+    /// table, otherwise the stream ends (dropping `slot` ends it once its status is set).
+    fn register(
+        &mut self,
+        slot: Slot<AnnouncePeerResponse>,
+        item: Option<Result<AnnouncePeerRequest, Status>>,
+    ) -> bool {
+        use announce_peer_request::Request;
+        let register = match item {
+            Some(Ok(AnnouncePeerRequest {
+                request: Some(Request::Register(register)),
+            })) => register,
+            Some(Ok(_)) => {
+                slot.close(Some(Status::invalid_argument(
+                    "the first AnnouncePeer message must be RegisterPeer",
+                )));
+                return false;
+            }
+            None => return false,
+            Some(Err(status)) => {
+                debug!(%status, "peer stream failed before registering");
+                return false;
+            }
+        };
+        let mut inner = self.shared.inner.lock();
+        if inner.closed {
+            slot.close(Some(Status::unavailable("scheduler shutting down")));
+            return false;
+        }
+        let since = std::time::Instant::now();
+        let registered = inner.state.register_peer(self.key, register);
+        crate::metrics::registered(registered.is_ok(), since);
+        match registered {
+            Ok(outputs) => {
+                inner.peers.insert(self.key, slot);
+                inner.dispatch(outputs);
+                true
+            }
+            Err(e) => {
+                slot.close(Some(Status::invalid_argument(e.to_string())));
+                false
+            }
+        }
+    }
+}
+
+impl Stream for PeerStream {
+    type Item = Result<AnnouncePeerResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let mut budget = INBOUND_PER_POLL;
+        while let Some(inbound) = this.inbound.as_mut() {
+            if budget == 0 {
+                // Requests possibly left: come back after returning the answers.
+                cx.waker().wake_by_ref();
+                break;
+            }
+            budget -= 1;
+            match Pin::new(inbound).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(item) => {
+                    if !this.handle(item) {
+                        this.inbound = None;
+                    }
+                }
+            }
+        }
+        Pin::new(&mut this.outbound).poll_next(cx)
     }
 }
 

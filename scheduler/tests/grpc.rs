@@ -293,3 +293,86 @@ async fn dropped_seed_host_stream_retriggers_another_seed() {
     let host_command::Command::DownloadTask(d) = next_command(&mut other).await;
     assert_eq!(d.task_id, "t1");
 }
+
+/// Peer ids StatTask lists for task t1 (empty when the task is gone).
+async fn peers_of_t1(c: &mut SchedulerClient<Channel>) -> Vec<String> {
+    match c
+        .stat_task(StatTaskRequest {
+            task_id: "t1".to_owned(),
+        })
+        .await
+    {
+        Ok(info) => info
+            .into_inner()
+            .peers
+            .into_iter()
+            .map(|p| p.peer_id)
+            .collect(),
+        Err(status) => {
+            assert_eq!(status.code(), Code::NotFound);
+            vec![]
+        }
+    }
+}
+
+/// Polls until `peer` is no longer in t1's peers; false after `WAIT`.
+async fn left(c: &mut SchedulerClient<Channel>, peer: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if !peers_of_t1(c).await.iter().any(|p| p == peer) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_peer_leaves_when_its_requests_end_or_its_call_is_dropped() {
+    let server = start().await;
+    let mut c = client(server.addr).await;
+    // Two sources (no seed host, so both go back to source and stay registered).
+    let (atx, mut aresp) = open_peer(&mut c, "peer-a", "host-a", false, true).await;
+    let (btx, bresp) = open_peer(&mut c, "peer-b", "host-b", false, true).await;
+    // Reports on the same stream are read after the registration.
+    send(
+        &atx,
+        announce_peer_request::Request::TaskMetadata(TaskMetadata {
+            content_length: 2 << 20,
+            piece_length: 1 << 20,
+        }),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let peers = peers_of_t1(&mut c).await;
+        if peers.iter().any(|p| p == "peer-a") && peers.iter().any(|p| p == "peer-b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peers never registered: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The daemon closes its side: the peer leaves and the answers end cleanly.
+    drop(atx);
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match aresp.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    assert!(left(&mut c, "peer-a").await, "peer-a still registered");
+
+    // The daemon drops the whole call: the peer leaves too.
+    drop((btx, bresp));
+    assert!(left(&mut c, "peer-b").await, "peer-b still registered");
+    drop(server);
+}
