@@ -47,6 +47,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(20);
 /// TCP keepalive on accepted connections, for the same reason at the kernel level.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2 receive window of one connection. Besides flow control it sets h2's budget of
+/// small DATA frames not yet read by the service (half of it, counted as 256 bytes minus
+/// each frame's size): a daemon's `PieceFinished` reports are ~10-byte frames, and with
+/// hyper's default 1 MiB window ~2,100 of them waiting on one connection (625 peers with
+/// three or four each, while the scheduler is behind) made h2 close the whole connection
+/// with `ENHANCE_YOUR_CALM` ("too_many_data_frames"), dropping every peer on it. 8 MiB
+/// allows ~17,000.
+const CONNECTION_WINDOW: u32 = 8 << 20;
+/// HTTP/2 receive window of one stream (the protocol's default). Bounds what one peer can
+/// leave unread against the connection's budget (~6,000 reports, ~1.5 MB of it), e.g. a
+/// daemon that stopped reading its answers while still reporting.
+const STREAM_WINDOW: u32 = 64 << 10;
 
 /// Sending half of one response stream, plus the status to end it with.
 struct Slot<T> {
@@ -589,6 +601,8 @@ pub async fn serve_service_tls(
         if tls.is_some() { " (TLS)" } else { "" }
     );
     let router = tonic::transport::Server::builder()
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE))
         .add_service(service.into_server());
