@@ -80,13 +80,22 @@ pub fn default_scheduler_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `binary --listen 127.0.0.1:0 [--config config]` and waits for its listen line.
-/// Its stderr keeps being drained (warnings are echoed) so that it never blocks.
+/// Starts `binary --listen 127.0.0.1:0 [--config config]` (under `taskset -c 0` when
+/// `pin_cpu0`) and waits for its listen line. Its stderr keeps being drained (warnings are
+/// echoed) so that it never blocks.
 pub fn spawn_scheduler(
     binary: &PathBuf,
     config: Option<&PathBuf>,
+    pin_cpu0: bool,
 ) -> anyhow::Result<SchedulerProcess> {
-    let mut cmd = Command::new(binary);
+    let mut cmd = if pin_cpu0 {
+        // taskset execs the scheduler: the child's pid stays the scheduler's.
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg("0").arg(binary);
+        c
+    } else {
+        Command::new(binary)
+    };
     cmd.arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--metrics")

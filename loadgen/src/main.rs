@@ -102,6 +102,11 @@ struct Simulate {
     /// Scheduler binary to start (default: `scheduler` next to this executable).
     #[arg(long, value_name = "PATH")]
     scheduler_bin: Option<PathBuf>,
+    /// Run the scheduler this starts on CPU 0 alone and the simulator on the other CPUs
+    /// (`taskset`), as if the scheduler had its own machine: its decisions then do not
+    /// queue behind the simulated peers' work. Needs 2 CPUs or more.
+    #[arg(long, conflicts_with = "scheduler")]
+    pin: bool,
     /// YAML configuration for the started scheduler.
     #[arg(long, value_name = "PATH")]
     scheduler_config: Option<PathBuf>,
@@ -210,10 +215,34 @@ fn piece_length(a: &Simulate) -> u64 {
     )
 }
 
+/// Moves this process (still one thread) to every CPU but 0, for `--pin`; returns that
+/// CPU list. Threads started afterwards inherit it.
+fn pin_self_off_cpu0() -> anyhow::Result<String> {
+    let n = std::thread::available_parallelism().map_or(1, usize::from);
+    if n < 2 {
+        anyhow::bail!("--pin needs at least 2 CPUs, this machine has {n}");
+    }
+    let cpus = format!("1-{}", n - 1);
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", &cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset for --pin (Debian package util-linux)")?;
+    if !status.success() {
+        anyhow::bail!("taskset -a -c -p {cpus} failed: {status}");
+    }
+    Ok(cpus)
+}
+
 fn simulate(a: Simulate) -> anyhow::Result<()> {
     if a.peers == 0 || a.size_mib == 0 || a.piece_mib == Some(0) || a.step_ms <= 0.0 {
         anyhow::bail!("--peers, --size-mib, --piece-mib and --step-ms must be positive");
     }
+    let pinned = if a.pin {
+        Some(pin_self_off_cpu0()?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -229,7 +258,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
                 Some(b) => b.clone(),
                 None => client::default_scheduler_binary()?,
             };
-            let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref())?;
+            let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref(), a.pin)?;
             let addr = p.addr;
             scheduler_pid = Some(p.pid());
             scheduler_metrics = p.metrics;
@@ -238,6 +267,9 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         }
     };
     eprintln!("scheduler at {addr}; simulating {} peers", a.peers);
+    if let Some(cpus) = &pinned {
+        eprintln!("pinned: scheduler on CPU 0, simulator on CPUs {cpus}");
+    }
     let channels = rt.block_on(client::connect(addr, a.connections))?;
     let (inbound, events) = std::sync::mpsc::channel();
     let io = sim::Io {
@@ -248,7 +280,8 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         scheduler_pid,
         scheduler_metrics,
     };
-    let report = sim::run(params(&a), io)?;
+    let mut report = sim::run(params(&a), io)?;
+    report.pinned = pinned.is_some();
     print!("{}", report.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report)?;

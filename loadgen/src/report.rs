@@ -91,6 +91,8 @@ pub struct Report {
     /// `damselfly_scheduler_registration_seconds` histogram, in µs; quantiles are the upper
     /// bounds of their buckets.
     pub scheduler_decision_us: Option<BucketQuantiles>,
+    /// `--pin`: the scheduler ran on CPU 0, the simulator on the other CPUs.
+    pub pinned: bool,
     /// 1-minute load average of the machine when the run started.
     pub load_average_start: Option<f64>,
     /// 1-minute load average when it ended.
@@ -260,11 +262,16 @@ impl Report {
         );
         let opt = |x: Option<f64>| x.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
         s += &format!(
-            "CPU s: scheduler {}  loadgen {}   load average {} -> {}\n",
+            "CPU s: scheduler {}  loadgen {}   load average {} -> {}{}\n",
             opt(self.scheduler_cpu_s),
             opt(self.loadgen_cpu_s),
             opt(self.load_average_start),
-            opt(self.load_average_end)
+            opt(self.load_average_end),
+            if self.pinned {
+                "   (pinned: scheduler on CPU 0, simulator on the others)"
+            } else {
+                ""
+            }
         );
         s
     }

@@ -927,6 +927,7 @@ pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
                 1e6,
             )
         }),
+        pinned: false,
         load_average_start: load_start,
         load_average_end: cpu::load_average(),
         virtual_s: sim.t,
