@@ -1226,6 +1226,15 @@ impl SchedulerState {
     /// Whether `ancestor` can be reached from `of` through parent edges (or the search is too
     /// large to tell, which counts as yes).
     fn is_ancestor(&self, ancestor: PeerKey, of: PeerKey) -> bool {
+        // Edges are kept on both ends: a peer nobody downloads from is nobody's ancestor.
+        // This is every peer that has just registered, so a burst skips the search.
+        if self
+            .peers
+            .get(&ancestor)
+            .is_some_and(|a| a.children.is_empty())
+        {
+            return false;
+        }
         let mut seen: HashSet<PeerKey> = HashSet::default();
         let mut stack = vec![of];
         while let Some(k) = stack.pop() {
