@@ -191,6 +191,8 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         }
         Ok(())
     });
+    let me: Vec<u32> = dataplane::runtime::current_tid().into_iter().collect();
+    let recv0 = threads_cpu(&me);
     let mut c = TcpStream::connect(addr)?;
     let f = std::fs::File::create(out)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -203,9 +205,11 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         f.write_all_at(&buf[..n], got)?;
         got += n as u64;
     }
+    let recv_cpu = threads_cpu(&me) - recv0;
     sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    eprintln!("[throughput]   baseline receiver CPU s: {recv_cpu:.2}");
     Ok(Sample {
         secs: t0.elapsed().as_secs_f64(),
         bytes: size,
