@@ -97,6 +97,26 @@ impl Sample {
     }
 }
 
+/// Machine counters that explain a slow run: CPU ticks stolen by the hypervisor
+/// (`/proc/stat`) and direct compaction stalls (`/proc/vmstat`).
+fn machine_counters() -> (u64, u64) {
+    let steal = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let l = s.lines().next()?.to_string();
+            l.split_whitespace().nth(8)?.parse().ok()
+        })
+        .unwrap_or(0);
+    let compact = std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("compact_stall ")?.trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (steal, compact)
+}
+
 /// CPU seconds (user + system) the given threads of this process have used.
 fn threads_cpu(tids: &[u32]) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
@@ -171,6 +191,8 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         }
         Ok(())
     });
+    let me: Vec<u32> = dataplane::runtime::current_tid().into_iter().collect();
+    let recv0 = threads_cpu(&me);
     let mut c = TcpStream::connect(addr)?;
     let f = std::fs::File::create(out)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -183,9 +205,11 @@ fn sendfile_baseline(src: &std::fs::File, size: u64, out: &Path) -> Result<Sampl
         f.write_all_at(&buf[..n], got)?;
         got += n as u64;
     }
+    let recv_cpu = threads_cpu(&me) - recv0;
     sender
         .join()
         .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    eprintln!("[throughput]   baseline receiver CPU s: {recv_cpu:.2}");
     Ok(Sample {
         secs: t0.elapsed().as_secs_f64(),
         bytes: size,
@@ -279,6 +303,9 @@ fn ours(
     }
     let serve_tids = a.dp.thread_ids();
     let serve0 = threads_cpu(&serve_tids);
+    let recv_tids = b.dp.thread_ids();
+    let recv0 = threads_cpu(&recv_tids);
+    let m0 = machine_counters();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     for id in ids {
@@ -324,9 +351,21 @@ fn ours(
             bail!("download incomplete");
         }
     }
+    let bytes = layout.content_length() * ids.len() as u64;
+    // Each run on its own line: the table keeps only the best, the spread shows here.
+    let m1 = machine_counters();
+    eprintln!(
+        "[throughput]   run: {:.2} GB/s, CPU s: serving {:.2}, receiving {:.2}, process {:.2}; steal ticks {}, compaction stalls {}",
+        bytes as f64 / secs / 1e9,
+        threads_cpu(&serve_tids) - serve0,
+        threads_cpu(&recv_tids) - recv0,
+        cpu_seconds() - cpu0,
+        m1.0 - m0.0,
+        m1.1 - m0.1
+    );
     Ok(Sample {
         secs,
-        bytes: layout.content_length() * ids.len() as u64,
+        bytes,
         cpu_secs: cpu_seconds() - cpu0,
         serve_cpu_secs: threads_cpu(&serve_tids) - serve0,
     })
@@ -348,7 +387,17 @@ fn main() -> Result<()> {
     let mut v = Vec::new();
     let runs_ab = if args.only_quic { 1 } else { args.runs };
     for _ in 0..runs_ab {
-        v.push(sendfile_baseline(&src, size, &out)?);
+        let m0 = machine_counters();
+        let s = sendfile_baseline(&src, size, &out)?;
+        let m1 = machine_counters();
+        eprintln!(
+            "[throughput]   run: {:.2} GB/s, CPU s: process {:.2}; steal ticks {}, compaction stalls {}",
+            s.gbps(),
+            s.cpu_secs,
+            m1.0 - m0.0,
+            m1.1 - m0.1
+        );
+        v.push(s);
         std::fs::remove_file(&out)?;
     }
     let baseline = best(v);
