@@ -265,6 +265,10 @@ pub struct DataPlaneSection {
     pub quic_cert: Option<PathBuf>,
     /// PEM private key of `quic_cert`.
     pub quic_key: Option<PathBuf>,
+    /// Largest UDP payload of a QUIC packet, bytes (1200–65,000; default 1452, safe for
+    /// 1500-byte Ethernet). Larger packets cut QUIC's per-packet CPU cost: ~8900 on
+    /// jumbo-frame (9000 MTU) networks, up to 65,000 on loopback. See tuning.md.
+    pub quic_max_udp_payload: u16,
     /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP and
     /// unauthenticated QUIC. See the README's TLS section.
     pub tls: Option<wire::tls::TlsConfig>,
@@ -362,6 +366,7 @@ impl Default for DataPlaneSection {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
             quic_cert: None,
             quic_key: None,
+            quic_max_udp_payload: dataplane::quic::QuicConfig::default().max_udp_payload,
             tls: None,
         }
     }

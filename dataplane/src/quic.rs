@@ -72,7 +72,9 @@ pub struct QuicConfig {
     pub connection_window: u64,
     /// Bytes a connection may have sent but not yet acknowledged.
     pub send_window: u64,
-    /// Largest UDP payload the endpoint sends or accepts; path MTU discovery probes up to it.
+    /// Largest UDP payload the endpoint sends or accepts (1200–65,507); the first packets
+    /// use it and path MTU discovery probes up to it. Above ~6.5 KB GSO is off (see
+    /// `transport_config`).
     pub max_udp_payload: u16,
     /// Requested size of the UDP socket's send and receive buffers, bytes.
     pub socket_buffer: usize,
@@ -466,6 +468,15 @@ pub fn configs(
     quinn::ServerConfig,
     quinn::ClientConfig,
 )> {
+    if usize::from(cfg.max_udp_payload) > MAX_GSO_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "QUIC max UDP payload {} exceeds the largest UDP datagram ({MAX_GSO_BYTES})",
+                cfg.max_udp_payload
+            ),
+        ));
+    }
     let mut ep_cfg = quinn::EndpointConfig::default();
     ep_cfg
         .max_udp_payload_size(cfg.max_udp_payload.max(1200))
