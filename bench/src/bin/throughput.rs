@@ -427,8 +427,16 @@ fn main() -> Result<()> {
     if args.only_quic {
         println!("(a) sendfile: {:.2} GB/s", baseline.gbps());
         if let (Some(pq), Some(q)) = (&plain_quinn, &ours_quic) {
-            println!("(c) plain quinn, one stream: {:.2} GB/s", pq.gbps());
-            println!("(d) our QUIC, 1 thread per side: {:.2} GB/s", q.gbps());
+            println!(
+                "(c) plain quinn, one stream: {:.2} GB/s, {:.2} cores per GB/s",
+                pq.gbps(),
+                pq.cpu_per_gbps()
+            );
+            println!(
+                "(d) our QUIC, 1 thread per side: {:.2} GB/s, {:.2} cores per GB/s",
+                q.gbps(),
+                q.cpu_per_gbps()
+            );
         }
         return Ok(());
     }
