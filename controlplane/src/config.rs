@@ -450,6 +450,14 @@ mod tests {
         assert_eq!(c.scheduler.schedule_timeout, Duration::from_secs(5));
         assert_eq!(c.scheduler.addrs, vec!["127.0.0.1:8002".to_string()]);
         assert_eq!(c.data_plane.pieces_in_flight, 8);
+        assert_eq!(c.data_plane.quic_max_udp_payload, 1452);
+    }
+
+    #[test]
+    fn quic_udp_payload_is_configurable() {
+        let c: DaemonConfig =
+            serde_yaml::from_str("data_plane:\n  quic_max_udp_payload: 8900\n").expect("parses");
+        assert_eq!(c.data_plane.quic_max_udp_payload, 8900);
     }
 
     #[test]
