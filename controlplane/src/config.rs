@@ -265,6 +265,10 @@ pub struct DataPlaneSection {
     pub quic_cert: Option<PathBuf>,
     /// PEM private key of `quic_cert`.
     pub quic_key: Option<PathBuf>,
+    /// Largest UDP payload of a QUIC packet, bytes (1200–65,000; default 1452, safe for
+    /// 1500-byte Ethernet). Larger packets cut QUIC's per-packet CPU cost: ~8900 on
+    /// jumbo-frame (9000 MTU) networks, up to 65,000 on loopback. See tuning.md.
+    pub quic_max_udp_payload: u16,
     /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP and
     /// unauthenticated QUIC. See the README's TLS section.
     pub tls: Option<wire::tls::TlsConfig>,
@@ -362,6 +366,7 @@ impl Default for DataPlaneSection {
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
             quic_cert: None,
             quic_key: None,
+            quic_max_udp_payload: dataplane::quic::QuicConfig::default().max_udp_payload,
             tls: None,
         }
     }
@@ -445,6 +450,14 @@ mod tests {
         assert_eq!(c.scheduler.schedule_timeout, Duration::from_secs(5));
         assert_eq!(c.scheduler.addrs, vec!["127.0.0.1:8002".to_string()]);
         assert_eq!(c.data_plane.pieces_in_flight, 8);
+        assert_eq!(c.data_plane.quic_max_udp_payload, 1452);
+    }
+
+    #[test]
+    fn quic_udp_payload_is_configurable() {
+        let c: DaemonConfig =
+            serde_yaml::from_str("data_plane:\n  quic_max_udp_payload: 8900\n").expect("parses");
+        assert_eq!(c.data_plane.quic_max_udp_payload, 8900);
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl Daemon {
                     cert: config.data_plane.quic_cert.clone(),
                     key: config.data_plane.quic_key.clone(),
                     tls: config.data_plane.tls.clone(),
+                    max_udp_payload: config.data_plane.quic_max_udp_payload,
                     ..QuicConfig::default()
                 }),
             },

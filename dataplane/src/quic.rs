@@ -72,7 +72,9 @@ pub struct QuicConfig {
     pub connection_window: u64,
     /// Bytes a connection may have sent but not yet acknowledged.
     pub send_window: u64,
-    /// Largest UDP payload the endpoint sends or accepts; path MTU discovery probes up to it.
+    /// Largest UDP payload the endpoint sends or accepts (1200–65,507); the first packets
+    /// use it and path MTU discovery probes up to it. Above ~6.5 KB GSO is off (see
+    /// `transport_config`).
     pub max_udp_payload: u16,
     /// Requested size of the UDP socket's send and receive buffers, bytes.
     pub socket_buffer: usize,
@@ -395,8 +397,32 @@ fn transport_config(cfg: &QuicConfig) -> quinn::TransportConfig {
     // Start at the configured payload size: on loopback and LANs this skips the slow climb
     // from 1200 bytes (quinn falls back to 1200 if the path turns out smaller).
     t.initial_mtu(cfg.max_udp_payload.max(1200));
+    // quinn hands up to 10 datagrams to one GSO `sendmsg`; the kernel refuses a batch over
+    // 64 KiB with EMSGSIZE, which quinn-udp drops silently (it expects that only of MTU
+    // probes), so large payloads (loopback, jumbo frames) would lose whole batches.
+    if usize::from(cfg.max_udp_payload) * GSO_BATCH > MAX_GSO_BYTES {
+        t.enable_segmentation_offload(false);
+    }
+    // quinn's initial congestion window is a fixed 14,720 bytes: with a larger first packet
+    // the connection could not send its Initial at all and would hang. RFC 9002's window
+    // for large packets: 2 of them at least.
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(initial_window(cfg.max_udp_payload));
+    t.congestion_controller_factory(Arc::new(cubic));
     t
 }
+
+/// Initial congestion window for a UDP payload: quinn's 14,720 bytes, or 4 packets when
+/// they are larger (jumbo frames, loopback).
+fn initial_window(payload: u16) -> u64 {
+    14_720u64.max(4 * u64::from(payload))
+}
+
+/// Datagrams quinn puts into one GSO send at most (`quinn`'s `MAX_TRANSMIT_SEGMENTS`).
+const GSO_BATCH: usize = 10;
+
+/// Largest UDP payload of one `sendmsg`, a GSO batch included (65,535 − 8 − 20).
+const MAX_GSO_BYTES: usize = 65_507;
 
 fn load_or_generate(
     cfg: &QuicConfig,
@@ -442,6 +468,15 @@ pub fn configs(
     quinn::ServerConfig,
     quinn::ClientConfig,
 )> {
+    if usize::from(cfg.max_udp_payload) > MAX_GSO_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "QUIC max UDP payload {} exceeds the largest UDP datagram ({MAX_GSO_BYTES})",
+                cfg.max_udp_payload
+            ),
+        ));
+    }
     let mut ep_cfg = quinn::EndpointConfig::default();
     ep_cfg
         .max_udp_payload_size(cfg.max_udp_payload.max(1200))
