@@ -1,7 +1,9 @@
 //! Reading frames and raw piece bytes from a monoio stream with owned buffers.
 
+use bytes::Bytes;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncReadRentExt};
+use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent};
+use std::future::Future;
 use std::io;
 use wire::frame::{self, DecodeError, Frame, HEADER_LEN, MAX_BITMAP_PAYLOAD};
 
@@ -96,6 +98,17 @@ impl FrameReader {
         }
     }
 
+    /// Moves up to `len` bytes already buffered (read past the last frame) to the end of `out`.
+    pub fn take_buffered(&mut self, len: usize, out: &mut Vec<u8>) {
+        let from_buf = self.buffered().len().min(len);
+        out.extend_from_slice(&self.buf[self.start..self.start + from_buf]);
+        self.start += from_buf;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
     /// Reads exactly `len` raw bytes (the body of a piece) into `out`, replacing its content.
     /// `len` must already be validated by the caller against what it expects.
     pub async fn read_raw<S: AsyncReadRent>(
@@ -107,13 +120,7 @@ impl FrameReader {
         let mut out = out;
         out.clear();
         out.reserve(len);
-        let from_buf = self.buffered().len().min(len);
-        out.extend_from_slice(&self.buf[self.start..self.start + from_buf]);
-        self.start += from_buf;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
+        self.take_buffered(len, &mut out);
         if out.len() == len {
             return (Ok(()), out);
         }
@@ -127,6 +134,61 @@ impl FrameReader {
         }
     }
 }
+
+/// Raw piece bytes of one received chunk, in order: first `buf` (bytes copied out of the
+/// stream), then `parts` (buffers the transport already held, handed over without a copy:
+/// QUIC). Reused from chunk to chunk.
+#[derive(Debug, Default)]
+pub struct RawChunk {
+    /// Bytes copied into our own buffer.
+    pub buf: Vec<u8>,
+    /// Bytes that follow `buf`, in the transport's own buffers.
+    pub parts: Vec<Bytes>,
+}
+
+impl RawChunk {
+    /// The chunk's bytes as slices, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.buf.as_slice())
+            .chain(self.parts.iter().map(|b| b.as_ref()))
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Total bytes held.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.parts.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A transport pieces are fetched over: frames both ways, plus raw piece bytes, which a
+/// transport that already holds them in its own buffers can hand over without copying.
+pub trait FetchStream: AsyncReadRent + AsyncWriteRent + Sized {
+    /// Reads exactly `len` raw bytes, first those `reader` buffered past the last frame,
+    /// into `chunk`, replacing its content. The default copies them into `chunk.buf`.
+    fn read_raw_chunk(
+        &mut self,
+        reader: &mut FrameReader,
+        len: usize,
+        chunk: RawChunk,
+    ) -> impl Future<Output = (Result<(), ConnError>, RawChunk)> {
+        async move {
+            let mut chunk = chunk;
+            chunk.parts.clear();
+            let (res, buf) = reader
+                .read_raw(self, len, std::mem::take(&mut chunk.buf))
+                .await;
+            chunk.buf = buf;
+            (res, chunk)
+        }
+    }
+}
+
+impl FetchStream for monoio::net::TcpStream {}
 
 /// Encodes frames into a reusable buffer for one write.
 pub fn encode_frames(frames: &[Frame]) -> Vec<u8> {

@@ -12,11 +12,11 @@
 //! counted, reported, and the parent that sent it is dropped.
 
 use crate::bridge::{Bridge, Event, Full, Parent, PieceSource};
-use crate::conn::{encode_frames, ConnError, FrameReader};
+use crate::conn::{encode_frames, ConnError, FetchStream, FrameReader, RawChunk};
 use crate::counters::Counters;
 use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{StoreError, TaskStore};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rand::Rng;
 use std::cell::RefCell;
@@ -242,7 +242,7 @@ impl Session {
     /// piece that fails the check may sit in the file, but its bit is never set, so they are
     /// never served. The buffer (one chunk) is handed back for reuse.
     #[allow(clippy::too_many_arguments)]
-    async fn receive_piece<S: AsyncReadRent>(
+    async fn receive_piece<S: FetchStream>(
         &self,
         reader: &mut FrameReader,
         stream: &mut S,
@@ -250,26 +250,33 @@ impl Session {
         offset: u64,
         len: u64,
         crc: u32,
-        buf: Vec<u8>,
-    ) -> (Result<(), Received>, Vec<u8>) {
+        buf: RawChunk,
+    ) -> (Result<(), Received>, RawChunk) {
         let mut buf = buf;
         let write = !self.store.has(n);
         let mut got = 0u64;
         let mut running = 0u32;
         while got < len {
             let want = (len - got).min(RECEIVE_CHUNK);
-            let (res, b) = reader.read_raw(stream, want as usize, buf).await;
+            let (res, b) = stream.read_raw_chunk(reader, want as usize, buf).await;
             buf = b;
             if let Err(e) = res {
                 return (Err(Received::Conn(e)), buf);
             }
-            running = wire::piece_crc_append(running, &buf);
-            if write {
-                if let Err(e) =
-                    std::os::unix::fs::FileExt::write_all_at(self.store.file(), &buf, offset + got)
-                {
-                    return (Err(Received::Store(StoreError::Io(e))), buf);
-                }
+            let parts: Vec<&[u8]> = buf.slices().collect();
+            for part in &parts {
+                running = wire::piece_crc_append(running, part);
+            }
+            let written = if !write {
+                Ok(())
+            } else if let [one] = parts.as_slice() {
+                std::os::unix::fs::FileExt::write_all_at(self.store.file(), one, offset + got)
+            } else {
+                crate::sys::pwritev_all(self.store.file(), &parts, offset + got)
+            };
+            drop(parts);
+            if let Err(e) = written {
+                return (Err(Received::Store(StoreError::Io(e))), buf);
             }
             got += want;
         }
@@ -446,14 +453,14 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
 }
 
 /// Runs the request/response exchange with one parent over an open connection.
-async fn parent_io<S: AsyncReadRent + AsyncWriteRent>(
+async fn parent_io<S: FetchStream>(
     s: &Rc<Session>,
     p: &Parent,
     pc: &mut ParentConn,
     mut stream: S,
 ) -> Result<(), ParentError> {
     let mut reader = FrameReader::new();
-    let mut piece_buf: Vec<u8> = Vec::new();
+    let mut piece_buf = RawChunk::default();
     let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
     let task = s.task();
     let layout = s.store.layout();

@@ -12,8 +12,10 @@
 //! requests on it, exactly as on a TCP connection. Incoming streams are handed to the
 //! data-plane threads round robin.
 //!
-//! Uploads over QUIC copy: the piece is read from the page cache into a buffer that quinn
-//! encrypts into packets (there is no `sendfile` for QUIC).
+//! Uploads over QUIC copy: the piece is read from the page cache into a fresh (not zeroed)
+//! buffer that quinn encrypts into packets (there is no `sendfile` for QUIC). Downloads do
+//! not copy in user space: the fetcher checks and writes piece bytes straight from quinn's
+//! decrypted packet buffers ([`crate::conn::FetchStream`], one `pwritev` per 1 MiB).
 //!
 //! TLS 1.3 with rustls (ring). With the data plane's `tls:` section ([`QuicConfig::tls`])
 //! both sides are authenticated: a child checks the parent's certificate against the
@@ -199,6 +201,35 @@ impl AsyncWriteRent for QuicStream {
     }
 }
 
+impl crate::conn::FetchStream for QuicStream {
+    /// Hands over quinn's own buffers (decrypted packets, reference counted) instead of
+    /// copying them into the fetch buffer: the piece bytes go from them to the task file.
+    async fn read_raw_chunk(
+        &mut self,
+        reader: &mut crate::conn::FrameReader,
+        len: usize,
+        chunk: crate::conn::RawChunk,
+    ) -> (Result<(), crate::conn::ConnError>, crate::conn::RawChunk) {
+        use crate::conn::ConnError;
+        let mut chunk = chunk;
+        chunk.buf.clear();
+        chunk.parts.clear();
+        reader.take_buffered(len, &mut chunk.buf);
+        let mut need = len - chunk.buf.len();
+        while need > 0 {
+            match self.refill().await {
+                Ok(true) => {}
+                Ok(false) => return (Err(ConnError::Truncated), chunk),
+                Err(e) => return (Err(ConnError::Io(e)), chunk),
+            }
+            let take = need.min(self.pending.len());
+            chunk.parts.push(self.pending.split_to(take));
+            need -= take;
+        }
+        (Ok(()), chunk)
+    }
+}
+
 impl UploadStream for QuicStream {
     /// Reads the range from the page cache in 1 MiB steps and hands each to quinn (a copy:
     /// QUIC encrypts in user space).
@@ -207,8 +238,8 @@ impl UploadStream for QuicStream {
         let mut off = offset;
         while off < end {
             let want = (end - off).min(SEND_CHUNK) as usize;
-            let mut b = BytesMut::zeroed(want);
-            crate::upload::read_piece_chunk(file, &mut b, off)?;
+            let mut b = BytesMut::with_capacity(want);
+            crate::sys::pread_append(file, &mut b, off, want)?;
             self.send.write_chunk(b.freeze()).await?;
             off += want as u64;
         }
@@ -513,7 +544,7 @@ fn verified_configs(
 }
 
 fn crypto_configs(cfg: &QuicConfig) -> io::Result<(quinn::ServerConfig, quinn::ClientConfig)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = wire::tls::provider();
     let other = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
     if let Some(tls) = &cfg.tls {
         let (server, client) = verified_configs(tls)?;

@@ -117,6 +117,8 @@ fn tls_error(e: monoio_rustls::TlsError) -> io::Error {
     io::Error::new(inner.kind(), format!("TLS handshake: {inner}"))
 }
 
+impl crate::conn::FetchStream for ClientStream {}
+
 impl UploadStream for ServerStream {
     /// Reads the range from the page cache in 256 KiB steps and encrypts each (a copy).
     async fn send_file_range(&mut self, file: &File, offset: u64, len: u64) -> io::Result<()> {

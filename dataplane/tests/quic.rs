@@ -227,3 +227,53 @@ fn parent_without_quic_is_reached_over_tcp() {
     a.dp.shutdown();
     c.dp.shutdown();
 }
+
+/// A parent whose file went bad on disk after the piece was stored: over QUIC the piece bytes
+/// are checked straight from quinn's buffers (no copy into a fetch buffer), and the check
+/// must still catch it: the piece is reported failed and never marked stored.
+#[test]
+fn corrupt_piece_over_quic_is_never_stored() {
+    let a = quic_node(1, 4);
+    let c = quic_node(1, 4);
+    let id = TaskId([23; 32]);
+    let plen = 256 << 10;
+    let data = content(8 * plen);
+    seed_task(&a, id, &data, plen as u64);
+    // Flip one byte in the middle of piece 3 in the parent's task file.
+    let path = a
+        .storage
+        .get(&id)
+        .expect("seeded task")
+        .path()
+        .to_path_buf();
+    let mut bytes = std::fs::read(&path).expect("read seed file");
+    let at = 3 * plen + plen / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&path, &bytes).expect("corrupt seed file");
+    let layout = PieceLayout::new(data.len() as u64, plen as u64).expect("layout");
+    let parents = vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        quic_addr: a.dp.quic_addr(),
+        is_seed: true,
+    }];
+    let events = fetch(&c, id, layout, parents);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PieceFailed { number: 3, .. })),
+        "no failure reported for the corrupt piece: {events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::DownloadFinished { .. })),
+        "a download with a corrupt piece finished: {events:?}"
+    );
+    let store = c.storage.get(&id).expect("task");
+    assert!(!store.has(3));
+    assert_eq!(c.counters.pieces_corrupt.load(Ordering::Relaxed), 1);
+    assert_eq!(c.counters.quic_connections.load(Ordering::Relaxed), 1);
+    a.dp.shutdown();
+    c.dp.shutdown();
+}
