@@ -67,6 +67,10 @@ struct Args {
     /// Bytes for the shaped run, MiB (long enough to measure the rate).
     #[arg(long, default_value_t = 256)]
     shaped_mib: u64,
+    /// Do not write and delete a scratch file of the transfer's size before each row (see
+    /// `warm_up`): then the first run of a row pays for faulting fresh memory in.
+    #[arg(long)]
+    no_warm_up: bool,
     /// Repeat each measurement this many times and keep the best.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -165,6 +169,30 @@ fn make_file(dir: &Path, size: u64) -> Result<std::fs::File> {
     // data runs during the first rows and steals CPU and disk from them.
     f.sync_all()?;
     Ok(f)
+}
+
+/// Writes `size` bytes to a scratch file in `dir` and deletes it, right before a row, so that
+/// the row's receiver writes into memory the guest has just had in use. On a VM whose balloon
+/// does free page reporting (this one: tuning.md), memory freed a few seconds earlier (the
+/// previous row's files) is handed back to the host, and the first run after that spends
+/// 2–3 CPU s per GiB faulting it back in, whichever transport it measures. Every row, the
+/// baseline included, gets the same warm-up; it is not timed.
+fn warm_up(dir: &Path, size: u64, enabled: bool) -> Result<()> {
+    if !enabled {
+        return Ok(());
+    }
+    let path = dir.join("warm-up.tmp");
+    let f = std::fs::File::create(&path)?;
+    let block = vec![0x5au8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(block.len() as u64) as usize;
+        f.write_all_at(&block[..n], off)?;
+        off += n as u64;
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(())
 }
 
 /// (a) sendfile from the file to a socket; the receiver writes what it reads into a file.
@@ -387,6 +415,14 @@ fn main() -> Result<()> {
     let layout = PieceLayout::new(size, args.piece_kib << 10)?;
     let out = dir.path().join("baseline.out");
 
+    let warm = !args.no_warm_up;
+    if warm {
+        eprintln!(
+            "[throughput] before each row: an untimed write + delete of {} MiB (--no-warm-up to skip)",
+            args.size_mib
+        );
+    }
+    warm_up(dir.path(), size, warm)?;
     eprintln!("[throughput] (a) sendfile baseline x{} ...", args.runs);
     let mut v = Vec::new();
     let runs_ab = if args.only_quic { 1 } else { args.runs };
@@ -434,7 +470,7 @@ fn main() -> Result<()> {
         );
         ours_by_threads.push((
             threads,
-            run_ours(threads, knobs, &src, size, layout, args.runs)?,
+            run_ours(threads, knobs, &src, size, layout, args.runs, warm)?,
         ));
     }
 
@@ -446,6 +482,7 @@ fn main() -> Result<()> {
             args.runs,
             args.quic_payload.unwrap_or(LOOPBACK_QUIC_PAYLOAD)
         );
+        warm_up(dir.path(), size, warm)?;
         let mut v = Vec::new();
         for _ in 0..args.runs {
             v.push(plain_quinn(
@@ -470,6 +507,7 @@ fn main() -> Result<()> {
             size,
             layout,
             args.runs,
+            warm,
         )?;
         (Some(pq), Some(q))
     };
@@ -625,6 +663,7 @@ fn run_ours(
     size: u64,
     layout: PieceLayout,
     runs: usize,
+    warm: bool,
 ) -> Result<Sample> {
     let a = node(threads, ShapingConfig::default(), knobs)?;
     let b = node(threads, ShapingConfig::default(), knobs)?;
@@ -634,6 +673,10 @@ fn run_ours(
     for id in &ids {
         seed(&a, *id, src, per_task)?;
     }
+    // After seeding, which took memory of its own: the receiver's first run gets what the
+    // warm-up just freed.
+    let scratch = tempfile::tempdir()?;
+    warm_up(scratch.path(), size, warm)?;
     let mut v = Vec::new();
     for _ in 0..runs {
         v.push(ours(&a, &b, &ids, per_task, 0)?);
