@@ -95,6 +95,21 @@ pub fn io_buf_bytes<T: monoio::buf::IoBuf>(buf: &T) -> &[u8] {
     unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }
 }
 
+/// The result of a read/write-style system call: the byte count, `None` when it was
+/// interrupted (call again), or the error in `errno`.
+fn retry_result(n: isize) -> io::Result<Option<usize>> {
+    if n >= 0 {
+        // n >= 0, so it fits.
+        return Ok(Some(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// `pread(2)` of exactly `len` bytes of `file` at `offset`, appended to `buf` without
 /// zeroing its spare capacity first (QUIC uploads hand a fresh buffer to quinn for every
 /// chunk; zeroing 1 MiB before reading over it was a measurable share of the sender's CPU).
@@ -118,20 +133,15 @@ pub fn pread_append(
         // SAFETY: `spare` is writable memory of at least `want` bytes owned by `buf`, which is
         // exclusively borrowed; the descriptor is open for the call.
         let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, at) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let Some(n) = retry_result(n)? else {
+            continue;
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "task file is shorter than the piece being sent",
             ));
         }
-        let n = n as usize;
         // SAFETY: the kernel initialised the first `n` (≤ `want`) bytes of the spare capacity.
         unsafe { buf.set_len(buf.len() + n) };
         done += n;
@@ -162,17 +172,13 @@ pub fn pwritev_all(file: &impl AsRawFd, parts: &[&[u8]], offset: u64) -> io::Res
         // SAFETY: every iovec points at a live slice borrowed for the call, the kernel only
         // reads them; the count is at most PWRITEV_MAX, well under IOV_MAX.
         let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, off) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        let Some(n) = retry_result(n)? else {
+            continue;
+        };
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
-        let mut n = n as usize;
+        let mut n = n;
         at += n as u64;
         while n > 0 && first < rest.len() {
             let len = rest[first].len();

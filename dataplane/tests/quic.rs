@@ -85,6 +85,16 @@ fn seed_task(n: &Node, id: TaskId, data: &[u8], plen: u64) {
     }
 }
 
+/// Node `a` as the only parent, a seed reachable over QUIC.
+fn seed_parent(a: &Node) -> Vec<Parent> {
+    vec![Parent {
+        host_id: "a".into(),
+        addr: a.dp.local_addr(),
+        quic_addr: a.dp.quic_addr(),
+        is_seed: true,
+    }]
+}
+
 fn fetch(c: &Node, id: TaskId, layout: PieceLayout, parents: Vec<Parent>) -> Vec<Event> {
     let store = c.storage.create(id, layout).expect("create");
     let t = c.dp.bridge().thread_of(&id);
@@ -127,12 +137,7 @@ fn task_moves_over_quic_with_its_digest_intact() {
     let data = content(40 * plen + 12_345);
     seed_task(&a, id, &data, plen as u64);
     let layout = PieceLayout::new(data.len() as u64, plen as u64).expect("layout");
-    let parents = vec![Parent {
-        host_id: "a".into(),
-        addr: a.dp.local_addr(),
-        quic_addr: a.dp.quic_addr(),
-        is_seed: true,
-    }];
+    let parents = seed_parent(&a);
     let events = fetch(&c, id, layout, parents);
     assert!(
         matches!(events.last(), Some(Event::DownloadFinished { .. })),
@@ -174,12 +179,7 @@ fn task_moves_over_quic_with_large_udp_payloads() {
         let data = content(8 * plen + 777);
         seed_task(&a, id, &data, plen as u64);
         let layout = PieceLayout::new(data.len() as u64, plen as u64).expect("layout");
-        let parents = vec![Parent {
-            host_id: "a".into(),
-            addr: a.dp.local_addr(),
-            quic_addr: a.dp.quic_addr(),
-            is_seed: true,
-        }];
+        let parents = seed_parent(&a);
         let events = fetch(&c, id, layout, parents);
         assert!(
             matches!(events.last(), Some(Event::DownloadFinished { .. })),
@@ -251,12 +251,7 @@ fn corrupt_piece_over_quic_is_never_stored() {
     bytes[at] ^= 0x5a;
     std::fs::write(&path, &bytes).expect("corrupt seed file");
     let layout = PieceLayout::new(data.len() as u64, plen as u64).expect("layout");
-    let parents = vec![Parent {
-        host_id: "a".into(),
-        addr: a.dp.local_addr(),
-        quic_addr: a.dp.quic_addr(),
-        is_seed: true,
-    }];
+    let parents = seed_parent(&a);
     let events = fetch(&c, id, layout, parents);
     assert!(
         events
