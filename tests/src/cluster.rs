@@ -280,11 +280,35 @@ pub struct Cluster {
     peers: Vec<Daemon>,
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read, released; another process could take it in
-/// between, which is unlikely on a test machine).
+/// First and one-past-last port [`free_port`] hands out: below Linux's default ephemeral
+/// range (32768–60999), so no outgoing connection of a parallel test can take a port
+/// between the moment it is handed out and the moment its process binds it (that race made
+/// a manager fail with "Address already in use").
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 for a process the test starts. Ports come from
+/// [`TEST_PORTS`] in turn, starting at an offset derived from the process id (test
+/// binaries run one after another), each checked by binding it (and, for QUIC, its UDP
+/// twin) and then released; a port is never handed out twice by one test process.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr().context("reading a free port")?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let start = (std::process::id().wrapping_mul(2_654_435_761)) % span;
+        let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        // i < span ≤ u16::MAX, so the sum stays in the range.
+        let port = TEST_PORTS.start + i as u16;
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in {TEST_PORTS:?} on 127.0.0.1")
 }
 
 fn loopback(port: u16) -> SocketAddr {
