@@ -153,16 +153,6 @@ impl RawChunk {
             .chain(self.parts.iter().map(|b| b.as_ref()))
             .filter(|s| !s.is_empty())
     }
-
-    /// Total bytes held.
-    pub fn len(&self) -> usize {
-        self.buf.len() + self.parts.iter().map(Bytes::len).sum::<usize>()
-    }
-
-    /// Whether it holds no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A transport pieces are fetched over: frames both ways, plus raw piece bytes, which a

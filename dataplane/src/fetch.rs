@@ -240,7 +240,8 @@ impl Session {
     /// each chunk at its place while it is still hot in the cache and extending the crc32c as
     /// it goes; the piece is marked stored only when the whole piece matches `crc`. Bytes of a
     /// piece that fails the check may sit in the file, but its bit is never set, so they are
-    /// never served. The buffer (one chunk) is handed back for reuse.
+    /// never served. Chunks the transport hands over in several buffers (QUIC packets) are
+    /// written with one `pwritev`. The chunk buffers are handed back for reuse.
     #[allow(clippy::too_many_arguments)]
     async fn receive_piece<S: FetchStream>(
         &self,
