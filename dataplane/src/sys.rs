@@ -110,6 +110,14 @@ fn retry_result(n: isize) -> io::Result<Option<usize>> {
     }
 }
 
+/// The error of an upload whose task file ends before the piece it sends.
+pub(crate) fn short_task_file() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "task file is shorter than the piece being sent",
+    )
+}
+
 /// `pread(2)` of exactly `len` bytes of `file` at `offset`, appended to `buf` without
 /// zeroing its spare capacity first (QUIC uploads hand a fresh buffer to quinn for every
 /// chunk; zeroing 1 MiB before reading over it was a measurable share of the sender's CPU).
@@ -137,10 +145,7 @@ pub fn pread_append(
             continue;
         };
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "task file is shorter than the piece being sent",
-            ));
+            return Err(short_task_file());
         }
         // SAFETY: the kernel initialised the first `n` (≤ `want`) bytes of the spare capacity.
         unsafe { buf.set_len(buf.len() + n) };

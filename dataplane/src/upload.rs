@@ -52,12 +52,7 @@ impl UploadStream for monoio::net::TcpStream {
                 .unwrap_or(usize::MAX)
                 .min(SENDFILE_CHUNK);
             match sys::sendfile(fd, file, off, want) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "task file is shorter than the piece being sent",
-                    ))
-                }
+                Ok(0) => return Err(sys::short_task_file()),
                 Ok(n) => off += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable(false).await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -69,14 +64,11 @@ impl UploadStream for monoio::net::TcpStream {
 }
 
 /// Reads `buf.len()` bytes of a task file at `off` for a transport that cannot send from
-/// the file directly (TLS, QUIC); a file shorter than the piece is a precise error.
+/// the file directly (TLS); a file shorter than the piece is a precise error.
 pub(crate) fn read_piece_chunk(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, off).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "task file is shorter than the piece being sent",
-            )
+            sys::short_task_file()
         } else {
             e
         }

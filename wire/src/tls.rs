@@ -83,9 +83,15 @@ fn file_error(what: &'static str, path: &Path, reason: impl std::fmt::Display) -
 /// AES-256 first; AES-128 is as safe for this traffic and takes 10 AES rounds instead of 14
 /// per block, which is measurable when every piece byte is encrypted (tuning.md, QUIC).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(ring_provider())
+}
+
+/// ring with the AES-128-GCM suites first, as both [`provider`] and
+/// [`install_default_provider`] hand it out.
+fn ring_provider() -> rustls::crypto::CryptoProvider {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| !is_aes128_gcm(s.suite()));
-    Arc::new(p)
+    p
 }
 
 fn is_aes128_gcm(suite: rustls::CipherSuite) -> bool {
@@ -98,10 +104,11 @@ fn is_aes128_gcm(suite: rustls::CipherSuite) -> bool {
     )
 }
 
-/// Installs ring as the process's default rustls provider (libraries that build their own
-/// configurations, like tonic's server, use it); a second call does nothing.
+/// Installs ring, ordered as in [`provider`], as the process's default rustls provider
+/// (libraries that build their own configurations, like tonic's server, use it); a second
+/// call does nothing.
 pub fn install_default_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = ring_provider().install_default();
 }
 
 /// Reads every certificate of a PEM file (at least one).
