@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Small per-call buffers: see src/grpc_codec.rs.
+        .codec_path("crate::grpc_codec::SmallBufferCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -7,10 +7,12 @@
 //! * [`task`]: task ids (sha256 over the normalised URL and the task's options).
 //! * [`proto`]: the gRPC services (scheduler, dfdaemon local API, manager), compiled with
 //!   protox.
+//! * [`grpc_codec`]: the codec of every generated gRPC client and server (small buffers).
 //! * [`tls`]: the `tls:` config section shared by every process, turned into rustls and
 //!   tonic configurations.
 
 pub mod frame;
+pub mod grpc_codec;
 pub mod metrics_http;
 pub mod piece;
 pub mod task;
