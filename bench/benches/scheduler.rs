@@ -2,7 +2,7 @@
 //! swarm of 10,000 peers of one task whose size is known, so every registration is scheduled
 //! at once (sampling, filtering and scoring candidate parents, recording the edges). Each
 //! iteration registers a peer on a new host and removes the oldest, so the swarm stays at
-//! 10,000 peers with most upload slots taken, as in a burst.
+//! 10,000 scheduled peers, each with the parents it got when it registered.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

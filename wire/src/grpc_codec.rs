@@ -2,7 +2,7 @@
 //!
 //! tonic's default codec gives every call an 8 KiB encode buffer and an 8 KiB decode buffer
 //! up front. A scheduler holds one `AnnouncePeer` call per peer of every running download,
-//! and its messages are a few hundred bytes at most (a registration with its host, four
+//! and its messages are a few hundred bytes at most (a registration with its host, a few
 //! candidate parents, a 10-byte piece report): at 10,000 peers the defaults reserve 160 MiB,
 //! and faulting that memory in costs the scheduler CPU during a registration burst. Buffers
 //! here start at [`BUFFER_SIZE`] and grow on demand (by that much at a time, amortised by
