@@ -243,8 +243,8 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
     } else {
         None
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // Single-threaded, driven by the simulation while it waits (see `sim::Io`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -271,11 +271,11 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
         eprintln!("pinned: scheduler on CPU 0, simulator on CPUs {cpus}");
     }
     let channels = rt.block_on(client::connect(addr, a.connections))?;
-    let (inbound, events) = std::sync::mpsc::channel();
+    let (inbound, events) = tokio::sync::mpsc::unbounded_channel();
     let io = sim::Io {
-        rt: rt.handle().clone(),
+        rt: &rt,
         channels,
-        events,
+        events: std::cell::RefCell::new(events),
         inbound,
         scheduler_pid,
         scheduler_metrics,

@@ -12,8 +12,8 @@
 //! that needs an answer (registrations, reschedules) must have been answered, so the
 //! scheduler's decisions are applied at the virtual instant they were asked for.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -143,7 +143,7 @@ struct Sim {
     count: Vec<u32>,
     conns: Vec<Vec<Conn>>,
     done_at: Vec<Option<f64>>,
-    tx: Vec<Option<mpsc::UnboundedSender<AnnouncePeerRequest>>>,
+    tx: Vec<Option<mpsc::UnboundedSender<Box<AnnouncePeerRequest>>>>,
     /// Completed holders plus in-flight transfers, per piece (the rarity measure).
     rarity: Vec<u32>,
     full: Bits,
@@ -261,13 +261,13 @@ impl Sim {
 
     fn send(&mut self, i: u32, r: Request) {
         if let Some(tx) = self.tx.get(i as usize).and_then(Option::as_ref) {
-            let _ = tx.send(AnnouncePeerRequest { request: Some(r) });
+            let _ = tx.send(Box::new(AnnouncePeerRequest { request: Some(r) }));
         }
     }
 
-    fn register(&mut self, i: u32, io: &Io, back_to_source: bool) {
+    fn register(&mut self, i: u32, io: &Io<'_>, back_to_source: bool) {
         let channel = io.channels[i as usize % io.channels.len()].clone();
-        let tx = client::open_peer(&io.rt, channel, i, io.inbound.clone());
+        let tx = client::open_peer(io.rt.handle(), channel, i, io.inbound.clone());
         self.tx[i as usize] = Some(tx);
         let host = self.hosts[i as usize].clone();
         self.send(
@@ -303,7 +303,7 @@ impl Sim {
         }];
     }
 
-    fn handle(&mut self, ev: Inbound, io: &Io) {
+    fn handle(&mut self, ev: Inbound, io: &Io<'_>) {
         match ev {
             Inbound::Host(cmd) => {
                 if let Some(host_command::Command::DownloadTask(_)) = cmd.command {
@@ -382,22 +382,22 @@ impl Sim {
     }
 
     /// Applies whatever arrived; then, while answers are owed, waits for them.
-    fn pump(&mut self, io: &Io, wait_for_all: bool) -> anyhow::Result<()> {
-        while let Ok(ev) = io.events.try_recv() {
+    fn pump(&mut self, io: &Io<'_>, wait_for_all: bool) -> anyhow::Result<()> {
+        while let Some(ev) = io.try_next() {
             self.handle(ev, io);
         }
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         while wait_for_all && !self.pending.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
-            match io.events.recv_timeout(left) {
-                Ok(ev) => self.handle(ev, io),
-                Err(_) => bail!(
+            match io.next_within(left) {
+                Some(ev) => self.handle(ev, io),
+                None => bail!(
                     "{} requests unanswered after {ANSWER_TIMEOUT:?} (virtual t = {:.2} s)",
                     self.pending.len(),
                     self.t
                 ),
             }
-            while let Ok(ev) = io.events.try_recv() {
+            while let Some(ev) = io.try_next() {
                 self.handle(ev, io);
             }
         }
@@ -405,21 +405,20 @@ impl Sim {
     }
 
     /// Registers the peers due by now, at most `window` unanswered at a time.
-    fn arrivals(&mut self, io: &Io, next: &mut Vec<u32>) -> anyhow::Result<()> {
+    fn arrivals(&mut self, io: &Io<'_>, next: &mut Vec<u32>) -> anyhow::Result<()> {
         while let Some(&i) = next.last() {
             if self.arrival[i as usize] > self.t {
                 break;
             }
             while self.pending.len() >= self.p.window {
                 let ev = io
-                    .events
-                    .recv_timeout(ANSWER_TIMEOUT)
+                    .next_within(ANSWER_TIMEOUT)
                     .context("scheduler stopped answering registrations")?;
                 self.handle(ev, io);
             }
             next.pop();
             self.register(i, io, false);
-            while let Ok(ev) = io.events.try_recv() {
+            while let Some(ev) = io.queued() {
                 self.handle(ev, io);
             }
         }
@@ -772,16 +771,28 @@ impl Sim {
     }
 }
 
+/// Turns of the runtime per [`Io::drive`]: the first runs the tasks the simulation woke
+/// (its requests go out) and polls the sockets; the second runs the tasks those sockets
+/// woke (answers come in).
+const DRIVE_TURNS: usize = 2;
+
 /// The runtime pieces the simulation talks through.
-pub struct Io {
-    /// Tokio runtime handle for the stream tasks.
-    pub rt: tokio::runtime::Handle,
+///
+/// The runtime is single-threaded and runs only while the simulation waits in one of the
+/// methods below: the simulated peers' requests pile up while the simulation computes and
+/// go out together when it next waits, and no message ever crosses between threads. (With
+/// a runtime thread beside the simulation, every request and answer woke the other thread;
+/// on a 2-CPU machine those wake-ups cost the simulator more CPU than the scheduler spent
+/// on the decisions.)
+pub struct Io<'a> {
+    /// Current-thread runtime of the stream tasks.
+    pub rt: &'a tokio::runtime::Runtime,
     /// Connections to the scheduler.
     pub channels: Vec<Channel>,
     /// Everything the scheduler sends.
-    pub events: std_mpsc::Receiver<Inbound>,
+    pub events: RefCell<mpsc::UnboundedReceiver<Inbound>>,
     /// Sender side of `events`, cloned into every stream task.
-    pub inbound: std_mpsc::Sender<Inbound>,
+    pub inbound: mpsc::UnboundedSender<Inbound>,
     /// Process id of the scheduler, when it runs on this machine (for its CPU time).
     pub scheduler_pid: Option<u32>,
     /// The scheduler's `/metrics` endpoint, when this process started it (for the time its
@@ -789,8 +800,47 @@ pub struct Io {
     pub scheduler_metrics: Option<std::net::SocketAddr>,
 }
 
+impl Io<'_> {
+    /// Lets the stream tasks run for [`DRIVE_TURNS`] turns without waiting for the network.
+    fn drive(&self) {
+        self.rt.block_on(async {
+            for _ in 0..DRIVE_TURNS {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// An event already received, without running the stream tasks.
+    fn queued(&self) -> Option<Inbound> {
+        self.events.borrow_mut().try_recv().ok()
+    }
+
+    /// An event already received or arriving while the stream tasks run once
+    /// ([`Self::drive`]); `None` if there is none yet.
+    fn try_next(&self) -> Option<Inbound> {
+        if let Some(ev) = self.queued() {
+            return Some(ev);
+        }
+        self.drive();
+        self.queued()
+    }
+
+    /// The next event, waiting for it up to `limit` while the stream tasks run.
+    fn next_within(&self, limit: Duration) -> Option<Inbound> {
+        if let Some(ev) = self.queued() {
+            return Some(ev);
+        }
+        let mut events = self.events.borrow_mut();
+        // The timer is made inside the runtime: it needs the runtime's clock.
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, events.recv()).await })
+            .ok()
+            .flatten()
+    }
+}
+
 /// Runs the whole simulation (blocking; call from a blocking thread).
-pub fn run(p: Params, io: Io) -> anyhow::Result<Report> {
+pub fn run(p: Params, io: Io<'_>) -> anyhow::Result<Report> {
     let wall = Instant::now();
     let load_start = cpu::load_average();
     let own_cpu_start = cpu::own_cpu_s();

@@ -155,7 +155,11 @@ pub enum InvalidRequest {
 struct Peer {
     peer_id: String,
     task_id: String,
+    /// [`Task::serial`] of its task: compared instead of the id in the per-candidate checks.
+    task_serial: u64,
     host: Host,
+    /// Its host's entry in [`SchedulerState::host_stats`], compared instead of the host id.
+    host_ix: HostIx,
     /// Fetches from the origin (registered with `back_to_source`, or told to).
     source: bool,
     /// Reported `PeerFinished` (or was announced complete).
@@ -201,6 +205,8 @@ struct SeedTrigger {
 /// One task and its swarm.
 #[derive(Debug, Default)]
 struct Task {
+    /// Unique among the tasks this state ever held (never 0 once the task is in the map).
+    serial: u64,
     /// Origin of the task, from the first registration that named one.
     source: Option<TaskSource>,
     /// Piece length asked for by that registration (0: derive from the content length).
@@ -242,11 +248,89 @@ impl Task {
 }
 
 /// What the scheduler measured of one host as a parent.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HostStats {
+    id: String,
     /// Live peers on the host plus live `AnnounceHost` streams of it.
     refs: usize,
     costs: CostWindow,
+}
+
+/// Index of a host in [`HostTable`], valid while the host has references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HostIx(u32);
+
+/// The live hosts' ids, interned: a peer names its host by index, so that checking a
+/// candidate parent compares two integers and reads its host's measurements by index
+/// instead of hashing and comparing id strings (with 10,000 peers those strings are cache
+/// misses, and they were the largest part of a decision).
+#[derive(Debug, Default)]
+struct HostTable {
+    by_id: HashMap<String, HostIx>,
+    slots: Vec<Option<HostStats>>,
+    free: Vec<HostIx>,
+}
+
+impl HostTable {
+    /// Adds a reference to host `id` (interning it if new) and returns its index.
+    fn acquire(&mut self, id: &str) -> HostIx {
+        if let Some(&ix) = self.by_id.get(id) {
+            if let Some(Some(stats)) = self.slots.get_mut(ix.0 as usize) {
+                stats.refs += 1;
+                return ix;
+            }
+        }
+        let stats = HostStats {
+            id: id.to_owned(),
+            refs: 1,
+            costs: CostWindow::default(),
+        };
+        let ix = match self.free.pop() {
+            Some(ix) => {
+                if let Some(slot) = self.slots.get_mut(ix.0 as usize) {
+                    *slot = Some(stats);
+                }
+                ix
+            }
+            None => {
+                self.slots.push(Some(stats));
+                HostIx(u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX))
+            }
+        };
+        self.by_id.insert(id.to_owned(), ix);
+        ix
+    }
+
+    /// Drops a reference; the host is forgotten (measurements included) with its last one.
+    fn release(&mut self, ix: HostIx) {
+        let Some(slot) = self.slots.get_mut(ix.0 as usize) else {
+            return;
+        };
+        let Some(stats) = slot.as_mut() else {
+            return;
+        };
+        stats.refs = stats.refs.saturating_sub(1);
+        if stats.refs == 0 {
+            if let Some(stats) = slot.take() {
+                self.by_id.remove(&stats.id);
+            }
+            self.free.push(ix);
+        }
+    }
+
+    fn get(&self, ix: HostIx) -> Option<&HostStats> {
+        self.slots.get(ix.0 as usize).and_then(Option::as_ref)
+    }
+
+    fn by_id_mut(&mut self, id: &str) -> Option<&mut HostStats> {
+        let ix = *self.by_id.get(id)?;
+        self.slots.get_mut(ix.0 as usize).and_then(Option::as_mut)
+    }
+
+    #[cfg(test)]
+    fn by_id(&self, id: &str) -> Option<&HostStats> {
+        self.get(*self.by_id.get(id)?)
+    }
 }
 
 /// The scheduler's whole in-memory state: hosts, tasks, peers. See the module docs for the
@@ -256,8 +340,13 @@ pub struct SchedulerState {
     config: SchedulingConfig,
     hosts: BTreeMap<HostKey, Host>,
     tasks: HashMap<String, Task>,
-    peers: HashMap<PeerKey, Peer>,
-    host_stats: HashMap<String, HostStats>,
+    /// Boxed: a peer is a few hundred bytes, and growing the map must not move them all
+    /// (at 10,000 peers that was a multi-megabyte copy into freshly faulted pages, stalling
+    /// every stream for milliseconds).
+    peers: HashMap<PeerKey, Box<Peer>>,
+    host_stats: HostTable,
+    /// Last [`Task::serial`] handed out.
+    task_serial: u64,
     /// Set while a batch (metadata arrival, waking waiting peers) schedules many peers, so
     /// that peers scheduled inside it do not start nested batches.
     in_batch: bool,
@@ -314,7 +403,8 @@ impl SchedulerState {
             hosts: BTreeMap::new(),
             tasks: HashMap::default(),
             peers: HashMap::default(),
-            host_stats: HashMap::default(),
+            host_stats: HostTable::default(),
+            task_serial: 0,
             in_batch: false,
             rng,
         }
@@ -383,7 +473,7 @@ impl SchedulerState {
             return Err(InvalidRequest::MissingTaskId);
         }
         let mut out = Vec::new();
-        let task = self.tasks.entry(task_id.to_owned()).or_default();
+        let task = self.task_entry(task_id);
         if task.source.is_none() {
             task.source = Some(source);
             task.piece_length = piece_length;
@@ -432,17 +522,20 @@ impl SchedulerState {
         }
     }
 
-    fn host_ref(&mut self, host_id: &str) {
-        self.host_stats.entry(host_id.to_owned()).or_default().refs += 1;
+    fn host_ref(&mut self, host_id: &str) -> HostIx {
+        self.host_stats.acquire(host_id)
     }
 
-    fn host_unref(&mut self, host_id: &str) {
-        if let Some(s) = self.host_stats.get_mut(host_id) {
-            s.refs = s.refs.saturating_sub(1);
-            if s.refs == 0 {
-                self.host_stats.remove(host_id);
+    /// The task `task_id`, created (with a fresh serial) if new.
+    fn task_entry(&mut self, task_id: &str) -> &mut Task {
+        let serial = &mut self.task_serial;
+        self.tasks.entry(task_id.to_owned()).or_insert_with(|| {
+            *serial += 1;
+            Task {
+                serial: *serial,
+                ..Task::default()
             }
-        }
+        })
     }
 
     /// An `AnnounceHost` stream opened: the host is live (a seed host may now be triggered).
@@ -454,6 +547,8 @@ impl SchedulerState {
             return Err(InvalidRequest::DuplicateKey);
         }
         info!(host_id = %host.id, ip = %host.ip, seed = is_seed(&host), "host announced");
+        // The stream holds a reference of its own: the host's measurements outlive its
+        // peers while it stays connected.
         self.host_ref(&host.id);
         self.hosts.insert(key, host);
         Ok(())
@@ -468,7 +563,9 @@ impl SchedulerState {
             return out;
         };
         info!(host_id = %host.id, "host left");
-        self.host_unref(&host.id);
+        if let Some(&ix) = self.host_stats.by_id.get(&host.id) {
+            self.host_stats.release(ix);
+        }
         let mut orphaned = Vec::new();
         for (task_id, task) in &mut self.tasks {
             if task
@@ -548,7 +645,8 @@ impl SchedulerState {
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
 
-        let task = self.tasks.entry(task_id.clone()).or_default();
+        let task = self.task_entry(&task_id);
+        let task_serial = task.serial;
         if task.source.is_none() && source.is_some() {
             task.source = source;
             task.piece_length = piece_length;
@@ -564,13 +662,15 @@ impl SchedulerState {
         }
         let metadata_known = task.metadata.is_some();
         debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, "peer registered");
-        self.host_ref(&host.id);
+        let host_ix = self.host_ref(&host.id);
         self.peers.insert(
             key,
-            Peer {
+            Box::new(Peer {
                 peer_id,
                 task_id: task_id.clone(),
+                task_serial,
                 host,
+                host_ix,
                 source: back_to_source,
                 done: false,
                 waiting: !back_to_source,
@@ -582,7 +682,7 @@ impl SchedulerState {
                 bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
-            },
+            }),
         );
         self.sync(key, &mut out);
 
@@ -648,7 +748,8 @@ impl SchedulerState {
         }
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
-        let task = self.tasks.entry(task_id.clone()).or_default();
+        let task = self.task_entry(&task_id);
+        let task_serial = task.serial;
         task.peers.insert(key);
         task.by_peer_id.insert(peer_id.clone(), key);
         // A seed triggered for a task it already holds answers with AnnounceTask.
@@ -664,13 +765,15 @@ impl SchedulerState {
             pieces.insert(n);
         }
         info!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, piece_count, "task announced");
-        self.host_ref(&host.id);
+        let host_ix = self.host_ref(&host.id);
         self.peers.insert(
             key,
-            Peer {
+            Box::new(Peer {
                 peer_id,
                 task_id: task_id.clone(),
+                task_serial,
                 host,
+                host_ix,
                 source: false,
                 done: true,
                 waiting: false,
@@ -682,7 +785,7 @@ impl SchedulerState {
                 bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
-            },
+            }),
         );
         let had_metadata = self
             .tasks
@@ -896,7 +999,7 @@ impl SchedulerState {
             .metadata
             .is_some_and(|m| piece.length >= m.piece_length());
         if !piece.parent_host_id.is_empty() && full_piece {
-            if let Some(stats) = self.host_stats.get_mut(&piece.parent_host_id) {
+            if let Some(stats) = self.host_stats.by_id_mut(&piece.parent_host_id) {
                 let slow = stats
                     .costs
                     .record(piece.length, piece.cost_us, &self.config.bad_parent);
@@ -1051,7 +1154,7 @@ impl SchedulerState {
         let Some(peer) = self.peers.remove(&key) else {
             return;
         };
-        self.host_unref(&peer.host.id);
+        self.host_stats.release(peer.host_ix);
         let Some(task) = self.tasks.get_mut(&peer.task_id) else {
             return;
         };
@@ -1206,8 +1309,8 @@ impl SchedulerState {
             .tasks
             .get(&c.task_id)
             .is_some_and(|t| t.metadata.is_some());
-        if c.task_id != p.task_id
-            || p.host.id == c.host.id
+        if c.task_serial != p.task_serial
+            || p.host_ix == c.host_ix
             || c.bad_hosts.contains(&p.host.id)
             || c.parents.contains(&parent)
             || !p.can_serve(metadata_known)
@@ -1215,7 +1318,7 @@ impl SchedulerState {
             || (!allow_slow
                 && self
                     .host_stats
-                    .get(&p.host.id)
+                    .get(p.host_ix)
                     .is_some_and(|s| s.costs.is_slow()))
         {
             return false;
@@ -1272,7 +1375,7 @@ impl SchedulerState {
             fetching_from_origin: peer.source && !peer.done,
             measured_rate: self
                 .host_stats
-                .get(&peer.host.id)
+                .get(peer.host_ix)
                 .and_then(|s| s.costs.rate()),
         }
     }

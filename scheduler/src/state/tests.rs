@@ -1116,7 +1116,12 @@ fn a_short_last_piece_does_not_flag_its_parent_slow() {
     }
     let (b, out) = sim.register("b", "host-b", false);
     assert!(parents_to(&out, b).contains(&"host-src".to_owned()));
-    assert!(!sim.st.host_stats["host-src"].costs.is_slow());
+    let stats = sim
+        .st
+        .host_stats
+        .by_id("host-src")
+        .expect("host-src has measurements");
+    assert!(!stats.costs.is_slow());
 }
 
 #[test]
@@ -1157,4 +1162,31 @@ fn peers_short_of_parents_are_topped_up_as_they_progress() {
         more.extend(parents_to(&sim.piece(a, n), a));
     }
     assert!(more.is_empty(), "{more:?}");
+}
+
+/// Interned hosts: one entry per live id, shared by its references, gone (measurements
+/// included) with the last one; a freed index is reused by the next new host.
+#[test]
+fn host_table_counts_references_and_reuses_slots() {
+    let mut t = HostTable::default();
+    let a = t.acquire("a");
+    assert_eq!(t.acquire("a"), a);
+    let b = t.acquire("b");
+    assert_ne!(a, b);
+    if let Some(s) = t.by_id_mut("a") {
+        s.costs
+            .record(1 << 20, 1, &crate::config::BadParentConfig::default());
+    }
+    assert!(t.get(a).is_some_and(|s| s.costs.rate().is_some()));
+    t.release(a);
+    assert!(t.by_id("a").is_some_and(|s| s.refs == 1));
+    t.release(a);
+    assert!(t.by_id("a").is_none());
+    assert!(t.get(a).is_none());
+    let c = t.acquire("c");
+    assert_eq!(c, a, "the freed slot is reused");
+    assert!(t
+        .get(c)
+        .is_some_and(|s| s.id == "c" && s.costs.rate().is_none()));
+    assert!(t.by_id("b").is_some_and(|s| s.refs == 1));
 }
