@@ -81,13 +81,14 @@ pub fn default_scheduler_binary() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `binary --listen 127.0.0.1:0 [--config config]` (under `taskset -c 0` when
-/// `pin_cpu0`) and waits for its listen line. Its stderr keeps being drained (warnings are
+/// Starts `binary --listen 127.0.0.1:0 [--config config] [--worker-threads N]` (under
+/// `taskset -c 0` when `pin_cpu0`) and waits for its listen line. Its stderr keeps being drained (warnings are
 /// echoed) so that it never blocks.
 pub fn spawn_scheduler(
     binary: &PathBuf,
     config: Option<&PathBuf>,
     pin_cpu0: bool,
+    worker_threads: Option<usize>,
 ) -> anyhow::Result<SchedulerProcess> {
     let mut cmd = if pin_cpu0 {
         // taskset execs the scheduler: the child's pid stays the scheduler's.
@@ -103,6 +104,9 @@ pub fn spawn_scheduler(
         .arg("127.0.0.1:0");
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
+    }
+    if let Some(n) = worker_threads {
+        cmd.arg("--worker-threads").arg(n.to_string());
     }
     cmd.env("RUST_LOG", "warn,damselfly_scheduler=info")
         .env("NO_COLOR", "1")

@@ -107,6 +107,11 @@ struct Simulate {
     /// queue behind the simulated peers' work. Needs 2 CPUs or more.
     #[arg(long, conflicts_with = "scheduler")]
     pin: bool,
+    /// Tokio worker threads of the started scheduler (its `--worker-threads`; default: one
+    /// per CPU it may run on, so 1 with `--pin`). With 2 CPUs and no `--pin`, 1 leaves the
+    /// second core to the simulator instead of three busy threads taking turns on two.
+    #[arg(long, value_name = "N", conflicts_with = "scheduler")]
+    scheduler_threads: Option<usize>,
     /// YAML configuration for the started scheduler.
     #[arg(long, value_name = "PATH")]
     scheduler_config: Option<PathBuf>,
@@ -258,7 +263,12 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
                 Some(b) => b.clone(),
                 None => client::default_scheduler_binary()?,
             };
-            let p = client::spawn_scheduler(&bin, a.scheduler_config.as_ref(), a.pin)?;
+            let p = client::spawn_scheduler(
+                &bin,
+                a.scheduler_config.as_ref(),
+                a.pin,
+                a.scheduler_threads,
+            )?;
             let addr = p.addr;
             scheduler_pid = Some(p.pid());
             scheduler_metrics = p.metrics;
@@ -282,6 +292,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
     };
     let mut report = sim::run(params(&a), io)?;
     report.pinned = pinned.is_some();
+    report.scheduler_threads = a.scheduler_threads;
     print!("{}", report.table());
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&report)?;

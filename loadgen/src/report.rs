@@ -93,6 +93,9 @@ pub struct Report {
     pub scheduler_decision_us: Option<BucketQuantiles>,
     /// `--pin`: the scheduler ran on CPU 0, the simulator on the other CPUs.
     pub pinned: bool,
+    /// `--scheduler-threads`: tokio workers of the started scheduler (`None`: its default,
+    /// one per CPU it may run on).
+    pub scheduler_threads: Option<usize>,
     /// 1-minute load average of the machine when the run started.
     pub load_average_start: Option<f64>,
     /// 1-minute load average when it ended.
@@ -262,7 +265,7 @@ impl Report {
         );
         let opt = |x: Option<f64>| x.map_or_else(|| "?".to_owned(), |v| format!("{v:.1}"));
         s += &format!(
-            "CPU s: scheduler {}  loadgen {}   load average {} -> {}{}\n",
+            "CPU s: scheduler {}  loadgen {}   load average {} -> {}{}{}\n",
             opt(self.scheduler_cpu_s),
             opt(self.loadgen_cpu_s),
             opt(self.load_average_start),
@@ -271,7 +274,10 @@ impl Report {
                 "   (pinned: scheduler on CPU 0, simulator on the others)"
             } else {
                 ""
-            }
+            },
+            self.scheduler_threads
+                .map(|n| format!("   (scheduler with {n} tokio worker(s))"))
+                .unwrap_or_default()
         );
         s
     }

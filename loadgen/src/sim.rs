@@ -978,6 +978,7 @@ pub fn run(p: Params, io: Io<'_>) -> anyhow::Result<Report> {
             )
         }),
         pinned: false,
+        scheduler_threads: None,
         load_average_start: load_start,
         load_average_end: cpu::load_average(),
         virtual_s: sim.t,

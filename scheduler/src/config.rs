@@ -7,6 +7,7 @@
 //! server:
 //!   listen: 0.0.0.0:8002
 //!   tls: ~                    # { ca_cert, cert, key, client_auth }: see wire::tls
+//!   worker_threads: 0         # tokio worker threads; 0: one per CPU
 //! scheduling:
 //!   candidate_parent_limit: 2
 //!   parent_limit: 8
@@ -135,6 +136,12 @@ pub struct ServerConfig {
     /// TLS of the gRPC server (`server.tls`, default none: plaintext); with
     /// `client_auth: true` daemons must present a certificate signed by `ca_cert`.
     pub tls: Option<wire::tls::TlsConfig>,
+    /// Tokio worker threads (`server.worker_threads`, default 0: one per CPU the process may
+    /// run on). The swarm state is behind one lock, so extra workers only run gRPC and
+    /// HTTP/2 work in parallel; on a machine whose cores are busy with other work, fewer
+    /// workers avoid a lock holder being descheduled while the others wait for it (see
+    /// tuning.md).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -142,6 +149,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
             tls: None,
+            worker_threads: 0,
         }
     }
 }

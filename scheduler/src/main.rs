@@ -31,10 +31,12 @@ struct Args {
     /// `metrics.enable` and `metrics.listen` (Dragonfly's port: 8000).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Tokio worker threads; overrides `server.worker_threads` (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing();
     let config = match args.config.as_deref().map(Config::load).transpose() {
@@ -61,7 +63,22 @@ async fn main() -> ExitCode {
     if let Some(ip) = args.advertise_ip {
         config.manager.advertise_ip = ip.to_string();
     }
-    match run(config).await {
+    if let Some(n) = args.worker_threads {
+        config.server.worker_threads = n;
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads);
+    }
+    let runtime = match builder.build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
