@@ -251,6 +251,7 @@ fn simulate(a: Simulate) -> anyhow::Result<()> {
     // Single-threaded, driven by the simulation while it waits (see `sim::Io`).
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .event_interval(sim::EVENT_INTERVAL)
         .build()
         .context("starting the tokio runtime")?;
     let _process;

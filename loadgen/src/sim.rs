@@ -771,10 +771,20 @@ impl Sim {
     }
 }
 
-/// Turns of the runtime per [`Io::drive`]: the first runs the tasks the simulation woke
-/// (its requests go out) and polls the sockets; the second runs the tasks those sockets
-/// woke (answers come in).
-const DRIVE_TURNS: usize = 2;
+/// Tasks the runtime runs before it polls the sockets again (tokio's default is 61). A
+/// step wakes thousands of peer tasks; with the default, running them all took dozens of
+/// turns of [`Io::drive`], each with its own `epoll_wait`.
+pub const EVENT_INTERVAL: u32 = 4096;
+
+/// A runtime turn (run up to [`EVENT_INTERVAL`] ready tasks, then poll the sockets without waiting) that
+/// takes less than this found nothing to run: it was an `epoll_wait` and little else.
+const IDLE_TURN: Duration = Duration::from_micros(10);
+/// Consecutive idle turns after which [`Io::drive`] returns: the tasks the simulation woke
+/// have run, their writes are out, and what the sockets had has been read.
+const IDLE_TURNS: u32 = 2;
+/// Most turns of one [`Io::drive`] (~60,000 task polls), should the heuristic above never
+/// see an idle turn.
+const MAX_DRIVE_TURNS: u32 = 1000;
 
 /// The runtime pieces the simulation talks through.
 ///
@@ -801,11 +811,24 @@ pub struct Io<'a> {
 }
 
 impl Io<'_> {
-    /// Lets the stream tasks run for [`DRIVE_TURNS`] turns without waiting for the network.
+    /// Runs the stream tasks until they are idle, without waiting for the network. A step
+    /// wakes thousands of peer tasks (one per peer with a finished piece to announce); each
+    /// turn runs at most [`EVENT_INTERVAL`] tasks, so a fixed number of turns left a backlog that grew step
+    /// after step and the scheduler heard of pieces seconds late.
     fn drive(&self) {
         self.rt.block_on(async {
-            for _ in 0..DRIVE_TURNS {
+            let mut idle = 0;
+            for _ in 0..MAX_DRIVE_TURNS {
+                let turn = Instant::now();
                 tokio::task::yield_now().await;
+                if turn.elapsed() < IDLE_TURN {
+                    idle += 1;
+                    if idle >= IDLE_TURNS {
+                        break;
+                    }
+                } else {
+                    idle = 0;
+                }
             }
         });
     }
