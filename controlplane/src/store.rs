@@ -76,7 +76,13 @@ struct Written {
 pub struct MetaStore {
     db: Database,
     path: PathBuf,
-    /// Serializes flushes and deletions; holds what was last written per task.
+    /// Held for the whole of a flush, from the bitmap snapshots to the commit: two flushes
+    /// at once (the periodic one and the one of a finishing download) could otherwise
+    /// commit in the opposite order of their snapshots, and the older snapshot would
+    /// overwrite the newer record until the next flush (a finished task recorded as
+    /// unfinished, seen after a SIGKILL).
+    flushing: Mutex<()>,
+    /// What was last written per task; serializes a flush's commit with deletions.
     written: Mutex<HashMap<TaskId, Written>>,
     /// URLs of tasks started by this daemon, recorded with the task.
     urls: Mutex<HashMap<TaskId, String>>,
@@ -138,6 +144,7 @@ impl MetaStore {
         Ok(Self {
             db,
             path,
+            flushing: Mutex::new(()),
             written: Mutex::new(HashMap::new()),
             urls: Mutex::new(HashMap::new()),
         })
@@ -278,6 +285,7 @@ impl MetaStore {
     /// `storage`. Blocking (fdatasync, redb commit): run it off the async threads. Returns
     /// the number of tasks written.
     pub fn flush(&self, storage: &Storage) -> anyhow::Result<usize> {
+        let _flushing = lock(&self.flushing);
         let tasks = storage.tasks();
         let mut dirty = Vec::new();
         let gone: Vec<TaskId> = {
