@@ -331,6 +331,12 @@ impl MetaStore {
             }
             rows.push((t.clone(), count, pieces));
         }
+        #[cfg(test)]
+        tests::AFTER_SNAPSHOT.with(|h| {
+            if let Some(hook) = h.borrow_mut().as_mut() {
+                hook();
+            }
+        });
         let mut written = lock(&self.written);
         let now = dataplane::storage::unix_millis();
         let txn = self.db.begin_write()?;
@@ -410,6 +416,13 @@ fn storage_has(t: &Arc<TaskStore>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::sync::mpsc;
+
+    thread_local! {
+        /// Runs in this thread's flushes between the bitmap snapshots and the commit.
+        pub(super) static AFTER_SNAPSHOT: RefCell<Option<Box<dyn FnMut()>>> = RefCell::new(None);
+    }
 
     fn piece(n: u32, len: usize) -> (Vec<u8>, u32) {
         let v = vec![n as u8 + 1; len];
@@ -463,5 +476,62 @@ mod tests {
         storage.remove(&id).expect("remove");
         meta.flush(&storage).expect("flush");
         assert!(meta.load().expect("load").is_empty());
+    }
+
+    /// The periodic flush can run beside the one a finishing download makes. A flush that
+    /// snapshotted the task before its last piece must not commit after the finishing flush
+    /// (it would record the finished task as unfinished until the next flush).
+    #[test]
+    fn an_older_snapshot_never_lands_on_top_of_a_newer_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
+        let meta = Arc::new(MetaStore::open(dir.path()).expect("meta"));
+        let id = TaskId([5; 32]);
+        let layout = PieceLayout::new(2 * 16384, 16384).expect("layout");
+        let s = storage.create(id, layout).expect("create");
+        let (d, c) = piece(0, 16384);
+        s.write_piece(0, &d, c).expect("write");
+
+        // The periodic flush: snapshots one piece, then waits for `go` before committing.
+        let (snapped_tx, snapped_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let periodic = {
+            let (storage, meta) = (storage.clone(), meta.clone());
+            std::thread::spawn(move || {
+                let mut hook = Some((snapped_tx, go_rx));
+                AFTER_SNAPSHOT.with(|h| {
+                    *h.borrow_mut() = Some(Box::new(move || {
+                        if let Some((snapped, go)) = hook.take() {
+                            let _ = snapped.send(());
+                            let _ = go.recv();
+                        }
+                    }))
+                });
+                meta.flush(&storage).expect("periodic flush");
+            })
+        };
+        snapped_rx
+            .recv()
+            .expect("the periodic flush took its snapshot");
+
+        // The download finishes and flushes while the periodic flush is between its
+        // snapshot and its commit.
+        let (d, c) = piece(1, 16384);
+        s.write_piece(1, &d, c).expect("write");
+        let finishing = {
+            let (storage, meta) = (storage.clone(), meta.clone());
+            std::thread::spawn(move || meta.flush(&storage).expect("finishing flush"))
+        };
+        // Give an unserialized finishing flush time to commit first (with one flush at a
+        // time it waits for the periodic one instead; either way the result must hold).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        go_tx.send(()).expect("release the periodic flush");
+        periodic.join().expect("periodic flush thread");
+        finishing.join().expect("finishing flush thread");
+
+        let recs = meta.load().expect("load");
+        let (rec, bits, _) = recs.first().expect("a record");
+        assert!(rec.finished && rec.finished_pieces == 2, "{rec:?}");
+        assert_eq!(bits, &vec![0b11], "both pieces recorded");
     }
 }
