@@ -776,14 +776,14 @@ impl Sim {
 /// turns of [`Io::drive`], each with its own `epoll_wait`.
 pub const EVENT_INTERVAL: u32 = 4096;
 
-/// A runtime turn (run up to [`EVENT_INTERVAL`] ready tasks, then poll the sockets without waiting) that
-/// takes less than this found nothing to run: it was an `epoll_wait` and little else.
+/// A runtime turn (run up to [`EVENT_INTERVAL`] ready tasks, then poll the sockets without
+/// waiting) that takes less than this found nothing to run: an `epoll_wait` and little else.
 const IDLE_TURN: Duration = Duration::from_micros(10);
 /// Consecutive idle turns after which [`Io::drive`] returns: the tasks the simulation woke
 /// have run, their writes are out, and what the sockets had has been read.
 const IDLE_TURNS: u32 = 2;
-/// Most turns of one [`Io::drive`] (~60,000 task polls), should the heuristic above never
-/// see an idle turn.
+/// Most turns of one [`Io::drive`] (each up to [`EVENT_INTERVAL`] task polls), should the
+/// heuristic above never see an idle turn.
 const MAX_DRIVE_TURNS: u32 = 1000;
 
 /// The runtime pieces the simulation talks through.
@@ -812,9 +812,9 @@ pub struct Io<'a> {
 
 impl Io<'_> {
     /// Runs the stream tasks until they are idle, without waiting for the network. A step
-    /// wakes thousands of peer tasks (one per peer with a finished piece to announce); each
-    /// turn runs at most [`EVENT_INTERVAL`] tasks, so a fixed number of turns left a backlog that grew step
-    /// after step and the scheduler heard of pieces seconds late.
+    /// wakes thousands of peer tasks (one per peer with a finished piece to announce); a
+    /// fixed two turns of 61 tasks (until 2026-12-02) left a backlog that grew step after
+    /// step, and the scheduler heard of pieces seconds late.
     fn drive(&self) {
         self.rt.block_on(async {
             let mut idle = 0;
