@@ -352,6 +352,10 @@ impl TaskStore {
 pub struct Storage {
     dir: PathBuf,
     tasks: ArcSwap<HashMap<TaskId, Arc<TaskStore>>>,
+    /// Held by `create`, `remove` and `insert` across their map change and file work, so
+    /// that a task's file is never unlinked or truncated under a store of the same id
+    /// made in between (a remove racing a re-create would otherwise unlink the new file).
+    changing: std::sync::Mutex<()>,
     /// Bytes of content files created (a cheap view of disk use).
     allocated: AtomicU64,
 }
@@ -363,6 +367,7 @@ impl Storage {
         Ok(Self {
             dir: dir.to_path_buf(),
             tasks: ArcSwap::from_pointee(HashMap::new()),
+            changing: std::sync::Mutex::new(()),
             allocated: AtomicU64::new(0),
         })
     }
@@ -378,12 +383,15 @@ impl Storage {
     }
 
     /// Creates the content file of a task and registers it, or returns the existing one when
-    /// it has the same layout.
+    /// it has the same layout. One with another layout is removed first (its file unlinked,
+    /// so whoever still holds it keeps reading its own bytes, not the new file's).
     pub fn create(&self, id: TaskId, layout: PieceLayout) -> io::Result<Arc<TaskStore>> {
+        let _changing = self.lock_changes();
         if let Some(t) = self.get(&id) {
             if t.layout() == layout {
                 return Ok(t);
             }
+            self.remove_locked(&id)?;
         }
         let store = Arc::new(TaskStore::create(&self.dir, id, layout)?);
         self.allocated
@@ -399,6 +407,18 @@ impl Storage {
 
     /// Forgets a task and removes its content file.
     pub fn remove(&self, id: &TaskId) -> io::Result<()> {
+        let _changing = self.lock_changes();
+        self.remove_locked(id)
+    }
+
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Self::remove`] with `changing` held.
+    fn remove_locked(&self, id: &TaskId) -> io::Result<()> {
         let mut removed = None;
         self.tasks.rcu(|m| {
             let mut m = HashMap::clone(m);
@@ -408,7 +428,11 @@ impl Storage {
         if let Some(t) = removed {
             self.allocated
                 .fetch_sub(t.layout().content_length(), Ordering::Relaxed);
-            std::fs::remove_file(t.path())?;
+            match std::fs::remove_file(t.path()) {
+                // Already gone (removed by hand): what was asked for holds.
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -416,6 +440,7 @@ impl Storage {
     /// Registers a task restored from disk ([`TaskStore::restore`]), replacing any task of
     /// the same id.
     pub fn insert(&self, store: Arc<TaskStore>) {
+        let _changing = self.lock_changes();
         let id = store.id();
         self.allocated
             .fetch_add(store.layout().content_length(), Ordering::Relaxed);
@@ -456,6 +481,38 @@ mod tests {
         let layout = PieceLayout::new(len, plen).expect("layout");
         let s = TaskStore::create(dir.path(), TaskId([7; 32]), layout).expect("create");
         (dir, s)
+    }
+
+    /// A store replaced by one of another layout keeps its own bytes (its file is unlinked,
+    /// not truncated under it); removing a task whose file is already gone is no error.
+    #[test]
+    fn replacing_a_task_never_truncates_the_old_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("storage");
+        let id = TaskId([9; 32]);
+        let old = storage
+            .create(id, PieceLayout::new(16384, 16384).expect("layout"))
+            .expect("create");
+        let data = vec![3u8; 16384];
+        old.write_piece(0, &data, wire::piece_crc(&data))
+            .expect("write");
+        let new = storage
+            .create(id, PieceLayout::new(2 * 16384, 16384).expect("layout"))
+            .expect("create with another layout");
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert!(Arc::ptr_eq(&new, &storage.get(&id).expect("stored")));
+        let mut buf = Vec::new();
+        old.read_piece(0, &mut buf)
+            .expect("the old store still reads");
+        assert_eq!(buf, data);
+        assert!(!new.has(0));
+        assert_eq!(new.file().metadata().expect("stat").len(), 2 * 16384);
+
+        std::fs::remove_file(new.path()).expect("remove by hand");
+        storage
+            .remove(&id)
+            .expect("removing a task whose file is gone");
+        assert!(storage.get(&id).is_none());
     }
 
     #[test]
