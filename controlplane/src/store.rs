@@ -64,8 +64,12 @@ pub struct TaskRecord {
 pub type Loaded = (TaskRecord, Vec<u8>, Vec<u32>);
 
 /// What the flush loop last wrote for a task.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Written {
+    /// The store it was written from: a store made later under the same id (the task
+    /// removed and fetched again) is written afresh, whatever its piece count. (A `Weak`
+    /// keeps the allocation, so no other store can ever have this address.)
+    store: std::sync::Weak<TaskStore>,
     pieces: u32,
     last_access: u64,
     created: u64,
@@ -230,6 +234,7 @@ impl MetaStore {
             lock(&self.written).insert(
                 id,
                 Written {
+                    store: Arc::downgrade(&store),
                     pieces: trusted,
                     last_access: rec.last_access_ms,
                     created: rec.created_ms,
@@ -253,6 +258,7 @@ impl MetaStore {
         // could make them look present on the next start.
         if !rewrite.is_empty() {
             self.write(
+                storage,
                 &rewrite
                     .iter()
                     .map(|s| (s.clone(), true))
@@ -292,7 +298,9 @@ impl MetaStore {
             let written = lock(&self.written);
             for t in &tasks {
                 match written.get(&t.id()) {
-                    Some(w) if w.pieces == t.finished_count() => {
+                    Some(w)
+                        if w.store.as_ptr() == Arc::as_ptr(t) && w.pieces == t.finished_count() =>
+                    {
                         if t.last_access() > w.last_access.saturating_add(ACCESS_GRANULARITY_MS) {
                             dirty.push((t.clone(), false));
                         }
@@ -312,12 +320,12 @@ impl MetaStore {
         if dirty.is_empty() {
             return Ok(0);
         }
-        self.write(&dirty)?;
+        self.write(storage, &dirty)?;
         Ok(dirty.len())
     }
 
     /// Writes the records of `tasks` (with their pieces when the flag says so).
-    fn write(&self, tasks: &[(Arc<TaskStore>, bool)]) -> anyhow::Result<()> {
+    fn write(&self, storage: &Storage, tasks: &[(Arc<TaskStore>, bool)]) -> anyhow::Result<()> {
         // Snapshot the bitmaps first, then make the bytes behind them durable.
         let mut rows = Vec::with_capacity(tasks.len());
         for (t, with_pieces) in tasks {
@@ -346,12 +354,16 @@ impl MetaStore {
             let mut pt = txn.open_table(PIECES)?;
             for (t, count, pieces) in &rows {
                 let id = t.id();
-                // Removed meanwhile: do not bring its record back.
-                if !storage_has(t) {
+                // Removed meanwhile (perhaps made again, a new store under the same id):
+                // do not bring its record back, or write it over the new store's.
+                if !storage.get(&id).is_some_and(|now| Arc::ptr_eq(&now, t)) {
                     continue;
                 }
                 let l = t.layout();
-                let created = written.get(&id).map_or(now, |w| w.created);
+                let created = written
+                    .get(&id)
+                    .filter(|w| w.store.as_ptr() == Arc::as_ptr(t))
+                    .map_or(now, |w| w.created);
                 let rec = TaskRecord {
                     id: id.to_hex(),
                     url: lock(&self.urls).get(&id).cloned().unwrap_or_default(),
@@ -372,6 +384,7 @@ impl MetaStore {
                 done.push((
                     id,
                     Written {
+                        store: Arc::downgrade(t),
                         pieces: if pieces.is_some() {
                             *count
                         } else {
@@ -404,13 +417,6 @@ impl MetaStore {
         lock(&self.urls).remove(id);
         Ok(())
     }
-}
-
-/// Whether `t` is still the live store of its task (the weak check a flush makes before
-/// writing; removal and flush are serialized by the `written` lock).
-fn storage_has(t: &Arc<TaskStore>) -> bool {
-    // A store removed from `Storage` has its file unlinked; its path no longer exists.
-    t.path().exists()
 }
 
 #[cfg(test)]
@@ -476,6 +482,38 @@ mod tests {
         storage.remove(&id).expect("remove");
         meta.flush(&storage).expect("flush");
         assert!(meta.load().expect("load").is_empty());
+    }
+
+    /// A task removed from storage (a failed download) and made again under the same id is
+    /// recorded from its new store, even with as many pieces as the old one had.
+    #[test]
+    fn a_task_made_again_is_recorded_from_its_new_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("storage");
+        let meta = MetaStore::open(dir.path()).expect("meta");
+        let id = TaskId([6; 32]);
+        let layout = PieceLayout::new(4 * 16384, 16384).expect("layout");
+        let old = storage.create(id, layout).expect("create");
+        for n in [0, 1] {
+            let (d, c) = piece(n, 16384);
+            old.write_piece(n, &d, c).expect("write");
+        }
+        assert_eq!(meta.flush(&storage).expect("flush"), 1);
+        storage.remove(&id).expect("remove");
+        let new = storage.create(id, layout).expect("create again");
+        for n in [2, 3] {
+            let (d, c) = piece(n, 16384);
+            new.write_piece(n, &d, c).expect("write");
+        }
+        assert_eq!(meta.flush(&storage).expect("flush"), 1);
+        let recs = meta.load().expect("load");
+        let (rec, bits, _) = recs.first().expect("a record");
+        assert_eq!(rec.finished_pieces, 2);
+        assert_eq!(
+            bits,
+            &vec![0b1100],
+            "the new store's pieces, not the old one's"
+        );
     }
 
     /// The periodic flush can run beside the one a finishing download makes. A flush that
