@@ -214,6 +214,12 @@ pub async fn import(
             let _ = ctx2.storage.remove(&id);
             return Err(Status::internal(e));
         }
+        // Record the task before reporting it imported (as a finished download does): a
+        // crash before the next periodic flush would otherwise lose it on restart, while
+        // the scheduler was told this host holds it.
+        if let Err(e) = ctx2.meta.flush(&ctx2.storage) {
+            tracing::warn!(task = %id, "writing task metadata: {e:#}");
+        }
         Ok((id, cid))
     })
     .await
@@ -309,7 +315,11 @@ fn describe(key: &CacheKey) -> String {
 /// and tells every scheduler that this host left it.
 /// Returns (held locally, scheduler told, scheduler error).
 pub async fn delete(ctx: &Arc<Context>, id: &TaskId) -> Result<(bool, bool, String), Status> {
-    let held = crate::gc::delete_task(ctx, id)
+    // Unlink and a metadata commit (which may wait for a running flush): off the async threads.
+    let (c, task) = (ctx.clone(), *id);
+    let held = tokio::task::spawn_blocking(move || crate::gc::delete_task(&c, &task))
+        .await
+        .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?
         .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?;
     if held {
         tracing::info!(task = %id, "deleted");
