@@ -134,6 +134,11 @@ pub fn collect(ctx: &Context) -> Vec<TaskId> {
     );
     let mut evicted = Vec::new();
     for id in victims {
+        // The candidates are a snapshot: a delivery, an upload or a run may have taken the
+        // task since (this narrows the window to the delete itself; it does not close it).
+        if ctx.storage.get(&id).is_some_and(|t| t.in_use()) || ctx.tasks.is_running(&id) {
+            continue;
+        }
         match delete_task(ctx, &id) {
             Ok(_) => {
                 tracing::info!(task = %id, ?usage, to_free, "task evicted by gc");
