@@ -75,6 +75,13 @@ struct Written {
     created: u64,
 }
 
+impl Written {
+    /// Whether this was written from `t` (not from an earlier store of the same id).
+    fn is_of(&self, t: &Arc<TaskStore>) -> bool {
+        self.store.as_ptr() == Arc::as_ptr(t)
+    }
+}
+
 /// The metadata database of one storage dir.
 #[derive(Debug)]
 pub struct MetaStore {
@@ -298,9 +305,7 @@ impl MetaStore {
             let written = lock(&self.written);
             for t in &tasks {
                 match written.get(&t.id()) {
-                    Some(w)
-                        if w.store.as_ptr() == Arc::as_ptr(t) && w.pieces == t.finished_count() =>
-                    {
+                    Some(w) if w.is_of(t) && w.pieces == t.finished_count() => {
                         if t.last_access() > w.last_access.saturating_add(ACCESS_GRANULARITY_MS) {
                             dirty.push((t.clone(), false));
                         }
@@ -362,7 +367,7 @@ impl MetaStore {
                 let l = t.layout();
                 let created = written
                     .get(&id)
-                    .filter(|w| w.store.as_ptr() == Arc::as_ptr(t))
+                    .filter(|w| w.is_of(t))
                     .map_or(now, |w| w.created);
                 let rec = TaskRecord {
                     id: id.to_hex(),
