@@ -151,11 +151,30 @@ pub struct HostConfig {
 }
 
 /// `seed_peer:` section.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SeedPeerConfig {
     /// Run as a seed peer: the scheduler asks it to fetch new tasks from the origin.
     pub enable: bool,
+    /// Super-seed (with `enable`): each child is shown only pieces that have not left this
+    /// seed yet, at most two at a time, until every piece has gone out once; then
+    /// everything. The seed's uplink then carries about one copy of the task, and the
+    /// peers trade the rest (see tuning.md, "super-seeding").
+    pub super_seed: bool,
+    /// Second and later copies of a task a super-seeding seed sends at once, at most; more
+    /// requests for them are answered `Busy` and the child asks another parent. Raise it for
+    /// a seed whose uplink is many times a peer's.
+    pub copy_slots: u32,
+}
+
+impl Default for SeedPeerConfig {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            super_seed: true,
+            copy_slots: dataplane::seeding::COPY_SLOTS,
+        }
+    }
 }
 
 /// `scheduler:` section.
@@ -237,8 +256,13 @@ pub struct DataPlaneSection {
     pub io_uring: bool,
     /// Capacity of each bridge queue between the planes.
     pub queue_capacity: usize,
-    /// Piece requests outstanding per parent connection.
+    /// Piece requests outstanding per parent connection, at most.
     pub pieces_in_flight: usize,
+    /// Delivery time the request window of a parent connection covers beyond the piece on
+    /// the wire, at the rate that connection delivers (so a busy parent is asked for ~2
+    /// pieces, a fast one for up to `pieces_in_flight`); `0s`: always `pieces_in_flight`.
+    #[serde(with = "humantime_serde")]
+    pub request_queue_time: Duration,
     /// Time allowed to connect to a parent.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -355,6 +379,7 @@ impl Default for DataPlaneSection {
             io_uring: true,
             queue_capacity: 4096,
             pieces_in_flight: 8,
+            request_queue_time: dataplane::fetch::DEFAULT_REQUEST_QUEUE_TIME,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
             upload_rate_limit: ByteSize(0),

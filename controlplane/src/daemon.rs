@@ -93,6 +93,7 @@ impl Daemon {
             io_uring: config.data_plane.io_uring,
             fetch: FetchConfig {
                 pieces_in_flight: config.data_plane.pieces_in_flight,
+                request_queue_time: config.data_plane.request_queue_time,
                 connect_timeout: config.data_plane.connect_timeout,
                 piece_timeout: config.data_plane.piece_timeout,
                 bytes_in_flight: config.data_plane.bytes_in_flight.0,
@@ -114,6 +115,8 @@ impl Daemon {
                     ..QuicConfig::default()
                 }),
             },
+            super_seed: (config.seed_peer.enable && config.seed_peer.super_seed)
+                .then_some(config.seed_peer.copy_slots),
         };
         let dataplane =
             DataPlane::start(dp_cfg, storage.clone(), counters.clone(), shaping.clone())

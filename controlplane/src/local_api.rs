@@ -402,6 +402,7 @@ impl Dfdaemon for LocalApi {
             bytes_from_peers: C::get(&c.bytes_from_peers),
             bytes_uploaded: C::get(&c.bytes_uploaded),
             pieces_uploaded: C::get(&c.pieces_uploaded),
+            first_copies_uploaded: C::get(&c.first_copies_uploaded),
             pieces_downloaded: C::get(&c.pieces_downloaded),
             pieces_corrupt: C::get(&c.pieces_corrupt),
             tasks: self.ctx.storage.len() as u64,

@@ -110,6 +110,12 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "damselfly_first_copies_uploaded",
+            "Pieces a super-seeding seed uploaded for the first time",
+            &c.first_copies_uploaded,
+        )?;
+        counter(
+            &mut enc,
             "damselfly_pieces_downloaded",
             "Pieces fetched from peers",
             &c.pieces_downloaded,

@@ -95,7 +95,8 @@ pub enum Event {
         length: u64,
         /// Where it came from.
         source: PieceSource,
-        /// Microseconds from request to stored piece.
+        /// Microseconds the parent spent on the piece: from its request, or from the previous
+        /// piece of the same connection when it queued behind it ([`crate::window::RequestWindow::on_piece`]).
         cost_us: u64,
     },
     /// A piece from a parent was bad or refused.

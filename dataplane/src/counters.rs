@@ -15,8 +15,14 @@ pub struct Counters {
     pub bytes_uploaded: AtomicU64,
     /// Pieces uploaded to other peers.
     pub pieces_uploaded: AtomicU64,
+    /// Pieces uploaded by super-seeding while no copy of them had left before (so
+    /// `pieces_uploaded - first_copies_uploaded` are second and later copies).
+    pub first_copies_uploaded: AtomicU64,
     /// Pieces fetched from other peers and verified.
     pub pieces_downloaded: AtomicU64,
+    /// Endgame duplicates: pieces received in full after another copy of them had been
+    /// stored (the bytes were dropped).
+    pub endgame_duplicates: AtomicU64,
     /// Pieces received whose digest did not match (dropped, fetched again elsewhere).
     pub pieces_corrupt: AtomicU64,
     /// Times a transfer waited for a rate limit.

@@ -1,8 +1,11 @@
 //! Piece fetcher: downloads a task's missing pieces from several parents at once.
 //!
 //! A download is a [`Session`] living on the data-plane thread that owns the task. Each
-//! parent gets its own connection task, which keeps up to `pieces_in_flight` requests
-//! outstanding on the connection (responses come back in order). The parent's bitmap is
+//! parent gets its own connection task, which keeps requests outstanding on the connection
+//! (responses come back in order): as many as that connection delivers in
+//! `request_queue_time` plus the piece on the wire, at most `pieces_in_flight`
+//! ([`RequestWindow`]), so a parent whose uplink is shared by many children is not handed a
+//! queue of pieces that other parents could send sooner. The parent's bitmap is
 //! learnt with bitmap requests; when a parent has nothing new for us, the request is a long
 //! poll, so a parent that is itself still downloading hands out each piece as soon as it has
 //! it. Piece choice is rarest first over the parents' bitmaps (random tie-break), and a piece
@@ -16,6 +19,7 @@ use crate::conn::{encode_frames, ConnError, FetchStream, FrameReader, RawChunk};
 use crate::counters::Counters;
 use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{StoreError, TaskStore};
+use crate::window::RequestWindow;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rand::Rng;
@@ -30,8 +34,13 @@ use wire::TaskId;
 /// Tunables of the fetcher.
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// Piece requests kept outstanding per parent connection (at most).
+    /// Piece requests kept outstanding per parent connection (at most; see
+    /// `request_queue_time` for how many are kept below that).
     pub pieces_in_flight: usize,
+    /// Delivery time a parent connection's request window covers beyond the piece on the
+    /// wire, at the rate that connection delivers ([`crate::window::RequestWindow`]); zero:
+    /// always `pieces_in_flight`.
+    pub request_queue_time: Duration,
     /// Bytes of piece requests kept outstanding per parent connection (at most; one piece is
     /// always allowed, however long). Bounds the window when pieces are long.
     pub bytes_in_flight: u64,
@@ -63,6 +72,7 @@ impl Default for FetchConfig {
     fn default() -> Self {
         Self {
             pieces_in_flight: 8,
+            request_queue_time: DEFAULT_REQUEST_QUEUE_TIME,
             bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
@@ -73,8 +83,22 @@ impl Default for FetchConfig {
     }
 }
 
+/// Default of [`FetchConfig::request_queue_time`]: two pieces (one on the wire, one queued)
+/// up to ~400 Mbit/s with 1 MiB pieces, the `pieces_in_flight` cap from ~3 Gbit/s.
+pub const DEFAULT_REQUEST_QUEUE_TIME: Duration = Duration::from_millis(20);
+
 /// Default of [`FetchConfig::bytes_in_flight`].
 pub const DEFAULT_BYTES_IN_FLIGHT: u64 = 16 << 20;
+
+/// Endgame starts when a download misses at most this many pieces (see
+/// [`Session::pick_endgame`]): few enough that a duplicate request costs little, so the
+/// last pieces do not wait on one slow or overloaded parent.
+const ENDGAME_PIECES: u32 = 4;
+/// Longest piece an endgame duplicate keeps in memory while the first copy is being written
+/// (a longer one is read and dropped unless it holds the claim).
+const MAX_ENDGAME_BUFFER: u64 = 16 << 20;
+/// A piece is asked for a second time only after it has been outstanding this long.
+const ENDGAME_AGE: Duration = Duration::from_millis(300);
 
 /// How often a parent that does not know the task yet is asked again before it is dropped.
 const TASK_NOT_FOUND_RETRIES: u32 = 50;
@@ -121,7 +145,13 @@ pub struct Session {
 }
 
 struct State {
-    in_flight: Vec<bool>,
+    /// Requests outstanding per piece (at most 2: one, plus an endgame duplicate).
+    in_flight: Vec<u8>,
+    /// When the first outstanding request of each piece was sent.
+    requested_at: Vec<Option<Instant>>,
+    /// Pieces whose bytes a connection is writing now (the one that got its header first;
+    /// an endgame duplicate arriving meanwhile is read and dropped).
+    writing: Vec<bool>,
     availability: Vec<u32>,
     parents: HashMap<String, bool>,
     active: usize,
@@ -149,7 +179,9 @@ impl Session {
             quic,
             limiter: RateLimiter::new(rate_limit),
             state: RefCell::new(State {
-                in_flight: vec![false; count],
+                in_flight: vec![0; count],
+                requested_at: vec![None; count],
+                writing: vec![false; count],
                 availability: vec![0; count],
                 parents: HashMap::new(),
                 active: 0,
@@ -220,7 +252,7 @@ impl Session {
         let mut best: Option<(u32, usize)> = None;
         for i in 0..n {
             let k = (start + i) % n;
-            if !parent_bits[k] || st.in_flight[k] || self.store.has(k as u32) {
+            if !parent_bits[k] || st.in_flight[k] > 0 || self.store.has(k as u32) {
                 continue;
             }
             let a = st.availability[k];
@@ -232,8 +264,57 @@ impl Session {
             }
         }
         let (_, k) = best?;
-        st.in_flight[k] = true;
+        st.in_flight[k] = 1;
+        st.requested_at[k] = Some(Instant::now());
         Some(k as u32)
+    }
+
+    /// Endgame: when a connection has nothing else to ask its parent for, and the download
+    /// misses at most [`ENDGAME_PIECES`] pieces, a piece this parent has that has been
+    /// outstanding at another parent for [`ENDGAME_AGE`] is asked for here too (one duplicate
+    /// at most). Whichever copy arrives first is stored. Marks it in flight again.
+    fn pick_endgame(&self, parent_bits: &[bool], now: Instant) -> Option<u32> {
+        let layout = self.store.layout();
+        let missing = layout.piece_count() - self.store.finished_count();
+        if missing > ENDGAME_PIECES {
+            return None;
+        }
+        let mut st = self.state.borrow_mut();
+        let mut best: Option<(Instant, usize)> = None;
+        for (k, has) in parent_bits.iter().enumerate() {
+            if !*has || st.in_flight[k] != 1 || self.store.has(k as u32) {
+                continue;
+            }
+            let Some(at) = st.requested_at[k] else {
+                continue;
+            };
+            if now.saturating_duration_since(at) >= ENDGAME_AGE && best.is_none_or(|(b, _)| at < b)
+            {
+                best = Some((at, k));
+            }
+        }
+        let (_, k) = best?;
+        st.in_flight[k] = 2;
+        Some(k as u32)
+    }
+
+    /// Takes the right to write piece `n` (not stored, nobody writing it); `false`: the bytes
+    /// that follow are read and dropped.
+    fn claim(&self, n: u32) -> bool {
+        let mut st = self.state.borrow_mut();
+        match st.writing.get_mut(n as usize) {
+            Some(w) if !*w && !self.store.has(n) => {
+                *w = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn unclaim(&self, n: u32) {
+        if let Some(w) = self.state.borrow_mut().writing.get_mut(n as usize) {
+            *w = false;
+        }
     }
 
     /// Receives the `len` raw bytes of piece `n` (at byte `offset`) chunk by chunk, writing
@@ -241,7 +322,9 @@ impl Session {
     /// it goes; the piece is marked stored only when the whole piece matches `crc`. Bytes of a
     /// piece that fails the check may sit in the file, but its bit is never set, so they are
     /// never served. Chunks the transport hands over in several buffers (QUIC packets) are
-    /// written with one `pwritev`. The chunk buffers are handed back for reuse.
+    /// written with one `pwritev`. Only the connection holding the piece's claim writes; a
+    /// second copy (endgame) is read, checked and dropped: `Ok(false)`. The chunk buffers are
+    /// handed back for reuse.
     #[allow(clippy::too_many_arguments)]
     async fn receive_piece<S: FetchStream>(
         &self,
@@ -252,9 +335,34 @@ impl Session {
         len: u64,
         crc: u32,
         buf: RawChunk,
-    ) -> (Result<(), Received>, RawChunk) {
+    ) -> (Result<bool, Received>, RawChunk) {
+        let claimed = self.claim(n);
+        let res = self
+            .receive_claimed(reader, stream, n, offset, len, crc, buf, claimed)
+            .await;
+        if claimed {
+            self.unclaim(n);
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn receive_claimed<S: FetchStream>(
+        &self,
+        reader: &mut FrameReader,
+        stream: &mut S,
+        n: u32,
+        offset: u64,
+        len: u64,
+        crc: u32,
+        buf: RawChunk,
+        claimed: bool,
+    ) -> (Result<bool, Received>, RawChunk) {
         let mut buf = buf;
-        let write = !self.store.has(n);
+        // Without the claim (another copy is being written), keep the bytes aside: if this
+        // copy checks out while the piece is still missing, it is written and stored then.
+        let mut aside: Option<Vec<u8>> = (!claimed && len <= MAX_ENDGAME_BUFFER)
+            .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
         let mut got = 0u64;
         let mut running = 0u32;
         while got < len {
@@ -268,7 +376,15 @@ impl Session {
             for part in &parts {
                 running = wire::piece_crc_append(running, part);
             }
-            let written = if !write {
+            // The claim holder stops writing once another copy is stored (no await between
+            // this check and the write, so nothing lands on a stored piece).
+            let direct = claimed && !self.store.has(n);
+            if let Some(a) = aside.as_mut() {
+                for part in &parts {
+                    a.extend_from_slice(part);
+                }
+            }
+            let written = if !direct {
                 Ok(())
             } else if let [one] = parts.as_slice() {
                 std::os::unix::fs::FileExt::write_all_at(self.store.file(), one, offset + got)
@@ -291,15 +407,30 @@ impl Session {
                 buf,
             );
         }
-        if write {
-            self.store.commit(n, crc);
+        if self.store.has(n) {
+            return (Ok(false), buf);
         }
-        (Ok(()), buf)
+        if let Some(a) = aside {
+            if let Err(e) = std::os::unix::fs::FileExt::write_all_at(self.store.file(), &a, offset)
+            {
+                return (Err(Received::Store(StoreError::Io(e))), buf);
+            }
+        } else if !claimed {
+            return (Ok(false), buf);
+        }
+        self.store.commit(n, crc);
+        (Ok(true), buf)
     }
 
     fn release(&self, n: u32) {
-        if let Some(f) = self.state.borrow_mut().in_flight.get_mut(n as usize) {
-            *f = false;
+        {
+            let mut st = self.state.borrow_mut();
+            if let Some(f) = st.in_flight.get_mut(n as usize) {
+                *f = f.saturating_sub(1);
+                if *f == 0 {
+                    st.requested_at[n as usize] = None;
+                }
+            }
         }
         self.changed.notify(usize::MAX);
     }
@@ -465,12 +596,8 @@ async fn parent_io<S: FetchStream>(
     let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
     let task = s.task();
     let layout = s.store.layout();
-    let window = s
-        .shaping
-        .pieces_in_flight()
-        .unwrap_or(s.cfg.pieces_in_flight)
-        .max(1);
     let max_bytes = s.cfg.bytes_in_flight.max(1);
+    let mut win = RequestWindow::new(usize::MAX, max_bytes, s.cfg.request_queue_time);
     let bitmap_wait_ms = u32::try_from(s.cfg.bitmap_wait.as_millis()).unwrap_or(u32::MAX);
     loop {
         if s.is_done() || s.check_complete().await {
@@ -488,6 +615,12 @@ async fn parent_io<S: FetchStream>(
                 pc.pending.push_back(Pending::Bitmap);
             }
         } else {
+            let window = win.limit(layout.piece_length()).min(
+                s.shaping
+                    .pieces_in_flight()
+                    .unwrap_or(s.cfg.pieces_in_flight)
+                    .max(1),
+            );
             let (mut pieces, mut bytes) = (0usize, 0u64);
             for x in &pc.pending {
                 if let Pending::Piece(n, _) = x {
@@ -502,7 +635,12 @@ async fn parent_io<S: FetchStream>(
             };
             // No piece request may queue behind a long poll on the same connection.
             while !full(pieces, bytes) && !bitmap_pending {
-                let Some(n) = s.pick(&pc.bits) else { break };
+                let picked = s.pick(&pc.bits).or_else(|| {
+                    (pieces == 0)
+                        .then(|| s.pick_endgame(&pc.bits, Instant::now()))
+                        .flatten()
+                });
+                let Some(n) = picked else { break };
                 let size = layout.piece_size(n).unwrap_or(0);
                 let wait = shaper::reserve_all(
                     &[Some(&s.shaping.download), Some(&s.limiter), Some(&limiter)],
@@ -635,7 +773,7 @@ async fn parent_io<S: FetchStream>(
                     .await;
                 piece_buf = buf;
                 let res = match res {
-                    Ok(()) => Ok(()),
+                    Ok(stored) => Ok(stored),
                     Err(Received::Conn(e)) => {
                         s.release(n);
                         return Err(e.into());
@@ -643,7 +781,23 @@ async fn parent_io<S: FetchStream>(
                     Err(Received::Store(e)) => Err(e),
                 };
                 match res {
-                    Ok(()) => {
+                    Ok(false) => {
+                        // The other copy of an endgame duplicate got here first.
+                        s.release(n);
+                        Counters::add(&s.counters.endgame_duplicates, 1);
+                    }
+                    Ok(true) => {
+                        let more = pc.pending.iter().any(|x| matches!(x, Pending::Piece(..)));
+                        let took = win.on_piece(len, started, Instant::now(), more);
+                        tracing::trace!(
+                            task = %task,
+                            piece = n,
+                            parent = %p.host_id,
+                            ms = started.elapsed().as_millis() as u64,
+                            service_ms = took.as_millis() as u64,
+                            window = win.limit(layout.piece_length()),
+                            "piece fetched"
+                        );
                         s.release(n);
                         let source = if p.is_seed {
                             Counters::add(&s.counters.bytes_from_seed, len);
@@ -661,8 +815,7 @@ async fn parent_io<S: FetchStream>(
                                 crc32c: h.crc32c,
                                 length: len,
                                 source,
-                                cost_us: u64::try_from(started.elapsed().as_micros())
-                                    .unwrap_or(u64::MAX),
+                                cost_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
                             },
                         )
                         .await;
@@ -724,7 +877,6 @@ thread_local! {
     static SESSIONS: RefCell<HashMap<TaskId, Rc<Session>>> = RefCell::new(HashMap::new());
 }
 
-/// Starts (or extends) the download of `store` on this thread.
 /// Where a download runs and what it may use.
 #[derive(Debug, Clone)]
 pub struct FetchEnv {
@@ -741,13 +893,10 @@ pub struct FetchEnv {
 }
 
 /// Starts (or extends) the download of `store` on this thread, limited to `rate_limit`
-/// bytes per second on top of the daemon's limits (0: no own limit).
-pub async fn start_download(
-    store: Arc<TaskStore>,
-    parents: Vec<Parent>,
-    rate_limit: u64,
-    env: FetchEnv,
-) {
+/// bytes per second on top of the daemon's limits (0: no own limit). The session is in this
+/// thread's table when this returns, so an [`add_parents`] handled right after it (the
+/// control plane often sends both at once) reaches it; the rest runs as a task.
+pub fn start_download(store: Arc<TaskStore>, parents: Vec<Parent>, rate_limit: u64, env: FetchEnv) {
     let FetchEnv {
         bridge,
         counters,
@@ -773,13 +922,15 @@ pub async fn start_download(
             s
         }
     };
-    if session.check_complete().await {
-        SESSIONS.with(|m| m.borrow_mut().remove(&id));
-        return;
-    }
-    if session.add_parents(parents) == 0 && session.state.borrow().active == 0 {
-        emit(&bridge, Event::NeedParents { task: id }).await;
-    }
+    monoio::spawn(async move {
+        if session.check_complete().await {
+            SESSIONS.with(|m| m.borrow_mut().remove(&id));
+            return;
+        }
+        if session.add_parents(parents) == 0 && session.state.borrow().active == 0 {
+            emit(&bridge, Event::NeedParents { task: id }).await;
+        }
+    });
 }
 
 /// Adds parents to a running download on this thread (ignored when none runs).

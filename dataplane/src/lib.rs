@@ -15,11 +15,13 @@ pub mod counters;
 pub mod fetch;
 pub mod quic;
 pub mod runtime;
+pub mod seeding;
 pub mod shaper;
 pub mod storage;
 pub mod sys;
 pub mod tls;
 pub mod upload;
+pub mod window;
 
 pub use bridge::{Bridge, Command, Event, Parent, PieceSource};
 pub use counters::Counters;

@@ -4,6 +4,7 @@ use crate::bridge::{Bridge, Command};
 use crate::counters::Counters;
 use crate::fetch::{self, FetchConfig, FetchEnv};
 use crate::quic::{Incoming, QuicConfig, QuicEndpoint};
+use crate::seeding::Seeding;
 use crate::shaper::Shaping;
 use crate::storage::Storage;
 use crate::upload::{serve_connection, UploadContext};
@@ -29,6 +30,11 @@ pub struct DataPlaneConfig {
     pub fetch: FetchConfig,
     /// QUIC endpoint (serving and fetching over QUIC); `None`: TCP only.
     pub quic: Option<QuicConfig>,
+    /// Super-seed every task served ([`crate::seeding`]), sending at most this many second or
+    /// later copies of a task at once: each child sees only pieces that have not left this
+    /// daemon yet, until all have. For seed peers, whose uplink is the swarm's source.
+    /// `None`: every child sees every stored piece.
+    pub super_seed: Option<u32>,
 }
 
 impl Default for DataPlaneConfig {
@@ -40,6 +46,7 @@ impl Default for DataPlaneConfig {
             io_uring: true,
             fetch: FetchConfig::default(),
             quic: None,
+            super_seed: None,
         }
     }
 }
@@ -97,6 +104,7 @@ impl DataPlane {
         };
         incoming.resize_with(threads, || None);
         let endpoint = quic.as_ref().map(|q| q.endpoint().clone());
+        let seeding = cfg.super_seed.map(|slots| Arc::new(Seeding::new(slots)));
         let mut handles = Vec::with_capacity(threads);
         for ((i, l), quic_streams) in listeners.into_iter().enumerate().zip(incoming) {
             let ctx = ThreadContext {
@@ -106,6 +114,7 @@ impl DataPlane {
                     storage: storage.clone(),
                     counters: counters.clone(),
                     shaping: shaping.clone(),
+                    seeding: seeding.clone(),
                 },
                 fetch: FetchEnv {
                     bridge: bridge.clone(),
@@ -274,12 +283,7 @@ async fn thread_main(listener: std::net::TcpListener, mut ctx: ThreadContext) ->
                 rate_limit,
             } => {
                 fetch::reap();
-                monoio::spawn(fetch::start_download(
-                    store,
-                    parents,
-                    rate_limit,
-                    ctx.fetch.clone(),
-                ));
+                fetch::start_download(store, parents, rate_limit, ctx.fetch.clone());
             }
             Command::AddParents { task, parents } => fetch::add_parents(&task, parents),
             Command::Cancel { task } => fetch::cancel(&task),

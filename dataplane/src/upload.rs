@@ -7,6 +7,7 @@
 
 use crate::conn::{ConnError, FrameReader};
 use crate::counters::Counters;
+use crate::seeding::{Admit, ChildId, SeedPlan, Seeding};
 use crate::shaper::{self, RateLimiter, Shaping};
 use crate::storage::{Storage, TaskStore};
 use crate::sys;
@@ -84,6 +85,46 @@ pub struct UploadContext {
     pub counters: Arc<Counters>,
     /// Rate limits.
     pub shaping: Arc<Shaping>,
+    /// Super-seeding plans when this data plane super-seeds (a seed peer): each child is
+    /// shown only pieces nobody got yet ([`crate::seeding`]); `None`: every child sees every
+    /// stored piece.
+    pub seeding: Option<Arc<Seeding>>,
+}
+
+/// The super-seeding plans one connection takes part in (one per task it asked about),
+/// left when the connection ends.
+struct Memberships<'a> {
+    seeding: Option<&'a Seeding>,
+    joined: Vec<(TaskId, Arc<SeedPlan>, ChildId)>,
+}
+
+impl Memberships<'_> {
+    /// This connection's plan of `store`'s task, joined on first use; `None` when the data
+    /// plane does not super-seed.
+    fn of(&mut self, store: &TaskStore) -> Option<(Arc<SeedPlan>, ChildId)> {
+        let seeding = self.seeding?;
+        let task = store.id();
+        let count = store.layout().piece_count();
+        if let Some((_, plan, child)) = self.joined.iter().find(|(t, _, _)| *t == task) {
+            if plan.with(|s| s.piece_count()) == count {
+                return Some((plan.clone(), *child));
+            }
+        }
+        let (plan, child) = seeding.join(task, count);
+        self.joined.retain(|(t, _, _)| *t != task);
+        self.joined.push((task, plan.clone(), child));
+        Some((plan, child))
+    }
+}
+
+impl Drop for Memberships<'_> {
+    fn drop(&mut self) {
+        if let Some(seeding) = self.seeding {
+            for (task, plan, child) in self.joined.drain(..) {
+                seeding.leave(&task, &plan, child);
+            }
+        }
+    }
 }
 
 fn error_frame(code: ErrorCode, message: impl Into<String>) -> Frame {
@@ -104,6 +145,10 @@ async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> io::Result<()> 
 pub async fn serve_connection<S: UploadStream>(mut stream: S, ctx: UploadContext) {
     let mut reader = FrameReader::new();
     let limiter = RateLimiter::new(ctx.shaping.config().per_peer_upload);
+    let mut plans = Memberships {
+        seeding: ctx.seeding.as_deref(),
+        joined: Vec::new(),
+    };
     loop {
         let frame = match reader.read_frame(&mut stream).await {
             Ok(Some(f)) => f,
@@ -125,13 +170,13 @@ pub async fn serve_connection<S: UploadStream>(mut stream: S, ctx: UploadContext
         };
         let res = match frame {
             Frame::PieceRequest { task, number } => {
-                serve_piece(&mut stream, &ctx, &limiter, task, number).await
+                serve_piece(&mut stream, &ctx, &mut plans, &limiter, task, number).await
             }
             Frame::BitmapRequest {
                 task,
                 known,
                 wait_ms,
-            } => serve_bitmap(&mut stream, &ctx, task, known, wait_ms).await,
+            } => serve_bitmap(&mut stream, &ctx, &mut plans, task, known, wait_ms).await,
             other => {
                 Counters::add(&ctx.counters.malformed_frames, 1);
                 let msg = format!("unexpected frame from a client: {}", frame_name(&other));
@@ -165,6 +210,7 @@ fn lookup(ctx: &UploadContext, task: &TaskId) -> Result<Arc<TaskStore>, Frame> {
 async fn serve_piece<S: UploadStream>(
     stream: &mut S,
     ctx: &UploadContext,
+    plans: &mut Memberships<'_>,
     limiter: &RateLimiter,
     task: TaskId,
     number: u32,
@@ -202,6 +248,21 @@ async fn serve_piece<S: UploadStream>(
         length: length as u32,
         crc32c: crc,
     });
+    let plan = plans.of(&store).map(|(plan, child)| {
+        let admit = plan.with(|s| s.sending(child, number));
+        (plan, child, admit)
+    });
+    match plan.as_ref().map(|p| p.2) {
+        Some(Admit::Busy) => {
+            let f = error_frame(
+                ErrorCode::Busy,
+                format!("piece {number}: later copies are on the wire; ask another parent"),
+            );
+            return write_frame(stream, &f).await;
+        }
+        Some(Admit::First) => Counters::add(&ctx.counters.first_copies_uploaded, 1),
+        Some(Admit::Copy) | None => {}
+    }
     let wait = shaper::reserve_all(&[Some(&ctx.shaping.upload), Some(limiter)], length);
     if !wait.is_zero() {
         Counters::add(&ctx.counters.shaping_waits, 1);
@@ -209,10 +270,19 @@ async fn serve_piece<S: UploadStream>(
     }
     // Once the header is out, the piece must follow in full: an error after this point can
     // only close the connection.
-    write_frame(stream, &header).await?;
-    stream
-        .send_file_range(store.file(), range.start, length)
-        .await?;
+    let res = match write_frame(stream, &header).await {
+        Ok(()) => {
+            stream
+                .send_file_range(store.file(), range.start, length)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Some((plan, child, admit)) = &plan {
+        plan.with(|s| s.sent(*child, number, *admit, res.is_ok()));
+        plan.notify();
+    }
+    res?;
     Counters::add(&ctx.counters.bytes_uploaded, length);
     Counters::add(&ctx.counters.pieces_uploaded, 1);
     Ok(())
@@ -221,6 +291,7 @@ async fn serve_piece<S: UploadStream>(
 async fn serve_bitmap<S: AsyncWriteRent>(
     stream: &mut S,
     ctx: &UploadContext,
+    plans: &mut Memberships<'_>,
     task: TaskId,
     known: u32,
     wait_ms: u32,
@@ -231,6 +302,23 @@ async fn serve_bitmap<S: AsyncWriteRent>(
     };
     let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_BITMAP_WAIT);
     let deadline = std::time::Instant::now() + wait;
+    let layout = store.layout();
+    if let Some((plan, child)) = plans.of(&store) {
+        // Super-seeding: the child sees the pieces assigned to it (or, once every piece went
+        // out, everything); the poll ends when that grows.
+        loop {
+            let (on_store, on_plan) = (store.listen(), plan.listen());
+            let now = std::time::Instant::now();
+            let shown = plan.with(|s| s.reveal(child, now, store.is_complete(), |n| store.has(n)));
+            if shown > known || now >= deadline {
+                break;
+            }
+            let either = futures::future::select(Box::pin(on_store), Box::pin(on_plan));
+            let _ = monoio::time::timeout(deadline - now, either).await;
+        }
+        let bits = plan.with(|s| s.bitmap(child));
+        return write_frame(stream, &bitmap_frame(task, layout, bits)).await;
+    }
     loop {
         if store.finished_count() > known || store.is_complete() {
             break;
@@ -246,14 +334,16 @@ async fn serve_bitmap<S: AsyncWriteRent>(
         }
         let _ = monoio::time::timeout(deadline - now, listener).await;
     }
-    let layout = store.layout();
-    let f = Frame::Bitmap {
+    write_frame(stream, &bitmap_frame(task, layout, store.bitmap_bytes())).await
+}
+
+fn bitmap_frame(task: TaskId, layout: wire::PieceLayout, bits: Vec<u8>) -> Frame {
+    Frame::Bitmap {
         task,
         content_length: layout.content_length(),
         // Bounded by MAX_PIECE_LENGTH through PieceLayout.
         piece_length: layout.piece_length() as u32,
         piece_count: layout.piece_count(),
-        bits: store.bitmap_bytes(),
-    };
-    write_frame(stream, &f).await
+        bits,
+    }
 }

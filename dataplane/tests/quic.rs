@@ -45,6 +45,7 @@ fn quic_node_with_payload(threads: usize, pieces_in_flight: usize, payload: u16)
             max_udp_payload: payload,
             ..QuicConfig::default()
         }),
+        super_seed: None,
     };
     let dp = DataPlane::start(
         cfg,

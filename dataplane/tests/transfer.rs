@@ -45,6 +45,7 @@ fn node_fetch(threads: usize, shaping: ShapingConfig, fetch: FetchConfig) -> Nod
         io_uring: true,
         fetch,
         quic: None,
+        super_seed: None,
     };
     let dp = DataPlane::start(
         cfg,
@@ -419,7 +420,8 @@ fn pipelining_keeps_the_window_full() {
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
-    // The first fill puts the whole window on the wire before any answer is read.
+    // On loopback the request window grows from two to its cap of six as soon as the
+    // connection's rate is measured.
     assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 6);
     assert_eq!(
         std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
@@ -452,7 +454,8 @@ fn byte_window_bounds_requests_in_flight() {
         is_seed: false,
     }];
     download(&c, id, layout, parents, 0);
-    // Three pieces fill the byte window before the piece window of eight.
+    // Three pieces fill the byte window before the piece window of eight (the rate-based
+    // window would allow more on loopback).
     assert_eq!(c.counters.max_requests_in_flight.load(Ordering::Relaxed), 3);
     assert_eq!(
         std::fs::read(c.storage.get(&id).expect("task").path()).expect("read"),
@@ -540,4 +543,130 @@ fn per_download_rate_limit_applies() {
     assert!(c.counters.shaping_waits.load(Ordering::Relaxed) > 0);
     a.dp.shutdown();
     c.dp.shutdown();
+}
+
+fn parent(id: &str, n: &Node, is_seed: bool) -> Parent {
+    Parent {
+        host_id: id.into(),
+        addr: n.dp.local_addr(),
+        quic_addr: None,
+        is_seed,
+    }
+}
+
+/// The control plane often sends `Download` and `AddParents` for a task back to back; the
+/// data plane once handled the second before the first had made the session, and the added
+/// parents were silently dropped (lab: peers kept 2–3 of the 5 parents the scheduler gave
+/// them). Checked by reverting `fetch::start_download` to create the session in its task:
+/// `b` then uploads nothing.
+#[test]
+fn parents_added_right_after_the_download_starts_are_used() {
+    let (a, b) = (node(1), node(1));
+    let c = node_with(1, ShapingConfig::default(), 2);
+    let id = TaskId([21; 32]);
+    let data = content(64 * 16384);
+    seed_task(&a, id, &data, 16384);
+    seed_task(&b, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let store = c.storage.create(id, layout).expect("create");
+    let t = c.dp.bridge().thread_of(&id);
+    let bridge = c.dp.bridge();
+    bridge
+        .send(
+            t,
+            Command::Download {
+                store: store.clone(),
+                parents: vec![parent("a", &a, false)],
+                rate_limit: 0,
+            },
+        )
+        .expect("send");
+    bridge
+        .send(
+            t,
+            Command::AddParents {
+                task: id,
+                parents: vec![parent("b", &b, false)],
+            },
+        )
+        .expect("send");
+    wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    assert_eq!(std::fs::read(store.path()).expect("read"), data);
+    let from_b = b.counters.bytes_uploaded.load(Ordering::Relaxed);
+    assert!(from_b > 0, "the parent added right after the start was never asked");
+    for n in [a, b, c] {
+        n.dp.shutdown();
+    }
+}
+
+/// A super-seeding seed sends every piece once before any twice: three children that can
+/// only reach the seed each get the whole file, the seed's first copies are exactly the
+/// pieces, and the rest went out as later copies only after that.
+#[test]
+fn a_super_seed_sends_each_piece_once_before_any_twice() {
+    let seed = {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
+        let counters = Arc::new(Counters::default());
+        let cfg = DataPlaneConfig {
+            threads: 1,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            queue_capacity: 64,
+            super_seed: Some(2),
+            ..DataPlaneConfig::default()
+        };
+        let dp = DataPlane::start(
+            cfg,
+            storage.clone(),
+            counters.clone(),
+            Arc::new(Shaping::new(ShapingConfig::default())),
+        )
+        .expect("start");
+        Node {
+            _dir: dir,
+            storage,
+            counters,
+            dp,
+        }
+    };
+    let id = TaskId([22; 32]);
+    let data = content(24 * 16384);
+    seed_task(&seed, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let kids: Vec<Node> = (0..3).map(|_| node(1)).collect();
+    let handles: Vec<_> = kids
+        .iter()
+        .map(|k| {
+            let store = k.storage.create(id, layout).expect("create");
+            let t = k.dp.bridge().thread_of(&id);
+            k.dp.bridge()
+                .send(
+                    t,
+                    Command::Download {
+                        store: store.clone(),
+                        parents: vec![parent("seed", &seed, true)],
+                        rate_limit: 0,
+                    },
+                )
+                .expect("send");
+            store
+        })
+        .collect();
+    for (k, store) in kids.iter().zip(&handles) {
+        wait_event(k, |e| matches!(e, Event::DownloadFinished { .. }));
+        assert_eq!(std::fs::read(store.path()).expect("read"), data);
+    }
+    let c = &seed.counters;
+    assert_eq!(
+        c.first_copies_uploaded.load(Ordering::Relaxed),
+        u64::from(layout.piece_count()),
+        "each piece left the seed once as a first copy"
+    );
+    assert_eq!(
+        c.pieces_uploaded.load(Ordering::Relaxed),
+        3 * u64::from(layout.piece_count())
+    );
+    for n in kids.into_iter().chain([seed]) {
+        n.dp.shutdown();
+    }
 }

@@ -293,6 +293,7 @@ fn node(threads: usize, shaping: ShapingConfig, k: Knobs) -> Result<Node> {
             ..FetchConfig::default()
         },
         quic: k.quic.then(|| quic_config(k.quic_payload)),
+        super_seed: None,
     };
     let dp = DataPlane::start(
         cfg,

@@ -1126,40 +1126,56 @@ fn a_short_last_piece_does_not_flag_its_parent_slow() {
 
 #[test]
 fn peers_short_of_parents_are_topped_up_as_they_progress() {
+    let limit = EAGER_TOP_UP_BELOW + 2;
     let mut sim = Sim::with(SchedulingConfig {
         candidate_parent_limit: 1,
-        parent_limit: 3,
+        parent_limit: limit,
         ..SchedulingConfig::default()
     });
     let (src, _) = sim.register("src", "host-src", true);
-    sim.meta(src, 32 << 20);
-    sim.register("b", "host-b", true);
-    sim.register("c", "host-c", true);
+    sim.meta(src, 64 << 20);
+    for i in 0..limit + 2 {
+        sim.register(&format!("s{i}"), &format!("host-s{i}"), true);
+    }
     // a registers last: nobody is left to push to it, so it starts with one parent.
     let (a, out) = sim.register("a", "host-a", false);
-    let first = parents_to(&out, a);
-    assert_eq!(first.len(), 1);
-    for n in 0..TOP_UP_EVERY - 1 {
-        let out = sim.piece(a, n);
-        assert!(
-            parents_to(&out, a).is_empty(),
-            "top-up before piece {TOP_UP_EVERY}"
+    let mut got = parents_to(&out, a);
+    assert_eq!(got.len(), 1);
+    // Below EAGER_TOP_UP_BELOW parents, every piece brings one more.
+    let mut n = 0;
+    while got.len() < EAGER_TOP_UP_BELOW {
+        let new = parents_to(&sim.piece(a, n), a);
+        assert_eq!(
+            new.len(),
+            1,
+            "piece {n} with {} parents: {new:?}",
+            got.len()
         );
+        assert!(!got.contains(&new[0]));
+        got.extend(new);
+        n += 1;
     }
-    let out = sim.piece(a, TOP_UP_EVERY - 1);
-    let second = parents_to(&out, a);
-    assert_eq!(second.len(), 1, "topped up after {TOP_UP_EVERY} pieces");
-    assert_ne!(second, first);
-    let mut third = Vec::new();
-    for n in TOP_UP_EVERY..2 * TOP_UP_EVERY {
-        third.extend(parents_to(&sim.piece(a, n), a));
+    // From there, one more every TOP_UP_EVERY pieces.
+    while !(n + 1).is_multiple_of(TOP_UP_EVERY) {
+        let out = sim.piece(a, n);
+        assert!(parents_to(&out, a).is_empty(), "top-up at piece {n}");
+        n += 1;
     }
-    assert_eq!(third.len(), 1);
-    assert!(!first.contains(&third[0]) && !second.contains(&third[0]));
+    let second = parents_to(&sim.piece(a, n), a);
+    assert_eq!(second.len(), 1, "topped up at piece {n}");
+    assert!(!got.contains(&second[0]));
+    got.extend(second);
+    n += 1;
+    for _ in 0..TOP_UP_EVERY {
+        got.extend(parents_to(&sim.piece(a, n), a));
+        n += 1;
+    }
+    assert_eq!(got.len(), limit);
     // At parent_limit it is not topped up any more.
     let mut more = Vec::new();
-    for n in 2 * TOP_UP_EVERY..3 * TOP_UP_EVERY {
+    for _ in 0..2 * TOP_UP_EVERY {
         more.extend(parents_to(&sim.piece(a, n), a));
+        n += 1;
     }
     assert!(more.is_empty(), "{more:?}");
 }
