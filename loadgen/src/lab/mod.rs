@@ -890,9 +890,11 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             tck,
             log: &a.log,
         };
+        let mut ran = true;
         let phase = match bt.run(&mut procs, p2p_timeout) {
-            Ok(runs_and_counts) => runs_and_counts,
+            Ok(phase) => phase,
             Err(e) => {
+                ran = false;
                 // Ctrl-C unwinds the whole lab; any other failure of the phase is reported
                 // as the phase's (every host failed), so that the P2P numbers are not lost.
                 check_stop()?;
@@ -926,7 +928,8 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             phase.traffic,
             phase.cpu_s,
         );
-        for hr in bt.hosts.iter().filter(|h| h.error.is_some()) {
+        // (A phase that did not run said why once, above.)
+        for hr in bt.hosts.iter().filter(|h| ran && h.error.is_some()) {
             eprintln!(
                 "[lab] bittorrent {}: {}",
                 hr.host,
