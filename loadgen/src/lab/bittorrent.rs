@@ -379,6 +379,12 @@ pub fn aria2_common_args(dir: &Path, log: &Path, lab_pid: u32) -> Vec<String> {
 pub fn write_done_hook(hook: &Path, done: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let tmp = done.with_extension("tmp");
+    if done.display().to_string().contains('\'') {
+        bail!(
+            "{}: a path with a single quote cannot go into the hook script",
+            done.display()
+        );
+    }
     let script = format!(
         "#!/bin/sh\ndate +%s.%N > '{}' && mv '{}' '{}'\n",
         tmp.display(),
