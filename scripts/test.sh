@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 # Real parts the tests start themselves: a throwaway PostgreSQL cluster (manager store tests)
 # and headless Chromium (manager status page); a registry, skopeo and containerd (registry
-# mirror proxy).
+# mirror proxy); aria2 and opentracker (the burst lab's BitTorrent phase).
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v containerd >/dev/null 2>&1 || need+=(containerd)
+# The burst lab test's BitTorrent phase (the lab would install them itself; here up front).
+command -v aria2c >/dev/null 2>&1 || need+=(aria2)
+command -v opentracker >/dev/null 2>&1 || need+=(opentracker)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]} for the tests ..."

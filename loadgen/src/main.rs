@@ -34,7 +34,8 @@ enum Cmd {
     /// Simulate a burst: N virtual peers fetch one task through a real scheduler.
     Simulate(Simulate),
     /// Burst lab (root): origin, scheduler, seed peer and N dfdaemons in network namespaces
-    /// on shaped links; N dfget at once, then N plain HTTP downloads; ratios to T*.
+    /// on shaped links; N dfget at once, then a BitTorrent swarm (aria2c) and N plain HTTP
+    /// downloads on the same links; ratios to T*, origin and seed copies.
     Cluster(lab::ClusterArgs),
     /// The lab's HTTP origin (started by `loadgen cluster` inside a namespace).
     #[command(hide = true)]

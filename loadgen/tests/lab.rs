@@ -1,6 +1,8 @@
 //! The burst lab end to end: a tiny `loadgen cluster` (3 peer hosts, a few MiB) with the
-//! debug binaries (`cargo build --workspace --bins` first), in network namespaces. Skips with
-//! a message where namespaces cannot be created (not root, no `ip netns`). Every run uses a
+//! debug binaries (`cargo build --workspace --bins` first), in network namespaces, with its
+//! P2P, BitTorrent and HTTP phases. Skips with a message where namespaces cannot be created
+//! (not root, no `ip netns`); fails, naming the package, where the BitTorrent phase's tools
+//! (Debian's aria2 and opentracker, which the lab installs when missing) cannot be had. Every run uses a
 //! prefix with this process's id, so leftovers of another (crashed) run are never touched,
 //! and each test checks that nothing with its prefix is left behind.
 
@@ -143,35 +145,77 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
         .args(&args)
         .output()
         .expect("running loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("could not install") && !stderr.contains("no apt-get"),
+        "the BitTorrent phase's tools could not be installed (Debian packages aria2, opentracker):\n{}",
+        output_text(&out)
+    );
     assert!(out.status.success(), "{}", output_text(&out));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
             .expect("parsing the JSON report");
     let phases = report["phases"].as_array().expect("phases");
-    assert_eq!(phases.len(), if curl { 2 } else { 1 }, "phases: {report}");
+    let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
+    let expected = if curl {
+        vec!["p2p", "bittorrent", "http"]
+    } else {
+        vec!["p2p", "bittorrent"]
+    };
+    assert_eq!(names, expected, "phases: {report}");
+    let phase = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no phase {name}: {report}"))
+    };
     for p in phases {
         assert_eq!(p["verified"], 3, "every copy verified: {p}");
         for h in p["hosts"].as_array().expect("hosts") {
             assert!(h["seconds"].as_f64().is_some_and(|s| s > 0.0), "{h}");
         }
     }
-    let p2p = &phases[0];
-    assert_eq!(p2p["name"], "p2p");
+    let p2p = phase("p2p");
     // The seed fetched the file once; peers got it from the swarm.
     let copies = p2p["origin_copies_payload"]
         .as_f64()
         .expect("origin payload");
     assert!((0.99..1.5).contains(&copies), "origin copies {copies}");
-    let http = &phases[1];
-    let copies = http["origin_copies_payload"]
+    // The seed uploaded: its link sent bytes, and the peers' summaries agree it did.
+    let seed = p2p["seed_copies_link"].as_f64().expect("seed copies");
+    assert!(seed > 0.0, "P2P seed copies {seed}");
+    let seed_payload = p2p["seed_copies_payload"].as_f64().expect("seed payload");
+    assert!(seed_payload > 0.0, "P2P seed payload {seed_payload}");
+    // BitTorrent: every copy came from the seeder on the seed host and the peers, none
+    // from the origin.
+    let bt = phase("bittorrent");
+    let seed = bt["seed_copies_link"].as_f64().expect("seed copies");
+    assert!(seed > 0.0, "BitTorrent seed copies {seed}");
+    let origin = bt["origin_copies_payload"]
         .as_f64()
         .expect("origin payload");
-    assert!(copies >= 2.99, "HTTP baseline served every host: {copies}");
+    assert!(
+        origin < 0.01,
+        "the origin served the BitTorrent phase: {origin}"
+    );
+    assert_eq!(report["bittorrent_piece_length"], 262_144);
+    assert!(report["p2p_vs_bittorrent"]["max_ratio"]
+        .as_f64()
+        .is_some_and(|r| r > 0.0));
+    if curl {
+        let http = phase("http");
+        let copies = http["origin_copies_payload"]
+            .as_f64()
+            .expect("origin payload");
+        assert!(copies >= 2.99, "HTTP baseline served every host: {copies}");
+    }
     assert!(report["t_star_s"].as_f64().is_some_and(|t| t > 0.0));
     let svg_text = std::fs::read_to_string(&svg).expect("reading the SVG");
     assert!(svg_text.starts_with("<svg") && svg_text.contains("<path"));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("p2p"), "{table}");
+    assert!(table.contains("bittorrent"), "{table}");
+    assert!(table.contains("Damselfly P2P / BitTorrent"), "{table}");
 
     assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
     assert!(!dir.exists(), "work dir left behind");
@@ -191,6 +235,7 @@ fn sigterm_mid_run_removes_everything() {
     let json = std::env::temp_dir().join(format!("{prefix}report.json"));
     let mut args = lab_args(&prefix, &dir, &json);
     args.push("--no-baseline".into());
+    args.push("--no-bittorrent".into());
     // Slow links, so that the run is still going when the signal comes.
     for (i, v) in [("--rate", "2mbit"), ("--size", "8MiB")] {
         if let Some(p) = args.iter().position(|a| a == i) {

@@ -1,9 +1,11 @@
 //! `loadgen cluster`: the burst lab. Real processes (origin, scheduler, seed peer, one
 //! dfdaemon per peer host) in their own network namespaces on a shaped bridge; all N dfget
-//! start at once; then the same N hosts fetch the file with plain HTTP (curl) from the
-//! origin over the same links. Completion times against T*, origin bytes, CPU, sha256 of
-//! every copy.
+//! start at once; then, over the same links, a BitTorrent swarm (opentracker, aria2c seeding
+//! from the seed peer's host, N aria2c at once) and the same N hosts fetching the file with
+//! plain HTTP (curl) from the origin. Completion times against T*, origin and seed bytes,
+//! CPU, sha256 of every copy.
 
+pub mod bittorrent;
 pub mod net;
 pub mod origin;
 pub mod report;
@@ -21,7 +23,7 @@ use rand::{RngCore as _, SeedableRng as _};
 use sha2::Digest as _;
 
 use net::{Host, Network, Qdisc};
-use report::{HostResult, Phase, Report};
+use report::{Comparison, HostResult, Phase, Report, Traffic};
 
 /// Options of `loadgen cluster`.
 #[derive(Debug, clap::Args)]
@@ -38,7 +40,8 @@ pub struct ClusterArgs {
     /// Up and down rate of the origin host.
     #[arg(long, default_value = "1gbit", value_parser = net::parse_rate)]
     pub origin_rate: u64,
-    /// Up and down rate of the seed peer host (default: the origin's).
+    /// Up and down rate of the seed peer host (default: the peers' `--rate`, a seed on the
+    /// same NIC class as everyone; `--seed-rate 1gbit` for a generous seed).
     #[arg(long, value_parser = net::parse_rate)]
     pub seed_rate: Option<u64>,
     /// Shaping qdisc.
@@ -85,8 +88,12 @@ pub struct ClusterArgs {
     /// Skip the plain-HTTP baseline.
     #[arg(long)]
     pub no_baseline: bool,
-    /// Longest run of one phase, seconds (0: 20·T* + 60 for P2P, 3× the expected HTTP time
-    /// + 60 for the baseline).
+    /// Skip the BitTorrent phase (opentracker and aria2c, installed with apt-get when
+    /// missing).
+    #[arg(long)]
+    pub no_bittorrent: bool,
+    /// Longest run of one phase, seconds (0: 20·T* + 60 for P2P and BitTorrent, 3× the
+    /// expected HTTP time + 60 for the baseline).
     #[arg(long, default_value_t = 0)]
     pub timeout: u64,
     /// `RUST_LOG` of the daemons and the scheduler.
@@ -518,14 +525,18 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     if let Some(p) = &args.svg {
         std::fs::write(p, report.svg()).with_context(|| format!("writing {}", p.display()))?;
     }
-    let failed: usize = report
-        .phases
-        .iter()
-        .filter(|p| p.name == "p2p")
-        .map(|p| p.hosts.len() - p.verified)
-        .sum();
-    if failed > 0 {
-        bail!("{failed} P2P copies missing or not verified");
+    // The HTTP baseline may fail (an origin too slow for the timeout says so in the table);
+    // P2P and the BitTorrent reference it is compared with may not.
+    for (phase, what) in [("p2p", "P2P"), ("bittorrent", "BitTorrent")] {
+        let failed: usize = report
+            .phases
+            .iter()
+            .filter(|p| p.name == phase)
+            .map(|p| p.hosts.len() - p.verified)
+            .sum();
+        if failed > 0 {
+            bail!("{failed} {what} copies missing or not verified");
+        }
     }
     Ok(())
 }
@@ -591,6 +602,14 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         net::run("curl", &["--version"])
             .context("curl is needed for the HTTP baseline (or pass --no-baseline)")?;
     }
+    if !a.no_bittorrent {
+        // curl asks the tracker whether the seeder has announced itself.
+        bittorrent::ensure_tools(&[
+            ("aria2c", "aria2"),
+            ("opentracker", "opentracker"),
+            ("curl", "curl"),
+        ])?;
+    }
     install_signal_handler()?;
 
     let leftovers = net::namespaces_with_prefix(&a.prefix)?;
@@ -623,7 +642,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     let sha = write_content(&file, a.size)?;
 
     let n = a.hosts as usize;
-    let seed_rate = a.seed_rate.unwrap_or(a.origin_rate);
+    let seed_rate = a.seed_rate.unwrap_or(a.rate);
     let mut hosts = vec![
         Host {
             name: "origin".into(),
@@ -813,13 +832,18 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             )
         })
         .collect();
+    let meter = Meter {
+        network: &network,
+        origin: &origin,
+        origin_addr: &origin_addr,
+        seed: &seed,
+    };
     eprintln!("[lab] P2P: {n} dfget at once (T* = {t_star:.2} s) ...");
-    let served0 = origin_served(&origin, &origin_addr);
-    let tx0 = network.tx_bytes(&origin)?;
+    let before = meter.counters()?;
     let cpu0 = cpu_snapshot(&pids, tck);
     let runs = run_burst(cmds, p2p_timeout)?;
     let cpu1 = cpu_snapshot(&pids, tck);
-    let tx1 = network.tx_bytes(&origin)?;
+    let traffic = meter.counters()?.since(&before);
     procs.check_alive()?;
     let checks = verify(&runs, &sha, a.keep);
     check_stop()?;
@@ -841,22 +865,79 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             }
         })
         .collect();
-    let served1 = origin_served(&origin, &origin_addr);
-    let mut p2p = Phase::new(
+    let p2p = Phase::new(
         "p2p",
         hosts_p2p,
         t_star,
         a.size,
-        tx1.saturating_sub(tx0),
+        traffic,
         cpu_delta(&cpu0, &cpu1),
     );
-    p2p.origin_copies_payload = served1
-        .zip(served0)
-        .map(|(b, a0)| b.saturating_sub(a0) as f64 / a.size as f64);
     for hr in p2p.hosts.iter().filter(|h| h.error.is_some()) {
         eprintln!("[lab] {}: {}", hr.host, hr.error.as_deref().unwrap_or(""));
     }
     let mut phases = vec![p2p];
+
+    if !a.no_bittorrent {
+        eprintln!("[lab] BitTorrent: {n} aria2c at once, seeded from the seed peer's host ...");
+        let bt = bittorrent::Swarm {
+            meter: &meter,
+            tracker: &sched,
+            peers: &peers,
+            dir: &dir,
+            file: &file,
+            pids: &pids,
+            tck,
+            log: &a.log,
+        };
+        let mut ran = true;
+        let phase = match bt.run(&mut procs, p2p_timeout) {
+            Ok(phase) => phase,
+            Err(e) => {
+                ran = false;
+                // Ctrl-C unwinds the whole lab; any other failure of the phase is reported
+                // as the phase's (every host failed), so that the P2P numbers are not lost.
+                check_stop()?;
+                procs.check_alive()?;
+                eprintln!("[lab] BitTorrent phase failed: {e:#}");
+                let err = format!("BitTorrent phase failed: {e:#}");
+                bittorrent::PhaseRun::failed(&peers, &err)
+            }
+        };
+        let checks = verify(&phase.runs, &sha, a.keep);
+        check_stop()?;
+        let hosts_bt = phase
+            .runs
+            .iter()
+            .zip(checks)
+            .map(|(r, (ok, err))| HostResult {
+                host: r.host.clone(),
+                seconds: r.seconds,
+                verified: ok,
+                error: err,
+                from_origin: None,
+                from_seed: None,
+                from_peers: None,
+            })
+            .collect();
+        let bt = Phase::new(
+            "bittorrent",
+            hosts_bt,
+            t_star,
+            a.size,
+            phase.traffic,
+            phase.cpu_s,
+        );
+        // (A phase that did not run said why once, above.)
+        for hr in bt.hosts.iter().filter(|h| ran && h.error.is_some()) {
+            eprintln!(
+                "[lab] bittorrent {}: {}",
+                hr.host,
+                hr.error.as_deref().unwrap_or("")
+            );
+        }
+        phases.push(bt);
+    }
 
     if !a.no_baseline {
         let expected = (n as f64 * a.size as f64 / bytes_per_s(a.origin_rate))
@@ -885,12 +966,11 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             })
             .collect();
         eprintln!("[lab] HTTP baseline: {n} curl at once ...");
-        let served0 = origin_served(&origin, &origin_addr);
-        let tx0 = network.tx_bytes(&origin)?;
+        let before = meter.counters()?;
         let cpu0 = cpu_snapshot(&pids, tck);
         let runs = run_burst(cmds, http_timeout)?;
         let cpu1 = cpu_snapshot(&pids, tck);
-        let tx1 = network.tx_bytes(&origin)?;
+        let traffic = meter.counters()?.since(&before);
         let checks = verify(&runs, &sha, a.keep);
         check_stop()?;
         let hosts_http = runs
@@ -906,18 +986,14 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
                 from_peers: None,
             })
             .collect();
-        let served1 = origin_served(&origin, &origin_addr);
-        let mut http = Phase::new(
+        let http = Phase::new(
             "http",
             hosts_http,
             t_star,
             a.size,
-            tx1.saturating_sub(tx0),
+            traffic,
             cpu_delta(&cpu0, &cpu1),
         );
-        http.origin_copies_payload = served1
-            .zip(served0)
-            .map(|(b, a0)| b.saturating_sub(a0) as f64 / a.size as f64);
         phases.push(http);
     }
     let read_cfg = |p: &Option<PathBuf>| p.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
@@ -930,6 +1006,8 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         piece_length: a.piece_length,
         qdisc: format!("{:?}", a.qdisc).to_lowercase(),
         t_star_s: t_star,
+        bittorrent_piece_length: (!a.no_bittorrent).then_some(bittorrent::PIECE_LENGTH),
+        p2p_vs_bittorrent: Comparison::of(&phases),
         phases,
         daemon_config: read_cfg(&a.daemon_config),
         scheduler_config: read_cfg(&a.scheduler_config),
@@ -939,6 +1017,47 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     drop(network);
     drop(work);
     Ok(report)
+}
+
+/// Where a phase's bytes are counted: the origin's and the seed peer's links, and the
+/// origin server's own count.
+struct Meter<'a> {
+    network: &'a Network,
+    origin: &'a Host,
+    origin_addr: &'a str,
+    seed: &'a Host,
+}
+
+/// Byte counters at one instant (see [`Meter`]).
+struct Counters {
+    served: Option<u64>,
+    origin_tx: u64,
+    seed_tx: u64,
+}
+
+impl Meter<'_> {
+    /// Reads every counter now.
+    fn counters(&self) -> anyhow::Result<Counters> {
+        Ok(Counters {
+            origin_tx: self.network.tx_bytes(self.origin)?,
+            seed_tx: self.network.tx_bytes(self.seed)?,
+            served: origin_served(self.origin, self.origin_addr),
+        })
+    }
+}
+
+impl Counters {
+    /// The bytes counted from `before` until `self`.
+    fn since(&self, before: &Self) -> Traffic {
+        Traffic {
+            origin_link: self.origin_tx.saturating_sub(before.origin_tx),
+            origin_payload: self
+                .served
+                .zip(before.served)
+                .map(|(b, a)| b.saturating_sub(a)),
+            seed_link: self.seed_tx.saturating_sub(before.seed_tx),
+        }
+    }
 }
 
 /// Body bytes the origin has served so far (its `/_stats`, fetched with curl inside the

@@ -37,7 +37,8 @@ pub struct HostResult {
 /// Completion-time percentiles, seconds and as ratios of T*.
 #[derive(Debug, Clone, Serialize)]
 pub struct Phase {
-    /// `p2p` (dfget through the daemons) or `http` (curl straight from the origin).
+    /// `p2p` (dfget through the daemons), `bittorrent` (aria2c from a seeder on the seed
+    /// peer's host) or `http` (curl straight from the origin).
     pub name: String,
     /// Per host.
     pub hosts: Vec<HostResult>,
@@ -55,6 +56,14 @@ pub struct Phase {
     /// Body bytes the origin server sent during the phase (its own count), over the file
     /// size.
     pub origin_copies_payload: Option<f64>,
+    /// Bytes the seed peer's host (its `eth0`) sent during the phase, over the file size:
+    /// the seed's upload copies at link level (frame headers and the ACKs of its own
+    /// downloads included, so one copy shows as ~1.04). In the BitTorrent phase the seeding
+    /// aria2c runs on that host.
+    pub seed_copies_link: f64,
+    /// The peers' bytes from seed peers (dfget's summaries) summed, over the file size: the
+    /// seed's upload copies as payload. Only where the downloads report their sources (P2P).
+    pub seed_copies_payload: Option<f64>,
     /// Copies whose sha256 matched.
     pub verified: usize,
     /// CPU seconds used during the phase, per role (`daemons`, `seed`, `scheduler`,
@@ -74,14 +83,26 @@ pub fn percentile(times: &[f64], p: f64) -> f64 {
     v[rank - 1]
 }
 
+/// Bytes counted during one phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Traffic {
+    /// Bytes the origin host's `eth0` sent.
+    pub origin_link: u64,
+    /// Body bytes the origin server counted (`None`: its count could not be read).
+    pub origin_payload: Option<u64>,
+    /// Bytes the seed peer host's `eth0` sent.
+    pub seed_link: u64,
+}
+
 impl Phase {
-    /// Builds the summary of one phase.
+    /// Builds the summary of one phase from its hosts' results and the bytes counted during
+    /// it.
     pub fn new(
         name: &str,
         hosts: Vec<HostResult>,
         t_star: f64,
         size: u64,
-        origin_link_bytes: u64,
+        traffic: Traffic,
         cpu_s: Vec<(String, f64)>,
     ) -> Self {
         let times: Vec<f64> = hosts
@@ -93,6 +114,8 @@ impl Phase {
             .collect();
         let p50 = percentile(&times, 0.5);
         let max = percentile(&times, 1.0);
+        let copies = |bytes: u64| bytes as f64 / size as f64;
+        let from_seed: Vec<u64> = hosts.iter().filter_map(|h| h.from_seed).collect();
         Self {
             name: name.to_string(),
             verified: hosts.iter().filter(|h| h.verified).count(),
@@ -100,8 +123,10 @@ impl Phase {
             max_s: max,
             p50_ratio: p50 / t_star,
             max_ratio: max / t_star,
-            origin_copies_link: origin_link_bytes as f64 / size as f64,
-            origin_copies_payload: None,
+            origin_copies_link: copies(traffic.origin_link),
+            origin_copies_payload: traffic.origin_payload.map(copies),
+            seed_copies_link: copies(traffic.seed_link),
+            seed_copies_payload: (!from_seed.is_empty()).then(|| copies(from_seed.iter().sum())),
             hosts,
             cpu_s,
         }
@@ -127,12 +152,52 @@ pub struct Report {
     pub qdisc: String,
     /// T*, seconds, from the nominal link rates.
     pub t_star_s: f64,
-    /// Phases run (`p2p`, then `http` unless skipped).
+    /// Phases run (`p2p`, then `bittorrent` and `http` unless skipped).
     pub phases: Vec<Phase>,
+    /// Piece length of the BitTorrent phase's torrent, bytes (`None`: no such phase).
+    pub bittorrent_piece_length: Option<u64>,
+    /// Damselfly's P2P phase against the BitTorrent phase, when both ran.
+    pub p2p_vs_bittorrent: Option<Comparison>,
     /// Extra daemon / scheduler configuration used, verbatim.
     pub daemon_config: Option<String>,
     /// See `daemon_config`.
     pub scheduler_config: Option<String>,
+}
+
+/// Damselfly's P2P phase against BitTorrent on the same links, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// P2P p50 / BitTorrent p50 (below 1: Damselfly's median host was faster; NaN when a
+    /// phase has a failed host).
+    pub p50_ratio: f64,
+    /// P2P max / BitTorrent max (below 1: Damselfly's last host was done sooner).
+    pub max_ratio: f64,
+    /// Copies the seed peer's host sent in the P2P phase (link level).
+    pub seed_copies_p2p: f64,
+    /// Copies the seed peer's host sent in the BitTorrent phase (link level).
+    pub seed_copies_bittorrent: f64,
+}
+
+impl Comparison {
+    /// The comparison of phases `p2p` and `bittorrent`, when both are in `phases`.
+    pub fn of(phases: &[Phase]) -> Option<Self> {
+        let p2p = phases.iter().find(|p| p.name == "p2p")?;
+        let bt = phases.iter().find(|p| p.name == "bittorrent")?;
+        // A failed host makes its phase's time infinite: no ratio then (NaN, JSON null).
+        let ratio = |a: f64, b: f64| {
+            if a.is_finite() && b.is_finite() {
+                a / b
+            } else {
+                f64::NAN
+            }
+        };
+        Some(Self {
+            p50_ratio: ratio(p2p.p50_s, bt.p50_s),
+            max_ratio: ratio(p2p.max_s, bt.max_s),
+            seed_copies_p2p: p2p.seed_copies_link,
+            seed_copies_bittorrent: bt.seed_copies_link,
+        })
+    }
 }
 
 fn fmt_ratio(x: f64) -> String {
@@ -149,16 +214,17 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{} hosts x {:.0} MiB, links {} Mbit, origin {} Mbit, T* = {:.2} s",
+            "{} hosts x {:.0} MiB, links {} Mbit, origin {} Mbit, seed {} Mbit, T* = {:.2} s",
             self.hosts,
             self.size as f64 / (1u64 << 20) as f64,
             self.rate_bps / 1_000_000,
             self.origin_rate_bps / 1_000_000,
+            self.seed_rate_bps / 1_000_000,
             self.t_star_s
         );
         let _ = writeln!(
             s,
-            "{:<5} {:>9} {:>9} {:>8} {:>8} {:>13} {:>15} {:>10}  cpu s",
+            "{:<10} {:>8} {:>8} {:>7} {:>7} {:>13} {:>14} {:>11} {:>12} {:>8}  cpu s",
             "phase",
             "p50 s",
             "max s",
@@ -166,8 +232,11 @@ impl Report {
             "max/T*",
             "origin copies",
             "origin payload",
+            "seed copies",
+            "seed payload",
             "verified"
         );
+        let opt = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.3}"));
         for p in &self.phases {
             let cpu = p
                 .cpu_s
@@ -177,17 +246,35 @@ impl Report {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "{:<5} {:>9.2} {:>9.2} {:>8} {:>8} {:>13.3} {:>15} {:>7}/{:<2}  {cpu}",
+                "{:<10} {:>8.2} {:>8.2} {:>7} {:>7} {:>13.3} {:>14} {:>11.3} {:>12} {:>5}/{:<2}  {cpu}",
                 p.name,
                 p.p50_s,
                 p.max_s,
                 fmt_ratio(p.p50_ratio),
                 fmt_ratio(p.max_ratio),
                 p.origin_copies_link,
-                p.origin_copies_payload
-                    .map_or("-".to_string(), |c| format!("{c:.3}")),
+                opt(p.origin_copies_payload),
+                p.seed_copies_link,
+                opt(p.seed_copies_payload),
                 p.verified,
                 p.hosts.len()
+            );
+        }
+        if let Some(len) = self.bittorrent_piece_length {
+            let _ = writeln!(
+                s,
+                "bittorrent: opentracker + aria2c, {} KiB pieces (fixed), seeded from the seed peer's host",
+                len >> 10
+            );
+        }
+        if let Some(c) = &self.p2p_vs_bittorrent {
+            let _ = writeln!(
+                s,
+                "Damselfly P2P / BitTorrent: p50 {} x, max {} x (below 1: Damselfly faster); seed host sent {:.2} copies (P2P) vs {:.2} (BitTorrent)",
+                fmt_ratio(c.p50_ratio),
+                fmt_ratio(c.max_ratio),
+                c.seed_copies_p2p,
+                c.seed_copies_bittorrent
             );
         }
         s
@@ -340,6 +427,66 @@ mod tests {
         // Peers that cannot upload: N·S/u_origin.
         let t = t_star(100_000_000, 1000.0 * mb, &[1000.0 * mb; 40], &[0.0; 40]);
         assert!((t - 32.0).abs() < 1e-9);
+    }
+
+    fn host(seconds: Option<f64>, from_seed: Option<u64>) -> HostResult {
+        HostResult {
+            host: "peer-1".into(),
+            seconds,
+            verified: seconds.is_some(),
+            error: None,
+            from_origin: None,
+            from_seed,
+            from_peers: None,
+        }
+    }
+
+    #[test]
+    fn seed_copies_and_comparison() {
+        let traffic = Traffic {
+            origin_link: 100,
+            origin_payload: Some(100),
+            seed_link: 250,
+        };
+        let p2p = Phase::new(
+            "p2p",
+            vec![host(Some(2.0), Some(30)), host(Some(4.0), Some(20))],
+            1.0,
+            100,
+            traffic,
+            Vec::new(),
+        );
+        assert!((p2p.seed_copies_link - 2.5).abs() < 1e-9);
+        assert_eq!(p2p.seed_copies_payload, Some(0.5));
+        assert_eq!(p2p.origin_copies_payload, Some(1.0));
+        let bt = Phase::new(
+            "bittorrent",
+            vec![host(Some(1.0), None), host(Some(2.0), None)],
+            1.0,
+            100,
+            Traffic {
+                seed_link: 150,
+                ..Traffic::default()
+            },
+            Vec::new(),
+        );
+        assert_eq!(bt.seed_copies_payload, None);
+        let c = Comparison::of(&[p2p.clone(), bt]).expect("both phases");
+        assert!((c.p50_ratio - 2.0).abs() < 1e-9 && (c.max_ratio - 2.0).abs() < 1e-9);
+        assert!((c.seed_copies_p2p - 2.5).abs() < 1e-9);
+        assert!((c.seed_copies_bittorrent - 1.5).abs() < 1e-9);
+        // A failed BitTorrent host: no ratio.
+        let failed = Phase::new(
+            "bittorrent",
+            vec![host(None, None), host(Some(2.0), None)],
+            1.0,
+            100,
+            Traffic::default(),
+            Vec::new(),
+        );
+        let c = Comparison::of(&[p2p.clone(), failed]).expect("both phases");
+        assert!(c.max_ratio.is_nan());
+        assert!(Comparison::of(&[p2p]).is_none());
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! ```
 //!
 //! Prints per peer the time, throughput and where the bytes came from, then the origin's
-//! bytes served as copies of the file (about 1.0 when P2P works), and PASS or FAIL. Exits
-//! non-zero when any copy fails verification.
+//! bytes served as copies of the file (about 1.0 when P2P works), the seed's upload copies
+//! (the peers' bytes from the seed over the file size, about 1.0 when the seed sends each
+//! piece once and the peers pass it on), and PASS or FAIL. Exits non-zero when any copy
+//! fails verification.
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -191,6 +193,15 @@ async fn run(args: Args) -> Result<bool> {
             Err(e) => eprintln!("[demo] {}: {e:#}", peer.name),
         }
     }
+    // What the seed peer uploaded, by its own count (pieces sent to anyone, this task only
+    // in the demo).
+    let mut seed_uploaded: Option<u64> = None;
+    for seed in cluster.seeds() {
+        match seed.stats().await {
+            Ok(s) => *seed_uploaded.get_or_insert(0) += s.bytes_uploaded,
+            Err(e) => eprintln!("[demo] {}: {e:#}", seed.name),
+        }
+    }
 
     let field = |r: &PeerResult, f: fn(&wire::proto::dfdaemon::StatsResponse) -> u64| {
         r.stats
@@ -236,6 +247,34 @@ async fn run(args: Args) -> Result<bool> {
         human_bytes(served),
         origin.requests()
     );
+    // The seed's upload copies: what the peers say they got from seed peers, and what the
+    // seed says it sent (the same bytes, counted at the other end).
+    let from_seed: Option<u64> = results
+        .iter()
+        .map(|r| r.stats.as_ref().map(|s| s.bytes_from_seed))
+        .sum();
+    let as_copies = |bytes: u64| {
+        if size == 0 {
+            0.0
+        } else {
+            bytes as f64 / size as f64
+        }
+    };
+    match (from_seed, seed_uploaded) {
+        (Some(got), Some(sent)) => println!(
+            "seed upload: peers got {} from the seed = {:.2} copies (seed counted {} sent = {:.2})",
+            human_bytes(got),
+            as_copies(got),
+            human_bytes(sent),
+            as_copies(sent)
+        ),
+        (Some(got), None) => println!(
+            "seed upload: peers got {} from the seed = {:.2} copies",
+            human_bytes(got),
+            as_copies(got)
+        ),
+        (None, _) => println!("seed upload: unknown (a peer's stats could not be read)"),
+    }
     let failed: Vec<&PeerResult> = results.iter().filter(|r| r.error.is_some()).collect();
     for r in &failed {
         eprintln!(
