@@ -49,6 +49,10 @@ pub struct PreheatArgs {
     pub tag: String,
     /// Task application, passed on to the scheduler.
     pub application: String,
+    /// Content digest of a file (`sha256:<hex>`, any case); empty: unknown (a registry blob
+    /// URL still names its own). Passed on to the scheduler: the seed peer checks the content
+    /// against it; the task id follows [`wire::TaskId::for_download`].
+    pub digest: String,
 }
 
 /// Errors creating a job.
@@ -135,8 +139,21 @@ impl Preheater {
                         args.url
                     )));
                 }
+                if !args.digest.is_empty() && wire::task::sha256_digest(&args.digest).is_none() {
+                    return Err(PreheatError::Invalid(format!(
+                        "digest {:?} must look like sha256:<64 hex characters>",
+                        args.digest
+                    )));
+                }
+                wire::task::content_digest(&args.url, &args.digest)
+                    .map_err(|e| PreheatError::Invalid(e.to_string()))?;
             }
             PreheatKind::Image => {
+                if !args.digest.is_empty() {
+                    return Err(PreheatError::Invalid(
+                        "digest is for file preheats; an image's layers carry their own".into(),
+                    ));
+                }
                 ImageRef::parse(&args.url, args.insecure)
                     .map_err(|e| PreheatError::Invalid(e.to_string()))?;
             }
@@ -337,10 +354,14 @@ impl Preheater {
             error: String::new(),
         };
         match kind {
-            PreheatKind::File => Ok((
-                vec![target(args.url.clone(), String::new())],
-                args.headers.clone(),
-            )),
+            PreheatKind::File => {
+                // A known content digest (given, or in a blob URL) goes with the target: the
+                // seed checks the content against it (wire::task::content_digest).
+                let digest = wire::task::content_digest(&args.url, &args.digest)
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                Ok((vec![target(args.url.clone(), digest)], args.headers.clone()))
+            }
             PreheatKind::Image => {
                 let image = ImageRef::parse(&args.url, args.insecure).map_err(|e| e.to_string())?;
                 let resolver = Resolver::new(self.shared.config.registry_timeout)
@@ -356,9 +377,11 @@ impl Preheater {
                     .map_err(|e| e.to_string())?;
                 let mut headers = args.headers.clone();
                 headers.extend(resolved.headers);
+                // Every blob a pull fetches through the mirror: the layers, then the config.
                 let targets = resolved
                     .layers
                     .into_iter()
+                    .chain(resolved.config)
                     .map(|l| target(l.url, l.digest))
                     .collect();
                 Ok((targets, headers))

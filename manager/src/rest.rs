@@ -322,6 +322,10 @@ pub struct PreheatJobArgs {
     pub tag: String,
     /// Task application.
     pub application: String,
+    /// Content digest of a file (`sha256:<hex>`): the seed peer checks what it fetches
+    /// against it (the task stays the URL's, as for `dfget URL --digest`). Images: not
+    /// allowed (each layer carries its own digest).
+    pub digest: String,
 }
 
 /// Query of the job list.
@@ -361,6 +365,7 @@ async fn create_job(
             insecure: a.insecure,
             tag: a.tag,
             application: a.application,
+            digest: a.digest,
         })
         .await
         .map_err(|e| match e {

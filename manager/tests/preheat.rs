@@ -160,6 +160,13 @@ async fn resolves_index_to_platform_layers_with_token_auth() {
         ]
     );
     assert_eq!(
+        resolved
+            .config
+            .as_ref()
+            .map(|c| (c.url.clone(), c.digest.clone())),
+        Some((format!("{base}/{}", digest(0xc0)), digest(0xc0)))
+    );
+    assert_eq!(
         resolved.headers,
         vec![("Authorization".to_string(), format!("Bearer {TOKEN_VALUE}"))]
     );
@@ -359,7 +366,9 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
         .0
         .ends_with(&format!("/v2/team/app/blobs/{}", digest(2))));
     let j = job(&rest, id).await;
-    assert_eq!(j["targets"].as_array().unwrap().len(), 2);
+    // The two layers, then the config blob (a pull fetches it through the mirror too).
+    assert_eq!(j["targets"].as_array().unwrap().len(), 3);
+    assert_eq!(j["targets"][2]["digest"], digest(0xc0));
 
     client
         .report_preheat_result(proto::PreheatResult {
