@@ -243,6 +243,11 @@ impl Dfdaemon for LocalApi {
                 r.piece_length
             )));
         }
+        // Checked at the origin only when the task is content-addressed (a blob URL): then
+        // the content is what the id names for everyone. A user's --digest on any other URL
+        // is this request's own check (on delivery), not a claim about the URL's task that
+        // could fail other clients of it.
+        let origin_check = wire::task::blob_url_digest(&url);
         let spec = TaskSpec {
             id,
             url,
@@ -253,7 +258,7 @@ impl Dfdaemon for LocalApi {
             rate_limit: r.rate_limit,
             scheduler: None,
             priority: r.priority,
-            digest: content,
+            digest: origin_check,
         };
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         match range {

@@ -32,8 +32,8 @@ pub struct ControlStats {
     pub origin_retries: AtomicU64,
     /// Origin fetches that had to wait for a slot (`download.origin_concurrency`).
     pub origin_slot_waits: AtomicU64,
-    /// Content-addressed tasks whose origin content did not match their digest (the task
-    /// was dropped, the download failed).
+    /// Origin fetches whose content did not match the task's known digest (the task was
+    /// dropped, the download failed).
     pub origin_digest_mismatches: AtomicU64,
 }
 
@@ -229,7 +229,7 @@ impl Collector for DaemonCollector {
         counter(
             &mut enc,
             "damselfly_origin_digest_mismatches",
-            "Content-addressed tasks whose origin content did not match their digest",
+            "Origin fetches whose content did not match the task's known digest",
             &s.origin_digest_mismatches,
         )?;
         if let Some(slots) = &self.ctx.origin_slots {

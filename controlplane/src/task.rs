@@ -40,10 +40,12 @@ pub struct TaskSpec {
     pub scheduler: Option<String>,
     /// Dragonfly priority level passed to the scheduler (0: default).
     pub priority: i32,
-    /// The content's sha256 digest (`sha256:<hex>`, canonical) when known
-    /// ([`wire::task::content_digest`]): bytes fetched from the origin are checked against it
-    /// before the task counts as finished, and it travels with the task's source, so a seed
-    /// peer the scheduler triggers checks it too.
+    /// The content's sha256 digest (`sha256:<hex>`, canonical) when the task is
+    /// content-addressed (a registry blob URL) or a preheat job names it (a seed trigger
+    /// whose source carries it): bytes fetched from the origin are checked against it before
+    /// the task counts as finished, and it travels with the task's source, so a seed peer the
+    /// scheduler triggers checks it too. A client's own `--digest` is not put here: it is
+    /// checked on delivery to that client.
     pub digest: Option<String>,
 }
 
@@ -616,7 +618,7 @@ impl TaskRun {
             .await
             .map_err(|e| e.to_string());
         if let (Ok(store), Some(digest)) = (&result, &spec.digest) {
-            // Content-addressed: what the origin sent must be that content before anyone is
+            // A known digest: what the origin sent must be that content before anyone is
             // told this peer holds it (pieces already announced are checked by each
             // consumer's own digest check; the task goes, so no one is served it again).
             if let Err(e) = verify_digest(store, digest).await {

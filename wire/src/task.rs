@@ -23,9 +23,10 @@
 //! the other way round), and it is how Dragonfly's `--digest` behaves. For a blob URL it must
 //! equal the URL's digest ([`TaskIdError::DigestMismatch`] otherwise).
 //!
-//! Whoever fetches data with a known digest from its origin checks the bytes against it
-//! ([`content_digest`]; the daemon does, see `controlplane`), so a content-addressed task is
-//! never completed with other content.
+//! Whoever fetches a content-addressed task (or a preheat target with a digest) from its
+//! origin checks the bytes against the digest (the daemon does, see `controlplane`), so such
+//! a task is never completed with other content; a client's own digest is checked when the
+//! file is delivered to it ([`content_digest`] is the digest to check a download against).
 
 use sha2::{Digest, Sha256};
 use std::fmt;
