@@ -308,6 +308,8 @@ pub struct PreheatJobArgs {
     pub kind: Option<PreheatKind>,
     /// A URL (file); an image reference or manifest URL (image).
     pub url: String,
+    /// More URLs or images of the same type, preheated by the same job.
+    pub urls: Vec<String>,
     /// Headers for the origin (file) or the registry (image).
     pub headers: BTreeMap<String, String>,
     /// Registry user (image).
@@ -358,6 +360,7 @@ async fn create_job(
         .create(PreheatArgs {
             kind: a.kind,
             url: a.url,
+            urls: a.urls,
             headers: a.headers.into_iter().collect(),
             cluster_id: req.cluster_id,
             credentials,
