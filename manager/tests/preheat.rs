@@ -519,3 +519,47 @@ async fn jobs_fail_without_a_scheduler_or_a_resolvable_image() {
     }
     m.shutdown().await.unwrap();
 }
+
+/// A job cannot outlive the manager that runs it: the next start records it as failed, with
+/// the reason, instead of leaving it `running` forever.
+#[tokio::test]
+async fn a_restart_fails_unfinished_jobs_with_the_reason_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = damselfly_manager::Config::default();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    config.server.rest = "127.0.0.1:0".parse().unwrap();
+    config.database.url = format!("sqlite://{}", dir.path().join("manager.db").display());
+    config.auth.bootstrap_token = TOKEN.into();
+    // No scheduler subscribes: the job waits for one until the restart.
+    config.preheat.dispatch_timeout = Duration::from_secs(600);
+    let m = damselfly_manager::start(config.clone()).await.unwrap();
+    let rest = Rest::new(&m);
+    let (status, created) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {"url": "http://origin.local/x.bin"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    eventually("the job waits for a scheduler", || async {
+        job(&rest, id).await["state"] == "running"
+    })
+    .await;
+    m.shutdown().await.unwrap();
+
+    let m = damselfly_manager::start(config).await.unwrap();
+    let rest = Rest::new(&m);
+    let j = job(&rest, id).await;
+    assert_eq!(j["state"], "failure", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("restarted"),
+        "the reason is recorded: {j}"
+    );
+    m.shutdown().await.unwrap();
+}
