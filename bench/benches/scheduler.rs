@@ -46,6 +46,7 @@ fn register(state: &mut SchedulerState, i: u64) -> usize {
                 source: Some(TaskSource {
                     url: "http://origin/blob".to_owned(),
                     headers: vec![],
+                    digest: String::new(),
                 }),
                 piece_length: 1 << 20,
                 back_to_source: false,

@@ -13,8 +13,6 @@
 
 use crate::daemon::Context;
 use crate::task::TaskSpec;
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,11 +43,18 @@ impl CacheKey {
             ));
         }
         Ok(TaskId::from_cache_id(
-            &self.cid,
+            &canonical_cid(&self.cid),
             &self.tag,
             &self.application,
         ))
     }
+}
+
+/// A content id in the form the task id is computed from: a sha256 digest (any case) in its
+/// canonical lowercase form, so that `dfcache`, the registry mirror and `dfget --digest` name
+/// one blob the same way (the task identity rule in [`wire::task`]); other ids unchanged.
+pub fn canonical_cid(cid: &str) -> String {
+    wire::task::sha256_digest(cid).unwrap_or_else(|| cid.to_owned())
 }
 
 /// What an import did.
@@ -67,17 +72,10 @@ pub struct Imported {
 
 /// sha256 of a file, as `sha256:<hex>`.
 fn file_digest(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(crate::task::file_sha256(path)?)
+    ))
 }
 
 /// Copies `path` into the store of `id` piece by piece (blocking).
@@ -196,7 +194,20 @@ pub async fn import(
             file_digest(&path)
                 .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?
         } else {
-            key.cid.clone()
+            let cid = canonical_cid(&key.cid);
+            // An id that claims a content digest names that content for every path (mirror,
+            // dfget, preheat): the file must be it.
+            if wire::task::sha256_digest(&cid).is_some() {
+                let got = file_digest(&path)
+                    .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
+                if got != cid {
+                    return Err(Status::invalid_argument(format!(
+                        "content id {cid} is a digest, but {} has digest {got}",
+                        path.display()
+                    )));
+                }
+            }
+            cid
         };
         let id = TaskId::from_cache_id(&cid, &key.tag, &key.application);
         match ctx2.storage.get(&id) {
@@ -297,6 +308,9 @@ pub async fn export_spec(
         rate_limit,
         scheduler: None,
         priority: 0,
+        // No origin to check: the client's digest (dfcache export checks a digest id by
+        // default) is checked on delivery.
+        digest: None,
     })
 }
 

@@ -4,8 +4,6 @@ use crate::daemon::Context;
 use crate::task::{Progress, TaskSpec, TaskState};
 use crate::task_reader::{copy_range_to_file, wait_for_range, ByteRange};
 use anyhow::Context as _;
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -143,20 +141,8 @@ fn deliver(
     how: Delivery,
 ) -> Result<(), Status> {
     if let Some(want) = digest {
-        let mut f = std::fs::File::open(src)
-            .map_err(|e| Status::internal(format!("opening task file: {e}")))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| Status::internal(format!("reading task file: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        let got: [u8; 32] = h.finalize().into();
+        let got = crate::task::file_sha256(src)
+            .map_err(|e| Status::internal(format!("reading task file: {e}")))?;
         if got != want {
             return Err(Status::data_loss(format!(
                 "digest mismatch: expected sha256:{}, got sha256:{}",
@@ -229,27 +215,39 @@ impl Dfdaemon for LocalApi {
                 r.priority
             )));
         }
-        let digest = if r.digest.is_empty() {
-            None
-        } else {
-            Some(parse_digest(&r.digest)?)
+        if !r.digest.is_empty() {
+            parse_digest(&r.digest)?;
+        }
+        // The task identity rule (wire::task): a registry blob URL is its digest's task
+        // (the one the mirror, preheat and dfcache use); any other URL is the URL's. A given
+        // digest is checked, never part of the id.
+        let opts = TaskIdOptions {
+            tag: &r.tag,
+            application: &r.application,
+            piece_length: r.piece_length,
+            filtered_query_params: &r.filtered_query_params,
         };
-        let id = TaskId::from_url(
-            &url,
-            &TaskIdOptions {
-                tag: &r.tag,
-                application: &r.application,
-                piece_length: r.piece_length,
-                filtered_query_params: &r.filtered_query_params,
-            },
-        )
-        .map_err(|e| Status::invalid_argument(format!("url {url:?}: {e}")))?;
+        let id = TaskId::for_download(&url, &r.digest, &opts)
+            .map_err(|e| Status::invalid_argument(format!("url {url:?}: {e}")))?;
+        let content = wire::task::content_digest(&url, &r.digest)
+            .map_err(|e| Status::invalid_argument(format!("url {url:?}: {e}")))?;
+        // The whole file is checked against the content digest, also when only the blob
+        // URL names it (a range has no digest to check).
+        let digest = match (&content, &range) {
+            (Some(d), None) => Some(parse_digest(d)?),
+            _ => None,
+        };
         if r.piece_length != 0 && wire::PieceLayout::new(0, r.piece_length).is_err() {
             return Err(Status::invalid_argument(format!(
                 "piece length {} is out of range",
                 r.piece_length
             )));
         }
+        // Checked at the origin only when the task is content-addressed (a blob URL): then
+        // the content is what the id names for everyone. A user's --digest on any other URL
+        // is this request's own check (on delivery), not a claim about the URL's task that
+        // could fail other clients of it.
+        let origin_check = wire::task::blob_url_digest(&url);
         let spec = TaskSpec {
             id,
             url,
@@ -260,6 +258,7 @@ impl Dfdaemon for LocalApi {
             rate_limit: r.rate_limit,
             scheduler: None,
             priority: r.priority,
+            digest: origin_check,
         };
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         match range {
@@ -315,12 +314,13 @@ impl Dfdaemon for LocalApi {
     ) -> Result<Response<Self::ExportTaskStream>, Status> {
         let r = req.into_inner();
         let output = check_output(&r.output)?;
+        let key = cache_key(r.cid);
         let digest = if r.digest.is_empty() {
             None
         } else {
             Some(parse_digest(&r.digest)?)
         };
-        let spec = crate::cache::export_spec(&self.ctx, &cache_key(r.cid), r.rate_limit).await?;
+        let spec = crate::cache::export_spec(&self.ctx, &key, r.rate_limit).await?;
         let id = spec.id;
         let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         Ok(Response::new(progress_stream(

@@ -32,6 +32,9 @@ pub struct ControlStats {
     pub origin_retries: AtomicU64,
     /// Origin fetches that had to wait for a slot (`download.origin_concurrency`).
     pub origin_slot_waits: AtomicU64,
+    /// Origin fetches whose content did not match the task's known digest (the task was
+    /// dropped, the download failed).
+    pub origin_digest_mismatches: AtomicU64,
 }
 
 impl ControlStats {
@@ -228,6 +231,12 @@ impl Collector for DaemonCollector {
             "damselfly_origin_slot_waits",
             "Origin fetches that waited for a slot (download.origin_concurrency)",
             &s.origin_slot_waits,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_origin_digest_mismatches",
+            "Origin fetches whose content did not match the task's known digest",
+            &s.origin_digest_mismatches,
         )?;
         if let Some(slots) = &self.ctx.origin_slots {
             let busy = self

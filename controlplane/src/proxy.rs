@@ -249,11 +249,10 @@ impl Proxy {
         url: url::Url,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let digest = blob_digest(url.path());
-        let id = match &digest {
-            Some((text, _)) => TaskId::from_content_digest(text),
-            None => TaskId::from_url(url.as_str(), &wire::task::TaskIdOptions::default())
-                .map_err(|e| ProxyError::BadRequest(format!("url {url}: {e}")))?,
-        };
+        // The task identity rule (wire::task): a blob is its content digest's task, whoever
+        // asks for it (preheat, dfget, dfcache, another mirror).
+        let id = TaskId::for_download(url.as_str(), "", &wire::task::TaskIdOptions::default())
+            .map_err(|e| ProxyError::BadRequest(format!("url {url}: {e}")))?;
         let headers = parts
             .headers
             .iter()
@@ -270,6 +269,7 @@ impl Proxy {
             rate_limit: 0,
             scheduler: None,
             priority: 0,
+            digest: digest.as_ref().map(|(text, _)| text.clone()),
         };
         let mut state = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
         let store = match self.wait_layout(&id, &mut state).await {
@@ -512,15 +512,13 @@ fn parse_upstream(s: &str) -> Result<url::Url, String> {
     }
 }
 
-/// The `sha256:<64 hex>` digest in a blob path (`/v2/<name>/blobs/sha256:<hex>`), as text and
-/// bytes.
+/// The `sha256:<64 hex>` digest in a blob path (`/v2/<name>/blobs/sha256:<hex>`,
+/// [`wire::task::blob_path_digest`]), as canonical text and bytes.
 pub fn blob_digest(path: &str) -> Option<(String, [u8; 32])> {
-    let i = path.find("/blobs/sha256:")?;
-    let hexpart = path.get(i + "/blobs/sha256:".len()..)?;
-    let hexpart = hexpart.split('/').next()?;
+    let text = wire::task::blob_path_digest(path)?;
     let mut out = [0u8; 32];
-    hex::decode_to_slice(hexpart, &mut out).ok()?;
-    Some((format!("sha256:{}", hexpart.to_ascii_lowercase()), out))
+    hex::decode_to_slice(text.strip_prefix("sha256:")?, &mut out).ok()?;
+    Some((text, out))
 }
 
 /// What a `Range` header asks of a blob of known length.

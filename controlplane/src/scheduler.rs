@@ -275,6 +275,15 @@ fn handle_command(
                 return;
             }
             tracing::info!(task = %id, url = %source.url, "seed trigger: fetching from the origin");
+            // The content digest travels with the source (or is in a blob URL): what the
+            // origin sends is checked against it before this seed counts as holding it.
+            let digest = match wire::task::content_digest(&source.url, &source.digest) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(task = %id, "seed trigger with a bad source: {e}");
+                    return;
+                }
+            };
             let spec = TaskSpec {
                 id,
                 url: source.url,
@@ -289,6 +298,7 @@ fn handle_command(
                 rate_limit: 0,
                 scheduler: Some(addr.to_owned()),
                 priority: 0,
+                digest,
             };
             // The run reports through the scheduler; nobody waits on it locally.
             drop(ctx.tasks.start_or_join(ctx.clone(), spec));

@@ -40,6 +40,49 @@ pub struct TaskSpec {
     pub scheduler: Option<String>,
     /// Dragonfly priority level passed to the scheduler (0: default).
     pub priority: i32,
+    /// The content's sha256 digest (`sha256:<hex>`, canonical) when the task is
+    /// content-addressed (a registry blob URL) or a preheat job names it (a seed trigger
+    /// whose source carries it): bytes fetched from the origin are checked against it before
+    /// the task counts as finished, and it travels with the task's source, so a seed peer the
+    /// scheduler triggers checks it too. A client's own `--digest` is not put here: it is
+    /// checked on delivery to that client.
+    pub digest: Option<String>,
+}
+
+/// sha256 of the file at `path`, read in 1 MiB blocks (blocking: call it off the runtime).
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// Checks the complete task file of `store` against `digest` (`sha256:<hex>`); the error
+/// says what was expected and found.
+pub async fn verify_digest(store: &Arc<TaskStore>, digest: &str) -> Result<(), String> {
+    let want = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
+    let path = store.path().to_path_buf();
+    let got = tokio::task::spawn_blocking(move || file_sha256(&path))
+        .await
+        .map_err(|e| format!("hashing the task file: {e}"))?
+        .map_err(|e| format!("hashing the task file: {e}"))?;
+    let got = hex::encode(got);
+    if got.eq_ignore_ascii_case(&want) {
+        Ok(())
+    } else {
+        Err(format!(
+            "digest mismatch: the origin sent content with sha256:{got}, expected {digest}"
+        ))
+    }
 }
 
 /// Progress of a task, as reported to local clients.
@@ -324,6 +367,7 @@ impl TaskRun {
                         value: v.clone(),
                     })
                     .collect(),
+                digest: self.spec.digest.clone().unwrap_or_default(),
             }),
             piece_length: self.spec.piece_length,
             back_to_source: self.spec.back_to_source,
@@ -570,9 +614,23 @@ impl TaskRun {
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
         let existing = self.store.clone();
-        let result = origin::fetch(&ctx, &spec, existing, self)
+        let mut result = origin::fetch(&ctx, &spec, existing, self)
             .await
             .map_err(|e| e.to_string());
+        if let (Ok(store), Some(digest)) = (&result, &spec.digest) {
+            // A known digest: what the origin sent must be that content before anyone is
+            // told this peer holds it (pieces already announced are checked by each
+            // consumer's own digest check; the task goes, so no one is served it again).
+            if let Err(e) = verify_digest(store, digest).await {
+                dataplane::Counters::add(&self.ctx.stats.origin_digest_mismatches, 1);
+                tracing::warn!(task = %spec.id, url = %spec.url, "{e}");
+                if let Err(re) = self.ctx.storage.remove(&spec.id) {
+                    tracing::warn!(task = %spec.id, "removing the mismatching task: {re}");
+                }
+                self.store = None;
+                result = Err(e);
+            }
+        }
         if let Ok(store) = &result {
             self.announce(Request::Finished(PeerFinished {
                 content_length: store.layout().content_length(),

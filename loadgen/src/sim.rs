@@ -279,6 +279,7 @@ impl Sim {
                 source: Some(TaskSource {
                     url: "http://origin.invalid/blob".to_owned(),
                     headers: vec![],
+                    digest: String::new(),
                 }),
                 piece_length: self.p.piece_length,
                 back_to_source,

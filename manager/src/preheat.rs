@@ -28,13 +28,33 @@ use crate::store::{Store, StoreError};
 /// Capacity of each scheduler's preheat stream; a full stream counts as unavailable.
 const STREAM_CAPACITY: usize = 256;
 
+/// Most URLs or images in one job.
+pub const MAX_URLS: usize = 100;
+
+impl PreheatArgs {
+    /// `url` (when set) then `urls`, without blanks and repeats, in order.
+    pub fn all_urls(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for u in std::iter::once(&self.url).chain(&self.urls) {
+            let u = u.trim();
+            if !u.is_empty() && !out.iter().any(|o| o == u) {
+                out.push(u.to_owned());
+            }
+        }
+        out
+    }
+}
+
 /// What to preheat (the REST request's arguments).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PreheatArgs {
     /// File or image.
     pub kind: Option<PreheatKind>,
-    /// URL, image reference or manifest URL.
+    /// URL, image reference or manifest URL (may be empty when `urls` is not).
     pub url: String,
+    /// More URLs or images of the same kind, preheated by the same job (Dragonfly's
+    /// `urls`); the job's targets are those of `url` and of each of these, in order.
+    pub urls: Vec<String>,
     /// Headers for the origin requests.
     pub headers: Vec<(String, String)>,
     /// Target cluster; `None`: the default cluster.
@@ -49,6 +69,10 @@ pub struct PreheatArgs {
     pub tag: String,
     /// Task application, passed on to the scheduler.
     pub application: String,
+    /// Content digest of a file (`sha256:<hex>`, any case); empty: unknown (a registry blob
+    /// URL still names its own). Passed on to the scheduler: the seed peer checks the content
+    /// against it; the task id follows [`wire::TaskId::for_download`].
+    pub digest: String,
 }
 
 /// Errors creating a job.
@@ -125,20 +149,45 @@ impl Preheater {
     /// Validates and stores a job, then runs it in the background.
     pub async fn create(&self, args: PreheatArgs) -> Result<PreheatJob, PreheatError> {
         let kind = args.kind.unwrap_or(PreheatKind::File);
-        match kind {
-            PreheatKind::File => {
-                let url = url::Url::parse(&args.url)
-                    .map_err(|e| PreheatError::Invalid(format!("bad url {:?}: {e}", args.url)))?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(PreheatError::Invalid(format!(
-                        "url must be http or https, got {:?}",
-                        args.url
-                    )));
+        let urls = args.all_urls();
+        if urls.is_empty() {
+            return Err(PreheatError::Invalid("url or urls is required".into()));
+        }
+        if urls.len() > MAX_URLS {
+            return Err(PreheatError::Invalid(format!(
+                "at most {MAX_URLS} urls per job, got {}",
+                urls.len()
+            )));
+        }
+        if !args.digest.is_empty() && (kind == PreheatKind::Image || urls.len() != 1) {
+            return Err(PreheatError::Invalid(
+                "digest is for a file preheat of one url; an image's blobs carry their own".into(),
+            ));
+        }
+        for u in &urls {
+            match kind {
+                PreheatKind::File => {
+                    let url = url::Url::parse(u)
+                        .map_err(|e| PreheatError::Invalid(format!("bad url {u:?}: {e}")))?;
+                    if !matches!(url.scheme(), "http" | "https") {
+                        return Err(PreheatError::Invalid(format!(
+                            "url must be http or https, got {u:?}"
+                        )));
+                    }
+                    if !args.digest.is_empty() && wire::task::sha256_digest(&args.digest).is_none()
+                    {
+                        return Err(PreheatError::Invalid(format!(
+                            "digest {:?} must look like sha256:<64 hex characters>",
+                            args.digest
+                        )));
+                    }
+                    wire::task::content_digest(u, &args.digest)
+                        .map_err(|e| PreheatError::Invalid(e.to_string()))?;
                 }
-            }
-            PreheatKind::Image => {
-                ImageRef::parse(&args.url, args.insecure)
-                    .map_err(|e| PreheatError::Invalid(e.to_string()))?;
+                PreheatKind::Image => {
+                    ImageRef::parse(u, args.insecure)
+                        .map_err(|e| PreheatError::Invalid(e.to_string()))?;
+                }
             }
         }
         let store = &self.shared.store;
@@ -151,7 +200,7 @@ impl Preheater {
             .create_job(
                 NewPreheatJob {
                     kind,
-                    url: args.url.clone(),
+                    url: urls.join(" "),
                     cluster_id: Some(cluster.id),
                 },
                 Timestamp::now(),
@@ -252,16 +301,17 @@ impl Preheater {
 
     async fn run(&self, id: u64, kind: PreheatKind, cluster_id: u64, args: PreheatArgs) {
         let store = self.shared.store.clone();
-        let (targets, headers) = match self.resolve(kind, &args).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(job = id, "preheat resolution failed: {e}");
-                let _ = store
-                    .update_job(id, JobState::Failure, &[], &e, Timestamp::now())
-                    .await;
-                return;
-            }
-        };
+        let (targets, headers): (Vec<PreheatTarget>, Vec<Vec<(String, String)>>) =
+            match self.resolve(kind, &args).await {
+                Ok(t) => t.into_iter().unzip(),
+                Err(e) => {
+                    tracing::warn!(job = id, "preheat resolution failed: {e}");
+                    let _ = store
+                        .update_job(id, JobState::Failure, &[], &e, Timestamp::now())
+                        .await;
+                    return;
+                }
+            };
         let done = Arc::new(Notify::new());
         {
             let mut inner = self.shared.inner.lock().await;
@@ -277,7 +327,7 @@ impl Preheater {
                 .await;
         }
         let deadline = tokio::time::Instant::now() + self.shared.config.dispatch_timeout;
-        for target in &targets {
+        for (target, headers) in targets.iter().zip(&headers) {
             let request = proto::PreheatRequest {
                 job_id: id,
                 url: target.url.clone(),
@@ -324,12 +374,32 @@ impl Preheater {
         }
     }
 
-    /// Targets and headers of a job.
+    /// Targets of a job, each with the headers of its origin requests: the targets of each
+    /// URL or image in order, a blob URL named twice (a base layer shared by two images)
+    /// only once.
     async fn resolve(
         &self,
         kind: PreheatKind,
         args: &PreheatArgs,
-    ) -> Result<(Vec<PreheatTarget>, Vec<(String, String)>), String> {
+    ) -> Result<Vec<(PreheatTarget, Vec<(String, String)>)>, String> {
+        let mut out: Vec<(PreheatTarget, Vec<(String, String)>)> = Vec::new();
+        for url in args.all_urls() {
+            for (t, h) in self.resolve_one(kind, args, &url).await? {
+                if !out.iter().any(|(o, _)| o.url == t.url) {
+                    out.push((t, h));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Targets of one URL or image of a job, with their headers.
+    async fn resolve_one(
+        &self,
+        kind: PreheatKind,
+        args: &PreheatArgs,
+        url: &str,
+    ) -> Result<Vec<(PreheatTarget, Vec<(String, String)>)>, String> {
         let target = |url: String, digest: String| PreheatTarget {
             url,
             digest,
@@ -337,12 +407,16 @@ impl Preheater {
             error: String::new(),
         };
         match kind {
-            PreheatKind::File => Ok((
-                vec![target(args.url.clone(), String::new())],
-                args.headers.clone(),
-            )),
+            PreheatKind::File => {
+                // A known content digest (given, or in a blob URL) goes with the target: the
+                // seed checks the content against it (wire::task::content_digest).
+                let digest = wire::task::content_digest(url, &args.digest)
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                Ok(vec![(target(url.to_owned(), digest), args.headers.clone())])
+            }
             PreheatKind::Image => {
-                let image = ImageRef::parse(&args.url, args.insecure).map_err(|e| e.to_string())?;
+                let image = ImageRef::parse(url, args.insecure).map_err(|e| e.to_string())?;
                 let resolver = Resolver::new(self.shared.config.registry_timeout)
                     .map_err(|e| e.to_string())?;
                 let platform = if args.platform.is_empty() {
@@ -356,12 +430,13 @@ impl Preheater {
                     .map_err(|e| e.to_string())?;
                 let mut headers = args.headers.clone();
                 headers.extend(resolved.headers);
-                let targets = resolved
+                // Every blob a pull fetches through the mirror: the layers, then the config.
+                Ok(resolved
                     .layers
                     .into_iter()
-                    .map(|l| target(l.url, l.digest))
-                    .collect();
-                Ok((targets, headers))
+                    .chain(resolved.config)
+                    .map(|l| (target(l.url, l.digest), headers.clone()))
+                    .collect())
             }
         }
     }

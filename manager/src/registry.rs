@@ -194,6 +194,9 @@ pub struct Layer {
 pub struct Resolved {
     /// Layers in manifest order.
     pub layers: Vec<Layer>,
+    /// The image config blob, when the manifest names one (a pull fetches it like a layer,
+    /// through the registry mirror; so a preheat fetches it too).
+    pub config: Option<Layer>,
     /// Headers for the blob requests (the registry token, when one was needed).
     pub headers: Vec<(String, String)>,
 }
@@ -216,6 +219,8 @@ struct Manifest {
     manifests: Option<Vec<Descriptor>>,
     #[serde(default)]
     layers: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -301,10 +306,24 @@ impl Resolver {
                 })
             })
             .collect::<Result<Vec<_>, RegistryError>>()?;
+        let config = match manifest.config {
+            Some(d) => {
+                check_digest(&d.digest)?;
+                Some(Layer {
+                    url: image.blob_url(&d.digest),
+                    digest: d.digest,
+                })
+            }
+            None => None,
+        };
         let headers = auth
             .map(|a| vec![("Authorization".to_owned(), a)])
             .unwrap_or_default();
-        Ok(Resolved { layers, headers })
+        Ok(Resolved {
+            layers,
+            config,
+            headers,
+        })
     }
 
     /// GETs a manifest; answers one auth challenge (updating `auth`) and retries once.

@@ -308,6 +308,8 @@ pub struct PreheatJobArgs {
     pub kind: Option<PreheatKind>,
     /// A URL (file); an image reference or manifest URL (image).
     pub url: String,
+    /// More URLs or images of the same type, preheated by the same job.
+    pub urls: Vec<String>,
     /// Headers for the origin (file) or the registry (image).
     pub headers: BTreeMap<String, String>,
     /// Registry user (image).
@@ -322,6 +324,10 @@ pub struct PreheatJobArgs {
     pub tag: String,
     /// Task application.
     pub application: String,
+    /// Content digest of a file (`sha256:<hex>`): the seed peer checks what it fetches
+    /// against it (the task stays the URL's, as for `dfget URL --digest`). Images: not
+    /// allowed (each layer carries its own digest).
+    pub digest: String,
 }
 
 /// Query of the job list.
@@ -354,6 +360,7 @@ async fn create_job(
         .create(PreheatArgs {
             kind: a.kind,
             url: a.url,
+            urls: a.urls,
             headers: a.headers.into_iter().collect(),
             cluster_id: req.cluster_id,
             credentials,
@@ -361,6 +368,7 @@ async fn create_job(
             insecure: a.insecure,
             tag: a.tag,
             application: a.application,
+            digest: a.digest,
         })
         .await
         .map_err(|e| match e {

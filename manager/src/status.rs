@@ -158,6 +158,34 @@ pub fn render(
             escape(&j.error),
             j.created_at.rfc3339(),
         );
+        if !j.targets.is_empty() {
+            // Each target (layer, config, file) with its digest and outcome.
+            let _ = write!(
+                h,
+                "<tr class=\"targets\"><td></td><td colspan=\"7\"><details><summary>{} targets\
+                 </summary><ul>",
+                j.targets.len()
+            );
+            for t in &j.targets {
+                let state = t.state.as_str();
+                let _ = write!(
+                    h,
+                    "<li><span class=\"{state}\">{state}</span> {}{}{}</li>",
+                    escape(&t.url),
+                    if t.digest.is_empty() || t.url.contains(&t.digest) {
+                        String::new()
+                    } else {
+                        format!(" ({})", escape(&t.digest))
+                    },
+                    if t.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", escape(&t.error))
+                    },
+                );
+            }
+            h.push_str("</ul></details></td></tr>");
+        }
     }
     h.push_str("</table></body></html>");
     h
@@ -166,6 +194,49 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{JobState, PreheatKind, PreheatTarget, Timestamp};
+
+    #[test]
+    fn jobs_show_each_target_and_its_state() {
+        let target = |url: &str, digest: &str, state, error: &str| PreheatTarget {
+            url: url.into(),
+            digest: digest.into(),
+            state,
+            error: error.into(),
+        };
+        let job = PreheatJob {
+            id: 7,
+            kind: PreheatKind::Image,
+            url: "r.io/a:1".into(),
+            cluster_id: None,
+            state: JobState::Running,
+            targets: vec![
+                target(
+                    "http://r.io/v2/a/blobs/sha256:aa",
+                    "sha256:aa",
+                    JobState::Success,
+                    "",
+                ),
+                target(
+                    "http://o/<f>",
+                    "sha256:bb",
+                    JobState::Failure,
+                    "origin said 500",
+                ),
+            ],
+            error: String::new(),
+            created_at: Timestamp(0),
+            updated_at: Timestamp(0),
+        };
+        let page = render(&[], &[], &[], &[job]);
+        assert!(page.contains("<td>2/2</td>"), "{page}");
+        assert!(page.contains(
+            "<li><span class=\"success\">success</span> http://r.io/v2/a/blobs/sha256:aa</li>"
+        ));
+        assert!(page.contains(
+            "<li><span class=\"failure\">failure</span> http://o/&lt;f&gt; (sha256:bb): origin said 500</li>"
+        ));
+    }
 
     #[test]
     fn escapes_markup() {

@@ -160,6 +160,13 @@ async fn resolves_index_to_platform_layers_with_token_auth() {
         ]
     );
     assert_eq!(
+        resolved
+            .config
+            .as_ref()
+            .map(|c| (c.url.clone(), c.digest.clone())),
+        Some((format!("{base}/{}", digest(0xc0)), digest(0xc0)))
+    );
+    assert_eq!(
         resolved.headers,
         vec![("Authorization".to_string(), format!("Bearer {TOKEN_VALUE}"))]
     );
@@ -296,12 +303,96 @@ async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
         json!({"type": "sync", "args": {"url": "http://x/y"}}),
         json!({"type": "preheat", "args": {"type": "image", "url": "Not An Image"}}),
         json!({"type": "preheat", "cluster_id": 99, "args": {"url": "http://x/y"}}),
+        json!({"type": "preheat", "args": {"url": ""}}),
+        json!({"type": "preheat", "args": {"url": "http://x/y", "digest": "md5:abc"}}),
+        json!({"type": "preheat", "args": {"urls": ["http://x/y", "http://x/z"], "digest": format!("sha256:{}", "a".repeat(64))}}),
+        json!({"type": "preheat", "args": {"type": "image", "url": "x.io/a:1", "digest": format!("sha256:{}", "a".repeat(64))}}),
+        // A digest contradicting the blob URL's.
+        json!({"type": "preheat", "args": {"url": format!("http://r/v2/a/blobs/sha256:{}", "b".repeat(64)), "digest": format!("sha256:{}", "a".repeat(64))}}),
+        json!({"type": "preheat", "args": {"urls": ["http://x/y", "ftp://x/z"]}}),
     ] {
         let (status, _) = rest
             .call(Method::POST, "/api/v1/jobs", Some(TOKEN), Some(body))
             .await;
         assert_eq!(status, 400);
     }
+    m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_job_over_several_urls_sends_each_and_succeeds_when_all_did() {
+    let (m, _dir) = manager(|_| {}).await;
+    let rest = Rest::new(&m);
+    let mut client = grpc(&m).await;
+    let s = client
+        .register_scheduler(proto::RegisterSchedulerRequest {
+            hostname: "s".into(),
+            ip: "127.0.0.1".into(),
+            port: 8002,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .subscribe_preheat(proto::SubscribePreheatRequest { scheduler_id: s.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let blob = format!("http://r.local/v2/a/blobs/sha256:{}", "c".repeat(64));
+    let (status, created) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {
+                "url": "http://origin.local/a.bin",
+                // A repeat is preheated once; a blob URL carries its digest.
+                "urls": ["http://origin.local/b.bin", "http://origin.local/a.bin", blob]
+            }})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let req = tokio::time::timeout(BOUND, stream.message())
+            .await
+            .expect("a preheat request arrives")
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.job_id, id);
+        got.push((req.url, req.digest));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("http://origin.local/a.bin".to_string(), String::new()),
+            ("http://origin.local/b.bin".to_string(), String::new()),
+            (blob.clone(), format!("sha256:{}", "c".repeat(64))),
+        ]
+    );
+    let j = job(&rest, id).await;
+    assert_eq!(j["targets"].as_array().unwrap().len(), 3);
+    for (n, (url, _)) in got.iter().enumerate() {
+        client
+            .report_preheat_result(proto::PreheatResult {
+                job_id: id,
+                url: url.clone(),
+                success: true,
+                error: String::new(),
+            })
+            .await
+            .unwrap();
+        if n < 2 {
+            // Not done while a target is still out.
+            assert_eq!(job(&rest, id).await["state"], "running");
+        }
+    }
+    eventually("job succeeds", || async {
+        job(&rest, id).await["state"] == "success"
+    })
+    .await;
     m.shutdown().await.unwrap();
 }
 
@@ -359,7 +450,9 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
         .0
         .ends_with(&format!("/v2/team/app/blobs/{}", digest(2))));
     let j = job(&rest, id).await;
-    assert_eq!(j["targets"].as_array().unwrap().len(), 2);
+    // The two layers, then the config blob (a pull fetches it through the mirror too).
+    assert_eq!(j["targets"].as_array().unwrap().len(), 3);
+    assert_eq!(j["targets"][2]["digest"], digest(0xc0));
 
     client
         .report_preheat_result(proto::PreheatResult {
@@ -424,5 +517,49 @@ async fn jobs_fail_without_a_scheduler_or_a_resolvable_image() {
         let error = job(&rest, id).await["error"].as_str().unwrap().to_owned();
         assert!(error.contains(why), "{error}");
     }
+    m.shutdown().await.unwrap();
+}
+
+/// A job cannot outlive the manager that runs it: the next start records it as failed, with
+/// the reason, instead of leaving it `running` forever.
+#[tokio::test]
+async fn a_restart_fails_unfinished_jobs_with_the_reason_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = damselfly_manager::Config::default();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    config.server.rest = "127.0.0.1:0".parse().unwrap();
+    config.database.url = format!("sqlite://{}", dir.path().join("manager.db").display());
+    config.auth.bootstrap_token = TOKEN.into();
+    // No scheduler subscribes: the job waits for one until the restart.
+    config.preheat.dispatch_timeout = Duration::from_secs(600);
+    let m = damselfly_manager::start(config.clone()).await.unwrap();
+    let rest = Rest::new(&m);
+    let (status, created) = rest
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            Some(TOKEN),
+            Some(json!({"type": "preheat", "args": {"url": "http://origin.local/x.bin"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    eventually("the job waits for a scheduler", || async {
+        job(&rest, id).await["state"] == "running"
+    })
+    .await;
+    m.shutdown().await.unwrap();
+
+    let m = damselfly_manager::start(config).await.unwrap();
+    let rest = Rest::new(&m);
+    let j = job(&rest, id).await;
+    assert_eq!(j["state"], "failure", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("restarted"),
+        "the reason is recorded: {j}"
+    );
     m.shutdown().await.unwrap();
 }

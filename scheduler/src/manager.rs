@@ -13,8 +13,10 @@
 //!   keeps the file's value) and swapped into the state
 //!   ([`SchedulerService::set_scheduling_config`]).
 //! * **Preheat**: while registered, a `SubscribePreheat` stream. Each `PreheatRequest` names
-//!   a URL; its task id is computed exactly as a daemon computes it
-//!   ([`wire::TaskId::from_url`] with the request's tag and application), a seed peer is
+//!   a URL and, when known, its digest; its task id is computed exactly as a daemon computes
+//!   it ([`wire::TaskId::for_download`] with the request's tag and application: an image
+//!   layer's blob URL is its digest's task, the one the registry mirror asks for), a seed
+//!   peer (checking the digest) is
 //!   triggered unless a peer already holds or fetches the task
 //!   ([`SchedulerService::preheat`]), and the outcome is sent with `ReportPreheatResult`:
 //!   success once a peer (the seed) holds the whole task, failure when no seed peer can
@@ -359,23 +361,30 @@ impl Drop for PreheatGuard<'_> {
     }
 }
 
-/// The daemon's task id for a preheat request (piece length derived, default filtered
-/// query parameters), as a daemon computes it for `dfget <url> --tag … --application …`.
+/// The daemon's task id for a preheat request, by the task identity rule
+/// ([`TaskId::for_download`]; piece length derived, default filtered query parameters): the
+/// content digest's id for a registry blob URL (image layers and config), which is what the
+/// registry mirror, `dfget` of the blob URL and `dfcache` ask for; else the id a daemon
+/// computes for `dfget <url> --tag … --application …` (with or without `--digest`).
 pub fn preheat_task_id(request: &PreheatRequest) -> Result<TaskId, String> {
-    TaskId::from_url(
+    TaskId::for_download(
         &request.url,
+        &request.digest,
         &TaskIdOptions {
             tag: &request.tag,
             application: &request.application,
             ..TaskIdOptions::default()
         },
     )
-    .map_err(|e| format!("bad url {:?}: {e}", request.url))
+    .map_err(|e| format!("preheat of {:?}: {e}", request.url))
 }
 
 /// Has a seed peer fetch the request's task; waits (bounded) until it holds it.
 async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<(), String> {
     let task_id = preheat_task_id(request)?.to_hex();
+    let digest = wire::task::content_digest(&request.url, &request.digest)
+        .map_err(|e| format!("preheat of {:?}: {e}", request.url))?
+        .unwrap_or_default();
     let source = TaskSource {
         url: request.url.clone(),
         headers: request
@@ -386,6 +395,8 @@ async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<(), String> {
                 value: h.value.clone(),
             })
             .collect(),
+        // The seed peer fetches `url` and checks it against the digest.
+        digest,
     };
     let mut status = ctx
         .service
@@ -506,5 +517,41 @@ mod tests {
             ..PreheatRequest::default()
         })
         .is_err());
+    }
+
+    /// An image layer's preheat makes the task the registry mirror asks for
+    /// (`TaskId::from_content_digest`, as in controlplane's proxy), whatever its URL.
+    #[test]
+    fn preheat_of_a_layer_is_the_mirrors_task() {
+        let digest = format!("sha256:{}", "5a".repeat(32));
+        let mirror = TaskId::from_content_digest(&digest);
+        let layer = PreheatRequest {
+            url: format!("http://127.0.0.1:5000/v2/test/img/blobs/{digest}"),
+            digest: digest.clone(),
+            ..PreheatRequest::default()
+        };
+        assert_eq!(preheat_task_id(&layer).unwrap(), mirror);
+        // A file preheat's digest is checked by the seed but keeps the URL's task (the one
+        // `dfget URL [--digest D]` asks for); a blob URL without a digest is the blob's.
+        let file = PreheatRequest {
+            url: "http://origin/layer.tar.gz".to_owned(),
+            digest: digest.clone(),
+            ..PreheatRequest::default()
+        };
+        assert_eq!(
+            preheat_task_id(&file).unwrap(),
+            TaskId::from_url("http://origin/layer.tar.gz", &TaskIdOptions::default()).unwrap()
+        );
+        let bare = PreheatRequest {
+            digest: String::new(),
+            ..layer.clone()
+        };
+        assert_eq!(preheat_task_id(&bare).unwrap(), mirror);
+        // A digest that contradicts the blob URL is refused.
+        let wrong = PreheatRequest {
+            digest: format!("sha256:{}", "00".repeat(32)),
+            ..layer
+        };
+        assert!(preheat_task_id(&wrong).is_err());
     }
 }

@@ -86,6 +86,7 @@ async fn open_peer(
             source: Some(TaskSource {
                 url: "http://origin/f".to_owned(),
                 headers: vec![],
+                digest: String::new(),
             }),
             piece_length: 0,
             back_to_source,

@@ -204,6 +204,7 @@ impl FakeParent {
                 source: Some(TaskSource {
                     url: url.to_string(),
                     headers: Vec::new(),
+                    digest: String::new(),
                 }),
                 piece_length: 0,
                 back_to_source: false,

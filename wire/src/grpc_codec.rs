@@ -67,10 +67,12 @@ mod tests {
         let big = TaskSource {
             url: "x".repeat(100 * BUFFER_SIZE),
             headers: vec![],
+            digest: String::new(),
         };
         let small = TaskSource {
             url: "http://origin/blob".to_owned(),
             headers: vec![],
+            digest: String::new(),
         };
         let mut body = Vec::new();
         for m in [&big, &small] {

@@ -80,6 +80,7 @@ impl Sim {
                     source: Some(TaskSource {
                         url: "http://origin/file".to_owned(),
                         headers: vec![],
+                        digest: String::new(),
                     }),
                     piece_length: 0,
                     back_to_source: bts,
@@ -905,6 +906,7 @@ fn source() -> TaskSource {
     TaskSource {
         url: "http://origin/preheat".to_owned(),
         headers: vec![],
+        digest: String::new(),
     }
 }
 
