@@ -593,7 +593,10 @@ fn parents_added_right_after_the_download_starts_are_used() {
     wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
     assert_eq!(std::fs::read(store.path()).expect("read"), data);
     let from_b = b.counters.bytes_uploaded.load(Ordering::Relaxed);
-    assert!(from_b > 0, "the parent added right after the start was never asked");
+    assert!(
+        from_b > 0,
+        "the parent added right after the start was never asked"
+    );
     for n in [a, b, c] {
         n.dp.shutdown();
     }

@@ -223,6 +223,58 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
     let _ = std::fs::remove_file(&svg);
 }
 
+/// Scarce regime (seed, origin and peers all at the same rate): the seed peer super-seeds,
+/// so its uplink carries about one copy of the file and the peers trade the rest. Before
+/// super-seeding the same run had the seed send 3.8 copies (4 hosts, 16 MiB, release build,
+/// 2026-12-06); with it 1.25. The bound is on bytes, not time.
+#[test]
+fn a_scarce_seed_uploads_about_one_copy() {
+    if !namespaces_available() {
+        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        return;
+    }
+    let prefix = format!("dflyt{}c-", std::process::id());
+    let _cleanup = Cleanup(prefix.clone());
+    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
+    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
+    let mut args = lab_args(&prefix, &dir, &json);
+    args.extend(["--no-baseline".into(), "--no-bittorrent".into()]);
+    for (flag, value) in [
+        ("--hosts", "4"),
+        ("--size", "16MiB"),
+        ("--rate", "100mbit"),
+        ("--origin-rate", "100mbit"),
+        ("--timeout", "120"),
+    ] {
+        if let Some(p) = args.iter().position(|a| a == flag) {
+            args[p + 1] = value.into();
+        }
+    }
+    let out = Command::new(loadgen())
+        .args(&args)
+        .output()
+        .expect("running loadgen");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
+            .expect("parsing the JSON report");
+    assert_eq!(report["seed_rate_bps"], 100_000_000, "{report}");
+    let p2p = &report["phases"][0];
+    assert_eq!(p2p["name"], "p2p");
+    assert_eq!(p2p["verified"], 4, "every copy verified: {p2p}");
+    let seed = p2p["seed_copies_payload"].as_f64().expect("seed payload");
+    assert!(
+        (0.9..=2.0).contains(&seed),
+        "the seed sent {seed} copies of the file (super-seeding keeps it near 1): {p2p}"
+    );
+    let origin = p2p["origin_copies_payload"]
+        .as_f64()
+        .expect("origin payload");
+    assert!((0.99..1.05).contains(&origin), "origin copies {origin}");
+    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
+    let _ = std::fs::remove_file(&json);
+}
+
 #[test]
 fn sigterm_mid_run_removes_everything() {
     if !namespaces_available() {
