@@ -1,0 +1,120 @@
+//! Issue 23: the only seed peer killed mid-burst while the origin is up. Pieces the
+//! (super-seeding) seed never sent exist nowhere but at the origin; the scheduler must send
+//! peers there for those pieces only (bounded Range requests), so that every download
+//! finishes and the origin serves less than two copies. Nothing here asserts a duration: the
+//! kill waits for bytes to flow by polling counters.
+
+use std::time::Duration;
+use testkit::poll::{daemon_config, metric, scrape, wait_until};
+use testkit::{Cluster, ClusterOptions, Origin};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    // The seed uploads slowly, so that it dies with most pieces never sent to anyone.
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    for n in 1..=3 {
+        cluster
+            .add_daemon(false, &[])
+            .await
+            .unwrap_or_else(|e| panic!("peer-{n}: {e:#}"));
+    }
+    let peers: Vec<_> = (1..=3).map(|n| cluster.peer(n)).collect();
+    let seed = cluster.seed(1);
+    let size = 24 * MIB + 5;
+    let content = origin.add_file("/lost.bin", size, 31);
+    let url = origin.url("/lost.bin");
+    let outs: Vec<_> = (1..=3)
+        .map(|n| cluster.dir().join(format!("p{n}.out")))
+        .collect();
+
+    let cl = &cluster;
+    let (r1, r2, r3, killed) = tokio::join!(
+        cl.download_verified(peers[0], &url, &outs[0], &content),
+        cl.download_verified(peers[1], &url, &outs[1], &content),
+        cl.download_verified(peers[2], &url, &outs[2], &content),
+        async {
+            let peers = &peers;
+            wait_until(
+                "the peers receive 2 MiB from the seed",
+                Duration::from_secs(30),
+                || async move {
+                    let mut from_seed = 0;
+                    for p in peers {
+                        from_seed += p.stats().await?.bytes_from_seed;
+                    }
+                    Ok(from_seed >= 2 * MIB)
+                },
+            )
+            .await?;
+            let uploaded = seed.stats().await?.bytes_uploaded;
+            cl.kill(seed);
+            anyhow::Ok(uploaded)
+        }
+    );
+    let uploaded = killed.expect("killing the seed mid-burst");
+    for (n, r) in [r1, r2, r3].into_iter().enumerate() {
+        r.unwrap_or_else(|e| {
+            cluster.dump_logs();
+            panic!(
+                "peer-{} should finish after the only seed died: {e:#}",
+                n + 1
+            )
+        });
+    }
+    assert!(
+        uploaded < size,
+        "the seed was killed after it had uploaded a whole copy ({uploaded} of {size} bytes)"
+    );
+    assert!(!seed.is_running());
+
+    let log: Vec<_> = origin
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path == "/lost.bin")
+        .collect();
+    // The seed's first request is open-ended (`bytes=0-`: the size is unknown); every later
+    // request, made by the peers for the lost pieces, names a bounded run.
+    let open_ended = log
+        .iter()
+        .filter(|r| {
+            r.range
+                .as_deref()
+                .is_none_or(|v| v.trim_end().ends_with('-'))
+        })
+        .count();
+    assert_eq!(
+        open_ended, 1,
+        "only the seed's first request may be open-ended: {log:#?}"
+    );
+    assert!(
+        log.len() >= 2,
+        "the peers should have fetched the lost pieces from the origin: {log:#?}"
+    );
+    let served = origin.bytes_served();
+    assert!(
+        served < 2 * size,
+        "the origin served {served} bytes for a {size}-byte file: more than the seed's copy \
+         plus the pieces no live peer had ({log:#?})"
+    );
+    let mut partial = 0.0;
+    for p in &peers {
+        let text = scrape(p.metrics_addr).await.expect("metrics");
+        partial += metric(&text, "damselfly_lost_piece_fetches_total").unwrap_or(0.0);
+    }
+    assert!(
+        partial >= 1.0,
+        "no peer was told to fetch lost pieces from the origin"
+    );
+}
