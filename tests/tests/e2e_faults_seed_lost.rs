@@ -118,3 +118,82 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
         "no peer was told to fetch lost pieces from the origin"
     );
 }
+
+/// Sends `sig` (`STOP`, `CONT`) to the daemon's process with kill(1).
+fn signal(d: &testkit::Daemon, sig: &str) {
+    let pid = d.proc.pid().expect("the daemon runs");
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(st.success(), "kill -{sig} {pid} failed: {st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_whose_only_parent_stalls_goes_to_the_origin_after_the_stall_bound() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // The piece timeout is far beyond dfget's timeout (60 s): only the stall watchdog
+    // (`download.stall_timeout`) can save this download.
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "stall.yaml",
+        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 2s\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let (seed, p1) = (cluster.seed(1), cluster.peer(1));
+    let size = 16 * MIB + 9;
+    let content = origin.add_file("/stall.bin", size, 32);
+    let url = origin.url("/stall.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from the seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        // The seed stops without closing anything: its streams to the scheduler and to
+        // peer-1 stay open, so nobody is told it is gone.
+        signal(seed, "STOP");
+        anyhow::Ok(p1.stats().await?)
+    });
+    let at_stop = stopped.expect("stopping the seed");
+    let result = r;
+    signal(seed, "CONT");
+    result.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish from the origin once its parent stalled: {e:#}")
+    });
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "the seed stopped after peer-1 had everything ({at_stop:?})"
+    );
+    let s = p1.stats().await.expect("Stats of peer-1");
+    assert!(
+        s.bytes_from_origin > 0,
+        "peer-1 should have fetched the rest from the origin: {s:?}"
+    );
+    let text = scrape(p1.metrics_addr).await.expect("metrics");
+    let stalls = metric(&text, "damselfly_download_stalls_total").unwrap_or(0.0);
+    // The first stall asks the scheduler again (which may send it to the origin at once);
+    // otherwise the second in a row goes to the origin. Either way the watchdog, not a
+    // timeout, ended the wait.
+    assert!(
+        stalls >= 1.0,
+        "the stall watchdog should have fired, saw {stalls}"
+    );
+}

@@ -593,7 +593,17 @@ impl SchedulerState {
         orphaned.sort();
         for task_id in orphaned {
             warn!(task_id = %task_id, host_id = %host.id, "triggered seed host left before registering");
-            self.ensure_source(&task_id, None, &mut out);
+            // Size known (e.g. the seed was triggered again because its own peer just left,
+            // and its host stream is closing too): only the pieces no live peer holds.
+            if self
+                .tasks
+                .get(&task_id)
+                .is_some_and(|t| t.metadata.is_some())
+            {
+                self.recover_lost_pieces(&task_id, &mut out);
+            } else {
+                self.ensure_source(&task_id, None, &mut out);
+            }
         }
         if !self.hosts.values().any(|h| h.id == host.id) {
             let mut announced: Vec<PeerKey> = self

@@ -1256,6 +1256,31 @@ fn swarm_losing_its_seed(sim: &mut Sim, second_seed: bool) -> (PeerKey, PeerKey,
 }
 
 #[test]
+fn lost_pieces_go_to_peers_when_the_seed_peer_stream_closes_before_its_host_stream() {
+    // A killed seed: its peer stream may close first (the seed host still looks live and is
+    // triggered again), then its host stream.
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 4 << 20);
+    for n in 0..4 {
+        sim.piece(s, n);
+    }
+    sim.send(
+        s,
+        Request::Finished(PeerFinished {
+            content_length: 4 << 20,
+        }),
+    );
+    sim.piece(a, 0);
+    let out = sim.st.peer_left(s);
+    assert_eq!(triggers(&out), vec![(seed, TASK.to_owned())]);
+    let out = sim.st.host_left(seed);
+    assert_eq!(origin_pieces_to(&out, a), vec![1, 2, 3]);
+}
+
+#[test]
 fn lost_pieces_are_fetched_from_the_origin_once_when_no_seed_is_left() {
     let mut sim = Sim::new();
     let (a, b, out) = swarm_losing_its_seed(&mut sim, false);
