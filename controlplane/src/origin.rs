@@ -123,10 +123,7 @@ pub async fn fetch_pieces(
 fn satisfied(s: &TaskStore, only: Option<&[bool]>) -> bool {
     match only {
         None => s.is_complete(),
-        Some(m) => m
-            .iter()
-            .enumerate()
-            .all(|(n, w)| !*w || s.has(n as u32)),
+        Some(m) => m.iter().enumerate().all(|(n, w)| !*w || s.has(n as u32)),
     }
 }
 
@@ -379,8 +376,8 @@ async fn attempt(
                         .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
                     Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
                     if new {
-                        let cost = u64::try_from(piece_started.elapsed().as_micros())
-                            .unwrap_or(u64::MAX);
+                        let cost =
+                            u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
                         sink.piece(n, crc, buf.len() as u64, cost);
                     }
                 }

@@ -459,11 +459,14 @@ impl TaskRun {
         let stall = tokio::time::sleep(stall_timeout);
         tokio::pin!(stall);
         let mut stored = self.stored();
+        let mut was_dispatched = self.dispatched;
         loop {
-            // Any piece stored (from a parent or the origin) is progress.
+            // Any piece stored (from a parent or the origin) is progress; the watch starts
+            // when the data plane does.
             let now_stored = self.stored();
-            if now_stored != stored {
+            if now_stored != stored || was_dispatched != self.dispatched {
                 stored = now_stored;
+                was_dispatched = self.dispatched;
                 self.stalls = 0;
                 stall
                     .as_mut()
@@ -533,9 +536,9 @@ impl TaskRun {
 
     /// Pieces stored so far (0 before the size is known).
     fn stored(&self) -> u64 {
-        self.store
-            .as_ref()
-            .map_or(0, |s| u64::from(progress_of(s, &Progress::default()).finished_pieces))
+        self.store.as_ref().map_or(0, |s| {
+            u64::from(progress_of(s, &Progress::default()).finished_pieces)
+        })
     }
 
     /// Starts fetching `pieces` (held by no live peer) from the origin beside the data plane.
