@@ -197,3 +197,76 @@ async fn a_download_whose_only_parent_stalls_with_the_scheduler_gone_goes_to_the
         "the stall watchdog should have fired, saw {stalls}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // A short piece timeout, and a stall watchdog that never fires in this test: only the
+    // piece timeout can tell the stopped parent from a slow one.
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "piece-timeout.yaml",
+        "data_plane:\n  piece_timeout: 2s\ndownload:\n  stall_timeout: 10m\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(true, &slow).await.expect("seed-2");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let p1 = cluster.peer(1);
+    let size = 16 * MIB + 11;
+    let content = origin.add_file("/stalled.bin", size, 33);
+    let url = origin.url("/stalled.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from a seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        let mut victim = None;
+        for s in cl.seeds() {
+            if s.stats().await?.bytes_uploaded > 0 {
+                victim = Some(s);
+            }
+        }
+        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let at_stop = p1.stats().await?;
+        signal(victim, "STOP");
+        anyhow::Ok((victim, at_stop))
+    });
+    let (victim, at_stop) = stopped.expect("stopping the serving seed");
+    let result = r;
+    signal(victim, "CONT");
+    result.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish after its parent stalled: {e:#}")
+    });
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "{} stopped after peer-1 had everything ({at_stop:?})",
+        victim.name
+    );
+    let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
+    let dropped = log.lines().any(|l| {
+        l.contains("parent dropped: no response within")
+            && l.contains(&format!("parent={}", victim.name))
+    });
+    assert!(
+        dropped,
+        "peer-1 should have dropped the stopped {} on the piece timeout:\n{}",
+        victim.name,
+        p1.proc.log_tail(30)
+    );
+}
