@@ -421,6 +421,13 @@ pub struct DownloadConfig {
     /// are on the same filesystem (no copy; as Dragonfly does), else by a copy. `false`
     /// always copies, so that writing to the output can never change the cached task.
     pub hard_link: bool,
+    /// A running download that stores no piece (from any parent or the origin) for this long
+    /// asks the scheduler for new parents; after a second such period in a row, or at once
+    /// when the scheduler is gone, it fetches what it lacks from the origin (taking an
+    /// origin slot). So while the origin answers, a download never sits idle longer than
+    /// twice this (plus a wait for an origin slot). Must be more than zero.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for DownloadConfig {
@@ -432,6 +439,7 @@ impl Default for DownloadConfig {
             origin_timeout: Duration::from_secs(30),
             origin_concurrency: DEFAULT_ORIGIN_CONCURRENCY,
             hard_link: true,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 }

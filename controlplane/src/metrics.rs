@@ -35,6 +35,13 @@ pub struct ControlStats {
     /// Origin fetches whose content did not match the task's known digest (the task was
     /// dropped, the download failed).
     pub origin_digest_mismatches: AtomicU64,
+    /// Origin requests for a bounded run of pieces (`Range: bytes=a-b`), made when the
+    /// scheduler reports pieces that no live peer holds.
+    pub origin_range_requests: AtomicU64,
+    /// Partial back-to-source orders (`NeedBackToSource` with pieces) received.
+    pub lost_piece_fetches: AtomicU64,
+    /// Times a running download made no progress for `download.stall_timeout`.
+    pub download_stalls: AtomicU64,
 }
 
 impl ControlStats {
@@ -237,6 +244,24 @@ impl Collector for DaemonCollector {
             "damselfly_origin_digest_mismatches",
             "Origin fetches whose content did not match the task's known digest",
             &s.origin_digest_mismatches,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_origin_range_requests",
+            "Origin requests for a bounded run of pieces no live peer held",
+            &s.origin_range_requests,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_lost_piece_fetches",
+            "Partial back-to-source orders (pieces no live peer held) received",
+            &s.lost_piece_fetches,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_download_stalls",
+            "Times a running download made no progress for download.stall_timeout",
+            &s.download_stalls,
         )?;
         if let Some(slots) = &self.ctx.origin_slots {
             let busy = self

@@ -6,6 +6,10 @@
 //! complete, so peers can fetch piece 0 while later pieces are still on the wire. An
 //! interrupted or short transfer is resumed with a Range request from the first missing
 //! piece; pieces already stored are never fetched twice.
+//!
+//! [`fetch_pieces`] fetches only some pieces of a task whose size is known (those the
+//! scheduler reports no live peer holds), one `Range: bytes=a-b` request per contiguous run
+//! of them that is not stored yet, while the data plane goes on fetching the rest from peers.
 
 use crate::daemon::Context;
 use crate::task::TaskSpec;
@@ -90,6 +94,51 @@ pub async fn fetch(
     existing: Option<Arc<TaskStore>>,
     sink: &mut (dyn PieceSink + Send),
 ) -> Result<Arc<TaskStore>, OriginError> {
+    fetch_some(ctx, spec, existing, None, sink).await
+}
+
+/// Fetches the pieces of `store` numbered in `pieces` that it does not hold yet from the
+/// origin, with one Range request per contiguous run (numbers out of range are ignored).
+/// Takes an origin slot like [`fetch`]. Returns when each of them is stored (by this fetch
+/// or by the data plane meanwhile).
+pub async fn fetch_pieces(
+    ctx: &Context,
+    spec: &TaskSpec,
+    store: Arc<TaskStore>,
+    pieces: &[u32],
+    sink: &mut (dyn PieceSink + Send),
+) -> Result<(), OriginError> {
+    let mut wanted = vec![false; store.layout().piece_count() as usize];
+    for &n in pieces {
+        if let Some(w) = wanted.get_mut(n as usize) {
+            *w = true;
+        }
+    }
+    fetch_some(ctx, spec, Some(store), Some(&wanted), sink)
+        .await
+        .map(|_| ())
+}
+
+/// Whether everything asked for is stored: the whole task, or each piece in `only`.
+fn satisfied(s: &TaskStore, only: Option<&[bool]>) -> bool {
+    match only {
+        None => s.is_complete(),
+        Some(m) => m.iter().enumerate().all(|(n, w)| !*w || s.has(n as u32)),
+    }
+}
+
+async fn fetch_some(
+    ctx: &Context,
+    spec: &TaskSpec,
+    existing: Option<Arc<TaskStore>>,
+    only: Option<&[bool]>,
+    sink: &mut (dyn PieceSink + Send),
+) -> Result<Arc<TaskStore>, OriginError> {
+    if let Some(s) = &existing {
+        if satisfied(s, only) {
+            return Ok(s.clone());
+        }
+    }
     // One slot per task for the whole fetch, retries included.
     let _slot = match &ctx.origin_slots {
         Some(slots) => {
@@ -118,11 +167,11 @@ pub async fn fetch(
     let limiter = RateLimiter::new(spec.rate_limit);
     loop {
         if let Some(s) = &store {
-            if s.is_complete() {
+            if satisfied(s, only) {
                 return Ok(s.clone());
             }
         }
-        match attempt(ctx, spec, &mut store, sink, &limiter).await {
+        match attempt(ctx, spec, &mut store, only, sink, &limiter).await {
             Ok(()) => {}
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(last)) => {
@@ -145,22 +194,38 @@ async fn attempt(
     ctx: &Context,
     spec: &TaskSpec,
     store: &mut Option<Arc<TaskStore>>,
+    only: Option<&[bool]>,
     sink: &mut (dyn PieceSink + Send),
     limiter: &RateLimiter,
 ) -> Result<(), Attempt> {
-    // Resume from the first missing piece.
-    let start = match store {
+    // Resume from the first missing piece (of those asked for); with `only`, up to the end of
+    // the run of missing pieces asked for that starts there.
+    let (start, end) = match store {
         Some(s) => {
             let layout = s.layout();
-            let first = (0..layout.piece_count()).find(|&n| !s.has(n)).unwrap_or(0);
-            layout.piece_range(first).map_or(0, |r| r.start)
+            let wanted = |n: u32| {
+                !s.has(n) && only.is_none_or(|m| m.get(n as usize).copied().unwrap_or(false))
+            };
+            let first = (0..layout.piece_count()).find(|&n| wanted(n)).unwrap_or(0);
+            let start = layout.piece_range(first).map_or(0, |r| r.start);
+            // Always a bounded run when the size is known: bytes already stored are not
+            // fetched again.
+            let last = (first..layout.piece_count())
+                .take_while(|&n| wanted(n))
+                .last();
+            let end = last.and_then(|l| layout.piece_range(l)).map(|r| r.end);
+            (start, end)
         }
-        None => 0,
+        None => (0, None),
     };
-    let mut req = ctx
-        .http
-        .get(&spec.url)
-        .header(RANGE, format!("bytes={start}-"));
+    let range = match end {
+        Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
+        None => format!("bytes={start}-"),
+    };
+    if end.is_some() {
+        Counters::add(&ctx.stats.origin_range_requests, 1);
+    }
+    let mut req = ctx.http.get(&spec.url).header(RANGE, range);
     for (k, v) in &spec.headers {
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
@@ -259,13 +324,14 @@ async fn attempt(
         }
     };
     let layout = store.layout();
+    let stop = end.unwrap_or(total).min(total);
     let mut pos = body_start;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
     let mut piece_started = Instant::now();
     if status == StatusCode::RANGE_NOT_SATISFIABLE {
         return Ok(());
     }
-    loop {
+    while pos < stop {
         let chunk = match resp.chunk().await {
             Ok(Some(c)) => c,
             Ok(None) => break,
@@ -280,7 +346,7 @@ async fn attempt(
             tokio::time::sleep(wait).await;
         }
         let mut data = &chunk[..];
-        while !data.is_empty() {
+        while !data.is_empty() && pos < stop {
             if pos >= total {
                 return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
                     "origin sent more than the {total} bytes it announced"
@@ -304,22 +370,25 @@ async fn attempt(
             if pos == range.end {
                 if !store.has(n) {
                     let crc = wire::piece_crc(&buf);
-                    store
+                    // The data plane may have stored it meanwhile: announce it only if new.
+                    let new = store
                         .write_piece(n, &buf, crc)
                         .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
                     Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
-                    let cost =
-                        u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    sink.piece(n, crc, buf.len() as u64, cost);
+                    if new {
+                        let cost =
+                            u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        sink.piece(n, crc, buf.len() as u64, cost);
+                    }
                 }
                 buf.clear();
                 piece_started = Instant::now();
             }
         }
     }
-    if pos < total {
+    if pos < stop {
         return Err(Attempt::Retry(format!(
-            "body ended at byte {pos} of {total}"
+            "body ended at byte {pos} of {stop} (of {total})"
         )));
     }
     Ok(())

@@ -164,6 +164,7 @@ impl TaskManager {
             let id = spec.id;
             let mut run = TaskRun::new(ctx.clone(), spec, state_tx, ev_rx);
             let result = run.run().await;
+            run.abort_origin_fetches();
             if result.is_err() {
                 // A failed task's partial file goes (before the run is forgotten, so no new
                 // run can be using it): it holds disk space (a full disk must not stay
@@ -274,6 +275,43 @@ struct TaskRun {
     responses: Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
     dispatched: bool,
     bad_parents: HashSet<String>,
+    /// What the fetches of lost pieces from the origin (partial `NeedBackToSource`) report;
+    /// unbounded, but each piece is reported at most once per fetch.
+    origin_tx: mpsc::UnboundedSender<OriginMsg>,
+    origin_rx: mpsc::UnboundedReceiver<OriginMsg>,
+    /// Those fetches still running (aborted when the run ends).
+    origin_fetches: Vec<tokio::task::JoinHandle<()>>,
+    /// Stall periods in a row without a stored piece (see `download.stall_timeout`).
+    stalls: u32,
+}
+
+/// A report from a fetch of lost pieces from the origin.
+enum OriginMsg {
+    /// Piece stored (and new).
+    Piece {
+        number: u32,
+        crc32c: u32,
+        length: u64,
+        cost_us: u64,
+    },
+    /// The fetch ended.
+    Done(Result<(), String>),
+}
+
+/// [`PieceSink`] of a fetch of lost pieces: reports to the run over a channel.
+struct ChannelSink(mpsc::UnboundedSender<OriginMsg>);
+
+impl PieceSink for ChannelSink {
+    fn layout(&mut self, _store: &Arc<TaskStore>) {}
+
+    fn piece(&mut self, number: u32, crc32c: u32, length: u64, cost_us: u64) {
+        let _ = self.0.send(OriginMsg::Piece {
+            number,
+            crc32c,
+            length,
+            cost_us,
+        });
+    }
 }
 
 /// Bounded queue of messages to the scheduler for one task.
@@ -286,7 +324,12 @@ impl TaskRun {
         state: watch::Sender<TaskState>,
         events: mpsc::Receiver<Event>,
     ) -> Self {
+        let (origin_tx, origin_rx) = mpsc::unbounded_channel();
         Self {
+            origin_tx,
+            origin_rx,
+            origin_fetches: Vec::new(),
+            stalls: 0,
             ctx,
             spec,
             state,
@@ -407,11 +450,39 @@ impl TaskRun {
         }
         let timeout = tokio::time::sleep(self.ctx.config.scheduler.schedule_timeout);
         tokio::pin!(timeout);
+        let stall_timeout = self
+            .ctx
+            .config
+            .download
+            .stall_timeout
+            .max(std::time::Duration::from_millis(100));
+        let stall = tokio::time::sleep(stall_timeout);
+        tokio::pin!(stall);
+        let mut stored = self.stored();
+        let mut was_dispatched = self.dispatched;
         loop {
+            // Any piece stored (from a parent or the origin) is progress; the watch starts
+            // when the data plane does.
+            let now_stored = self.stored();
+            if now_stored != stored || was_dispatched != self.dispatched {
+                stored = now_stored;
+                was_dispatched = self.dispatched;
+                self.stalls = 0;
+                stall
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + stall_timeout);
+            }
             tokio::select! {
                 msg = next_response(&mut self.responses) => match msg {
                     Some(Ok(Some(r))) => match r.response {
                         Some(Response::CandidateParents(cp)) => self.on_parents(cp)?,
+                        Some(Response::NeedBackToSource(n)) if !n.pieces.is_empty() && self.store.is_some() => {
+                            if self.spec.disable_back_to_source {
+                                return Err(format!("pieces {:?} are held by no live peer ({}) and back-to-source is disabled", n.pieces, n.reason));
+                            }
+                            tracing::info!(task = %self.spec.id, pieces = n.pieces.len(), "scheduler says fetch lost pieces from the origin: {}", n.reason);
+                            self.fetch_lost_pieces(n.pieces);
+                        }
                         Some(Response::NeedBackToSource(n)) => {
                             if self.spec.disable_back_to_source {
                                 return Err(format!("no peer can serve the task ({}) and back-to-source is disabled", n.reason));
@@ -441,6 +512,17 @@ impl TaskRun {
                         return result;
                     }
                 }
+                Some(msg) = self.origin_rx.recv() => {
+                    if let Some(result) = self.on_origin(msg) {
+                        return result;
+                    }
+                }
+                _ = &mut stall, if self.dispatched => {
+                    stall.as_mut().reset(tokio::time::Instant::now() + stall_timeout);
+                    if let Some(result) = self.on_stall(stall_timeout).await {
+                        return result;
+                    }
+                }
                 _ = &mut timeout, if !self.dispatched => {
                     if self.spec.disable_back_to_source {
                         return Err(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout));
@@ -450,6 +532,98 @@ impl TaskRun {
                 }
             }
         }
+    }
+
+    /// Pieces stored so far (0 before the size is known).
+    fn stored(&self) -> u64 {
+        self.store.as_ref().map_or(0, |s| {
+            u64::from(progress_of(s, &Progress::default()).finished_pieces)
+        })
+    }
+
+    /// Starts fetching `pieces` (held by no live peer) from the origin beside the data plane.
+    fn fetch_lost_pieces(&mut self, pieces: Vec<u32>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        dataplane::Counters::add(&self.ctx.stats.lost_piece_fetches, 1);
+        let ctx = self.ctx.clone();
+        let spec = self.spec.clone();
+        let tx = self.origin_tx.clone();
+        self.origin_fetches.retain(|h| !h.is_finished());
+        self.origin_fetches.push(tokio::spawn(async move {
+            let mut sink = ChannelSink(tx.clone());
+            let r = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
+                .await
+                .map_err(|e| e.to_string());
+            let _ = tx.send(OriginMsg::Done(r));
+        }));
+    }
+
+    /// Stops the fetches of lost pieces still running.
+    fn abort_origin_fetches(&mut self) {
+        for h in self.origin_fetches.drain(..) {
+            h.abort();
+        }
+    }
+
+    /// Handles a report of a fetch of lost pieces; returns the end of the run when there is
+    /// one (the task is complete, or the origin failed).
+    fn on_origin(&mut self, msg: OriginMsg) -> Option<Result<Arc<TaskStore>, String>> {
+        match msg {
+            OriginMsg::Piece {
+                number,
+                crc32c,
+                length,
+                cost_us,
+            } => {
+                PieceSink::piece(self, number, crc32c, length, cost_us);
+                None
+            }
+            OriginMsg::Done(Err(e)) => Some(Err(format!(
+                "fetching pieces no peer holds from the origin: {e}"
+            ))),
+            OriginMsg::Done(Ok(())) => {
+                let store = self.store.clone()?;
+                if !store.is_complete() {
+                    return None;
+                }
+                // The origin brought the last pieces: the data plane may not notice.
+                self.cancel_dataplane();
+                self.announce(Request::Finished(PeerFinished {
+                    content_length: store.layout().content_length(),
+                }));
+                Some(Ok(store))
+            }
+        }
+    }
+
+    /// No piece stored for `stall_timeout`: ask the scheduler again the first time; the
+    /// second time in a row, or without a scheduler, fetch what is missing from the origin.
+    async fn on_stall(
+        &mut self,
+        stall_timeout: std::time::Duration,
+    ) -> Option<Result<Arc<TaskStore>, String>> {
+        self.stalls += 1;
+        dataplane::Counters::add(&self.ctx.stats.download_stalls, 1);
+        tracing::warn!(task = %self.spec.id, stalls = self.stalls, "no piece stored for {stall_timeout:?}");
+        if self.announce.is_some() && self.stalls < 2 {
+            self.announce(Request::Reschedule(RescheduleRequest {
+                bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
+                reason: format!("no piece for {stall_timeout:?}"),
+            }));
+            return None;
+        }
+        if self.spec.disable_back_to_source {
+            if self.announce.is_none() {
+                return Some(Err(format!(
+                    "no piece for {stall_timeout:?}, no scheduler, and back-to-source is disabled"
+                )));
+            }
+            return None;
+        }
+        tracing::warn!(task = %self.spec.id, "download stalled; fetching what is missing from the origin");
+        Some(self.back_to_source().await)
     }
 
     /// Tells the scheduler the size of a task this peer already holds pieces of, and which.

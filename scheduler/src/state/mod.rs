@@ -75,6 +75,9 @@ pub const REASON_NO_SEED: &str = "no seed peer available";
 pub const REASON_NO_PARENT: &str = "no parent available";
 /// Reason sent with `NeedBackToSource` when a peer asked for new parents too often.
 pub const REASON_RETRY_LIMIT: &str = "reschedule limit reached";
+/// Reason sent with a partial `NeedBackToSource` (pieces listed) when the last live holder of
+/// some pieces left and no seed peer can be triggered.
+pub const REASON_PIECES_LOST: &str = "pieces lost with their last holder";
 /// A scheduled peer with fewer than `parent_limit` parents is offered more every this many
 /// finished pieces (see [`SchedulerState`]'s top-up in `piece_finished`).
 pub const TOP_UP_EVERY: u32 = 8;
@@ -185,6 +188,9 @@ struct Peer {
     bad_hosts: HashSet<String>,
     pieces_failed: u64,
     reschedules: u32,
+    /// Pieces this peer was told to fetch from the origin (a partial `NeedBackToSource`);
+    /// those it does not hold yet are not handed to another peer.
+    origin_pieces: Vec<u32>,
 }
 
 impl Peer {
@@ -587,7 +593,17 @@ impl SchedulerState {
         orphaned.sort();
         for task_id in orphaned {
             warn!(task_id = %task_id, host_id = %host.id, "triggered seed host left before registering");
-            self.ensure_source(&task_id, None, &mut out);
+            // Size known (e.g. the seed was triggered again because its own peer just left,
+            // and its host stream is closing too): only the pieces no live peer holds.
+            if self
+                .tasks
+                .get(&task_id)
+                .is_some_and(|t| t.metadata.is_some())
+            {
+                self.recover_lost_pieces(&task_id, &mut out);
+            } else {
+                self.ensure_source(&task_id, None, &mut out);
+            }
         }
         if !self.hosts.values().any(|h| h.id == host.id) {
             let mut announced: Vec<PeerKey> = self
@@ -688,6 +704,7 @@ impl SchedulerState {
                 bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
+                origin_pieces: Vec::new(),
             }),
         );
         self.sync(key, &mut out);
@@ -791,6 +808,7 @@ impl SchedulerState {
                 bad_hosts: HashSet::default(),
                 pieces_failed: 0,
                 reschedules: 0,
+                origin_pieces: Vec::new(),
             }),
         );
         let had_metadata = self
@@ -1194,8 +1212,115 @@ impl SchedulerState {
         }
         if lost_source {
             warn!(task_id = %peer.task_id, host_id = %peer.host.id, "source peer left before finishing");
-            self.ensure_source(&peer.task_id, None, out);
         }
+        if lost_source
+            && self
+                .tasks
+                .get(&peer.task_id)
+                .is_some_and(|t| t.metadata.is_none())
+        {
+            self.ensure_source(&peer.task_id, None, out);
+        } else {
+            self.recover_lost_pieces(&peer.task_id, out);
+        }
+    }
+
+    /// After a peer left a task of known size: if some pieces are now held by no live peer
+    /// (and nobody holds the whole task, fetches it from the origin, or was told to fetch
+    /// those pieces), someone must fetch them. A live seed host that has not failed the task
+    /// is triggered (it fetches the task from the origin, at most one more copy); without
+    /// one, the missing pieces are split in contiguous runs among up to
+    /// `back_to_source_limit` peers (at least one, whatever the budget says), those holding
+    /// the most pieces first, each told with a partial `NeedBackToSource` to fetch its run
+    /// from the origin while it goes on fetching the rest from its parents.
+    fn recover_lost_pieces(&mut self, task_id: &str, out: &mut Vec<Output>) {
+        let Some(task) = self.tasks.get(task_id) else {
+            return;
+        };
+        let Some(layout) = task.metadata else {
+            return;
+        };
+        if task.trigger.is_some() {
+            return;
+        }
+        let mut members: Vec<(PeerKey, &Peer)> = task
+            .peers
+            .iter()
+            .filter_map(|k| self.peers.get(k).map(|p| (*k, &**p)))
+            .collect();
+        if members.iter().any(|(_, p)| p.done || p.source) {
+            return;
+        }
+        if !members.iter().any(|(_, p)| p.wants_parents()) {
+            return;
+        }
+        let count = layout.piece_count();
+        let mut covered = vec![false; count as usize];
+        for (_, p) in &members {
+            for &n in &p.origin_pieces {
+                if let Some(c) = covered.get_mut(n as usize) {
+                    *c = true;
+                }
+            }
+        }
+        for (n, c) in covered.iter_mut().enumerate() {
+            if !*c {
+                let n = n as u32;
+                *c = members.iter().any(|(_, p)| p.pieces.contains(n));
+            }
+        }
+        let missing: Vec<u32> = (0..count).filter(|&n| !covered[n as usize]).collect();
+        if missing.is_empty() {
+            return;
+        }
+        let seed_live = self
+            .hosts
+            .values()
+            .any(|h| is_seed(h) && !task.failed_seeds.contains(&h.id));
+        if seed_live {
+            warn!(task_id = %task_id, missing = missing.len(), "pieces held by no live peer; triggering a seed peer");
+            self.ensure_source(task_id, None, out);
+            return;
+        }
+        members.retain(|(_, p)| p.wants_parents());
+        members.sort_by_key(|(k, p)| (std::cmp::Reverse(p.pieces.count()), *k));
+        let budget = self
+            .config
+            .back_to_source_limit
+            .saturating_sub(task.back_to_source)
+            .max(1) as usize;
+        let takers: Vec<PeerKey> = members
+            .iter()
+            .take(budget.min(missing.len()))
+            .map(|(k, _)| *k)
+            .collect();
+        warn!(task_id = %task_id, missing = missing.len(), peers = takers.len(), "pieces held by no live peer and no seed peer; sending peers to the origin for them");
+        let per = missing.len().div_ceil(takers.len().max(1));
+        for (taker, run) in takers.iter().zip(missing.chunks(per.max(1))) {
+            self.send_pieces_to_source(*taker, run.to_vec(), out);
+        }
+    }
+
+    /// Partial `NeedBackToSource` to `child`: fetch `pieces` from the origin. The peer keeps
+    /// its parents and stays a downloading peer; counts toward `back_to_source_limit`.
+    fn send_pieces_to_source(&mut self, child: PeerKey, pieces: Vec<u32>, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get_mut(&child) else {
+            return;
+        };
+        info!(task_id = %peer.task_id, peer_id = %peer.peer_id, pieces = pieces.len(), "peer sent to the origin for lost pieces");
+        peer.origin_pieces.extend_from_slice(&pieces);
+        if let Some(task) = self.tasks.get_mut(&peer.task_id) {
+            task.back_to_source += 1;
+        }
+        out.push(Output::Peer {
+            peer: child,
+            response: peer_response(announce_peer_response::Response::NeedBackToSource(
+                NeedBackToSource {
+                    reason: REASON_PIECES_LOST.to_owned(),
+                    pieces,
+                },
+            )),
+        });
     }
 
     /// Makes sure somebody fetches the task from the origin when peers need it and nobody
@@ -1537,6 +1662,7 @@ impl SchedulerState {
             response: peer_response(announce_peer_response::Response::NeedBackToSource(
                 NeedBackToSource {
                     reason: reason.to_owned(),
+                    pieces: Vec::new(),
                 },
             )),
         });

@@ -32,7 +32,6 @@ impl PieceSet {
     }
 
     /// Whether piece `number` is in the set.
-    #[cfg(test)]
     pub(crate) fn contains(&self, number: u32) -> bool {
         let (word, bit) = Self::position(number);
         self.words.get(word).is_some_and(|w| w & (1u64 << bit) != 0)

@@ -1208,3 +1208,126 @@ fn host_table_counts_references_and_reuses_slots() {
         .is_some_and(|s| s.id == "c" && s.costs.rate().is_none()));
     assert!(t.by_id("b").is_some_and(|s| s.refs == 1));
 }
+
+/// Pieces of the partial `NeedBackToSource` messages sent to `peer` in `out`.
+fn origin_pieces_to(out: &[Output], peer: PeerKey) -> Vec<u32> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Peer {
+                peer: p,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::NeedBackToSource(n)),
+                    },
+            } if *p == peer => {
+                assert_eq!(n.reason, REASON_PIECES_LOST);
+                assert!(
+                    !n.pieces.is_empty(),
+                    "a full back-to-source where pieces were expected"
+                );
+                Some(n.pieces.clone())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// A seed fetching an 8-piece task has pieces 0..=3, a has 0 and 1, b has 2; then the seed
+/// host dies (its host stream and its peer stream close).
+fn swarm_losing_its_seed(sim: &mut Sim, second_seed: bool) -> (PeerKey, PeerKey, Vec<Output>) {
+    let seed = sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (b, _) = sim.register("peer-b", "host-b", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 8 << 20);
+    for n in 0..4 {
+        sim.piece(s, n);
+    }
+    sim.piece(a, 0);
+    sim.piece(a, 1);
+    sim.piece(b, 2);
+    if second_seed {
+        sim.announce("seed-b", true);
+    }
+    let mut out = sim.st.host_left(seed);
+    out.extend(sim.st.peer_left(s));
+    (a, b, out)
+}
+
+#[test]
+fn lost_pieces_go_to_peers_when_the_seed_peer_stream_closes_before_its_host_stream() {
+    // A killed seed: its peer stream may close first (the seed host still looks live and is
+    // triggered again), then its host stream.
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 4 << 20);
+    for n in 0..4 {
+        sim.piece(s, n);
+    }
+    sim.send(
+        s,
+        Request::Finished(PeerFinished {
+            content_length: 4 << 20,
+        }),
+    );
+    sim.piece(a, 0);
+    let out = sim.st.peer_left(s);
+    assert_eq!(triggers(&out), vec![(seed, TASK.to_owned())]);
+    let out = sim.st.host_left(seed);
+    assert_eq!(origin_pieces_to(&out, a), vec![1, 2, 3]);
+}
+
+#[test]
+fn lost_pieces_are_fetched_from_the_origin_once_when_no_seed_is_left() {
+    let mut sim = Sim::new();
+    let (a, b, out) = swarm_losing_its_seed(&mut sim, false);
+    assert!(triggers(&out).is_empty());
+    let got_a = origin_pieces_to(&out, a);
+    let got_b = origin_pieces_to(&out, b);
+    // Only the pieces no live peer has, each to one peer only.
+    let mut all: Vec<u32> = got_a.iter().chain(&got_b).copied().collect();
+    all.sort();
+    assert_eq!(all, vec![3, 4, 5, 6, 7], "a: {got_a:?}, b: {got_b:?}");
+    assert!(!got_a.is_empty() && !got_b.is_empty());
+
+    // Nothing new is lost: a third peer leaving without pieces sends nobody to the origin.
+    let (c, _) = sim.register("peer-c", "host-c", false);
+    let out = sim.st.peer_left(c);
+    assert!(origin_pieces_to(&out, a).is_empty() && origin_pieces_to(&out, b).is_empty());
+
+    // a leaves before fetching its run: its run and the pieces only it held go to b.
+    let out = sim.st.peer_left(a);
+    let mut again = origin_pieces_to(&out, b);
+    again.sort();
+    let mut expected: Vec<u32> = got_a.iter().copied().chain([0, 1]).collect();
+    expected.sort();
+    assert_eq!(again, expected);
+}
+
+#[test]
+fn lost_pieces_trigger_another_live_seed_first() {
+    let mut sim = Sim::new();
+    let (a, b, out) = swarm_losing_its_seed(&mut sim, true);
+    assert_eq!(triggers(&out).len(), 1, "{out:?}");
+    assert!(back_to_source(&out, a).is_none() && back_to_source(&out, b).is_none());
+}
+
+#[test]
+fn nothing_is_fetched_again_while_live_peers_hold_every_piece() {
+    let mut sim = Sim::new();
+    let seed = sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 2 << 20);
+    sim.piece(s, 0);
+    sim.piece(s, 1);
+    sim.piece(a, 0);
+    sim.piece(a, 1);
+    let mut out = sim.st.host_left(seed);
+    out.extend(sim.st.peer_left(s));
+    assert!(back_to_source(&out, a).is_none(), "{out:?}");
+    assert!(triggers(&out).is_empty());
+}

@@ -1,0 +1,272 @@
+//! Issue 23: the only seed peer killed mid-burst while the origin is up. Pieces the
+//! (super-seeding) seed never sent exist nowhere but at the origin; the scheduler must send
+//! peers there for those pieces only (bounded Range requests), so that every download
+//! finishes and the origin serves less than two copies. Nothing here asserts a duration: the
+//! kill waits for bytes to flow by polling counters.
+
+use std::time::Duration;
+use testkit::poll::{daemon_config, metric, scrape, wait_until};
+use testkit::{Cluster, ClusterOptions, Origin};
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    // The seed uploads slowly, so that it dies with most pieces never sent to anyone.
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    for n in 1..=3 {
+        cluster
+            .add_daemon(false, &[])
+            .await
+            .unwrap_or_else(|e| panic!("peer-{n}: {e:#}"));
+    }
+    let peers: Vec<_> = (1..=3).map(|n| cluster.peer(n)).collect();
+    let seed = cluster.seed(1);
+    let size = 24 * MIB + 5;
+    let content = origin.add_file("/lost.bin", size, 31);
+    let url = origin.url("/lost.bin");
+    let outs: Vec<_> = (1..=3)
+        .map(|n| cluster.dir().join(format!("p{n}.out")))
+        .collect();
+
+    let cl = &cluster;
+    let (r1, r2, r3, killed) = tokio::join!(
+        cl.download_verified(peers[0], &url, &outs[0], &content),
+        cl.download_verified(peers[1], &url, &outs[1], &content),
+        cl.download_verified(peers[2], &url, &outs[2], &content),
+        async {
+            let peers = &peers;
+            wait_until(
+                "the peers receive 2 MiB from the seed",
+                Duration::from_secs(30),
+                || async move {
+                    let mut from_seed = 0;
+                    for p in peers {
+                        from_seed += p.stats().await?.bytes_from_seed;
+                    }
+                    Ok(from_seed >= 2 * MIB)
+                },
+            )
+            .await?;
+            let uploaded = seed.stats().await?.bytes_uploaded;
+            cl.kill(seed);
+            anyhow::Ok(uploaded)
+        }
+    );
+    let uploaded = killed.expect("killing the seed mid-burst");
+    for (n, r) in [r1, r2, r3].into_iter().enumerate() {
+        r.unwrap_or_else(|e| {
+            cluster.dump_logs();
+            panic!(
+                "peer-{} should finish after the only seed died: {e:#}",
+                n + 1
+            )
+        });
+    }
+    assert!(
+        uploaded < size,
+        "the seed was killed after it had uploaded a whole copy ({uploaded} of {size} bytes)"
+    );
+    assert!(!seed.is_running());
+
+    let log: Vec<_> = origin
+        .request_log()
+        .into_iter()
+        .filter(|r| r.path == "/lost.bin")
+        .collect();
+    // The seed's first request is open-ended (`bytes=0-`: the size is unknown); every later
+    // request, made by the peers for the lost pieces, names a bounded run.
+    let open_ended = log
+        .iter()
+        .filter(|r| {
+            r.range
+                .as_deref()
+                .is_none_or(|v| v.trim_end().ends_with('-'))
+        })
+        .count();
+    assert_eq!(
+        open_ended, 1,
+        "only the seed's first request may be open-ended: {log:#?}"
+    );
+    assert!(
+        log.len() >= 2,
+        "the peers should have fetched the lost pieces from the origin: {log:#?}"
+    );
+    let served = origin.bytes_served();
+    assert!(
+        served < 2 * size,
+        "the origin served {served} bytes for a {size}-byte file: more than the seed's copy \
+         plus the pieces no live peer had ({log:#?})"
+    );
+    let mut partial = 0.0;
+    for p in &peers {
+        let text = scrape(p.metrics_addr).await.expect("metrics");
+        partial += metric(&text, "damselfly_lost_piece_fetches_total").unwrap_or(0.0);
+    }
+    assert!(
+        partial >= 1.0,
+        "no peer was told to fetch lost pieces from the origin"
+    );
+}
+
+/// Sends `sig` (`STOP`, `CONT`) to the daemon's process with kill(1).
+fn signal(d: &testkit::Daemon, sig: &str) {
+    let pid = d.proc.pid().expect("the daemon runs");
+    let st = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(st.success(), "kill -{sig} {pid} failed: {st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_whose_only_parent_stalls_with_the_scheduler_gone_goes_to_the_origin() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // The piece timeout is far beyond dfget's timeout (60 s): only the stall watchdog
+    // (`download.stall_timeout`) can save this download.
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "stall.yaml",
+        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 2s\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let (seed, p1) = (cluster.seed(1), cluster.peer(1));
+    let size = 16 * MIB + 9;
+    let content = origin.add_file("/stall.bin", size, 32);
+    let url = origin.url("/stall.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from the seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        // The seed stops without closing anything: its streams to peer-1 stay open. The
+        // scheduler is killed too, so that nothing but peer-1's own stall watchdog can
+        // notice (the scheduler's keepalive would otherwise find the stopped seed).
+        signal(seed, "STOP");
+        cl.scheduler().kill();
+        anyhow::Ok(p1.stats().await?)
+    });
+    let at_stop = stopped.expect("stopping the seed");
+    let result = r;
+    signal(seed, "CONT");
+    result.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish from the origin once its parent stalled: {e:#}")
+    });
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "the seed stopped after peer-1 had everything ({at_stop:?})"
+    );
+    let s = p1.stats().await.expect("Stats of peer-1");
+    assert!(
+        s.bytes_from_origin > 0,
+        "peer-1 should have fetched the rest from the origin: {s:?}"
+    );
+    let text = scrape(p1.metrics_addr).await.expect("metrics");
+    let stalls = metric(&text, "damselfly_download_stalls_total").unwrap_or(0.0);
+    // No scheduler: the first stall goes to the origin for what is missing.
+    assert!(
+        stalls >= 1.0,
+        "the stall watchdog should have fired, saw {stalls}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // A short piece timeout, and a stall watchdog that never fires in this test: only the
+    // piece timeout can tell the stopped parent from a slow one.
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "piece-timeout.yaml",
+        "data_plane:\n  piece_timeout: 2s\ndownload:\n  stall_timeout: 10m\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(true, &slow).await.expect("seed-2");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let p1 = cluster.peer(1);
+    let size = 16 * MIB + 11;
+    let content = origin.add_file("/stalled.bin", size, 33);
+    let url = origin.url("/stalled.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from a seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        let mut victim = None;
+        for s in cl.seeds() {
+            if s.stats().await?.bytes_uploaded > 0 {
+                victim = Some(s);
+            }
+        }
+        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let at_stop = p1.stats().await?;
+        signal(victim, "STOP");
+        anyhow::Ok((victim, at_stop))
+    });
+    let (victim, at_stop) = stopped.expect("stopping the serving seed");
+    let result = r;
+    signal(victim, "CONT");
+    result.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish after its parent stalled: {e:#}")
+    });
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "{} stopped after peer-1 had everything ({at_stop:?})",
+        victim.name
+    );
+    let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
+    let dropped = log.lines().any(|l| {
+        l.contains("parent dropped: no response within")
+            && l.contains(&format!("parent={}", victim.name))
+    });
+    assert!(
+        dropped,
+        "peer-1 should have dropped the stopped {} on the piece timeout:\n{}",
+        victim.name,
+        p1.proc.log_tail(30)
+    );
+}
