@@ -11,9 +11,14 @@
 //! (`skip <test>` or `real <test>`) so that `scripts/test.sh` can say in its summary how many
 //! tests ran with their real parts and how many skipped.
 //!
+//! [`fuzz`] reads the fuzz targets' seed corpora for the replay tests (`tests/fuzz_corpus.rs`
+//! in each fuzzed crate).
+//!
 //! No dependencies: every crate's tests may use it as a dev-dependency.
 
 use std::io::Write as _;
+
+pub mod fuzz;
 
 /// Environment variable: when set to anything but empty or `0`, a missing real part fails the
 /// test instead of skipping it.
