@@ -17,17 +17,33 @@ command -v containerd >/dev/null 2>&1 || need+=(containerd)
 # The burst lab test's BitTorrent phase (the lab would install them itself; here up front).
 command -v aria2c >/dev/null 2>&1 || need+=(aria2)
 command -v opentracker >/dev/null 2>&1 || need+=(opentracker)
+# The burst lab (network namespaces, tc; curl for its HTTP baseline) and the full-disk test
+# (mount of a tmpfs).
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v mount >/dev/null 2>&1 || need+=(mount)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]} for the tests ..."
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
     else
-        echo "note: ${need[*]} missing and cannot be installed here; the tests that need them will say SKIP" >&2
+        echo "note: ${need[*]} missing and cannot be installed here; the tests that need them will say SKIP" \
+             "(or fail, with DAMSELFLY_STRICT=1 as in CI)" >&2
     fi
 fi
 start=$(date +%s)
+# Each test that needs a real part (Postgres, Chromium, a registry, namespaces, root) appends
+# `real <test>` or `skip <test>` here (the `needs` crate); with DAMSELFLY_STRICT=1 a skip is a
+# failure instead.
+DAMSELFLY_REAL_PARTS_LOG=$(mktemp)
+export DAMSELFLY_REAL_PARTS_LOG
+trap 'rm -f "$DAMSELFLY_REAL_PARTS_LOG"' EXIT
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+real=$(grep -c '^real ' "$DAMSELFLY_REAL_PARTS_LOG" || true)
+skipped=$(grep -c '^skip ' "$DAMSELFLY_REAL_PARTS_LOG" || true)
+echo "tests with real parts: $real ran with them, $skipped skipped (strict mode: ${DAMSELFLY_STRICT:-off})"
+grep '^skip ' "$DAMSELFLY_REAL_PARTS_LOG" | sed 's/^skip /  skipped: /' || true
 echo "test command took $(( $(date +%s) - start ))s"

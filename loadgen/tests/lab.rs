@@ -99,7 +99,10 @@ fn output_text(o: &Output) -> String {
 #[test]
 fn tiny_lab_completes_verifies_and_cleans_up() {
     if !namespaces_available() {
-        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        needs::skip(
+            "tiny_lab_completes_verifies_and_cleans_up",
+            "cannot create network namespaces here (needs root and `ip netns`: apt-get install -y iproute2)",
+        );
         return;
     }
     let prefix = format!("dflyt{}a-", std::process::id());
@@ -110,6 +113,22 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
     args.push("--svg".into());
     let svg = std::env::temp_dir().join(format!("{prefix}cdf.svg"));
     args.push(svg.display().to_string());
+
+    // Without curl there is no HTTP baseline (and no origin byte count); the P2P part runs.
+    // Checked before anything else, so that every later step sees the same phases.
+    let curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !curl {
+        needs::skip(
+            "tiny_lab_completes_verifies_and_cleans_up (HTTP baseline part)",
+            "curl not installed (apt-get install -y curl)",
+        );
+        args.push("--no-baseline".into());
+    }
+    needs::found("tiny_lab_completes_verifies_and_cleans_up");
 
     // A leftover namespace with our prefix: refused without --clean, and left alone.
     let leftover = format!("{prefix}origin");
@@ -130,16 +149,6 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
     );
     assert_eq!(namespaces(&prefix), vec![leftover.clone()]);
 
-    // Without curl there is no HTTP baseline (and no origin byte count); the P2P part runs.
-    let curl = Command::new("curl")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !curl {
-        eprintln!("note: curl missing, running without the HTTP baseline");
-        args.push("--no-baseline".into());
-    }
     // With --clean: the leftover goes, the lab runs.
     let out = Command::new(loadgen())
         .args(&args)
@@ -278,9 +287,13 @@ fn a_scarce_seed_uploads_about_one_copy() {
 #[test]
 fn sigterm_mid_run_removes_everything() {
     if !namespaces_available() {
-        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        needs::skip(
+            "sigterm_mid_run_removes_everything",
+            "cannot create network namespaces here (needs root and `ip netns`: apt-get install -y iproute2)",
+        );
         return;
     }
+    needs::found("sigterm_mid_run_removes_everything");
     let prefix = format!("dflyt{}b-", std::process::id());
     let _cleanup = Cleanup(prefix.clone());
     let dir = std::env::temp_dir().join(format!("{prefix}dir"));

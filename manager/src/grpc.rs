@@ -309,6 +309,7 @@ impl proto::manager_server::Manager for ManagerService {
                 }));
             }
             let sleep = (deadline - now).min(recheck);
+            let _parked = self.state.config_waiter();
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = tokio::time::sleep(sleep) => {}

@@ -7,6 +7,7 @@
 //! challenges are answered with the credentials. The resulting blob URLs carry the same
 //! `Authorization` header so that seed peers can fetch them.
 
+use sha2::{Digest as _, Sha256};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -276,13 +277,28 @@ impl Resolver {
         creds: Option<&Credentials>,
     ) -> Result<Resolved, RegistryError> {
         let mut auth: Option<String> = None;
+        // A reference that is a digest names the manifest's bytes: they must hash to it.
+        let by_digest = image
+            .reference
+            .starts_with("sha256:")
+            .then_some(image.reference.as_str());
         let mut manifest: Manifest = self
-            .get_json(&image.manifest_url(&image.reference), &mut auth, creds)
+            .get_json(
+                &image.manifest_url(&image.reference),
+                by_digest,
+                &mut auth,
+                creds,
+            )
             .await?;
         if let Some(list) = manifest.manifests.take() {
             let digest = pick_platform(&list, platform)?;
             manifest = self
-                .get_json(&image.manifest_url(&digest), &mut auth, creds)
+                .get_json(
+                    &image.manifest_url(&digest),
+                    Some(&digest),
+                    &mut auth,
+                    creds,
+                )
                 .await?;
             if manifest.manifests.is_some() {
                 return Err(RegistryError::BadResponse(
@@ -326,10 +342,13 @@ impl Resolver {
         })
     }
 
-    /// GETs a manifest; answers one auth challenge (updating `auth`) and retries once.
+    /// GETs a manifest; answers one auth challenge (updating `auth`) and retries once. With
+    /// `digest` (`sha256:<hex>`, the manifest was asked for by digest) the body must hash to
+    /// it, or the answer is refused: a registry (or anything between) cannot swap the layers.
     async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         url: &str,
+        digest: Option<&str>,
         auth: &mut Option<String>,
         creds: Option<&Credentials>,
     ) -> Result<T, RegistryError> {
@@ -365,6 +384,15 @@ impl Resolver {
                 });
             }
             let body = read_limited(resp, url).await?;
+            if let Some(want) = digest {
+                check_digest(want)?;
+                let got = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+                if got != want {
+                    return Err(RegistryError::BadResponse(format!(
+                        "{url}: manifest does not match its digest (got {got})"
+                    )));
+                }
+            }
             return serde_json::from_slice(&body)
                 .map_err(|e| RegistryError::BadResponse(format!("{url}: {e}")));
         }

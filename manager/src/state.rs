@@ -30,6 +30,19 @@ pub struct ManagerState {
     /// after its instance reconnected does not mark the new one inactive.
     streams: Mutex<HashMap<(InstanceKind, u64), u64>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// `GetConfig` calls parked right now, waiting for a change (see [`ConfigWaiter`]).
+    config_waiters: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts one `GetConfig` call as parked (waiting for a change, its deadline or shutdown)
+/// while it lives; from [`ManagerState::config_waiter`].
+#[derive(Debug)]
+pub struct ConfigWaiter<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ConfigWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for ManagerState {
@@ -58,6 +71,7 @@ impl ManagerState {
             shutdown,
             streams: Mutex::new(HashMap::new()),
             next_stream: std::sync::atomic::AtomicU64::new(1),
+            config_waiters: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -69,6 +83,20 @@ impl ManagerState {
     /// A receiver that sees [`notify_config_changed`](Self::notify_config_changed).
     pub fn subscribe_config_changes(&self) -> watch::Receiver<u64> {
         self.config_changed.subscribe()
+    }
+
+    /// Marks a `GetConfig` call as parked until the returned guard drops.
+    pub fn config_waiter(&self) -> ConfigWaiter<'_> {
+        self.config_waiters
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ConfigWaiter(&self.config_waiters)
+    }
+
+    /// `GetConfig` calls parked right now, waiting for a change (so that a test can make the
+    /// change only once a call is really waiting for it).
+    pub fn config_waiters(&self) -> usize {
+        self.config_waiters
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A receiver that turns true at shutdown.

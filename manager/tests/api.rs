@@ -422,7 +422,13 @@ async fn missed_keepalives_and_closed_streams_mark_inactive() {
 
 #[tokio::test]
 async fn config_change_wakes_a_waiting_get_config() {
-    let (m, _dir) = manager(|_| {}).await;
+    // No periodic recheck and no deadline within the test's bound: only the change's wake-up
+    // can answer the waiting call.
+    let (m, _dir) = manager(|c| {
+        c.config.recheck_interval = Duration::from_secs(3600);
+        c.config.max_wait = Duration::from_secs(3600);
+    })
+    .await;
     let rest = Rest::new(&m);
     let mut client = grpc(&m).await;
     let request = |known_version, wait_ms| proto::GetConfigRequest {
@@ -452,9 +458,14 @@ async fn config_change_wakes_a_waiting_get_config() {
             .await
             .map(|r| r.into_inner())
     });
-    // Let the call reach the manager before the change (correctness does not depend on it:
-    // a version already newer answers at once).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The change comes only once the call is parked on the manager (a version already newer
+    // would answer at once, without any wake-up).
+    let state = m.state.clone();
+    eventually("the GetConfig call is parked", || {
+        let state = state.clone();
+        async move { state.config_waiters() == 1 }
+    })
+    .await;
     let (status, v) = rest
         .call(
             Method::PUT,
@@ -494,7 +505,13 @@ async fn config_change_wakes_a_waiting_get_config() {
 
 #[tokio::test]
 async fn shutdown_ends_open_streams() {
-    let (m, _dir) = manager(|_| {}).await;
+    // No periodic recheck and no deadline within the test's bound: only the shutdown can end
+    // the waiting GetConfig.
+    let (m, _dir) = manager(|c| {
+        c.config.recheck_interval = Duration::from_secs(3600);
+        c.config.max_wait = Duration::from_secs(3600);
+    })
+    .await;
     let mut client = grpc(&m).await;
     let s = client
         .register_scheduler(scheduler(0, "s", 8002))
@@ -529,17 +546,38 @@ async fn shutdown_ends_open_streams() {
             })
             .await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shutdown comes only once both long-lived calls are open on the manager.
+    let state = m.state.clone();
+    eventually(
+        "the keepalive stream and the GetConfig call are open",
+        || {
+            let state = state.clone();
+            async move { state.open_streams() == 1 && state.config_waiters() == 1 }
+        },
+    )
+    .await;
     tokio::time::timeout(BOUND, m.shutdown())
         .await
         .expect("shutdown finishes with streams open")
         .unwrap();
-    let _ = tokio::time::timeout(BOUND, keepalive)
+    // Each call ended because of the shutdown, and says so.
+    let keepalive = tokio::time::timeout(BOUND, keepalive)
         .await
-        .expect("keepalive ended");
-    let _ = tokio::time::timeout(BOUND, get_config)
+        .expect("keepalive ended")
+        .unwrap();
+    assert_eq!(
+        keepalive
+            .expect_err("a keepalive ended by shutdown is an error")
+            .code(),
+        tonic::Code::Unavailable
+    );
+    let config = tokio::time::timeout(BOUND, get_config)
         .await
-        .expect("get_config ended");
+        .expect("get_config ended")
+        .unwrap()
+        .expect("a waiting GetConfig is answered at shutdown");
+    assert_eq!(config.into_inner().version, 1);
+    assert_eq!(state.config_waiters(), 0);
     let end = tokio::time::timeout(BOUND, preheat.message())
         .await
         .expect("preheat ended");

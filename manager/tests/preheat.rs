@@ -25,12 +25,47 @@ fn digest(n: u8) -> String {
     format!("sha256:{}", format!("{n:02x}").repeat(32))
 }
 
+/// The linux/amd64 manifest, as the registry serves it.
+fn amd64_manifest() -> String {
+    json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(0xc0), "size": 1},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(1), "size": 10},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(2), "size": 20}
+        ]
+    })
+    .to_string()
+}
+
+/// The linux/arm64/v8 manifest, as the registry serves it.
+fn arm64_manifest() -> String {
+    json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest(3), "size": 30}]
+    })
+    .to_string()
+}
+
+/// The content digest of a manifest's bytes.
+fn sha256(body: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(body.as_bytes()))
+    )
+}
+
 #[derive(Clone)]
 struct Registry {
     addr: std::net::SocketAddr,
     /// Require the bearer token flow (with these basic credentials at the token endpoint).
     auth: bool,
     token_requests: Arc<AtomicUsize>,
+    /// Serve another (well-formed) manifest under the amd64 manifest's digest.
+    swapped: bool,
 }
 
 async fn manifests(
@@ -68,34 +103,27 @@ async fn manifests(
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
             "manifests": [
-                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(0xa0),
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(&arm64_manifest()),
                  "size": 1, "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
-                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(0xa1),
+                {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(&amd64_manifest()),
                  "size": 1, "platform": {"architecture": "amd64", "os": "linux"}}
             ]
         })
-    } else if reference == digest(0xa1) {
-        json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(0xc0), "size": 1},
-            "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(1), "size": 10},
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest(2), "size": 20}
-            ]
-        })
-    } else if reference == digest(0xa0) {
-        json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": digest(3), "size": 30}]
-        })
+        .to_string()
+    } else if reference == sha256(&amd64_manifest()) {
+        if r.swapped {
+            arm64_manifest()
+        } else {
+            amd64_manifest()
+        }
+    } else if reference == sha256(&arm64_manifest()) {
+        arm64_manifest()
     } else {
         return (StatusCode::NOT_FOUND, "{}").into_response();
     };
     (
         [("content-type", "application/vnd.oci.image.index.v1+json")],
-        body.to_string(),
+        body,
     )
         .into_response()
 }
@@ -120,11 +148,17 @@ async fn token(
 
 /// A registry imitation on 127.0.0.1:0: `/v2/<ns>/<name>/manifests/<ref>` and `/token`.
 async fn registry(auth: bool) -> Registry {
+    registry_with(auth, false).await
+}
+
+/// [`registry`], optionally serving a swapped manifest under the amd64 digest.
+async fn registry_with(auth: bool, swapped: bool) -> Registry {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let r = Registry {
         addr: listener.local_addr().unwrap(),
         auth,
         token_requests: Arc::new(AtomicUsize::new(0)),
+        swapped,
     };
     let app = Router::new()
         .route("/v2/{ns}/{name}/manifests/{reference}", get(manifests))
@@ -562,4 +596,50 @@ async fn a_restart_fails_unfinished_jobs_with_the_reason_recorded() {
         "the reason is recorded: {j}"
     );
     m.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_manifest_that_does_not_match_its_digest_is_refused() {
+    let resolver = Resolver::new(Duration::from_secs(10)).unwrap();
+    let reg = registry_with(false, true).await;
+    let image = ImageRef::parse(
+        &format!("http://{}/v2/team/app/manifests/1.0", reg.addr),
+        true,
+    )
+    .unwrap();
+    let err = resolver
+        .resolve(&image, "linux/amd64", None)
+        .await
+        .expect_err("a swapped platform manifest is refused");
+    assert!(
+        err.to_string().contains("does not match its digest"),
+        "{err}"
+    );
+    // Asked by digest directly, the same.
+    let by_digest = ImageRef::parse(
+        &format!(
+            "http://{}/v2/team/app/manifests/{}",
+            reg.addr,
+            sha256(&amd64_manifest())
+        ),
+        true,
+    )
+    .unwrap();
+    let err = resolver
+        .resolve(&by_digest, "linux/amd64", None)
+        .await
+        .expect_err("a swapped manifest asked by digest is refused");
+    assert!(
+        err.to_string().contains("does not match its digest"),
+        "{err}"
+    );
+    // The honest registry's manifests pass the same check.
+    let honest = registry_with(false, false).await;
+    let image = ImageRef::parse(
+        &format!("http://{}/v2/team/app/manifests/1.0", honest.addr),
+        true,
+    )
+    .unwrap();
+    let resolved = resolver.resolve(&image, "linux/amd64", None).await.unwrap();
+    assert_eq!(resolved.layers.len(), 2);
 }

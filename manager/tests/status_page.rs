@@ -1,5 +1,5 @@
 //! The status page renders in headless Chromium (Debian's `chromium`) and shows the live
-//! schedulers. Skips with a message when Chromium is not installed.
+//! schedulers. Skips when Chromium is not installed (fails instead with `DAMSELFLY_STRICT=1`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -21,9 +21,13 @@ fn chromium() -> Option<&'static str> {
 #[tokio::test]
 async fn status_page_renders_in_headless_chromium() {
     let Some(exe) = chromium() else {
-        eprintln!("SKIP: no chromium (apt-get install -y chromium to run this test)");
+        needs::skip(
+            "status_page_renders_in_headless_chromium",
+            "no chromium (apt-get install -y chromium)",
+        );
         return;
     };
+    needs::found("status_page_renders_in_headless_chromium");
     let (m, dir) = manager(|_| {}).await;
     let mut client = grpc(&m).await;
     client

@@ -420,9 +420,16 @@ async fn sqlite_file_is_created_and_migrations_run_once() {
 fn postgres_store() {
     let cluster = match PgCluster::start() {
         Ok(Some(c)) => c,
-        Ok(None) => return, // message printed by start()
+        Ok(None) => {
+            needs::skip(
+                "postgres_store",
+                "no Postgres binaries under /usr/lib/postgresql/*/bin (apt-get install -y postgresql)",
+            );
+            return;
+        }
         Err(e) => panic!("postgres binaries are installed but the cluster did not start: {e}"),
     };
+    needs::found("postgres_store");
     eprintln!("postgres store tests on 127.0.0.1:{}", cluster.port());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

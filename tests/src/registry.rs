@@ -9,7 +9,8 @@
 //!   `ctr images pull --hosts-dir` through a mirror.
 //!
 //! The tools are Debian packages (`docker-registry`, `skopeo`, `containerd`);
-//! [`missing_tools`] names the ones not installed so a test can say SKIP.
+//! [`missing_tools`] names the ones not installed so a test can skip with `needs::skip`
+//! (a failure in strict mode).
 
 use crate::cluster::{free_port, wait_ready, Proc};
 use crate::content;

@@ -227,18 +227,24 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     let _mount = match mounted {
         Ok(o) if o.status.success() => Mount(data.clone()),
         Ok(o) => {
-            eprintln!(
-                "SKIPPED a_full_disk_fails_the_download_cleanly: cannot mount a tmpfs \
-                 (needs root): {}",
-                String::from_utf8_lossy(&o.stderr).trim()
+            needs::skip(
+                "a_full_disk_fails_the_download_cleanly_and_frees_its_space",
+                &format!(
+                    "cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
             );
             return;
         }
         Err(e) => {
-            eprintln!("SKIPPED a_full_disk_fails_the_download_cleanly: no mount command: {e}");
+            needs::skip(
+                "a_full_disk_fails_the_download_cleanly_and_frees_its_space",
+                &format!("no mount command (apt-get install -y mount): {e}"),
+            );
             return;
         }
     };
+    needs::found("a_full_disk_fails_the_download_cleanly_and_frees_its_space");
     cluster
         .add_daemon(false, &[])
         .await

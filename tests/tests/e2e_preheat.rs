@@ -182,13 +182,16 @@ async fn sources(d: &Daemon) -> (u64, u64, u64) {
 async fn image_preheat_serves_later_pulls_through_the_mirror_from_peers() {
     let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "containerd", "ctr"]);
     if !missing.is_empty() {
-        eprintln!(
-            "SKIP image_preheat_serves_later_pulls_through_the_mirror_from_peers: {} not installed \
-             (apt-get install -y docker-registry skopeo containerd)",
-            missing.join(", ")
+        needs::skip(
+            "image_preheat_serves_later_pulls_through_the_mirror_from_peers",
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo containerd)",
+                missing.join(", ")
+            ),
         );
         return;
     }
+    needs::found("image_preheat_serves_later_pulls_through_the_mirror_from_peers");
     let tmp = tempfile::Builder::new()
         .prefix("damselfly-preheat-")
         .tempdir()

@@ -32,15 +32,20 @@ fn check(what: &str, o: &Output) {
     );
 }
 
-/// Whether the registry tools are installed; prints why the test is skipped when not.
+/// Whether the registry tools are installed; skips (fails in strict mode) naming the missing
+/// ones when not.
 fn tools_or_skip(test: &str) -> bool {
     let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
     if missing.is_empty() {
+        needs::found(test);
         return true;
     }
-    eprintln!(
-        "SKIP {test}: {} not installed (apt-get install -y docker-registry skopeo containerd)",
-        missing.join(", ")
+    needs::skip(
+        test,
+        &format!(
+            "{} not installed (apt-get install -y docker-registry skopeo containerd)",
+            missing.join(", ")
+        ),
     );
     false
 }
@@ -240,9 +245,13 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
             );
         }
     } else {
-        eprintln!(
-            "NOTE: {} not installed; host 2 pulls with skopeo only",
-            ctr_missing.join(", ")
+        // Host 2 pulls with skopeo only; in strict mode, containerd must be there.
+        needs::skip(
+            "image_pulls_through_two_proxies_leave_the_registry_once (containerd part)",
+            &format!(
+                "{} not installed (apt-get install -y containerd)",
+                ctr_missing.join(", ")
+            ),
         );
     }
     let out2 = work.join("pull-2");

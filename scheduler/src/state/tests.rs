@@ -292,10 +292,22 @@ fn failed_seed_is_skipped_even_when_it_comes_back() {
     assert_eq!(triggers(&out), vec![(s1, TASK.to_owned())]);
     let out = sim.st.host_left(s1);
     assert_eq!(back_to_source(&out, a).as_deref(), Some(REASON_NO_SEED));
-    // A source peer is now fetching: later peers wait without a trigger.
-    sim.announce("s1", true);
-    let (_, out) = sim.register("peer-b", "host-b", false);
+    // s1 comes back; peer-b waits for peer-a, which fetches from the origin.
+    let s1_again = sim.announce("s1", true);
+    let (b, out) = sim.register("peer-b", "host-b", false);
     assert!(out.is_empty(), "{out:?}");
+    // peer-a leaves before the size is known: somebody must fetch the task again. s1 is a
+    // live seed host, but it failed this task, so it is not asked again: peer-b goes to the
+    // origin itself.
+    let out = sim.st.peer_left(a);
+    assert!(
+        triggers(&out).is_empty(),
+        "the seed that failed this task was triggered again: {out:?}"
+    );
+    assert_eq!(back_to_source(&out, b).as_deref(), Some(REASON_NO_SEED));
+    // For another task s1 is a seed like any other.
+    let (_, out) = sim.register_task("task-2", "peer-c", "host-c", false, false);
+    assert_eq!(triggers(&out), vec![(s1_again, "task-2".to_owned())]);
 }
 
 #[test]
@@ -367,43 +379,41 @@ fn new_peers_are_pushed_to_peers_short_of_parents() {
 
 #[test]
 fn a_peer_gets_several_parents_best_first() {
+    // Only the pieces-ahead term counts, so that "best" is plain: more pieces is better.
     let mut sim = Sim::with(SchedulingConfig {
-        candidate_parent_limit: 1,
-        normal_upload_slots: 4,
+        candidate_parent_limit: 3,
+        parent_limit: 8,
+        filter_parent_limit: 16,
+        normal_upload_slots: 16,
+        weights: crate::config::EvaluatorWeights {
+            load: 0.0,
+            idc: 0.0,
+            location: 0.0,
+            host_type: 0.0,
+            bandwidth: 0.0,
+            pieces: 1.0,
+        },
         ..SchedulingConfig::default()
     });
     let (src, _) = sim.register("src", "host-src", true);
     sim.meta(src, 16 << 20);
-    let (busy, _) = sim.register("busy", "h-busy", false);
-    // Three children of busy (pushed or chosen), then a child that must pick between src
-    // (1 child of 20 slots... normal host: 4 slots) and the others by load.
-    for i in 0..3 {
-        let (k, _) = sim.register(&format!("c{i}"), &format!("hc{i}"), false);
-        let _ = k;
+    // Four serving peers holding 1, 4, 8 and 16 of the 16 pieces, registered worst first.
+    for n in 0..16 {
+        sim.piece(src, n);
     }
-    let load = |sim: &Sim, host: &str| {
-        sim.st
-            .peers
-            .values()
-            .find(|p| p.host.id == host)
-            .map(|p| p.children.len())
-            .unwrap()
-    };
-    let (x, out) = sim.register("x", "h-x", false);
-    let got = parents_to(&out, x);
-    assert_eq!(got.len(), 1);
-    // The chosen parent had the least load among those of equal type.
-    let chosen = load(&sim, &got[0]) - 1;
-    for h in ["h-busy", "hc0", "hc1", "hc2"] {
-        if h != got[0] {
-            assert!(
-                load(&sim, h) >= chosen,
-                "{h} was less loaded than {}",
-                got[0]
-            );
+    for (name, pieces) in [("one", 1), ("four", 4), ("eight", 8)] {
+        let (k, _) = sim.register(name, &format!("host-{name}"), false);
+        for n in 0..pieces {
+            sim.piece(k, n);
         }
     }
-    let _ = busy;
+    let (x, out) = sim.register("x", "host-x", false);
+    // Several parents at once (candidate_parent_limit), the best first.
+    assert_eq!(
+        parents_to(&out, x),
+        vec!["host-src", "host-eight", "host-four"],
+        "{out:?}"
+    );
 }
 
 #[test]
