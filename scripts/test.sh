@@ -29,5 +29,7 @@ start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
+# Kubernetes manifests, systemd units, compose file (offline; flags checked against these binaries).
+scripts/check-deploy.sh
 cargo test --workspace
 echo "test command took $(( $(date +%s) - start ))s"
