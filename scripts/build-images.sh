@@ -96,6 +96,7 @@ for b in "${bins[@]}"; do
         || fail "$b --version in the image: $out"
     case $out in *"$version"*) ;; *) fail "$b --version in the image printed '$out', not version $version" ;; esac
     echo "build-images: image runs: $out"
+    case $out in *"(rev ${revision:0:12})"*) ;; *) echo "build-images: note: $b was not built from HEAD ${revision:0:12}" >&2 ;; esac
 done
 buildah --storage-driver "$driver" umount "$ctr" >/dev/null
 config=$(buildah --storage-driver "$driver" inspect --type image "$tag")

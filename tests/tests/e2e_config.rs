@@ -63,7 +63,7 @@ fn git_revision() -> Option<String> {
 #[test]
 fn version_shows_the_git_revision() {
     let rev = git_revision().unwrap_or_else(|| "unknown".into());
-    for name in ["dfdaemon", "scheduler", "manager"] {
+    for name in ["dfdaemon", "scheduler", "manager", "dfget", "dfcache"] {
         let out = command(name)
             .arg("--version")
             .stdout(Stdio::piped())
