@@ -3,6 +3,8 @@
 
   check_deploy.py manifests RENDERED.yaml...   ServiceMonitor selects Services with a `metrics`
                                                port; PrometheusRule groups extracted for promtool
+                                               (to $RULES_OUT), every metric they name is one
+                                               the code registers
   check_deploy.py compose deploy/compose.yaml  the compose file's structure
   check_deploy.py flags BIN_DIR FILE...        every `--flag` given to a Damselfly binary in
                                                FILE (YAML or systemd unit) exists in that
@@ -57,9 +59,29 @@ def manifests(paths, rules_out):
                 groups.extend(g)
         elif kind and "monitoring.coreos.com" in str(d.get("apiVersion")):
             bad(f"{kind}/{name}: no check for this kind")
+    known = registered_metrics()
+    for g in groups:
+        for r in g.get("rules") or []:
+            for m in set(re.findall(r"\bdamselfly_[a-z0-9_]+", str(r.get("expr", "")))):
+                base = re.sub(r"_(total|bucket|sum|count)$", "", m)
+                if base not in known and m not in known:
+                    bad(f"rule {r.get('alert') or r.get('record')}: no metric {m} in the code")
     if rules_out:
         with open(rules_out, "w", encoding="utf-8") as f:
             yaml.safe_dump({"groups": groups}, f)
+
+
+def registered_metrics():
+    """Every `"damselfly_..."` string literal in the crates' sources (the metric names)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    names = set()
+    for crate in ("controlplane", "dataplane", "scheduler", "manager"):
+        for dirpath, _, files in os.walk(os.path.join(root, crate, "src")):
+            for f in files:
+                if f.endswith(".rs"):
+                    with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
+                        names.update(re.findall(r'"(damselfly_[a-z0-9_]+)"', fh.read()))
+    return names
 
 
 def selects(sel, labels):
