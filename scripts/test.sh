@@ -41,6 +41,8 @@ trap 'rm -f "$DAMSELFLY_REAL_PARTS_LOG"' EXIT
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
+# Kubernetes manifests, systemd units, compose file (offline; flags checked against these binaries).
+scripts/check-deploy.sh
 cargo test --workspace
 real=$(grep -c '^real ' "$DAMSELFLY_REAL_PARTS_LOG" || true)
 skipped=$(grep -c '^skip ' "$DAMSELFLY_REAL_PARTS_LOG" || true)

@@ -5,38 +5,56 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use damselfly_manager::{init_tracing, run, shutdown_signal, Config};
+use damselfly_manager::{run, shutdown_signal, Config};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Damselfly manager: scheduler clusters, keepalive, dynamic config, REST API, preheat.
 #[derive(Debug, Parser)]
-#[command(name = "manager", version)]
+#[command(
+    name = "manager",
+    version = damselfly_common::VERSION,
+    after_help = "Precedence: config file, then environment variables, then flags. The config file is \
+--config, else $MANAGER_CONFIG, else /etc/damselfly/manager.yaml when it exists."
+)]
 struct Args {
     /// YAML configuration file (every key has a default; unknown keys are errors).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "MANAGER_CONFIG")]
     config: Option<PathBuf>,
+    /// Log format: text or json (one JSON object per line).
+    #[arg(long, env = "MANAGER_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
+    log_format: damselfly_common::LogFormat,
     /// gRPC listen address; overrides `server.grpc` (default 0.0.0.0:65003).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "MANAGER_GRPC")]
     grpc: Option<SocketAddr>,
     /// REST API and status page listen address; overrides `server.rest` (default 0.0.0.0:8080).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "MANAGER_REST")]
     rest: Option<SocketAddr>,
     /// Database URL; overrides `database.url` (default sqlite:///var/lib/damselfly/manager.db).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "MANAGER_DATABASE")]
     database: Option<String>,
     /// Serve Prometheus metrics (`/metrics`, `/healthy`) on this address; sets
     /// `metrics.enable` and `metrics.listen` (Dragonfly's port: 8000).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "MANAGER_METRICS")]
     metrics: Option<SocketAddr>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
-    let mut config = match args.config.as_deref().map(Config::load).transpose() {
+    damselfly_common::init_logs("info", args.log_format);
+    let mut config = match damselfly_common::config_path(
+        args.config.as_deref(),
+        &damselfly_common::default_config_path("manager"),
+    )
+    .as_deref()
+    .map(|p| {
+        tracing::info!("config file {}", p.display());
+        Config::load(p)
+    })
+    .transpose()
+    {
         Ok(config) => config.unwrap_or_default(),
         Err(e) => {
             tracing::error!("{e:#}");

@@ -5,41 +5,59 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use damselfly_scheduler::{init_tracing, run, Config};
+use damselfly_scheduler::{run, Config};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Damselfly scheduler: picks parents for peers, triggers seed peers.
 #[derive(Debug, Parser)]
-#[command(name = "scheduler", version)]
+#[command(
+    name = "scheduler",
+    version = damselfly_common::VERSION,
+    after_help = "Precedence: config file, then environment variables, then flags. The config file is \
+--config, else $SCHEDULER_CONFIG, else /etc/damselfly/scheduler.yaml when it exists."
+)]
 struct Args {
     /// YAML configuration file (every key has a default).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "SCHEDULER_CONFIG")]
     config: Option<PathBuf>,
+    /// Log format: text or json (one JSON object per line).
+    #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
+    log_format: damselfly_common::LogFormat,
     /// gRPC listen address; overrides `server.listen` (default 0.0.0.0:8002).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SCHEDULER_LISTEN")]
     listen: Option<SocketAddr>,
     /// Manager gRPC address host:port; overrides `manager.addr` (default: no manager).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SCHEDULER_MANAGER")]
     manager: Option<String>,
     /// IP daemons reach this scheduler on, registered with the manager; overrides
     /// `manager.advertise_ip` (default: the listen IP, or the one that reaches the manager).
-    #[arg(long, value_name = "IP")]
+    #[arg(long, value_name = "IP", env = "SCHEDULER_ADVERTISE_IP")]
     advertise_ip: Option<std::net::IpAddr>,
     /// Serve Prometheus metrics (`/metrics`, `/healthy`) on this address; sets
     /// `metrics.enable` and `metrics.listen` (Dragonfly's port: 8000).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SCHEDULER_METRICS")]
     metrics: Option<SocketAddr>,
     /// Tokio worker threads; overrides `server.worker_threads` (default: one per CPU).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SCHEDULER_WORKER_THREADS")]
     worker_threads: Option<usize>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing();
-    let config = match args.config.as_deref().map(Config::load).transpose() {
+    damselfly_common::init_logs("info", args.log_format);
+    let config = match damselfly_common::config_path(
+        args.config.as_deref(),
+        &damselfly_common::default_config_path("scheduler"),
+    )
+    .as_deref()
+    .map(|p| {
+        tracing::info!("config file {}", p.display());
+        Config::load(p)
+    })
+    .transpose()
+    {
         Ok(config) => config.unwrap_or_default(),
         Err(e) => {
             tracing::error!("{e:#}");

@@ -16,7 +16,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "dfcache",
-    version,
+    version = damselfly_common::VERSION,
     about = "Put files into the Damselfly P2P network and get them back, without an origin"
 )]
 struct Cli {

@@ -12,56 +12,62 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "dfdaemon",
-    version,
-    about = "Damselfly daemon: P2P peer (or seed peer) of a host"
+    version = damselfly_common::VERSION,
+    about = "Damselfly daemon: P2P peer (or seed peer) of a host",
+    after_help = "Precedence: config file, then environment variables, then flags. The config file is \
+--config, else $DFDAEMON_CONFIG, else /etc/damselfly/dfdaemon.yaml when it exists."
 )]
 struct Args {
-    /// YAML config file (see the controlplane README for every key and its default).
-    #[arg(short, long)]
+    /// YAML config file (see the controlplane README for every key and its default);
+    /// default /etc/damselfly/dfdaemon.yaml when it exists.
+    #[arg(short, long, env = "DFDAEMON_CONFIG")]
     config: Option<PathBuf>,
+    /// Log format: text or json (one JSON object per line).
+    #[arg(long, env = "DFDAEMON_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
+    log_format: damselfly_common::LogFormat,
     /// Run as a seed peer (seed_peer.enable).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_SEED")]
     seed: bool,
-    /// Scheduler address host:port (scheduler.addrs); repeat for several.
-    #[arg(long = "scheduler")]
+    /// Scheduler address host:port (scheduler.addrs); repeat, or separate with commas.
+    #[arg(long = "scheduler", env = "DFDAEMON_SCHEDULER", value_delimiter = ',')]
     schedulers: Vec<String>,
     /// Storage directory (storage.dir).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Local API Unix socket (local_api.socket).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_SOCKET")]
     socket: Option<PathBuf>,
     /// Data-plane TCP port (data_plane.listen's port; 0 picks a free one).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_DATA_PORT")]
     data_port: Option<u16>,
     /// IP advertised to other peers (host.ip).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_IP")]
     ip: Option<String>,
     /// Host id (host.id).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_HOST_ID")]
     host_id: Option<String>,
     /// Metrics address (metrics.listen); an empty string disables it.
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_METRICS")]
     metrics: Option<String>,
-    /// Manager address host:port (manager.addrs); repeat for several.
-    #[arg(long = "manager")]
+    /// Manager address host:port (manager.addrs); repeat, or separate with commas.
+    #[arg(long = "manager", env = "DFDAEMON_MANAGER", value_delimiter = ',')]
     managers: Vec<String>,
     /// Data-plane threads (data_plane.threads; 0 = one per core).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_THREADS")]
     threads: Option<usize>,
     /// Serve the registry mirror proxy on this address (proxy.enable + proxy.listen).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_PROXY")]
     proxy: Option<SocketAddr>,
     /// Default upstream registry of the proxy, e.g. https://index.docker.io
     /// (proxy.registry_mirror).
-    #[arg(long)]
+    #[arg(long, env = "DFDAEMON_REGISTRY_MIRROR")]
     registry_mirror: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
-    damselfly_cli::init_logs("info");
-    damselfly_cli::raise_nofile_limit();
     let args = Args::parse();
+    damselfly_common::init_logs("info", args.log_format);
+    damselfly_cli::raise_nofile_limit();
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -72,8 +78,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut cfg = match &args.config {
-        Some(p) => DaemonConfig::load(p)?,
+    let default = damselfly_common::default_config_path("dfdaemon");
+    let mut cfg = match damselfly_common::config_path(args.config.as_deref(), &default) {
+        Some(p) => {
+            tracing::info!("config file {}", p.display());
+            DaemonConfig::load(&p)?
+        }
         None => DaemonConfig::default(),
     };
     if args.seed {

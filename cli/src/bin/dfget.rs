@@ -22,7 +22,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug)]
 #[command(
     name = "dfget",
-    version,
+    version = damselfly_common::VERSION,
     about = "Download a URL through the local Damselfly daemon"
 )]
 struct Args {
