@@ -239,9 +239,13 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
 #[test]
 fn a_scarce_seed_uploads_about_one_copy() {
     if !namespaces_available() {
-        eprintln!("SKIP: cannot create network namespaces here (needs root and `ip netns`)");
+        needs::skip(
+            "a_scarce_seed_uploads_about_one_copy",
+            "network namespaces (root and `ip netns`, Debian package iproute2)",
+        );
         return;
     }
+    needs::found("a_scarce_seed_uploads_about_one_copy");
     let prefix = format!("dflyt{}c-", std::process::id());
     let _cleanup = Cleanup(prefix.clone());
     let dir = std::env::temp_dir().join(format!("{prefix}dir"));
