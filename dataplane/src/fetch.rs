@@ -298,22 +298,16 @@ impl Session {
         Some(k as u32)
     }
 
-    /// Takes the right to write piece `n` (not stored, nobody writing it); `false`: the bytes
-    /// that follow are read and dropped.
-    fn claim(&self, n: u32) -> bool {
+    /// Takes the right to write piece `n` to the file (not stored, nobody writing it), held
+    /// until the guard drops; `None`: another connection is writing it.
+    fn claim(&self, n: u32) -> Option<Claim<'_>> {
         let mut st = self.state.borrow_mut();
         match st.writing.get_mut(n as usize) {
             Some(w) if !*w && !self.store.has(n) => {
                 *w = true;
-                true
+                Some(Claim { session: self, n })
             }
-            _ => false,
-        }
-    }
-
-    fn unclaim(&self, n: u32) {
-        if let Some(w) = self.state.borrow_mut().writing.get_mut(n as usize) {
-            *w = false;
+            _ => None,
         }
     }
 
@@ -322,9 +316,10 @@ impl Session {
     /// it goes; the piece is marked stored only when the whole piece matches `crc`. Bytes of a
     /// piece that fails the check may sit in the file, but its bit is never set, so they are
     /// never served. Chunks the transport hands over in several buffers (QUIC packets) are
-    /// written with one `pwritev`. Only the connection holding the piece's claim writes; a
-    /// second copy (endgame) is read, checked and dropped: `Ok(false)`. The chunk buffers are
-    /// handed back for reuse.
+    /// written with one `pwritev`. Only the connection holding the piece's claim writes to the
+    /// file; a second copy (endgame) is kept aside and stored only if it checks out while the
+    /// piece is still missing. `Ok(true)`: this copy was stored; `Ok(false)`: the other was.
+    /// The chunk buffers are handed back for reuse.
     #[allow(clippy::too_many_arguments)]
     async fn receive_piece<S: FetchStream>(
         &self,
@@ -336,28 +331,8 @@ impl Session {
         crc: u32,
         buf: RawChunk,
     ) -> (Result<bool, Received>, RawChunk) {
-        let claimed = self.claim(n);
-        let res = self
-            .receive_claimed(reader, stream, n, offset, len, crc, buf, claimed)
-            .await;
-        if claimed {
-            self.unclaim(n);
-        }
-        res
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn receive_claimed<S: FetchStream>(
-        &self,
-        reader: &mut FrameReader,
-        stream: &mut S,
-        n: u32,
-        offset: u64,
-        len: u64,
-        crc: u32,
-        buf: RawChunk,
-        claimed: bool,
-    ) -> (Result<bool, Received>, RawChunk) {
+        let claim = self.claim(n);
+        let claimed = claim.is_some();
         let mut buf = buf;
         // Without the claim (another copy is being written), keep the bytes aside: if this
         // copy checks out while the piece is still missing, it is written and stored then.
@@ -471,6 +446,21 @@ pub async fn emit(bridge: &Bridge, ev: Event) {
 /// in the cache between the socket read, the crc and the file write, and 4x fewer `pwrite`s,
 /// recvs and wake-ups than 256 KiB (measured: tuning.md, 2026-11-24).
 const RECEIVE_CHUNK: u64 = 1 << 20;
+
+/// The right to write one piece of a [`Session`] to the file ([`Session::claim`]).
+struct Claim<'a> {
+    session: &'a Session,
+    n: u32,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut st = self.session.state.borrow_mut();
+        if let Some(w) = st.writing.get_mut(self.n as usize) {
+            *w = false;
+        }
+    }
+}
 
 /// Why receiving a piece failed.
 enum Received {

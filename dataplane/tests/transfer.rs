@@ -35,18 +35,24 @@ fn node_with(threads: usize, shaping: ShapingConfig, pieces_in_flight: usize) ->
 }
 
 fn node_fetch(threads: usize, shaping: ShapingConfig, fetch: FetchConfig) -> Node {
+    node_cfg(
+        DataPlaneConfig {
+            threads,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            queue_capacity: 64,
+            io_uring: true,
+            fetch,
+            quic: None,
+            super_seed: None,
+        },
+        shaping,
+    )
+}
+
+fn node_cfg(cfg: DataPlaneConfig, shaping: ShapingConfig) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
-    let cfg = DataPlaneConfig {
-        threads,
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        queue_capacity: 64,
-        io_uring: true,
-        fetch,
-        quic: None,
-        super_seed: None,
-    };
     let dp = DataPlane::start(
         cfg,
         storage.clone(),
@@ -607,31 +613,16 @@ fn parents_added_right_after_the_download_starts_are_used() {
 /// pieces, and the rest went out as later copies only after that.
 #[test]
 fn a_super_seed_sends_each_piece_once_before_any_twice() {
-    let seed = {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
-        let counters = Arc::new(Counters::default());
-        let cfg = DataPlaneConfig {
+    let seed = node_cfg(
+        DataPlaneConfig {
             threads: 1,
             listen: "127.0.0.1:0".parse().expect("addr"),
             queue_capacity: 64,
             super_seed: Some(2),
             ..DataPlaneConfig::default()
-        };
-        let dp = DataPlane::start(
-            cfg,
-            storage.clone(),
-            counters.clone(),
-            Arc::new(Shaping::new(ShapingConfig::default())),
-        )
-        .expect("start");
-        Node {
-            _dir: dir,
-            storage,
-            counters,
-            dp,
-        }
-    };
+        },
+        ShapingConfig::default(),
+    );
     let id = TaskId([22; 32]);
     let data = content(24 * 16384);
     seed_task(&seed, id, &data, 16384);
