@@ -16,7 +16,12 @@ fn loadgen() -> PathBuf {
 
 /// Whether this machine lets us create a network namespace (probed with a throwaway one).
 fn namespaces_available() -> bool {
-    let probe = format!("dflyprobe{}", std::process::id());
+    // One name per probe: the tests of this file run in parallel in one process, and two
+    // probes with the same name made one of them fail with "File exists" (a false SKIP,
+    // a failure in strict mode).
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("dflyprobe{}-{n}", std::process::id());
     let ok = Command::new("ip")
         .args(["netns", "add", &probe])
         .stderr(Stdio::null())
