@@ -486,6 +486,23 @@ fn run_burst(
 
 /// Checks every finished copy's sha256 (two threads), deleting each copy afterwards unless
 /// `keep`.
+/// Verifies each run's copy and makes its result row, for a phase whose client says nothing
+/// about where its bytes came from (BitTorrent, plain HTTP).
+fn verified_results(runs: &[Burst], sha: &str, keep: bool) -> Vec<HostResult> {
+    runs.iter()
+        .zip(verify(runs, sha, keep))
+        .map(|(r, (ok, err))| HostResult {
+            host: r.host.clone(),
+            seconds: r.seconds,
+            verified: ok,
+            error: err,
+            from_origin: None,
+            from_seed: None,
+            from_peers: None,
+        })
+        .collect()
+}
+
 fn verify(runs: &[Burst], sha: &str, keep: bool) -> Vec<(bool, Option<String>)> {
     let check = |r: &Burst| -> (bool, Option<String>) {
         if let Some(e) = &r.error {
@@ -904,22 +921,8 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
                 bittorrent::PhaseRun::failed(&peers, &err)
             }
         };
-        let checks = verify(&phase.runs, &sha, a.keep);
+        let hosts_bt = verified_results(&phase.runs, &sha, a.keep);
         check_stop()?;
-        let hosts_bt = phase
-            .runs
-            .iter()
-            .zip(checks)
-            .map(|(r, (ok, err))| HostResult {
-                host: r.host.clone(),
-                seconds: r.seconds,
-                verified: ok,
-                error: err,
-                from_origin: None,
-                from_seed: None,
-                from_peers: None,
-            })
-            .collect();
         let bt = Phase::new(
             "bittorrent",
             hosts_bt,
@@ -971,21 +974,8 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         let runs = run_burst(cmds, http_timeout)?;
         let cpu1 = cpu_snapshot(&pids, tck);
         let traffic = meter.counters()?.since(&before);
-        let checks = verify(&runs, &sha, a.keep);
+        let hosts_http = verified_results(&runs, &sha, a.keep);
         check_stop()?;
-        let hosts_http = runs
-            .iter()
-            .zip(checks)
-            .map(|(r, (ok, err))| HostResult {
-                host: r.host.clone(),
-                seconds: r.seconds,
-                verified: ok,
-                error: err,
-                from_origin: None,
-                from_seed: None,
-                from_peers: None,
-            })
-            .collect();
         let http = Phase::new(
             "http",
             hosts_http,
