@@ -17,6 +17,7 @@ pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod model;
+pub mod oapi;
 pub mod preheat;
 pub mod registry;
 pub mod rest;

@@ -73,6 +73,9 @@ pub struct PreheatArgs {
     /// URL still names its own). Passed on to the scheduler: the seed peer checks the content
     /// against it; the task id follows [`wire::TaskId::for_download`].
     pub digest: String,
+    /// How long to wait for the job's results once dispatched; `None`: `preheat.job_timeout`
+    /// (the open API's `timeout`).
+    pub timeout: Option<Duration>,
 }
 
 /// Errors creating a job.
@@ -357,7 +360,7 @@ impl Preheater {
         let mut shutdown = self.shared.shutdown.clone();
         tokio::select! {
             _ = done.notified() => {}
-            _ = tokio::time::sleep(self.shared.config.job_timeout) => {}
+            _ = tokio::time::sleep(args.timeout.unwrap_or(self.shared.config.job_timeout)) => {}
             _ = crate::shutdown_requested(&mut shutdown) => {}
         }
         let mut inner = self.shared.inner.lock().await;

@@ -16,6 +16,7 @@
 //! | `POST /api/v1/jobs` | token | create a preheat job ([`CreateJob`]) |
 //! | `GET /api/v1/jobs[?limit=N]` | open | recent jobs, newest first |
 //! | `GET /api/v1/jobs/{id}` | open | one job |
+//! | `/api/v1/personal-access-tokens…`, `/oapi/v1/jobs…` | see [`crate::oapi`] | tokens, Dragonfly's open API |
 //!
 //! Writes need `Authorization: Bearer <token>`; without a valid one they answer 401. Errors
 //! are `{"message": "…"}` with 400, 401, 404, 409 or 500.
@@ -65,13 +66,14 @@ pub fn router(state: Arc<ManagerState>) -> Router {
         .route("/api/v1/seed-peers", get(list_seed_peers))
         .route("/api/v1/jobs", get(list_jobs).post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .merge(crate::oapi::routes())
         .layer(axum::middleware::from_fn(crate::metrics::track_rest))
         .with_state(state)
 }
 
 /// An error answer: status and message.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl ApiError {
     fn not_found(what: &str) -> Self {
@@ -369,6 +371,7 @@ async fn create_job(
             tag: a.tag,
             application: a.application,
             digest: a.digest,
+            timeout: None,
         })
         .await
         .map_err(|e| match e {

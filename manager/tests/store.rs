@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use damselfly_manager::model::{
     ClusterConfig, ClusterUpdate, DaemonClusterConfig, InstanceKind, InstanceState, JobState,
-    NewCluster, NewInstance, NewPreheatJob, PreheatKind, PreheatTarget, Scopes, Timestamp,
+    NewCluster, NewInstance, NewPersonalAccessToken, NewPreheatJob, PreheatKind, PreheatTarget,
+    Scopes, Timestamp, TokenState,
 };
 use damselfly_manager::store::{SqlStore, Store, StoreError};
 use damselfly_manager::testing::PgCluster;
@@ -332,6 +333,45 @@ async fn settings(store: &dyn Store) {
     assert_eq!(store.get_setting("k").await.unwrap().as_deref(), Some("v1"));
 }
 
+async fn tokens(store: &dyn Store) {
+    let t = Timestamp(1_000);
+    let new = |name: &str, hash: &str| NewPersonalAccessToken {
+        name: name.into(),
+        bio: "for harbor".into(),
+        scopes: vec!["job".into()],
+        expired_at: Timestamp(5_000),
+        token_sha256: hash.into(),
+    };
+    let a = store.create_token(new("a", "aa"), t).await.unwrap();
+    assert_eq!(
+        (a.name.as_str(), a.bio.as_str(), a.state),
+        ("a", "for harbor", TokenState::Active)
+    );
+    assert_eq!(a.scopes, ["job"]);
+    assert_eq!((a.expired_at, a.created_at), (Timestamp(5_000), t));
+    let err = store.create_token(new("b", "aa"), t).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let b = store.create_token(new("b", "bb"), t).await.unwrap();
+    assert_eq!(store.token_by_hash("bb").await.unwrap().unwrap().id, b.id);
+    assert!(store.token_by_hash("cc").await.unwrap().is_none());
+    assert!(store.revoke_token(a.id, Timestamp(2_000)).await.unwrap());
+    assert!(!store.revoke_token(9999, t).await.unwrap());
+    let a = store.get_token(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (a.state, a.updated_at),
+        (TokenState::Inactive, Timestamp(2_000))
+    );
+    let ids: Vec<u64> = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(ids, [a.id, b.id]);
+    assert!(store.get_token(9999).await.unwrap().is_none());
+}
+
 async fn concurrent_keepalives(store: Arc<dyn Store>) {
     let c = store
         .create_cluster(NewCluster {
@@ -379,6 +419,7 @@ where
     instances(&*open("instances").await).await;
     jobs(&*open("jobs").await).await;
     settings(&*open("settings").await).await;
+    tokens(&*open("tokens").await).await;
     concurrent_keepalives(open("concurrent").await).await;
 }
 
