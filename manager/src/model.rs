@@ -346,6 +346,26 @@ pub struct PreheatTarget {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The hosts that were to hold it and how each did (the seed that fetched it first; with
+    /// the `all_seed_peers` / `all_peers` scopes, every chosen host). Empty until reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<TargetHost>,
+}
+
+/// One host's outcome for one preheat target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHost {
+    /// The daemon's host id.
+    pub host_id: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Its IP.
+    pub ip: String,
+    /// `success` or `failure`.
+    pub state: JobState,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// A preheat job: have seed peers fetch a URL (or an image's layers) before peers ask.

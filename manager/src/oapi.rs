@@ -272,15 +272,17 @@ pub struct OapiPreheatArgs {
     pub password: String,
     /// `os/arch[/variant]` of a multi-platform image.
     pub platform: String,
-    /// `single_seed_peer` (default, also when empty); other scopes are refused for now.
+    /// `single_seed_peer` (default, also when empty), `all_seed_peers` or `all_peers`.
     pub scope: String,
-    /// Share of peers (scopes other than `single_seed_peer`): must be absent.
+    /// Share of the scope's hosts, 1-100 (`all_seed_peers` / `all_peers`).
     pub percentage: Option<u8>,
-    /// Number of peers (scopes other than `single_seed_peer`): must be absent.
+    /// Number of the scope's hosts, 1-200 (`all_seed_peers` / `all_peers`); before
+    /// `percentage`.
     pub count: Option<u32>,
-    /// Seed peer IPs (scopes other than `single_seed_peer`): must be absent or empty.
+    /// IPs of the scope's hosts (`all_seed_peers` / `all_peers`); before `count`.
     pub ips: Option<Vec<String>>,
-    /// Batch size of `all_peers` (accepted, unused with `single_seed_peer`).
+    /// Dragonfly's batch size of `all_peers` (accepted, unused: each scheduler asks all the
+    /// chosen hosts at once).
     pub concurrent_count: i64,
     /// Job timeout in nanoseconds (Go's `time.Duration`); 0: `preheat.job_timeout`.
     pub timeout: i64,
@@ -332,8 +334,6 @@ pub struct OapiJobArgs {
     pub kind: PreheatKind,
     /// The URLs or images, space-separated.
     pub url: String,
-    /// Always `single_seed_peer`.
-    pub scope: &'static str,
 }
 
 /// `result` of an [`OapiJob`].
@@ -363,8 +363,8 @@ pub struct OapiClusterResult {
     pub failure_tasks: Vec<OapiTask>,
 }
 
-/// One target's outcome. `hostname` and `ip` are empty: the manager learns that the
-/// cluster's seed peer fetched it, not which one.
+/// One target's outcome on one host (`hostname` and `ip` empty when no host reported, e.g.
+/// the target failed before a seed peer got it).
 #[derive(Debug, Serialize)]
 pub struct OapiTask {
     /// The blob or file URL.
@@ -388,16 +388,34 @@ impl From<PreheatJob> for OapiJob {
         let cluster = job.cluster_id.unwrap_or(0);
         let (mut success_tasks, mut failure_tasks) = (Vec::new(), Vec::new());
         for t in job.targets {
-            let task = OapiTask {
-                url: t.url,
-                hostname: String::new(),
-                ip: String::new(),
-                description: t.error,
-            };
-            match t.state {
-                JobState::Success => success_tasks.push(task),
-                JobState::Failure => failure_tasks.push(task),
-                JobState::Pending | JobState::Running => {}
+            // One entry per host that was to hold the target; without host reports (a
+            // failure before any seed got it), one for the target.
+            if t.hosts.is_empty() {
+                let task = OapiTask {
+                    url: t.url,
+                    hostname: String::new(),
+                    ip: String::new(),
+                    description: t.error,
+                };
+                match t.state {
+                    JobState::Success => success_tasks.push(task),
+                    JobState::Failure => failure_tasks.push(task),
+                    JobState::Pending | JobState::Running => {}
+                }
+                continue;
+            }
+            for h in t.hosts {
+                let task = OapiTask {
+                    url: t.url.clone(),
+                    hostname: h.hostname,
+                    ip: h.ip,
+                    description: h.error,
+                };
+                if h.state == JobState::Success {
+                    success_tasks.push(task);
+                } else {
+                    failure_tasks.push(task);
+                }
             }
         }
         Self {
@@ -409,7 +427,6 @@ impl From<PreheatJob> for OapiJob {
             args: OapiJobArgs {
                 kind: job.kind,
                 url: job.url,
-                scope: "single_seed_peer",
             },
             scheduler_cluster_ids: job.cluster_id.into_iter().collect(),
             result: OapiResult {
@@ -455,19 +472,6 @@ fn preheat_args(req: OapiCreateJob) -> Result<PreheatArgs, ApiError> {
             )))
         }
     };
-    match a.scope.as_str() {
-        "" | "single_seed_peer" => {}
-        other => {
-            return Err(bad_request(format!(
-                "scope {other:?} is not supported yet (only \"single_seed_peer\")"
-            )))
-        }
-    }
-    if a.percentage.is_some() || a.count.is_some() || a.ips.is_some_and(|v| !v.is_empty()) {
-        return Err(bad_request(
-            "percentage, count and ips go with the all_seed_peers / all_peers scopes, which are not supported yet",
-        ));
-    }
     if a.piece_length.is_some() {
         return Err(bad_request(
             "piece_length is not supported: a preheated task must have the piece length later downloads derive",
@@ -521,6 +525,10 @@ fn preheat_args(req: OapiCreateJob) -> Result<PreheatArgs, ApiError> {
         application: a.application,
         digest: String::new(),
         timeout,
+        scope: a.scope,
+        count: crate::rest::nonzero("count", a.count)?,
+        percentage: crate::rest::nonzero("percentage", a.percentage.map(u32::from))?,
+        ips: a.ips.unwrap_or_default(),
     })
 }
 

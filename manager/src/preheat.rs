@@ -4,8 +4,9 @@
 //! the image's layer blobs through [`registry`](crate::registry)) and marks it `running`;
 //! each target is sent as a [`PreheatRequest`] to one scheduler of the job's cluster that
 //! holds a `SubscribePreheat` stream open (round robin; waiting up to
-//! `preheat.dispatch_timeout` for one to connect); the scheduler has a seed peer fetch it and
-//! calls `ReportPreheatResult`. The job ends `success` when every target succeeded,
+//! `preheat.dispatch_timeout` for one to connect); the scheduler has a seed peer fetch it
+//! (and, by the job's scope, other hosts get it from peers) and calls `ReportPreheatResult`
+//! with each host's outcome. The job ends `success` when every target succeeded,
 //! `failure` on the first failed one or after `preheat.job_timeout`.
 //!
 //! Jobs live in this process while running: a manager restart fails its unfinished jobs
@@ -20,7 +21,9 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tonic::Status;
 
 use crate::config::PreheatConfig;
-use crate::model::{JobState, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, Timestamp};
+use crate::model::{
+    JobState, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, TargetHost, Timestamp,
+};
 use crate::proto;
 use crate::registry::{Credentials, ImageRef, Resolver};
 use crate::store::{Store, StoreError};
@@ -76,7 +79,21 @@ pub struct PreheatArgs {
     /// How long to wait for the job's results once dispatched; `None`: `preheat.job_timeout`
     /// (the open API's `timeout`).
     pub timeout: Option<Duration>,
+    /// Which hosts are to hold each target: `single_seed_peer` (or empty), `all_seed_peers`
+    /// or `all_peers` (Dragonfly's scopes).
+    pub scope: String,
+    /// With `all_seed_peers` / `all_peers`: at most this many hosts (1-200; 0: unset).
+    pub count: u32,
+    /// With `all_seed_peers` / `all_peers`: this share of the hosts (1-100; 0: unset), when
+    /// `count` is unset.
+    pub percentage: u32,
+    /// With `all_seed_peers` / `all_peers`: exactly the hosts with these IPs (before `count`
+    /// and `percentage`).
+    pub ips: Vec<String>,
 }
+
+/// Scopes of a preheat (Dragonfly's).
+pub const SCOPES: &[&str] = &["single_seed_peer", "all_seed_peers", "all_peers"];
 
 /// Errors creating a job.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +177,39 @@ impl Preheater {
             return Err(PreheatError::Invalid(format!(
                 "at most {MAX_URLS} urls per job, got {}",
                 urls.len()
+            )));
+        }
+        if !args.scope.is_empty() && !SCOPES.contains(&args.scope.as_str()) {
+            return Err(PreheatError::Invalid(format!(
+                "unknown scope {:?} (one of {SCOPES:?})",
+                args.scope
+            )));
+        }
+        let spread = matches!(args.scope.as_str(), "all_seed_peers" | "all_peers");
+        if !spread && (args.count != 0 || args.percentage != 0 || !args.ips.is_empty()) {
+            return Err(PreheatError::Invalid(
+                "count, percentage and ips go with the all_seed_peers and all_peers scopes".into(),
+            ));
+        }
+        if args.count > 200 {
+            return Err(PreheatError::Invalid(format!(
+                "count must be 1-200, got {}",
+                args.count
+            )));
+        }
+        if args.percentage > 100 {
+            return Err(PreheatError::Invalid(format!(
+                "percentage must be 1-100, got {}",
+                args.percentage
+            )));
+        }
+        if let Some(bad) = args
+            .ips
+            .iter()
+            .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(PreheatError::Invalid(format!(
+                "ips: {bad:?} is not an IP address"
             )));
         }
         if !args.digest.is_empty() && (kind == PreheatKind::Image || urls.len() != 1) {
@@ -279,6 +329,21 @@ impl Preheater {
         else {
             return Ok(false);
         };
+        target.hosts = result
+            .hosts
+            .iter()
+            .map(|h| TargetHost {
+                host_id: h.host_id.clone(),
+                hostname: h.hostname.clone(),
+                ip: h.ip.clone(),
+                state: if h.success {
+                    JobState::Success
+                } else {
+                    JobState::Failure
+                },
+                error: h.error.clone(),
+            })
+            .collect();
         if result.success {
             target.state = JobState::Success;
         } else {
@@ -344,6 +409,10 @@ impl Preheater {
                 digest: target.digest.clone(),
                 tag: args.tag.clone(),
                 application: args.application.clone(),
+                scope: args.scope.clone(),
+                count: args.count,
+                percentage: args.percentage,
+                ips: args.ips.clone(),
             };
             if !self.dispatch(cluster_id, request, deadline).await {
                 let _ = self
@@ -352,6 +421,7 @@ impl Preheater {
                         url: target.url.clone(),
                         success: false,
                         error: format!("no scheduler of cluster {cluster_id} connected"),
+                        hosts: Vec::new(),
                     })
                     .await;
                 break;
@@ -408,6 +478,7 @@ impl Preheater {
             digest,
             state: JobState::Pending,
             error: String::new(),
+            hosts: Vec::new(),
         };
         match kind {
             PreheatKind::File => {

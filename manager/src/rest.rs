@@ -330,6 +330,14 @@ pub struct PreheatJobArgs {
     /// against it (the task stays the URL's, as for `dfget URL --digest`). Images: not
     /// allowed (each layer carries its own digest).
     pub digest: String,
+    /// `single_seed_peer` (default), `all_seed_peers` or `all_peers`.
+    pub scope: String,
+    /// With `all_seed_peers` / `all_peers`: at most this many hosts (1-200).
+    pub count: Option<u32>,
+    /// With `all_seed_peers` / `all_peers`: this share of the hosts (1-100).
+    pub percentage: Option<u32>,
+    /// With `all_seed_peers` / `all_peers`: exactly the hosts with these IPs.
+    pub ips: Vec<String>,
 }
 
 /// Query of the job list.
@@ -372,6 +380,10 @@ async fn create_job(
             application: a.application,
             digest: a.digest,
             timeout: None,
+            scope: a.scope,
+            count: nonzero("count", a.count)?,
+            percentage: nonzero("percentage", a.percentage)?,
+            ips: a.ips,
         })
         .await
         .map_err(|e| match e {
@@ -379,6 +391,15 @@ async fn create_job(
             PreheatError::Store(e) => e.into(),
         })?;
     Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// An optional count that must not be 0 when given; 0 when absent.
+pub(crate) fn nonzero(name: &str, v: Option<u32>) -> Result<u32, ApiError> {
+    match v {
+        Some(0) => Err(ApiError::bad_request(format!("{name} must be at least 1"))),
+        Some(n) => Ok(n),
+        None => Ok(0),
+    }
 }
 
 async fn list_jobs(

@@ -203,6 +203,7 @@ mod tests {
             digest: digest.into(),
             state,
             error: error.into(),
+            hosts: Vec::new(),
         };
         let job = PreheatJob {
             id: 7,

@@ -308,6 +308,7 @@ async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
             url: req.url.clone(),
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();
@@ -322,6 +323,7 @@ async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
             url: req.url,
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await;
     assert_eq!(late.unwrap_err().code(), tonic::Code::NotFound);
@@ -415,6 +417,7 @@ async fn a_job_over_several_urls_sends_each_and_succeeds_when_all_did() {
                 url: url.clone(),
                 success: true,
                 error: String::new(),
+                hosts: Vec::new(),
             })
             .await
             .unwrap();
@@ -494,6 +497,7 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
             url: got[0].0.clone(),
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();
@@ -503,6 +507,7 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
             url: got[1].0.clone(),
             success: false,
             error: "origin said 500".into(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();

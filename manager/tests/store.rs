@@ -300,6 +300,7 @@ async fn jobs(store: &dyn Store) {
         digest: "sha256:00".into(),
         state: JobState::Success,
         error: String::new(),
+        hosts: Vec::new(),
     }];
     assert!(store
         .update_job(b.id, JobState::Success, &targets, "", Timestamp(t.0 + 1))

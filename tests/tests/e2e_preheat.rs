@@ -734,13 +734,13 @@ async fn harbor_preheats_through_the_open_api_with_a_personal_access_token() {
     assert_eq!(sha256_file(&out), layer.digest);
     assert_eq!(reg.blob_gets(&layer.digest).expect("registry log"), 1);
 
-    // Refused requests: unsupported scope, several clusters.
-    let mut all_peers = harbor_job.clone();
-    all_peers["args"]["scope"] = json!("all_peers");
+    // Refused requests: an unknown scope, several clusters.
+    let mut bad_scope = harbor_job.clone();
+    bad_scope["args"]["scope"] = json!("everyone");
     let mut two_clusters = harbor_job.clone();
     two_clusters["scheduler_cluster_ids"] = json!([cluster_id, cluster_id + 1]);
     for (body, why) in [
-        (all_peers, "scope all_peers"),
+        (bad_scope, "an unknown scope"),
         (two_clusters, "two clusters"),
     ] {
         let (status, answer) = call(
@@ -895,4 +895,197 @@ async fn a_job_in_flight_when_the_manager_dies_fails_with_the_reason_after_resta
         .await
         .expect("dfget of the file preheated after the restart");
     assert_eq!(origin.gets_of("/after.bin"), 1);
+}
+
+/// Host ids (`seed-1`, `peer-2`, …) holding all of the task of `url` (a file URL), by the
+/// scheduler's `StatTask`.
+async fn holders(cluster: &Cluster, url: &str) -> Vec<String> {
+    let id = wire::TaskId::from_url(url, &wire::task::TaskIdOptions::default())
+        .expect("task id")
+        .to_hex();
+    let info = testkit::grpc::stat_task(cluster.scheduler_addr(), &id)
+        .await
+        .expect("StatTask");
+    let mut hosts: Vec<String> = info
+        .peers
+        .iter()
+        .filter(|p| p.done)
+        .map(|p| p.host_id.clone())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// Host ids of a finished job's first target's host reports, with their states.
+fn reported_hosts(job: &Value) -> Vec<(String, String)> {
+    let mut hosts: Vec<(String, String)> = job["targets"][0]["hosts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    (
+                        h["host_id"].as_str().unwrap_or_default().to_owned(),
+                        h["state"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    hosts.sort();
+    hosts
+}
+
+/// Dragonfly's preheat scopes with real processes (a manager, a scheduler, two seed peers and
+/// three peers): `single_seed_peer` puts a file on exactly one seed peer; `all_seed_peers` on
+/// both seeds and no peer; `all_peers` on every host before any of them asks (the scheduler's
+/// `StatTask` lists a finished peer on each, the origin served the file once, and a later
+/// `dfget` finds it locally); `all_peers` with `count: 2` on exactly two hosts. The job
+/// reports each host's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_scopes_put_the_file_on_the_chosen_hosts_only() {
+    let origin = Origin::start().await.expect("origin");
+    let files: Vec<_> = (0..4u64)
+        .map(|i| origin.add_file(&format!("/scope-{i}.bin"), 2 * MIB + 100 * i, 90 + i))
+        .collect();
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 2,
+        peers: 3,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let rest = cluster.manager().expect("manager").rest();
+    let seeds = ["seed-1", "seed-2"];
+    let everyone = ["peer-1", "peer-2", "peer-3", "seed-1", "seed-2"];
+
+    // single_seed_peer: one seed, nobody else.
+    let url = origin.url("/scope-0.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "single_seed_peer"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "single_seed_peer: {job}");
+    let held = holders(&cluster, &url).await;
+    assert_eq!(
+        held.len(),
+        1,
+        "single_seed_peer: exactly one host holds it: {held:?}"
+    );
+    assert!(
+        seeds.contains(&held[0].as_str()),
+        "a seed peer holds it: {held:?}"
+    );
+    assert_eq!(
+        reported_hosts(&job),
+        [(held[0].clone(), "success".to_owned())],
+        "the job names the seed: {job}"
+    );
+
+    // all_seed_peers: both seeds, no peer.
+    let url = origin.url("/scope-1.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_seed_peers"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_seed_peers: {job}");
+    assert_eq!(holders(&cluster, &url).await, seeds, "all_seed_peers");
+    assert_eq!(
+        reported_hosts(&job),
+        seeds.map(|h| (h.to_owned(), "success".to_owned())),
+        "{job}"
+    );
+    assert_eq!(
+        origin.gets_of("/scope-1.bin"),
+        1,
+        "the origin served it once"
+    );
+
+    // all_peers: every host holds it before any of them asks.
+    let url = origin.url("/scope-2.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_peers"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_peers: {job}");
+    assert_eq!(holders(&cluster, &url).await, everyone, "all_peers");
+    assert_eq!(
+        reported_hosts(&job),
+        everyone.map(|h| (h.to_owned(), "success".to_owned())),
+        "{job}"
+    );
+    assert_eq!(
+        origin.gets_of("/scope-2.bin"),
+        1,
+        "the origin served it once"
+    );
+    let before = sources(cluster.peer(2)).await;
+    cluster
+        .download_verified(
+            cluster.peer(2),
+            &url,
+            &cluster.dir().join("scope-2.out"),
+            &files[2],
+        )
+        .await
+        .expect("dfget of a file preheated onto this host");
+    assert_eq!(
+        sources(cluster.peer(2)).await,
+        before,
+        "peer-2 fetched bytes again for a file it already held"
+    );
+    assert_eq!(origin.gets_of("/scope-2.bin"), 1);
+
+    // all_peers with a count: exactly that many hosts.
+    let url = origin.url("/scope-3.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_peers", "count": 2}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_peers count 2: {job}");
+    let held = holders(&cluster, &url).await;
+    assert_eq!(held.len(), 2, "all_peers with count 2: {held:?}");
+    assert_eq!(
+        reported_hosts(&job),
+        held.iter()
+            .map(|h| (h.clone(), "success".to_owned()))
+            .collect::<Vec<_>>(),
+        "the job names the hosts that hold it: {job}"
+    );
+
+    // Bad scopes are refused with a reason.
+    for (args, why) in [
+        (
+            json!({"type": "file", "url": url, "scope": "everyone"}),
+            "an unknown scope",
+        ),
+        (
+            json!({"type": "file", "url": url, "count": 2}),
+            "a count without a scope",
+        ),
+        (
+            json!({"type": "file", "url": url, "scope": "all_peers", "percentage": 101}),
+            "a percentage over 100",
+        ),
+    ] {
+        let (status, body) = rest
+            .write(
+                "POST",
+                "/api/v1/jobs",
+                &json!({"type": "preheat", "args": args}),
+                true,
+            )
+            .await
+            .expect("POST /api/v1/jobs");
+        assert_eq!(status, 400, "{why}: {body}");
+    }
 }
