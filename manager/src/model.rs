@@ -400,6 +400,9 @@ pub struct NewPreheatJob {
     pub url: String,
     /// Target cluster, if one.
     pub cluster_id: Option<u64>,
+    /// What a restarted manager needs to run the job again (JSON), or empty when the job
+    /// cannot be resumed (it carries credentials or headers, which are not stored).
+    pub resume_args: String,
 }
 
 /// Whether a personal access token is accepted.

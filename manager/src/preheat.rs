@@ -9,9 +9,12 @@
 //! with each host's outcome. The job ends `success` when every target succeeded,
 //! `failure` on the first failed one or after `preheat.job_timeout`.
 //!
-//! Jobs live in this process while running: a manager restart fails its unfinished jobs
-//! (they can be created again), and a scheduler must subscribe to the manager that holds
-//! the job.
+//! Jobs run in this process; their state is written to the store at every change. A job
+//! still pending or running when the manager stops (or dies) is picked up by the next start
+//! ([`Preheater::resume_unfinished`]): run again from the start under its id when its
+//! arguments were stored ([`ResumeArgs`]: everything but credentials and headers), else
+//! failed with [`NOT_RESUMABLE`]. A scheduler must subscribe to the manager that holds the
+//! job.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,6 +94,86 @@ pub struct PreheatArgs {
     /// and `percentage`).
     pub ips: Vec<String>,
 }
+
+/// What a restarted manager needs to run a job again: its arguments without credentials
+/// and headers (jobs with those are not resumable: secrets are not stored). Stored as JSON
+/// in the job's `resume_args`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ResumeArgs {
+    /// The job's URLs or images.
+    pub urls: Vec<String>,
+    /// Platform of a multi-platform image.
+    pub platform: String,
+    /// Plain HTTP to the registry.
+    pub insecure: bool,
+    /// Task tag.
+    pub tag: String,
+    /// Task application.
+    pub application: String,
+    /// A file's content digest.
+    pub digest: String,
+    /// The job's own result wait in milliseconds, if any.
+    pub timeout_ms: Option<u64>,
+    /// Scope.
+    pub scope: String,
+    /// Scope count.
+    pub count: u32,
+    /// Scope percentage.
+    pub percentage: u32,
+    /// Scope IPs.
+    pub ips: Vec<String>,
+}
+
+impl ResumeArgs {
+    /// The resumable part of `args`; `None` when it carries credentials or headers.
+    pub fn of(args: &PreheatArgs) -> Option<Self> {
+        if args.credentials.is_some() || !args.headers.is_empty() {
+            return None;
+        }
+        Some(Self {
+            urls: args.all_urls(),
+            platform: args.platform.clone(),
+            insecure: args.insecure,
+            tag: args.tag.clone(),
+            application: args.application.clone(),
+            digest: args.digest.clone(),
+            timeout_ms: args
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            scope: args.scope.clone(),
+            count: args.count,
+            percentage: args.percentage,
+            ips: args.ips.clone(),
+        })
+    }
+
+    /// The arguments of the job again (kind and cluster from the job's row).
+    pub fn into_args(self, kind: PreheatKind, cluster_id: Option<u64>) -> PreheatArgs {
+        PreheatArgs {
+            kind: Some(kind),
+            url: String::new(),
+            urls: self.urls,
+            headers: Vec::new(),
+            cluster_id,
+            credentials: None,
+            platform: self.platform,
+            insecure: self.insecure,
+            tag: self.tag,
+            application: self.application,
+            digest: self.digest,
+            timeout: self.timeout_ms.map(Duration::from_millis),
+            scope: self.scope,
+            count: self.count,
+            percentage: self.percentage,
+            ips: self.ips,
+        }
+    }
+}
+
+/// Why a restarted manager failed a job it could not resume.
+pub const NOT_RESUMABLE: &str = "manager restarted before the job finished; the job had \
+credentials or headers, which are not stored: create it again";
 
 /// Scopes of a preheat (Dragonfly's).
 pub const SCOPES: &[&str] = &["single_seed_peer", "all_seed_peers", "all_peers"];
@@ -249,12 +332,19 @@ impl Preheater {
             None => store.default_cluster().await?,
         }
         .ok_or_else(|| PreheatError::Invalid("no such cluster".into()))?;
+        let resume_args = match ResumeArgs::of(&args) {
+            Some(r) => {
+                serde_json::to_string(&r).map_err(|e| PreheatError::Invalid(e.to_string()))?
+            }
+            None => String::new(),
+        };
         let job = store
             .create_job(
                 NewPreheatJob {
                     kind,
                     url: urls.join(" "),
                     cluster_id: Some(cluster.id),
+                    resume_args,
                 },
                 Timestamp::now(),
             )
@@ -263,6 +353,45 @@ impl Preheater {
         let id = job.id;
         tokio::spawn(async move { this.run(id, kind, cluster.id, args).await });
         Ok(job)
+    }
+
+    /// Picks up the jobs a previous run of the manager left pending or running: each one
+    /// with stored arguments runs again from the start under its id (targets a seed peer
+    /// already holds succeed at once); the others (credentials or headers, not stored; or
+    /// rows from before resumption existed) fail with [`NOT_RESUMABLE`]. Returns (resumed,
+    /// failed).
+    pub async fn resume_unfinished(&self) -> Result<(usize, usize), StoreError> {
+        let store = &self.shared.store;
+        let (mut resumed, mut failed) = (0, 0);
+        for (job, raw) in store.unfinished_jobs().await? {
+            let args = (!raw.is_empty())
+                .then(|| serde_json::from_str::<ResumeArgs>(&raw).ok())
+                .flatten()
+                .filter(|a| !a.urls.is_empty());
+            let (Some(args), Some(cluster_id)) = (args, job.cluster_id) else {
+                store
+                    .update_job(
+                        job.id,
+                        JobState::Failure,
+                        &job.targets,
+                        NOT_RESUMABLE,
+                        Timestamp::now(),
+                    )
+                    .await?;
+                failed += 1;
+                continue;
+            };
+            tracing::info!(job = job.id, url = %job.url, "resuming a preheat job left unfinished by a restart");
+            store
+                .update_job(job.id, JobState::Pending, &[], "", Timestamp::now())
+                .await?;
+            let this = self.clone();
+            let args = args.into_args(job.kind, Some(cluster_id));
+            let (id, kind) = (job.id, job.kind);
+            tokio::spawn(async move { this.run(id, kind, cluster_id, args).await });
+            resumed += 1;
+        }
+        Ok((resumed, failed))
     }
 
     /// Registers a scheduler's preheat stream; returns its receiving end and a guard that
@@ -415,6 +544,12 @@ impl Preheater {
                 ips: args.ips.clone(),
             };
             if !self.dispatch(cluster_id, request, deadline).await {
+                if *self.shared.shutdown.borrow() {
+                    // Stopping: the job stays unfinished for the next start to resume.
+                    self.shared.inner.lock().await.jobs.remove(&id);
+                    tracing::info!(job = id, "manager stopping: job left for the next start");
+                    return;
+                }
                 let _ = self
                     .report(&proto::PreheatResult {
                         job_id: id,
@@ -428,14 +563,19 @@ impl Preheater {
             }
         }
         let mut shutdown = self.shared.shutdown.clone();
-        tokio::select! {
-            _ = done.notified() => {}
-            _ = tokio::time::sleep(args.timeout.unwrap_or(self.shared.config.job_timeout)) => {}
-            _ = crate::shutdown_requested(&mut shutdown) => {}
-        }
+        let stopping = tokio::select! {
+            _ = done.notified() => false,
+            _ = tokio::time::sleep(args.timeout.unwrap_or(self.shared.config.job_timeout)) => false,
+            _ = crate::shutdown_requested(&mut shutdown) => true,
+        };
         let mut inner = self.shared.inner.lock().await;
         if let Some(job) = inner.jobs.remove(&id) {
             let (mut state, mut error) = overall(&job.targets);
+            if !state.is_final() && stopping {
+                // The job stays unfinished in the database: the next start resumes it.
+                tracing::info!(job = id, "manager stopping: job left for the next start");
+                return;
+            }
             if !state.is_final() {
                 state = JobState::Failure;
                 error = "timed out waiting for seed peers".into();
@@ -558,7 +698,7 @@ impl Preheater {
                 }
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if now >= deadline || *self.shared.shutdown.borrow() {
                 return false;
             }
             // Wake on a new subscriber, or re-check a full stream every second.

@@ -274,6 +274,7 @@ async fn jobs(store: &dyn Store) {
                 kind: PreheatKind::File,
                 url: "http://origin/a".into(),
                 cluster_id: None,
+                resume_args: r#"{"urls":["http://origin/a"]}"#.into(),
             },
             t,
         )
@@ -288,6 +289,7 @@ async fn jobs(store: &dyn Store) {
                 kind: PreheatKind::Image,
                 url: "registry.local/app:1".into(),
                 cluster_id: Some(7),
+                resume_args: String::new(),
             },
             t,
         )
@@ -321,6 +323,10 @@ async fn jobs(store: &dyn Store) {
         "newest first"
     );
     assert_eq!(store.list_jobs(1).await.unwrap().len(), 1);
+    let unfinished = store.unfinished_jobs().await.unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].0.id, a.id);
+    assert_eq!(unfinished[0].1, r#"{"urls":["http://origin/a"]}"#);
     assert_eq!(store.fail_unfinished_jobs("restart", t).await.unwrap(), 1);
     let a = store.get_job(a.id).await.unwrap().unwrap();
     assert_eq!((a.state, a.error.as_str()), (JobState::Failure, "restart"));

@@ -817,23 +817,23 @@ async fn harbor_preheats_through_the_open_api_with_a_personal_access_token() {
     assert!(body.to_string().contains("expired"), "{body}");
 }
 
-/// A manager killed (SIGKILL) while a preheat job is in flight, then started again on the
-/// same SQLite database: the job is recorded as failed with the reason, not left `running`
-/// forever; the restarted manager runs new jobs.
+/// A manager killed (SIGKILL) while preheat jobs are in flight, then started again on the
+/// same SQLite database: the job without secrets is run again and succeeds once the origin
+/// answers (a peer then gets the file without the origin); the job with headers (not
+/// stored) is recorded as failed with the reason, not left `running` forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_in_flight_when_the_manager_dies_fails_with_the_reason_after_restart() {
+async fn jobs_in_flight_when_the_manager_dies_are_resumed_or_failed_with_the_reason() {
     let data = {
         let mut d = vec![0u8; (2 * MIB + 7) as usize];
         testkit::content::fill(77, 0, &mut d);
         d
     };
-    // The origin sends the first 64 KiB and stalls: the seed's fetch, and so the job, stay
-    // in flight until released.
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    // The origin sends the first 64 KiB and stalls: the seed's fetches, and so the jobs,
+    // stay in flight until released.
     let gated = registry::GatedBlob::start(data.clone(), 64 * 1024)
         .await
         .expect("gated origin");
-    let origin = Origin::start().await.expect("origin");
-    let after = origin.add_file("/after.bin", MIB + 1, 78);
     let mut cluster = Cluster::start(ClusterOptions {
         seeds: 1,
         peers: 1,
@@ -843,20 +843,28 @@ async fn a_job_in_flight_when_the_manager_dies_fails_with_the_reason_after_resta
     .await
     .expect("starting the cluster");
     let rest = cluster.manager().expect("manager").rest();
-    let id = create_preheat(
+    let url = format!("{}/stalled.bin", gated.url());
+    let resumable = create_preheat(&rest, json!({"type": "file", "url": url})).await;
+    let secret = create_preheat(
         &rest,
-        json!({"type": "file", "url": format!("{}/stalled.bin", gated.url())}),
+        json!({"type": "file", "url": format!("{}/secret.bin", gated.url()),
+               "headers": {"X-Origin-Token": "s3cret"}}),
     )
     .await;
-    poll("the seed is fetching the job's file", || {
+    poll("the seed is fetching both jobs' files", || {
         let (rest, gated) = (rest.clone(), &gated);
         async move {
-            let j = rest
-                .get_ok(&format!("/api/v1/jobs/{id}"))
-                .await
-                .unwrap_or_default();
-            let running = j["state"] == "running" && gated.requests() >= 1;
-            (running.then_some(()), j.to_string())
+            let mut seen = String::new();
+            let mut running = gated.requests() >= 2;
+            for id in [resumable, secret] {
+                let j = rest
+                    .get_ok(&format!("/api/v1/jobs/{id}"))
+                    .await
+                    .unwrap_or_default();
+                running &= j["state"] == "running";
+                seen.push_str(&j.to_string());
+            }
+            (running.then_some(()), seen)
         }
     })
     .await;
@@ -867,10 +875,13 @@ async fn a_job_in_flight_when_the_manager_dies_fails_with_the_reason_after_resta
         .expect("restarting the manager");
     let rest = cluster.manager().expect("manager").rest();
     let j = rest
-        .get_ok(&format!("/api/v1/jobs/{id}"))
+        .get_ok(&format!("/api/v1/jobs/{secret}"))
         .await
-        .expect("the job after the restart");
-    assert_eq!(j["state"], "failure", "a job the dead manager ran: {j}");
+        .expect("the job with headers after the restart");
+    assert_eq!(
+        j["state"], "failure",
+        "a job with headers the dead manager ran: {j}"
+    );
     assert!(
         j["error"]
             .as_str()
@@ -878,23 +889,32 @@ async fn a_job_in_flight_when_the_manager_dies_fails_with_the_reason_after_resta
             .contains("manager restarted before the job finished"),
         "the reason is recorded: {j}"
     );
-    gated.release();
-
-    // The scheduler subscribes to the restarted manager again; a new job runs.
-    let url = origin.url("/after.bin");
-    let id = create_preheat(&rest, json!({"type": "file", "url": url})).await;
-    let j = final_job(&rest, id).await;
-    assert_eq!(j["state"], "success", "a job on the restarted manager: {j}");
-    cluster
-        .download_verified(
-            cluster.peer(1),
-            &url,
-            &cluster.dir().join("after.out"),
-            &after,
-        )
+    let j = rest
+        .get_ok(&format!("/api/v1/jobs/{resumable}"))
         .await
-        .expect("dfget of the file preheated after the restart");
-    assert_eq!(origin.gets_of("/after.bin"), 1);
+        .expect("the resumable job after the restart");
+    assert!(
+        j["state"] == "pending" || j["state"] == "running",
+        "the job without secrets runs again: {j}"
+    );
+
+    // The origin answers: the resumed job succeeds, and a peer gets the file from the seed.
+    gated.release();
+    let j = final_job(&rest, resumable).await;
+    assert_eq!(j["state"], "success", "the resumed job: {j}");
+    let before = gated.requests();
+    let out = cluster.dir().join("stalled.out");
+    let o = cluster
+        .run_dfget(cluster.peer(1), &url, &out, Some(&digest))
+        .await
+        .expect("running dfget");
+    check("dfget of the file the resumed job preheated", &o);
+    assert_eq!(sha256_file(&out), digest);
+    assert_eq!(
+        gated.requests(),
+        before,
+        "the peer went to the origin for a preheated file"
+    );
 }
 
 /// Host ids (`seed-1`, `peer-2`, …) holding all of the task of `url` (a file URL), by the

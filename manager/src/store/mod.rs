@@ -95,8 +95,10 @@ pub trait Store: Send + Sync + 'static {
         error: &str,
         now: Timestamp,
     ) -> StoreResult<bool>;
-    /// Marks every pending or running job failed with `error` (a restarted manager cannot
-    /// resume them); returns how many.
+    /// The pending and running jobs, oldest first, each with its `resume_args` (empty: not
+    /// resumable).
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<(PreheatJob, String)>>;
+    /// Marks every pending or running job failed with `error`; returns how many.
     async fn fail_unfinished_jobs(&self, error: &str, now: Timestamp) -> StoreResult<u64>;
 
     /// Stores a new personal access token (active).

@@ -69,6 +69,7 @@ const SQLITE_MIGRATIONS: &[&[&str]] = &[
         token_sha256 TEXT NOT NULL UNIQUE,
         scopes TEXT NOT NULL, state TEXT NOT NULL,
         expired_at BIGINT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"],
+    &["ALTER TABLE preheat_jobs ADD COLUMN resume_args TEXT NOT NULL DEFAULT ''"],
 ];
 
 /// The same schema in Postgres' words.
@@ -112,6 +113,7 @@ const POSTGRES_MIGRATIONS: &[&[&str]] = &[
         token_sha256 TEXT NOT NULL UNIQUE,
         scopes TEXT NOT NULL, state TEXT NOT NULL,
         expired_at BIGINT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"],
+    &["ALTER TABLE preheat_jobs ADD COLUMN resume_args TEXT NOT NULL DEFAULT ''"],
 ];
 
 const CLUSTER_COLUMNS: &str =
@@ -604,12 +606,14 @@ impl Store for SqlStore {
     async fn create_job(&self, new: NewPreheatJob, now: Timestamp) -> StoreResult<PreheatJob> {
         let row = sqlx::query(&format!(
             "INSERT INTO preheat_jobs (kind, url, cluster_id, state, targets, error, created_at, \
-             updated_at) VALUES ($1, $2, $3, 'pending', '[]', '', $4, $4) RETURNING {JOB_COLUMNS}"
+             updated_at, resume_args) VALUES ($1, $2, $3, 'pending', '[]', '', $4, $4, $5) \
+             RETURNING {JOB_COLUMNS}"
         ))
         .bind(new.kind.as_str())
         .bind(new.url)
         .bind(new.cluster_id.map(to_db))
         .bind(now.0)
+        .bind(new.resume_args)
         .fetch_one(&self.pool)
         .await?;
         job_row(&row)
@@ -655,6 +659,18 @@ impl Store for SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<(PreheatJob, String)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS}, resume_args FROM preheat_jobs \
+             WHERE state IN ('pending', 'running') ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((job_row(r)?, r.try_get::<String, _>("resume_args")?)))
+            .collect()
     }
 
     async fn fail_unfinished_jobs(&self, error: &str, now: Timestamp) -> StoreResult<u64> {
