@@ -701,6 +701,13 @@ async fn harbor_preheats_through_the_open_api_with_a_personal_access_token() {
         .collect();
     wanted.sort();
     assert_eq!(done, wanted, "every blob of the image is a success task");
+    for t in results["success_tasks"].as_array().expect("success_tasks") {
+        assert!(
+            t["hostname"].as_str().is_some_and(|h| !h.is_empty())
+                && t["ip"].as_str().is_some_and(|ip| !ip.is_empty()),
+            "each success task names the seed peer that holds it: {t}"
+        );
+    }
     for (digest, n) in registry_blob_gets(&reg, &image) {
         assert_eq!(
             n, 1,
