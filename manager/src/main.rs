@@ -25,6 +25,20 @@ struct Args {
     /// Log format: text or json (one JSON object per line).
     #[arg(long, env = "MANAGER_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
     log_format: damselfly_common::LogFormat,
+    /// Write logs to rotated files `manager.log.<date>` in this directory instead of stderr.
+    #[arg(long, value_name = "DIR", env = "MANAGER_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// When a new log file starts (with --log-dir): hourly, daily or never.
+    #[arg(long, env = "MANAGER_LOG_ROTATION", default_value_t = damselfly_common::LogRotation::Daily)]
+    log_rotation: damselfly_common::LogRotation,
+    /// Rotated log files kept (with --log-dir), the oldest deleted first; 0 keeps all.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "MANAGER_LOG_MAX_FILES",
+        default_value_t = 7
+    )]
+    log_max_files: usize,
     /// gRPC listen address; overrides `server.grpc` (default 0.0.0.0:65003).
     #[arg(long, value_name = "ADDR", env = "MANAGER_GRPC")]
     grpc: Option<SocketAddr>,
@@ -43,7 +57,22 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    damselfly_common::init_logs("info", args.log_format);
+    let _log_guard = match damselfly_common::init_logs_with(
+        "manager",
+        "info",
+        &damselfly_common::LogOptions {
+            format: args.log_format,
+            dir: args.log_dir.clone(),
+            rotation: args.log_rotation,
+            max_files: args.log_max_files,
+        },
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("manager: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut config = match damselfly_common::config_path(
         args.config.as_deref(),
         &damselfly_common::default_config_path("manager"),

@@ -25,6 +25,20 @@ struct Args {
     /// Log format: text or json (one JSON object per line).
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
     log_format: damselfly_common::LogFormat,
+    /// Write logs to rotated files `scheduler.log.<date>` in this directory instead of stderr.
+    #[arg(long, value_name = "DIR", env = "SCHEDULER_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// When a new log file starts (with --log-dir): hourly, daily or never.
+    #[arg(long, env = "SCHEDULER_LOG_ROTATION", default_value_t = damselfly_common::LogRotation::Daily)]
+    log_rotation: damselfly_common::LogRotation,
+    /// Rotated log files kept (with --log-dir), the oldest deleted first; 0 keeps all.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "SCHEDULER_LOG_MAX_FILES",
+        default_value_t = 7
+    )]
+    log_max_files: usize,
     /// gRPC listen address; overrides `server.listen` (default 0.0.0.0:8002).
     #[arg(long, value_name = "ADDR", env = "SCHEDULER_LISTEN")]
     listen: Option<SocketAddr>,
@@ -46,7 +60,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    damselfly_common::init_logs("info", args.log_format);
+    let _log_guard = match damselfly_common::init_logs_with(
+        "scheduler",
+        "info",
+        &damselfly_common::LogOptions {
+            format: args.log_format,
+            dir: args.log_dir.clone(),
+            rotation: args.log_rotation,
+            max_files: args.log_max_files,
+        },
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("scheduler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match damselfly_common::config_path(
         args.config.as_deref(),
         &damselfly_common::default_config_path("scheduler"),

@@ -25,6 +25,20 @@ struct Args {
     /// Log format: text or json (one JSON object per line).
     #[arg(long, env = "DFDAEMON_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
     log_format: damselfly_common::LogFormat,
+    /// Write logs to rotated files `dfdaemon.log.<date>` in this directory instead of stderr.
+    #[arg(long, value_name = "DIR", env = "DFDAEMON_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// When a new log file starts (with --log-dir): hourly, daily or never.
+    #[arg(long, env = "DFDAEMON_LOG_ROTATION", default_value_t = damselfly_common::LogRotation::Daily)]
+    log_rotation: damselfly_common::LogRotation,
+    /// Rotated log files kept (with --log-dir), the oldest deleted first; 0 keeps all.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "DFDAEMON_LOG_MAX_FILES",
+        default_value_t = 7
+    )]
+    log_max_files: usize,
     /// Run as a seed peer (seed_peer.enable).
     #[arg(long, env = "DFDAEMON_SEED")]
     seed: bool,
@@ -66,7 +80,22 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    damselfly_common::init_logs("info", args.log_format);
+    let _log_guard = match damselfly_common::init_logs_with(
+        "dfdaemon",
+        "info",
+        &damselfly_common::LogOptions {
+            format: args.log_format,
+            dir: args.log_dir.clone(),
+            rotation: args.log_rotation,
+            max_files: args.log_max_files,
+        },
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("dfdaemon: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     damselfly_cli::raise_nofile_limit();
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
