@@ -175,6 +175,10 @@ pub fn registry(service: SchedulerService) -> Registry {
         "Messages sent to peers and hosts by kind",
         m.responses.clone(),
     );
+    // Every error kind from the start (at 0), so that dashboards and alerts find the series.
+    for kind in ["invalid_request", "stream_full", "stream_failed"] {
+        drop(m.errors.get_or_create(&[("kind", kind)]));
+    }
     r.register(
         "damselfly_scheduler_errors",
         "Errors by kind",
