@@ -360,6 +360,49 @@ impl Collector for DaemonCollector {
             None,
             g.metric_type(),
         )?)?;
+        // Disk: what GC measures against its watermarks (crate README, `gc:`).
+        let task_bytes: u64 = self
+            .ctx
+            .storage
+            .tasks()
+            .iter()
+            .map(|t| t.layout().content_length())
+            .sum();
+        let (fs_used, fs_size) = match dataplane::sys::fs_space(self.ctx.storage.dir()) {
+            Ok((used, avail)) => (used, used.saturating_add(avail)),
+            Err(_) => (0, 0),
+        };
+        let gc = &self.ctx.config.gc;
+        for (name, help, v) in [
+            (
+                "damselfly_storage_task_bytes",
+                "Bytes of the stored tasks (what gc.high_watermark_bytes limits)",
+                task_bytes as f64,
+            ),
+            (
+                "damselfly_storage_fs_used_bytes",
+                "Bytes used on the storage directory's filesystem",
+                fs_used as f64,
+            ),
+            (
+                "damselfly_storage_fs_size_bytes",
+                "Bytes used plus available on the storage directory's filesystem",
+                fs_size as f64,
+            ),
+            (
+                "damselfly_gc_high_watermark_bytes",
+                "gc.high_watermark_bytes (0: no byte limit)",
+                gc.high_watermark_bytes.0 as f64,
+            ),
+            (
+                "damselfly_gc_high_watermark_ratio",
+                "gc.high_watermark_percent / 100 of the filesystem (0: off)",
+                f64::from(gc.high_watermark_percent) / 100.0,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
         let q = ConstGauge::new(self.ctx.bridge.event_depth() as i64);
         q.encode(enc.encode_descriptor(
             "damselfly_bridge_event_depth",
