@@ -75,8 +75,9 @@ impl std::fmt::Display for LogFormat {
     }
 }
 
-/// How often a log file is rotated (`--log-rotation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How often a log file is rotated (`--log-rotation`, `log.rotation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogRotation {
     /// A new file every hour (`<binary>.log.YYYY-MM-DD-HH`).
     Hourly,
@@ -125,6 +126,51 @@ pub struct LogOptions {
     /// Rotated files kept, the newest ones; older files of this binary are deleted
     /// (only with [`LogOptions::dir`] and a rotation; 0 keeps every file).
     pub max_files: usize,
+}
+
+/// The `log:` section of a config file (dfdaemon, scheduler, manager); the `--log-dir`,
+/// `--log-rotation`, `--log-max-files` flags (and their variables) override each key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Write the logs to files in this directory instead of stderr (default: none, stderr).
+    pub dir: Option<PathBuf>,
+    /// `hourly`, `daily` (default) or `never`.
+    pub rotation: LogRotation,
+    /// Rotated files kept (default 7; 0 keeps all).
+    pub max_files: usize,
+}
+
+/// Default of `log.max_files` / `--log-max-files`.
+pub const DEFAULT_LOG_MAX_FILES: usize = 7;
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            rotation: LogRotation::Daily,
+            max_files: DEFAULT_LOG_MAX_FILES,
+        }
+    }
+}
+
+impl LogConfig {
+    /// The options to start logging with: this section, each key overridden by its flag or
+    /// variable when given.
+    pub fn with_overrides(
+        &self,
+        format: LogFormat,
+        dir: Option<PathBuf>,
+        rotation: Option<LogRotation>,
+        max_files: Option<usize>,
+    ) -> LogOptions {
+        LogOptions {
+            format,
+            dir: dir.or_else(|| self.dir.clone()),
+            rotation: rotation.unwrap_or(self.rotation),
+            max_files: max_files.unwrap_or(self.max_files),
+        }
+    }
 }
 
 /// Keeps the background log writer of a log file running; drop it last (at the end of
@@ -237,6 +283,36 @@ mod tests {
         assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
         assert!("xml".parse::<LogFormat>().is_err());
         assert_eq!(LogFormat::Json.to_string(), "json");
+    }
+
+    #[test]
+    fn flags_override_the_log_section_key_by_key() {
+        let file = LogConfig {
+            dir: Some(PathBuf::from("/var/log/d")),
+            rotation: LogRotation::Hourly,
+            max_files: 3,
+        };
+        let o = file.with_overrides(LogFormat::Json, None, None, Some(9));
+        assert_eq!(o.dir, Some(PathBuf::from("/var/log/d")));
+        assert_eq!(
+            (o.rotation, o.max_files, o.format),
+            (LogRotation::Hourly, 9, LogFormat::Json)
+        );
+        let o = file.with_overrides(
+            LogFormat::Text,
+            Some("/x".into()),
+            Some(LogRotation::Never),
+            None,
+        );
+        assert_eq!(
+            (o.dir, o.rotation, o.max_files),
+            (Some(PathBuf::from("/x")), LogRotation::Never, 3)
+        );
+        let d = LogConfig::default().with_overrides(LogFormat::Text, None, None, None);
+        assert_eq!(
+            (d.dir, d.rotation, d.max_files),
+            (None, LogRotation::Daily, 7)
+        );
     }
 
     #[test]

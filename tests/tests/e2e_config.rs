@@ -225,6 +225,7 @@ fn scheduler_and_manager_take_their_config_variable() {
     }
 }
 
+/// `--log-dir` / `log.dir`: logs in files instead of stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_dir_writes_rotated_files_instead_of_stderr() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -270,6 +271,45 @@ async fn log_dir_writes_rotated_files_instead_of_stderr() {
     assert!(files[0].starts_with("dfdaemon.log.20"), "{files:?}");
     let text = std::fs::read_to_string(logs.join(&files[0])).expect("log file");
     assert!(text.contains(&want), "{text}");
+
+    // The config file's `log:` section: one file dfdaemon.log (rotation never) in its dir.
+    let from_file = dir.path().join("file-logs");
+    let metrics = addr();
+    let config = dir.path().join("logs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  listen: {metrics}\nlog:\n  dir: {}\n  rotation: never\n  max_files: 2\n",
+            from_file.display()
+        ),
+    )
+    .expect("config");
+    let d = daemon_answering(
+        dir.path(),
+        &[("DFDAEMON_CONFIG", config.display().to_string())],
+        &[],
+        metrics,
+    )
+    .await;
+    let log = from_file.join("dfdaemon.log");
+    let want = format!("config file {}", config.display());
+    let (l, w) = (log.clone(), want.clone());
+    let _ = wait_until(
+        "dfdaemon.log names the config file",
+        Duration::from_secs(10),
+        || {
+            let (l, w) = (l.clone(), w.clone());
+            async move { Ok(std::fs::read_to_string(&l).is_ok_and(|t| t.contains(&w))) }
+        },
+    )
+    .await;
+    let stderr = d.stop();
+    let text = std::fs::read_to_string(&log).expect("dfdaemon.log from log.dir");
+    assert!(text.contains(&want), "{text}");
+    assert!(
+        stderr.iter().all(|l| l.trim().is_empty()),
+        "logs still on stderr: {stderr:?}"
+    );
 
     // scheduler: --log-rotation never gives one file scheduler.log; a log dir that cannot be
     // made is an error naming it.
