@@ -7,13 +7,15 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 # Real parts the tests start themselves: a throwaway PostgreSQL cluster (manager store tests)
 # and headless Chromium (manager status page); a registry, skopeo and containerd (registry
-# mirror proxy); aria2 and opentracker (the burst lab's BitTorrent phase).
+# mirror proxy, dfinit); Prometheus (dashboards); aria2 and opentracker (the burst lab's BitTorrent phase).
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v containerd >/dev/null 2>&1 || need+=(containerd)
+# Dashboards and alert rules run against a real Prometheus (e2e_prometheus).
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 # The burst lab test's BitTorrent phase (the lab would install them itself; here up front).
 command -v aria2c >/dev/null 2>&1 || need+=(aria2)
 command -v opentracker >/dev/null 2>&1 || need+=(opentracker)

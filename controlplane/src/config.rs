@@ -31,6 +31,8 @@ pub struct DaemonConfig {
     pub proxy: ProxyConfig,
     /// Garbage collection of stored tasks.
     pub gc: GcConfig,
+    /// Log files (`log.dir`, `log.rotation`, `log.max_files`).
+    pub log: damselfly_common::LogConfig,
 }
 
 /// `proxy:` section: the registry mirror (containerd's `hosts.toml` or docker's

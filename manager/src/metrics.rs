@@ -9,6 +9,7 @@
 //! | `damselfly_manager_keepalive_streams` | gauge | — (open keepalive streams) |
 //! | `damselfly_manager_instances` | gauge | `kind`, `state` = `active` / `inactive` |
 //! | `damselfly_manager_preheat_jobs` | gauge | `state` (of the 1,000 most recent jobs) |
+//! | `damselfly_build_info` | gauge (1) | `version`, `revision`, `role` = `manager` |
 //!
 //! Counters are process-wide ([`grpc`], [`keepalive`], [`track_rest`]); the gauges are read
 //! from the store at scrape time.
@@ -138,6 +139,12 @@ async fn render(state: &ManagerState) -> Result<String, String> {
         "damselfly_manager_preheat_jobs",
         "Preheat jobs by state (of the 1,000 most recent)",
         jobs,
+    );
+    wire::metrics_http::register_build_info(
+        &mut r,
+        env!("CARGO_PKG_VERSION"),
+        damselfly_common::REVISION,
+        "manager",
     );
     let mut out = String::new();
     encode(&mut out, &r).map_err(|e| format!("encoding metrics: {e}"))?;

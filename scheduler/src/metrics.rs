@@ -13,6 +13,7 @@
 //! | `damselfly_scheduler_responses_total` | counter | `kind` = `candidate_parents` / `need_back_to_source` / `host_command` / `close_peer` |
 //! | `damselfly_scheduler_errors_total` | counter | `kind` = `invalid_request` / `stream_full` / `stream_failed` |
 //! | `damselfly_scheduler_hosts`, `_tasks`, `_peers` | gauge | — |
+//! | `damselfly_build_info` | gauge (1) | `version`, `revision`, `role` = `scheduler` |
 
 use crate::service::SchedulerService;
 use prometheus_client::collector::Collector;
@@ -174,12 +175,22 @@ pub fn registry(service: SchedulerService) -> Registry {
         "Messages sent to peers and hosts by kind",
         m.responses.clone(),
     );
+    // Every error kind from the start (at 0), so that dashboards and alerts find the series.
+    for kind in ["invalid_request", "stream_full", "stream_failed"] {
+        drop(m.errors.get_or_create(&[("kind", kind)]));
+    }
     r.register(
         "damselfly_scheduler_errors",
         "Errors by kind",
         m.errors.clone(),
     );
     r.register_collector(Box::new(StateCollector { service }));
+    wire::metrics_http::register_build_info(
+        &mut r,
+        env!("CARGO_PKG_VERSION"),
+        damselfly_common::REVISION,
+        "scheduler",
+    );
     r
 }
 

@@ -338,7 +338,13 @@ impl Containerd {
     /// Starts containerd (CRI plugin off) with everything under `dir`, and waits until `ctr
     /// version` answers.
     pub async fn start(dir: &Path) -> Result<Self> {
-        let bin = which("containerd").context("containerd not found")?;
+        let config = Self::write_config(dir)?;
+        Self::start_with_config(dir, &config).await
+    }
+
+    /// Writes `dir/containerd.toml`, a version 2 config (CRI plugin off) keeping root, state
+    /// and sockets under `dir`, and returns its path.
+    pub fn write_config(dir: &Path) -> Result<PathBuf> {
         let root = dir.join("root");
         let state = dir.join("state");
         for d in [&root, &state] {
@@ -360,6 +366,14 @@ impl Containerd {
             ),
         )
         .with_context(|| format!("writing {}", config.display()))?;
+        Ok(config)
+    }
+
+    /// Starts containerd with `config` (one [`Containerd::write_config`] wrote under `dir`,
+    /// maybe edited since), and waits until `ctr version` answers.
+    pub async fn start_with_config(dir: &Path, config: &Path) -> Result<Self> {
+        let bin = which("containerd").context("containerd not found")?;
+        let socket = dir.join("containerd.sock");
         let proc = Proc::spawn(
             "containerd",
             &bin,
