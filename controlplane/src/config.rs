@@ -31,6 +31,34 @@ pub struct DaemonConfig {
     pub proxy: ProxyConfig,
     /// Garbage collection of stored tasks.
     pub gc: GcConfig,
+    /// Origins: which TLS certificates they are trusted with.
+    pub origin: OriginConfig,
+}
+
+/// `origin:` section: how this daemon trusts the HTTPS origins it fetches from (back to
+/// source for `dfget`, the registry mirror's P2P blob fetches, preheats) and the upstream of
+/// the registry mirror's passed-through requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// PEM files of extra CA certificates trusted for origins (private CAs).
+    pub ca_certs: Vec<PathBuf>,
+    /// Also trust the operating system's certificate store (`/etc/ssl/certs`, or
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR`), besides the built-in web roots.
+    pub system_ca_certs: bool,
+    /// Accept any certificate from any origin (no verification at all). Logged as a warning
+    /// at start; for tests and emergencies only.
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            ca_certs: Vec::new(),
+            system_ca_certs: true,
+            insecure_skip_verify: false,
+        }
+    }
 }
 
 /// `proxy:` section: the registry mirror (containerd's `hosts.toml` or docker's

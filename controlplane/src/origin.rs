@@ -47,6 +47,9 @@ pub enum OriginError {
     /// The size is outside what the protocol can carry.
     #[error("{0}")]
     Layout(#[from] wire::piece::LayoutError),
+    /// The origin's TLS certificate was refused (unknown authority, wrong name, expired).
+    #[error("{0}")]
+    Tls(String),
     /// Storing a piece failed (disk full, I/O error).
     #[error("storing piece: {0}")]
     Storage(String),
@@ -236,7 +239,16 @@ async fn attempt(
     let mut resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await
     {
         Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
-        Ok(Err(e)) => return Err(Attempt::Retry(format!("request failed: {e}"))),
+        Ok(Err(e)) => {
+            // A refused certificate stays refused: fail at once, saying which setting helps.
+            if crate::trust::certificate_error(&e).is_some() {
+                return Err(Attempt::Fatal(OriginError::Tls(crate::trust::describe(&e))));
+            }
+            return Err(Attempt::Retry(format!(
+                "request failed: {}",
+                crate::trust::describe(&e)
+            )));
+        }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();

@@ -102,19 +102,21 @@ impl Proxy {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let upstream = parse_upstream(&cfg.registry_mirror)
             .map_err(|e| anyhow::anyhow!("proxy.registry_mirror: {e}"))?;
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(ctx.config.download.origin_timeout)
-            .danger_accept_invalid_certs(cfg.insecure_skip_verify);
-        for path in &cfg.ca_certs {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("proxy.ca_certs: reading {}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("proxy.ca_certs: {} is not PEM", path.display()))?;
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
+        if cfg.insecure_skip_verify {
+            tracing::warn!(
+                "proxy.insecure_skip_verify is on: the upstream registry's TLS certificate is \
+                 NOT verified on passed-through requests"
+            );
         }
+        let b = crate::trust::apply(
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(ctx.config.download.origin_timeout),
+            &ctx.config.origin,
+            &cfg.ca_certs,
+            cfg.insecure_skip_verify,
+            "proxy",
+        )?;
         let client = b.build().context("building the proxy's HTTP client")?;
         Ok(Self {
             ctx,
@@ -224,7 +226,12 @@ impl Proxy {
                         self.ctx.config.download.origin_timeout
                     )))
                 }
-                Ok(Err(e)) => return Err(ProxyError::Upstream(format!("{url}: {e}"))),
+                Ok(Err(e)) => {
+                    return Err(ProxyError::Upstream(format!(
+                        "{url}: {}",
+                        crate::trust::describe(&e)
+                    )))
+                }
                 Ok(Ok(r)) => r,
             };
         tracing::debug!("proxy {method} {url} → {}", resp.status());

@@ -51,6 +51,7 @@ pub struct Registry {
     pub storage: PathBuf,
     /// The process (its log holds the access log).
     pub proc: Proc,
+    scheme: &'static str,
 }
 
 impl Registry {
@@ -64,6 +65,16 @@ impl Registry {
     /// user and the bcrypt hash of its password: requests without valid credentials get
     /// `401` with `WWW-Authenticate: Basic realm="damselfly-test"`.
     pub async fn start_with_auth(dir: &Path, auth: Option<(&str, &str)>) -> Result<Self> {
+        Self::start_with(dir, auth, None).await
+    }
+
+    /// Like [`Registry::start_with_auth`], serving HTTPS with the certificate `tls` when
+    /// given (the registry's `http.tls`); [`Registry::url`] is then `https://…`.
+    pub async fn start_with(
+        dir: &Path,
+        auth: Option<(&str, &str)>,
+        tls: Option<&crate::pki::Leaf>,
+    ) -> Result<Self> {
         let bin = which(REGISTRY_BIN).with_context(|| {
             format!("{REGISTRY_BIN} not found (apt-get install docker-registry)")
         })?;
@@ -84,12 +95,20 @@ impl Registry {
             }
             None => String::new(),
         };
+        let tls_yaml = match tls {
+            Some(l) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                l.cert.display(),
+                l.key.display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 {auth_yaml}http:\n  addr: {addr}\n",
+                 {auth_yaml}http:\n  addr: {addr}\n{tls_yaml}",
                 storage.display()
             ),
         )
@@ -101,11 +120,18 @@ impl Registry {
             dir.join("registry.log"),
             "info",
         )?;
-        let url = format!("http://{addr}/v2/");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/v2/");
+        // Readiness only: the tests check the registry's certificate themselves.
+        let probe = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .context("readiness client")?;
         wait_ready(&proc, Duration::from_secs(20), || {
             let url = url.clone();
+            let probe = probe.clone();
             async move {
-                reqwest::get(&url).await.is_ok_and(|r| {
+                probe.get(&url).send().await.is_ok_and(|r| {
                     r.status().is_success() || r.status() == reqwest::StatusCode::UNAUTHORIZED
                 })
             }
@@ -115,12 +141,13 @@ impl Registry {
             addr,
             storage,
             proc,
+            scheme,
         })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Requests in the access log whose request line starts with `method path_prefix`
