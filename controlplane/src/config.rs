@@ -49,6 +49,42 @@ pub struct OriginConfig {
     /// Accept any certificate from any origin (no verification at all). Logged as a warning
     /// at start; for tests and emergencies only.
     pub insecure_skip_verify: bool,
+    /// Object storage (`s3://bucket/key` URLs).
+    pub s3: S3Config,
+}
+
+/// `origin.s3` section: the S3-protocol object store behind `s3://` URLs. An empty value
+/// takes the AWS environment variable (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), else the default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL (`http://minio:9000`); empty: AWS's for the region.
+    pub endpoint: String,
+    /// Region; empty: `us-east-1`.
+    pub region: String,
+    /// Access key id; empty with no environment: unsigned requests.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token of temporary credentials.
+    pub session_token: String,
+    /// Path-style requests (`endpoint/bucket/key`, what MinIO, Ceph and most self-hosted
+    /// stores want); `false`: virtual-hosted style (`bucket.endpoint/key`).
+    pub path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            path_style: true,
+        }
+    }
 }
 
 impl Default for OriginConfig {
@@ -57,6 +93,7 @@ impl Default for OriginConfig {
             ca_certs: Vec::new(),
             system_ca_certs: true,
             insecure_skip_verify: false,
+            s3: S3Config::default(),
         }
     }
 }
