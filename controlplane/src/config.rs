@@ -117,6 +117,11 @@ pub struct ProxyConfig {
     pub insecure_skip_verify: bool,
     /// PEM files of extra CA certificates trusted for the upstream on passed-through requests.
     pub ca_certs: Vec<PathBuf>,
+    /// Regexes of hosts (`host` or `host:port`) whose `CONNECT` tunnels the proxy
+    /// intercepts: it terminates TLS with a leaf from its own CA
+    /// (`<storage.dir>/proxy-ca.pem`) and serves the requests like mirror requests to
+    /// `https://host:port`. Other `CONNECT`s are tunnelled untouched.
+    pub hijack_hosts: Vec<String>,
 }
 
 /// Default port of the registry mirror proxy.
@@ -131,6 +136,7 @@ impl Default for ProxyConfig {
             registry_mirror: "https://index.docker.io".into(),
             insecure_skip_verify: false,
             ca_certs: Vec::new(),
+            hijack_hosts: Vec::new(),
         }
     }
 }

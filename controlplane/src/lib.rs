@@ -16,6 +16,7 @@ pub mod manager;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
+pub mod proxy_ca;
 pub mod s3;
 pub mod scheduler;
 pub mod store;
