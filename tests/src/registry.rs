@@ -75,13 +75,24 @@ impl Registry {
         auth: Option<(&str, &str)>,
         tls: Option<&crate::pki::Leaf>,
     ) -> Result<Self> {
+        Self::start_on(dir, std::net::Ipv4Addr::LOCALHOST.into(), auth, tls).await
+    }
+
+    /// Like [`Registry::start_with`], listening on `ip` instead of `127.0.0.1` (Go clients
+    /// send requests for loopback hosts past `HTTPS_PROXY`; a host address makes them use it).
+    pub async fn start_on(
+        dir: &Path,
+        ip: std::net::IpAddr,
+        auth: Option<(&str, &str)>,
+        tls: Option<&crate::pki::Leaf>,
+    ) -> Result<Self> {
         let bin = which(REGISTRY_BIN).with_context(|| {
             format!("{REGISTRY_BIN} not found (apt-get install docker-registry)")
         })?;
         let storage = dir.join("registry-data");
         std::fs::create_dir_all(&storage)
             .with_context(|| format!("creating {}", storage.display()))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = SocketAddr::new(ip, free_port()?);
         let config = dir.join("registry.yml");
         let auth_yaml = match auth {
             Some((user, hash)) => {
@@ -329,6 +340,16 @@ pub fn blob_path(dir: &Path, digest: &str) -> PathBuf {
 /// Runs `skopeo ARGS` with a signature policy (accept anything) written in `work`, bounded by
 /// `timeout`.
 pub async fn skopeo(work: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    skopeo_env(work, args, &[], timeout).await
+}
+
+/// [`skopeo`] with extra environment variables (e.g. `HTTPS_PROXY`).
+pub async fn skopeo_env(
+    work: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Output> {
     let policy = work.join("skopeo-policy.json");
     if !policy.exists() {
         std::fs::write(
@@ -341,6 +362,7 @@ pub async fn skopeo(work: &Path, args: &[&str], timeout: Duration) -> Result<Out
     cmd.arg("--policy")
         .arg(&policy)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     match tokio::time::timeout(timeout, cmd.output()).await {

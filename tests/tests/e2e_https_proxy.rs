@@ -10,14 +10,17 @@
 //! * any other host (an HTTPS origin with its own CA) is tunnelled untouched: the client
 //!   verifies the origin's own certificate, and one that trusts only the proxy's CA fails.
 //!
-//! skopeo is not used here: Go clients never send requests for loopback hosts through
-//! `HTTPS_PROXY`, and every server of this test is on loopback.
+//! * `skopeo` with `HTTPS_PROXY` and the proxy's CA pulls the image: every blob equals the
+//!   pushed one and the registry still served each blob once. Go clients never send
+//!   requests for loopback hosts through `HTTPS_PROXY`, so the registry listens on this
+//!   host's own (non-loopback) address; a host without one skips this part (a failure in
+//!   strict mode).
 
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 use testkit::pki::TestCa;
-use testkit::registry::{self, skopeo, OciImage, Registry, REGISTRY_BIN};
+use testkit::registry::{self, skopeo, skopeo_env, OciImage, Registry, REGISTRY_BIN};
 use testkit::{Cluster, ClusterOptions, Origin};
 
 const MIB: u64 = 1 << 20;
@@ -74,10 +77,19 @@ async fn https_proxy_intercepts_named_hosts_and_tunnels_the_rest() {
         .expect("temp dir");
     let work = tmp.path();
     let reg_ca = TestCa::new(work, "registry").expect("registry CA");
+    // This host's address towards the outside (no packet is sent), when it has one.
+    let host_ip = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    let reg_ip = host_ip.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+    let reg_ip_s = reg_ip.to_string();
     let reg_leaf = reg_ca
-        .leaf("registry", &["127.0.0.1", "localhost"])
+        .leaf("registry", &["127.0.0.1", "localhost", &reg_ip_s])
         .expect("registry certificate");
-    let reg = Registry::start_with(work, None, Some(&reg_leaf))
+    let reg = Registry::start_on(work, reg_ip, None, Some(&reg_leaf))
         .await
         .expect("HTTPS docker-registry");
     let image =
@@ -120,7 +132,7 @@ async fn https_proxy_intercepts_named_hosts_and_tunnels_the_rest() {
     .await
     .expect("cluster");
     let dir = cluster.dir().to_path_buf();
-    let hijack = format!("^127\\.0\\.0\\.1:{}$", reg.addr.port());
+    let hijack = format!("^{}$", regex_escape(&reg.addr.to_string()));
     let cfg = testkit::poll::daemon_config(
         &dir,
         "daemon.yaml",
@@ -226,4 +238,58 @@ async fn https_proxy_intercepts_named_hosts_and_tunnels_the_rest() {
     let o = curl(proxy, Some(&proxy_ca), &other.url("/f.bin"), &out).await;
     assert!(!o.status.success(), "a tunnelled host was intercepted");
     assert_eq!(other.gets_of("/f.bin"), 1, "one GET through the tunnel");
+
+    // skopeo through HTTPS_PROXY (the registry on a non-loopback address).
+    if host_ip.is_none() {
+        needs::skip(
+            &format!("{TEST} (skopeo part)"),
+            "no non-loopback address on this host (Go clients do not proxy loopback)",
+        );
+        return;
+    }
+    let proxy_certs = work.join("proxy-certs");
+    std::fs::create_dir_all(&proxy_certs).expect("cert dir");
+    std::fs::copy(&proxy_ca, proxy_certs.join("ca.crt")).expect("copying the proxy CA");
+    let out = work.join("pull");
+    let proxy_url = format!("http://{proxy}");
+    let o = skopeo_env(
+        work,
+        &[
+            "copy",
+            "--src-cert-dir",
+            &proxy_certs.display().to_string(),
+            &format!("docker://{}/px/img:v1", reg.addr),
+            &format!("oci:{}:v1", out.display()),
+        ],
+        &[
+            ("HTTPS_PROXY", &proxy_url),
+            ("NO_PROXY", ""),
+            ("no_proxy", ""),
+        ],
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("running skopeo");
+    assert!(
+        o.status.success(),
+        "skopeo through HTTPS_PROXY: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        cluster.log_tails(20)
+    );
+    for b in image.blobs() {
+        let got = std::fs::read(registry::blob_path(&out, &b.digest)).expect("pulled blob");
+        let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
+        assert!(got == want, "blob {} differs", b.digest);
+        assert_eq!(
+            reg.blob_gets(&b.digest).expect("log"),
+            1,
+            "the registry served blob {} once",
+            b.digest
+        );
+    }
+}
+
+/// `s` as a regex matching itself (an address: digits, `.` and `:`).
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
 }
