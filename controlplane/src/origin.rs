@@ -1,4 +1,5 @@
-//! Back to source: fetching a task's pieces from its HTTP(S) origin.
+//! Back to source: fetching a task's pieces from its HTTP(S) origin, or from object storage
+//! for `s3://` URLs ([`crate::s3`]; the same pieces, resumption and retries).
 //!
 //! The first request is `GET` with `Range: bytes=0-`; its `Content-Range` (206) or
 //! `Content-Length` (200) gives the size, from which the piece layout follows. The body is
@@ -260,7 +261,7 @@ async fn attempt(
     let Opened {
         total,
         start: body_start,
-        body: mut resp,
+        mut body,
     } = opened;
     if body_start > start {
         return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
@@ -304,7 +305,7 @@ async fn attempt(
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
     let mut piece_started = Instant::now();
     while pos < stop {
-        let chunk = match resp.next().await {
+        let chunk = match body.next().await {
             Some(Ok(c)) => c,
             None => break,
             Some(Err(e)) => return Err(Attempt::Retry(format!("body: {e}"))),
