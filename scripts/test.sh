@@ -33,6 +33,21 @@ if [ ${#need[@]} -gt 0 ]; then
              "(or fail, with DAMSELFLY_STRICT=1 as in CI)" >&2
     fi
 fi
+# The object-storage test's S3 server, s3s-fs (crates.io), built once into a cache dir
+# (0.14.1: the newest that builds with this toolchain).
+tools="${DAMSELFLY_TOOLS:-$HOME/.cache/damselfly-tools}"
+if [ ! -x "$tools/bin/s3s-fs" ] && ! command -v s3s-fs >/dev/null 2>&1; then
+    echo "installing s3s-fs for the object-storage test into $tools ..."
+    mkdir -p "$tools"
+    if CARGO_TARGET_DIR="$tools/target" cargo install s3s-fs --version 0.14.1 --features binary \
+        --locked --root "$tools" >"$tools/install.log" 2>&1; then
+        rm -rf "$tools/target"
+    else
+        echo "note: cargo install s3s-fs failed (log: $tools/install.log); the S3 test will say SKIP" \
+             "(or fail, with DAMSELFLY_STRICT=1)" >&2
+    fi
+fi
+export PATH="$tools/bin:$PATH"
 start=$(date +%s)
 # Each test that needs a real part (Postgres, Chromium, a registry, namespaces, root) appends
 # `real <test>` or `skip <test>` here (the `needs` crate); with DAMSELFLY_STRICT=1 a skip is a

@@ -163,10 +163,16 @@ impl Daemon {
         };
         let schedulers =
             SchedulerSet::with_tls(&config.scheduler.addrs, config.scheduler.tls.clone())?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.download.origin_timeout)
-            .build()
-            .context("building the HTTP client")?;
+        crate::trust::warn_if_insecure(&config.origin, "origin");
+        let http = crate::trust::apply(
+            reqwest::Client::builder().connect_timeout(config.download.origin_timeout),
+            &config.origin,
+            &[],
+            false,
+            "origin",
+        )?
+        .build()
+        .context("building the HTTP client")?;
         let origin_slots = match config.download.origin_concurrency {
             0 => None,
             n => Some(Arc::new(tokio::sync::Semaphore::new(n))),

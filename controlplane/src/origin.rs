@@ -1,4 +1,5 @@
-//! Back to source: fetching a task's pieces from its HTTP(S) origin.
+//! Back to source: fetching a task's pieces from its HTTP(S) origin, or from object storage
+//! for `s3://` URLs ([`crate::s3`]; the same pieces, resumption and retries).
 //!
 //! The first request is `GET` with `Range: bytes=0-`; its `Content-Range` (206) or
 //! `Content-Length` (200) gives the size, from which the piece layout follows. The body is
@@ -15,6 +16,7 @@ use crate::daemon::Context;
 use crate::task::TaskSpec;
 use dataplane::shaper::{self, RateLimiter};
 use dataplane::{Counters, TaskStore};
+use futures::StreamExt;
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use std::sync::Arc;
@@ -47,9 +49,35 @@ pub enum OriginError {
     /// The size is outside what the protocol can carry.
     #[error("{0}")]
     Layout(#[from] wire::piece::LayoutError),
+    /// The origin's TLS certificate was refused (unknown authority, wrong name, expired).
+    #[error("{0}")]
+    Tls(String),
+    /// The object store refused the request (no such key, bad credentials, bad settings).
+    #[error("{0}")]
+    ObjectStore(crate::s3::S3Error),
     /// Storing a piece failed (disk full, I/O error).
     #[error("storing piece: {0}")]
     Storage(String),
+}
+
+/// An origin's answer, whatever the scheme: the content's total size, the offset of the
+/// first body byte, and the body in chunks.
+pub struct Opened {
+    /// Size of the whole content.
+    pub total: u64,
+    /// Offset of the body's first byte.
+    pub start: u64,
+    /// The bytes, in chunks; an error says what broke the transfer (worth a retry).
+    pub body: futures::stream::BoxStream<'static, Result<bytes::Bytes, String>>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("total", &self.total)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Receives what an origin fetch produces.
@@ -225,68 +253,16 @@ async fn attempt(
     if end.is_some() {
         Counters::add(&ctx.stats.origin_range_requests, 1);
     }
-    let mut req = ctx.http.get(&spec.url).header(RANGE, range);
-    for (k, v) in &spec.headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
-        let value = HeaderValue::from_str(v)
-            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
-        req = req.header(name, value);
-    }
-    let mut resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await
-    {
-        Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
-        Ok(Err(e)) => return Err(Attempt::Retry(format!("request failed: {e}"))),
-        Ok(Ok(r)) => r,
+    let opened = if crate::s3::is_s3(&spec.url) {
+        open_s3(ctx, spec, start, end).await?
+    } else {
+        open_http(ctx, spec, range, start).await?
     };
-    let status = resp.status();
-    let header = |name| {
-        resp.headers()
-            .get(name)
-            .and_then(|v: &HeaderValue| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    // (total length, offset of the first body byte)
-    let (total, body_start) = match status {
-        StatusCode::PARTIAL_CONTENT => {
-            let cr = header(CONTENT_RANGE).ok_or(Attempt::Fatal(OriginError::Inconsistent(
-                "206 without Content-Range".into(),
-            )))?;
-            let total = content_range_total(&cr).ok_or_else(|| {
-                Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "bad Content-Range {cr:?}"
-                )))
-            })?;
-            let s = content_range_start(&cr).ok_or_else(|| {
-                Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "bad Content-Range {cr:?}"
-                )))
-            })?;
-            (total, s)
-        }
-        StatusCode::OK => {
-            let len = header(CONTENT_LENGTH)
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(Attempt::Fatal(OriginError::UnknownLength))?;
-            (len, 0)
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            // `bytes=0-` of an empty file.
-            match header(CONTENT_RANGE).and_then(|v| content_range_total(&v)) {
-                Some(0) if start == 0 => (0, 0),
-                _ => {
-                    return Err(Attempt::Fatal(OriginError::Status(
-                        status,
-                        spec.url.clone(),
-                    )))
-                }
-            }
-        }
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-            return Err(Attempt::Retry(format!("origin answered {s}")));
-        }
-        s => return Err(Attempt::Fatal(OriginError::Status(s, spec.url.clone()))),
-    };
+    let Opened {
+        total,
+        start: body_start,
+        mut body,
+    } = opened;
     if body_start > start {
         return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
             "asked for bytes from {start}, got them from {body_start}"
@@ -328,14 +304,11 @@ async fn attempt(
     let mut pos = body_start;
     let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
     let mut piece_started = Instant::now();
-    if status == StatusCode::RANGE_NOT_SATISFIABLE {
-        return Ok(());
-    }
     while pos < stop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => return Err(Attempt::Retry(format!("body: {e}"))),
+        let chunk = match body.next().await {
+            Some(Ok(c)) => c,
+            None => break,
+            Some(Err(e)) => return Err(Attempt::Retry(format!("body: {e}"))),
         };
         let wait = shaper::reserve_all(
             &[Some(&ctx.shaping.download), Some(limiter)],
@@ -392,6 +365,124 @@ async fn attempt(
         )));
     }
     Ok(())
+}
+
+/// `GET` of an HTTP(S) origin with `range`; `start` is its first byte.
+async fn open_http(
+    ctx: &Context,
+    spec: &TaskSpec,
+    range: String,
+    start: u64,
+) -> Result<Opened, Attempt> {
+    let mut req = ctx.http.get(&spec.url).header(RANGE, range);
+    for (k, v) in &spec.headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
+        req = req.header(name, value);
+    }
+    let resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await {
+        Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
+        Ok(Err(e)) => {
+            // A refused certificate stays refused: fail at once, saying which setting helps.
+            if crate::trust::certificate_error(&e).is_some() {
+                return Err(Attempt::Fatal(OriginError::Tls(crate::trust::describe(&e))));
+            }
+            return Err(Attempt::Retry(format!(
+                "request failed: {}",
+                crate::trust::describe(&e)
+            )));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let header = |name| {
+        resp.headers()
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // (total length, offset of the first body byte)
+    let (total, body_start) = match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = header(CONTENT_RANGE).ok_or(Attempt::Fatal(OriginError::Inconsistent(
+                "206 without Content-Range".into(),
+            )))?;
+            let total = content_range_total(&cr).ok_or_else(|| {
+                Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "bad Content-Range {cr:?}"
+                )))
+            })?;
+            let s = content_range_start(&cr).ok_or_else(|| {
+                Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "bad Content-Range {cr:?}"
+                )))
+            })?;
+            (total, s)
+        }
+        StatusCode::OK => {
+            let len = header(CONTENT_LENGTH)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(Attempt::Fatal(OriginError::UnknownLength))?;
+            (len, 0)
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            // `bytes=0-` of an empty file.
+            match header(CONTENT_RANGE).and_then(|v| content_range_total(&v)) {
+                Some(0) if start == 0 => (0, 0),
+                _ => {
+                    return Err(Attempt::Fatal(OriginError::Status(
+                        status,
+                        spec.url.clone(),
+                    )))
+                }
+            }
+        }
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            return Err(Attempt::Retry(format!("origin answered {s}")));
+        }
+        s => return Err(Attempt::Fatal(OriginError::Status(s, spec.url.clone()))),
+    };
+    let body = if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        futures::stream::empty().boxed()
+    } else {
+        resp.bytes_stream()
+            .map(|r| r.map_err(|e| crate::trust::describe(&e)))
+            .boxed()
+    };
+    Ok(Opened {
+        total,
+        start: body_start,
+        body,
+    })
+}
+
+/// Ranged read of an `s3://` object (bytes `start` to `end`, exclusive).
+async fn open_s3(
+    ctx: &Context,
+    spec: &TaskSpec,
+    start: u64,
+    end: Option<u64>,
+) -> Result<Opened, Attempt> {
+    let res = tokio::time::timeout(
+        ctx.config.download.origin_timeout,
+        crate::s3::open(
+            &ctx.config.origin.s3,
+            &ctx.config.origin,
+            ctx.config.download.origin_timeout,
+            &spec.url,
+            start,
+            end,
+        ),
+    )
+    .await;
+    match res {
+        Err(_) => Err(Attempt::Retry("no response headers in time".into())),
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) if e.retryable() => Err(Attempt::Retry(e.to_string())),
+        Ok(Err(e)) => Err(Attempt::Fatal(OriginError::ObjectStore(e))),
+    }
 }
 
 #[cfg(test)]

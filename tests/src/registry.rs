@@ -51,6 +51,7 @@ pub struct Registry {
     pub storage: PathBuf,
     /// The process (its log holds the access log).
     pub proc: Proc,
+    scheme: &'static str,
 }
 
 impl Registry {
@@ -64,13 +65,34 @@ impl Registry {
     /// user and the bcrypt hash of its password: requests without valid credentials get
     /// `401` with `WWW-Authenticate: Basic realm="damselfly-test"`.
     pub async fn start_with_auth(dir: &Path, auth: Option<(&str, &str)>) -> Result<Self> {
+        Self::start_with(dir, auth, None).await
+    }
+
+    /// Like [`Registry::start_with_auth`], serving HTTPS with the certificate `tls` when
+    /// given (the registry's `http.tls`); [`Registry::url`] is then `https://…`.
+    pub async fn start_with(
+        dir: &Path,
+        auth: Option<(&str, &str)>,
+        tls: Option<&crate::pki::Leaf>,
+    ) -> Result<Self> {
+        Self::start_on(dir, std::net::Ipv4Addr::LOCALHOST.into(), auth, tls).await
+    }
+
+    /// Like [`Registry::start_with`], listening on `ip` instead of `127.0.0.1` (Go clients
+    /// send requests for loopback hosts past `HTTPS_PROXY`; a host address makes them use it).
+    pub async fn start_on(
+        dir: &Path,
+        ip: std::net::IpAddr,
+        auth: Option<(&str, &str)>,
+        tls: Option<&crate::pki::Leaf>,
+    ) -> Result<Self> {
         let bin = which(REGISTRY_BIN).with_context(|| {
             format!("{REGISTRY_BIN} not found (apt-get install docker-registry)")
         })?;
         let storage = dir.join("registry-data");
         std::fs::create_dir_all(&storage)
             .with_context(|| format!("creating {}", storage.display()))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let addr = SocketAddr::new(ip, free_port()?);
         let config = dir.join("registry.yml");
         let auth_yaml = match auth {
             Some((user, hash)) => {
@@ -84,12 +106,20 @@ impl Registry {
             }
             None => String::new(),
         };
+        let tls_yaml = match tls {
+            Some(l) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                l.cert.display(),
+                l.key.display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 {auth_yaml}http:\n  addr: {addr}\n",
+                 {auth_yaml}http:\n  addr: {addr}\n{tls_yaml}",
                 storage.display()
             ),
         )
@@ -101,11 +131,18 @@ impl Registry {
             dir.join("registry.log"),
             "info",
         )?;
-        let url = format!("http://{addr}/v2/");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/v2/");
+        // Readiness only: the tests check the registry's certificate themselves.
+        let probe = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .context("readiness client")?;
         wait_ready(&proc, Duration::from_secs(20), || {
             let url = url.clone();
+            let probe = probe.clone();
             async move {
-                reqwest::get(&url).await.is_ok_and(|r| {
+                probe.get(&url).send().await.is_ok_and(|r| {
                     r.status().is_success() || r.status() == reqwest::StatusCode::UNAUTHORIZED
                 })
             }
@@ -115,12 +152,13 @@ impl Registry {
             addr,
             storage,
             proc,
+            scheme,
         })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Requests in the access log whose request line starts with `method path_prefix`
@@ -302,6 +340,16 @@ pub fn blob_path(dir: &Path, digest: &str) -> PathBuf {
 /// Runs `skopeo ARGS` with a signature policy (accept anything) written in `work`, bounded by
 /// `timeout`.
 pub async fn skopeo(work: &Path, args: &[&str], timeout: Duration) -> Result<Output> {
+    skopeo_env(work, args, &[], timeout).await
+}
+
+/// [`skopeo`] with extra environment variables (e.g. `HTTPS_PROXY`).
+pub async fn skopeo_env(
+    work: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Output> {
     let policy = work.join("skopeo-policy.json");
     if !policy.exists() {
         std::fs::write(
@@ -314,6 +362,7 @@ pub async fn skopeo(work: &Path, args: &[&str], timeout: Duration) -> Result<Out
     cmd.arg("--policy")
         .arg(&policy)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     match tokio::time::timeout(timeout, cmd.output()).await {
