@@ -542,7 +542,7 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
     if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
         let stream = match monoio::time::timeout(
             s.cfg.connect_timeout,
-            crate::quic::connect(ep, addr, s.cfg.tls.as_deref()),
+            crate::quic::connect(ep, addr, s.cfg.tls.as_deref(), &s.counters),
         )
         .await
         {
@@ -561,14 +561,16 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
         };
     let _ = stream.set_nodelay(true);
     if let Some(tls) = &s.cfg.tls {
-        let stream =
-            match monoio::time::timeout(s.cfg.connect_timeout, tls.connect(p.addr.ip(), stream))
-                .await
-            {
-                Ok(Ok(st)) => st,
-                Ok(Err(e)) => return Err(ParentError::Connect(e)),
-                Err(_) => return Err(ParentError::ConnectTimeout),
-            };
+        let stream = match monoio::time::timeout(
+            s.cfg.connect_timeout,
+            tls.connect(p.addr.ip(), stream, &s.counters),
+        )
+        .await
+        {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => return Err(ParentError::Connect(e)),
+            Err(_) => return Err(ParentError::ConnectTimeout),
+        };
         return parent_io(s, p, pc, stream).await;
     }
     parent_io(s, p, pc, stream).await
