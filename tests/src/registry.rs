@@ -511,69 +511,94 @@ pub fn write_hosts_toml(
     Ok(path)
 }
 
-/// An HTTP server holding one blob at every path, that sends its first `hold_at` bytes and
-/// then waits until [`GatedBlob::release`] before sending the rest: a registry stalled in the
-/// middle of a blob, to show that a proxy streams what it has before the blob is complete.
+/// A TCP relay in front of a real server (a [`Registry`]): everything from the client goes
+/// through; from the server, the first `hold_at` bytes (all connections together, response
+/// headers included) go through, and the rest waits in the relay, which stops reading, until
+/// [`GatedRelay::release`]. A registry stalled in the middle of a blob, to show that a proxy
+/// streams what it has before the blob is complete. Killed with the runtime.
 #[derive(Debug)]
-pub struct GatedBlob {
+pub struct GatedRelay {
     /// Its address.
     pub addr: SocketAddr,
     gate: tokio::sync::watch::Sender<bool>,
-    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    state: std::sync::Arc<RelayState>,
 }
 
-impl GatedBlob {
-    /// Starts the server on `127.0.0.1:0`. Must be called inside a tokio runtime.
-    pub async fn start(data: Vec<u8>, hold_at: usize) -> Result<Self> {
-        use http_body_util::StreamBody;
-        use hyper::body::Frame;
+#[derive(Debug, Default)]
+struct RelayState {
+    /// Bytes from the server passed on to clients.
+    forwarded: std::sync::atomic::AtomicU64,
+    /// Connections waiting at the gate with server bytes to pass on.
+    holding: std::sync::atomic::AtomicU64,
+    /// Connections accepted.
+    connections: std::sync::atomic::AtomicU64,
+}
+
+impl GatedRelay {
+    /// Starts the relay on `127.0.0.1:0` to `upstream`. Must be called inside a tokio
+    /// runtime.
+    pub async fn start(upstream: SocketAddr, hold_at: u64) -> Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .context("binding the gated blob server")?;
-        let addr = listener.local_addr().context("gated blob server address")?;
+            .context("binding the relay")?;
+        let addr = listener.local_addr().context("relay address")?;
         let (gate, rx) = tokio::sync::watch::channel(false);
-        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let data = bytes::Bytes::from(data);
-        let count = requests.clone();
+        let state = std::sync::Arc::new(RelayState::default());
+        let st = state.clone();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let (data, rx, count) = (data.clone(), rx.clone(), count.clone());
+            while let Ok((client, _)) = listener.accept().await {
+                st.connections.fetch_add(1, Ordering::Relaxed);
+                let (st, mut rx) = (st.clone(), rx.clone());
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |_req| {
-                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let (data, mut rx) = (data.clone(), rx.clone());
-                        let hold = hold_at.min(data.len());
-                        let (tx, body_rx) = tokio::sync::mpsc::channel::<
-                            std::result::Result<Frame<bytes::Bytes>, std::io::Error>,
-                        >(4);
-                        let len = data.len();
-                        tokio::spawn(async move {
-                            if tx.send(Ok(Frame::data(data.slice(..hold)))).await.is_err() {
-                                return;
-                            }
-                            let _ = rx.wait_for(|open| *open).await;
-                            let _ = tx.send(Ok(Frame::data(data.slice(hold..)))).await;
-                        });
-                        let body =
-                            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body_rx));
-                        async move {
-                            hyper::Response::builder()
-                                .header("content-length", len)
-                                .header("content-type", "application/octet-stream")
-                                .body(body)
-                        }
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = sw.shutdown().await;
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let open = *rx.borrow();
+                        let room = if open {
+                            buf.len() as u64
+                        } else {
+                            hold_at.saturating_sub(st.forwarded.load(Ordering::Relaxed))
+                        };
+                        if room == 0 {
+                            // Anything more from the server waits here.
+                            let mut probe = [0u8; 1];
+                            match sr.peek(&mut probe).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(_) => {}
+                            }
+                            st.holding.fetch_add(1, Ordering::Relaxed);
+                            let released = rx.wait_for(|o| *o).await.is_ok();
+                            st.holding.fetch_sub(1, Ordering::Relaxed);
+                            if !released {
+                                break;
+                            }
+                            continue;
+                        }
+                        let want = (room as usize).min(buf.len());
+                        let n = match sr.read(&mut buf[..want]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        st.forwarded.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    let _ = cw.shutdown().await;
                 });
             }
         });
-        Ok(Self {
-            addr,
-            gate,
-            requests,
-        })
+        Ok(Self { addr, gate, state })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -581,18 +606,30 @@ impl GatedBlob {
         format!("http://{}", self.addr)
     }
 
-    /// Lets every held response (and every later one) send the rest of the blob.
+    /// Lets every held connection (and every later one) pass the rest.
     pub fn release(&self) {
         self.gate.send_replace(true);
     }
 
-    /// Whether [`GatedBlob::release`] was called.
-    pub fn released(&self) -> bool {
-        *self.gate.borrow()
+    /// Bytes from the server passed on to clients so far.
+    pub fn forwarded(&self) -> u64 {
+        self.state
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Requests answered so far.
-    pub fn requests(&self) -> u64 {
-        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    /// Connections whose server has sent more than the gate let through, waiting for
+    /// [`GatedRelay::release`].
+    pub fn holding(&self) -> u64 {
+        self.state
+            .holding
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
