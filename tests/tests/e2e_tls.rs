@@ -206,6 +206,19 @@ async fn mtls_cluster_downloads_peer_to_peer_and_refuses_a_rogue_daemon() {
         refusal.contains("refused") && refusal.contains("UnknownIssuer"),
         "unexpected refusal on the scheduler: {refusal}"
     );
+    let text = scrape(sched_metrics).await.expect("scheduler metrics");
+    let hs = |result: &str| {
+        metric(
+            &text,
+            &format!("damselfly_scheduler_tls_handshakes_total{{result=\"{result}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no TLS handshake counter in the scheduler's metrics:\n{text}"))
+    };
+    assert!(hs("refused") >= 1.0, "the refusal was not counted");
+    assert!(
+        hs("accepted") >= 2.0,
+        "the good daemons' handshakes were not counted"
+    );
     assert!(
         !log.contains("announced host"),
         "the rogue daemon was accepted:\n{log}"
