@@ -354,20 +354,17 @@ pub struct DataPlaneSection {
     /// whichever is reached first).
     pub bytes_in_flight: ByteSize,
     /// Transport of fetches: `tcp`, or `quic` (also serves QUIC on `quic_listen`; parents
-    /// without QUIC are still reached over TCP).
+    /// without QUIC are still reached over TCP). `quic` needs `tls`: a daemon refuses to
+    /// start with QUIC and no `tls`.
     pub transport: TransportKind,
     /// UDP address of the QUIC endpoint (with `transport: quic`).
     pub quic_listen: SocketAddr,
-    /// PEM certificate of the QUIC endpoint; a self-signed one is generated when unset.
-    pub quic_cert: Option<PathBuf>,
-    /// PEM private key of `quic_cert`.
-    pub quic_key: Option<PathBuf>,
     /// Largest UDP payload of a QUIC packet, bytes (1200–65,000; default 1452, safe for
     /// 1500-byte Ethernet). Larger packets cut QUIC's per-packet CPU cost: ~8900 on
     /// jumbo-frame (9000 MTU) networks, up to 65,000 on loopback. See tuning.md.
     pub quic_max_udp_payload: u16,
-    /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP and
-    /// unauthenticated QUIC. See the README's TLS section.
+    /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP (and
+    /// no QUIC). See the README's TLS section.
     pub tls: Option<wire::tls::TlsConfig>,
 }
 
@@ -462,8 +459,6 @@ impl Default for DataPlaneSection {
             bytes_in_flight: ByteSize(dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT),
             transport: TransportKind::Tcp,
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
-            quic_cert: None,
-            quic_key: None,
             quic_max_udp_payload: dataplane::quic::QuicConfig::default().max_udp_payload,
             tls: None,
         }

@@ -242,9 +242,27 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "damselfly_tls_handshakes",
+            "Incoming data-plane TLS handshakes (TCP and QUIC) that completed",
+            &c.tls_handshakes,
+        )?;
+        counter(
+            &mut enc,
             "damselfly_tls_handshakes_failed",
-            "Incoming data-plane TLS handshakes (TCP) that failed, e.g. no valid client certificate",
+            "Incoming data-plane TLS handshakes (TCP and QUIC) that failed, e.g. no valid client certificate",
             &c.tls_handshakes_failed,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_tls_parent_handshakes",
+            "Data-plane TLS handshakes with parents (TCP and QUIC) that completed",
+            &c.tls_parent_handshakes,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_tls_parent_handshakes_failed",
+            "Data-plane TLS handshakes with parents (TCP and QUIC) that failed, e.g. a certificate not signed by the CA",
+            &c.tls_parent_handshakes_failed,
         )?;
         let s = &self.ctx.stats;
         counter(

@@ -192,7 +192,7 @@ async fn fetch_some(
     };
     let mut store = existing;
     let mut retries = 0u32;
-    let limiter = RateLimiter::new(spec.rate_limit);
+    let limiter = ctx.shaping.limiter(spec.rate_limit);
     loop {
         if let Some(s) = &store {
             if satisfied(s, only) {
@@ -316,7 +316,7 @@ async fn attempt(
         );
         if !wait.is_zero() {
             Counters::add(&ctx.counters.shaping_waits, 1);
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(ctx.shaping.clock().pass(wait)).await;
         }
         let mut data = &chunk[..];
         while !data.is_empty() && pos < stop {

@@ -13,6 +13,12 @@
 //!   preheat whose digest does not match the origin's content fails (the seed checks it) and
 //!   leaves no task behind.
 //!
+//! * A multi-platform image (an OCI index of linux/amd64 and linux/arm64, pushed with
+//!   `skopeo copy --all`) in a `docker-registry` protected by htpasswd: the job's credentials
+//!   answer the registry's `Basic` challenge, the default platform's blobs (and only those)
+//!   are preheated, `platform: linux/arm64` picks the other; wrong or missing credentials
+//!   fail the job with an error that says so, and no blob is fetched.
+//!
 //! No timing assertions: every wait is a bounded poll.
 
 use serde_json::{json, Value};
@@ -22,10 +28,14 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 use testkit::manager::{ManagerOptions, Rest};
-use testkit::registry::{self, skopeo, Containerd, OciImage, Registry, REGISTRY_BIN};
+use testkit::registry::{self, skopeo, Containerd, OciImage, OciIndex, Registry, REGISTRY_BIN};
 use testkit::{Cluster, ClusterOptions, Daemon, Origin};
 
 const MIB: u64 = 1 << 20;
+/// The registry's basic-auth user, password, and the password's bcrypt hash (cost 4).
+const USER: &str = "user";
+const PASSWORD: &str = "secret";
+const BCRYPT: &str = "$2b$04$KWUX7DApuAGMW/841nFwvO2Y2va4L3jsjrmljK6fn2rpZK/EwPdDW";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest wait of any poll below.
 const WAIT: Duration = Duration::from_secs(90);
@@ -471,6 +481,175 @@ async fn file_preheat_then_dfget_leaves_the_origin_once_and_the_seed_checks_the_
         sources(seed).await.0 > seed_bytes_before || sources(cluster.peer(2)).await.0 > 0,
         "the content was fetched again after the failed preheat (nothing kept the bad task)"
     );
+}
+
+/// The digests a job preheated, sorted.
+fn job_digests(job: &Value) -> Vec<String> {
+    let mut d: Vec<String> = job["targets"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t["digest"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    d.sort();
+    d
+}
+
+/// The config and layer digests of `image`, sorted.
+fn image_digests(image: &OciImage) -> Vec<String> {
+    let mut d: Vec<String> = image.blobs().iter().map(|b| b.digest.clone()).collect();
+    d.sort();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_preheat_picks_one_platform_of_an_index_behind_basic_auth() {
+    let test = "image_preheat_picks_one_platform_of_an_index_behind_basic_auth";
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
+    if !missing.is_empty() {
+        needs::skip(
+            test,
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo)",
+                missing.join(", ")
+            ),
+        );
+        return;
+    }
+    needs::found(test);
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-preheat-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let reg = Registry::start_with_auth(work, Some((USER, BCRYPT)))
+        .await
+        .expect("starting docker-registry with htpasswd");
+    let index = OciIndex::build(
+        &work.join("multi"),
+        "v1",
+        &[
+            ("amd64", 3100, &[MIB + 11, MIB / 2]),
+            ("arm64", 3200, &[MIB + 33]),
+        ],
+    )
+    .expect("building the image index");
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("{USER}:{PASSWORD}"),
+            &format!("oci:{}:{}", index.dir.display(), index.tag),
+            &format!("docker://{}/test/multi:v1", reg.addr),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo copy --all", &o);
+    let amd = index.platform("linux/amd64").expect("amd64 image");
+    let arm = index.platform("linux/arm64").expect("arm64 image");
+    // The registry holds both platforms, and wants credentials for them.
+    let r = reqwest::get(format!(
+        "{}/v2/test/multi/manifests/{}",
+        reg.url(),
+        arm.manifest.digest
+    ))
+    .await
+    .expect("manifest request");
+    assert_eq!(r.status(), 401, "the registry serves without credentials");
+
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 0,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let rest = cluster.manager().expect("manager").rest();
+    let seed = cluster.seed(1);
+    let image_ref = format!("{}/test/multi:v1", reg.addr);
+    let no_blob_fetched = |what: &str| {
+        for image in [amd, arm] {
+            for (digest, n) in registry_blob_gets(&reg, image) {
+                assert_eq!(n, 0, "{what}: blob {digest} was fetched");
+            }
+        }
+    };
+
+    // 1. Wrong password, then none: the job fails and says why; nothing is fetched.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": "wrong"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "failure", "wrong password: {job}");
+    let error = job.to_string();
+    assert!(
+        error.contains("refused the job's credentials"),
+        "the failed job does not say the credentials were refused: {job}"
+    );
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "failure", "no credentials: {job}");
+    assert!(
+        job.to_string()
+            .contains("registry wants basic auth; no credentials"),
+        "the failed job does not say credentials are needed: {job}"
+    );
+    no_blob_fetched("after the refused jobs");
+    assert_eq!(sources(seed).await.0, 0);
+
+    // 2. Right credentials, the default platform (linux/amd64): its blobs, only its.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": PASSWORD}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "amd64 preheat: {job}");
+    assert_eq!(job_digests(&job), image_digests(amd), "{job}");
+    for (digest, n) in registry_blob_gets(&reg, amd) {
+        assert_eq!(n, 1, "amd64 blob {digest} fetched {n} times");
+    }
+    for (digest, n) in registry_blob_gets(&reg, arm) {
+        assert_eq!(n, 0, "arm64 blob {digest} fetched by the amd64 preheat");
+    }
+    let amd_bytes: u64 = amd.blobs().iter().map(|b| b.size).sum();
+    assert_eq!(
+        sources(seed).await.0,
+        amd_bytes,
+        "the seed fetched the amd64 blobs"
+    );
+
+    // 3. The other platform by name.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": PASSWORD, "platform": "linux/arm64"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "arm64 preheat: {job}");
+    assert_eq!(job_digests(&job), image_digests(arm), "{job}");
+    for (digest, n) in registry_blob_gets(&reg, arm) {
+        assert_eq!(n, 1, "arm64 blob {digest} fetched {n} times");
+    }
+    let arm_bytes: u64 = arm.blobs().iter().map(|b| b.size).sum();
+    assert_eq!(sources(seed).await.0, amd_bytes + arm_bytes);
 }
 
 /// One request to the manager at `base` with `Authorization: Bearer <token>` (when given)
