@@ -110,7 +110,7 @@ impl Memberships<'_> {
                 return Some((plan.clone(), *child));
             }
         }
-        let (plan, child) = seeding.join(task, count);
+        let (plan, child) = seeding.join(task, count, store.finished_count());
         self.joined.retain(|(t, _, _)| *t != task);
         self.joined.push((task, plan.clone(), child));
         Some((plan, child))
