@@ -696,3 +696,89 @@ impl GatedRelay {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+/// An HTTP server holding one blob at every path, that sends its first `hold_at` bytes and
+/// then waits until [`GatedBlob::release`] before sending the rest: a registry stalled in the
+/// middle of a blob, to show that a proxy streams what it has before the blob is complete.
+#[derive(Debug)]
+pub struct GatedBlob {
+    /// Its address.
+    pub addr: SocketAddr,
+    gate: tokio::sync::watch::Sender<bool>,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GatedBlob {
+    /// Starts the server on `127.0.0.1:0`. Must be called inside a tokio runtime.
+    pub async fn start(data: Vec<u8>, hold_at: usize) -> Result<Self> {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the gated blob server")?;
+        let addr = listener.local_addr().context("gated blob server address")?;
+        let (gate, rx) = tokio::sync::watch::channel(false);
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let data = bytes::Bytes::from(data);
+        let count = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (data, rx, count) = (data.clone(), rx.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let (data, mut rx) = (data.clone(), rx.clone());
+                        let hold = hold_at.min(data.len());
+                        let (tx, body_rx) = tokio::sync::mpsc::channel::<
+                            std::result::Result<Frame<bytes::Bytes>, std::io::Error>,
+                        >(4);
+                        let len = data.len();
+                        tokio::spawn(async move {
+                            if tx.send(Ok(Frame::data(data.slice(..hold)))).await.is_err() {
+                                return;
+                            }
+                            let _ = rx.wait_for(|open| *open).await;
+                            let _ = tx.send(Ok(Frame::data(data.slice(hold..)))).await;
+                        });
+                        let body =
+                            StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body_rx));
+                        async move {
+                            hyper::Response::builder()
+                                .header("content-length", len)
+                                .header("content-type", "application/octet-stream")
+                                .body(body)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            gate,
+            requests,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets every held response (and every later one) send the rest of the blob.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Whether [`GatedBlob::release`] was called.
+    pub fn released(&self) -> bool {
+        *self.gate.borrow()
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
