@@ -281,6 +281,10 @@ struct TaskRun {
     origin_rx: mpsc::UnboundedReceiver<OriginMsg>,
     /// Those fetches still running (aborted when the run ends).
     origin_fetches: Vec<tokio::task::JoinHandle<()>>,
+    /// Fetches of lost pieces started and not reported done yet.
+    origin_running: usize,
+    /// Pieces one of those fetches is asked for: never asked of the origin twice at once.
+    origin_pending: HashSet<u32>,
     /// Stall periods in a row without a stored piece (see `download.stall_timeout`).
     stalls: u32,
 }
@@ -294,8 +298,13 @@ enum OriginMsg {
         length: u64,
         cost_us: u64,
     },
-    /// The fetch ended.
-    Done(Result<(), String>),
+    /// The fetch of `pieces` ended.
+    Done {
+        /// The pieces it was asked for.
+        pieces: Vec<u32>,
+        /// How it ended.
+        result: Result<(), String>,
+    },
 }
 
 /// [`PieceSink`] of a fetch of lost pieces: reports to the run over a channel.
@@ -329,6 +338,8 @@ impl TaskRun {
             origin_tx,
             origin_rx,
             origin_fetches: Vec::new(),
+            origin_running: 0,
+            origin_pending: HashSet::new(),
             stalls: 0,
             ctx,
             spec,
@@ -542,10 +553,21 @@ impl TaskRun {
     }
 
     /// Starts fetching `pieces` (held by no live peer) from the origin beside the data plane.
+    /// Pieces a running fetch already asks for, or stored already, are left out: the
+    /// scheduler may name the same pieces again (another holder left, a reschedule).
     fn fetch_lost_pieces(&mut self, pieces: Vec<u32>) {
         let Some(store) = self.store.clone() else {
             return;
         };
+        let pieces: Vec<u32> = pieces
+            .into_iter()
+            .filter(|n| !store.has(*n) && !self.origin_pending.contains(n))
+            .collect();
+        if pieces.is_empty() {
+            return;
+        }
+        self.origin_pending.extend(pieces.iter().copied());
+        self.origin_running += 1;
         dataplane::Counters::add(&self.ctx.stats.lost_piece_fetches, 1);
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
@@ -553,11 +575,43 @@ impl TaskRun {
         self.origin_fetches.retain(|h| !h.is_finished());
         self.origin_fetches.push(tokio::spawn(async move {
             let mut sink = ChannelSink(tx.clone());
-            let r = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
+            let result = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
                 .await
                 .map_err(|e| e.to_string());
-            let _ = tx.send(OriginMsg::Done(r));
+            let _ = tx.send(OriginMsg::Done { pieces, result });
         }));
+    }
+
+    /// Bookkeeping of a fetch of lost `pieces` that ended.
+    fn origin_done(&mut self, pieces: &[u32]) {
+        self.origin_running = self.origin_running.saturating_sub(1);
+        for n in pieces {
+            self.origin_pending.remove(n);
+        }
+    }
+
+    /// Lets the fetches of lost pieces still running finish (their pieces announced as they
+    /// come), so that a fetch of everything missing started after them does not ask the
+    /// origin for the same bytes a second time. Their errors are logged only: the caller
+    /// fetches whatever is still missing.
+    async fn finish_origin_fetches(&mut self) {
+        while self.origin_running > 0 {
+            match self.origin_rx.recv().await {
+                Some(OriginMsg::Piece {
+                    number,
+                    crc32c,
+                    length,
+                    cost_us,
+                }) => PieceSink::piece(self, number, crc32c, length, cost_us),
+                Some(OriginMsg::Done { pieces, result }) => {
+                    self.origin_done(&pieces);
+                    if let Err(e) = result {
+                        tracing::warn!(task = %self.spec.id, "fetching lost pieces from the origin: {e}; fetching what is missing");
+                    }
+                }
+                None => break,
+            }
+        }
     }
 
     /// Stops the fetches of lost pieces still running.
@@ -565,6 +619,8 @@ impl TaskRun {
         for h in self.origin_fetches.drain(..) {
             h.abort();
         }
+        self.origin_running = 0;
+        self.origin_pending.clear();
     }
 
     /// Handles a report of a fetch of lost pieces; returns the end of the run when there is
@@ -580,10 +636,13 @@ impl TaskRun {
                 PieceSink::piece(self, number, crc32c, length, cost_us);
                 None
             }
-            OriginMsg::Done(Err(e)) => Some(Err(format!(
-                "fetching pieces no peer holds from the origin: {e}"
-            ))),
-            OriginMsg::Done(Ok(())) => {
+            OriginMsg::Done { pieces, result } => {
+                self.origin_done(&pieces);
+                if let Err(e) = result {
+                    return Some(Err(format!(
+                        "fetching pieces no peer holds from the origin: {e}"
+                    )));
+                }
                 let store = self.store.clone()?;
                 if !store.is_complete() {
                     return None;
@@ -785,6 +844,8 @@ impl TaskRun {
         if self.dispatched {
             self.cancel_dataplane();
         }
+        // Lost pieces already on their way from the origin are not asked for again.
+        self.finish_origin_fetches().await;
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
         let existing = self.store.clone();

@@ -182,6 +182,22 @@ impl Proc {
         }
     }
 
+    /// Sends signal `sig` (`STOP`, `CONT`, `TERM`, ...) to the process with kill(1).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !st.success() {
+            bail!("kill -{sig} {pid} ({}) failed: {st}", self.name);
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
