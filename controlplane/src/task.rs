@@ -287,7 +287,17 @@ struct TaskRun {
     origin_pending: HashSet<u32>,
     /// Stall periods in a row without a stored piece (see `download.stall_timeout`).
     stalls: u32,
+    /// Wait before the next try to register the running download again after its scheduler
+    /// stream ended (doubles up to [`REREGISTER_MAX`]).
+    reregister_backoff: std::time::Duration,
 }
+
+/// First wait before registering a running download again with a scheduler.
+const REREGISTER_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest wait between tries to register a running download again.
+const REREGISTER_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+/// Bound on one try to register again (a scheduler that accepts and never answers).
+const REREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A report from a fetch of lost pieces from the origin.
 enum OriginMsg {
@@ -341,6 +351,7 @@ impl TaskRun {
             origin_running: 0,
             origin_pending: HashSet::new(),
             stalls: 0,
+            reregister_backoff: REREGISTER_FIRST,
             ctx,
             spec,
             state,
@@ -426,6 +437,16 @@ impl TaskRun {
             piece_length: self.spec.piece_length,
             back_to_source: self.spec.back_to_source,
             priority: self.spec.priority,
+            // A running download registering again: its parents are working, it only
+            // tells the scheduler where it stands.
+            resume: self
+                .store
+                .as_ref()
+                .filter(|_| self.dispatched)
+                .map(|s| TaskMetadata {
+                    content_length: s.layout().content_length(),
+                    piece_length: s.layout().piece_length(),
+                }),
         };
         tx.try_send(AnnouncePeerRequest {
             request: Some(Request::Register(register)),
@@ -469,6 +490,10 @@ impl TaskRun {
             .max(std::time::Duration::from_millis(100));
         let stall = tokio::time::sleep(stall_timeout);
         tokio::pin!(stall);
+        // Armed when the scheduler stream of a dispatched download ends.
+        let reregister = tokio::time::sleep(REREGISTER_FIRST);
+        tokio::pin!(reregister);
+        let mut lost_scheduler = false;
         let mut stored = self.stored();
         let mut was_dispatched = self.dispatched;
         loop {
@@ -508,6 +533,9 @@ impl TaskRun {
                         dataplane::Counters::add(&self.ctx.stats.scheduler_streams_lost, 1);
                         self.responses = None;
                         self.announce = None;
+                        lost_scheduler = true;
+                        self.reregister_backoff = REREGISTER_FIRST;
+                        reregister.as_mut().reset(tokio::time::Instant::now() + REREGISTER_FIRST);
                         if !self.dispatched {
                             if self.spec.disable_back_to_source {
                                 return Err("scheduler went away before naming parents; back-to-source is disabled".into());
@@ -528,6 +556,14 @@ impl TaskRun {
                         return result;
                     }
                 }
+                _ = &mut reregister, if lost_scheduler && self.dispatched => {
+                    if self.reregister().await {
+                        lost_scheduler = false;
+                    } else {
+                        self.reregister_backoff = (self.reregister_backoff * 2).min(REREGISTER_MAX);
+                        reregister.as_mut().reset(tokio::time::Instant::now() + self.reregister_backoff);
+                    }
+                }
                 _ = &mut stall, if self.dispatched => {
                     stall.as_mut().reset(tokio::time::Instant::now() + stall_timeout);
                     if let Some(result) = self.on_stall(stall_timeout).await {
@@ -541,6 +577,33 @@ impl TaskRun {
                     tracing::warn!(task = %self.spec.id, "no parents within the schedule timeout; back to source");
                     return self.back_to_source().await;
                 }
+            }
+        }
+    }
+
+    /// Registers the running download again after its scheduler stream ended (a scheduler
+    /// restart), as a resumed download (`RegisterPeer.resume`): no seed trigger, no trip to
+    /// the origin, and the pieces held are reported so the swarm can use them. Returns
+    /// whether a scheduler took it.
+    async fn reregister(&mut self) -> bool {
+        match tokio::time::timeout(REREGISTER_TIMEOUT, self.connect_scheduler()).await {
+            Ok(Ok(())) => {
+                tracing::info!(task = %self.spec.id, "running download registered again with a scheduler");
+                dataplane::Counters::add(&self.ctx.stats.scheduler_reregistrations, 1);
+                if let Some(store) = self.store.clone() {
+                    self.announce_held(&store);
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(task = %self.spec.id, "registering the running download again: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(task = %self.spec.id, "registering the running download again: no answer in {REREGISTER_TIMEOUT:?}");
+                self.announce = None;
+                self.responses = None;
+                false
             }
         }
     }
@@ -886,6 +949,27 @@ impl TaskRun {
     /// this peer as a parent, until the scheduler closes it.
     async fn keep_serving(mut self) {
         let Some(mut responses) = self.responses.take() else {
+            // Finished without a scheduler stream (it went away and did not come back in
+            // time): tell the task's scheduler this host holds it, as the host stream does
+            // when it connects again (if that scheduler is still down, that is when).
+            if let (Some(store), Some((addr, channel))) = (
+                self.store.as_ref(),
+                self.ctx.schedulers.pool().pick(&self.spec.id),
+            ) {
+                let announce = crate::scheduler::announce_complete(
+                    self.ctx.clone(),
+                    addr,
+                    channel,
+                    self.spec.id,
+                    store.layout(),
+                );
+                if tokio::time::timeout(REREGISTER_TIMEOUT, announce)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(task = %self.spec.id, "announcing the finished task: no answer in {REREGISTER_TIMEOUT:?}");
+                }
+            }
             return;
         };
         let _announce = self.announce.take();

@@ -659,6 +659,7 @@ impl SchedulerState {
             piece_length,
             back_to_source,
             priority,
+            resume,
         } = register;
         let host = self.check_identity(key, &task_id, &peer_id, host)?;
         if priority != 0 {
@@ -683,7 +684,13 @@ impl SchedulerState {
             }
         }
         let metadata_known = task.metadata.is_some();
-        debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, "peer registered");
+        // A download that goes on with parents it has (its scheduler went away): not waiting,
+        // and it can serve at once; its size is the task's if none is known yet.
+        let resumed = !back_to_source && resume.is_some();
+        let resumed_layout = resume
+            .filter(|_| resumed && !metadata_known)
+            .and_then(|m| PieceLayout::new(m.content_length, m.piece_length).ok());
+        debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, resumed, "peer registered");
         let host_ix = self.host_ref(&host.id);
         self.peers.insert(
             key,
@@ -695,8 +702,8 @@ impl SchedulerState {
                 host_ix,
                 source: back_to_source,
                 done: false,
-                waiting: !back_to_source,
-                scheduled: false,
+                waiting: !back_to_source && !resumed,
+                scheduled: resumed,
                 announced: false,
                 pieces: PieceSet::default(),
                 parents: HashSet::default(),
@@ -709,7 +716,12 @@ impl SchedulerState {
         );
         self.sync(key, &mut out);
 
-        if back_to_source {
+        if resumed {
+            info!(task_id = %task_id, host_id = %self.peers.get(&key).map_or("", |p| p.host.id.as_str()), "running download registered again");
+            if let Some(layout) = resumed_layout {
+                self.set_metadata(&task_id, layout, &mut out);
+            }
+        } else if back_to_source {
             // Fetches from the origin; it will tell us the size with TaskMetadata.
         } else if metadata_known {
             self.schedule(key, &mut out);

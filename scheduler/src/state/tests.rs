@@ -85,6 +85,7 @@ impl Sim {
                     piece_length: 0,
                     back_to_source: bts,
                     priority: 0,
+                    resume: None,
                 },
             )
             .unwrap();
@@ -1340,4 +1341,36 @@ fn nothing_is_fetched_again_while_live_peers_hold_every_piece() {
     out.extend(sim.st.peer_left(s));
     assert!(back_to_source(&out, a).is_none(), "{out:?}");
     assert!(triggers(&out).is_empty());
+}
+
+#[test]
+fn a_running_download_registered_again_is_not_a_new_request_for_a_source() {
+    // A restarted scheduler: a seed host is live, and the first thing it hears of the task
+    // is a running download registering again with the task's size.
+    let mut sim = Sim::new();
+    sim.announce("seed-a", true);
+    let a = PeerKey(sim.key());
+    let out = sim
+        .st
+        .register_peer(
+            a,
+            RegisterPeer {
+                task_id: TASK.to_owned(),
+                peer_id: "peer-a".to_owned(),
+                host: Some(host("host-a", false)),
+                resume: Some(metadata(10 << 20)),
+                ..RegisterPeer::default()
+            },
+        )
+        .unwrap();
+    assert!(triggers(&out).is_empty(), "seed triggered: {out:?}");
+    assert_eq!(back_to_source(&out, a), None, "sent to the origin: {out:?}");
+    for n in 0..4 {
+        sim.piece(a, n);
+    }
+    // It serves at once: a new peer gets it as a parent (the size came with the
+    // registration), and still nobody is sent to a source.
+    let (b, out) = sim.register("peer-b", "host-b", false);
+    assert_eq!(parents_to(&out, b), vec!["host-a"]);
+    assert!(triggers(&out).is_empty(), "seed triggered: {out:?}");
 }
