@@ -423,7 +423,10 @@ fn a_killed_seed_hangs_no_download_in_the_lab() {
     assert_eq!(fault["verified"], 4, "{fault}");
     // The seed was killed while it served: it sent less than a copy to the peers.
     let seed = phase["seed_copies_payload"].as_f64().expect("seed payload");
-    assert!(seed < 1.0, "the seed sent {seed} copies: killed too late? {phase}");
+    assert!(
+        seed < 1.0,
+        "the seed sent {seed} copies: killed too late? {phase}"
+    );
     let origin = fault["origin_copies_payload"]
         .as_f64()
         .expect("origin payload");

@@ -688,7 +688,8 @@ fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, 
                 .iter()
                 .find(|(kb, _)| kb == k)
                 .map_or(0.0, |(_, x)| *x);
-            (k.clone(), v - b)
+            // A process killed during the phase reads 0 at its end: no negative time.
+            (k.clone(), (v - b).max(0.0))
         })
         .collect()
 }
@@ -846,7 +847,13 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
 
     // Scheduler.
     let sched_addr = format!("{}:8002", sched.ip);
-    let mut sargs = vec!["--listen".to_string(), sched_addr.clone()];
+    let sched_metrics = format!("{}:9090", sched.ip);
+    let mut sargs = vec![
+        "--listen".to_string(),
+        sched_addr.clone(),
+        "--metrics".to_string(),
+        sched_metrics.clone(),
+    ];
     if let Some(c) = &a.scheduler_config {
         sargs.extend(["--config".into(), c.display().to_string()]);
     }
@@ -1028,6 +1035,15 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
                 })?;
             }
         }
+        // Every host announced to the scheduler again (a stopped or restarted one may have
+        // been dropped), so the next phase starts from a whole swarm.
+        let want = daemons.len() as u64;
+        wait_until(
+            "every host announced to the scheduler again",
+            ready,
+            &mut procs,
+            || scheduler_hosts(&sched, &sched_metrics) == Some(want),
+        )?;
         procs.check_alive()?;
         let no_fault = phases[0].max_s;
         fault_rows.push(fault::FaultRow {
@@ -1301,6 +1317,29 @@ impl Counters {
             seed_link: self.seed_tx.saturating_sub(before.seed_tx),
         }
     }
+}
+
+/// Hosts the scheduler knows now (its `damselfly_scheduler_hosts` gauge, fetched with curl
+/// inside its namespace); `None` when that fails.
+fn scheduler_hosts(sched: &Host, addr: &str) -> Option<u64> {
+    let url = format!("http://{addr}/metrics");
+    let text = net::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &sched.ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &url,
+        ],
+    )
+    .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("damselfly_scheduler_hosts "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Body bytes the origin has served so far (its `/_stats`, fetched with curl inside the

@@ -1136,6 +1136,7 @@ impl SchedulerState {
         }
         if metadata_known {
             self.schedule(key, out);
+            self.recover_for_peer(key, out);
         } else {
             if let Some(p) = self.peers.get_mut(&key) {
                 p.waiting = true;
@@ -1311,6 +1312,65 @@ impl SchedulerState {
         for (taker, run) in takers.iter().zip(missing.chunks(per.max(1))) {
             self.send_pieces_to_source(*taker, run.to_vec(), out);
         }
+    }
+
+    /// After a reschedule: the pieces `child` lacks that no peer on a host it has not
+    /// reported bad holds (or was sent to the origin for) — e.g. only a parent that stalled
+    /// without closing holds them, which the scheduler still counts as live until its
+    /// connection times out — are fetched by `child` from the origin (a partial
+    /// `NeedBackToSource`), unless a seed trigger or a whole-task source is under way.
+    fn recover_for_peer(&mut self, child: PeerKey, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get(&child) else {
+            return;
+        };
+        if !peer.wants_parents() || peer.bad_hosts.is_empty() {
+            return;
+        }
+        let Some(task) = self.tasks.get(&peer.task_id) else {
+            return;
+        };
+        let Some(layout) = task.metadata else {
+            return;
+        };
+        // A seed being triggered brings the pieces, unless it is the bad parent itself.
+        if task
+            .trigger
+            .as_ref()
+            .is_some_and(|t| !peer.bad_hosts.contains(&t.host_id))
+        {
+            return;
+        }
+        let good: Vec<&Peer> = task
+            .peers
+            .iter()
+            .filter_map(|k| self.peers.get(k))
+            .map(|p| &**p)
+            .filter(|p| !peer.bad_hosts.contains(&p.host.id))
+            .collect();
+        if good.iter().any(|p| p.done || (p.source && !p.done)) {
+            return;
+        }
+        let count = layout.piece_count();
+        let mut covered = vec![false; count as usize];
+        for p in &good {
+            for &n in &p.origin_pieces {
+                if let Some(c) = covered.get_mut(n as usize) {
+                    *c = true;
+                }
+            }
+        }
+        let missing: Vec<u32> = (0..count)
+            .filter(|&n| {
+                !covered[n as usize]
+                    && !peer.pieces.contains(n)
+                    && !good.iter().any(|p| p.pieces.contains(n))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        warn!(peer_id = %peer.peer_id, missing = missing.len(), bad = ?peer.bad_hosts, "pieces held only by hosts this peer reported bad; sending it to the origin for them");
+        self.send_pieces_to_source(child, missing, out);
     }
 
     /// Partial `NeedBackToSource` to `child`: fetch `pieces` from the origin. The peer keeps

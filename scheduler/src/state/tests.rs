@@ -1374,3 +1374,54 @@ fn a_running_download_registered_again_is_not_a_new_request_for_a_source() {
     assert_eq!(parents_to(&out, b), vec!["host-a"]);
     assert!(triggers(&out).is_empty(), "seed triggered: {out:?}");
 }
+
+#[test]
+fn pieces_only_a_bad_parent_holds_are_fetched_from_the_origin_after_a_reschedule() {
+    // The seed holds everything and stalls without closing (still live here); peer-b
+    // holds piece 5. peer-a reports the seed bad: it is sent to the origin for the pieces
+    // nobody else has, not for piece 5 and not for those it holds.
+    let mut sim = Sim::new();
+    sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 8 << 20);
+    let (b, _) = sim.register("peer-b", "host-b", false);
+    for n in 0..8 {
+        sim.piece(s, n);
+    }
+    for n in 0..3 {
+        sim.piece(a, n);
+    }
+    sim.piece(b, 5);
+    let out = sim.send(
+        a,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec!["seed-a".to_owned()],
+            reason: "no piece for 30s".to_owned(),
+        }),
+    );
+    let pieces: Vec<u32> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Peer {
+                peer,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::NeedBackToSource(n)),
+                    },
+            } if *peer == a => Some(n.pieces.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(pieces, vec![3, 4, 6, 7], "{out:?}");
+    // Asking again does not send them twice.
+    let out = sim.send(
+        a,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec!["seed-a".to_owned()],
+            reason: "again".to_owned(),
+        }),
+    );
+    assert_eq!(back_to_source(&out, a), None, "{out:?}");
+}
