@@ -362,3 +362,79 @@ async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
         "every request for missing pieces names a bounded run: {log:#?}"
     );
 }
+
+/// The only seed stalls (SIGSTOP: its connections stay open, so the scheduler still counts
+/// it as live) while the scheduler runs. The peer drops it on the piece timeout and tells
+/// the scheduler, which sends it to the origin for what it lacks at once, not when the
+/// seed's connection finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule
+/// names the stalled seed, and the peer's bytes are the seed's plus the origin's, exactly
+/// the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // Only the piece timeout notices the stall (the watchdog never fires here).
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "piece-timeout.yaml",
+        "data_plane:\n  piece_timeout: 2s\ndownload:\n  stall_timeout: 10m\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let (seed, p1) = (cluster.seed(1), cluster.peer(1));
+    let size = 16 * MIB + 13;
+    let content = origin.add_file("/only-stalled.bin", size, 36);
+    let url = origin.url("/only-stalled.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from the seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        let at_stop = p1.stats().await?;
+        signal(seed, "STOP");
+        anyhow::Ok(at_stop)
+    });
+    let at_stop = stopped.expect("stopping the seed");
+    signal(seed, "CONT");
+    r.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish after its only parent stalled: {e:#}")
+    });
+    let sched_log =
+        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "the seed stopped after peer-1 had everything ({at_stop:?})"
+    );
+    let told = sched_log
+        .lines()
+        .any(|l| l.contains("reschedule") && l.contains("peer-1") && l.contains("\"seed-1\""))
+        && sched_log
+            .lines()
+            .any(|l| l.contains("peer-1") && l.contains("sent"));
+    assert!(
+        told && !sched_log.contains("host left host_id=seed-1"),
+        "peer-1 should have reported the stalled seed and been sent to the origin before the \
+         scheduler noticed the seed itself:\n{}",
+        cluster.scheduler().log_tail(30)
+    );
+    let s = p1.stats().await.expect("Stats of peer-1");
+    assert!(
+        s.bytes_from_origin > 0 && s.bytes_from_seed + s.bytes_from_origin == size,
+        "peer-1's bytes: the seed's, then the rest from the origin once: {s:?}"
+    );
+}
