@@ -1340,14 +1340,14 @@ impl SchedulerState {
         {
             return;
         }
-        let good: Vec<&Peer> = task
+        let good_keyed: Vec<(PeerKey, &Peer)> = task
             .peers
             .iter()
-            .filter_map(|k| self.peers.get(k))
-            .map(|p| &**p)
-            .filter(|p| !peer.bad_hosts.contains(&p.host.id))
+            .filter_map(|k| self.peers.get(k).map(|p| (*k, &**p)))
+            .filter(|(_, p)| !peer.bad_hosts.contains(&p.host.id))
             .collect();
-        if good.iter().any(|p| p.done || (p.source && !p.done)) {
+        let good: Vec<&Peer> = good_keyed.iter().map(|(_, p)| *p).collect();
+        if good.iter().any(|p| p.done || p.source) {
             return;
         }
         let count = layout.piece_count();
@@ -1369,8 +1369,29 @@ impl SchedulerState {
         if missing.is_empty() {
             return;
         }
-        warn!(peer_id = %peer.peer_id, missing = missing.len(), bad = ?peer.bad_hosts, "pieces held only by hosts this peer reported bad; sending it to the origin for them");
-        self.send_pieces_to_source(child, missing, out);
+        // Split like lost pieces: this peer first, then the other downloading peers holding
+        // the most, within the back-to-source budget, so that no single downlink (and the
+        // uplink that then has to share them) carries them all.
+        let mut others: Vec<(PeerKey, &Peer)> = good_keyed
+            .iter()
+            .filter(|(k, p)| *k != child && p.wants_parents())
+            .copied()
+            .collect();
+        others.sort_by_key(|(k, p)| (std::cmp::Reverse(p.pieces.count()), *k));
+        let budget = self
+            .config
+            .back_to_source_limit
+            .saturating_sub(task.back_to_source)
+            .max(1) as usize;
+        let takers: Vec<PeerKey> = std::iter::once(child)
+            .chain(others.iter().map(|(k, _)| *k))
+            .take(budget.min(missing.len()))
+            .collect();
+        warn!(peer_id = %peer.peer_id, missing = missing.len(), peers = takers.len(), bad = ?peer.bad_hosts, "pieces held only by hosts this peer reported bad; sending peers to the origin for them");
+        let per = missing.len().div_ceil(takers.len().max(1));
+        for (taker, run) in takers.iter().zip(missing.chunks(per.max(1))) {
+            self.send_pieces_to_source(*taker, run.to_vec(), out);
+        }
     }
 
     /// Partial `NeedBackToSource` to `child`: fetch `pieces` from the origin. The peer keeps

@@ -1400,21 +1400,24 @@ fn pieces_only_a_bad_parent_holds_are_fetched_from_the_origin_after_a_reschedule
             reason: "no piece for 30s".to_owned(),
         }),
     );
-    let pieces: Vec<u32> = out
-        .iter()
-        .filter_map(|o| match o {
-            Output::Peer {
-                peer,
-                response:
-                    AnnouncePeerResponse {
-                        response: Some(announce_peer_response::Response::NeedBackToSource(n)),
-                    },
-            } if *peer == a => Some(n.pieces.clone()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    assert_eq!(pieces, vec![3, 4, 6, 7], "{out:?}");
+    let sent_to = |who: PeerKey| -> Vec<u32> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Peer {
+                    peer,
+                    response:
+                        AnnouncePeerResponse {
+                            response: Some(announce_peer_response::Response::NeedBackToSource(n)),
+                        },
+                } if *peer == who => Some(n.pieces.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    // Split between the reporting peer (first) and the other downloading peer.
+    assert_eq!(sent_to(a), vec![3, 4], "{out:?}");
+    assert_eq!(sent_to(b), vec![6, 7], "{out:?}");
     // Asking again does not send them twice.
     let out = sim.send(
         a,
@@ -1424,4 +1427,5 @@ fn pieces_only_a_bad_parent_holds_are_fetched_from_the_origin_after_a_reschedule
         }),
     );
     assert_eq!(back_to_source(&out, a), None, "{out:?}");
+    assert_eq!(back_to_source(&out, b), None, "{out:?}");
 }
