@@ -29,7 +29,7 @@ revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 source_url=${SOURCE:-$(git config --get remote.origin.url 2>/dev/null || echo unknown)}
 created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 driver=${BUILDAH_STORAGE_DRIVER:-vfs}
-bins=(dfdaemon dfget dfcache scheduler manager)
+bins=(dfdaemon dfget dfcache dfinit scheduler manager)
 
 if ! command -v buildah >/dev/null 2>&1; then
     [ "$(id -u)" = 0 ] || fail "buildah missing (apt-get install buildah)"

@@ -4,6 +4,8 @@
 #    validates, strictly, against the schemas of Kubernetes $K8S_VERSION (kubernetes-validate);
 #    ServiceMonitors must select a Service with their port, PrometheusRules load in promtool;
 #  - every systemd unit passes `systemd-analyze verify` with no warning;
+#  - every Grafana dashboard (deploy/grafana) is JSON whose queries parse (promtool) and name
+#    only metrics the code registers (tests/tests/e2e_prometheus.rs runs them in Prometheus);
 #  - deploy/compose.yaml is well-formed (services, images, volumes, no port clash);
 #  - every --flag given to a Damselfly binary in the manifests, compose file and units exists
 #    in that binary's --help (binaries from $DAMSELFLY_BIN_DIR, else the cargo target dir).
@@ -77,6 +79,11 @@ n=$(cat "${rendered[@]}" | grep -c '^kind:')
 echo "check-deploy: $n Kubernetes objects valid for Kubernetes $K8S_VERSION"
 RULES_OUT=$work/rules.yaml python3 scripts/check_deploy.py manifests "${rendered[@]}" || fail "monitoring objects"
 promtool check rules "$work/rules.yaml" >/dev/null || { promtool check rules "$work/rules.yaml" >&2; fail "PrometheusRule rules"; }
+
+# --- Grafana dashboards: JSON, metric names the code registers, PromQL that promtool parses
+RULES_OUT=$work/dashboards.yaml python3 scripts/check_deploy.py dashboards deploy/grafana/*.json || fail "dashboards"
+promtool check rules "$work/dashboards.yaml" >/dev/null || { promtool check rules "$work/dashboards.yaml" >&2; fail "a dashboard query is not valid PromQL"; }
+echo "check-deploy: $(ls deploy/grafana/*.json | wc -l) Grafana dashboards checked"
 
 # --- systemd: verify in a throw-away root that holds the binaries where the units expect them
 root=$work/root

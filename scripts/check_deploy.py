@@ -6,6 +6,10 @@
                                                (to $RULES_OUT), every metric they name is one
                                                the code registers
   check_deploy.py compose deploy/compose.yaml  the compose file's structure
+  check_deploy.py dashboards FILE.json...      Grafana dashboards: JSON, a unique uid, every panel
+                                               target a Prometheus query naming only metrics the
+                                               code registers; the queries written as recording
+                                               rules to $RULES_OUT (promtool checks their PromQL)
   check_deploy.py flags BIN_DIR FILE...        every `--flag` given to a Damselfly binary in
                                                FILE (YAML or systemd unit) exists in that
                                                binary's --help
@@ -19,7 +23,7 @@ import sys
 
 import yaml
 
-BINARIES = ("dfdaemon", "scheduler", "manager", "dfget", "dfcache")
+BINARIES = ("dfdaemon", "scheduler", "manager", "dfget", "dfcache", "dfinit")
 problems = []
 
 
@@ -75,13 +79,77 @@ def registered_metrics():
     """Every `"damselfly_..."` string literal in the crates' sources (the metric names)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     names = set()
-    for crate in ("controlplane", "dataplane", "scheduler", "manager"):
+    for crate in ("controlplane", "dataplane", "scheduler", "manager", "wire"):
         for dirpath, _, files in os.walk(os.path.join(root, crate, "src")):
             for f in files:
                 if f.endswith(".rs"):
                     with open(os.path.join(dirpath, f), encoding="utf-8") as fh:
                         names.update(re.findall(r'"(damselfly_[a-z0-9_]+)"', fh.read()))
     return names
+
+
+GRAFANA_INTERVALS = ("$__rate_interval", "$__interval", "$__range")
+
+
+def dashboards(paths, rules_out):
+    import json
+
+    known = registered_metrics()
+    uids = {}
+    rules = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            bad(f"{path}: not JSON: {e}")
+            continue
+        uid = d.get("uid")
+        if not isinstance(uid, str) or not uid:
+            bad(f"{path}: no uid")
+        elif uid in uids:
+            bad(f"{path}: uid {uid} also in {uids[uid]}")
+        else:
+            uids[uid] = path
+        if not d.get("title"):
+            bad(f"{path}: no title")
+        panels = []
+        for p in d.get("panels") or []:
+            panels.append(p)
+            panels.extend(p.get("panels") or [])
+        if not panels:
+            bad(f"{path}: no panels")
+        ids = [p.get("id") for p in panels]
+        if len(set(ids)) != len(ids):
+            bad(f"{path}: panel ids repeat")
+        for p in panels:
+            if p.get("type") == "row":
+                continue
+            title = p.get("title")
+            targets = p.get("targets") or []
+            if not targets:
+                bad(f"{path}: panel {title!r} has no query")
+            for t in targets:
+                ds = t.get("datasource") or p.get("datasource") or {}
+                if ds.get("type") != "prometheus":
+                    bad(f"{path}: panel {title!r}: datasource is not Prometheus")
+                expr = t.get("expr")
+                if not isinstance(expr, str) or not expr.strip():
+                    bad(f"{path}: panel {title!r}: a target without expr")
+                    continue
+                for m in set(re.findall(r"\bdamselfly_[a-z0-9_]+", expr)):
+                    base = re.sub(r"_(total|bucket|sum|count)$", "", m)
+                    if base not in known and m not in known:
+                        bad(f"{path}: panel {title!r}: no metric {m} in the code")
+                for v in GRAFANA_INTERVALS:
+                    expr = expr.replace(v, "5m")
+                if "$" in expr:
+                    bad(f"{path}: panel {title!r}: unknown variable in {expr!r}")
+                    continue
+                rules.append({"record": f"dashboard:panel_{len(rules)}", "expr": expr})
+    if rules_out:
+        with open(rules_out, "w", encoding="utf-8") as f:
+            yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, f)
 
 
 def selects(sel, labels):
@@ -235,6 +303,8 @@ def main():
     if mode == "manifests":
         out = os.environ.get("RULES_OUT")
         manifests(sys.argv[2:], out)
+    elif mode == "dashboards":
+        dashboards(sys.argv[2:], os.environ.get("RULES_OUT"))
     elif mode == "compose":
         compose(sys.argv[2])
     elif mode == "flags":

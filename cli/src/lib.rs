@@ -1,6 +1,7 @@
 //! Shared helpers of the Damselfly command-line binaries (thin: parsing, progress, exit codes).
 
 pub mod dfget_config;
+pub mod dfinit;
 pub mod listing;
 
 use std::path::{Path, PathBuf};

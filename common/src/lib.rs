@@ -7,7 +7,8 @@
 //!   overrides the file, and a command-line flag overrides both. The file is the one named
 //!   by `--config`, else by `<BINARY>_CONFIG`, else `/etc/damselfly/<binary>.yaml` when it
 //!   exists, else none (built-in defaults);
-//! - [`init_logs`]: logs on stderr, as text or as JSON lines ([`LogFormat`]).
+//! - [`init_logs`], [`init_logs_with`]: logs on stderr or in rotated files (`--log-dir`),
+//!   as text or as JSON lines ([`LogFormat`], [`LogOptions`]).
 
 use std::path::{Path, PathBuf};
 
@@ -74,24 +75,176 @@ impl std::fmt::Display for LogFormat {
     }
 }
 
+/// How often a log file is rotated (`--log-rotation`, `log.rotation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRotation {
+    /// A new file every hour (`<binary>.log.YYYY-MM-DD-HH`).
+    Hourly,
+    /// A new file every day (`<binary>.log.YYYY-MM-DD`).
+    #[default]
+    Daily,
+    /// One file, never rotated (`<binary>.log`; rotate it with logrotate's `copytruncate`).
+    Never,
+}
+
+impl std::str::FromStr for LogRotation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hourly" => Ok(Self::Hourly),
+            "daily" => Ok(Self::Daily),
+            "never" => Ok(Self::Never),
+            other => Err(format!(
+                "unknown log rotation {other:?} (hourly, daily or never)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LogRotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Hourly => "hourly",
+            Self::Daily => "daily",
+            Self::Never => "never",
+        })
+    }
+}
+
+/// Where and how a process writes its logs.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// Write the logs to files in this directory instead of stderr (`--log-dir`); `None`:
+    /// stderr.
+    pub dir: Option<PathBuf>,
+    /// When a new file is started (only with [`LogOptions::dir`]).
+    pub rotation: LogRotation,
+    /// Rotated files kept, the newest ones; older files of this binary are deleted
+    /// (only with [`LogOptions::dir`] and a rotation; 0 keeps every file).
+    pub max_files: usize,
+}
+
+/// The `log:` section of a config file (dfdaemon, scheduler, manager); the `--log-dir`,
+/// `--log-rotation`, `--log-max-files` flags (and their variables) override each key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Write the logs to files in this directory instead of stderr (default: none, stderr).
+    pub dir: Option<PathBuf>,
+    /// `hourly`, `daily` (default) or `never`.
+    pub rotation: LogRotation,
+    /// Rotated files kept (default 7; 0 keeps all).
+    pub max_files: usize,
+}
+
+/// Default of `log.max_files` / `--log-max-files`.
+pub const DEFAULT_LOG_MAX_FILES: usize = 7;
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            rotation: LogRotation::Daily,
+            max_files: DEFAULT_LOG_MAX_FILES,
+        }
+    }
+}
+
+impl LogConfig {
+    /// The options to start logging with: this section, each key overridden by its flag or
+    /// variable when given.
+    pub fn with_overrides(
+        &self,
+        format: LogFormat,
+        dir: Option<PathBuf>,
+        rotation: Option<LogRotation>,
+        max_files: Option<usize>,
+    ) -> LogOptions {
+        LogOptions {
+            format,
+            dir: dir.or_else(|| self.dir.clone()),
+            rotation: rotation.unwrap_or(self.rotation),
+            max_files: max_files.unwrap_or(self.max_files),
+        }
+    }
+}
+
+/// Keeps the background log writer of a log file running; drop it last (at the end of
+/// `main`) so that the last lines are flushed.
+#[derive(Debug)]
+pub struct LogGuard {
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
+
 /// Installs the process's log subscriber on stderr: the filter from `RUST_LOG`, else
 /// `default_filter`; text or JSON lines. A second call keeps the first subscriber.
 pub fn init_logs(default_filter: &str, format: LogFormat) {
+    let _ = init_logs_with(
+        "damselfly",
+        default_filter,
+        &LogOptions {
+            format,
+            ..LogOptions::default()
+        },
+    );
+}
+
+/// Installs the process's log subscriber as `opts` say: on stderr, or, with a directory,
+/// in files `<binary>.log[.<date>]` there, rotated and pruned. The filter comes from
+/// `RUST_LOG`, else `default_filter`. Fails (with the path) when the directory cannot be
+/// created or written. A second call keeps the first subscriber.
+pub fn init_logs_with(
+    binary: &str,
+    default_filter: &str,
+    opts: &LogOptions,
+) -> Result<LogGuard, String> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let (writer, ansi, guard) = match &opts.dir {
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            None,
+        ),
+        Some(dir) => {
+            use tracing_appender::rolling::{Builder, Rotation};
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("creating log directory {}: {e}", dir.display()))?;
+            let rotation = match opts.rotation {
+                LogRotation::Hourly => Rotation::HOURLY,
+                LogRotation::Daily => Rotation::DAILY,
+                LogRotation::Never => Rotation::NEVER,
+            };
+            let mut b = Builder::new()
+                .rotation(rotation)
+                .filename_prefix(format!("{binary}.log"));
+            if opts.max_files > 0 {
+                b = b.max_log_files(opts.max_files);
+            }
+            let appender = b
+                .build(dir)
+                .map_err(|e| format!("opening a log file in {}: {e}", dir.display()))?;
+            let (w, g) = tracing_appender::non_blocking(appender);
+            (BoxMakeWriter::new(w), false, Some(g))
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init(),
+        .with_writer(writer);
+    let _ = match opts.format {
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
         LogFormat::Json => builder
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .try_init(),
     };
+    Ok(LogGuard { _guard: guard })
 }
 
 #[cfg(test)]
@@ -130,6 +283,61 @@ mod tests {
         assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
         assert!("xml".parse::<LogFormat>().is_err());
         assert_eq!(LogFormat::Json.to_string(), "json");
+    }
+
+    #[test]
+    fn flags_override_the_log_section_key_by_key() {
+        let file = LogConfig {
+            dir: Some(PathBuf::from("/var/log/d")),
+            rotation: LogRotation::Hourly,
+            max_files: 3,
+        };
+        let o = file.with_overrides(LogFormat::Json, None, None, Some(9));
+        assert_eq!(o.dir, Some(PathBuf::from("/var/log/d")));
+        assert_eq!(
+            (o.rotation, o.max_files, o.format),
+            (LogRotation::Hourly, 9, LogFormat::Json)
+        );
+        let o = file.with_overrides(
+            LogFormat::Text,
+            Some("/x".into()),
+            Some(LogRotation::Never),
+            None,
+        );
+        assert_eq!(
+            (o.dir, o.rotation, o.max_files),
+            (Some(PathBuf::from("/x")), LogRotation::Never, 3)
+        );
+        let d = LogConfig::default().with_overrides(LogFormat::Text, None, None, None);
+        assert_eq!(
+            (d.dir, d.rotation, d.max_files),
+            (None, LogRotation::Daily, 7)
+        );
+    }
+
+    #[test]
+    fn log_rotation_parses_and_prints() {
+        for r in [LogRotation::Hourly, LogRotation::Daily, LogRotation::Never] {
+            assert_eq!(r.to_string().parse::<LogRotation>(), Ok(r));
+        }
+        assert!("weekly".parse::<LogRotation>().is_err());
+    }
+
+    #[test]
+    fn a_log_dir_that_cannot_be_created_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").expect("write");
+        let err = init_logs_with(
+            "t",
+            "info",
+            &LogOptions {
+                dir: Some(file.join("logs")),
+                ..LogOptions::default()
+            },
+        )
+        .expect_err("a directory under a file");
+        assert!(err.contains("a-file"), "{err}");
     }
 
     #[test]

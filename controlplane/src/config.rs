@@ -31,6 +31,73 @@ pub struct DaemonConfig {
     pub proxy: ProxyConfig,
     /// Garbage collection of stored tasks.
     pub gc: GcConfig,
+    /// Log files (`log.dir`, `log.rotation`, `log.max_files`).
+    pub log: damselfly_common::LogConfig,
+    /// Origins: which TLS certificates they are trusted with.
+    pub origin: OriginConfig,
+}
+
+/// `origin:` section: how this daemon trusts the HTTPS origins it fetches from (back to
+/// source for `dfget`, the registry mirror's P2P blob fetches, preheats) and the upstream of
+/// the registry mirror's passed-through requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// PEM files of extra CA certificates trusted for origins (private CAs).
+    pub ca_certs: Vec<PathBuf>,
+    /// Also trust the operating system's certificate store (`/etc/ssl/certs`, or
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR`), besides the built-in web roots.
+    pub system_ca_certs: bool,
+    /// Accept any certificate from any origin (no verification at all). Logged as a warning
+    /// at start; for tests and emergencies only.
+    pub insecure_skip_verify: bool,
+    /// Object storage (`s3://bucket/key` URLs).
+    pub s3: S3Config,
+}
+
+/// `origin.s3` section: the S3-protocol object store behind `s3://` URLs. An empty value
+/// takes the AWS environment variable (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), else the default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL (`http://minio:9000`); empty: AWS's for the region.
+    pub endpoint: String,
+    /// Region; empty: `us-east-1`.
+    pub region: String,
+    /// Access key id; empty with no environment: unsigned requests.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+    /// Session token of temporary credentials.
+    pub session_token: String,
+    /// Path-style requests (`endpoint/bucket/key`, what MinIO, Ceph and most self-hosted
+    /// stores want); `false`: virtual-hosted style (`bucket.endpoint/key`).
+    pub path_style: bool,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            session_token: String::new(),
+            path_style: true,
+        }
+    }
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            ca_certs: Vec::new(),
+            system_ca_certs: true,
+            insecure_skip_verify: false,
+            s3: S3Config::default(),
+        }
+    }
 }
 
 /// `proxy:` section: the registry mirror (containerd's `hosts.toml` or docker's
@@ -52,6 +119,11 @@ pub struct ProxyConfig {
     pub insecure_skip_verify: bool,
     /// PEM files of extra CA certificates trusted for the upstream on passed-through requests.
     pub ca_certs: Vec<PathBuf>,
+    /// Regexes of hosts (`host` or `host:port`) whose `CONNECT` tunnels the proxy
+    /// intercepts: it terminates TLS with a leaf from its own CA
+    /// (`<storage.dir>/proxy-ca.pem`) and serves the requests like mirror requests to
+    /// `https://host:port`. Other `CONNECT`s are tunnelled untouched.
+    pub hijack_hosts: Vec<String>,
 }
 
 /// Default port of the registry mirror proxy.
@@ -66,6 +138,7 @@ impl Default for ProxyConfig {
             registry_mirror: "https://index.docker.io".into(),
             insecure_skip_verify: false,
             ca_certs: Vec::new(),
+            hijack_hosts: Vec::new(),
         }
     }
 }
@@ -281,20 +354,17 @@ pub struct DataPlaneSection {
     /// whichever is reached first).
     pub bytes_in_flight: ByteSize,
     /// Transport of fetches: `tcp`, or `quic` (also serves QUIC on `quic_listen`; parents
-    /// without QUIC are still reached over TCP).
+    /// without QUIC are still reached over TCP). `quic` needs `tls`: a daemon refuses to
+    /// start with QUIC and no `tls`.
     pub transport: TransportKind,
     /// UDP address of the QUIC endpoint (with `transport: quic`).
     pub quic_listen: SocketAddr,
-    /// PEM certificate of the QUIC endpoint; a self-signed one is generated when unset.
-    pub quic_cert: Option<PathBuf>,
-    /// PEM private key of `quic_cert`.
-    pub quic_key: Option<PathBuf>,
     /// Largest UDP payload of a QUIC packet, bytes (1200–65,000; default 1452, safe for
     /// 1500-byte Ethernet). Larger packets cut QUIC's per-packet CPU cost: ~8900 on
     /// jumbo-frame (9000 MTU) networks, up to 65,000 on loopback. See tuning.md.
     pub quic_max_udp_payload: u16,
-    /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP and
-    /// unauthenticated QUIC. See the README's TLS section.
+    /// TLS of the data plane (TCP and QUIC, serving and fetching); none: plaintext TCP (and
+    /// no QUIC). See the README's TLS section.
     pub tls: Option<wire::tls::TlsConfig>,
 }
 
@@ -389,8 +459,6 @@ impl Default for DataPlaneSection {
             bytes_in_flight: ByteSize(dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT),
             transport: TransportKind::Tcp,
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
-            quic_cert: None,
-            quic_key: None,
             quic_max_udp_payload: dataplane::quic::QuicConfig::default().max_udp_payload,
             tls: None,
         }

@@ -63,6 +63,15 @@ impl Daemon {
     /// Opens storage, starts the data plane and builds the shared context. Nothing is served
     /// until [`Daemon::run`].
     pub fn start(config: DaemonConfig) -> anyhow::Result<Self> {
+        if matches!(config.data_plane.transport, TransportKind::Quic)
+            && config.data_plane.tls.is_none()
+        {
+            anyhow::bail!(
+                "data_plane.transport: quic needs data_plane.tls (ca_cert, cert, key): without it \
+                 a daemon could not tell its parents from impostors. Set data_plane.tls, or use \
+                 transport: tcp"
+            );
+        }
         let storage =
             Arc::new(Storage::open(&config.storage.dir).with_context(|| {
                 format!("opening storage dir {}", config.storage.dir.display())
@@ -108,8 +117,6 @@ impl Daemon {
                 TransportKind::Tcp => None,
                 TransportKind::Quic => Some(QuicConfig {
                     listen: config.data_plane.quic_listen,
-                    cert: config.data_plane.quic_cert.clone(),
-                    key: config.data_plane.quic_key.clone(),
                     tls: config.data_plane.tls.clone(),
                     max_udp_payload: config.data_plane.quic_max_udp_payload,
                     ..QuicConfig::default()
@@ -163,10 +170,16 @@ impl Daemon {
         };
         let schedulers =
             SchedulerSet::with_tls(&config.scheduler.addrs, config.scheduler.tls.clone())?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.download.origin_timeout)
-            .build()
-            .context("building the HTTP client")?;
+        crate::trust::warn_if_insecure(&config.origin, "origin");
+        let http = crate::trust::apply(
+            reqwest::Client::builder().connect_timeout(config.download.origin_timeout),
+            &config.origin,
+            &[],
+            false,
+            "origin",
+        )?
+        .build()
+        .context("building the HTTP client")?;
         let origin_slots = match config.download.origin_concurrency {
             0 => None,
             n => Some(Arc::new(tokio::sync::Semaphore::new(n))),

@@ -5,7 +5,7 @@
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
 //! socket ([`local_api`]), the registry mirror ([`proxy`]) and Prometheus metrics
 //! ([`metrics`]). Task metadata survives restarts in [`store`]; [`gc`] evicts tasks by TTL and
-//! disk watermarks.
+//! disk watermarks. [`trust`] builds the origin clients (private CAs, the system store).
 
 pub mod cache;
 pub mod config;
@@ -16,10 +16,13 @@ pub mod manager;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
+pub mod proxy_ca;
+pub mod s3;
 pub mod scheduler;
 pub mod store;
 pub mod task;
 pub mod task_reader;
+pub mod trust;
 
 pub use config::DaemonConfig;
 pub use daemon::Daemon;

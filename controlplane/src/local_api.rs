@@ -432,8 +432,11 @@ fn url_check(u: &str) -> Result<String, Status> {
         url::Url::parse(u).map_err(|e| Status::invalid_argument(format!("url {u:?}: {e}")))?;
     match parsed.scheme() {
         "http" | "https" => Ok(u.to_string()),
+        "s3" => crate::s3::parse(u, false)
+            .map(|_| u.to_string())
+            .map_err(Status::invalid_argument),
         s => Err(Status::invalid_argument(format!(
-            "url scheme {s:?} is not supported (http, https)"
+            "url scheme {s:?} is not supported (http, https, s3)"
         ))),
     }
 }

@@ -5,6 +5,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -44,6 +45,38 @@ pub struct ControlStats {
     pub lost_piece_fetches: AtomicU64,
     /// Times a running download made no progress for `download.stall_timeout`.
     pub download_stalls: AtomicU64,
+    /// How long task runs took, by outcome.
+    pub download_seconds: DownloadDurations,
+}
+
+/// `damselfly_download_duration_seconds{outcome}`: the time from a task run's start to its
+/// end (every piece stored, or failed), 50 ms to ~27 min in doubling buckets.
+#[derive(Debug)]
+pub struct DownloadDurations {
+    succeeded: Histogram,
+    failed: Histogram,
+}
+
+impl Default for DownloadDurations {
+    fn default() -> Self {
+        let buckets = || Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        Self {
+            succeeded: buckets(),
+            failed: buckets(),
+        }
+    }
+}
+
+impl DownloadDurations {
+    /// Records one finished run.
+    pub fn observe(&self, succeeded: bool, took: std::time::Duration) {
+        let h = if succeeded {
+            &self.succeeded
+        } else {
+            &self.failed
+        };
+        h.observe(took.as_secs_f64());
+    }
 }
 
 impl ControlStats {
@@ -89,6 +122,34 @@ fn counter(
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let mut info = enc.encode_descriptor(
+            "damselfly_build_info",
+            "Version and git revision of this binary (value 1)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(1i64).encode(info.encode_family(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("revision", damselfly_common::REVISION),
+            (
+                "role",
+                if self.ctx.config.seed_peer.enable {
+                    "seed_peer"
+                } else {
+                    "peer"
+                },
+            ),
+        ])?)?;
+        let mut durations = enc.encode_descriptor(
+            "damselfly_download_duration_seconds",
+            "Time from a download's start to its end, by outcome (succeeded, failed)",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        let d = &self.ctx.stats.download_seconds;
+        for (outcome, h) in [("succeeded", &d.succeeded), ("failed", &d.failed)] {
+            h.encode(durations.encode_family(&[("outcome", outcome)])?)?;
+        }
         let c = &self.ctx.counters;
         counter(
             &mut enc,
@@ -183,9 +244,27 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "damselfly_tls_handshakes",
+            "Incoming data-plane TLS handshakes (TCP and QUIC) that completed",
+            &c.tls_handshakes,
+        )?;
+        counter(
+            &mut enc,
             "damselfly_tls_handshakes_failed",
-            "Incoming data-plane TLS handshakes (TCP) that failed, e.g. no valid client certificate",
+            "Incoming data-plane TLS handshakes (TCP and QUIC) that failed, e.g. no valid client certificate",
             &c.tls_handshakes_failed,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_tls_parent_handshakes",
+            "Data-plane TLS handshakes with parents (TCP and QUIC) that completed",
+            &c.tls_parent_handshakes,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_tls_parent_handshakes_failed",
+            "Data-plane TLS handshakes with parents (TCP and QUIC) that failed, e.g. a certificate not signed by the CA",
+            &c.tls_parent_handshakes_failed,
         )?;
         let s = &self.ctx.stats;
         counter(
@@ -307,6 +386,49 @@ impl Collector for DaemonCollector {
             None,
             g.metric_type(),
         )?)?;
+        // Disk: what GC measures against its watermarks (crate README, `gc:`).
+        let task_bytes: u64 = self
+            .ctx
+            .storage
+            .tasks()
+            .iter()
+            .map(|t| t.layout().content_length())
+            .sum();
+        let (fs_used, fs_size) = match dataplane::sys::fs_space(self.ctx.storage.dir()) {
+            Ok((used, avail)) => (used, used.saturating_add(avail)),
+            Err(_) => (0, 0),
+        };
+        let gc = &self.ctx.config.gc;
+        for (name, help, v) in [
+            (
+                "damselfly_storage_task_bytes",
+                "Bytes of the stored tasks (what gc.high_watermark_bytes limits)",
+                task_bytes as f64,
+            ),
+            (
+                "damselfly_storage_fs_used_bytes",
+                "Bytes used on the storage directory's filesystem",
+                fs_used as f64,
+            ),
+            (
+                "damselfly_storage_fs_size_bytes",
+                "Bytes used plus available on the storage directory's filesystem",
+                fs_size as f64,
+            ),
+            (
+                "damselfly_gc_high_watermark_bytes",
+                "gc.high_watermark_bytes (0: no byte limit)",
+                gc.high_watermark_bytes.0 as f64,
+            ),
+            (
+                "damselfly_gc_high_watermark_ratio",
+                "gc.high_watermark_percent / 100 of the filesystem (0: off)",
+                f64::from(gc.high_watermark_percent) / 100.0,
+            ),
+        ] {
+            let g = ConstGauge::new(v);
+            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
         let q = ConstGauge::new(self.ctx.bridge.event_depth() as i64);
         q.encode(enc.encode_descriptor(
             "damselfly_bridge_event_depth",

@@ -1,4 +1,5 @@
-//! Back to source: fetching a task's pieces from its HTTP(S) origin.
+//! Back to source: fetching a task's pieces from its HTTP(S) origin, or from object storage
+//! for `s3://` URLs ([`crate::s3`]; the same pieces, resumption and retries).
 //!
 //! The first request is `GET` with `Range: bytes=0-`; its `Content-Range` (206) or
 //! `Content-Length` (200) gives the size, from which the piece layout follows. The body is
@@ -15,6 +16,7 @@ use crate::daemon::Context;
 use crate::task::TaskSpec;
 use dataplane::shaper::{self, RateLimiter};
 use dataplane::{Counters, TaskStore};
+use futures::StreamExt;
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use std::sync::Arc;
@@ -47,9 +49,35 @@ pub enum OriginError {
     /// The size is outside what the protocol can carry.
     #[error("{0}")]
     Layout(#[from] wire::piece::LayoutError),
+    /// The origin's TLS certificate was refused (unknown authority, wrong name, expired).
+    #[error("{0}")]
+    Tls(String),
+    /// The object store refused the request (no such key, bad credentials, bad settings).
+    #[error("{0}")]
+    ObjectStore(crate::s3::S3Error),
     /// Storing a piece failed (disk full, I/O error).
     #[error("storing piece: {0}")]
     Storage(String),
+}
+
+/// An origin's answer, whatever the scheme: the content's total size, the offset of the
+/// first body byte, and the body in chunks.
+pub struct Opened {
+    /// Size of the whole content.
+    pub total: u64,
+    /// Offset of the body's first byte.
+    pub start: u64,
+    /// The bytes, in chunks; an error says what broke the transfer (worth a retry).
+    pub body: futures::stream::BoxStream<'static, Result<bytes::Bytes, String>>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("total", &self.total)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Receives what an origin fetch produces.
@@ -164,7 +192,7 @@ async fn fetch_some(
     };
     let mut store = existing;
     let mut retries = 0u32;
-    let limiter = RateLimiter::new(spec.rate_limit);
+    let limiter = ctx.shaping.limiter(spec.rate_limit);
     loop {
         if let Some(s) = &store {
             if satisfied(s, only) {
@@ -225,6 +253,127 @@ async fn attempt(
     if end.is_some() {
         Counters::add(&ctx.stats.origin_range_requests, 1);
     }
+    let opened = if crate::s3::is_s3(&spec.url) {
+        open_s3(ctx, spec, start, end).await?
+    } else {
+        open_http(ctx, spec, range, start).await?
+    };
+    let Opened {
+        total,
+        start: body_start,
+        mut body,
+    } = opened;
+    if body_start > start {
+        return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+            "asked for bytes from {start}, got them from {body_start}"
+        ))));
+    }
+    let store = match store {
+        Some(s) => {
+            if s.layout().content_length() != total {
+                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "content length changed from {} to {total}",
+                    s.layout().content_length()
+                ))));
+            }
+            s.clone()
+        }
+        None => {
+            let piece_length = if spec.piece_length != 0 {
+                spec.piece_length
+            } else {
+                wire::piece::piece_length_for(
+                    total,
+                    ctx.config.download.piece_length_min.0,
+                    ctx.config.download.piece_length_max.0,
+                )
+            };
+            let layout =
+                PieceLayout::new(total, piece_length).map_err(|e| Attempt::Fatal(e.into()))?;
+            let s = ctx
+                .storage
+                .create(spec.id, layout)
+                .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+            sink.layout(&s);
+            *store = Some(s.clone());
+            s
+        }
+    };
+    let layout = store.layout();
+    let stop = end.unwrap_or(total).min(total);
+    let mut pos = body_start;
+    let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
+    let mut piece_started = Instant::now();
+    while pos < stop {
+        let chunk = match body.next().await {
+            Some(Ok(c)) => c,
+            None => break,
+            Some(Err(e)) => return Err(Attempt::Retry(format!("body: {e}"))),
+        };
+        let wait = shaper::reserve_all(
+            &[Some(&ctx.shaping.download), Some(limiter)],
+            chunk.len() as u64,
+        );
+        if !wait.is_zero() {
+            Counters::add(&ctx.counters.shaping_waits, 1);
+            tokio::time::sleep(ctx.shaping.clock().pass(wait)).await;
+        }
+        let mut data = &chunk[..];
+        while !data.is_empty() && pos < stop {
+            if pos >= total {
+                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "origin sent more than the {total} bytes it announced"
+                ))));
+            }
+            if pos < start {
+                // An origin that ignored our Range: skip what we have.
+                let skip = ((start - pos) as usize).min(data.len());
+                data = &data[skip..];
+                pos += skip as u64;
+                continue;
+            }
+            let Some(n) = layout.piece_at(pos) else { break };
+            let Some(range) = layout.piece_range(n) else {
+                break;
+            };
+            let take = ((range.end - pos) as usize).min(data.len());
+            buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            pos += take as u64;
+            if pos == range.end {
+                if !store.has(n) {
+                    let crc = wire::piece_crc(&buf);
+                    // The data plane may have stored it meanwhile: announce it only if new.
+                    let new = store
+                        .write_piece(n, &buf, crc)
+                        .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+                    Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
+                    if new {
+                        let cost =
+                            u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        sink.piece(n, crc, buf.len() as u64, cost);
+                    }
+                }
+                buf.clear();
+                piece_started = Instant::now();
+            }
+        }
+    }
+    if pos < stop {
+        return Err(Attempt::Retry(format!(
+            "body ended at byte {pos} of {stop} (of {total})"
+        )));
+    }
+    Ok(())
+}
+
+/// `GET` of an HTTP(S) origin with `range`; `start` is its first byte.
+async fn open_http(
+    ctx: &Context,
+    spec: &TaskSpec,
+    range: String,
+    start: u64,
+) -> Result<Opened, Attempt> {
     let mut req = ctx.http.get(&spec.url).header(RANGE, range);
     for (k, v) in &spec.headers {
         let name = HeaderName::from_bytes(k.as_bytes())
@@ -233,10 +382,18 @@ async fn attempt(
             .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
         req = req.header(name, value);
     }
-    let mut resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await
-    {
+    let resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await {
         Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
-        Ok(Err(e)) => return Err(Attempt::Retry(format!("request failed: {e}"))),
+        Ok(Err(e)) => {
+            // A refused certificate stays refused: fail at once, saying which setting helps.
+            if crate::trust::certificate_error(&e).is_some() {
+                return Err(Attempt::Fatal(OriginError::Tls(crate::trust::describe(&e))));
+            }
+            return Err(Attempt::Retry(format!(
+                "request failed: {}",
+                crate::trust::describe(&e)
+            )));
+        }
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
@@ -287,111 +444,45 @@ async fn attempt(
         }
         s => return Err(Attempt::Fatal(OriginError::Status(s, spec.url.clone()))),
     };
-    if body_start > start {
-        return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
-            "asked for bytes from {start}, got them from {body_start}"
-        ))));
-    }
-    let store = match store {
-        Some(s) => {
-            if s.layout().content_length() != total {
-                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "content length changed from {} to {total}",
-                    s.layout().content_length()
-                ))));
-            }
-            s.clone()
-        }
-        None => {
-            let piece_length = if spec.piece_length != 0 {
-                spec.piece_length
-            } else {
-                wire::piece::piece_length_for(
-                    total,
-                    ctx.config.download.piece_length_min.0,
-                    ctx.config.download.piece_length_max.0,
-                )
-            };
-            let layout =
-                PieceLayout::new(total, piece_length).map_err(|e| Attempt::Fatal(e.into()))?;
-            let s = ctx
-                .storage
-                .create(spec.id, layout)
-                .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
-            sink.layout(&s);
-            *store = Some(s.clone());
-            s
-        }
+    let body = if status == StatusCode::RANGE_NOT_SATISFIABLE {
+        futures::stream::empty().boxed()
+    } else {
+        resp.bytes_stream()
+            .map(|r| r.map_err(|e| crate::trust::describe(&e)))
+            .boxed()
     };
-    let layout = store.layout();
-    let stop = end.unwrap_or(total).min(total);
-    let mut pos = body_start;
-    let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
-    let mut piece_started = Instant::now();
-    if status == StatusCode::RANGE_NOT_SATISFIABLE {
-        return Ok(());
+    Ok(Opened {
+        total,
+        start: body_start,
+        body,
+    })
+}
+
+/// Ranged read of an `s3://` object (bytes `start` to `end`, exclusive).
+async fn open_s3(
+    ctx: &Context,
+    spec: &TaskSpec,
+    start: u64,
+    end: Option<u64>,
+) -> Result<Opened, Attempt> {
+    let res = tokio::time::timeout(
+        ctx.config.download.origin_timeout,
+        crate::s3::open(
+            &ctx.config.origin.s3,
+            &ctx.config.origin,
+            ctx.config.download.origin_timeout,
+            &spec.url,
+            start,
+            end,
+        ),
+    )
+    .await;
+    match res {
+        Err(_) => Err(Attempt::Retry("no response headers in time".into())),
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) if e.retryable() => Err(Attempt::Retry(e.to_string())),
+        Ok(Err(e)) => Err(Attempt::Fatal(OriginError::ObjectStore(e))),
     }
-    while pos < stop {
-        let chunk = match resp.chunk().await {
-            Ok(Some(c)) => c,
-            Ok(None) => break,
-            Err(e) => return Err(Attempt::Retry(format!("body: {e}"))),
-        };
-        let wait = shaper::reserve_all(
-            &[Some(&ctx.shaping.download), Some(limiter)],
-            chunk.len() as u64,
-        );
-        if !wait.is_zero() {
-            Counters::add(&ctx.counters.shaping_waits, 1);
-            tokio::time::sleep(wait).await;
-        }
-        let mut data = &chunk[..];
-        while !data.is_empty() && pos < stop {
-            if pos >= total {
-                return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "origin sent more than the {total} bytes it announced"
-                ))));
-            }
-            if pos < start {
-                // An origin that ignored our Range: skip what we have.
-                let skip = ((start - pos) as usize).min(data.len());
-                data = &data[skip..];
-                pos += skip as u64;
-                continue;
-            }
-            let Some(n) = layout.piece_at(pos) else { break };
-            let Some(range) = layout.piece_range(n) else {
-                break;
-            };
-            let take = ((range.end - pos) as usize).min(data.len());
-            buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            pos += take as u64;
-            if pos == range.end {
-                if !store.has(n) {
-                    let crc = wire::piece_crc(&buf);
-                    // The data plane may have stored it meanwhile: announce it only if new.
-                    let new = store
-                        .write_piece(n, &buf, crc)
-                        .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
-                    Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
-                    if new {
-                        let cost =
-                            u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        sink.piece(n, crc, buf.len() as u64, cost);
-                    }
-                }
-                buf.clear();
-                piece_started = Instant::now();
-            }
-        }
-    }
-    if pos < stop {
-        return Err(Attempt::Retry(format!(
-            "body ended at byte {pos} of {stop} (of {total})"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -79,6 +79,7 @@ pub struct Proxy {
     rules: Vec<Regex>,
     upstream: url::Url,
     client: reqwest::Client,
+    ca: Option<crate::proxy_ca::ProxyCa>,
 }
 
 /// Why a request could not be served; answered with a registry-style JSON error.
@@ -102,25 +103,36 @@ impl Proxy {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let upstream = parse_upstream(&cfg.registry_mirror)
             .map_err(|e| anyhow::anyhow!("proxy.registry_mirror: {e}"))?;
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(ctx.config.download.origin_timeout)
-            .danger_accept_invalid_certs(cfg.insecure_skip_verify);
-        for path in &cfg.ca_certs {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("proxy.ca_certs: reading {}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("proxy.ca_certs: {} is not PEM", path.display()))?;
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
+        if cfg.insecure_skip_verify {
+            tracing::warn!(
+                "proxy.insecure_skip_verify is on: the upstream registry's TLS certificate is \
+                 NOT verified on passed-through requests"
+            );
         }
+        let b = crate::trust::apply(
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(ctx.config.download.origin_timeout),
+            &ctx.config.origin,
+            &cfg.ca_certs,
+            cfg.insecure_skip_verify,
+            "proxy",
+        )?;
         let client = b.build().context("building the proxy's HTTP client")?;
+        let ca = if cfg.hijack_hosts.is_empty() {
+            None
+        } else {
+            Some(crate::proxy_ca::ProxyCa::open(
+                &ctx.config.storage.dir,
+                &cfg.hijack_hosts,
+            )?)
+        };
         Ok(Self {
             ctx,
             rules,
             upstream,
             client,
+            ca,
         })
     }
 
@@ -140,17 +152,141 @@ impl Proxy {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(req).await) }
+                    async move {
+                        let resp = if req.method() == Method::CONNECT {
+                            proxy.connect(req).await
+                        } else {
+                            proxy.handle(req).await
+                        };
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(io, svc)
+                    .with_upgrades()
                     .await
                 {
                     tracing::debug!("proxy connection: {e}");
                 }
             });
         }
+    }
+
+    /// `CONNECT host:port`: for a host of `proxy.hijack_hosts`, terminates the client's TLS
+    /// with a leaf from the proxy's CA and serves the requests inside like mirror requests
+    /// to `https://host:port` (blobs through P2P, the rest passed through); any other host
+    /// is tunnelled untouched (the client sees the host's own certificate).
+    async fn connect(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Some(authority) = req.uri().authority().cloned() else {
+            return error_response(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
+        };
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = authority.port_u16().unwrap_or(443);
+        let ok = || {
+            let mut r = Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            *r.status_mut() = StatusCode::OK;
+            r
+        };
+        if let Some(ca) = self
+            .ca
+            .as_ref()
+            .filter(|c| c.intercepts(&host, authority.as_str()))
+        {
+            let tls = match ca.server_config(&host) {
+                Ok(t) => t,
+                Err(e) => {
+                    return error_response(StatusCode::BAD_GATEWAY, &format!("{e:#}"));
+                }
+            };
+            let upstream = format!("https://{authority}");
+            let Ok(upstream_value) = HeaderValue::from_str(&upstream) else {
+                return error_response(StatusCode::BAD_REQUEST, "bad CONNECT authority");
+            };
+            tracing::debug!("proxy: intercepting CONNECT {authority}");
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let upgraded = match hyper::upgrade::on(req).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::debug!("proxy CONNECT {upstream}: upgrade: {e}");
+                        return;
+                    }
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                let stream = match acceptor
+                    .accept(hyper_util::rt::TokioIo::new(upgraded))
+                    .await
+                {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(
+                            "proxy CONNECT {upstream}: TLS handshake with the client failed \
+                             ({e}); does it trust {}?",
+                            proxy
+                                .ca
+                                .as_ref()
+                                .map_or_else(String::new, |c| c.cert_path.display().to_string())
+                        );
+                        return;
+                    }
+                };
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    let v = upstream_value.clone();
+                    async move {
+                        req.headers_mut().insert(REGISTRY_HEADER, v);
+                        Ok::<_, std::convert::Infallible>(proxy.handle(req).await)
+                    }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!("proxy intercepted connection: {e}");
+                }
+            });
+            return ok();
+        }
+        let mut target = match tokio::time::timeout(
+            self.ctx.config.download.origin_timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("CONNECT {authority}: {e}"),
+                )
+            }
+            Err(_) => {
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("CONNECT {authority}: no connection in time"),
+                )
+            }
+        };
+        tracing::debug!("proxy: tunnelling CONNECT {authority}");
+        tokio::spawn(async move {
+            match hyper::upgrade::on(req).await {
+                Ok(u) => {
+                    let mut client = hyper_util::rt::TokioIo::new(u);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut target).await;
+                }
+                Err(e) => tracing::debug!("proxy CONNECT {authority}: upgrade: {e}"),
+            }
+        });
+        ok()
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -224,7 +360,12 @@ impl Proxy {
                         self.ctx.config.download.origin_timeout
                     )))
                 }
-                Ok(Err(e)) => return Err(ProxyError::Upstream(format!("{url}: {e}"))),
+                Ok(Err(e)) => {
+                    return Err(ProxyError::Upstream(format!(
+                        "{url}: {}",
+                        crate::trust::describe(&e)
+                    )))
+                }
                 Ok(Ok(r)) => r,
             };
         tracing::debug!("proxy {method} {url} → {}", resp.status());

@@ -246,7 +246,9 @@ pub fn error_chain(status: &tonic::Status) -> String {
 
 /// Runs a command from the scheduler at `addr`. A seed trigger registers with that
 /// scheduler first (it waits for this seed's registration); a trigger for a task this host
-/// already holds completely is answered with `AnnounceTask` there instead of a download.
+/// already holds completely is answered with `AnnounceTask` there instead of a download. A
+/// `DownloadTask` with `from_peers` (a preheat whose scope takes in this host) is downloaded
+/// like `dfget` would: parents from the scheduler, the origin only if it says so.
 fn handle_command(
     ctx: &Arc<Context>,
     addr: &str,
@@ -274,7 +276,11 @@ fn handle_command(
                 ));
                 return;
             }
-            tracing::info!(task = %id, url = %source.url, "seed trigger: fetching from the origin");
+            if t.from_peers {
+                tracing::info!(task = %id, url = %source.url, "preheat: fetching from peers");
+            } else {
+                tracing::info!(task = %id, url = %source.url, "seed trigger: fetching from the origin");
+            }
             // The content digest travels with the source (or is in a blob URL): what the
             // origin sends is checked against it before this seed counts as holding it.
             let digest = match wire::task::content_digest(&source.url, &source.digest) {
@@ -293,7 +299,8 @@ fn handle_command(
                     .map(|h| (h.name, h.value))
                     .collect(),
                 piece_length: t.piece_length,
-                back_to_source: true,
+                // A preheat's scope beyond the first seed: a normal peer's download.
+                back_to_source: !t.from_peers,
                 disable_back_to_source: false,
                 rate_limit: 0,
                 scheduler: Some(addr.to_owned()),

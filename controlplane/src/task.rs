@@ -162,6 +162,7 @@ impl TaskManager {
         dataplane::Counters::add(&ctx.stats.downloads_started, 1);
         tokio::spawn(async move {
             let id = spec.id;
+            let started = std::time::Instant::now();
             let mut run = TaskRun::new(ctx.clone(), spec, state_tx, ev_rx);
             let result = run.run().await;
             run.abort_origin_fetches();
@@ -191,6 +192,10 @@ impl TaskManager {
                         tracing::warn!(task = %id, "writing task metadata: {e:#}");
                     }
                     dataplane::Counters::add(&run.ctx.stats.downloads_succeeded, 1);
+                    run.ctx
+                        .stats
+                        .download_seconds
+                        .observe(true, started.elapsed());
                     let p = progress_of(&store, &run.progress);
                     run.state.send_replace(TaskState::Done(store, p));
                     tracing::info!(task = %id, "download finished");
@@ -200,6 +205,10 @@ impl TaskManager {
                 Err(e) => {
                     tracing::warn!(task = %id, "download failed: {e}");
                     run.ctx.stats.failed(&e);
+                    run.ctx
+                        .stats
+                        .download_seconds
+                        .observe(false, started.elapsed());
                     run.announce(Request::Failed(PeerFailed { reason: e.clone() }));
                     run.cancel_dataplane();
                     run.state.send_replace(TaskState::Failed(e));

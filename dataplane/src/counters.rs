@@ -35,9 +35,17 @@ pub struct Counters {
     pub quic_connections: AtomicU64,
     /// QUIC streams accepted by the upload side.
     pub quic_streams_served: AtomicU64,
+    /// Incoming data-plane TLS handshakes that completed (children over TCP with
+    /// `data_plane.tls`, and over QUIC), proof that TLS was used.
+    pub tls_handshakes: AtomicU64,
     /// Incoming data-plane TLS handshakes that failed (e.g. a child without a valid client
-    /// certificate), on TCP.
+    /// certificate), over TCP and QUIC.
     pub tls_handshakes_failed: AtomicU64,
+    /// Handshakes with parents that completed (TCP with `data_plane.tls`, and QUIC).
+    pub tls_parent_handshakes: AtomicU64,
+    /// Handshakes with parents that failed (e.g. a parent whose certificate is not signed by
+    /// the CA, or that refused this daemon's certificate), over TCP and QUIC.
+    pub tls_parent_handshakes_failed: AtomicU64,
 }
 
 impl Counters {

@@ -170,6 +170,7 @@ impl Session {
         rate_limit: u64,
     ) -> Rc<Self> {
         let count = store.layout().piece_count() as usize;
+        let limiter = shaping.limiter(rate_limit);
         Rc::new(Self {
             store,
             bridge,
@@ -177,7 +178,7 @@ impl Session {
             cfg,
             shaping,
             quic,
-            limiter: RateLimiter::new(rate_limit),
+            limiter,
             state: RefCell::new(State {
                 in_flight: vec![0; count],
                 requested_at: vec![None; count],
@@ -542,7 +543,7 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
     if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
         let stream = match monoio::time::timeout(
             s.cfg.connect_timeout,
-            crate::quic::connect(ep, addr, s.cfg.tls.as_deref()),
+            crate::quic::connect(ep, addr, s.cfg.tls.as_deref(), &s.counters),
         )
         .await
         {
@@ -561,14 +562,16 @@ async fn parent_loop(s: &Rc<Session>, p: &Parent, pc: &mut ParentConn) -> Result
         };
     let _ = stream.set_nodelay(true);
     if let Some(tls) = &s.cfg.tls {
-        let stream =
-            match monoio::time::timeout(s.cfg.connect_timeout, tls.connect(p.addr.ip(), stream))
-                .await
-            {
-                Ok(Ok(st)) => st,
-                Ok(Err(e)) => return Err(ParentError::Connect(e)),
-                Err(_) => return Err(ParentError::ConnectTimeout),
-            };
+        let stream = match monoio::time::timeout(
+            s.cfg.connect_timeout,
+            tls.connect(p.addr.ip(), stream, &s.counters),
+        )
+        .await
+        {
+            Ok(Ok(st)) => st,
+            Ok(Err(e)) => return Err(ParentError::Connect(e)),
+            Err(_) => return Err(ParentError::ConnectTimeout),
+        };
         return parent_io(s, p, pc, stream).await;
     }
     parent_io(s, p, pc, stream).await
@@ -583,7 +586,7 @@ async fn parent_io<S: FetchStream>(
 ) -> Result<(), ParentError> {
     let mut reader = FrameReader::new();
     let mut piece_buf = RawChunk::default();
-    let limiter = RateLimiter::new(s.shaping.config().per_peer_download);
+    let limiter = s.shaping.limiter(s.shaping.config().per_peer_download);
     let task = s.task();
     let layout = s.store.layout();
     let max_bytes = s.cfg.bytes_in_flight.max(1);
@@ -643,7 +646,7 @@ async fn parent_io<S: FetchStream>(
                         res.map_err(ParentError::Write)?;
                         frames.clear();
                     }
-                    monoio::time::sleep(wait).await;
+                    monoio::time::sleep(s.shaping.clock().pass(wait)).await;
                 }
                 frames.push(Frame::PieceRequest { task, number: n });
                 pc.pending.push_back(Pending::Piece(n, Instant::now()));

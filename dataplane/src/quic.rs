@@ -23,7 +23,8 @@
 //! refuses a child without a certificate signed by it. Without it, the certificate is
 //! `cert`/`key` or a self-signed one generated at start, and the client side does not
 //! verify it: traffic is encrypted and integrity protected, but a parent is not
-//! authenticated.
+//! authenticated. That mode is for benchmarks and in-process tests only: dfdaemon refuses to
+//! start with `transport: quic` and no `data_plane.tls`.
 
 use crate::upload::UploadStream;
 use bytes::{Bytes, BytesMut};
@@ -290,6 +291,7 @@ impl QuicEndpoint {
         cfg: &QuicConfig,
         threads: usize,
         tids: Arc<std::sync::Mutex<Vec<u32>>>,
+        counters: Arc<crate::counters::Counters>,
     ) -> io::Result<(Self, Vec<Incoming>)> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -319,7 +321,7 @@ impl QuicEndpoint {
             senders.push(tx);
             receivers.push(rx);
         }
-        runtime.spawn(accept_loop(endpoint.clone(), Arc::new(senders)));
+        runtime.spawn(accept_loop(endpoint.clone(), Arc::new(senders), counters));
         tracing::info!("data plane QUIC endpoint on {local_addr}");
         Ok((
             Self {
@@ -361,39 +363,62 @@ impl Drop for QuicEndpoint {
 
 /// Connects to a parent's QUIC endpoint and opens the stream of one fetch connection. The
 /// parent's certificate (when the endpoint verifies it, see [`QuicConfig::tls`]) must carry
-/// its IP, or `tls`'s `server_name` when set.
+/// its IP, or `tls`'s `server_name` when set. A completed handshake counts in
+/// `tls_parent_handshakes`, a refused one (a TLS or protocol error, not a timeout) in
+/// `tls_parent_handshakes_failed`.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     tls: Option<&crate::tls::DataTls>,
+    counters: &crate::counters::Counters,
 ) -> io::Result<QuicStream> {
+    use crate::counters::Counters;
     // The parent's IP unless `tls` names the server (`server_name`); an unverified endpoint
     // ignores the name.
     let name = tls.map_or_else(|| addr.ip().to_string(), |t| t.server_name(addr.ip()));
-    let conn = endpoint
+    let conn = match endpoint
         .connect(addr, &name)
         .map_err(io::Error::other)?
         .await
-        .map_err(io::Error::other)?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(
+                e,
+                quinn::ConnectionError::TransportError(_)
+                    | quinn::ConnectionError::ConnectionClosed(_)
+            ) {
+                Counters::add(&counters.tls_parent_handshakes_failed, 1);
+            }
+            return Err(io::Error::other(format!("QUIC handshake with {addr}: {e}")));
+        }
+    };
+    Counters::add(&counters.tls_parent_handshakes, 1);
     QuicStream::open(conn).await
 }
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     threads: Arc<Vec<mpsc::UnboundedSender<QuicStream>>>,
+    counters: Arc<crate::counters::Counters>,
 ) {
+    use crate::counters::Counters;
     let next = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
         let threads = threads.clone();
         let next = next.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
+            let peer = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::debug!("QUIC handshake failed: {e}");
+                    Counters::add(&counters.tls_handshakes_failed, 1);
+                    tracing::warn!("data-plane QUIC handshake with {peer} failed: {e}");
                     return;
                 }
             };
+            Counters::add(&counters.tls_handshakes, 1);
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {

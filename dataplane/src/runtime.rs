@@ -97,7 +97,7 @@ impl DataPlane {
         let tids = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (quic, mut incoming) = match &cfg.quic {
             Some(q) => {
-                let (ep, rx) = QuicEndpoint::start(q, threads, tids.clone())?;
+                let (ep, rx) = QuicEndpoint::start(q, threads, tids.clone(), counters.clone())?;
                 (Some(ep), rx.into_iter().map(Some).collect())
             }
             None => (None, Vec::new()),
@@ -251,7 +251,10 @@ async fn thread_main(listener: std::net::TcpListener, mut ctx: ThreadContext) ->
                             let (tls, upload) = (tls.clone(), upload.clone());
                             monoio::spawn(async move {
                                 match tls.accept(stream).await {
-                                    Ok(s) => serve_connection(s, upload).await,
+                                    Ok(s) => {
+                                        Counters::add(&upload.counters.tls_handshakes, 1);
+                                        serve_connection(s, upload).await;
+                                    }
                                     // Closed before a byte: a port probe.
                                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                                         tracing::debug!("{peer} closed during the TLS handshake");

@@ -23,23 +23,98 @@ use std::time::{Duration, Instant};
 /// steady caller can make up for (see the module docs).
 pub const BURST: Duration = Duration::from_millis(50);
 
+/// Where limiters read the time: the system's monotonic clock, or a [`VirtualClock`] (tests
+/// that check what a limit did without depending on how fast the machine is).
+#[derive(Debug, Clone)]
+pub enum Clock {
+    /// Time since the `Instant` the clock was made at.
+    System(Instant),
+    /// Virtual time.
+    Virtual(Arc<VirtualClock>),
+}
+
+impl Clock {
+    /// The system's monotonic clock, from now.
+    pub fn system() -> Self {
+        Self::System(Instant::now())
+    }
+
+    /// Time since the clock's start.
+    pub fn now(&self) -> Duration {
+        match self {
+            Self::System(epoch) => epoch.elapsed(),
+            Self::Virtual(v) => v.now(),
+        }
+    }
+
+    /// Lets a wait a limiter asked for pass, and returns how long the caller must really
+    /// sleep: `wait` on the system clock; nothing on a virtual clock, which moves forward by
+    /// `wait` instead.
+    pub fn pass(&self, wait: Duration) -> Duration {
+        match self {
+            Self::System(_) => wait,
+            Self::Virtual(v) => {
+                v.advance(wait);
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Virtual time for [`Clock::Virtual`]: it moves only when a caller lets a wait pass
+/// ([`Clock::pass`]) or a test calls [`VirtualClock::advance`]. A shaped transfer then runs
+/// at full speed, and the time the limits made it take is read off the clock. The waits of
+/// concurrent callers add up, so it models one shaped caller at a time.
+#[derive(Debug, Default)]
+pub struct VirtualClock {
+    nanos: AtomicU64,
+}
+
+impl VirtualClock {
+    /// A virtual clock at zero.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Virtual time elapsed.
+    pub fn now(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Acquire))
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(ns, Ordering::AcqRel);
+    }
+}
+
 /// A byte-rate limiter; `rate == 0` means unlimited.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: AtomicU64,
-    /// Theoretical arrival time, in nanoseconds since `epoch`.
+    /// Theoretical arrival time, in nanoseconds of `clock`.
     tat: AtomicU64,
-    epoch: Instant,
+    clock: Clock,
 }
 
 impl RateLimiter {
-    /// A limiter of `rate` bytes per second (0: unlimited).
+    /// A limiter of `rate` bytes per second (0: unlimited) on the system clock.
     pub fn new(rate: u64) -> Self {
+        Self::with_clock(rate, Clock::system())
+    }
+
+    /// A limiter of `rate` bytes per second (0: unlimited) reading the time from `clock`.
+    pub fn with_clock(rate: u64, clock: Clock) -> Self {
         Self {
             rate: AtomicU64::new(rate),
             tat: AtomicU64::new(0),
-            epoch: Instant::now(),
+            clock,
         }
+    }
+
+    /// The clock this limiter reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// A shared limiter, or `None` when unlimited.
@@ -59,7 +134,7 @@ impl RateLimiter {
 
     /// Reserves `n` bytes; returns how long to wait before sending them.
     pub fn reserve(&self, n: u64) -> Duration {
-        self.reserve_at(n, self.epoch.elapsed())
+        self.reserve_at(n, self.clock.now())
     }
 
     fn reserve_at(&self, n: u64, now: Duration) -> Duration {
@@ -196,6 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn a_virtual_clock_drives_the_decisions() {
+        // 1 MB/s on a virtual clock: 100 KB reservations, each wait let pass on the clock.
+        // The first ones fit in the burst (50 KB worth) only partly; from then on each waits
+        // exactly its own 100 ms, and after 1 MB the clock reads 1 s less the burst.
+        let clock = VirtualClock::new();
+        let l = RateLimiter::with_clock(1_000_000, Clock::Virtual(clock.clone()));
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            let w = l.reserve(100_000);
+            assert_eq!(l.clock().pass(w), Duration::ZERO, "a virtual wait sleeps");
+            waits.push(w.as_millis());
+        }
+        assert_eq!(waits, [50, 100, 100, 100, 100, 100, 100, 100, 100, 100]);
+        assert_eq!(clock.now(), Duration::from_secs(1) - BURST);
+        // Idle virtual time is not banked beyond the burst.
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(l.reserve(1_000_000), Duration::from_secs(1) - BURST);
+        // The system clock's waits are real.
+        assert_eq!(Clock::system().pass(BURST), BURST);
+    }
+
+    #[test]
     fn rate_change_applies() {
         let l = RateLimiter::new(1);
         l.set_rate(0);
@@ -204,9 +301,10 @@ mod tests {
 }
 
 /// Rate limits (and the other knobs the manager may change) of one daemon, shared by both
-/// planes; they can change while running.
+/// planes; they can change while running. Every limiter of the daemon reads one [`Clock`].
 #[derive(Debug)]
 pub struct Shaping {
+    clock: Clock,
     /// Every upload of this daemon together.
     pub upload: RateLimiter,
     /// Every download of this daemon together (peers and origin).
@@ -231,15 +329,32 @@ pub struct ShapingConfig {
 }
 
 impl Shaping {
-    /// Limiters for `cfg`.
+    /// Limiters for `cfg` on the system clock.
     pub fn new(cfg: ShapingConfig) -> Self {
+        Self::with_clock(cfg, Clock::system())
+    }
+
+    /// Limiters for `cfg` reading `clock` (a [`VirtualClock`] in tests).
+    pub fn with_clock(cfg: ShapingConfig, clock: Clock) -> Self {
         Self {
-            upload: RateLimiter::new(cfg.upload),
-            download: RateLimiter::new(cfg.download),
+            upload: RateLimiter::with_clock(cfg.upload, clock.clone()),
+            download: RateLimiter::with_clock(cfg.download, clock.clone()),
+            clock,
             per_peer_upload: AtomicU64::new(cfg.per_peer_upload),
             per_peer_download: AtomicU64::new(cfg.per_peer_download),
             pieces_in_flight: AtomicU64::new(0),
         }
+    }
+
+    /// The clock of every limiter of this daemon.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// A new limiter of `rate` bytes per second (0: unlimited) on this daemon's clock (for
+    /// one connection or one download).
+    pub fn limiter(&self, rate: u64) -> RateLimiter {
+        RateLimiter::with_clock(rate, self.clock.clone())
     }
 
     /// Applies new rates (new connections get the new per-peer rates).

@@ -10,6 +10,7 @@
 //! encrypts (there is no `sendfile`/`splice` into a user-space TLS session; kernel TLS is not
 //! used).
 
+use crate::counters::Counters;
 use crate::upload::UploadStream;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -97,14 +98,25 @@ impl DataTls {
         }
     }
 
-    /// Runs the client side of the handshake with a parent at `ip`.
-    pub async fn connect(&self, ip: IpAddr, stream: TcpStream) -> io::Result<ClientStream> {
+    /// Runs the client side of the handshake with a parent at `ip`, counted in `counters`
+    /// (`tls_parent_handshakes`, or `tls_parent_handshakes_failed` when refused).
+    pub async fn connect(
+        &self,
+        ip: IpAddr,
+        stream: TcpStream,
+        counters: &Counters,
+    ) -> io::Result<ClientStream> {
         let name = ServerName::try_from(self.server_name(ip))
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        monoio_rustls::TlsConnector::from(self.client.clone())
+        let r = monoio_rustls::TlsConnector::from(self.client.clone())
             .connect(name, stream)
             .await
-            .map_err(tls_error)
+            .map_err(tls_error);
+        match &r {
+            Ok(_) => Counters::add(&counters.tls_parent_handshakes, 1),
+            Err(_) => Counters::add(&counters.tls_parent_handshakes_failed, 1),
+        }
+        r
     }
 }
 

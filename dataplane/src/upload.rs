@@ -144,7 +144,7 @@ async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> io::Result<()> 
 /// Serves one connection until the peer closes it or sends garbage.
 pub async fn serve_connection<S: UploadStream>(mut stream: S, ctx: UploadContext) {
     let mut reader = FrameReader::new();
-    let limiter = RateLimiter::new(ctx.shaping.config().per_peer_upload);
+    let limiter = ctx.shaping.limiter(ctx.shaping.config().per_peer_upload);
     let mut plans = Memberships {
         seeding: ctx.seeding.as_deref(),
         joined: Vec::new(),
@@ -266,7 +266,7 @@ async fn serve_piece<S: UploadStream>(
     let wait = shaper::reserve_all(&[Some(&ctx.shaping.upload), Some(limiter)], length);
     if !wait.is_zero() {
         Counters::add(&ctx.counters.shaping_waits, 1);
-        monoio::time::sleep(wait).await;
+        monoio::time::sleep(ctx.shaping.clock().pass(wait)).await;
     }
     // Once the header is out, the piece must follow in full: an error after this point can
     // only close the connection.

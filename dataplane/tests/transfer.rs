@@ -2,7 +2,7 @@
 //! a hostile client feeding the upload server bad frames.
 
 use damselfly_dataplane::fetch::FetchConfig;
-use damselfly_dataplane::shaper::{Shaping, ShapingConfig};
+use damselfly_dataplane::shaper::{Clock, Shaping, ShapingConfig, VirtualClock, BURST};
 use damselfly_dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -50,16 +50,31 @@ fn node_fetch(threads: usize, shaping: ShapingConfig, fetch: FetchConfig) -> Nod
 }
 
 fn node_cfg(cfg: DataPlaneConfig, shaping: ShapingConfig) -> Node {
+    node_shaping(cfg, Shaping::new(shaping))
+}
+
+/// A node whose limiters read `clock`.
+fn node_clocked(threads: usize, shaping: ShapingConfig, clock: Clock) -> Node {
+    node_shaping(
+        DataPlaneConfig {
+            threads,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            queue_capacity: 64,
+            io_uring: true,
+            fetch: FetchConfig::default(),
+            quic: None,
+            super_seed: None,
+        },
+        Shaping::with_clock(shaping, clock),
+    )
+}
+
+fn node_shaping(cfg: DataPlaneConfig, shaping: Shaping) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
     let counters = Arc::new(Counters::default());
-    let dp = DataPlane::start(
-        cfg,
-        storage.clone(),
-        counters.clone(),
-        Arc::new(Shaping::new(shaping)),
-    )
-    .expect("start");
+    let dp =
+        DataPlane::start(cfg, storage.clone(), counters.clone(), Arc::new(shaping)).expect("start");
     Node {
         _dir: dir,
         storage,
@@ -531,12 +546,17 @@ fn shaping_settings_reach_both_directions() {
     }
 }
 
+/// A download's own rate limit (dfget `--rate-limit`) paces every byte. The fetcher's
+/// limiters read a virtual clock, so the download runs at full speed and the clock shows how
+/// long the limit made it take: the file's bytes at the rate, less the one burst the limiter
+/// lets through at once. Nothing here depends on how fast the machine is.
 #[test]
 fn per_download_rate_limit_applies() {
     let a = node(1);
-    let c = node(1);
+    let clock = VirtualClock::new();
+    let c = node_clocked(1, ShapingConfig::default(), Clock::Virtual(clock.clone()));
     let id = TaskId([12; 32]);
-    let data = content(16 * 16384);
+    let data = content(64 * 16384);
     seed_task(&a, id, &data, 16384);
     let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
     let parents = vec![Parent {
@@ -545,8 +565,42 @@ fn per_download_rate_limit_applies() {
         quic_addr: None,
         is_seed: false,
     }];
-    download(&c, id, layout, parents, 2_000_000);
+    let rate = 2_000_000u64;
+    let events = download(&c, id, layout, parents, rate);
+    assert!(
+        matches!(events.last(), Some(Event::DownloadFinished { .. })),
+        "{events:?}"
+    );
+    let store = c.storage.get(&id).expect("the task is stored");
+    let got = std::fs::read(store.path()).expect("read");
+    assert_eq!(got, data);
+    // Every piece once (a duplicate would be charged twice).
+    assert_eq!(c.counters.pieces_downloaded.load(Ordering::Relaxed), 64);
+    // 1 MiB at 2 MB/s is 524.288 ms; the first 50 ms (the burst) need no wait.
+    let cost = Duration::from_nanos(data.len() as u64 * 1_000_000_000 / rate);
+    assert_eq!(
+        clock.now(),
+        cost - BURST,
+        "time the limit made the download take"
+    );
     assert!(c.counters.shaping_waits.load(Ordering::Relaxed) > 0);
+    // The same download without a limit takes no time on the clock.
+    let id2 = TaskId([13; 32]);
+    seed_task(&a, id2, &data, 16384);
+    let before = clock.now();
+    download(
+        &c,
+        id2,
+        layout,
+        vec![Parent {
+            host_id: "a".into(),
+            addr: a.dp.local_addr(),
+            quic_addr: None,
+            is_seed: false,
+        }],
+        0,
+    );
+    assert_eq!(clock.now(), before);
     a.dp.shutdown();
     c.dp.shutdown();
 }

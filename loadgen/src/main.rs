@@ -53,14 +53,31 @@ struct Simulate {
     size_mib: u64,
     /// Piece length in MiB (default: what the daemon's rule picks for --size-mib, 1 MiB for
     /// 1 GiB; Dragonfly's rule would pick 4 MiB).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "piece_kib")]
     piece_mib: Option<u64>,
+    /// Piece length in KiB (for pieces below 1 MiB).
+    #[arg(long)]
+    piece_kib: Option<u64>,
     /// Up and down rate of every peer, Mbit/s (ignored with --mixed).
     #[arg(long, default_value_t = 100.0)]
     host_mbit: f64,
-    /// Origin upload rate, Mbit/s (the seed peer's links run at this rate too).
+    /// Origin upload rate, Mbit/s.
     #[arg(long, default_value_t = 1000.0)]
     origin_mbit: f64,
+    /// The seed peer's up and down rate, Mbit/s (default: --origin-mbit, as the lab's
+    /// `--seed-rate` defaults to its peers' rate).
+    #[arg(long)]
+    seed_mbit: Option<f64>,
+    /// How the virtual peers fetch: `daemon` = as today's daemon (request windows sized by
+    /// rate, piece choice among the peer's own parents when it asks, a super-seeding seed);
+    /// `fixed-window` = as the daemon before 2026-12-06 (8 requests per parent, a seed that
+    /// answers every request); `flow` = the idealised flow model (no request queues, rarest
+    /// over the whole swarm at the moment a connection is free).
+    #[arg(long, value_enum, default_value = "daemon")]
+    model: Model,
+    /// With `--model daemon`: the seed's copy slots (`seed_peer.copy_slots`).
+    #[arg(long, default_value_t = dataplane::seeding::COPY_SLOTS)]
+    copy_slots: u32,
     /// Mixed fleet: 40% 100 Mbit, 30% 1 Gbit, 20% 50 Mbit, 10% 20 Mbit; three IDCs.
     #[arg(long)]
     mixed: bool,
@@ -119,6 +136,17 @@ struct Simulate {
     /// Write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+}
+
+/// How the virtual peers fetch (`--model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Model {
+    /// Today's daemon.
+    Daemon,
+    /// The daemon before the scarce-seed work.
+    FixedWindow,
+    /// The flow model.
+    Flow,
 }
 
 /// How virtual peers choose the next piece from a parent.
@@ -194,6 +222,15 @@ fn params(a: &Simulate) -> sim::Params {
         hosts,
         placement,
         origin_rate: a.origin_mbit * MBIT,
+        seed_rate: a.seed_mbit.unwrap_or(a.origin_mbit) * MBIT,
+        daemon: match a.model {
+            Model::Daemon => Some(sim::DaemonModel {
+                super_seed: Some(a.copy_slots),
+                ..sim::DaemonModel::current()
+            }),
+            Model::FixedWindow => Some(sim::DaemonModel::fixed_window()),
+            Model::Flow => None,
+        },
         step: a.step_ms / 1e3,
         arrival: a.arrival_s,
         window: a.window.max(1),
@@ -209,6 +246,9 @@ fn params(a: &Simulate) -> sim::Params {
 
 /// The piece length of the simulated task: `--piece-mib`, or the daemon's own rule.
 fn piece_length(a: &Simulate) -> u64 {
+    if let Some(k) = a.piece_kib {
+        return k << 10;
+    }
     a.piece_mib.map_or_else(
         || {
             wire::piece::piece_length_for(
@@ -241,7 +281,12 @@ fn pin_self_off_cpu0() -> anyhow::Result<String> {
 }
 
 fn simulate(a: Simulate) -> anyhow::Result<()> {
-    if a.peers == 0 || a.size_mib == 0 || a.piece_mib == Some(0) || a.step_ms <= 0.0 {
+    if a.peers == 0
+        || a.size_mib == 0
+        || a.piece_mib == Some(0)
+        || a.piece_kib == Some(0)
+        || a.step_ms <= 0.0
+    {
         anyhow::bail!("--peers, --size-mib, --piece-mib and --step-ms must be positive");
     }
     let pinned = if a.pin {

@@ -69,6 +69,10 @@ pub struct Report {
     pub announcements_per_s: f64,
     /// Bytes fetched from the origin over the task size.
     pub origin_copies: f64,
+    /// Bytes the seed peer uploaded over the task size.
+    pub seed_copies: f64,
+    /// How the peers fetch: `flow`, or the daemon model's settings.
+    pub model: String,
     /// Peers told to go back to the origin.
     pub back_to_source: u64,
     /// Parent entries received in CandidateParents.
@@ -254,6 +258,10 @@ impl Report {
         s += &format!(
             "origin copies                     {:>12.3}\n",
             self.origin_copies
+        );
+        s += &format!(
+            "seed upload copies                {:>12.3}   (model: {})\n",
+            self.seed_copies, self.model
         );
         s += &format!(
             "back to source {}  unfinished {}  failed streams {}  parents received {}\n",

@@ -107,3 +107,49 @@ fn mixed_fleet_with_arrivals_finishes() {
     let origin = f(&r, &["origin_copies"]);
     assert!((1.0..=1.05).contains(&origin), "origin copies {origin}");
 }
+
+/// The daemon model reproduces the scarce-seed failure and its fix: with every link at
+/// 100 Mbit, the fixed window of the old daemon makes the seed upload the file to nearly
+/// every peer, while today's daemon (rate-sized windows, a super-seeding seed) has it
+/// upload each piece about once and the swarm finishes several times sooner.
+#[test]
+fn daemon_model_shows_the_scarce_seed_failure_and_its_fix() {
+    let args = |model: &'static str| {
+        [
+            "--peers",
+            "10",
+            "--size-mib",
+            "16",
+            "--host-mbit",
+            "100",
+            "--origin-mbit",
+            "100",
+            "--model",
+            model,
+        ]
+    };
+    let old = simulate("fixed-window", &args("fixed-window"));
+    let new = simulate("daemon", &args("daemon"));
+    for r in [&old, &new] {
+        assert_eq!(f(r, &["unfinished"]), 0.0, "{r}");
+        let origin = f(r, &["origin_copies"]);
+        assert!((1.0..=1.05).contains(&origin), "origin copies {origin}");
+    }
+    let (old_copies, new_copies) = (f(&old, &["seed_copies"]), f(&new, &["seed_copies"]));
+    assert!(
+        old_copies >= 4.0,
+        "fixed window: seed uploaded {old_copies} copies"
+    );
+    assert!(
+        new_copies <= 2.5,
+        "daemon: seed uploaded {new_copies} copies"
+    );
+    let (old_p50, new_p50) = (
+        f(&old, &["completion_s", "p50"]),
+        f(&new, &["completion_s", "p50"]),
+    );
+    assert!(
+        old_p50 > 2.0 * new_p50,
+        "fixed window p50 {old_p50} s vs daemon {new_p50} s"
+    );
+}

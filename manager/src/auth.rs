@@ -23,6 +23,31 @@ fn sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Hex sha256 of a token, as personal access tokens are stored.
+pub fn token_sha256_hex(token: &str) -> String {
+    hex::encode(sha256(token))
+}
+
+/// A new random personal access token (`dfp_` and 48 hex digits) and its hex sha256.
+pub fn new_personal_token() -> (String, String) {
+    let mut raw = [0u8; 24];
+    rand::rng().fill_bytes(&mut raw);
+    let token = format!("dfp_{}", hex::encode(raw));
+    let hash = token_sha256_hex(&token);
+    (token, hash)
+}
+
+/// The token of an `Authorization: Bearer <token>` header value.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let mut parts = value?.trim().splitn(2, ' ');
+    match (parts.next(), parts.next()) {
+        (Some(scheme), Some(token)) if scheme.eq_ignore_ascii_case("bearer") => {
+            Some(token.trim()).filter(|t| !t.is_empty())
+        }
+        _ => None,
+    }
+}
+
 impl Auth {
     /// Loads the accepted tokens; when the database holds no generated token yet, makes one
     /// and returns it in clear (the only time it is known) for the caller to print.
@@ -82,16 +107,7 @@ impl Auth {
 
     /// Whether an `Authorization` header value carries an accepted bearer token.
     pub fn check_header(&self, value: Option<&str>) -> bool {
-        let Some(v) = value else {
-            return false;
-        };
-        let mut parts = v.trim().splitn(2, ' ');
-        match (parts.next(), parts.next()) {
-            (Some(scheme), Some(token)) if scheme.eq_ignore_ascii_case("bearer") => {
-                self.check(token.trim())
-            }
-            _ => false,
-        }
+        bearer(value).is_some_and(|t| self.check(t))
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Config {
     pub preheat: PreheatConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// Log files (`log.dir`, `log.rotation`, `log.max_files`).
+    pub log: damselfly_common::LogConfig,
 }
 
 /// Dragonfly's manager metrics port.

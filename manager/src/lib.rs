@@ -17,6 +17,7 @@ pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod model;
+pub mod oapi;
 pub mod preheat;
 pub mod registry;
 pub mod rest;
@@ -98,23 +99,20 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
 
 /// Like [`start`], over a store the caller opened.
 pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Handle> {
-    let failed = store
-        .fail_unfinished_jobs(
-            "manager restarted before the job finished",
-            Timestamp::now(),
-        )
-        .await?;
-    if failed > 0 {
-        tracing::warn!(
-            failed,
-            "failed preheat jobs left unfinished by a previous run"
-        );
-    }
     let (auth, generated_token) = auth::Auth::init(&*store, &config.auth.bootstrap_token).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = ManagerState::new(store, config.clone(), auth, shutdown_rx.clone());
     let default = state.ensure_default_cluster().await?;
     tracing::info!(id = default.id, name = %default.name, "default cluster");
+    // Jobs a previous run left unfinished: run again, or failed with the reason.
+    let (resumed, failed) = state.preheat.resume_unfinished().await?;
+    if resumed + failed > 0 {
+        tracing::warn!(
+            resumed,
+            failed,
+            "preheat jobs left unfinished by a previous run"
+        );
+    }
 
     let grpc_listener = tokio::net::TcpListener::bind(config.server.grpc)
         .await

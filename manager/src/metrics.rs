@@ -9,6 +9,8 @@
 //! | `damselfly_manager_keepalive_streams` | gauge | — (open keepalive streams) |
 //! | `damselfly_manager_instances` | gauge | `kind`, `state` = `active` / `inactive` |
 //! | `damselfly_manager_preheat_jobs` | gauge | `state` (of the 1,000 most recent jobs) |
+//! | `damselfly_build_info` | gauge (1) | `version`, `revision`, `role` = `manager` |
+//! | `damselfly_manager_tls_handshakes_total` | counter | `result` = `accepted` / `refused` (incoming gRPC over TLS) |
 //!
 //! Counters are process-wide ([`grpc`], [`keepalive`], [`track_rest`]); the gauges are read
 //! from the store at scrape time.
@@ -134,10 +136,27 @@ async fn render(state: &ManagerState) -> Result<String, String> {
         let n = list.iter().filter(|j| j.state == st).count();
         jobs.get_or_create(&[("state", st.as_str())]).set(n as i64);
     }
+    let tls = Family::<Label, Counter>::default();
+    let hs = &wire::tls::GRPC_HANDSHAKES;
+    for (result, n) in [("accepted", &hs.accepted), ("refused", &hs.refused)] {
+        tls.get_or_create(&[("result", result)])
+            .inc_by(n.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    r.register(
+        "damselfly_manager_tls_handshakes",
+        "TLS handshakes of incoming gRPC connections (server.tls) by result",
+        tls,
+    );
     r.register(
         "damselfly_manager_preheat_jobs",
         "Preheat jobs by state (of the 1,000 most recent)",
         jobs,
+    );
+    wire::metrics_http::register_build_info(
+        &mut r,
+        env!("CARGO_PKG_VERSION"),
+        damselfly_common::REVISION,
+        "manager",
     );
     let mut out = String::new();
     encode(&mut out, &r).map_err(|e| format!("encoding metrics: {e}"))?;

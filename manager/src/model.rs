@@ -346,6 +346,26 @@ pub struct PreheatTarget {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The hosts that were to hold it and how each did (the seed that fetched it first; with
+    /// the `all_seed_peers` / `all_peers` scopes, every chosen host). Empty until reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<TargetHost>,
+}
+
+/// One host's outcome for one preheat target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetHost {
+    /// The daemon's host id.
+    pub host_id: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Its IP.
+    pub ip: String,
+    /// `success` or `failure`.
+    pub state: JobState,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// A preheat job: have seed peers fetch a URL (or an image's layers) before peers ask.
@@ -380,4 +400,74 @@ pub struct NewPreheatJob {
     pub url: String,
     /// Target cluster, if one.
     pub cluster_id: Option<u64>,
+    /// What a restarted manager needs to run the job again (JSON), or empty when the job
+    /// cannot be resumed (it carries credentials or headers, which are not stored).
+    pub resume_args: String,
+}
+
+/// Whether a personal access token is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenState {
+    /// Accepted until it expires.
+    Active,
+    /// Revoked: never accepted again.
+    Inactive,
+}
+
+impl TokenState {
+    /// Stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Inactive => "inactive",
+        }
+    }
+
+    /// Parses the stored form (anything unknown is `Inactive`).
+    pub fn parse(s: &str) -> Self {
+        if s == "active" {
+            Self::Active
+        } else {
+            Self::Inactive
+        }
+    }
+}
+
+/// A personal access token (Dragonfly's): a bearer token for the open API (`/oapi/v1/…`)
+/// with scopes and an expiry. Only its sha256 is stored; the token itself is shown once, when
+/// it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonalAccessToken {
+    /// Database id.
+    pub id: u64,
+    /// Name given at creation.
+    pub name: String,
+    /// Description.
+    pub bio: String,
+    /// What it may do (`job`: the open API's jobs).
+    pub scopes: Vec<String>,
+    /// Active, or revoked.
+    pub state: TokenState,
+    /// Not accepted from this time on.
+    pub expired_at: Timestamp,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it last changed (revoked).
+    pub updated_at: Timestamp,
+}
+
+/// Fields of a new personal access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPersonalAccessToken {
+    /// Name (non-empty).
+    pub name: String,
+    /// Description.
+    pub bio: String,
+    /// Scopes (validated by the caller).
+    pub scopes: Vec<String>,
+    /// Expiry.
+    pub expired_at: Timestamp,
+    /// Hex sha256 of the token.
+    pub token_sha256: String,
 }

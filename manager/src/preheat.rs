@@ -4,13 +4,17 @@
 //! the image's layer blobs through [`registry`](crate::registry)) and marks it `running`;
 //! each target is sent as a [`PreheatRequest`] to one scheduler of the job's cluster that
 //! holds a `SubscribePreheat` stream open (round robin; waiting up to
-//! `preheat.dispatch_timeout` for one to connect); the scheduler has a seed peer fetch it and
-//! calls `ReportPreheatResult`. The job ends `success` when every target succeeded,
+//! `preheat.dispatch_timeout` for one to connect); the scheduler has a seed peer fetch it
+//! (and, by the job's scope, other hosts get it from peers) and calls `ReportPreheatResult`
+//! with each host's outcome. The job ends `success` when every target succeeded,
 //! `failure` on the first failed one or after `preheat.job_timeout`.
 //!
-//! Jobs live in this process while running: a manager restart fails its unfinished jobs
-//! (they can be created again), and a scheduler must subscribe to the manager that holds
-//! the job.
+//! Jobs run in this process; their state is written to the store at every change. A job
+//! still pending or running when the manager stops (or dies) is picked up by the next start
+//! ([`Preheater::resume_unfinished`]): run again from the start under its id when its
+//! arguments were stored ([`ResumeArgs`]: everything but credentials and headers), else
+//! failed with [`NOT_RESUMABLE`]. A scheduler must subscribe to the manager that holds the
+//! job.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +24,9 @@ use tokio::sync::{mpsc, watch, Mutex, Notify};
 use tonic::Status;
 
 use crate::config::PreheatConfig;
-use crate::model::{JobState, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, Timestamp};
+use crate::model::{
+    JobState, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, TargetHost, Timestamp,
+};
 use crate::proto;
 use crate::registry::{Credentials, ImageRef, Resolver};
 use crate::store::{Store, StoreError};
@@ -73,7 +79,104 @@ pub struct PreheatArgs {
     /// URL still names its own). Passed on to the scheduler: the seed peer checks the content
     /// against it; the task id follows [`wire::TaskId::for_download`].
     pub digest: String,
+    /// How long to wait for the job's results once dispatched; `None`: `preheat.job_timeout`
+    /// (the open API's `timeout`).
+    pub timeout: Option<Duration>,
+    /// Which hosts are to hold each target: `single_seed_peer` (or empty), `all_seed_peers`
+    /// or `all_peers` (Dragonfly's scopes).
+    pub scope: String,
+    /// With `all_seed_peers` / `all_peers`: at most this many hosts (1-200; 0: unset).
+    pub count: u32,
+    /// With `all_seed_peers` / `all_peers`: this share of the hosts (1-100; 0: unset), when
+    /// `count` is unset.
+    pub percentage: u32,
+    /// With `all_seed_peers` / `all_peers`: exactly the hosts with these IPs (before `count`
+    /// and `percentage`).
+    pub ips: Vec<String>,
 }
+
+/// What a restarted manager needs to run a job again: its arguments without credentials
+/// and headers (jobs with those are not resumable: secrets are not stored). Stored as JSON
+/// in the job's `resume_args`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ResumeArgs {
+    /// The job's URLs or images.
+    pub urls: Vec<String>,
+    /// Platform of a multi-platform image.
+    pub platform: String,
+    /// Plain HTTP to the registry.
+    pub insecure: bool,
+    /// Task tag.
+    pub tag: String,
+    /// Task application.
+    pub application: String,
+    /// A file's content digest.
+    pub digest: String,
+    /// The job's own result wait in milliseconds, if any.
+    pub timeout_ms: Option<u64>,
+    /// Scope.
+    pub scope: String,
+    /// Scope count.
+    pub count: u32,
+    /// Scope percentage.
+    pub percentage: u32,
+    /// Scope IPs.
+    pub ips: Vec<String>,
+}
+
+impl ResumeArgs {
+    /// The resumable part of `args`; `None` when it carries credentials or headers.
+    pub fn of(args: &PreheatArgs) -> Option<Self> {
+        if args.credentials.is_some() || !args.headers.is_empty() {
+            return None;
+        }
+        Some(Self {
+            urls: args.all_urls(),
+            platform: args.platform.clone(),
+            insecure: args.insecure,
+            tag: args.tag.clone(),
+            application: args.application.clone(),
+            digest: args.digest.clone(),
+            timeout_ms: args
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            scope: args.scope.clone(),
+            count: args.count,
+            percentage: args.percentage,
+            ips: args.ips.clone(),
+        })
+    }
+
+    /// The arguments of the job again (kind and cluster from the job's row).
+    pub fn into_args(self, kind: PreheatKind, cluster_id: Option<u64>) -> PreheatArgs {
+        PreheatArgs {
+            kind: Some(kind),
+            url: String::new(),
+            urls: self.urls,
+            headers: Vec::new(),
+            cluster_id,
+            credentials: None,
+            platform: self.platform,
+            insecure: self.insecure,
+            tag: self.tag,
+            application: self.application,
+            digest: self.digest,
+            timeout: self.timeout_ms.map(Duration::from_millis),
+            scope: self.scope,
+            count: self.count,
+            percentage: self.percentage,
+            ips: self.ips,
+        }
+    }
+}
+
+/// Why a restarted manager failed a job it could not resume.
+pub const NOT_RESUMABLE: &str = "manager restarted before the job finished; the job had \
+credentials or headers, which are not stored: create it again";
+
+/// Scopes of a preheat (Dragonfly's).
+pub const SCOPES: &[&str] = &["single_seed_peer", "all_seed_peers", "all_peers"];
 
 /// Errors creating a job.
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +262,39 @@ impl Preheater {
                 urls.len()
             )));
         }
+        if !args.scope.is_empty() && !SCOPES.contains(&args.scope.as_str()) {
+            return Err(PreheatError::Invalid(format!(
+                "unknown scope {:?} (one of {SCOPES:?})",
+                args.scope
+            )));
+        }
+        let spread = matches!(args.scope.as_str(), "all_seed_peers" | "all_peers");
+        if !spread && (args.count != 0 || args.percentage != 0 || !args.ips.is_empty()) {
+            return Err(PreheatError::Invalid(
+                "count, percentage and ips go with the all_seed_peers and all_peers scopes".into(),
+            ));
+        }
+        if args.count > 200 {
+            return Err(PreheatError::Invalid(format!(
+                "count must be 1-200, got {}",
+                args.count
+            )));
+        }
+        if args.percentage > 100 {
+            return Err(PreheatError::Invalid(format!(
+                "percentage must be 1-100, got {}",
+                args.percentage
+            )));
+        }
+        if let Some(bad) = args
+            .ips
+            .iter()
+            .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(PreheatError::Invalid(format!(
+                "ips: {bad:?} is not an IP address"
+            )));
+        }
         if !args.digest.is_empty() && (kind == PreheatKind::Image || urls.len() != 1) {
             return Err(PreheatError::Invalid(
                 "digest is for a file preheat of one url; an image's blobs carry their own".into(),
@@ -196,12 +332,19 @@ impl Preheater {
             None => store.default_cluster().await?,
         }
         .ok_or_else(|| PreheatError::Invalid("no such cluster".into()))?;
+        let resume_args = match ResumeArgs::of(&args) {
+            Some(r) => {
+                serde_json::to_string(&r).map_err(|e| PreheatError::Invalid(e.to_string()))?
+            }
+            None => String::new(),
+        };
         let job = store
             .create_job(
                 NewPreheatJob {
                     kind,
                     url: urls.join(" "),
                     cluster_id: Some(cluster.id),
+                    resume_args,
                 },
                 Timestamp::now(),
             )
@@ -210,6 +353,45 @@ impl Preheater {
         let id = job.id;
         tokio::spawn(async move { this.run(id, kind, cluster.id, args).await });
         Ok(job)
+    }
+
+    /// Picks up the jobs a previous run of the manager left pending or running: each one
+    /// with stored arguments runs again from the start under its id (targets a seed peer
+    /// already holds succeed at once); the others (credentials or headers, not stored; or
+    /// rows from before resumption existed) fail with [`NOT_RESUMABLE`]. Returns (resumed,
+    /// failed).
+    pub async fn resume_unfinished(&self) -> Result<(usize, usize), StoreError> {
+        let store = &self.shared.store;
+        let (mut resumed, mut failed) = (0, 0);
+        for (job, raw) in store.unfinished_jobs().await? {
+            let args = (!raw.is_empty())
+                .then(|| serde_json::from_str::<ResumeArgs>(&raw).ok())
+                .flatten()
+                .filter(|a| !a.urls.is_empty());
+            let (Some(args), Some(cluster_id)) = (args, job.cluster_id) else {
+                store
+                    .update_job(
+                        job.id,
+                        JobState::Failure,
+                        &job.targets,
+                        NOT_RESUMABLE,
+                        Timestamp::now(),
+                    )
+                    .await?;
+                failed += 1;
+                continue;
+            };
+            tracing::info!(job = job.id, url = %job.url, "resuming a preheat job left unfinished by a restart");
+            store
+                .update_job(job.id, JobState::Pending, &[], "", Timestamp::now())
+                .await?;
+            let this = self.clone();
+            let args = args.into_args(job.kind, Some(cluster_id));
+            let (id, kind) = (job.id, job.kind);
+            tokio::spawn(async move { this.run(id, kind, cluster_id, args).await });
+            resumed += 1;
+        }
+        Ok((resumed, failed))
     }
 
     /// Registers a scheduler's preheat stream; returns its receiving end and a guard that
@@ -276,6 +458,21 @@ impl Preheater {
         else {
             return Ok(false);
         };
+        target.hosts = result
+            .hosts
+            .iter()
+            .map(|h| TargetHost {
+                host_id: h.host_id.clone(),
+                hostname: h.hostname.clone(),
+                ip: h.ip.clone(),
+                state: if h.success {
+                    JobState::Success
+                } else {
+                    JobState::Failure
+                },
+                error: h.error.clone(),
+            })
+            .collect();
         if result.success {
             target.state = JobState::Success;
         } else {
@@ -341,28 +538,44 @@ impl Preheater {
                 digest: target.digest.clone(),
                 tag: args.tag.clone(),
                 application: args.application.clone(),
+                scope: args.scope.clone(),
+                count: args.count,
+                percentage: args.percentage,
+                ips: args.ips.clone(),
             };
             if !self.dispatch(cluster_id, request, deadline).await {
+                if *self.shared.shutdown.borrow() {
+                    // Stopping: the job stays unfinished for the next start to resume.
+                    self.shared.inner.lock().await.jobs.remove(&id);
+                    tracing::info!(job = id, "manager stopping: job left for the next start");
+                    return;
+                }
                 let _ = self
                     .report(&proto::PreheatResult {
                         job_id: id,
                         url: target.url.clone(),
                         success: false,
                         error: format!("no scheduler of cluster {cluster_id} connected"),
+                        hosts: Vec::new(),
                     })
                     .await;
                 break;
             }
         }
         let mut shutdown = self.shared.shutdown.clone();
-        tokio::select! {
-            _ = done.notified() => {}
-            _ = tokio::time::sleep(self.shared.config.job_timeout) => {}
-            _ = crate::shutdown_requested(&mut shutdown) => {}
-        }
+        let stopping = tokio::select! {
+            _ = done.notified() => false,
+            _ = tokio::time::sleep(args.timeout.unwrap_or(self.shared.config.job_timeout)) => false,
+            _ = crate::shutdown_requested(&mut shutdown) => true,
+        };
         let mut inner = self.shared.inner.lock().await;
         if let Some(job) = inner.jobs.remove(&id) {
             let (mut state, mut error) = overall(&job.targets);
+            if !state.is_final() && stopping {
+                // The job stays unfinished in the database: the next start resumes it.
+                tracing::info!(job = id, "manager stopping: job left for the next start");
+                return;
+            }
             if !state.is_final() {
                 state = JobState::Failure;
                 error = "timed out waiting for seed peers".into();
@@ -405,6 +618,7 @@ impl Preheater {
             digest,
             state: JobState::Pending,
             error: String::new(),
+            hosts: Vec::new(),
         };
         match kind {
             PreheatKind::File => {
@@ -484,7 +698,7 @@ impl Preheater {
                 }
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if now >= deadline || *self.shared.shutdown.borrow() {
                 return false;
             }
             // Wake on a new subscriber, or re-check a full stream every second.

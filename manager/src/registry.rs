@@ -39,6 +39,10 @@ pub enum RegistryError {
         /// The HTTP status.
         status: u16,
     },
+    /// The registry answered `401` again after its challenge was answered with the job's
+    /// credentials (or the token they bought).
+    #[error("registry refused the job's credentials for {0} (401 after answering its auth challenge): wrong username or password?")]
+    Unauthorized(String),
     /// The registry's answer does not make sense.
     #[error("bad registry response: {0}")]
     BadResponse(String),
@@ -376,6 +380,9 @@ impl Resolver {
                     .to_owned();
                 *auth = Some(self.answer_challenge(&challenge, creds).await?);
                 continue;
+            }
+            if status == 401 {
+                return Err(RegistryError::Unauthorized(url.to_owned()));
             }
             if !(200..300).contains(&status) {
                 return Err(RegistryError::Status {

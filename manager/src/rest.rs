@@ -16,6 +16,7 @@
 //! | `POST /api/v1/jobs` | token | create a preheat job ([`CreateJob`]) |
 //! | `GET /api/v1/jobs[?limit=N]` | open | recent jobs, newest first |
 //! | `GET /api/v1/jobs/{id}` | open | one job |
+//! | `/api/v1/personal-access-tokens…`, `/oapi/v1/jobs…` | see [`crate::oapi`] | tokens, Dragonfly's open API |
 //!
 //! Writes need `Authorization: Bearer <token>`; without a valid one they answer 401. Errors
 //! are `{"message": "…"}` with 400, 401, 404, 409 or 500.
@@ -65,13 +66,14 @@ pub fn router(state: Arc<ManagerState>) -> Router {
         .route("/api/v1/seed-peers", get(list_seed_peers))
         .route("/api/v1/jobs", get(list_jobs).post(create_job))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .merge(crate::oapi::routes())
         .layer(axum::middleware::from_fn(crate::metrics::track_rest))
         .with_state(state)
 }
 
 /// An error answer: status and message.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl ApiError {
     fn not_found(what: &str) -> Self {
@@ -328,6 +330,14 @@ pub struct PreheatJobArgs {
     /// against it (the task stays the URL's, as for `dfget URL --digest`). Images: not
     /// allowed (each layer carries its own digest).
     pub digest: String,
+    /// `single_seed_peer` (default), `all_seed_peers` or `all_peers`.
+    pub scope: String,
+    /// With `all_seed_peers` / `all_peers`: at most this many hosts (1-200).
+    pub count: Option<u32>,
+    /// With `all_seed_peers` / `all_peers`: this share of the hosts (1-100).
+    pub percentage: Option<u32>,
+    /// With `all_seed_peers` / `all_peers`: exactly the hosts with these IPs.
+    pub ips: Vec<String>,
 }
 
 /// Query of the job list.
@@ -369,6 +379,11 @@ async fn create_job(
             tag: a.tag,
             application: a.application,
             digest: a.digest,
+            timeout: None,
+            scope: a.scope,
+            count: nonzero("count", a.count)?,
+            percentage: nonzero("percentage", a.percentage)?,
+            ips: a.ips,
         })
         .await
         .map_err(|e| match e {
@@ -376,6 +391,15 @@ async fn create_job(
             PreheatError::Store(e) => e.into(),
         })?;
     Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// An optional count that must not be 0 when given; 0 when absent.
+pub(crate) fn nonzero(name: &str, v: Option<u32>) -> Result<u32, ApiError> {
+    match v {
+        Some(0) => Err(ApiError::bad_request(format!("{name} must be at least 1"))),
+        Some(n) => Ok(n),
+        None => Ok(0),
+    }
 }
 
 async fn list_jobs(

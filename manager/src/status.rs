@@ -168,9 +168,35 @@ pub fn render(
             );
             for t in &j.targets {
                 let state = t.state.as_str();
+                // The hosts that hold it (or failed to), by the job's scope.
+                let hosts = if t.hosts.is_empty() {
+                    String::new()
+                } else {
+                    let held = t
+                        .hosts
+                        .iter()
+                        .filter(|x| x.state == crate::model::JobState::Success)
+                        .count();
+                    let names: Vec<String> = t
+                        .hosts
+                        .iter()
+                        .map(|x| {
+                            format!(
+                                "{}{}",
+                                escape(&x.hostname),
+                                if x.state == crate::model::JobState::Success {
+                                    ""
+                                } else {
+                                    " (failed)"
+                                }
+                            )
+                        })
+                        .collect();
+                    format!(" — on {held}/{} hosts: {}", t.hosts.len(), names.join(", "))
+                };
                 let _ = write!(
                     h,
-                    "<li><span class=\"{state}\">{state}</span> {}{}{}</li>",
+                    "<li><span class=\"{state}\">{state}</span> {}{}{}{hosts}</li>",
                     escape(&t.url),
                     if t.digest.is_empty() || t.url.contains(&t.digest) {
                         String::new()
@@ -203,7 +229,20 @@ mod tests {
             digest: digest.into(),
             state,
             error: error.into(),
+            hosts: Vec::new(),
         };
+        let on = |name: &str, state| crate::model::TargetHost {
+            host_id: name.into(),
+            hostname: name.into(),
+            ip: "10.0.0.1".into(),
+            state,
+            error: String::new(),
+        };
+        let mut spread = target("http://o/x", "", JobState::Failure, "1 of 2 hosts");
+        spread.hosts = vec![
+            on("seed-1", JobState::Success),
+            on("peer-<1>", JobState::Failure),
+        ];
         let job = PreheatJob {
             id: 7,
             kind: PreheatKind::Image,
@@ -223,13 +262,20 @@ mod tests {
                     JobState::Failure,
                     "origin said 500",
                 ),
+                spread,
             ],
             error: String::new(),
             created_at: Timestamp(0),
             updated_at: Timestamp(0),
         };
         let page = render(&[], &[], &[], &[job]);
-        assert!(page.contains("<td>2/2</td>"), "{page}");
+        assert!(page.contains("<td>3/3</td>"), "{page}");
+        assert!(
+            page.contains(
+                "http://o/x: 1 of 2 hosts — on 1/2 hosts: seed-1, peer-&lt;1&gt; (failed)</li>"
+            ),
+            "{page}"
+        );
         assert!(page.contains(
             "<li><span class=\"success\">success</span> http://r.io/v2/a/blobs/sha256:aa</li>"
         ));

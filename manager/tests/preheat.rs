@@ -308,6 +308,7 @@ async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
             url: req.url.clone(),
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();
@@ -322,6 +323,7 @@ async fn file_preheat_goes_to_a_subscribed_scheduler_and_succeeds() {
             url: req.url,
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await;
     assert_eq!(late.unwrap_err().code(), tonic::Code::NotFound);
@@ -415,6 +417,7 @@ async fn a_job_over_several_urls_sends_each_and_succeeds_when_all_did() {
                 url: url.clone(),
                 success: true,
                 error: String::new(),
+                hosts: Vec::new(),
             })
             .await
             .unwrap();
@@ -494,6 +497,7 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
             url: got[0].0.clone(),
             success: true,
             error: String::new(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();
@@ -503,6 +507,7 @@ async fn image_preheat_sends_each_layer_with_the_registry_token() {
             url: got[1].0.clone(),
             success: false,
             error: "origin said 500".into(),
+            hosts: Vec::new(),
         })
         .await
         .unwrap();
@@ -554,46 +559,61 @@ async fn jobs_fail_without_a_scheduler_or_a_resolvable_image() {
     m.shutdown().await.unwrap();
 }
 
-/// A job cannot outlive the manager that runs it: the next start records it as failed, with
-/// the reason, instead of leaving it `running` forever.
+/// A job outlives the manager that runs it: stopped while it waits for a scheduler, it is
+/// left unfinished and the next start runs it again; a job with headers (not stored) is
+/// failed with the reason instead of being left `running` forever.
 #[tokio::test]
-async fn a_restart_fails_unfinished_jobs_with_the_reason_recorded() {
+async fn a_restart_resumes_unfinished_jobs_or_fails_them_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = damselfly_manager::Config::default();
     config.server.grpc = "127.0.0.1:0".parse().unwrap();
     config.server.rest = "127.0.0.1:0".parse().unwrap();
     config.database.url = format!("sqlite://{}", dir.path().join("manager.db").display());
     config.auth.bootstrap_token = TOKEN.into();
-    // No scheduler subscribes: the job waits for one until the restart.
+    // No scheduler subscribes: the jobs wait for one until the restart.
     config.preheat.dispatch_timeout = Duration::from_secs(600);
     let m = damselfly_manager::start(config.clone()).await.unwrap();
     let rest = Rest::new(&m);
-    let (status, created) = rest
-        .call(
-            Method::POST,
-            "/api/v1/jobs",
-            Some(TOKEN),
-            Some(json!({"type": "preheat", "args": {"url": "http://origin.local/x.bin"}})),
-        )
+    let mut ids = Vec::new();
+    for args in [
+        json!({"url": "http://origin.local/x.bin"}),
+        json!({"url": "http://origin.local/y.bin", "headers": {"X-Secret": "s"}}),
+    ] {
+        let (status, created) = rest
+            .call(
+                Method::POST,
+                "/api/v1/jobs",
+                Some(TOKEN),
+                Some(json!({"type": "preheat", "args": args})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+        ids.push(created["id"].as_u64().unwrap());
+    }
+    for &id in &ids {
+        eventually("the job waits for a scheduler", || async {
+            job(&rest, id).await["state"] == "running"
+        })
         .await;
-    assert_eq!(status, 201, "{created}");
-    let id = created["id"].as_u64().unwrap();
-    eventually("the job waits for a scheduler", || async {
-        job(&rest, id).await["state"] == "running"
-    })
-    .await;
+    }
     m.shutdown().await.unwrap();
 
     let m = damselfly_manager::start(config).await.unwrap();
     let rest = Rest::new(&m);
-    let j = job(&rest, id).await;
-    assert_eq!(j["state"], "failure", "{j}");
+    let resumed = job(&rest, ids[0]).await;
     assert!(
-        j["error"]
+        resumed["state"] == "running" || resumed["state"] == "pending",
+        "the job without secrets runs again: {resumed}"
+    );
+    assert_eq!(resumed["error"], "", "{resumed}");
+    let failed = job(&rest, ids[1]).await;
+    assert_eq!(failed["state"], "failure", "{failed}");
+    assert!(
+        failed["error"]
             .as_str()
             .unwrap_or_default()
-            .contains("restarted"),
-        "the reason is recorded: {j}"
+            .contains("restarted before the job finished"),
+        "the reason is recorded: {failed}"
     );
     m.shutdown().await.unwrap();
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use damselfly_manager::model::{
     ClusterConfig, ClusterUpdate, DaemonClusterConfig, InstanceKind, InstanceState, JobState,
-    NewCluster, NewInstance, NewPreheatJob, PreheatKind, PreheatTarget, Scopes, Timestamp,
+    NewCluster, NewInstance, NewPersonalAccessToken, NewPreheatJob, PreheatKind, PreheatTarget,
+    Scopes, Timestamp, TokenState,
 };
 use damselfly_manager::store::{SqlStore, Store, StoreError};
 use damselfly_manager::testing::PgCluster;
@@ -273,6 +274,7 @@ async fn jobs(store: &dyn Store) {
                 kind: PreheatKind::File,
                 url: "http://origin/a".into(),
                 cluster_id: None,
+                resume_args: r#"{"urls":["http://origin/a"]}"#.into(),
             },
             t,
         )
@@ -287,6 +289,7 @@ async fn jobs(store: &dyn Store) {
                 kind: PreheatKind::Image,
                 url: "registry.local/app:1".into(),
                 cluster_id: Some(7),
+                resume_args: String::new(),
             },
             t,
         )
@@ -299,6 +302,7 @@ async fn jobs(store: &dyn Store) {
         digest: "sha256:00".into(),
         state: JobState::Success,
         error: String::new(),
+        hosts: Vec::new(),
     }];
     assert!(store
         .update_job(b.id, JobState::Success, &targets, "", Timestamp(t.0 + 1))
@@ -319,6 +323,10 @@ async fn jobs(store: &dyn Store) {
         "newest first"
     );
     assert_eq!(store.list_jobs(1).await.unwrap().len(), 1);
+    let unfinished = store.unfinished_jobs().await.unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(unfinished[0].0.id, a.id);
+    assert_eq!(unfinished[0].1, r#"{"urls":["http://origin/a"]}"#);
     assert_eq!(store.fail_unfinished_jobs("restart", t).await.unwrap(), 1);
     let a = store.get_job(a.id).await.unwrap().unwrap();
     assert_eq!((a.state, a.error.as_str()), (JobState::Failure, "restart"));
@@ -330,6 +338,45 @@ async fn settings(store: &dyn Store) {
     assert!(store.insert_setting("k", "v1").await.unwrap());
     assert!(!store.insert_setting("k", "v2").await.unwrap());
     assert_eq!(store.get_setting("k").await.unwrap().as_deref(), Some("v1"));
+}
+
+async fn tokens(store: &dyn Store) {
+    let t = Timestamp(1_000);
+    let new = |name: &str, hash: &str| NewPersonalAccessToken {
+        name: name.into(),
+        bio: "for harbor".into(),
+        scopes: vec!["job".into()],
+        expired_at: Timestamp(5_000),
+        token_sha256: hash.into(),
+    };
+    let a = store.create_token(new("a", "aa"), t).await.unwrap();
+    assert_eq!(
+        (a.name.as_str(), a.bio.as_str(), a.state),
+        ("a", "for harbor", TokenState::Active)
+    );
+    assert_eq!(a.scopes, ["job"]);
+    assert_eq!((a.expired_at, a.created_at), (Timestamp(5_000), t));
+    let err = store.create_token(new("b", "aa"), t).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let b = store.create_token(new("b", "bb"), t).await.unwrap();
+    assert_eq!(store.token_by_hash("bb").await.unwrap().unwrap().id, b.id);
+    assert!(store.token_by_hash("cc").await.unwrap().is_none());
+    assert!(store.revoke_token(a.id, Timestamp(2_000)).await.unwrap());
+    assert!(!store.revoke_token(9999, t).await.unwrap());
+    let a = store.get_token(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        (a.state, a.updated_at),
+        (TokenState::Inactive, Timestamp(2_000))
+    );
+    let ids: Vec<u64> = store
+        .list_tokens()
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(ids, [a.id, b.id]);
+    assert!(store.get_token(9999).await.unwrap().is_none());
 }
 
 async fn concurrent_keepalives(store: Arc<dyn Store>) {
@@ -379,6 +426,7 @@ where
     instances(&*open("instances").await).await;
     jobs(&*open("jobs").await).await;
     settings(&*open("settings").await).await;
+    tokens(&*open("tokens").await).await;
     concurrent_keepalives(open("concurrent").await).await;
 }
 

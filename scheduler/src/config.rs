@@ -57,6 +57,8 @@ pub struct Config {
     pub manager: ManagerConfig,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// Log files (`log.dir`, `log.rotation`, `log.max_files`).
+    pub log: damselfly_common::LogConfig,
 }
 
 /// Dragonfly's scheduler metrics port.

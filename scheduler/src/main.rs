@@ -25,6 +25,18 @@ struct Args {
     /// Log format: text or json (one JSON object per line).
     #[arg(long, env = "SCHEDULER_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
     log_format: damselfly_common::LogFormat,
+    /// Write logs to rotated files `scheduler.log.<date>` in this directory instead of stderr;
+    /// overrides `log.dir`.
+    #[arg(long, value_name = "DIR", env = "SCHEDULER_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// When a new log file starts (with --log-dir): hourly, daily (default) or never;
+    /// overrides `log.rotation`.
+    #[arg(long, env = "SCHEDULER_LOG_ROTATION")]
+    log_rotation: Option<damselfly_common::LogRotation>,
+    /// Rotated log files kept (with --log-dir), the oldest deleted first; 0 keeps all;
+    /// overrides `log.max_files` (default 7).
+    #[arg(long, value_name = "N", env = "SCHEDULER_LOG_MAX_FILES")]
+    log_max_files: Option<usize>,
     /// gRPC listen address; overrides `server.listen` (default 0.0.0.0:8002).
     #[arg(long, value_name = "ADDR", env = "SCHEDULER_LISTEN")]
     listen: Option<SocketAddr>,
@@ -46,18 +58,37 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    damselfly_common::init_logs("info", args.log_format);
-    let config = match damselfly_common::config_path(
+    // The config file first (its `log:` section says where logs go), then the logs, then
+    // what happened while reading it.
+    let path = damselfly_common::config_path(
         args.config.as_deref(),
         &damselfly_common::default_config_path("scheduler"),
-    )
-    .as_deref()
-    .map(|p| {
+    );
+    let loaded = path.as_deref().map(Config::load).transpose();
+    let log = match &loaded {
+        Ok(Some(c)) => c.log.clone(),
+        _ => damselfly_common::LogConfig::default(),
+    };
+    let _log_guard = match damselfly_common::init_logs_with(
+        "scheduler",
+        "info",
+        &log.with_overrides(
+            args.log_format,
+            args.log_dir.clone(),
+            args.log_rotation,
+            args.log_max_files,
+        ),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("scheduler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(p) = &path {
         tracing::info!("config file {}", p.display());
-        Config::load(p)
-    })
-    .transpose()
-    {
+    }
+    let config = match loaded {
         Ok(config) => config.unwrap_or_default(),
         Err(e) => {
             tracing::error!("{e:#}");

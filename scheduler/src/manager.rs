@@ -35,10 +35,11 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 use wire::proto::manager::manager_client::ManagerClient;
 use wire::proto::manager::{
-    get_config_request::Target, GetConfigRequest, KeepAliveRequest, PreheatRequest, PreheatResult,
-    RegisterSchedulerRequest, SchedulerClusterConfig, SourceType, SubscribePreheatRequest,
+    get_config_request::Target, GetConfigRequest, KeepAliveRequest, PreheatHostResult,
+    PreheatRequest, PreheatResult, RegisterSchedulerRequest, SchedulerClusterConfig, SourceType,
+    SubscribePreheatRequest,
 };
-use wire::proto::scheduler::{Header, TaskSource};
+use wire::proto::scheduler::{Header, Host, TaskSource};
 use wire::task::TaskIdOptions;
 use wire::TaskId;
 
@@ -379,8 +380,47 @@ pub fn preheat_task_id(request: &PreheatRequest) -> Result<TaskId, String> {
     .map_err(|e| format!("preheat of {:?}: {e}", request.url))
 }
 
-/// Has a seed peer fetch the request's task; waits (bounded) until it holds it.
-async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<(), String> {
+/// Which hosts a preheat request puts its task on (Dragonfly's scopes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreheatScope {
+    /// One seed peer fetches it from the origin.
+    SingleSeedPeer,
+    /// Then every seed peer (or the chosen ones) gets it from peers.
+    AllSeedPeers,
+    /// Then every host (or the chosen ones) gets it from peers.
+    AllPeers,
+}
+
+impl PreheatScope {
+    /// Parses the request's `scope` (empty: `single_seed_peer`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "single_seed_peer" => Ok(Self::SingleSeedPeer),
+            "all_seed_peers" => Ok(Self::AllSeedPeers),
+            "all_peers" => Ok(Self::AllPeers),
+            other => Err(format!(
+                "unknown preheat scope {other:?} (single_seed_peer, all_seed_peers, all_peers)"
+            )),
+        }
+    }
+}
+
+fn host_result(h: &Host, outcome: Result<(), String>) -> PreheatHostResult {
+    PreheatHostResult {
+        host_id: h.id.clone(),
+        hostname: h.hostname.clone(),
+        ip: h.ip.clone(),
+        success: outcome.is_ok(),
+        error: outcome.err().unwrap_or_default(),
+    }
+}
+
+/// Has a seed peer fetch the request's task, then (by the request's scope) the chosen hosts
+/// get it from peers; waits (bounded by `manager.preheat_timeout` in all) until each holds
+/// it. `Ok` with each host's outcome when the seed got it (the job's target fails if any
+/// chosen host did not); `Err` when no seed did.
+async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<Vec<PreheatHostResult>, String> {
+    let scope = PreheatScope::parse(&request.scope)?;
     let task_id = preheat_task_id(request)?.to_hex();
     let digest = wire::task::content_digest(&request.url, &request.digest)
         .map_err(|e| format!("preheat of {:?}: {e}", request.url))?
@@ -410,7 +450,7 @@ async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + ctx.config.preheat_timeout;
     loop {
         match status {
-            PreheatStatus::Done => return Ok(()),
+            PreheatStatus::Done => break,
             PreheatStatus::Failed(reason) => return Err(reason),
             PreheatStatus::Pending => {}
         }
@@ -423,20 +463,78 @@ async fn preheat(ctx: &Ctx, request: &PreheatRequest) -> Result<(), String> {
         tokio::time::sleep(PREHEAT_POLL).await;
         status = ctx.service.preheat_status(&task_id);
     }
+    let hosts = match scope {
+        PreheatScope::SingleSeedPeer => {
+            let holders = ctx.service.holders(&task_id);
+            return Ok(holders
+                .iter()
+                .filter(|h| h.r#type == wire::proto::scheduler::HostType::Seed as i32)
+                .take(1)
+                .map(|h| host_result(h, Ok(())))
+                .collect());
+        }
+        PreheatScope::AllSeedPeers | PreheatScope::AllPeers => ctx.service.preheat_scope(
+            &task_id,
+            scope == PreheatScope::AllSeedPeers,
+            &request.ips,
+            request.count,
+            request.percentage,
+        ),
+    };
+    info!(job_id = request.job_id, task_id = %task_id, ?scope, hosts = hosts.len(), "preheat: spreading to the scope's hosts");
+    loop {
+        let pending = hosts
+            .iter()
+            .filter(|h| !ctx.service.host_holds(&task_id, &h.id))
+            .count();
+        if pending == 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(PREHEAT_POLL).await;
+    }
+    Ok(hosts
+        .iter()
+        .map(|h| {
+            let outcome = if ctx.service.host_holds(&task_id, &h.id) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "host did not hold the task within {:?}",
+                    ctx.config.preheat_timeout
+                ))
+            };
+            host_result(h, outcome)
+        })
+        .collect())
 }
 
 /// Runs one preheat request and reports its outcome to the manager (a few attempts).
 async fn handle_preheat(ctx: Arc<Ctx>, request: PreheatRequest) {
-    let outcome = preheat(&ctx, &request).await;
-    match &outcome {
-        Ok(()) => info!(job_id = request.job_id, url = %request.url, "preheat done"),
-        Err(e) => warn!(job_id = request.job_id, url = %request.url, "preheat failed: {e}"),
+    let (success, error, hosts) = match preheat(&ctx, &request).await {
+        Ok(hosts) => match hosts.iter().filter(|h| !h.success).count() {
+            0 => (true, String::new(), hosts),
+            n => (
+                false,
+                format!(
+                    "{n} of {} hosts of the scope did not get the task",
+                    hosts.len()
+                ),
+                hosts,
+            ),
+        },
+        Err(e) => (false, e, Vec::new()),
+    };
+    if success {
+        info!(job_id = request.job_id, url = %request.url, hosts = hosts.len(), "preheat done");
+    } else {
+        warn!(job_id = request.job_id, url = %request.url, "preheat failed: {error}");
     }
     let result = PreheatResult {
         job_id: request.job_id,
         url: request.url.clone(),
-        success: outcome.is_ok(),
-        error: outcome.err().unwrap_or_default(),
+        success,
+        error,
+        hosts,
     };
     let mut backoff = RETRY_MIN;
     for attempt in 1..=REPORT_ATTEMPTS {

@@ -13,11 +13,13 @@
 //! | `damselfly_scheduler_responses_total` | counter | `kind` = `candidate_parents` / `need_back_to_source` / `host_command` / `close_peer` |
 //! | `damselfly_scheduler_errors_total` | counter | `kind` = `invalid_request` / `stream_full` / `stream_failed` |
 //! | `damselfly_scheduler_hosts`, `_tasks`, `_peers` | gauge | — |
+//! | `damselfly_build_info` | gauge (1) | `version`, `revision`, `role` = `scheduler` |
+//! | `damselfly_scheduler_tls_handshakes_total` | counter | `result` = `accepted` / `refused` (incoming gRPC with `server.tls`) |
 
 use crate::service::SchedulerService;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -141,6 +143,17 @@ impl Collector for StateCollector {
             let g = ConstGauge::new(v as i64);
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
+        let hs = &wire::tls::GRPC_HANDSHAKES;
+        let mut family = enc.encode_descriptor(
+            "damselfly_scheduler_tls_handshakes",
+            "TLS handshakes of incoming gRPC connections (server.tls) by result",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (result, n) in [("accepted", &hs.accepted), ("refused", &hs.refused)] {
+            let c = ConstCounter::new(n.load(std::sync::atomic::Ordering::Relaxed));
+            c.encode(family.encode_family(&[("result", result)])?)?;
+        }
         Ok(())
     }
 }
@@ -174,12 +187,22 @@ pub fn registry(service: SchedulerService) -> Registry {
         "Messages sent to peers and hosts by kind",
         m.responses.clone(),
     );
+    // Every error kind from the start (at 0), so that dashboards and alerts find the series.
+    for kind in ["invalid_request", "stream_full", "stream_failed"] {
+        drop(m.errors.get_or_create(&[("kind", kind)]));
+    }
     r.register(
         "damselfly_scheduler_errors",
         "Errors by kind",
         m.errors.clone(),
     );
     r.register_collector(Box::new(StateCollector { service }));
+    wire::metrics_http::register_build_info(
+        &mut r,
+        env!("CARGO_PKG_VERSION"),
+        damselfly_common::REVISION,
+        "scheduler",
+    );
     r
 }
 

@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
 use wire::proto::scheduler::{
     announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    AnnounceTaskRequest, AnnounceTaskResponse, HostCommand, LeaveTaskRequest, LeaveTaskResponse,
-    StatTaskRequest, TaskInfo, TaskSource,
+    AnnounceTaskRequest, AnnounceTaskResponse, Host, HostCommand, LeaveTaskRequest,
+    LeaveTaskResponse, StatTaskRequest, TaskInfo, TaskSource,
 };
 
 use crate::config::SchedulingConfig;
@@ -309,6 +309,43 @@ impl SchedulerService {
     /// One preheat of `task_id` is over (see [`SchedulerState::preheat_finished`]).
     pub fn preheat_finished(&self, task_id: &str) {
         self.shared.inner.lock().state.preheat_finished(task_id);
+    }
+
+    /// Picks the hosts of a scoped preheat of `task_id` (see
+    /// [`SchedulerState::preheat_hosts`]) and has those that neither hold nor fetch it
+    /// download it from peers. Returns the chosen hosts.
+    pub fn preheat_scope(
+        &self,
+        task_id: &str,
+        seeds_only: bool,
+        ips: &[String],
+        count: u32,
+        percentage: u32,
+    ) -> Vec<Host> {
+        let mut inner = self.shared.inner.lock();
+        let hosts = inner
+            .state
+            .preheat_hosts(task_id, seeds_only, ips, count, percentage);
+        let ids: Vec<String> = hosts.iter().map(|h| h.id.clone()).collect();
+        let (_, outputs) = inner.state.preheat_on_hosts(task_id, &ids);
+        inner.dispatch(outputs);
+        hosts
+    }
+
+    /// Whether a peer of host `host_id` holds all of `task_id`.
+    pub fn host_holds(&self, task_id: &str, host_id: &str) -> bool {
+        self.shared.inner.lock().state.host_holds(task_id, host_id)
+    }
+
+    /// Hosts whose peer holds all of `task_id`.
+    pub fn holders(&self, task_id: &str) -> Vec<Host> {
+        let inner = self.shared.inner.lock();
+        inner
+            .state
+            .preheat_hosts(task_id, false, &[], 0, 0)
+            .into_iter()
+            .filter(|h| inner.state.host_holds(task_id, &h.id))
+            .collect()
     }
 
     /// Hosts, tasks and peers in the swarm state (for the metrics gauges).

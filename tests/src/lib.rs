@@ -29,6 +29,7 @@ pub mod origin;
 pub mod pki;
 pub mod poll;
 pub mod registry;
+pub mod s3;
 
 pub use cluster::{Cluster, ClusterOptions, Daemon};
 pub use content::Content;

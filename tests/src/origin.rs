@@ -200,17 +200,38 @@ pub struct Origin {
     addr: SocketAddr,
     shared: Arc<Shared>,
     accept: tokio::task::JoinHandle<()>,
+    scheme: &'static str,
 }
 
 impl Origin {
     /// Starts an origin on `127.0.0.1:0`. Must be called inside a tokio runtime.
     pub async fn start() -> Result<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// Starts an HTTPS origin on `127.0.0.1:0` serving the certificate `leaf` (PEM files;
+    /// HTTP/1.1 over TLS 1.3). Its [`Origin::url`]s are `https://127.0.0.1:PORT/…`, so the
+    /// leaf needs `127.0.0.1` among its names.
+    pub async fn start_tls(leaf: &crate::pki::Leaf) -> Result<Self> {
+        let tls = wire::tls::TlsConfig {
+            cert: Some(leaf.cert.clone()),
+            key: Some(leaf.key.clone()),
+            ..wire::tls::TlsConfig::default()
+        };
+        let server = tls
+            .rustls_server(&[b"http/1.1"])
+            .context("origin TLS configuration")?;
+        Self::start_inner(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))).await
+    }
+
+    async fn start_inner(tls: Option<tokio_rustls::TlsAcceptor>) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the origin listener on 127.0.0.1:0")?;
         let addr = listener.local_addr().context("origin local address")?;
         let shared = Arc::new(Shared::default());
         let s = shared.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -219,15 +240,29 @@ impl Origin {
                     continue;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let s = s.clone();
                         async move { Ok::<_, Infallible>(handle(&s, req)) }
                     });
-                    // A client that goes away mid-body is normal (ranges, cancelled downloads).
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    // A client that goes away mid-body is normal (ranges, cancelled downloads);
+                    // so is one that refuses our certificate (the TLS tests).
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                    .await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -235,6 +270,7 @@ impl Origin {
             addr,
             shared,
             accept,
+            scheme,
         })
     }
 
@@ -263,9 +299,10 @@ impl Origin {
         lookup(&self.shared, path)
     }
 
-    /// Full URL of `path` on this origin, e.g. `http://127.0.0.1:PORT/path`.
+    /// Full URL of `path` on this origin, e.g. `http://127.0.0.1:PORT/path` (`https://` for
+    /// [`Origin::start_tls`]).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     /// Address the origin listens on.

@@ -224,3 +224,113 @@ fn scheduler_and_manager_take_their_config_variable() {
         );
     }
 }
+
+/// `--log-dir` / `log.dir`: logs in files instead of stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_dir_writes_rotated_files_instead_of_stderr() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    let metrics = addr();
+    // dfdaemon: --log-dir from its variable; nothing on stderr, the lines in
+    // dfdaemon.log.<date> (daily rotation, the default).
+    let d = daemon_answering(
+        dir.path(),
+        &[("DFDAEMON_LOG_DIR", logs.display().to_string())],
+        &["--metrics".into(), metrics.to_string()],
+        metrics,
+    )
+    .await;
+    // The file is written by a background thread: wait for the line before killing.
+    let want = format!("metrics on http://{metrics}/metrics");
+    let (l, w) = (logs.clone(), want.clone());
+    let _ = wait_until(
+        "the log file names the metrics address",
+        Duration::from_secs(10),
+        || {
+            let (l, w) = (l.clone(), w.clone());
+            async move {
+                Ok(std::fs::read_dir(&l)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(&w))))
+            }
+        },
+    )
+    .await;
+    let stderr = d.stop();
+    assert!(
+        stderr.iter().all(|l| l.trim().is_empty()),
+        "logs still on stderr: {stderr:?}"
+    );
+    let files: Vec<String> = std::fs::read_dir(&logs)
+        .expect("log dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with("dfdaemon.log.20"), "{files:?}");
+    let text = std::fs::read_to_string(logs.join(&files[0])).expect("log file");
+    assert!(text.contains(&want), "{text}");
+
+    // The config file's `log:` section: one file dfdaemon.log (rotation never) in its dir.
+    let from_file = dir.path().join("file-logs");
+    let metrics = addr();
+    let config = dir.path().join("logs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics:\n  listen: {metrics}\nlog:\n  dir: {}\n  rotation: never\n  max_files: 2\n",
+            from_file.display()
+        ),
+    )
+    .expect("config");
+    let d = daemon_answering(
+        dir.path(),
+        &[("DFDAEMON_CONFIG", config.display().to_string())],
+        &[],
+        metrics,
+    )
+    .await;
+    let log = from_file.join("dfdaemon.log");
+    let want = format!("config file {}", config.display());
+    let (l, w) = (log.clone(), want.clone());
+    let _ = wait_until(
+        "dfdaemon.log names the config file",
+        Duration::from_secs(10),
+        || {
+            let (l, w) = (l.clone(), w.clone());
+            async move { Ok(std::fs::read_to_string(&l).is_ok_and(|t| t.contains(&w))) }
+        },
+    )
+    .await;
+    let stderr = d.stop();
+    let text = std::fs::read_to_string(&log).expect("dfdaemon.log from log.dir");
+    assert!(text.contains(&want), "{text}");
+    assert!(
+        stderr.iter().all(|l| l.trim().is_empty()),
+        "logs still on stderr: {stderr:?}"
+    );
+
+    // scheduler: --log-rotation never gives one file scheduler.log; a log dir that cannot be
+    // made is an error naming it.
+    let out = command("scheduler")
+        .arg("--log-dir")
+        .arg(&logs)
+        .args(["--log-rotation", "never", "--listen", "127.0.0.1:1"])
+        .env("SCHEDULER_CONFIG", dir.path().join("missing.yaml"))
+        .output()
+        .expect("scheduler");
+    assert!(!out.status.success(), "a missing config file was accepted");
+    let text = std::fs::read_to_string(logs.join("scheduler.log")).expect("scheduler.log");
+    assert!(text.contains("missing.yaml"), "{text}");
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").expect("file");
+    let out = command("manager")
+        .arg("--log-dir")
+        .arg(blocker.join("logs"))
+        .output()
+        .expect("manager");
+    assert!(!out.status.success(), "manager started without its log dir");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("creating log directory"), "{err}");
+}

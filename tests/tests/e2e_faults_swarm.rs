@@ -150,6 +150,10 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     );
 }
 
+/// The daemons learn their scheduler from the manager only (no static `--scheduler`), so
+/// with the manager down they work from what they cached: each tries the manager, fails and
+/// keeps its list; the scheduler loses its manager session and keeps scheduling; new and old
+/// tasks still move peer to peer (each file leaves the origin once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
     let origin = Origin::start().await.expect("origin");
@@ -157,10 +161,23 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
         seeds: 1,
         peers: 2,
         manager: Some(ManagerOptions::default()),
+        static_schedulers: false,
+        manager_refresh: Duration::from_millis(300),
         ..ClusterOptions::default()
     })
     .await
     .expect("starting the cluster");
+    let scheduler = vec![cluster.scheduler_addr().to_string()];
+    let daemons: Vec<_> = cluster.seeds().iter().chain(cluster.peers()).collect();
+    for d in &daemons {
+        wait_until(
+            &format!("{} learns its scheduler from the manager", d.name),
+            Duration::from_secs(20),
+            || async { Ok(d.stats().await?.schedulers == scheduler) },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.proc.log_tail(20)));
+    }
     let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let a = origin.add_file("/a.bin", 6 * MIB + 1, 23);
     cluster
@@ -170,8 +187,6 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
 
     let manager = cluster.manager().expect("the cluster has a manager");
     manager.proc.kill();
-    // Let the daemons' manager refresh (every 500 ms here) and the scheduler's keepalive
-    // notice: wait until the manager's port refuses connections, then for a few refreshes.
     let grpc = manager.grpc_addr;
     wait_until(
         "the manager's port is closed",
@@ -180,7 +195,37 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
     )
     .await
     .expect("manager down");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every daemon has asked the manager since and kept its list; the scheduler has lost
+    // its manager session.
+    for d in &daemons {
+        wait_until(
+            &format!(
+                "{} fails to reach the manager and keeps its schedulers",
+                d.name
+            ),
+            Duration::from_secs(20),
+            || async {
+                let log = d.proc.log_tail(400);
+                Ok(log
+                    .lines()
+                    .any(|l| l.contains("manager searcher:") && l.contains("keeping")))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", d.proc.log_tail(20)));
+    }
+    let sched = cluster.scheduler();
+    wait_until(
+        "the scheduler loses its manager session",
+        Duration::from_secs(20),
+        || async {
+            let log = sched.log_tail(400);
+            Ok(log.contains("manager session ended")
+                || log.contains("cannot register with the manager"))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", sched.log_tail(20)));
 
     let b = origin.add_file("/b.bin", 6 * MIB + 2, 24);
     let url = origin.url("/b.bin");
@@ -202,6 +247,21 @@ async fn with_the_manager_down_daemons_and_scheduler_keep_working() {
         "the scheduler still schedules peer to peer: each file leaves the origin once; {:#?}",
         origin.request_log()
     );
+    let s = p2.stats().await.expect("Stats of peer-2");
+    assert_eq!(s.bytes_from_origin, 0, "peer-2 went to the origin: {s:?}");
+    assert_eq!(
+        s.bytes_from_seed + s.bytes_from_peers,
+        a.size + b.size,
+        "{s:?}"
+    );
+    for d in &daemons {
+        let s = d.stats().await.expect("Stats");
+        assert_eq!(
+            s.schedulers, scheduler,
+            "{} kept its scheduler list",
+            d.name
+        );
+    }
     for p in cluster.procs() {
         if p.name() != "manager" {
             assert!(

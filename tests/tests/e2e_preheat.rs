@@ -13,6 +13,12 @@
 //!   preheat whose digest does not match the origin's content fails (the seed checks it) and
 //!   leaves no task behind.
 //!
+//! * A multi-platform image (an OCI index of linux/amd64 and linux/arm64, pushed with
+//!   `skopeo copy --all`) in a `docker-registry` protected by htpasswd: the job's credentials
+//!   answer the registry's `Basic` challenge, the default platform's blobs (and only those)
+//!   are preheated, `platform: linux/arm64` picks the other; wrong or missing credentials
+//!   fail the job with an error that says so, and no blob is fetched.
+//!
 //! No timing assertions: every wait is a bounded poll.
 
 use serde_json::{json, Value};
@@ -22,10 +28,14 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 use testkit::manager::{ManagerOptions, Rest};
-use testkit::registry::{self, skopeo, Containerd, OciImage, Registry, REGISTRY_BIN};
+use testkit::registry::{self, skopeo, Containerd, OciImage, OciIndex, Registry, REGISTRY_BIN};
 use testkit::{Cluster, ClusterOptions, Daemon, Origin};
 
 const MIB: u64 = 1 << 20;
+/// The registry's basic-auth user, password, and the password's bcrypt hash (cost 4).
+const USER: &str = "user";
+const PASSWORD: &str = "secret";
+const BCRYPT: &str = "$2b$04$KWUX7DApuAGMW/841nFwvO2Y2va4L3jsjrmljK6fn2rpZK/EwPdDW";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest wait of any poll below.
 const WAIT: Duration = Duration::from_secs(90);
@@ -178,25 +188,9 @@ async fn sources(d: &Daemon) -> (u64, u64, u64) {
     (s.bytes_from_origin, s.bytes_from_seed, s.bytes_from_peers)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn image_preheat_serves_later_pulls_through_the_mirror_from_peers() {
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "containerd", "ctr"]);
-    if !missing.is_empty() {
-        needs::skip(
-            "image_preheat_serves_later_pulls_through_the_mirror_from_peers",
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo containerd)",
-                missing.join(", ")
-            ),
-        );
-        return;
-    }
-    needs::found("image_preheat_serves_later_pulls_through_the_mirror_from_peers");
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-preheat-")
-        .tempdir()
-        .expect("temp dir");
-    let work = tmp.path();
+/// A `docker-registry` under `work` holding a two-layer image as `test/img:v1` (pushed with
+/// `skopeo`, which fetches no blob).
+async fn registry_with_image(work: &Path) -> (Registry, OciImage) {
     let reg = Registry::start(work)
         .await
         .expect("starting docker-registry");
@@ -221,6 +215,29 @@ async fn image_preheat_serves_later_pulls_through_the_mirror_from_peers() {
             .all(|(_, n)| *n == 0),
         "the push fetched a blob"
     );
+    (reg, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_preheat_serves_later_pulls_through_the_mirror_from_peers() {
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "containerd", "ctr"]);
+    if !missing.is_empty() {
+        needs::skip(
+            "image_preheat_serves_later_pulls_through_the_mirror_from_peers",
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo containerd)",
+                missing.join(", ")
+            ),
+        );
+        return;
+    }
+    needs::found("image_preheat_serves_later_pulls_through_the_mirror_from_peers");
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-preheat-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let (reg, image) = registry_with_image(work).await;
 
     let cluster = Cluster::start(ClusterOptions {
         seeds: 1,
@@ -464,4 +481,817 @@ async fn file_preheat_then_dfget_leaves_the_origin_once_and_the_seed_checks_the_
         sources(seed).await.0 > seed_bytes_before || sources(cluster.peer(2)).await.0 > 0,
         "the content was fetched again after the failed preheat (nothing kept the bad task)"
     );
+}
+
+/// The digests a job preheated, sorted.
+fn job_digests(job: &Value) -> Vec<String> {
+    let mut d: Vec<String> = job["targets"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t["digest"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    d.sort();
+    d
+}
+
+/// The config and layer digests of `image`, sorted.
+fn image_digests(image: &OciImage) -> Vec<String> {
+    let mut d: Vec<String> = image.blobs().iter().map(|b| b.digest.clone()).collect();
+    d.sort();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_preheat_picks_one_platform_of_an_index_behind_basic_auth() {
+    let test = "image_preheat_picks_one_platform_of_an_index_behind_basic_auth";
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
+    if !missing.is_empty() {
+        needs::skip(
+            test,
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo)",
+                missing.join(", ")
+            ),
+        );
+        return;
+    }
+    needs::found(test);
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-preheat-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let reg = Registry::start_with_auth(work, Some((USER, BCRYPT)))
+        .await
+        .expect("starting docker-registry with htpasswd");
+    let index = OciIndex::build(
+        &work.join("multi"),
+        "v1",
+        &[
+            ("amd64", 3100, &[MIB + 11, MIB / 2]),
+            ("arm64", 3200, &[MIB + 33]),
+        ],
+    )
+    .expect("building the image index");
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &format!("{USER}:{PASSWORD}"),
+            &format!("oci:{}:{}", index.dir.display(), index.tag),
+            &format!("docker://{}/test/multi:v1", reg.addr),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo copy --all", &o);
+    let amd = index.platform("linux/amd64").expect("amd64 image");
+    let arm = index.platform("linux/arm64").expect("arm64 image");
+    // The registry holds both platforms, and wants credentials for them.
+    let r = reqwest::get(format!(
+        "{}/v2/test/multi/manifests/{}",
+        reg.url(),
+        arm.manifest.digest
+    ))
+    .await
+    .expect("manifest request");
+    assert_eq!(r.status(), 401, "the registry serves without credentials");
+
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 0,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let rest = cluster.manager().expect("manager").rest();
+    let seed = cluster.seed(1);
+    let image_ref = format!("{}/test/multi:v1", reg.addr);
+    let no_blob_fetched = |what: &str| {
+        for image in [amd, arm] {
+            for (digest, n) in registry_blob_gets(&reg, image) {
+                assert_eq!(n, 0, "{what}: blob {digest} was fetched");
+            }
+        }
+    };
+
+    // 1. Wrong password, then none: the job fails and says why; nothing is fetched.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": "wrong"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "failure", "wrong password: {job}");
+    let error = job.to_string();
+    assert!(
+        error.contains("refused the job's credentials"),
+        "the failed job does not say the credentials were refused: {job}"
+    );
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "failure", "no credentials: {job}");
+    assert!(
+        job.to_string()
+            .contains("registry wants basic auth; no credentials"),
+        "the failed job does not say credentials are needed: {job}"
+    );
+    no_blob_fetched("after the refused jobs");
+    assert_eq!(sources(seed).await.0, 0);
+
+    // 2. Right credentials, the default platform (linux/amd64): its blobs, only its.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": PASSWORD}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "amd64 preheat: {job}");
+    assert_eq!(job_digests(&job), image_digests(amd), "{job}");
+    for (digest, n) in registry_blob_gets(&reg, amd) {
+        assert_eq!(n, 1, "amd64 blob {digest} fetched {n} times");
+    }
+    for (digest, n) in registry_blob_gets(&reg, arm) {
+        assert_eq!(n, 0, "arm64 blob {digest} fetched by the amd64 preheat");
+    }
+    let amd_bytes: u64 = amd.blobs().iter().map(|b| b.size).sum();
+    assert_eq!(
+        sources(seed).await.0,
+        amd_bytes,
+        "the seed fetched the amd64 blobs"
+    );
+
+    // 3. The other platform by name.
+    let id = create_preheat(
+        &rest,
+        json!({"type": "image", "url": image_ref, "insecure": true,
+               "username": USER, "password": PASSWORD, "platform": "linux/arm64"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "arm64 preheat: {job}");
+    assert_eq!(job_digests(&job), image_digests(arm), "{job}");
+    for (digest, n) in registry_blob_gets(&reg, arm) {
+        assert_eq!(n, 1, "arm64 blob {digest} fetched {n} times");
+    }
+    let arm_bytes: u64 = arm.blobs().iter().map(|b| b.size).sum();
+    assert_eq!(sources(seed).await.0, amd_bytes + arm_bytes);
+}
+
+/// One request to the manager at `base` with `Authorization: Bearer <token>` (when given)
+/// and a JSON body (when given): status and body (JSON, or the text as a JSON string).
+async fn call(
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method.clone(), format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(b).expect("JSON body"));
+    }
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.expect("response body");
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, value)
+}
+
+/// RFC 3339 of now + `d`.
+fn rfc3339_in(d: Duration) -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now() + d).to_string()
+}
+
+/// Creates a personal access token with the `job` scope that expires after `ttl`; returns
+/// its id and the token.
+async fn personal_token(base: &str, admin: &str, name: &str, ttl: Duration) -> (u64, String) {
+    let (status, t) = call(
+        base,
+        reqwest::Method::POST,
+        "/api/v1/personal-access-tokens",
+        Some(admin),
+        Some(
+            &json!({"name": name, "bio": "harbor preheat", "scopes": ["job"],
+                     "expired_at": rfc3339_in(ttl)}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "creating a personal access token: {t}");
+    let token = t["token"]
+        .as_str()
+        .expect("the token, shown once")
+        .to_owned();
+    (t["id"].as_u64().expect("token id"), token)
+}
+
+/// Harbor's Dragonfly provider (goharbor/harbor `src/pkg/p2p/preheat/provider/dragonfly.go`)
+/// against a real manager, scheduler and seed peer and a real `docker-registry`: its health
+/// check, `POST /oapi/v1/jobs` with the body it marshals (every field, zero values included,
+/// the registry token in `headers`, a manifest URL), and polling `GET /oapi/v1/jobs/{id}`
+/// until `SUCCESS`, authenticated by a personal access token. Revoked and expired tokens get
+/// 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_preheats_through_the_open_api_with_a_personal_access_token() {
+    let test = "harbor_preheats_through_the_open_api_with_a_personal_access_token";
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
+    if !missing.is_empty() {
+        needs::skip(
+            test,
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo)",
+                missing.join(", ")
+            ),
+        );
+        return;
+    }
+    needs::found(test);
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-harbor-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let (reg, image) = registry_with_image(work).await;
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 1,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let m = cluster.manager().expect("manager");
+    let base = format!("http://{}", m.rest_addr);
+    let admin = m.token.as_str();
+    let cluster_id = m
+        .rest()
+        .default_cluster_id()
+        .await
+        .expect("default cluster");
+
+    // Tokens are managed with the admin token only.
+    let new_token = json!({"name": "x", "scopes": ["job"], "expired_at": rfc3339_in(Duration::from_secs(3600))});
+    let (status, _) = call(
+        &base,
+        reqwest::Method::POST,
+        "/api/v1/personal-access-tokens",
+        None,
+        Some(&new_token),
+    )
+    .await;
+    assert_eq!(status, 401, "creating a token without the admin token");
+    for (bad, why) in [
+        (
+            json!({"name": "x", "scopes": ["job"], "expired_at": "2001-01-01T00:00:00Z"}),
+            "an expiry in the past",
+        ),
+        (
+            json!({"name": "x", "scopes": ["root"], "expired_at": rfc3339_in(Duration::from_secs(60))}),
+            "an unknown scope",
+        ),
+    ] {
+        let (status, body) = call(
+            &base,
+            reqwest::Method::POST,
+            "/api/v1/personal-access-tokens",
+            Some(admin),
+            Some(&bad),
+        )
+        .await;
+        assert_eq!(status, 400, "a token with {why}: {body}");
+    }
+    let (token_id, token) = personal_token(&base, admin, "harbor", Duration::from_secs(3600)).await;
+    let (status, list) = call(
+        &base,
+        reqwest::Method::GET,
+        "/api/v1/personal-access-tokens",
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    let listed = list
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["id"].as_u64() == Some(token_id)))
+        .unwrap_or_else(|| panic!("token {token_id} not listed: {list}"));
+    assert_eq!(listed["state"], "active");
+    assert_eq!(listed["scopes"], json!(["job"]));
+    assert!(
+        listed.get("token").is_none() && !list.to_string().contains(&token),
+        "the list shows the secret: {list}"
+    );
+
+    // Harbor's health check, then its create request, exactly as it marshals it.
+    let (status, _) = call(&base, reqwest::Method::GET, "/healthy", Some(&token), None).await;
+    assert_eq!(status, 200, "Harbor's health check");
+    let harbor_job = json!({
+        "type": "preheat",
+        "args": {
+            "type": "image",
+            "url": format!("{}/v2/test/img/manifests/v1", reg.url()),
+            "tag": "",
+            "filtered_query_params": "",
+            "headers": {"Authorization": "Bearer harbor-robot-registry-token"},
+            "scope": "single_seed_peer",
+            "concurrent_count": 0,
+            "timeout": 0
+        },
+        "scheduler_cluster_ids": [cluster_id]
+    });
+    for (t, why) in [
+        (None, "no token"),
+        (Some(admin), "the admin token (not a personal one)"),
+    ] {
+        let (status, body) = call(
+            &base,
+            reqwest::Method::POST,
+            "/oapi/v1/jobs",
+            t,
+            Some(&harbor_job),
+        )
+        .await;
+        assert_eq!(status, 401, "POST /oapi/v1/jobs with {why}: {body}");
+    }
+    let (status, created) = call(
+        &base,
+        reqwest::Method::POST,
+        "/oapi/v1/jobs",
+        Some(&token),
+        Some(&harbor_job),
+    )
+    .await;
+    assert_eq!(status, 200, "Harbor's create request: {created}");
+    assert_eq!(created["state"], "PENDING", "{created}");
+    let id = created["id"].as_u64().expect("job id");
+    let job = poll(&format!("open-API job {id} ends"), || {
+        let (base, token) = (base.clone(), token.clone());
+        async move {
+            let (status, j) = call(
+                &base,
+                reqwest::Method::GET,
+                &format!("/oapi/v1/jobs/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+            let done = status == 200 && j["state"] != "PENDING";
+            (done.then(|| j.clone()), format!("{status} {j}"))
+        }
+    })
+    .await;
+    assert_eq!(job["state"], "SUCCESS", "{job}");
+    let results = &job["result"]["job_states"][0]["results"][0];
+    assert_eq!(results["scheduler_cluster_id"].as_u64(), Some(cluster_id));
+    assert_eq!(results["failure_tasks"], json!([]), "{job}");
+    let mut done: Vec<String> = results["success_tasks"]
+        .as_array()
+        .expect("success_tasks")
+        .iter()
+        .filter_map(|t| t["url"].as_str().map(str::to_owned))
+        .collect();
+    done.sort();
+    let mut wanted: Vec<String> = image
+        .blobs()
+        .iter()
+        .map(|b| format!("{}/v2/test/img/blobs/{}", reg.url(), b.digest))
+        .collect();
+    wanted.sort();
+    assert_eq!(done, wanted, "every blob of the image is a success task");
+    for t in results["success_tasks"].as_array().expect("success_tasks") {
+        assert!(
+            t["hostname"].as_str().is_some_and(|h| !h.is_empty())
+                && t["ip"].as_str().is_some_and(|ip| !ip.is_empty()),
+            "each success task names the seed peer that holds it: {t}"
+        );
+    }
+    for (digest, n) in registry_blob_gets(&reg, &image) {
+        assert_eq!(
+            n, 1,
+            "the seed fetched blob {digest} {n} times, expected once"
+        );
+    }
+    let (status, list) = call(
+        &base,
+        reqwest::Method::GET,
+        "/oapi/v1/jobs?page=1&per_page=10",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list[0]["id"].as_u64(), Some(id), "newest job first: {list}");
+
+    // A preheated blob is served to a peer without the registry.
+    let layer = &image.layers[0];
+    let out = work.join("layer.dfget");
+    let o = cluster
+        .run_dfget(
+            cluster.peer(1),
+            &format!("{}/v2/test/img/blobs/{}", reg.url(), layer.digest),
+            &out,
+            None,
+        )
+        .await
+        .expect("running dfget");
+    check("dfget of a blob preheated through the open API", &o);
+    assert_eq!(sha256_file(&out), layer.digest);
+    assert_eq!(reg.blob_gets(&layer.digest).expect("registry log"), 1);
+
+    // Refused requests: an unknown scope, several clusters.
+    let mut bad_scope = harbor_job.clone();
+    bad_scope["args"]["scope"] = json!("everyone");
+    let mut two_clusters = harbor_job.clone();
+    two_clusters["scheduler_cluster_ids"] = json!([cluster_id, cluster_id + 1]);
+    for (body, why) in [
+        (bad_scope, "an unknown scope"),
+        (two_clusters, "two clusters"),
+    ] {
+        let (status, answer) = call(
+            &base,
+            reqwest::Method::POST,
+            "/oapi/v1/jobs",
+            Some(&token),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 400, "{why}: {answer}");
+        assert!(answer["message"].is_string(), "{why}: a reason: {answer}");
+    }
+
+    // Revoked: 401 from then on, and listed as inactive.
+    let (status, _) = call(
+        &base,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/personal-access-tokens/{token_id}"),
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "revoking the token");
+    let (status, body) = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/oapi/v1/jobs/{id}"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "a revoked token: {body}");
+    assert!(body.to_string().contains("revoked"), "{body}");
+    let (_, t) = call(
+        &base,
+        reqwest::Method::GET,
+        &format!("/api/v1/personal-access-tokens/{token_id}"),
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(t["state"], "inactive", "{t}");
+
+    // Expired: accepted before its expiry, 401 after.
+    let (_, short) = personal_token(&base, admin, "short", Duration::from_secs(2)).await;
+    let (status, body) = call(
+        &base,
+        reqwest::Method::GET,
+        "/oapi/v1/jobs",
+        Some(&short),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "a token before its expiry: {body}");
+    let body = poll("the short-lived token expires", || {
+        let (base, short) = (base.clone(), short.clone());
+        async move {
+            let (status, body) = call(
+                &base,
+                reqwest::Method::GET,
+                "/oapi/v1/jobs",
+                Some(&short),
+                None,
+            )
+            .await;
+            (
+                (status == 401).then(|| body.clone()),
+                format!("{status} {body}"),
+            )
+        }
+    })
+    .await;
+    assert!(body.to_string().contains("expired"), "{body}");
+}
+
+/// A manager killed (SIGKILL) while preheat jobs are in flight, then started again on the
+/// same SQLite database: the job without secrets is run again and succeeds once the origin
+/// answers (a peer then gets the file without the origin); the job with headers (not
+/// stored) is recorded as failed with the reason, not left `running` forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_flight_when_the_manager_dies_are_resumed_or_failed_with_the_reason() {
+    let data = {
+        let mut d = vec![0u8; (2 * MIB + 7) as usize];
+        testkit::content::fill(77, 0, &mut d);
+        d
+    };
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
+    // The origin sends the first 64 KiB and stalls: the seed's fetches, and so the jobs,
+    // stay in flight until released.
+    let gated = registry::GatedBlob::start(data.clone(), 64 * 1024)
+        .await
+        .expect("gated origin");
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 1,
+        peers: 1,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let rest = cluster.manager().expect("manager").rest();
+    let url = format!("{}/stalled.bin", gated.url());
+    let resumable = create_preheat(&rest, json!({"type": "file", "url": url})).await;
+    let secret = create_preheat(
+        &rest,
+        json!({"type": "file", "url": format!("{}/secret.bin", gated.url()),
+               "headers": {"X-Origin-Token": "s3cret"}}),
+    )
+    .await;
+    poll("the seed is fetching both jobs' files", || {
+        let (rest, gated) = (rest.clone(), &gated);
+        async move {
+            let mut seen = String::new();
+            let mut running = gated.requests() >= 2;
+            for id in [resumable, secret] {
+                let j = rest
+                    .get_ok(&format!("/api/v1/jobs/{id}"))
+                    .await
+                    .unwrap_or_default();
+                running &= j["state"] == "running";
+                seen.push_str(&j.to_string());
+            }
+            (running.then_some(()), seen)
+        }
+    })
+    .await;
+
+    cluster
+        .restart_manager()
+        .await
+        .expect("restarting the manager");
+    let rest = cluster.manager().expect("manager").rest();
+    let j = rest
+        .get_ok(&format!("/api/v1/jobs/{secret}"))
+        .await
+        .expect("the job with headers after the restart");
+    assert_eq!(
+        j["state"], "failure",
+        "a job with headers the dead manager ran: {j}"
+    );
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("manager restarted before the job finished"),
+        "the reason is recorded: {j}"
+    );
+    let j = rest
+        .get_ok(&format!("/api/v1/jobs/{resumable}"))
+        .await
+        .expect("the resumable job after the restart");
+    assert!(
+        j["state"] == "pending" || j["state"] == "running",
+        "the job without secrets runs again: {j}"
+    );
+
+    // The origin answers: the resumed job succeeds, and a peer gets the file from the seed.
+    gated.release();
+    let j = final_job(&rest, resumable).await;
+    assert_eq!(j["state"], "success", "the resumed job: {j}");
+    let before = gated.requests();
+    let out = cluster.dir().join("stalled.out");
+    let o = cluster
+        .run_dfget(cluster.peer(1), &url, &out, Some(&digest))
+        .await
+        .expect("running dfget");
+    check("dfget of the file the resumed job preheated", &o);
+    assert_eq!(sha256_file(&out), digest);
+    assert_eq!(
+        gated.requests(),
+        before,
+        "the peer went to the origin for a preheated file"
+    );
+}
+
+/// Host ids (`seed-1`, `peer-2`, …) holding all of the task of `url` (a file URL), by the
+/// scheduler's `StatTask`.
+async fn holders(cluster: &Cluster, url: &str) -> Vec<String> {
+    let id = wire::TaskId::from_url(url, &wire::task::TaskIdOptions::default())
+        .expect("task id")
+        .to_hex();
+    let info = testkit::grpc::stat_task(cluster.scheduler_addr(), &id)
+        .await
+        .expect("StatTask");
+    let mut hosts: Vec<String> = info
+        .peers
+        .iter()
+        .filter(|p| p.done)
+        .map(|p| p.host_id.clone())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// Host ids of a finished job's first target's host reports, with their states.
+fn reported_hosts(job: &Value) -> Vec<(String, String)> {
+    let mut hosts: Vec<(String, String)> = job["targets"][0]["hosts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    (
+                        h["host_id"].as_str().unwrap_or_default().to_owned(),
+                        h["state"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    hosts.sort();
+    hosts
+}
+
+/// Dragonfly's preheat scopes with real processes (a manager, a scheduler, two seed peers and
+/// three peers): `single_seed_peer` puts a file on exactly one seed peer; `all_seed_peers` on
+/// both seeds and no peer; `all_peers` on every host before any of them asks (the scheduler's
+/// `StatTask` lists a finished peer on each, the origin served the file once, and a later
+/// `dfget` finds it locally); `all_peers` with `count: 2` on exactly two hosts. The job
+/// reports each host's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_scopes_put_the_file_on_the_chosen_hosts_only() {
+    let origin = Origin::start().await.expect("origin");
+    let files: Vec<_> = (0..4u64)
+        .map(|i| origin.add_file(&format!("/scope-{i}.bin"), 2 * MIB + 100 * i, 90 + i))
+        .collect();
+    let cluster = Cluster::start(ClusterOptions {
+        seeds: 2,
+        peers: 3,
+        manager: Some(ManagerOptions::default()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("starting the cluster");
+    let rest = cluster.manager().expect("manager").rest();
+    let seeds = ["seed-1", "seed-2"];
+    let everyone = ["peer-1", "peer-2", "peer-3", "seed-1", "seed-2"];
+
+    // single_seed_peer: one seed, nobody else.
+    let url = origin.url("/scope-0.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "single_seed_peer"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "single_seed_peer: {job}");
+    let held = holders(&cluster, &url).await;
+    assert_eq!(
+        held.len(),
+        1,
+        "single_seed_peer: exactly one host holds it: {held:?}"
+    );
+    assert!(
+        seeds.contains(&held[0].as_str()),
+        "a seed peer holds it: {held:?}"
+    );
+    assert_eq!(
+        reported_hosts(&job),
+        [(held[0].clone(), "success".to_owned())],
+        "the job names the seed: {job}"
+    );
+
+    // all_seed_peers: both seeds, no peer.
+    let url = origin.url("/scope-1.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_seed_peers"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_seed_peers: {job}");
+    assert_eq!(holders(&cluster, &url).await, seeds, "all_seed_peers");
+    assert_eq!(
+        reported_hosts(&job),
+        seeds.map(|h| (h.to_owned(), "success".to_owned())),
+        "{job}"
+    );
+    assert_eq!(
+        origin.gets_of("/scope-1.bin"),
+        1,
+        "the origin served it once"
+    );
+
+    // all_peers: every host holds it before any of them asks.
+    let url = origin.url("/scope-2.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_peers"}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_peers: {job}");
+    assert_eq!(holders(&cluster, &url).await, everyone, "all_peers");
+    assert_eq!(
+        reported_hosts(&job),
+        everyone.map(|h| (h.to_owned(), "success".to_owned())),
+        "{job}"
+    );
+    assert_eq!(
+        origin.gets_of("/scope-2.bin"),
+        1,
+        "the origin served it once"
+    );
+    let before = sources(cluster.peer(2)).await;
+    cluster
+        .download_verified(
+            cluster.peer(2),
+            &url,
+            &cluster.dir().join("scope-2.out"),
+            &files[2],
+        )
+        .await
+        .expect("dfget of a file preheated onto this host");
+    assert_eq!(
+        sources(cluster.peer(2)).await,
+        before,
+        "peer-2 fetched bytes again for a file it already held"
+    );
+    assert_eq!(origin.gets_of("/scope-2.bin"), 1);
+
+    // all_peers with a count: exactly that many hosts.
+    let url = origin.url("/scope-3.bin");
+    let id = create_preheat(
+        &rest,
+        json!({"type": "file", "url": url, "scope": "all_peers", "count": 2}),
+    )
+    .await;
+    let job = final_job(&rest, id).await;
+    assert_eq!(job["state"], "success", "all_peers count 2: {job}");
+    let held = holders(&cluster, &url).await;
+    assert_eq!(held.len(), 2, "all_peers with count 2: {held:?}");
+    assert_eq!(
+        reported_hosts(&job),
+        held.iter()
+            .map(|h| (h.clone(), "success".to_owned()))
+            .collect::<Vec<_>>(),
+        "the job names the hosts that hold it: {job}"
+    );
+
+    // Bad scopes are refused with a reason.
+    for (args, why) in [
+        (
+            json!({"type": "file", "url": url, "scope": "everyone"}),
+            "an unknown scope",
+        ),
+        (
+            json!({"type": "file", "url": url, "count": 2}),
+            "a count without a scope",
+        ),
+        (
+            json!({"type": "file", "url": url, "scope": "all_peers", "percentage": 101}),
+            "a percentage over 100",
+        ),
+    ] {
+        let (status, body) = rest
+            .write(
+                "POST",
+                "/api/v1/jobs",
+                &json!({"type": "preheat", "args": args}),
+                true,
+            )
+            .await
+            .expect("POST /api/v1/jobs");
+        assert_eq!(status, 400, "{why}: {body}");
+    }
 }

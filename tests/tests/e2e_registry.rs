@@ -4,14 +4,15 @@
 //! access log is counted), the second host must get the layers from the first, the pulled
 //! blobs must equal the pushed ones, `Range` and `HEAD` and `X-Dragonfly-Registry` must work,
 //! a blob whose content does not match its digest must never be served complete, and a
-//! blob's first pieces must reach the client while the registry still holds the rest.
+//! blob's first pieces must reach the client while the rest is still held on the registry's
+//! side (a relay in front of the real registry passes only part of its answer).
 
-use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
+use testkit::poll::wait_until;
 use testkit::registry::{
-    self, blob_path, skopeo, Containerd, GatedBlob, OciImage, Registry, REGISTRY_BIN,
+    self, blob_path, skopeo, Containerd, GatedRelay, OciImage, Registry, REGISTRY_BIN,
 };
 use testkit::{Cluster, ClusterOptions};
 
@@ -446,16 +447,58 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
     assert!(body[..] == want[..]);
 }
 
+/// The real registry holds a 3 MiB layer; between it and the daemon a relay lets the first
+/// 2.5 MiB of the registry's answers through and holds the rest. The client must get the
+/// response and its first MiB while the relay is still holding bytes the registry sent (and
+/// has passed on less than the blob), then the whole blob once released, and the registry
+/// must have served the blob once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest() {
-    let size = 3 * MIB + 777;
-    let mut data = vec![0u8; size as usize];
-    testkit::content::fill(5, 0, &mut data);
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-    // The upstream sends 2.5 MiB (pieces 0 and 1 of 1 MiB) and then waits to be released.
-    let gated = GatedBlob::start(data.clone(), (2 * MIB + MIB / 2) as usize)
+    let test = "blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest";
+    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
+    if !missing.is_empty() {
+        needs::skip(
+            test,
+            &format!(
+                "{} not installed (apt-get install -y docker-registry skopeo)",
+                missing.join(", ")
+            ),
+        );
+        return;
+    }
+    needs::found(test);
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-registry-")
+        .tempdir()
+        .expect("temp dir");
+    let work = tmp.path();
+    let reg = Registry::start(work)
         .await
-        .expect("gated blob server");
+        .expect("starting docker-registry");
+    let image = OciImage::build(&work.join("image"), "v1", 55, &[3 * MIB + 777])
+        .expect("building the image");
+    let o = skopeo(
+        work,
+        &[
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{}", image.dir.display(), image.tag),
+            &format!("docker://{}/test/img:v1", reg.addr),
+        ],
+        TOOL_TIMEOUT,
+    )
+    .await
+    .expect("running skopeo");
+    check("skopeo push", &o);
+    let layer = &image.layers[0];
+    let data = std::fs::read(image.blob_path(&layer.digest)).expect("the pushed layer");
+    let size = data.len() as u64;
+    assert!(size > 3 * MIB, "the layer is {size} bytes");
+    // 2.5 MiB of the registry's answers get through (pieces 0 and 1 of 1 MiB).
+    let hold_at = 2 * MIB + MIB / 2;
+    let gate = GatedRelay::start(reg.addr, hold_at)
+        .await
+        .expect("relay to the registry");
     let cluster = Cluster::start(ClusterOptions {
         seeds: 0,
         peers: 1,
@@ -466,38 +509,53 @@ async fn blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest() {
     .expect("starting the cluster");
     let p1 = cluster.peer(1);
     let proxy = p1.proxy_addr.expect("proxy");
-    // Bounded: a proxy that waits for the whole blob would never answer while the upstream
+    // Bounded: a proxy that waits for the whole blob would never answer while the relay
     // holds the rest.
     let send = reqwest::Client::new()
-        .get(format!("http://{proxy}/v2/any/repo/blobs/{digest}"))
-        .header("X-Dragonfly-Registry", gated.url())
+        .get(format!("http://{proxy}/v2/test/img/blobs/{}", layer.digest))
+        .header("X-Dragonfly-Registry", gate.url())
         .send();
     let mut r = tokio::time::timeout(Duration::from_secs(30), send)
         .await
-        .expect("no response headers while the upstream holds the rest of the blob")
+        .expect("no response headers while the registry's answer is held")
         .expect("blob request");
     assert_eq!(r.status(), 200);
     assert_eq!(r.content_length(), Some(size));
-    // The first MiB arrives while the upstream still holds the last one (if the proxy waited
-    // for the whole blob, nothing would come until the release below).
     let mut got = Vec::new();
     while (got.len() as u64) < MIB {
         match tokio::time::timeout(Duration::from_secs(30), r.chunk()).await {
             Ok(Ok(Some(c))) => got.extend_from_slice(&c),
             other => panic!(
-                "no blob bytes while the upstream holds the rest of the blob ({} so far): {other:?}",
+                "no blob bytes while the registry's answer is held ({} so far): {other:?}",
                 got.len()
             ),
         }
     }
-    assert!(!gated.released());
+    // The client has a MiB, and the registry has sent more than the relay let through: the
+    // rest of the blob is still on the registry's side of the gate.
+    let forwarded = gate.forwarded();
+    assert!(
+        forwarded <= hold_at && forwarded < size,
+        "the relay passed on {forwarded} bytes of a {size}-byte blob"
+    );
+    wait_until(
+        "the relay holds bytes the registry sent",
+        Duration::from_secs(30),
+        || async { Ok(gate.holding() >= 1) },
+    )
+    .await
+    .expect("the registry never sent more than the gate let through");
     assert!(got[..] == data[..got.len()], "streamed prefix differs");
-    gated.release();
+    gate.release();
     while let Some(c) = r.chunk().await.expect("rest of the body") {
         got.extend_from_slice(&c);
     }
-    assert!(got == data, "streamed blob differs");
-    assert_eq!(gated.requests(), 1, "the upstream was asked once");
+    assert!(got == data, "streamed blob differs from the pushed layer");
+    assert_eq!(
+        reg.blob_gets(&layer.digest).expect("registry log"),
+        1,
+        "the registry served the blob once"
+    );
     let s = p1.stats().await.expect("stats");
     assert_eq!(s.bytes_from_origin, size);
 }

@@ -15,6 +15,26 @@ use tokio::net::TcpListener;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
+/// Registers `damselfly_build_info{version, revision, role} 1` in `registry`: which build
+/// (crate version, git revision) of which binary answers, for dashboards and upgrades.
+pub fn register_build_info(registry: &mut Registry, version: &str, revision: &str, role: &str) {
+    let info = prometheus_client::metrics::family::Family::<
+        [(&'static str, String); 3],
+        prometheus_client::metrics::gauge::Gauge,
+    >::default();
+    info.get_or_create(&[
+        ("version", version.to_string()),
+        ("revision", revision.to_string()),
+        ("role", role.to_string()),
+    ])
+    .set(1);
+    registry.register(
+        "damselfly_build_info",
+        "Version and git revision of this binary (value 1)",
+        info,
+    );
+}
+
 /// Serves `/metrics` and `/healthy` for `registry` on `listener` until the process exits
 /// (or the future is dropped). One task per connection; a failed accept is logged and
 /// retried.
@@ -70,6 +90,20 @@ fn route(registry: &Registry, path: &str) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn build_info_names_version_revision_and_role() {
+        let mut registry = Registry::default();
+        register_build_info(&mut registry, "1.2.3", "abc", "scheduler");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
+        assert!(
+            out.contains(
+                "damselfly_build_info{version=\"1.2.3\",revision=\"abc\",role=\"scheduler\"} 1"
+            ),
+            "{out}"
+        );
+    }
 
     #[test]
     fn routes_metrics_health_and_unknown_paths() {

@@ -2,16 +2,20 @@
 //!
 //! The rule has Dragonfly's shape with finer pieces: piece length is the next power of two of
 //! `content_length / 1024` (Dragonfly: `/ 500`), clamped to `[min, max]`, and Damselfly's
-//! default minimum is 1 MiB instead of Dragonfly's 4 MiB. Bursts finish closer to the lower
+//! default minimum is 128 KiB instead of Dragonfly's 4 MiB. Bursts finish closer to the lower
 //! bound with more pieces: store and forward delays every hop by one piece time (see
 //! DESIGN.md, "Piece granularity has a price"). Measured with `loadgen simulate` (10,000 peers,
 //! 1 GiB, 100 Mbit hosts): 4 MiB pieces finish at 1.26 T*, 2 MiB at 1.15, 1 MiB at 1.12
-//! (tuning.md, "Piece length and the ramp-up").
+//! (tuning.md, "Piece length and the ramp-up"). In the burst lab with every link at 100 Mbit
+//! (64 MiB, 20 hosts) 1 MiB pieces took 1.56 / 1.61 × T* (p50 / max), 256 KiB 1.34 / 1.37 and
+//! 128 KiB 1.17 / 1.20; with a 1 Gbit seed 1.18 / 1.27 against 1.09 / 1.13 (tuning.md,
+//! "Scarce seed"): the minimum went from 1 MiB to 128 KiB on 2026-12-06. Files of 128 MiB and
+//! more keep about 1,024 pieces.
 
 use std::ops::Range;
 
-/// Default smallest piece length (1 MiB).
-pub const DEFAULT_MIN_PIECE_LENGTH: u64 = 1 << 20;
+/// Default smallest piece length (128 KiB).
+pub const DEFAULT_MIN_PIECE_LENGTH: u64 = 128 << 10;
 /// Default largest piece length (64 MiB), also the hard upper bound of the wire protocol.
 pub const MAX_PIECE_LENGTH: u64 = 64 << 20;
 /// Smallest piece length accepted anywhere (16 KiB): below it bookkeeping dominates.
@@ -126,11 +130,18 @@ mod tests {
     #[test]
     fn length_rule_targets_about_a_thousand_pieces_with_clamps() {
         let mib = 1u64 << 20;
-        // 256 MiB / 1024 = 256 KiB -> 1 MiB (our default min).
+        // 256 MiB / 1024 = 256 KiB.
         assert_eq!(
             piece_length_for(256 * mib, DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH),
-            mib
+            256 << 10
         );
+        // 64 MiB / 1024 = 64 KiB -> 128 KiB (our default min).
+        assert_eq!(
+            piece_length_for(64 * mib, DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH),
+            128 << 10
+        );
+        // With the old 1 MiB minimum.
+        assert_eq!(piece_length_for(256 * mib, mib, MAX_PIECE_LENGTH), mib);
         // With Dragonfly's 4 MiB minimum.
         assert_eq!(
             piece_length_for(256 * mib, 4 * mib, MAX_PIECE_LENGTH),
@@ -158,7 +169,7 @@ mod tests {
         );
         assert_eq!(
             piece_length_for(0, DEFAULT_MIN_PIECE_LENGTH, MAX_PIECE_LENGTH),
-            mib
+            128 << 10
         );
     }
 

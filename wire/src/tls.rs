@@ -274,6 +274,23 @@ impl TlsConfig {
     }
 }
 
+/// Handshakes of incoming gRPC connections over TLS in this process (every server of
+/// [`grpc_incoming`] together), for the servers' metrics.
+#[derive(Debug, Default)]
+pub struct GrpcHandshakes {
+    /// Handshakes that completed.
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Handshakes refused (no client certificate, one from another CA, not TLS) or timed
+    /// out; a connection closed before its first byte (a port probe) is not counted.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+/// The process-wide [`GrpcHandshakes`].
+pub static GRPC_HANDSHAKES: GrpcHandshakes = GrpcHandshakes {
+    accepted: std::sync::atomic::AtomicU64::new(0),
+    refused: std::sync::atomic::AtomicU64::new(0),
+};
+
 /// Longest TLS handshake of an incoming gRPC connection.
 const GRPC_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -293,6 +310,7 @@ pub fn grpc_incoming<S>(
 where
     S: tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + Unpin + 'static,
 {
+    use std::sync::atomic::Ordering;
     use tokio_stream::StreamExt;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -316,15 +334,20 @@ where
             tokio::spawn(async move {
                 match tokio::time::timeout(GRPC_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
+                        GRPC_HANDSHAKES.accepted.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(Ok(s)).await;
                     }
                     Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         tracing::debug!("{server}: {peer} closed during the TLS handshake");
                     }
                     Ok(Err(e)) => {
+                        GRPC_HANDSHAKES.refused.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("{server}: TLS handshake with {peer} refused: {e}");
                     }
-                    Err(_) => tracing::warn!("{server}: TLS handshake with {peer} timed out"),
+                    Err(_) => {
+                        GRPC_HANDSHAKES.refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("{server}: TLS handshake with {peer} timed out");
+                    }
                 }
             });
         }

@@ -25,6 +25,18 @@ struct Args {
     /// Log format: text or json (one JSON object per line).
     #[arg(long, env = "DFDAEMON_LOG_FORMAT", default_value_t = damselfly_common::LogFormat::Text)]
     log_format: damselfly_common::LogFormat,
+    /// Write logs to rotated files `dfdaemon.log.<date>` in this directory instead of stderr;
+    /// overrides `log.dir`.
+    #[arg(long, value_name = "DIR", env = "DFDAEMON_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// When a new log file starts (with --log-dir): hourly, daily (default) or never;
+    /// overrides `log.rotation`.
+    #[arg(long, env = "DFDAEMON_LOG_ROTATION")]
+    log_rotation: Option<damselfly_common::LogRotation>,
+    /// Rotated log files kept (with --log-dir), the oldest deleted first; 0 keeps all;
+    /// overrides `log.max_files` (default 7).
+    #[arg(long, value_name = "N", env = "DFDAEMON_LOG_MAX_FILES")]
+    log_max_files: Option<usize>,
     /// Run as a seed peer (seed_peer.enable).
     #[arg(long, env = "DFDAEMON_SEED")]
     seed: bool,
@@ -66,9 +78,38 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    damselfly_common::init_logs("info", args.log_format);
+    // The config file first (its `log:` section says where logs go), then the logs.
+    let default = damselfly_common::default_config_path("dfdaemon");
+    let path = damselfly_common::config_path(args.config.as_deref(), &default);
+    let loaded = match path.as_deref().map(DaemonConfig::load).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dfdaemon: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let cfg = loaded.unwrap_or_default();
+    let _log_guard = match damselfly_common::init_logs_with(
+        "dfdaemon",
+        "info",
+        &cfg.log.with_overrides(
+            args.log_format,
+            args.log_dir.clone(),
+            args.log_rotation,
+            args.log_max_files,
+        ),
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("dfdaemon: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Some(p) = &path {
+        tracing::info!("config file {}", p.display());
+    }
     damselfly_cli::raise_nofile_limit();
-    match run(args) {
+    match run(args, cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dfdaemon: {e:#}");
@@ -77,15 +118,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let default = damselfly_common::default_config_path("dfdaemon");
-    let mut cfg = match damselfly_common::config_path(args.config.as_deref(), &default) {
-        Some(p) => {
-            tracing::info!("config file {}", p.display());
-            DaemonConfig::load(&p)?
-        }
-        None => DaemonConfig::default(),
-    };
+fn run(args: Args, mut cfg: DaemonConfig) -> anyhow::Result<()> {
     if args.seed {
         cfg.seed_peer.enable = true;
     }

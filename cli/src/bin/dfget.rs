@@ -26,7 +26,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
     about = "Download a URL through the local Damselfly daemon"
 )]
 struct Args {
-    /// URL to download (http or https); with --recursive, a directory index page.
+    /// URL to download (http, https or s3://bucket/key); with --recursive, a directory index
+    /// page or an s3://bucket/prefix/.
     url: String,
     /// Output file (with --recursive: output directory).
     #[arg(short = 'O', long)]
@@ -76,6 +77,22 @@ struct Args {
     /// http.server), into the -O directory, keeping relative paths; follows subdirectories.
     #[arg(long, short = 'r')]
     recursive: bool,
+    /// Object store endpoint for listing s3:// prefixes with --recursive (else AWS_ENDPOINT;
+    /// the daemon fetches objects with its own origin.s3 settings).
+    #[arg(long)]
+    storage_endpoint: Option<String>,
+    /// Object store region for listing (else AWS_REGION, else us-east-1).
+    #[arg(long)]
+    storage_region: Option<String>,
+    /// Access key id for listing (else AWS_ACCESS_KEY_ID).
+    #[arg(long)]
+    storage_access_key_id: Option<String>,
+    /// Secret access key for listing (else AWS_SECRET_ACCESS_KEY).
+    #[arg(long, env = "DFGET_STORAGE_SECRET_ACCESS_KEY", hide_env_values = true)]
+    storage_secret_access_key: Option<String>,
+    /// Virtual-hosted-style requests (bucket.endpoint/key) for listing; default path style.
+    #[arg(long)]
+    storage_virtual_hosted_style: bool,
     /// Config file with defaults (see cli/README.md). Default: ~/.config/damselfly/dfget.yaml,
     /// else /etc/damselfly/dfget.yaml, when present.
     #[arg(long, env = "DFGET_CONFIG")]
@@ -194,6 +211,17 @@ async fn run(args: Args, s: Settings) -> Result<(), String> {
         return Err("--digest checks the whole file and cannot be used with --range".into());
     }
     let mut client = connect_daemon(&s.endpoint, "DFGET_ENDPOINT").await?;
+    if args.recursive && controlplane::s3::is_s3(&args.url) {
+        let cfg = controlplane::config::S3Config {
+            endpoint: args.storage_endpoint.clone().unwrap_or_default(),
+            region: args.storage_region.clone().unwrap_or_default(),
+            access_key_id: args.storage_access_key_id.clone().unwrap_or_default(),
+            secret_access_key: args.storage_secret_access_key.clone().unwrap_or_default(),
+            session_token: String::new(),
+            path_style: !args.storage_virtual_hosted_style,
+        };
+        return recursive_s3(&mut client, &s, &cfg, &args.url, &output).await;
+    }
     if args.recursive {
         return recursive(&mut client, &s, &args.url, &output).await;
     }
@@ -324,6 +352,69 @@ async fn download_one(
 /// generated listings).
 const MAX_PAGES: usize = 10_000;
 const MAX_FILES: usize = 100_000;
+
+/// Downloads every object below the prefix `url` (`s3://bucket/prefix/`) into `out_dir`,
+/// each as its own task (`s3://bucket/key`), keeping the key below the prefix as the path.
+async fn recursive_s3(
+    client: &mut DfdaemonClient<Channel>,
+    s: &Settings,
+    cfg: &controlplane::config::S3Config,
+    url: &str,
+    out_dir: &Path,
+) -> Result<(), String> {
+    let u = controlplane::s3::parse(url, true)?;
+    let trust = controlplane::config::OriginConfig::default();
+    let objects = controlplane::s3::list(cfg, &trust, Duration::from_secs(30), url)
+        .await
+        .map_err(|e| format!("listing {url}: {e}"))?;
+    if objects.len() > MAX_FILES {
+        return Err(format!("more than {MAX_FILES} objects below {url}"));
+    }
+    let prefix = u.key.trim_end_matches('/');
+    std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for o in &objects {
+        let rel = o
+            .key
+            .strip_prefix(prefix)
+            .unwrap_or(&o.key)
+            .trim_start_matches('/');
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            eprintln!(
+                "dfget: skipping object {:?}: not a plain path below the prefix",
+                o.key
+            );
+            continue;
+        }
+        let target = out_dir.join(rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let object_url = format!("s3://{}/{}", u.bucket, o.key);
+        let p = download_one(client, s, &object_url, &target, None, None, false)
+            .await
+            .map_err(|e| format!("{object_url}: {e}"))?;
+        bytes += written_length(&p);
+        eprintln!(
+            "dfget: {} ({} bytes; task {})",
+            target.display(),
+            written_length(&p),
+            p.task_id
+        );
+    }
+    eprintln!(
+        "dfget: {} objects, {bytes} bytes from {url} into {} in {:.2}s",
+        objects.len(),
+        out_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
 /// Downloads every file below the directory index at `url` into `out_dir`.
 async fn recursive(

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 
 use crate::model::{
     Cluster, ClusterUpdate, Instance, InstanceKind, JobState, NewCluster, NewInstance,
-    NewPreheatJob, PreheatJob, PreheatTarget, Timestamp,
+    NewPersonalAccessToken, NewPreheatJob, PersonalAccessToken, PreheatJob, PreheatTarget,
+    Timestamp,
 };
 
 pub use sql::SqlStore;
@@ -94,9 +95,26 @@ pub trait Store: Send + Sync + 'static {
         error: &str,
         now: Timestamp,
     ) -> StoreResult<bool>;
-    /// Marks every pending or running job failed with `error` (a restarted manager cannot
-    /// resume them); returns how many.
+    /// The pending and running jobs, oldest first, each with its `resume_args` (empty: not
+    /// resumable).
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<(PreheatJob, String)>>;
+    /// Marks every pending or running job failed with `error`; returns how many.
     async fn fail_unfinished_jobs(&self, error: &str, now: Timestamp) -> StoreResult<u64>;
+
+    /// Stores a new personal access token (active).
+    async fn create_token(
+        &self,
+        new: NewPersonalAccessToken,
+        now: Timestamp,
+    ) -> StoreResult<PersonalAccessToken>;
+    /// One personal access token.
+    async fn get_token(&self, id: u64) -> StoreResult<Option<PersonalAccessToken>>;
+    /// The personal access token whose sha256 (hex) is `sha256`.
+    async fn token_by_hash(&self, sha256: &str) -> StoreResult<Option<PersonalAccessToken>>;
+    /// Every personal access token, by id (revoked ones too).
+    async fn list_tokens(&self) -> StoreResult<Vec<PersonalAccessToken>>;
+    /// Revokes a personal access token (state `inactive`, kept for the record).
+    async fn revoke_token(&self, id: u64, now: Timestamp) -> StoreResult<bool>;
 
     /// A setting (e.g. the hash of the generated API token).
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>>;

@@ -15,7 +15,8 @@ use sqlx::{AnyPool, Executor as _, Row as _};
 use super::{Store, StoreError, StoreResult};
 use crate::model::{
     Cluster, ClusterUpdate, Instance, InstanceKind, InstanceState, JobState, NewCluster,
-    NewInstance, NewPreheatJob, PreheatJob, PreheatKind, PreheatTarget, Timestamp,
+    NewInstance, NewPersonalAccessToken, NewPreheatJob, PersonalAccessToken, PreheatJob,
+    PreheatKind, PreheatTarget, Timestamp, TokenState,
 };
 
 /// Which SQL dialect a [`SqlStore`] speaks (only the migrations differ).
@@ -28,8 +29,9 @@ pub enum Dialect {
 }
 
 /// Schema migrations, applied in order, each once; a new migration is appended, never edited.
-const SQLITE_MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE clusters (
+const SQLITE_MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE clusters (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         name TEXT NOT NULL UNIQUE,
         is_default BIGINT NOT NULL DEFAULT 0,
@@ -38,7 +40,7 @@ const SQLITE_MIGRATIONS: &[&[&str]] = &[&[
         config_version BIGINT NOT NULL,
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL)",
-    "CREATE TABLE schedulers (
+        "CREATE TABLE schedulers (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         cluster_id BIGINT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
         hostname TEXT NOT NULL, ip TEXT NOT NULL, port BIGINT NOT NULL,
@@ -46,7 +48,7 @@ const SQLITE_MIGRATIONS: &[&[&str]] = &[&[
         idc TEXT NOT NULL, location TEXT NOT NULL, state TEXT NOT NULL,
         last_keepalive_at BIGINT NOT NULL, created_at BIGINT NOT NULL,
         UNIQUE (cluster_id, hostname, ip, port))",
-    "CREATE TABLE seed_peers (
+        "CREATE TABLE seed_peers (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         cluster_id BIGINT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
         hostname TEXT NOT NULL, ip TEXT NOT NULL, port BIGINT NOT NULL,
@@ -54,17 +56,26 @@ const SQLITE_MIGRATIONS: &[&[&str]] = &[&[
         idc TEXT NOT NULL, location TEXT NOT NULL, state TEXT NOT NULL,
         last_keepalive_at BIGINT NOT NULL, created_at BIGINT NOT NULL,
         UNIQUE (cluster_id, hostname, ip, port))",
-    "CREATE TABLE preheat_jobs (
+        "CREATE TABLE preheat_jobs (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL, url TEXT NOT NULL, cluster_id BIGINT,
         state TEXT NOT NULL, targets TEXT NOT NULL, error TEXT NOT NULL,
         created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
-    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-]];
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+    &["CREATE TABLE personal_access_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL, bio TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL, state TEXT NOT NULL,
+        expired_at BIGINT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"],
+    &["ALTER TABLE preheat_jobs ADD COLUMN resume_args TEXT NOT NULL DEFAULT ''"],
+];
 
 /// The same schema in Postgres' words.
-const POSTGRES_MIGRATIONS: &[&[&str]] = &[&[
-    "CREATE TABLE clusters (
+const POSTGRES_MIGRATIONS: &[&[&str]] = &[
+    &[
+        "CREATE TABLE clusters (
         id BIGSERIAL PRIMARY KEY,
         name TEXT NOT NULL UNIQUE,
         is_default BIGINT NOT NULL DEFAULT 0,
@@ -73,7 +84,7 @@ const POSTGRES_MIGRATIONS: &[&[&str]] = &[&[
         config_version BIGINT NOT NULL,
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL)",
-    "CREATE TABLE schedulers (
+        "CREATE TABLE schedulers (
         id BIGSERIAL PRIMARY KEY,
         cluster_id BIGINT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
         hostname TEXT NOT NULL, ip TEXT NOT NULL, port BIGINT NOT NULL,
@@ -81,7 +92,7 @@ const POSTGRES_MIGRATIONS: &[&[&str]] = &[&[
         idc TEXT NOT NULL, location TEXT NOT NULL, state TEXT NOT NULL,
         last_keepalive_at BIGINT NOT NULL, created_at BIGINT NOT NULL,
         UNIQUE (cluster_id, hostname, ip, port))",
-    "CREATE TABLE seed_peers (
+        "CREATE TABLE seed_peers (
         id BIGSERIAL PRIMARY KEY,
         cluster_id BIGINT NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
         hostname TEXT NOT NULL, ip TEXT NOT NULL, port BIGINT NOT NULL,
@@ -89,13 +100,21 @@ const POSTGRES_MIGRATIONS: &[&[&str]] = &[&[
         idc TEXT NOT NULL, location TEXT NOT NULL, state TEXT NOT NULL,
         last_keepalive_at BIGINT NOT NULL, created_at BIGINT NOT NULL,
         UNIQUE (cluster_id, hostname, ip, port))",
-    "CREATE TABLE preheat_jobs (
+        "CREATE TABLE preheat_jobs (
         id BIGSERIAL PRIMARY KEY,
         kind TEXT NOT NULL, url TEXT NOT NULL, cluster_id BIGINT,
         state TEXT NOT NULL, targets TEXT NOT NULL, error TEXT NOT NULL,
         created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
-    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-]];
+        "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+    &["CREATE TABLE personal_access_tokens (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL, bio TEXT NOT NULL,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL, state TEXT NOT NULL,
+        expired_at BIGINT NOT NULL, created_at BIGINT NOT NULL, updated_at BIGINT NOT NULL)"],
+    &["ALTER TABLE preheat_jobs ADD COLUMN resume_args TEXT NOT NULL DEFAULT ''"],
+];
 
 const CLUSTER_COLUMNS: &str =
     "id, name, is_default, scopes, config, config_version, created_at, updated_at";
@@ -103,6 +122,7 @@ const INSTANCE_COLUMNS: &str = "id, cluster_id, hostname, ip, port, download_por
      state, last_keepalive_at, created_at";
 const JOB_COLUMNS: &str =
     "id, kind, url, cluster_id, state, targets, error, created_at, updated_at";
+const TOKEN_COLUMNS: &str = "id, name, bio, scopes, state, expired_at, created_at, updated_at";
 
 /// The [`Store`] on a SQL database.
 #[derive(Debug, Clone)]
@@ -306,6 +326,19 @@ fn job_row(row: &AnyRow) -> StoreResult<PreheatJob> {
         state: JobState::parse(&row.try_get::<String, _>("state")?),
         targets: unjson(&row.try_get::<String, _>("targets")?)?,
         error: row.try_get("error")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        updated_at: Timestamp(row.try_get("updated_at")?),
+    })
+}
+
+fn token_row(row: &AnyRow) -> StoreResult<PersonalAccessToken> {
+    Ok(PersonalAccessToken {
+        id: from_db(row.try_get("id")?),
+        name: row.try_get("name")?,
+        bio: row.try_get("bio")?,
+        scopes: unjson(&row.try_get::<String, _>("scopes")?)?,
+        state: TokenState::parse(&row.try_get::<String, _>("state")?),
+        expired_at: Timestamp(row.try_get("expired_at")?),
         created_at: Timestamp(row.try_get("created_at")?),
         updated_at: Timestamp(row.try_get("updated_at")?),
     })
@@ -573,12 +606,14 @@ impl Store for SqlStore {
     async fn create_job(&self, new: NewPreheatJob, now: Timestamp) -> StoreResult<PreheatJob> {
         let row = sqlx::query(&format!(
             "INSERT INTO preheat_jobs (kind, url, cluster_id, state, targets, error, created_at, \
-             updated_at) VALUES ($1, $2, $3, 'pending', '[]', '', $4, $4) RETURNING {JOB_COLUMNS}"
+             updated_at, resume_args) VALUES ($1, $2, $3, 'pending', '[]', '', $4, $4, $5) \
+             RETURNING {JOB_COLUMNS}"
         ))
         .bind(new.kind.as_str())
         .bind(new.url)
         .bind(new.cluster_id.map(to_db))
         .bind(now.0)
+        .bind(new.resume_args)
         .fetch_one(&self.pool)
         .await?;
         job_row(&row)
@@ -626,6 +661,18 @@ impl Store for SqlStore {
         Ok(done.rows_affected() > 0)
     }
 
+    async fn unfinished_jobs(&self) -> StoreResult<Vec<(PreheatJob, String)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS}, resume_args FROM preheat_jobs \
+             WHERE state IN ('pending', 'running') ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((job_row(r)?, r.try_get::<String, _>("resume_args")?)))
+            .collect()
+    }
+
     async fn fail_unfinished_jobs(&self, error: &str, now: Timestamp) -> StoreResult<u64> {
         let done = sqlx::query(
             "UPDATE preheat_jobs SET state = 'failure', error = $1, updated_at = $2 \
@@ -636,6 +683,68 @@ impl Store for SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn create_token(
+        &self,
+        new: NewPersonalAccessToken,
+        now: Timestamp,
+    ) -> StoreResult<PersonalAccessToken> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO personal_access_tokens (name, bio, token_sha256, scopes, state, \
+             expired_at, created_at, updated_at) VALUES ($1, $2, $3, $4, 'active', $5, $6, $6) \
+             RETURNING {TOKEN_COLUMNS}"
+        ))
+        .bind(new.name)
+        .bind(new.bio)
+        .bind(new.token_sha256)
+        .bind(json(&new.scopes)?)
+        .bind(new.expired_at.0)
+        .bind(now.0)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| conflict_or(e, "token"))?;
+        token_row(&row)
+    }
+
+    async fn get_token(&self, id: u64) -> StoreResult<Option<PersonalAccessToken>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM personal_access_tokens WHERE id = $1"
+        ))
+        .bind(to_db(id))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(token_row).transpose()
+    }
+
+    async fn token_by_hash(&self, sha256: &str) -> StoreResult<Option<PersonalAccessToken>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM personal_access_tokens WHERE token_sha256 = $1"
+        ))
+        .bind(sha256.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(token_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<PersonalAccessToken>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM personal_access_tokens ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_row).collect()
+    }
+
+    async fn revoke_token(&self, id: u64, now: Timestamp) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE personal_access_tokens SET state = 'inactive', updated_at = $1 WHERE id = $2",
+        )
+        .bind(now.0)
+        .bind(to_db(id))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn get_setting(&self, key: &str) -> StoreResult<Option<String>> {

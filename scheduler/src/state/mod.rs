@@ -534,6 +534,100 @@ impl SchedulerState {
         }
     }
 
+    /// Hosts a scoped preheat puts a task on (Dragonfly's `all_seed_peers` / `all_peers`):
+    /// the live hosts (one per host id), seeds only when `seeds_only`; those whose IP is in
+    /// `ips` when that is not empty, else at most `count` of them when not 0, else
+    /// `percentage` percent (rounded up, at least one) when not 0, else all. Hosts already
+    /// holding `task_id` come first, then by host id.
+    pub fn preheat_hosts(
+        &self,
+        task_id: &str,
+        seeds_only: bool,
+        ips: &[String],
+        count: u32,
+        percentage: u32,
+    ) -> Vec<Host> {
+        let mut hosts: Vec<&Host> = Vec::new();
+        for h in self.hosts.values() {
+            if (!seeds_only || is_seed(h)) && !hosts.iter().any(|o| o.id == h.id) {
+                hosts.push(h);
+            }
+        }
+        hosts.sort_by_key(|h| (!self.host_holds(task_id, &h.id), h.id.clone()));
+        let n = hosts.len();
+        let take = if !ips.is_empty() {
+            hosts.retain(|h| ips.iter().any(|ip| ip == &h.ip));
+            hosts.len()
+        } else if count > 0 {
+            usize::try_from(count).unwrap_or(usize::MAX).min(n)
+        } else if percentage > 0 {
+            let pct = usize::try_from(percentage.min(100)).unwrap_or(100);
+            (n * pct).div_ceil(100).max(1).min(n)
+        } else {
+            n
+        };
+        hosts.into_iter().take(take).cloned().collect()
+    }
+
+    /// Whether a peer of host `host_id` holds all of `task_id`.
+    pub fn host_holds(&self, task_id: &str, host_id: &str) -> bool {
+        self.tasks.get(task_id).is_some_and(|t| {
+            t.metadata.is_some()
+                && t.peers
+                    .iter()
+                    .filter_map(|k| self.peers.get(k))
+                    .any(|p| p.done && p.host.id == host_id)
+        })
+    }
+
+    /// Has each host of `host_ids` that neither holds nor fetches `task_id` download it as a
+    /// normal peer (from the peers that hold it), for a scoped preheat. Returns the hosts
+    /// asked.
+    pub fn preheat_on_hosts(
+        &mut self,
+        task_id: &str,
+        host_ids: &[String],
+    ) -> (Vec<String>, Vec<Output>) {
+        let mut out = Vec::new();
+        let mut asked = Vec::new();
+        let Some(task) = self.tasks.get(task_id) else {
+            return (asked, out);
+        };
+        for host_id in host_ids {
+            let busy = task
+                .peers
+                .iter()
+                .filter_map(|k| self.peers.get(k))
+                .any(|p| &p.host.id == host_id);
+            if busy {
+                continue;
+            }
+            let Some(key) = self
+                .hosts
+                .iter()
+                .filter(|(_, h)| &h.id == host_id)
+                .map(|(k, _)| *k)
+                .max()
+            else {
+                continue;
+            };
+            info!(task_id = %task_id, host_id = %host_id, "preheat: asking a host to fetch from peers");
+            out.push(Output::Host {
+                host: key,
+                command: HostCommand {
+                    command: Some(host_command::Command::DownloadTask(DownloadTask {
+                        task_id: task_id.to_owned(),
+                        source: task.source.clone(),
+                        piece_length: task.piece_length,
+                        from_peers: true,
+                    })),
+                },
+            });
+            asked.push(host_id.clone());
+        }
+        (asked, out)
+    }
+
     fn host_ref(&mut self, host_id: &str) -> HostIx {
         self.host_stats.acquire(host_id)
     }
@@ -1459,6 +1553,7 @@ impl SchedulerState {
                     task_id: task_id.to_owned(),
                     source: task.source.clone(),
                     piece_length: task.piece_length,
+                    from_peers: false,
                 })),
             };
             out.push(Output::Host {

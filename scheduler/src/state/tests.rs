@@ -1429,3 +1429,77 @@ fn pieces_only_a_bad_parent_holds_are_fetched_from_the_origin_after_a_reschedule
     assert_eq!(back_to_source(&out, a), None, "{out:?}");
     assert_eq!(back_to_source(&out, b), None, "{out:?}");
 }
+
+#[test]
+fn scoped_preheat_picks_hosts_and_sends_the_others_to_peers() {
+    let mut sim = Sim::new();
+    // IPs follow the id's length: s1/s2 10.0.0.2, p-a .3, p-bb .4, p-ccc .5.
+    let keys: Vec<(HostKey, &str)> = [
+        ("s1", true),
+        ("s2", true),
+        ("p-a", false),
+        ("p-bb", false),
+        ("p-ccc", false),
+    ]
+    .iter()
+    .map(|(id, seed)| (sim.announce(id, *seed), *id))
+    .collect();
+    let (_, out) = sim.st.preheat(TASK, source(), 0).unwrap();
+    let trigger = triggers(&out)[0].0;
+    let holder = keys.iter().find(|(k, _)| *k == trigger).unwrap().1;
+    let (k, _) = sim.register_task(TASK, "seed-peer", holder, true, true);
+    sim.meta(k, 1 << 20);
+    sim.send(
+        k,
+        Request::Finished(PeerFinished {
+            content_length: 1 << 20,
+        }),
+    );
+    assert_eq!(sim.st.preheat_status(TASK), PreheatStatus::Done);
+    assert!(sim.st.host_holds(TASK, holder));
+    assert!(!sim.st.host_holds(TASK, "p-a"));
+    let ids = |hosts: Vec<Host>| hosts.into_iter().map(|h| h.id).collect::<Vec<_>>();
+    let other_seed = if holder == "s1" { "s2" } else { "s1" };
+    // Holders first, then by host id.
+    assert_eq!(
+        ids(sim.st.preheat_hosts(TASK, true, &[], 0, 0)),
+        [holder, other_seed]
+    );
+    let all = ids(sim.st.preheat_hosts(TASK, false, &[], 0, 0));
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[0], holder);
+    assert_eq!(ids(sim.st.preheat_hosts(TASK, false, &[], 2, 0)), all[..2]);
+    // 50 % of 5 rounds up to 3; 1 % is still one host; count wins over percentage.
+    assert_eq!(sim.st.preheat_hosts(TASK, false, &[], 0, 50).len(), 3);
+    assert_eq!(sim.st.preheat_hosts(TASK, false, &[], 0, 1).len(), 1);
+    assert_eq!(sim.st.preheat_hosts(TASK, false, &[], 4, 1).len(), 4);
+    // IPs pick exactly their hosts, before count.
+    assert_eq!(
+        ids(sim
+            .st
+            .preheat_hosts(TASK, false, &["10.0.0.4".into()], 1, 0)),
+        ["p-bb"]
+    );
+    assert!(sim
+        .st
+        .preheat_hosts(TASK, true, &["10.0.0.4".into()], 0, 0)
+        .is_empty());
+    // Every chosen host but the holder is sent the task, to fetch from peers.
+    let (asked, out) = sim.st.preheat_on_hosts(TASK, &all);
+    assert_eq!(asked, all[1..]);
+    let sent: Vec<HostKey> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Host {
+                host,
+                command:
+                    HostCommand {
+                        command: Some(host_command::Command::DownloadTask(d)),
+                    },
+            } if d.from_peers && d.task_id == TASK => Some(*host),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), 4);
+    assert!(!sent.contains(&trigger));
+}

@@ -8,6 +8,10 @@
 //! piece only once it has all of it (store and forward). Parents come only from the
 //! scheduler's `CandidateParents`; `NeedBackToSource` makes a peer fetch from the origin.
 //!
+//! That is the flow model. With [`Params::daemon`] the peers fetch and the seed serves as the
+//! daemon does instead ([`daemon`]): request queues per connection, piece choice from the
+//! child's own parents when the request is sent, super-seeding at the seed.
+//!
 //! Wall time and virtual time meet at one point: before the clock moves on, every request
 //! that needs an answer (registrations, reschedules) must have been answered, so the
 //! scheduler's decisions are applied at the virtual instant they were asked for.
@@ -32,6 +36,9 @@ use crate::client::{self, Inbound};
 use crate::cpu;
 use crate::flow::Solver;
 use crate::report::{Percentiles, Report};
+
+mod daemon;
+pub use daemon::DaemonModel;
 
 /// Parent index of the origin.
 const ORIGIN: u32 = u32::MAX;
@@ -58,8 +65,13 @@ pub struct Params {
     pub hosts: Vec<Links>,
     /// IDC and location of each normal peer (empty strings: none).
     pub placement: Vec<(String, String)>,
-    /// Origin upload rate (bytes/s); also the seed peer's up and down rate.
+    /// Origin upload rate (bytes/s).
     pub origin_rate: f64,
+    /// The seed peer's up and down rate (bytes/s).
+    pub seed_rate: f64,
+    /// Peers fetch and the seed serves as the daemon does (request queues, a local view,
+    /// super-seeding); `None`: the flow model.
+    pub daemon: Option<DaemonModel>,
     /// Virtual time step in seconds.
     pub step: f64,
     /// Peers arrive uniformly over this many virtual seconds (0: all at once).
@@ -98,12 +110,28 @@ enum State {
 #[derive(Debug, Clone)]
 struct Conn {
     parent: u32,
+    /// The piece on the wire.
     piece: Option<u32>,
     remaining: f64,
+    /// When the piece on the wire was requested.
     started: f64,
+    /// The daemon model's request queue and window.
+    fetching: Option<daemon::Fetching>,
 }
 
-#[derive(Debug)]
+impl Conn {
+    fn to(parent: u32) -> Self {
+        Self {
+            parent,
+            piece: None,
+            remaining: 0.0,
+            started: 0.0,
+            fetching: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct Bits(Vec<u64>);
 
 impl Bits {
@@ -116,6 +144,11 @@ impl Bits {
             }
         }
         Self(v)
+    }
+    fn get(&self, k: u32) -> bool {
+        self.0
+            .get((k / 64) as usize)
+            .is_some_and(|w| w & (1u64 << (k % 64)) != 0)
     }
     fn set(&mut self, k: u32, on: bool) {
         if let Some(w) = self.0.get_mut((k / 64) as usize) {
@@ -159,10 +192,13 @@ struct Sim {
     sched_cpu_at_first_announce: Option<f64>,
     scheduler_pid: Option<u32>,
     origin_bytes: f64,
+    seed_bytes: f64,
     closed_with_error: u64,
     back_to_source: u64,
     parents_received: u64,
     task_id: String,
+    /// The daemon model's swarm-wide state.
+    daemon: Option<daemon::Swarm>,
 }
 
 fn host_index(id: &str, n: usize) -> Option<u32> {
@@ -205,11 +241,11 @@ impl Sim {
             idc: String::new(),
             location: String::new(),
             quic_port: 0,
-            upload_rate_limit: p.origin_rate as u64,
+            upload_rate_limit: p.seed_rate as u64,
         });
         links.push(Links {
-            up: p.origin_rate,
-            down: p.origin_rate,
+            up: p.seed_rate,
+            down: p.seed_rate,
         });
         let arrival = (0..n)
             .map(|_| {
@@ -246,10 +282,12 @@ impl Sim {
             sched_cpu_at_first_announce: None,
             scheduler_pid: None,
             origin_bytes: 0.0,
+            seed_bytes: 0.0,
             closed_with_error: 0,
             back_to_source: 0,
             parents_received: 0,
             task_id: format!("loadgen-{:016x}", p.seed ^ 0x5eed),
+            daemon: p.daemon.map(|m| daemon::Swarm::new(m, n + 1, pieces)),
             p,
         })
     }
@@ -297,12 +335,10 @@ impl Sim {
 
     fn become_source(&mut self, i: u32) {
         self.state[i as usize] = State::Source;
-        self.conns[i as usize] = vec![Conn {
-            parent: ORIGIN,
-            piece: None,
-            remaining: 0.0,
-            started: 0.0,
-        }];
+        self.conns[i as usize] = vec![Conn::to(ORIGIN)];
+        if self.daemon.is_some() {
+            self.d_connect(i as usize, 0);
+        }
     }
 
     fn handle(&mut self, ev: Inbound, io: &Io<'_>) {
@@ -356,18 +392,19 @@ impl Sim {
                             };
                             self.parents_received += 1;
                             if j as usize != i && !self.conns[i].iter().any(|c| c.parent == j) {
-                                self.conns[i].push(Conn {
-                                    parent: j,
-                                    piece: None,
-                                    remaining: 0.0,
-                                    started: 0.0,
-                                });
+                                self.conns[i].push(Conn::to(j));
+                                if self.daemon.is_some() {
+                                    self.d_connect(i, self.conns[i].len() - 1);
+                                }
                             }
                         }
                     }
                     Some(Response::NeedBackToSource(_)) => {
                         if matches!(self.state[i], State::Waiting | State::Active) {
                             self.back_to_source += 1;
+                            if self.daemon.is_some() {
+                                self.d_close_all(i);
+                            }
                             for c in std::mem::take(&mut self.conns[i]) {
                                 if let Some(k) = c.piece {
                                     self.inflight[i].set(k, false);
@@ -467,7 +504,9 @@ impl Sim {
         Some(k)
     }
 
-    fn complete(&mut self, child: usize, conn: usize, at: f64) {
+    /// `conn` of `child` received its piece at `at`, after the parent spent `cost` seconds on
+    /// it: stored, announced.
+    fn complete(&mut self, child: usize, conn: usize, at: f64, cost: f64) {
         let Some(c) = self.conns[child].get_mut(conn) else {
             return;
         };
@@ -475,20 +514,21 @@ impl Sim {
             return;
         };
         let parent = c.parent;
-        let started = c.started;
         self.inflight[child].set(k, false);
         self.have[child].set(k, true);
         self.count[child] += 1;
         let length = self.piece_size(k);
         if parent == ORIGIN {
             self.origin_bytes += length;
+        } else if parent as usize == self.n {
+            self.seed_bytes += length;
         }
         let parent_host_id = if parent == ORIGIN {
             String::new()
         } else {
             self.hosts[parent as usize].id.clone()
         };
-        let cost_us = ((at - started) * 1e6).max(1.0) as u64;
+        let cost_us = (cost * 1e6).max(1.0) as u64;
         if self.first_announce.is_none() {
             self.first_announce = Some(Instant::now());
             self.sched_cpu_at_first_announce = self.scheduler_pid.and_then(cpu::process_cpu_s);
@@ -545,12 +585,19 @@ impl Sim {
     ) {
         let total = self.n + 1;
         let origin_link = (2 * total) as u32;
-        for i in 0..total {
+        // Peers take turns from a random one on: the daemons' requests reach a parent in no
+        // fixed order (with a fixed order, peer 0 would be the first to ask a super-seeding
+        // seed for every new piece).
+        let first = self.rng.random_range(0..total);
+        for x in 0..total {
+            let i = (first + x) % total;
             if !matches!(self.state[i], State::Active | State::Source) {
                 continue;
             }
             for j in 0..self.conns[i].len() {
-                if self.conns[i][j].piece.is_none() {
+                if self.daemon.is_some() {
+                    self.d_refill(i, j, self.t);
+                } else if self.conns[i][j].piece.is_none() {
                     self.start_next(i, j, self.t);
                 }
             }
@@ -599,6 +646,9 @@ impl Sim {
                 idle_conns,
                 self.normal_done()
             );
+            if self.daemon.is_some() && std::env::var_os("LOADGEN_DUMP").is_some() {
+                self.d_dump();
+            }
             if ((self.t / self.p.step).round() as u64).is_multiple_of(640) {
                 let mut kids = vec![0usize; total];
                 for i in 0..total {
@@ -677,7 +727,17 @@ impl Sim {
                 budget -= c.remaining;
                 c.remaining = 0.0;
                 let at = self.t + dt - budget / rate;
-                self.complete(i, j, at);
+                if self.daemon.is_some() {
+                    // The next queued request goes on the wire at once (and a pause after
+                    // `Busy` ends the step for this connection).
+                    self.d_finish(i, j, at);
+                    if self.conns[i].get(j).is_none_or(|c| c.piece.is_none()) {
+                        break;
+                    }
+                    continue;
+                }
+                let started = self.conns[i][j].started;
+                self.complete(i, j, at, at - started);
                 if !self.start_next(i, j, at) {
                     break;
                 }
@@ -980,6 +1040,11 @@ pub fn run(p: Params, io: Io<'_>) -> anyhow::Result<Report> {
             0.0
         },
         origin_copies: sim.origin_bytes / s,
+        seed_copies: sim.seed_bytes / s,
+        model: sim
+            .p
+            .daemon
+            .map_or_else(|| "flow".to_owned(), |m| m.describe()),
         back_to_source: sim.back_to_source,
         parents_received: sim.parents_received,
         streams_failed: sim.closed_with_error,
@@ -1029,6 +1094,8 @@ mod tests {
             hosts: vec![links; 3],
             placement: Vec::new(),
             origin_rate: 10.0,
+            seed_rate: 10.0,
+            daemon: None,
             step: 0.05,
             arrival: 0.0,
             window: 1,
@@ -1045,10 +1112,10 @@ mod tests {
         sim.count[2] = 1;
         for (child, started) in [(1usize, 0.0), (2, 1.0)] {
             sim.conns[child].push(Conn {
-                parent: 0,
                 piece: Some(5),
                 remaining: 1024.0,
                 started,
+                ..Conn::to(0)
             });
         }
         let total = sim.n + 1;
