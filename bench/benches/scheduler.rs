@@ -51,6 +51,7 @@ fn register(state: &mut SchedulerState, i: u64) -> usize {
                 piece_length: 1 << 20,
                 back_to_source: false,
                 priority: 0,
+                resume: None,
             },
         )
         .expect("valid registration");

@@ -29,6 +29,8 @@ pub struct ControlStats {
     pub scheduler_unreachable: AtomicU64,
     /// Scheduler streams that ended while a download was running.
     pub scheduler_streams_lost: AtomicU64,
+    /// Running downloads registered again with a scheduler after their stream ended.
+    pub scheduler_reregistrations: AtomicU64,
     /// Interrupted origin transfers that were retried.
     pub origin_retries: AtomicU64,
     /// Origin fetches that had to wait for a slot (`download.origin_concurrency`).
@@ -305,6 +307,12 @@ impl Collector for DaemonCollector {
             "damselfly_scheduler_streams_lost",
             "Scheduler streams that ended during a download",
             &s.scheduler_streams_lost,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_scheduler_reregistrations",
+            "Running downloads registered again with a scheduler after their stream ended",
+            &s.scheduler_reregistrations,
         )?;
         counter(
             &mut enc,

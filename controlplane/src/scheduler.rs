@@ -340,7 +340,7 @@ fn announce_held_tasks(ctx: &Arc<Context>, addr: &str, channel: &Channel) {
 
 /// Tells the scheduler at `addr` that this host holds the whole task `id` (`AnnounceTask`):
 /// it serves as a done parent while this host's announcement stream stays open.
-async fn announce_complete(
+pub(crate) async fn announce_complete(
     ctx: Arc<Context>,
     addr: String,
     channel: Channel,

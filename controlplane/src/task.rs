@@ -290,9 +290,23 @@ struct TaskRun {
     origin_rx: mpsc::UnboundedReceiver<OriginMsg>,
     /// Those fetches still running (aborted when the run ends).
     origin_fetches: Vec<tokio::task::JoinHandle<()>>,
+    /// Fetches of lost pieces started and not reported done yet.
+    origin_running: usize,
+    /// Pieces one of those fetches is asked for: never asked of the origin twice at once.
+    origin_pending: HashSet<u32>,
     /// Stall periods in a row without a stored piece (see `download.stall_timeout`).
     stalls: u32,
+    /// Wait before the next try to register the running download again after its scheduler
+    /// stream ended (doubles up to [`REREGISTER_MAX`]).
+    reregister_backoff: std::time::Duration,
 }
+
+/// First wait before registering a running download again with a scheduler.
+const REREGISTER_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest wait between tries to register a running download again.
+const REREGISTER_MAX: std::time::Duration = std::time::Duration::from_secs(4);
+/// Bound on one try to register again (a scheduler that accepts and never answers).
+const REREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A report from a fetch of lost pieces from the origin.
 enum OriginMsg {
@@ -303,8 +317,13 @@ enum OriginMsg {
         length: u64,
         cost_us: u64,
     },
-    /// The fetch ended.
-    Done(Result<(), String>),
+    /// The fetch of `pieces` ended.
+    Done {
+        /// The pieces it was asked for.
+        pieces: Vec<u32>,
+        /// How it ended.
+        result: Result<(), String>,
+    },
 }
 
 /// [`PieceSink`] of a fetch of lost pieces: reports to the run over a channel.
@@ -338,7 +357,10 @@ impl TaskRun {
             origin_tx,
             origin_rx,
             origin_fetches: Vec::new(),
+            origin_running: 0,
+            origin_pending: HashSet::new(),
             stalls: 0,
+            reregister_backoff: REREGISTER_FIRST,
             ctx,
             spec,
             state,
@@ -424,6 +446,16 @@ impl TaskRun {
             piece_length: self.spec.piece_length,
             back_to_source: self.spec.back_to_source,
             priority: self.spec.priority,
+            // A running download registering again: its parents are working, it only
+            // tells the scheduler where it stands.
+            resume: self
+                .store
+                .as_ref()
+                .filter(|_| self.dispatched)
+                .map(|s| TaskMetadata {
+                    content_length: s.layout().content_length(),
+                    piece_length: s.layout().piece_length(),
+                }),
         };
         tx.try_send(AnnouncePeerRequest {
             request: Some(Request::Register(register)),
@@ -467,6 +499,10 @@ impl TaskRun {
             .max(std::time::Duration::from_millis(100));
         let stall = tokio::time::sleep(stall_timeout);
         tokio::pin!(stall);
+        // Armed when the scheduler stream of a dispatched download ends.
+        let reregister = tokio::time::sleep(REREGISTER_FIRST);
+        tokio::pin!(reregister);
+        let mut lost_scheduler = false;
         let mut stored = self.stored();
         let mut was_dispatched = self.dispatched;
         loop {
@@ -506,6 +542,9 @@ impl TaskRun {
                         dataplane::Counters::add(&self.ctx.stats.scheduler_streams_lost, 1);
                         self.responses = None;
                         self.announce = None;
+                        lost_scheduler = true;
+                        self.reregister_backoff = REREGISTER_FIRST;
+                        reregister.as_mut().reset(tokio::time::Instant::now() + REREGISTER_FIRST);
                         if !self.dispatched {
                             if self.spec.disable_back_to_source {
                                 return Err("scheduler went away before naming parents; back-to-source is disabled".into());
@@ -526,6 +565,14 @@ impl TaskRun {
                         return result;
                     }
                 }
+                _ = &mut reregister, if lost_scheduler && self.dispatched => {
+                    if self.reregister().await {
+                        lost_scheduler = false;
+                    } else {
+                        self.reregister_backoff = (self.reregister_backoff * 2).min(REREGISTER_MAX);
+                        reregister.as_mut().reset(tokio::time::Instant::now() + self.reregister_backoff);
+                    }
+                }
                 _ = &mut stall, if self.dispatched => {
                     stall.as_mut().reset(tokio::time::Instant::now() + stall_timeout);
                     if let Some(result) = self.on_stall(stall_timeout).await {
@@ -543,6 +590,33 @@ impl TaskRun {
         }
     }
 
+    /// Registers the running download again after its scheduler stream ended (a scheduler
+    /// restart), as a resumed download (`RegisterPeer.resume`): no seed trigger, no trip to
+    /// the origin, and the pieces held are reported so the swarm can use them. Returns
+    /// whether a scheduler took it.
+    async fn reregister(&mut self) -> bool {
+        match tokio::time::timeout(REREGISTER_TIMEOUT, self.connect_scheduler()).await {
+            Ok(Ok(())) => {
+                tracing::info!(task = %self.spec.id, "running download registered again with a scheduler");
+                dataplane::Counters::add(&self.ctx.stats.scheduler_reregistrations, 1);
+                if let Some(store) = self.store.clone() {
+                    self.announce_held(&store);
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(task = %self.spec.id, "registering the running download again: {e}");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(task = %self.spec.id, "registering the running download again: no answer in {REREGISTER_TIMEOUT:?}");
+                self.announce = None;
+                self.responses = None;
+                false
+            }
+        }
+    }
+
     /// Pieces stored so far (0 before the size is known).
     fn stored(&self) -> u64 {
         self.store.as_ref().map_or(0, |s| {
@@ -551,10 +625,21 @@ impl TaskRun {
     }
 
     /// Starts fetching `pieces` (held by no live peer) from the origin beside the data plane.
+    /// Pieces a running fetch already asks for, or stored already, are left out: the
+    /// scheduler may name the same pieces again (another holder left, a reschedule).
     fn fetch_lost_pieces(&mut self, pieces: Vec<u32>) {
         let Some(store) = self.store.clone() else {
             return;
         };
+        let pieces: Vec<u32> = pieces
+            .into_iter()
+            .filter(|n| !store.has(*n) && !self.origin_pending.contains(n))
+            .collect();
+        if pieces.is_empty() {
+            return;
+        }
+        self.origin_pending.extend(pieces.iter().copied());
+        self.origin_running += 1;
         dataplane::Counters::add(&self.ctx.stats.lost_piece_fetches, 1);
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
@@ -562,11 +647,43 @@ impl TaskRun {
         self.origin_fetches.retain(|h| !h.is_finished());
         self.origin_fetches.push(tokio::spawn(async move {
             let mut sink = ChannelSink(tx.clone());
-            let r = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
+            let result = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
                 .await
                 .map_err(|e| e.to_string());
-            let _ = tx.send(OriginMsg::Done(r));
+            let _ = tx.send(OriginMsg::Done { pieces, result });
         }));
+    }
+
+    /// Bookkeeping of a fetch of lost `pieces` that ended.
+    fn origin_done(&mut self, pieces: &[u32]) {
+        self.origin_running = self.origin_running.saturating_sub(1);
+        for n in pieces {
+            self.origin_pending.remove(n);
+        }
+    }
+
+    /// Lets the fetches of lost pieces still running finish (their pieces announced as they
+    /// come), so that a fetch of everything missing started after them does not ask the
+    /// origin for the same bytes a second time. Their errors are logged only: the caller
+    /// fetches whatever is still missing.
+    async fn finish_origin_fetches(&mut self) {
+        while self.origin_running > 0 {
+            match self.origin_rx.recv().await {
+                Some(OriginMsg::Piece {
+                    number,
+                    crc32c,
+                    length,
+                    cost_us,
+                }) => PieceSink::piece(self, number, crc32c, length, cost_us),
+                Some(OriginMsg::Done { pieces, result }) => {
+                    self.origin_done(&pieces);
+                    if let Err(e) = result {
+                        tracing::warn!(task = %self.spec.id, "fetching lost pieces from the origin: {e}; fetching what is missing");
+                    }
+                }
+                None => break,
+            }
+        }
     }
 
     /// Stops the fetches of lost pieces still running.
@@ -574,6 +691,8 @@ impl TaskRun {
         for h in self.origin_fetches.drain(..) {
             h.abort();
         }
+        self.origin_running = 0;
+        self.origin_pending.clear();
     }
 
     /// Handles a report of a fetch of lost pieces; returns the end of the run when there is
@@ -589,10 +708,13 @@ impl TaskRun {
                 PieceSink::piece(self, number, crc32c, length, cost_us);
                 None
             }
-            OriginMsg::Done(Err(e)) => Some(Err(format!(
-                "fetching pieces no peer holds from the origin: {e}"
-            ))),
-            OriginMsg::Done(Ok(())) => {
+            OriginMsg::Done { pieces, result } => {
+                self.origin_done(&pieces);
+                if let Err(e) = result {
+                    return Some(Err(format!(
+                        "fetching pieces no peer holds from the origin: {e}"
+                    )));
+                }
                 let store = self.store.clone()?;
                 if !store.is_complete() {
                     return None;
@@ -757,8 +879,18 @@ impl TaskRun {
                     reason,
                 }));
             }
-            Event::ParentFailed { parent, .. } => {
-                self.bad_parents.insert(parent);
+            Event::ParentFailed { parent, reason, .. } => {
+                let new = self.bad_parents.insert(parent.clone());
+                // A parent that stopped answering (the piece timeout) still counts as live
+                // at the scheduler until its connection times out there: say so now, so
+                // that the pieces only it holds are fetched elsewhere (a dead parent's
+                // host stream closes, which tells the scheduler by itself).
+                if new && reason.starts_with("no response within") && self.announce.is_some() {
+                    self.announce(Request::Reschedule(RescheduleRequest {
+                        bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
+                        reason: format!("parent {parent} stalled: {reason}"),
+                    }));
+                }
             }
             Event::NeedParents { .. } => {
                 if self.announce.is_some() {
@@ -794,6 +926,8 @@ impl TaskRun {
         if self.dispatched {
             self.cancel_dataplane();
         }
+        // Lost pieces already on their way from the origin are not asked for again.
+        self.finish_origin_fetches().await;
         let ctx = self.ctx.clone();
         let spec = self.spec.clone();
         let existing = self.store.clone();
@@ -834,6 +968,27 @@ impl TaskRun {
     /// this peer as a parent, until the scheduler closes it.
     async fn keep_serving(mut self) {
         let Some(mut responses) = self.responses.take() else {
+            // Finished without a scheduler stream (it went away and did not come back in
+            // time): tell the task's scheduler this host holds it, as the host stream does
+            // when it connects again (if that scheduler is still down, that is when).
+            if let (Some(store), Some((addr, channel))) = (
+                self.store.as_ref(),
+                self.ctx.schedulers.pool().pick(&self.spec.id),
+            ) {
+                let announce = crate::scheduler::announce_complete(
+                    self.ctx.clone(),
+                    addr,
+                    channel,
+                    self.spec.id,
+                    store.layout(),
+                );
+                if tokio::time::timeout(REREGISTER_TIMEOUT, announce)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(task = %self.spec.id, "announcing the finished task: no answer in {REREGISTER_TIMEOUT:?}");
+                }
+            }
             return;
         };
         let _announce = self.announce.take();

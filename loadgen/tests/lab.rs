@@ -369,3 +369,72 @@ fn sigterm_mid_run_removes_everything() {
         "a lab process is still running"
     );
 }
+
+/// Issue 23: the only seed peer is killed mid-burst while the origin is up. No download may
+/// hang: every host finishes with a verified copy well inside the phase's timeout (a hang
+/// shows as "not done"), and the origin serves less than the seed's copy plus one more.
+/// (Issue 23 reported that, before the scheduler recovered lost pieces, every dfget of
+/// such a run hung until its own timeout; not re-run here against the old code.)
+#[test]
+fn a_killed_seed_hangs_no_download_in_the_lab() {
+    if !namespaces_available() {
+        needs::skip(
+            "a_killed_seed_hangs_no_download_in_the_lab",
+            "network namespaces (root and `ip netns`, Debian package iproute2)",
+        );
+        return;
+    }
+    needs::found("a_killed_seed_hangs_no_download_in_the_lab");
+    let prefix = format!("dflyt{}f-", std::process::id());
+    let _cleanup = Cleanup(prefix.clone());
+    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
+    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
+    let mut args = lab_args(&prefix, &dir, &json);
+    args.extend([
+        "--no-baseline".into(),
+        "--no-bittorrent".into(),
+        "--fault".into(),
+        "kill-seed@1s".into(),
+    ]);
+    // Slow enough links that the seed dies with most pieces unsent (T* ~ 2.7 s).
+    for (flag, value) in [
+        ("--hosts", "4"),
+        ("--size", "16MiB"),
+        ("--rate", "50mbit"),
+        ("--origin-rate", "50mbit"),
+        ("--timeout", "120"),
+    ] {
+        if let Some(p) = args.iter().position(|a| a == flag) {
+            args[p + 1] = value.into();
+        }
+    }
+    let out = Command::new(loadgen())
+        .args(&args)
+        .output()
+        .expect("running loadgen");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
+            .expect("parsing the JSON report");
+    let phase = &report["phases"][1];
+    assert_eq!(phase["name"], "fault:kill-seed@1s", "{report}");
+    assert_eq!(phase["verified"], 4, "every copy verified: {phase}");
+    let fault = &report["faults"][0];
+    assert_eq!(fault["surviving"], 4, "{fault}");
+    assert_eq!(fault["verified"], 4, "{fault}");
+    // The seed was killed while it served: it sent less than a copy to the peers.
+    let seed = phase["seed_copies_payload"].as_f64().expect("seed payload");
+    assert!(
+        seed < 1.0,
+        "the seed sent {seed} copies: killed too late? {phase}"
+    );
+    let origin = fault["origin_copies_payload"]
+        .as_f64()
+        .expect("origin payload");
+    assert!(
+        origin <= 2.0,
+        "the origin served {origin} copies (the seed's, plus at most the pieces lost with it)"
+    );
+    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
+    let _ = std::fs::remove_file(&json);
+}

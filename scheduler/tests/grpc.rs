@@ -91,6 +91,7 @@ async fn open_peer(
             piece_length: 0,
             back_to_source,
             priority: 0,
+            resume: None,
         }),
     )
     .await;

@@ -182,6 +182,39 @@ impl Proc {
         }
     }
 
+    /// Kills the process (SIGKILL) and starts `program args` in its place, under the same
+    /// name and log path; the previous log is kept as `<log>.<k>`.
+    pub fn respawn(&self, program: &Path, args: &[String], rust_log: &str) -> Result<()> {
+        self.kill();
+        let mut k = 1;
+        let kept = |k: usize| PathBuf::from(format!("{}.{k}", self.log.display()));
+        while kept(k).exists() {
+            k += 1;
+        }
+        std::fs::rename(&self.log, kept(k))
+            .with_context(|| format!("keeping {}", self.log.display()))?;
+        let new = Self::spawn(&self.name, program, args, self.log.clone(), rust_log)?;
+        let child = new.lock().take();
+        *self.lock() = child;
+        Ok(())
+    }
+
+    /// Sends signal `sig` (`STOP`, `CONT`, `TERM`, ...) to the process with kill(1).
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !st.success() {
+            bail!("kill -{sig} {pid} ({}) failed: {st}", self.name);
+        }
+        Ok(())
+    }
+
     /// The last `lines` lines of its log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
@@ -455,6 +488,32 @@ impl Cluster {
             }
         }
         Ok(cluster)
+    }
+
+    /// Kills scheduler number `n` (SIGKILL, counting from 1) and starts it again on the same
+    /// ports with the same arguments (an empty state: a restart), then waits until its port
+    /// accepts. Takes `&self`, so downloads borrowing the cluster may run meanwhile. The
+    /// previous log is kept as `<name>.log.<k>`.
+    pub async fn restart_scheduler(&self, n: usize) -> Result<()> {
+        let i = n.checked_sub(1).context("schedulers count from 1")?;
+        let s = self.schedulers.get(i).context("no such scheduler")?;
+        let mut args = vec![
+            "--listen".to_string(),
+            s.addr.to_string(),
+            "--metrics".to_string(),
+            s.metrics_addr.to_string(),
+        ];
+        if let Some(m) = &self.manager {
+            args.extend(["--manager".to_string(), m.grpc_addr.to_string()]);
+        }
+        args.extend(self.opts.scheduler_args.iter().cloned());
+        s.proc
+            .respawn(&bin_path("scheduler")?, &args, &self.rust_log)?;
+        let addr = s.addr;
+        wait_ready(&s.proc, self.opts.ready_timeout, || async move {
+            tokio::net::TcpStream::connect(addr).await.is_ok()
+        })
+        .await
     }
 
     /// Starts one more ordinary peer (named `peer-<n+1>`) and waits until it is ready.

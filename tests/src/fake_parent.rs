@@ -209,6 +209,7 @@ impl FakeParent {
                 piece_length: 0,
                 back_to_source: false,
                 priority: 0,
+                resume: None,
             }),
             announce_peer_request::Request::TaskMetadata(TaskMetadata {
                 content_length: layout.content_length(),

@@ -178,3 +178,136 @@ async fn new_downloads_with_the_scheduler_down_do_not_stampede_the_origin() {
         origin.max_in_flight()
     );
 }
+
+/// A sample of the scheduler's `/metrics` (0 when absent).
+async fn scheduler_metric(cluster: &Cluster, series: &str) -> anyhow::Result<f64> {
+    let text = testkit::poll::scrape(cluster.schedulers()[0].metrics_addr).await?;
+    Ok(testkit::poll::metric(&text, series).unwrap_or(0.0))
+}
+
+/// The scheduler is killed and started again (an empty state) while three peers download
+/// from a rate-limited seed. The daemons announce their hosts again, re-register the
+/// downloads they are running (with the task's size and the pieces they hold) and announce
+/// the tasks they hold: every download finishes with the right sha256, the new scheduler
+/// hears the running downloads' pieces, triggers no seed and sends nobody to the origin
+/// (the origin served the seed's one copy), and a download started afterwards comes from
+/// the peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_restarted_mid_burst_resumes_the_swarm_without_a_second_source() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-upload.yaml",
+        "data_plane:\n  upload_rate_limit: 3MiB\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    for n in 1..=4 {
+        cluster
+            .add_daemon(false, &slow)
+            .await
+            .unwrap_or_else(|e| panic!("peer-{n}: {e:#}"));
+    }
+    let size = 24 * MIB + 13;
+    let c = origin.add_file("/r.bin", size, 35);
+    let url = origin.url("/r.bin");
+    let peers: Vec<_> = (1..=3).map(|n| cluster.peer(n)).collect();
+    let outs: Vec<_> = (1..=3)
+        .map(|n| cluster.dir().join(format!("r{n}.out")))
+        .collect();
+
+    let cl = &cluster;
+    let downloads = futures::future::join_all(
+        peers
+            .iter()
+            .zip(&outs)
+            .map(|(p, o)| cl.download_verified(p, &url, o, &c)),
+    );
+    let restart = async {
+        let peers = &peers;
+        wait_until(
+            "every peer receives pieces",
+            Duration::from_secs(30),
+            || async move {
+                let mut all = true;
+                for p in peers {
+                    let s = p.stats().await?;
+                    all &= s.bytes_from_seed + s.bytes_from_peers > 0;
+                }
+                Ok(all)
+            },
+        )
+        .await?;
+        cl.restart_scheduler(1).await?;
+        let mut at_restart = Vec::new();
+        for p in peers {
+            at_restart.push(p.stats().await?);
+        }
+        anyhow::Ok(at_restart)
+    };
+    let (results, at_restart) = tokio::join!(downloads, restart);
+    let at_restart = at_restart.expect("restarting the scheduler mid-burst");
+    for (n, r) in results.into_iter().enumerate() {
+        r.unwrap_or_else(|e| {
+            cluster.dump_logs();
+            panic!("peer-{} with the scheduler restarted: {e:#}", n + 1)
+        });
+    }
+    assert!(
+        at_restart
+            .iter()
+            .all(|s| s.bytes_from_seed + s.bytes_from_peers < size),
+        "a peer had the whole file when the scheduler came back: {at_restart:?}"
+    );
+    // The running downloads came back to the new scheduler with their pieces.
+    let pieces_heard = scheduler_metric(
+        &cluster,
+        "damselfly_scheduler_announcements_total{kind=\"piece_finished\"}",
+    )
+    .await
+    .expect("scheduler metrics");
+    assert!(
+        pieces_heard > 0.0,
+        "the restarted scheduler heard of no piece: the running downloads did not register again"
+    );
+    // A download after the burst: the new scheduler knows who holds the task.
+    let p4 = cluster.peer(4);
+    cluster
+        .download_verified(p4, &url, &cluster.dir().join("r4.out"), &c)
+        .await
+        .unwrap_or_else(|e| {
+            cluster.dump_logs();
+            panic!("peer-4 after the restart: {e:#}")
+        });
+    let s4 = p4.stats().await.expect("Stats of peer-4");
+    assert_eq!(
+        s4.bytes_from_origin, 0,
+        "peer-4 went to the origin although peers hold the task: {s4:?}"
+    );
+    let triggers = scheduler_metric(
+        &cluster,
+        "damselfly_scheduler_responses_total{kind=\"host_command\"}",
+    )
+    .await
+    .expect("scheduler metrics");
+    let to_origin = scheduler_metric(
+        &cluster,
+        "damselfly_scheduler_responses_total{kind=\"need_back_to_source\"}",
+    )
+    .await
+    .expect("scheduler metrics");
+    assert_eq!(
+        (triggers, to_origin),
+        (0.0, 0.0),
+        "the restarted scheduler triggered a seed or sent peers to the origin"
+    );
+    assert_eq!(
+        origin.bytes_served(),
+        size,
+        "only the seed's one copy should have come from the origin: {:#?}",
+        origin.request_log()
+    );
+}

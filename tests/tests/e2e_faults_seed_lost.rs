@@ -119,15 +119,11 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
     );
 }
 
-/// Sends `sig` (`STOP`, `CONT`) to the daemon's process with kill(1).
+/// Sends `sig` (`STOP`, `CONT`) to the daemon's process.
 fn signal(d: &testkit::Daemon, sig: &str) {
-    let pid = d.proc.pid().expect("the daemon runs");
-    let st = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("running kill");
-    assert!(st.success(), "kill -{sig} {pid} failed: {st}");
+    d.proc
+        .signal(sig)
+        .unwrap_or_else(|e| panic!("signalling {}: {e:#}", d.name));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,5 +264,177 @@ async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
         "peer-1 should have dropped the stopped {} on the piece timeout:\n{}",
         victim.name,
         p1.proc.log_tail(30)
+    );
+}
+
+/// `need_back_to_source` responses the scheduler has sent so far.
+async fn back_to_source_sent(cluster: &Cluster) -> anyhow::Result<f64> {
+    let text = scrape(cluster.schedulers()[0].metrics_addr).await?;
+    Ok(metric(
+        &text,
+        "damselfly_scheduler_responses_total{kind=\"need_back_to_source\"}",
+    )
+    .unwrap_or(0.0))
+}
+
+/// A parent dies while its child is stopped, so that the child wakes up to both the
+/// scheduler's "fetch the lost pieces" and its own dead connection (which makes it ask again
+/// and be sent back to the origin for everything missing). The origin must be asked for
+/// each missing byte once: the lost pieces already on their way are not fetched a second
+/// time by the whole-task fetch (it used to, sending the origin up to twice the file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-upload.yaml",
+        "data_plane:\n  upload_rate_limit: 3MiB\n",
+    )
+    .expect("config");
+    cluster
+        .add_daemon(false, &slow)
+        .await
+        .expect("peer-1 (slow uploads)");
+    cluster.add_daemon(false, &[]).await.expect("peer-2");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
+    let size = 24 * MIB + 3;
+    let content = origin.add_file("/once.bin", size, 34);
+    let url = origin.url("/once.bin");
+    // peer-1 gets the file from the origin (there is no seed).
+    cluster
+        .download_verified(p1, &url, &cluster.dir().join("p1.out"), &content)
+        .await
+        .expect("download through peer-1");
+    let served_before = origin.bytes_served();
+    let requests_before = origin.request_log().len();
+
+    let cl = &cluster;
+    let out2 = cluster.dir().join("p2.out");
+    let (r, killed) = tokio::join!(cl.download_verified(p2, &url, &out2, &content), async {
+        wait_until(
+            "peer-2 receives bytes from peer-1",
+            Duration::from_secs(30),
+            || async move { Ok(p2.stats().await?.bytes_from_peers > 0) },
+        )
+        .await?;
+        let sent = back_to_source_sent(cl).await?;
+        signal(p2, "STOP");
+        cl.kill(p1);
+        // The scheduler sees peer-1 leave and sends the stopped peer-2 to the origin for the
+        // pieces nobody else has.
+        let waited = wait_until(
+            "the scheduler sends peer-2 to the origin for the lost pieces",
+            Duration::from_secs(30),
+            || async move { Ok(back_to_source_sent(cl).await? > sent) },
+        )
+        .await;
+        signal(p2, "CONT");
+        waited?;
+        anyhow::Ok(())
+    });
+    killed.expect("killing peer-1 while peer-2 is stopped");
+    r.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-2 should finish after losing its parent: {e:#}")
+    });
+    let s = p2.stats().await.expect("Stats of peer-2");
+    let served = origin.bytes_served() - served_before;
+    let log: Vec<_> = origin.request_log().split_off(requests_before);
+    assert!(
+        s.bytes_from_peers > 0 && s.bytes_from_peers < size,
+        "peer-2 should have some pieces from peer-1 and not all: {s:?}"
+    );
+    // Every byte peer-2 did not get from peer-1, once, and nothing else.
+    assert_eq!(
+        served,
+        size - s.bytes_from_peers,
+        "the origin served {served} bytes for the {} peer-2 lacked: {log:#?}",
+        size - s.bytes_from_peers
+    );
+    assert!(
+        log.iter().all(|r| r
+            .range
+            .as_deref()
+            .is_some_and(|v| !v.trim_end().ends_with('-'))),
+        "every request for missing pieces names a bounded run: {log:#?}"
+    );
+}
+
+/// The only seed stalls (SIGSTOP: its connections stay open, so the scheduler still counts
+/// it as live) while the scheduler runs. The peer drops it on the piece timeout and tells
+/// the scheduler, which sends it to the origin for what it lacks at once, not when the
+/// seed's connection finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule
+/// names the stalled seed, and the peer's bytes are the seed's plus the origin's, exactly
+/// the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = daemon_config(
+        cluster.dir(),
+        "slow-seed.yaml",
+        "data_plane:\n  upload_rate_limit: 2MiB\n",
+    )
+    .expect("config");
+    // Only the piece timeout notices the stall (the watchdog never fires here).
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "piece-timeout.yaml",
+        "data_plane:\n  piece_timeout: 2s\ndownload:\n  stall_timeout: 10m\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let (seed, p1) = (cluster.seed(1), cluster.peer(1));
+    let size = 16 * MIB + 13;
+    let content = origin.add_file("/only-stalled.bin", size, 36);
+    let url = origin.url("/only-stalled.bin");
+    let out = cluster.dir().join("p1.out");
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        wait_until(
+            "peer-1 receives bytes from the seed",
+            Duration::from_secs(30),
+            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        let at_stop = p1.stats().await?;
+        signal(seed, "STOP");
+        anyhow::Ok(at_stop)
+    });
+    let at_stop = stopped.expect("stopping the seed");
+    signal(seed, "CONT");
+    r.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish after its only parent stalled: {e:#}")
+    });
+    let sched_log =
+        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
+    assert!(
+        at_stop.bytes_from_seed < size,
+        "the seed stopped after peer-1 had everything ({at_stop:?})"
+    );
+    let told = sched_log
+        .lines()
+        .any(|l| l.contains("reschedule") && l.contains("peer-1") && l.contains("\"seed-1\""))
+        && sched_log
+            .lines()
+            .any(|l| l.contains("peer-1") && l.contains("sent"));
+    assert!(
+        told && !sched_log.contains("host left host_id=seed-1"),
+        "peer-1 should have reported the stalled seed and been sent to the origin before the \
+         scheduler noticed the seed itself:\n{}",
+        cluster.scheduler().log_tail(30)
+    );
+    let s = p1.stats().await.expect("Stats of peer-1");
+    assert!(
+        s.bytes_from_origin > 0 && s.bytes_from_seed + s.bytes_from_origin == size,
+        "peer-1's bytes: the seed's, then the rest from the origin once: {s:?}"
     );
 }

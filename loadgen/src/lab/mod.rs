@@ -6,6 +6,7 @@
 //! CPU, sha256 of every copy.
 
 pub mod bittorrent;
+pub mod fault;
 pub mod net;
 pub mod origin;
 pub mod report;
@@ -105,6 +106,12 @@ pub struct ClusterArgs {
     /// Write the completion CDF as SVG here.
     #[arg(long, value_name = "PATH")]
     pub svg: Option<PathBuf>,
+    /// A fault during a P2P phase of its own, after the no-fault one (repeatable):
+    /// `kill-seed@3s`, `stall-parent@2s` (SIGSTOP of the seed peer), `kill-scheduler@2s`,
+    /// `restart-scheduler@2s`, `kill-peers:25%@3s`. Each phase fetches a new file; what was
+    /// killed or stopped is started again (or continued) after it.
+    #[arg(long = "fault", value_parser = fault::parse)]
+    pub faults: Vec<fault::Fault>,
 }
 
 /// Parses `64MiB`, `1GiB`, `500KB`, `1000000` into bytes.
@@ -180,6 +187,18 @@ fn install_signal_handler() -> anyhow::Result<()> {
 #[derive(Default)]
 struct Procs {
     list: Vec<(String, Child, PathBuf)>,
+    /// How each entry of `list` was started (same order), to start it again.
+    specs: Vec<Spec>,
+    /// Names of processes a fault stopped on purpose (not an error for [`Procs::check_alive`]).
+    down: std::collections::HashSet<String>,
+}
+
+/// What [`Procs::spawn_in`] was given.
+struct Spec {
+    ns: String,
+    program: PathBuf,
+    args: Vec<String>,
+    rust_log: String,
 }
 
 impl Procs {
@@ -194,10 +213,30 @@ impl Procs {
         log: PathBuf,
         rust_log: &str,
     ) -> anyhow::Result<u32> {
+        let child = Self::start(name, ns, program, args, &log, rust_log)?;
+        let pid = child.id();
+        self.list.push((name.to_string(), child, log));
+        self.specs.push(Spec {
+            ns: ns.to_string(),
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            rust_log: rust_log.to_string(),
+        });
+        Ok(pid)
+    }
+
+    fn start(
+        name: &str,
+        ns: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        rust_log: &str,
+    ) -> anyhow::Result<Child> {
         let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone().context("cloning a log handle")?;
-        let child = Command::new("ip")
+        Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(program)
             .args(args)
@@ -210,15 +249,66 @@ impl Procs {
             // its children itself.
             .process_group(0)
             .spawn()
-            .with_context(|| format!("starting {name}: {}", program.display()))?;
+            .with_context(|| format!("starting {name}: {}", program.display()))
+    }
+
+    fn position(&self, name: &str) -> anyhow::Result<usize> {
+        self.list
+            .iter()
+            .position(|(n, _, _)| n == name)
+            .with_context(|| format!("no lab process {name}"))
+    }
+
+    /// Process id of `name`.
+    fn pid(&self, name: &str) -> anyhow::Result<u32> {
+        Ok(self.list[self.position(name)?].1.id())
+    }
+
+    /// Sends `sig` (`STOP`, `CONT`) to `name` with kill(1).
+    fn signal(&self, name: &str, sig: &str) -> anyhow::Result<()> {
+        let pid = self.pid(name)?;
+        net::run("kill", &[&format!("-{sig}"), &pid.to_string()])
+            .with_context(|| format!("kill -{sig} {name}"))?;
+        Ok(())
+    }
+
+    /// Kills `name` (SIGKILL) on purpose: [`Procs::check_alive`] no longer minds it.
+    fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.position(name)?;
+        self.down.insert(name.to_string());
+        let child = &mut self.list[i].1;
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(())
+    }
+
+    /// Starts `name` again as it was started (killed first if it runs); its previous log is
+    /// kept as `<log>.<k>`. Returns the new pid.
+    fn respawn(&mut self, name: &str) -> anyhow::Result<u32> {
+        let i = self.position(name)?;
+        let _ = self.list[i].1.kill();
+        let _ = self.list[i].1.wait();
+        let log = self.list[i].2.clone();
+        let mut k = 1;
+        let kept = |k: usize| PathBuf::from(format!("{}.{k}", log.display()));
+        while kept(k).exists() {
+            k += 1;
+        }
+        std::fs::rename(&log, kept(k)).with_context(|| format!("keeping {}", log.display()))?;
+        let sp = &self.specs[i];
+        let child = Self::start(name, &sp.ns, &sp.program, &sp.args, &log, &sp.rust_log)?;
         let pid = child.id();
-        self.list.push((name.to_string(), child, log));
+        self.list[i].1 = child;
+        self.down.remove(name);
         Ok(pid)
     }
 
-    /// Fails if any child has exited.
+    /// Fails if any child has exited (but those a fault stopped).
     fn check_alive(&mut self) -> anyhow::Result<()> {
         for (name, child, log) in &mut self.list {
+            if self.down.contains(name.as_str()) {
+                continue;
+            }
             if let Ok(Some(status)) = child.try_wait() {
                 bail!(
                     "{name} exited ({status}); last lines of {}:\n{}",
@@ -408,10 +498,15 @@ struct Burst {
     error: Option<String>,
 }
 
-/// Starts every command at once and records when each one ends (10 ms resolution).
+/// What a burst does once, `at` after its start (a fault).
+type Hook<'a> = (Duration, &'a mut dyn FnMut() -> anyhow::Result<()>);
+
+/// Starts every command at once and records when each one ends (10 ms resolution); runs
+/// `hook` once at its time if the burst is still going.
 fn run_burst(
     mut cmds: Vec<(String, Command, PathBuf, PathBuf)>,
     timeout: Duration,
+    mut hook: Option<Hook<'_>>,
 ) -> anyhow::Result<Vec<Burst>> {
     let start = Instant::now();
     let mut runs = Vec::with_capacity(cmds.len());
@@ -470,6 +565,13 @@ fn run_burst(
         }
         if running == 0 {
             break;
+        }
+        if let Some((at, _)) = &hook {
+            if start.elapsed() >= *at {
+                if let Some((_, f)) = hook.take() {
+                    f()?;
+                }
+            }
         }
         if Instant::now() >= deadline {
             for r in guard.0.iter_mut().filter(|r| r.child.is_some()) {
@@ -544,11 +646,15 @@ pub fn cluster(args: ClusterArgs) -> anyhow::Result<()> {
     }
     // The HTTP baseline may fail (an origin too slow for the timeout says so in the table);
     // P2P and the BitTorrent reference it is compared with may not.
-    for (phase, what) in [("p2p", "P2P"), ("bittorrent", "BitTorrent")] {
+    for (phase, what) in [
+        ("p2p", "P2P"),
+        ("bittorrent", "BitTorrent"),
+        ("fault:", "fault"),
+    ] {
         let failed: usize = report
             .phases
             .iter()
-            .filter(|p| p.name == phase)
+            .filter(|p| p.name == phase || (phase == "fault:" && p.name.starts_with(phase)))
             .map(|p| p.hosts.len() - p.verified)
             .sum();
         if failed > 0 {
@@ -582,7 +688,8 @@ fn cpu_delta(before: &[(String, f64)], after: &[(String, f64)]) -> Vec<(String, 
                 .iter()
                 .find(|(kb, _)| kb == k)
                 .map_or(0.0, |(_, x)| *x);
-            (k.clone(), v - b)
+            // A process killed during the phase reads 0 at its end: no negative time.
+            (k.clone(), (v - b).max(0.0))
         })
         .collect()
 }
@@ -712,6 +819,8 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     let peers: Vec<Host> = network.hosts[3..].to_vec();
     let ready = Duration::from_secs(30);
     let mut pids: Vec<(String, u32)> = Vec::new();
+    // The process name of each entry of `pids` (a restarted process gets its new pid).
+    let mut pid_names: Vec<String> = Vec::new();
 
     // Origin.
     let origin_addr = format!("{}:8080", origin.ip);
@@ -731,13 +840,20 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         &a.log,
     )?;
     pids.push(("origin".into(), pid));
+    pid_names.push("origin".to_string());
     wait_until("origin", ready, &mut procs, || {
         log_contains(&log, "listening on")
     })?;
 
     // Scheduler.
     let sched_addr = format!("{}:8002", sched.ip);
-    let mut sargs = vec!["--listen".to_string(), sched_addr.clone()];
+    let sched_metrics = format!("{}:9090", sched.ip);
+    let mut sargs = vec![
+        "--listen".to_string(),
+        sched_addr.clone(),
+        "--metrics".to_string(),
+        sched_metrics.clone(),
+    ];
     if let Some(c) = &a.scheduler_config {
         sargs.extend(["--config".into(), c.display().to_string()]);
     }
@@ -751,6 +867,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         &a.log,
     )?;
     pids.push(("scheduler".into(), pid));
+    pid_names.push("scheduler".to_string());
     wait_until("scheduler", ready, &mut procs, || {
         log_contains(&log, "scheduler listening on")
     })?;
@@ -798,6 +915,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
             .into(),
             pid,
         ));
+        pid_names.push(host.name.clone());
         daemons.push((host.clone(), socket, log));
     }
     for (host, socket, log) in &daemons {
@@ -826,74 +944,119 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     } else {
         Duration::from_secs_f64(20.0 * t_star + 60.0)
     };
-    let cmds: Vec<_> = daemons[1..]
-        .iter()
-        .map(|(host, socket, _)| {
-            let out = out_dir.join(format!("{}.p2p", host.name));
-            let mut c = Command::new(&dfget);
-            c.arg(&url)
-                .arg("-O")
-                .arg(&out)
-                .arg("--endpoint")
-                .arg(socket)
-                .arg("--timeout")
-                .arg(format!("{}s", p2p_timeout.as_secs()))
-                .arg("--no-progress")
-                .arg("--piece-length")
-                .arg(a.piece_length.to_string());
-            (
-                host.name.clone(),
-                c,
-                out_dir.join(format!("{}.dfget.log", host.name)),
-                out,
-            )
-        })
-        .collect();
     let meter = Meter {
         network: &network,
         origin: &origin,
         origin_addr: &origin_addr,
         seed: &seed,
     };
-    eprintln!("[lab] P2P: {n} dfget at once (T* = {t_star:.2} s) ...");
-    let before = meter.counters()?;
-    let cpu0 = cpu_snapshot(&pids, tck);
-    let runs = run_burst(cmds, p2p_timeout)?;
-    let cpu1 = cpu_snapshot(&pids, tck);
-    let traffic = meter.counters()?.since(&before);
-    procs.check_alive()?;
-    let checks = verify(&runs, &sha, a.keep);
-    check_stop()?;
-    let hosts_p2p: Vec<HostResult> = runs
-        .iter()
-        .zip(checks)
-        .map(|(r, (ok, err))| {
-            let src = std::fs::read_to_string(&r.log)
-                .ok()
-                .and_then(|t| parse_dfget_sources(&t));
-            HostResult {
-                host: r.host.clone(),
-                seconds: r.seconds,
-                verified: ok,
-                error: err,
-                from_origin: src.map(|s| s.0),
-                from_seed: src.map(|s| s.1),
-                from_peers: src.map(|s| s.2),
-            }
-        })
-        .collect();
-    let p2p = Phase::new(
-        "p2p",
-        hosts_p2p,
+    let p2p_run = P2pRun {
+        daemons: &daemons,
+        dfget: &dfget,
+        out_dir: &out_dir,
+        timeout: p2p_timeout,
+        piece_length: a.piece_length,
+        meter: &meter,
         t_star,
-        a.size,
-        traffic,
-        cpu_delta(&cpu0, &cpu1),
-    );
-    for hr in p2p.hosts.iter().filter(|h| h.error.is_some()) {
-        eprintln!("[lab] {}: {}", hr.host, hr.error.as_deref().unwrap_or(""));
-    }
+        size: a.size,
+        sha: &sha,
+        keep: a.keep,
+        tck,
+    };
+    eprintln!("[lab] P2P: {n} dfget at once (T* = {t_star:.2} s) ...");
+    let p2p = p2p_run.phase("p2p", &url, &pids, &[], None)?;
+    procs.check_alive()?;
     let mut phases = vec![p2p];
+    let mut fault_rows = Vec::new();
+    for (i, f) in a.faults.iter().enumerate() {
+        let victims: Vec<String> = peers[peers.len() - f.peers_killed(n)..]
+            .iter()
+            .map(|h| h.name.clone())
+            .collect();
+        let furl = format!("http://{origin_addr}/fault-{}.bin", i + 1);
+        eprintln!("[lab] fault phase {}: {} ...", i + 1, f.spec);
+        let phase = {
+            let procs = &mut procs;
+            let victims = &victims;
+            let mut act = || -> anyhow::Result<()> {
+                eprintln!("[lab] fault: {}", f.spec);
+                match f.kind {
+                    fault::FaultKind::KillSeed => procs.kill("seed"),
+                    fault::FaultKind::StallParent => procs.signal("seed", "STOP"),
+                    fault::FaultKind::KillScheduler => procs.kill("scheduler"),
+                    fault::FaultKind::RestartScheduler => {
+                        procs.kill("scheduler")?;
+                        procs.respawn("scheduler").map(|_| ())
+                    }
+                    fault::FaultKind::KillPeers(_) => {
+                        for v in victims {
+                            procs.kill(v)?;
+                        }
+                        Ok(())
+                    }
+                }
+            };
+            p2p_run.phase(
+                &format!("fault:{}", f.spec),
+                &furl,
+                &pids,
+                victims,
+                Some((f.at, &mut act)),
+            )?
+        };
+        // Back to a whole cluster for the next phase.
+        let mut restarted: Vec<String> = Vec::new();
+        match f.kind {
+            fault::FaultKind::StallParent => procs.signal("seed", "CONT")?,
+            fault::FaultKind::KillSeed => restarted.push("seed".into()),
+            fault::FaultKind::KillScheduler => restarted.push("scheduler".into()),
+            fault::FaultKind::RestartScheduler => {}
+            fault::FaultKind::KillPeers(_) => restarted.extend(victims.iter().cloned()),
+        }
+        for name in &restarted {
+            let pid = procs.respawn(name)?;
+            if let Some(e) = pids.iter_mut().zip(&pid_names).find(|(_, nm)| *nm == name) {
+                e.0 .1 = pid;
+            }
+        }
+        if restarted.iter().any(|r| r == "scheduler")
+            || f.kind == fault::FaultKind::RestartScheduler
+        {
+            let log = dir.join("scheduler.log");
+            wait_until("scheduler", ready, &mut procs, || {
+                log_contains(&log, "scheduler listening on")
+            })?;
+        }
+        for (host, socket, log) in &daemons {
+            if restarted.contains(&host.name) {
+                wait_until(&host.name, ready, &mut procs, || {
+                    std::os::unix::net::UnixStream::connect(socket).is_ok()
+                        && log_contains(log, "announced host")
+                })?;
+            }
+        }
+        // Every host announced to the scheduler again (a stopped or restarted one may have
+        // been dropped), so the next phase starts from a whole swarm.
+        let want = daemons.len() as u64;
+        wait_until(
+            "every host announced to the scheduler again",
+            ready,
+            &mut procs,
+            || scheduler_hosts(&sched, &sched_metrics) == Some(want),
+        )?;
+        procs.check_alive()?;
+        let no_fault = phases[0].max_s;
+        fault_rows.push(fault::FaultRow {
+            fault: f.spec.clone(),
+            killed: victims.clone(),
+            surviving: phase.hosts.len(),
+            verified: phase.verified,
+            max_s: phase.max_s,
+            max_vs_no_fault: phase.max_s / no_fault,
+            origin_copies_payload: phase.origin_copies_payload,
+        });
+        phases.push(phase);
+    }
 
     if !a.no_bittorrent {
         eprintln!("[lab] BitTorrent: {n} aria2c at once, seeded from the seed peer's host ...");
@@ -971,7 +1134,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         eprintln!("[lab] HTTP baseline: {n} curl at once ...");
         let before = meter.counters()?;
         let cpu0 = cpu_snapshot(&pids, tck);
-        let runs = run_burst(cmds, http_timeout)?;
+        let runs = run_burst(cmds, http_timeout, None)?;
         let cpu1 = cpu_snapshot(&pids, tck);
         let traffic = meter.counters()?.since(&before);
         let hosts_http = verified_results(&runs, &sha, a.keep);
@@ -999,6 +1162,7 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
         bittorrent_piece_length: (!a.no_bittorrent).then_some(bittorrent::PIECE_LENGTH),
         p2p_vs_bittorrent: Comparison::of(&phases),
         phases,
+        faults: fault_rows,
         daemon_config: read_cfg(&a.daemon_config),
         scheduler_config: read_cfg(&a.scheduler_config),
     };
@@ -1007,6 +1171,111 @@ fn run(a: &ClusterArgs) -> anyhow::Result<Report> {
     drop(network);
     drop(work);
     Ok(report)
+}
+
+/// What every P2P phase (the no-fault one and each fault's) runs with.
+struct P2pRun<'a> {
+    daemons: &'a [(Host, PathBuf, PathBuf)],
+    dfget: &'a Path,
+    out_dir: &'a Path,
+    timeout: Duration,
+    piece_length: u64,
+    meter: &'a Meter<'a>,
+    t_star: f64,
+    size: u64,
+    sha: &'a str,
+    keep: bool,
+    tck: f64,
+}
+
+impl P2pRun<'_> {
+    /// One dfget of `url` per peer host, all at once (`hook` at its time); the result rows
+    /// of every host but those in `excluded` (killed by a fault), each copy verified.
+    fn phase(
+        &self,
+        name: &str,
+        url: &str,
+        pids: &[(String, u32)],
+        excluded: &[String],
+        hook: Option<Hook<'_>>,
+    ) -> anyhow::Result<Phase> {
+        let suffix: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let cmds: Vec<_> = self.daemons[1..]
+            .iter()
+            .map(|(host, socket, _)| {
+                let out = self.out_dir.join(format!("{}.{suffix}", host.name));
+                let mut c = Command::new(self.dfget);
+                c.arg(url)
+                    .arg("-O")
+                    .arg(&out)
+                    .arg("--endpoint")
+                    .arg(socket)
+                    .arg("--timeout")
+                    .arg(format!("{}s", self.timeout.as_secs()))
+                    .arg("--no-progress")
+                    .arg("--piece-length")
+                    .arg(self.piece_length.to_string());
+                (
+                    host.name.clone(),
+                    c,
+                    self.out_dir
+                        .join(format!("{}.{suffix}.dfget.log", host.name)),
+                    out,
+                )
+            })
+            .collect();
+        let before = self.meter.counters()?;
+        let cpu0 = cpu_snapshot(pids, self.tck);
+        let mut runs = run_burst(cmds, self.timeout, hook)?;
+        let cpu1 = cpu_snapshot(pids, self.tck);
+        let traffic = self.meter.counters()?.since(&before);
+        runs.retain(|r| !excluded.contains(&r.host));
+        let checks = verify(&runs, self.sha, self.keep);
+        check_stop()?;
+        let hosts: Vec<HostResult> = runs
+            .iter()
+            .zip(checks)
+            .map(|(r, (ok, err))| {
+                let src = std::fs::read_to_string(&r.log)
+                    .ok()
+                    .and_then(|t| parse_dfget_sources(&t));
+                HostResult {
+                    host: r.host.clone(),
+                    seconds: r.seconds,
+                    verified: ok,
+                    error: err,
+                    from_origin: src.map(|s| s.0),
+                    from_seed: src.map(|s| s.1),
+                    from_peers: src.map(|s| s.2),
+                }
+            })
+            .collect();
+        let phase = Phase::new(
+            name,
+            hosts,
+            self.t_star,
+            self.size,
+            traffic,
+            cpu_delta(&cpu0, &cpu1),
+        );
+        for hr in phase.hosts.iter().filter(|h| h.error.is_some()) {
+            eprintln!(
+                "[lab] {name} {}: {}",
+                hr.host,
+                hr.error.as_deref().unwrap_or("")
+            );
+        }
+        Ok(phase)
+    }
 }
 
 /// Where a phase's bytes are counted: the origin's and the seed peer's links, and the
@@ -1048,6 +1317,29 @@ impl Counters {
             seed_link: self.seed_tx.saturating_sub(before.seed_tx),
         }
     }
+}
+
+/// Hosts the scheduler knows now (its `damselfly_scheduler_hosts` gauge, fetched with curl
+/// inside its namespace); `None` when that fails.
+fn scheduler_hosts(sched: &Host, addr: &str) -> Option<u64> {
+    let url = format!("http://{addr}/metrics");
+    let text = net::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &sched.ns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &url,
+        ],
+    )
+    .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("damselfly_scheduler_hosts "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Body bytes the origin has served so far (its `/_stats`, fetched with curl inside the

@@ -152,8 +152,11 @@ pub struct Report {
     pub qdisc: String,
     /// T*, seconds, from the nominal link rates.
     pub t_star_s: f64,
-    /// Phases run (`p2p`, then `bittorrent` and `http` unless skipped).
+    /// Phases run (`p2p`, one `fault:<spec>` per `--fault`, then `bittorrent` and `http`
+    /// unless skipped).
     pub phases: Vec<Phase>,
+    /// One row per `--fault`: its phase against the no-fault `p2p` phase.
+    pub faults: Vec<super::fault::FaultRow>,
     /// Piece length of the BitTorrent phase's torrent, bytes (`None`: no such phase).
     pub bittorrent_piece_length: Option<u64>,
     /// Damselfly's P2P phase against the BitTorrent phase, when both ran.
@@ -222,9 +225,16 @@ impl Report {
             self.seed_rate_bps / 1_000_000,
             self.t_star_s
         );
+        let w = self
+            .phases
+            .iter()
+            .map(|p| p.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(10);
         let _ = writeln!(
             s,
-            "{:<10} {:>8} {:>8} {:>7} {:>7} {:>13} {:>14} {:>11} {:>12} {:>8}  cpu s",
+            "{:<w$} {:>8} {:>8} {:>7} {:>7} {:>13} {:>14} {:>11} {:>12} {:>8}  cpu s",
             "phase",
             "p50 s",
             "max s",
@@ -246,7 +256,7 @@ impl Report {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "{:<10} {:>8.2} {:>8.2} {:>7} {:>7} {:>13.3} {:>14} {:>11.3} {:>12} {:>5}/{:<2}  {cpu}",
+                "{:<w$} {:>8.2} {:>8.2} {:>7} {:>7} {:>13.3} {:>14} {:>11.3} {:>12} {:>5}/{:<2}  {cpu}",
                 p.name,
                 p.p50_s,
                 p.max_s,
@@ -258,6 +268,23 @@ impl Report {
                 opt(p.seed_copies_payload),
                 p.verified,
                 p.hosts.len()
+            );
+        }
+        for f in &self.faults {
+            let _ = writeln!(
+                s,
+                "fault {}: {}/{} surviving hosts verified{}, slowest {:.2} s = {} x the no-fault phase, origin {} copies",
+                f.fault,
+                f.verified,
+                f.surviving,
+                if f.killed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} killed: {})", f.killed.len(), f.killed.join(" "))
+                },
+                f.max_s,
+                fmt_ratio(f.max_vs_no_fault),
+                opt(f.origin_copies_payload)
             );
         }
         if let Some(len) = self.bittorrent_piece_length {

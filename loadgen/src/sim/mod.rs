@@ -322,6 +322,7 @@ impl Sim {
                 piece_length: self.p.piece_length,
                 back_to_source,
                 priority: 0,
+                resume: None,
             }),
         );
         if back_to_source {

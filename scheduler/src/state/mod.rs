@@ -753,6 +753,7 @@ impl SchedulerState {
             piece_length,
             back_to_source,
             priority,
+            resume,
         } = register;
         let host = self.check_identity(key, &task_id, &peer_id, host)?;
         if priority != 0 {
@@ -777,7 +778,13 @@ impl SchedulerState {
             }
         }
         let metadata_known = task.metadata.is_some();
-        debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, "peer registered");
+        // A download that goes on with parents it has (its scheduler went away): not waiting,
+        // and it can serve at once; its size is the task's if none is known yet.
+        let resumed = !back_to_source && resume.is_some();
+        let resumed_layout = resume
+            .filter(|_| resumed && !metadata_known)
+            .and_then(|m| PieceLayout::new(m.content_length, m.piece_length).ok());
+        debug!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, back_to_source, resumed, "peer registered");
         let host_ix = self.host_ref(&host.id);
         self.peers.insert(
             key,
@@ -789,8 +796,8 @@ impl SchedulerState {
                 host_ix,
                 source: back_to_source,
                 done: false,
-                waiting: !back_to_source,
-                scheduled: false,
+                waiting: !back_to_source && !resumed,
+                scheduled: resumed,
                 announced: false,
                 pieces: PieceSet::default(),
                 parents: HashSet::default(),
@@ -803,7 +810,12 @@ impl SchedulerState {
         );
         self.sync(key, &mut out);
 
-        if back_to_source {
+        if resumed {
+            info!(task_id = %task_id, host_id = %self.peers.get(&key).map_or("", |p| p.host.id.as_str()), "running download registered again");
+            if let Some(layout) = resumed_layout {
+                self.set_metadata(&task_id, layout, &mut out);
+            }
+        } else if back_to_source {
             // Fetches from the origin; it will tell us the size with TaskMetadata.
         } else if metadata_known {
             self.schedule(key, &mut out);
@@ -1218,6 +1230,7 @@ impl SchedulerState {
         }
         if metadata_known {
             self.schedule(key, out);
+            self.recover_for_peer(key, out);
         } else {
             if let Some(p) = self.peers.get_mut(&key) {
                 p.waiting = true;
@@ -1389,6 +1402,86 @@ impl SchedulerState {
             .map(|(k, _)| *k)
             .collect();
         warn!(task_id = %task_id, missing = missing.len(), peers = takers.len(), "pieces held by no live peer and no seed peer; sending peers to the origin for them");
+        let per = missing.len().div_ceil(takers.len().max(1));
+        for (taker, run) in takers.iter().zip(missing.chunks(per.max(1))) {
+            self.send_pieces_to_source(*taker, run.to_vec(), out);
+        }
+    }
+
+    /// After a reschedule: the pieces `child` lacks that no peer on a host it has not
+    /// reported bad holds (or was sent to the origin for) — e.g. only a parent that stalled
+    /// without closing holds them, which the scheduler still counts as live until its
+    /// connection times out — are fetched by `child` from the origin (a partial
+    /// `NeedBackToSource`), unless a seed trigger or a whole-task source is under way.
+    fn recover_for_peer(&mut self, child: PeerKey, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get(&child) else {
+            return;
+        };
+        if !peer.wants_parents() || peer.bad_hosts.is_empty() {
+            return;
+        }
+        let Some(task) = self.tasks.get(&peer.task_id) else {
+            return;
+        };
+        let Some(layout) = task.metadata else {
+            return;
+        };
+        // A seed being triggered brings the pieces, unless it is the bad parent itself.
+        if task
+            .trigger
+            .as_ref()
+            .is_some_and(|t| !peer.bad_hosts.contains(&t.host_id))
+        {
+            return;
+        }
+        let good_keyed: Vec<(PeerKey, &Peer)> = task
+            .peers
+            .iter()
+            .filter_map(|k| self.peers.get(k).map(|p| (*k, &**p)))
+            .filter(|(_, p)| !peer.bad_hosts.contains(&p.host.id))
+            .collect();
+        let good: Vec<&Peer> = good_keyed.iter().map(|(_, p)| *p).collect();
+        if good.iter().any(|p| p.done || p.source) {
+            return;
+        }
+        let count = layout.piece_count();
+        let mut covered = vec![false; count as usize];
+        for p in &good {
+            for &n in &p.origin_pieces {
+                if let Some(c) = covered.get_mut(n as usize) {
+                    *c = true;
+                }
+            }
+        }
+        let missing: Vec<u32> = (0..count)
+            .filter(|&n| {
+                !covered[n as usize]
+                    && !peer.pieces.contains(n)
+                    && !good.iter().any(|p| p.pieces.contains(n))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        // Split like lost pieces: this peer first, then the other downloading peers holding
+        // the most, within the back-to-source budget, so that no single downlink (and the
+        // uplink that then has to share them) carries them all.
+        let mut others: Vec<(PeerKey, &Peer)> = good_keyed
+            .iter()
+            .filter(|(k, p)| *k != child && p.wants_parents())
+            .copied()
+            .collect();
+        others.sort_by_key(|(k, p)| (std::cmp::Reverse(p.pieces.count()), *k));
+        let budget = self
+            .config
+            .back_to_source_limit
+            .saturating_sub(task.back_to_source)
+            .max(1) as usize;
+        let takers: Vec<PeerKey> = std::iter::once(child)
+            .chain(others.iter().map(|(k, _)| *k))
+            .take(budget.min(missing.len()))
+            .collect();
+        warn!(peer_id = %peer.peer_id, missing = missing.len(), peers = takers.len(), bad = ?peer.bad_hosts, "pieces held only by hosts this peer reported bad; sending peers to the origin for them");
         let per = missing.len().div_ceil(takers.len().max(1));
         for (taker, run) in takers.iter().zip(missing.chunks(per.max(1))) {
             self.send_pieces_to_source(*taker, run.to_vec(), out);

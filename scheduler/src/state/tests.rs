@@ -85,6 +85,7 @@ impl Sim {
                     piece_length: 0,
                     back_to_source: bts,
                     priority: 0,
+                    resume: None,
                 },
             )
             .unwrap();
@@ -1340,6 +1341,93 @@ fn nothing_is_fetched_again_while_live_peers_hold_every_piece() {
     out.extend(sim.st.peer_left(s));
     assert!(back_to_source(&out, a).is_none(), "{out:?}");
     assert!(triggers(&out).is_empty());
+}
+
+#[test]
+fn a_running_download_registered_again_is_not_a_new_request_for_a_source() {
+    // A restarted scheduler: a seed host is live, and the first thing it hears of the task
+    // is a running download registering again with the task's size.
+    let mut sim = Sim::new();
+    sim.announce("seed-a", true);
+    let a = PeerKey(sim.key());
+    let out = sim
+        .st
+        .register_peer(
+            a,
+            RegisterPeer {
+                task_id: TASK.to_owned(),
+                peer_id: "peer-a".to_owned(),
+                host: Some(host("host-a", false)),
+                resume: Some(metadata(10 << 20)),
+                ..RegisterPeer::default()
+            },
+        )
+        .unwrap();
+    assert!(triggers(&out).is_empty(), "seed triggered: {out:?}");
+    assert_eq!(back_to_source(&out, a), None, "sent to the origin: {out:?}");
+    for n in 0..4 {
+        sim.piece(a, n);
+    }
+    // It serves at once: a new peer gets it as a parent (the size came with the
+    // registration), and still nobody is sent to a source.
+    let (b, out) = sim.register("peer-b", "host-b", false);
+    assert_eq!(parents_to(&out, b), vec!["host-a"]);
+    assert!(triggers(&out).is_empty(), "seed triggered: {out:?}");
+}
+
+#[test]
+fn pieces_only_a_bad_parent_holds_are_fetched_from_the_origin_after_a_reschedule() {
+    // The seed holds everything and stalls without closing (still live here); peer-b
+    // holds piece 5. peer-a reports the seed bad: it is sent to the origin for the pieces
+    // nobody else has, not for piece 5 and not for those it holds.
+    let mut sim = Sim::new();
+    sim.announce("seed-a", true);
+    let (a, _) = sim.register("peer-a", "host-a", false);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 8 << 20);
+    let (b, _) = sim.register("peer-b", "host-b", false);
+    for n in 0..8 {
+        sim.piece(s, n);
+    }
+    for n in 0..3 {
+        sim.piece(a, n);
+    }
+    sim.piece(b, 5);
+    let out = sim.send(
+        a,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec!["seed-a".to_owned()],
+            reason: "no piece for 30s".to_owned(),
+        }),
+    );
+    let sent_to = |who: PeerKey| -> Vec<u32> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Peer {
+                    peer,
+                    response:
+                        AnnouncePeerResponse {
+                            response: Some(announce_peer_response::Response::NeedBackToSource(n)),
+                        },
+                } if *peer == who => Some(n.pieces.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    // Split between the reporting peer (first) and the other downloading peer.
+    assert_eq!(sent_to(a), vec![3, 4], "{out:?}");
+    assert_eq!(sent_to(b), vec![6, 7], "{out:?}");
+    // Asking again does not send them twice.
+    let out = sim.send(
+        a,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec!["seed-a".to_owned()],
+            reason: "again".to_owned(),
+        }),
+    );
+    assert_eq!(back_to_source(&out, a), None, "{out:?}");
+    assert_eq!(back_to_source(&out, b), None, "{out:?}");
 }
 
 #[test]
