@@ -343,7 +343,19 @@ impl Session {
         let mut running = 0u32;
         while got < len {
             let want = (len - got).min(RECEIVE_CHUNK);
-            let (res, b) = stream.read_raw_chunk(reader, want as usize, buf).await;
+            // A parent that stops sending mid-piece is dropped like one that never answers
+            // (the buffer goes with the cancelled read; the connection is closed anyway).
+            let read = monoio::time::timeout(
+                self.cfg.piece_timeout,
+                stream.read_raw_chunk(reader, want as usize, buf),
+            )
+            .await;
+            let Ok((res, b)) = read else {
+                return (
+                    Err(Received::Stalled(self.cfg.piece_timeout)),
+                    RawChunk::default(),
+                );
+            };
             buf = b;
             if let Err(e) = res {
                 return (Err(Received::Conn(e)), buf);
@@ -467,6 +479,8 @@ impl Drop for Claim<'_> {
 enum Received {
     /// The connection failed mid-piece.
     Conn(ConnError),
+    /// No byte of the piece arrived for this long.
+    Stalled(Duration),
     /// The piece is corrupt or could not be written.
     Store(StoreError),
 }
@@ -770,6 +784,10 @@ async fn parent_io<S: FetchStream>(
                     Err(Received::Conn(e)) => {
                         s.release(n);
                         return Err(e.into());
+                    }
+                    Err(Received::Stalled(d)) => {
+                        s.release(n);
+                        return Err(ParentError::Timeout(d));
                     }
                     Err(Received::Store(e)) => Err(e),
                 };

@@ -404,6 +404,105 @@ fn corrupt_piece_is_never_stored() {
     c.dp.shutdown();
 }
 
+/// A parent that sends a piece header and half the piece, then nothing (connection open):
+/// the fetcher drops it after `piece_timeout` of silence mid-piece and asks for parents,
+/// with the piece neither stored nor left in flight. Before 2026-12-06 only the wait for a
+/// header had a timeout: a parent stalled mid-body held the download until the daemon's
+/// stall watchdog.
+#[test]
+fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let id = TaskId([10; 32]);
+    let data = content(16384);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        while let Some(f) = read_frame(&mut s) {
+            match f {
+                Frame::BitmapRequest { task, .. } => send(
+                    &mut s,
+                    &Frame::Bitmap {
+                        task,
+                        content_length: 16384,
+                        piece_length: 16384,
+                        piece_count: 1,
+                        bits: vec![1],
+                    },
+                ),
+                Frame::PieceRequest { task, number } => {
+                    send(
+                        &mut s,
+                        &Frame::Piece(frame::PieceHeader {
+                            task,
+                            number,
+                            offset: 0,
+                            length: 16384,
+                            crc32c: wire::piece_crc(&data),
+                        }),
+                    );
+                    s.write_all(&data[..8192]).expect("write");
+                    // Stall with the connection open until the test ends.
+                    let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+                    return;
+                }
+                _ => return,
+            }
+        }
+    });
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            piece_timeout: Duration::from_millis(500),
+            ..FetchConfig::default()
+        },
+    );
+    let store = c
+        .storage
+        .create(id, PieceLayout::new(16384, 16384).expect("layout"))
+        .expect("create");
+    let parents = vec![Parent {
+        host_id: "stalled".into(),
+        addr,
+        quic_addr: None,
+        is_seed: false,
+    }];
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::Download {
+                store: store.clone(),
+                parents,
+                rate_limit: 0,
+            },
+        )
+        .expect("send");
+    // Without the timeout on the body the fetcher waits as long as the fake parent holds
+    // the connection (60 s); the bound below is a liveness bound, 60× the piece timeout.
+    let dropped = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = &c;
+        scope.spawn(move || {
+            wait_event(c, |e| matches!(e, Event::NeedParents { .. }));
+            let _ = tx.send(());
+        });
+        let dropped = rx.recv_timeout(Duration::from_secs(30)).is_ok();
+        // Lets the fake parent close, which ends the wait above if it is still running.
+        let _ = stop_tx.send(());
+        dropped
+    });
+    assert!(
+        dropped,
+        "the stalled parent was not dropped while it held the connection open"
+    );
+    assert!(!store.has(0));
+    fake.join().expect("fake parent");
+    c.dp.shutdown();
+}
+
 fn download(
     c: &Node,
     id: TaskId,
