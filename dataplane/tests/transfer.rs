@@ -720,7 +720,19 @@ fn parent(id: &str, n: &Node, is_seed: bool) -> Parent {
 /// `b` then uploads nothing.
 #[test]
 fn parents_added_right_after_the_download_starts_are_used() {
-    let (a, b) = (node(1), node(1));
+    // Parent a uploads at 2 MB/s, so the 1 MiB takes it ~0.5 s: long enough that b, added
+    // a moment later, is asked for pieces however slowly its connection comes up (an
+    // unlimited a could send everything first on a busy machine, and b would rightly be
+    // asked for nothing).
+    let a = node_with(
+        1,
+        ShapingConfig {
+            upload: 2_000_000,
+            ..ShapingConfig::default()
+        },
+        4,
+    );
+    let b = node(1);
     let c = node_with(1, ShapingConfig::default(), 2);
     let id = TaskId([21; 32]);
     let data = content(64 * 16384);

@@ -33,8 +33,14 @@ async fn import_export_stat_delete_without_an_origin() {
     let dir = cluster.dir().join("files");
     std::fs::create_dir_all(&dir).expect("files dir");
 
-    // Several pieces (1 MiB each by default) and a partial last one.
-    let content = Content::new(4242, 3 * 1024 * 1024 + 12_345);
+    // Several pieces (of the default rule's length) and a partial last one.
+    let len = 3 * 1024 * 1024 + 12_345;
+    let content = Content::new(4242, len);
+    let pieces = len.div_ceil(wire::piece::piece_length_for(
+        len,
+        wire::piece::DEFAULT_MIN_PIECE_LENGTH,
+        wire::piece::MAX_PIECE_LENGTH,
+    ));
     let src = dir.join("model.bin");
     content.write_to(&src).expect("writing the source file");
     let src_s = src.to_string_lossy().into_owned();
@@ -54,9 +60,15 @@ async fn import_export_stat_delete_without_an_origin() {
         .await
         .expect("dfcache stat");
     let stat = ok("dfcache stat on peer-1", &o);
-    assert!(stat.contains("local: complete (4/4 pieces)"), "{stat}");
+    assert!(
+        stat.contains(&format!("local: complete ({pieces}/{pieces} pieces)")),
+        "{stat}"
+    );
     assert!(stat.contains("scheduler: 1 peers, 1 complete"), "{stat}");
-    assert!(stat.contains("peer peer-1 4/4 pieces (complete)"), "{stat}");
+    assert!(
+        stat.contains(&format!("peer peer-1 {pieces}/{pieces} pieces (complete)")),
+        "{stat}"
+    );
 
     // Export on B: from A only (there is no origin to go to), verified against the cid.
     let out = dir.join("exported.bin");

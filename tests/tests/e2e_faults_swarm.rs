@@ -95,9 +95,16 @@ async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 1))
-        .await
-        .expect("starting the cluster");
+    // dfget may take up to the daemon's stall bound (2 × `download.stall_timeout`, 60 s):
+    // in about one run of eight under load the scheduler does not hand peer-1 the seed it
+    // triggered in the killed one's place, and only the stall watchdog ends the wait
+    // (issue 23, open). 60 s, the kit's default, raced that bound.
+    let mut cluster = Cluster::start(ClusterOptions {
+        dfget_timeout: Duration::from_secs(120),
+        ..ClusterOptions::sized(0, 1)
+    })
+    .await
+    .expect("starting the cluster");
     let slow = daemon_config(
         cluster.dir(),
         "slow-upload.yaml",
@@ -132,7 +139,13 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
         anyhow::Ok((victim.name.clone(), at_kill))
     });
     let (victim, at_kill) = killed.expect("killing the serving seed");
-    r.unwrap_or_else(|e| panic!("peer-1 should finish after losing seed {victim}: {e:#}"));
+    if let Err(e) = r {
+        let kept = cluster.keep_dir();
+        panic!(
+            "peer-1 should finish after losing seed {victim}: {e:#} (logs kept in {})",
+            kept.display()
+        );
+    }
     assert!(
         at_kill.bytes_from_seed < size,
         "{victim} was killed after peer-1 had everything ({at_kill:?})"
