@@ -254,10 +254,7 @@ impl Sim {
         let mut new = Vec::new();
         if let Some(shown) = f.shown.as_mut() {
             for k in 0..self.pieces {
-                let on = bitmap
-                    .get(k as usize / 8)
-                    .is_some_and(|b| b & (1 << (k % 8)) != 0);
-                if on && !shown.get(k) {
+                if wire::frame::bitmap_get(&bitmap, k) && !shown.get(k) {
                     shown.set(k, true);
                     new.push(k);
                 }
@@ -302,11 +299,8 @@ impl Sim {
                 return;
             };
             let outstanding = f.queue.len() + usize::from(conn.piece.is_some());
-            let limit = f
-                .window
-                .limit(piece_length)
-                .min(self.swarm_model().pieces_in_flight.max(1));
-            if outstanding >= limit {
+            // Bounded by `pieces_in_flight` and `bytes_in_flight` inside the window.
+            if outstanding >= f.window.limit(piece_length) {
                 break;
             }
             let Some(k) = self.d_pick(i, c) else { break };
@@ -317,17 +311,10 @@ impl Sim {
         self.d_promote(i, c, t);
     }
 
-    fn swarm_model(&self) -> DaemonModel {
-        self.daemon
-            .as_ref()
-            .map_or_else(DaemonModel::current, |d| d.model)
-    }
-
     /// First piece peer `i` neither holds nor fetches.
     fn d_next_in_order(&mut self, i: usize) -> Option<u32> {
         let k = (0..self.pieces).find(|&k| !self.have[i].get(k) && !self.inflight[i].get(k))?;
-        self.inflight[i].set(k, true);
-        self.rarity[k as usize] += 1;
+        self.mark_in_flight(i, k);
         Some(k)
     }
 
@@ -369,13 +356,6 @@ impl Sim {
                 f.admit = admit;
             }
             self.d_start(i, c, k, requested);
-        }
-    }
-
-    fn release(&mut self, i: usize, k: u32) {
-        if self.inflight[i].get(k) {
-            self.inflight[i].set(k, false);
-            self.rarity[k as usize] -= 1;
         }
     }
 
@@ -423,8 +403,7 @@ impl Sim {
             }
         }
         let (_, k) = best?;
-        self.inflight[i].set(k, true);
-        self.rarity[k as usize] += 1;
+        self.mark_in_flight(i, k);
         Some(k)
     }
 

@@ -407,8 +407,7 @@ impl Sim {
                             }
                             for c in std::mem::take(&mut self.conns[i]) {
                                 if let Some(k) = c.piece {
-                                    self.inflight[i].set(k, false);
-                                    self.rarity[k as usize] -= 1;
+                                    self.release(i, k);
                                 }
                             }
                             self.become_source(peer);
@@ -499,9 +498,22 @@ impl Sim {
             }
         }
         let (_, k) = best?;
-        self.inflight[child].set(k, true);
-        self.rarity[k as usize] += 1;
+        self.mark_in_flight(child, k);
         Some(k)
+    }
+
+    /// Piece `k` is now fetched by peer `i` (it counts towards the piece's rarity).
+    fn mark_in_flight(&mut self, i: usize, k: u32) {
+        self.inflight[i].set(k, true);
+        self.rarity[k as usize] += 1;
+    }
+
+    /// Peer `i` gave up fetching piece `k` (not received): no longer in flight, nor counted.
+    fn release(&mut self, i: usize, k: u32) {
+        if self.inflight[i].get(k) {
+            self.inflight[i].set(k, false);
+            self.rarity[k as usize] -= 1;
+        }
     }
 
     /// `conn` of `child` received its piece at `at`, after the parent spent `cost` seconds on
