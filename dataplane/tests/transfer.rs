@@ -3,7 +3,9 @@
 
 use damselfly_dataplane::fetch::FetchConfig;
 use damselfly_dataplane::shaper::{Clock, Shaping, ShapingConfig, VirtualClock, BURST};
-use damselfly_dataplane::{Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage};
+use damselfly_dataplane::{
+    Command, Counters, DataPlane, DataPlaneConfig, Event, Parent, Storage, TaskStore,
+};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
@@ -124,7 +126,6 @@ fn peer_fetches_every_piece_from_two_parents() {
     seed_task(&a, id, &data, 16384);
     seed_task(&b, id, &data, 16384);
     let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
-    let store = c.storage.create(id, layout).expect("create");
     let parents = vec![
         Parent {
             host_id: "a".into(),
@@ -139,17 +140,7 @@ fn peer_fetches_every_piece_from_two_parents() {
             is_seed: false,
         },
     ];
-    let t = c.dp.bridge().thread_of(&id);
-    c.dp.bridge()
-        .send(
-            t,
-            Command::Download {
-                store: store.clone(),
-                parents,
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
+    let store = start_download(&c, id, layout, parents, 0);
     let events = wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
     let finished = events
         .iter()
@@ -175,21 +166,8 @@ fn peer_fetches_every_piece_from_two_parents() {
 fn empty_task_finishes_without_transfer() {
     let c = node(1);
     let id = TaskId([4; 32]);
-    let store = c
-        .storage
-        .create(id, PieceLayout::new(0, 16384).expect("layout"))
-        .expect("create");
-    c.dp.bridge()
-        .send(
-            c.dp.bridge().thread_of(&id),
-            Command::Download {
-                store,
-                parents: vec![],
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
-    let events = wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    let layout = PieceLayout::new(0, 16384).expect("layout");
+    let events = download(&c, id, layout, vec![], 0);
     assert_eq!(events.len(), 1);
     c.dp.shutdown();
 }
@@ -198,10 +176,6 @@ fn empty_task_finishes_without_transfer() {
 fn dead_parent_asks_for_new_parents() {
     let c = node(1);
     let id = TaskId([5; 32]);
-    let store = c
-        .storage
-        .create(id, PieceLayout::new(100, 16384).expect("layout"))
-        .expect("create");
     // A port nobody listens on.
     let dead: SocketAddr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -213,16 +187,8 @@ fn dead_parent_asks_for_new_parents() {
         quic_addr: None,
         is_seed: false,
     }];
-    c.dp.bridge()
-        .send(
-            c.dp.bridge().thread_of(&id),
-            Command::Download {
-                store: store.clone(),
-                parents,
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
+    let layout = PieceLayout::new(100, 16384).expect("layout");
+    let store = start_download(&c, id, layout, parents, 0);
     let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
     assert!(events
         .iter()
@@ -326,14 +292,15 @@ fn upload_server_answers_bad_requests_with_errors() {
     a.dp.shutdown();
 }
 
-#[test]
-fn corrupt_piece_is_never_stored() {
-    // A fake parent that sends every piece with a wrong crc32c.
+/// A fake parent on loopback holding one task of one 16 KiB piece: it accepts one
+/// connection, answers bitmap requests with that piece, and hands every piece request to
+/// `on_piece` (the stream, task, piece number), which answers it and says whether to go on
+/// serving. Returns the parent's address and its thread, which yields the piece requests seen.
+fn one_piece_parent(
+    mut on_piece: impl FnMut(&mut TcpStream, TaskId, u32) -> bool + Send + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<u32>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
-    let id = TaskId([8; 32]);
-    let data = content(16384);
-    let data2 = data.clone();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = l.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -353,47 +320,52 @@ fn corrupt_piece_is_never_stored() {
                 ),
                 Frame::PieceRequest { task, number } => {
                     requests += 1;
-                    send(
-                        &mut s,
-                        &Frame::Piece(frame::PieceHeader {
-                            task,
-                            number,
-                            offset: 0,
-                            length: 16384,
-                            crc32c: wire::piece_crc(&data2) ^ 0xdead,
-                        }),
-                    );
-                    s.write_all(&data2).expect("write");
+                    if !on_piece(&mut s, task, number) {
+                        break;
+                    }
                 }
                 _ => break,
             }
         }
         requests
     });
+    (addr, fake)
+}
+
+/// Sends the header of a 16 KiB piece with checksum `crc32c`.
+fn send_piece_header(s: &mut TcpStream, task: TaskId, number: u32, crc32c: u32) {
+    send(
+        s,
+        &Frame::Piece(frame::PieceHeader {
+            task,
+            number,
+            offset: 0,
+            length: 16384,
+            crc32c,
+        }),
+    );
+}
+
+#[test]
+fn corrupt_piece_is_never_stored() {
+    // A fake parent that sends every piece with a wrong crc32c.
+    let id = TaskId([8; 32]);
+    let data = content(16384);
+    let data2 = data.clone();
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&data2) ^ 0xdead);
+        s.write_all(&data2).expect("write");
+        true
+    });
     let c = node(1);
-    let store = c
-        .storage
-        .create(
-            id,
-            PieceLayout::new(data.len() as u64, 16384).expect("layout"),
-        )
-        .expect("create");
     let parents = vec![Parent {
         host_id: "evil".into(),
         addr,
         quic_addr: None,
         is_seed: false,
     }];
-    c.dp.bridge()
-        .send(
-            c.dp.bridge().thread_of(&id),
-            Command::Download {
-                store: store.clone(),
-                parents,
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let store = start_download(&c, id, layout, parents, 0);
     let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
     assert!(events
         .iter()
@@ -411,46 +383,15 @@ fn corrupt_piece_is_never_stored() {
 /// stall watchdog.
 #[test]
 fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
     let id = TaskId([10; 32]);
     let data = content(16384);
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        while let Some(f) = read_frame(&mut s) {
-            match f {
-                Frame::BitmapRequest { task, .. } => send(
-                    &mut s,
-                    &Frame::Bitmap {
-                        task,
-                        content_length: 16384,
-                        piece_length: 16384,
-                        piece_count: 1,
-                        bits: vec![1],
-                    },
-                ),
-                Frame::PieceRequest { task, number } => {
-                    send(
-                        &mut s,
-                        &Frame::Piece(frame::PieceHeader {
-                            task,
-                            number,
-                            offset: 0,
-                            length: 16384,
-                            crc32c: wire::piece_crc(&data),
-                        }),
-                    );
-                    s.write_all(&data[..8192]).expect("write");
-                    // Stall with the connection open until the test ends.
-                    let _ = stop_rx.recv_timeout(Duration::from_secs(60));
-                    return;
-                }
-                _ => return,
-            }
-        }
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&data));
+        s.write_all(&data[..8192]).expect("write");
+        // Stall with the connection open until the test ends.
+        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+        false
     });
     let c = node_fetch(
         1,
@@ -460,26 +401,14 @@ fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
             ..FetchConfig::default()
         },
     );
-    let store = c
-        .storage
-        .create(id, PieceLayout::new(16384, 16384).expect("layout"))
-        .expect("create");
     let parents = vec![Parent {
         host_id: "stalled".into(),
         addr,
         quic_addr: None,
         is_seed: false,
     }];
-    c.dp.bridge()
-        .send(
-            c.dp.bridge().thread_of(&id),
-            Command::Download {
-                store: store.clone(),
-                parents,
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
+    let layout = PieceLayout::new(16384, 16384).expect("layout");
+    let store = start_download(&c, id, layout, parents, 0);
     // Without the timeout on the body the fetcher waits as long as the fake parent holds
     // the connection (60 s); the bound below is a liveness bound, 60× the piece timeout.
     let dropped = std::thread::scope(|scope| {
@@ -503,6 +432,29 @@ fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
     c.dp.shutdown();
 }
 
+/// Creates the task on `c` and starts its download from `parents`.
+fn start_download(
+    c: &Node,
+    id: TaskId,
+    layout: PieceLayout,
+    parents: Vec<Parent>,
+    rate_limit: u64,
+) -> Arc<TaskStore> {
+    let store = c.storage.create(id, layout).expect("create");
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::Download {
+                store: store.clone(),
+                parents,
+                rate_limit,
+            },
+        )
+        .expect("send");
+    store
+}
+
+/// [`start_download`], then waits for the download to finish.
 fn download(
     c: &Node,
     id: TaskId,
@@ -510,18 +462,7 @@ fn download(
     parents: Vec<Parent>,
     rate_limit: u64,
 ) -> Vec<Event> {
-    let store = c.storage.create(id, layout).expect("create");
-    let t = c.dp.bridge().thread_of(&id);
-    c.dp.bridge()
-        .send(
-            t,
-            Command::Download {
-                store,
-                parents,
-                rate_limit,
-            },
-        )
-        .expect("send");
+    start_download(c, id, layout, parents, rate_limit);
     wait_event(c, |e| matches!(e, Event::DownloadFinished { .. }))
 }
 
@@ -739,22 +680,11 @@ fn parents_added_right_after_the_download_starts_are_used() {
     seed_task(&a, id, &data, 16384);
     seed_task(&b, id, &data, 16384);
     let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
-    let store = c.storage.create(id, layout).expect("create");
-    let t = c.dp.bridge().thread_of(&id);
-    let bridge = c.dp.bridge();
-    bridge
+    let store = start_download(&c, id, layout, vec![parent("a", &a, false)], 0);
+    // Queued right behind the Download, as the control plane does.
+    c.dp.bridge()
         .send(
-            t,
-            Command::Download {
-                store: store.clone(),
-                parents: vec![parent("a", &a, false)],
-                rate_limit: 0,
-            },
-        )
-        .expect("send");
-    bridge
-        .send(
-            t,
+            c.dp.bridge().thread_of(&id),
             Command::AddParents {
                 task: id,
                 parents: vec![parent("b", &b, false)],
@@ -795,21 +725,7 @@ fn a_super_seed_sends_each_piece_once_before_any_twice() {
     let kids: Vec<Node> = (0..3).map(|_| node(1)).collect();
     let handles: Vec<_> = kids
         .iter()
-        .map(|k| {
-            let store = k.storage.create(id, layout).expect("create");
-            let t = k.dp.bridge().thread_of(&id);
-            k.dp.bridge()
-                .send(
-                    t,
-                    Command::Download {
-                        store: store.clone(),
-                        parents: vec![parent("seed", &seed, true)],
-                        rate_limit: 0,
-                    },
-                )
-                .expect("send");
-            store
-        })
+        .map(|k| start_download(k, id, layout, vec![parent("seed", &seed, true)], 0))
         .collect();
     for (k, store) in kids.iter().zip(&handles) {
         wait_event(k, |e| matches!(e, Event::DownloadFinished { .. }));
