@@ -77,6 +77,9 @@ pub struct Report {
     pub back_to_source: u64,
     /// Parent entries received in CandidateParents.
     pub parents_received: u64,
+    /// Of those, parents the modelled daemon dropped (`--model fixed-window`: the old
+    /// daemon's `AddParents` race); not counted in `parents_received`.
+    pub parents_lost: u64,
     /// Streams the scheduler ended with an error.
     pub streams_failed: u64,
     /// Scheduler CPU seconds (all threads) over the whole run; `None` when the scheduler is
@@ -264,8 +267,12 @@ impl Report {
             self.seed_copies, self.model
         );
         s += &format!(
-            "back to source {}  unfinished {}  failed streams {}  parents received {}\n",
-            self.back_to_source, self.unfinished, self.streams_failed, self.parents_received
+            "back to source {}  unfinished {}  failed streams {}  parents received {}  lost {}\n",
+            self.back_to_source,
+            self.unfinished,
+            self.streams_failed,
+            self.parents_received,
+            self.parents_lost
         );
         s += &format!(
             "virtual {:.1} s simulated in {:.1} s wall ({:.1} s total)\n",

@@ -256,7 +256,13 @@ fn a_scarce_seed_uploads_about_one_copy() {
     let dir = std::env::temp_dir().join(format!("{prefix}dir"));
     let json = std::env::temp_dir().join(format!("{prefix}report.json"));
     let mut args = lab_args(&prefix, &dir, &json);
-    args.extend(["--no-baseline".into(), "--no-bittorrent".into()]);
+    // The ACK-priority shaper (not the default tbf) also proves that qdisc sets up.
+    args.extend([
+        "--no-baseline".into(),
+        "--no-bittorrent".into(),
+        "--qdisc".into(),
+        "htb-ack-prio".into(),
+    ]);
     for (flag, value) in [
         ("--hosts", "4"),
         ("--size", "16MiB"),

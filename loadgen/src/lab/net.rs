@@ -25,6 +25,10 @@ pub enum Qdisc {
     Tbf,
     /// Hierarchical token bucket with one class (`tc qdisc ... htb`).
     Htb,
+    /// `htb` with a priority class for small TCP packets (pure ACKs, under 128 bytes): the
+    /// ACKs of a host's downloads do not wait (or get dropped) behind its uploads in one
+    /// FIFO, as with a host's usual `fq_codel` (which this kernel lacks).
+    HtbAckPrio,
 }
 
 /// One host of the lab: its namespace, address and link rates.
@@ -149,6 +153,36 @@ fn shape(ns: &str, dev: &str, bps: u64, qdisc: Qdisc) -> anyhow::Result<()> {
                     "burst", &burst_s, "latency", "50ms",
                 ],
             )?;
+        }
+        Qdisc::HtbAckPrio => {
+            let tc = |args: &[&str]| -> anyhow::Result<()> {
+                let mut v = vec!["-n", ns];
+                v.extend_from_slice(args);
+                run("tc", &v).map(drop)
+            };
+            let tenth = format!("{}bit", (bps / 10).max(8_000));
+            let rest = format!("{}bit", bps - bps / 10);
+            tc(&[
+                "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "20",
+            ])?;
+            tc(&[
+                "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate,
+                "ceil", &rate, "burst", &burst_s, "cburst", &burst_s,
+            ])?;
+            tc(&[
+                "class", "add", "dev", dev, "parent", "1:1", "classid", "1:10", "htb", "rate",
+                &tenth, "ceil", &rate, "prio", "0", "burst", &burst_s, "cburst", &burst_s,
+            ])?;
+            tc(&[
+                "class", "add", "dev", dev, "parent", "1:1", "classid", "1:20", "htb", "rate",
+                &rest, "ceil", &rate, "prio", "1", "burst", &burst_s, "cburst", &burst_s,
+            ])?;
+            // IPv4, header length 5 words, TCP, total length < 128 bytes.
+            tc(&[
+                "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                "match", "ip", "protocol", "6", "0xff", "match", "u8", "0x05", "0x0f", "at", "0",
+                "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10",
+            ])?;
         }
         Qdisc::Htb => {
             run(

@@ -10,8 +10,17 @@
 //!   them in order, one at a time per connection, and a piece requested at one parent is
 //!   fetched from no other. The window is [`RequestWindow`] (sized by the connection's
 //!   measured rate) or fixed (`queue_time` zero: the daemon before 2026-12-06).
-//! - **A local view.** A piece is chosen when it is requested, rarest among the child's own
-//!   parents (the bitmaps it learnt), not over the swarm.
+//! - **A local view, learnt in band.** A piece is chosen when it is requested, rarest among
+//!   the child's own parents, from the bitmaps it has learnt, not over the swarm. As in the
+//!   fetcher, a child learns a parent's bitmap only from bitmap requests on the same
+//!   connection: one queued behind its outstanding piece requests when the window has room
+//!   (answered when the parent reaches it), or a long poll when nothing is outstanding
+//!   (answered as soon as the parent has something new); no piece request is sent while one
+//!   is pending. A child busy at a parent therefore knows that parent's pieces as of a
+//!   queue's length ago: with a fixed window of 8 at a seed that serves many children, each
+//!   child learns the seed's pieces a few at a time and asks for them in about the order the
+//!   seed got them, so all children fetch the same pieces at the same time and have little
+//!   to trade (the lab's 4-10x before 2026-12-06).
 //! - **Store and forward from a sequential origin fetch.** The seed (and a peer sent back to
 //!   source) reads the origin from the first missing piece on, one stream.
 //! - **Super-seeding.** A seed parent shows each child only what its [`SuperSeed`] plan
@@ -45,6 +54,13 @@ pub struct DaemonModel {
     /// The seed super-seeds with this many copy slots (`seed_peer.copy_slots`); `None`: it
     /// answers every request as it comes.
     pub super_seed: Option<u32>,
+    /// The daemon before 2026-12-06 (fixed in commit 371627e): parents the scheduler added
+    /// while the data plane had not yet made the download's session were dropped (an
+    /// `AddParents` drained together with its `Download`); and the cost reported per piece
+    /// was the time since the request, its wait in the parent's queue included (today: the
+    /// parent's service time). In the model, the session exists from the step after the
+    /// first parents arrived, so parents added in the same step are lost.
+    pub old_daemon: bool,
 }
 
 impl DaemonModel {
@@ -55,6 +71,7 @@ impl DaemonModel {
             bytes_in_flight: dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT,
             queue_time: dataplane::fetch::DEFAULT_REQUEST_QUEUE_TIME,
             super_seed: Some(dataplane::seeding::COPY_SLOTS),
+            old_daemon: false,
         }
     }
 
@@ -70,6 +87,10 @@ impl DaemonModel {
             )
         };
         let seed = match self.super_seed {
+            _ if self.old_daemon => {
+                "seed answers every request; added parents lost at start, cost with queue wait"
+                    .to_owned()
+            }
             Some(slots) => format!("super-seeding, {slots} copy slots"),
             None => "seed answers every request".to_owned(),
         };
@@ -77,22 +98,44 @@ impl DaemonModel {
     }
 
     /// The daemon before the scarce-seed work (commit 6c8a9ae): 8 requests outstanding at
-    /// every parent, and a seed that answers every request.
+    /// every parent, a seed that answers every request, and the two faults of
+    /// [`DaemonModel::old_daemon`].
     pub fn fixed_window() -> Self {
         Self {
             pieces_in_flight: 8,
             bytes_in_flight: dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT,
             queue_time: Duration::ZERO,
             super_seed: None,
+            old_daemon: true,
         }
     }
+
+    /// Whether the model drops parents added in the step the peer's first parents came
+    /// ([`DaemonModel::old_daemon`]).
+    pub(super) fn loses_early_parents(&self) -> bool {
+        self.old_daemon
+    }
+}
+
+/// A request on a connection, in the order the parent answers them.
+#[derive(Debug, Clone, Copy)]
+enum Req {
+    /// A piece and the virtual time it was requested.
+    Piece(u32, f64),
+    /// A bitmap request (answered when it reaches the head of the queue).
+    Bitmap,
 }
 
 /// The daemon model's state of one connection.
 #[derive(Debug, Clone)]
 pub(super) struct Fetching {
-    /// Requests sent and not yet on the wire: piece and request time.
-    queue: VecDeque<(u32, f64)>,
+    /// Requests sent and not yet answered (the piece on the wire is not in it).
+    queue: VecDeque<Req>,
+    /// A long poll (bitmap request with nothing else outstanding) is pending.
+    long_poll: bool,
+    /// What the child knows the (not super-seeding) parent holds, from its last bitmap.
+    known: Option<Bits>,
+    known_count: u32,
     window: RequestWindow,
     /// This connection's child id in the seed's plan, when the parent super-seeds.
     seed_child: Option<ChildId>,
@@ -113,10 +156,12 @@ pub(super) struct Swarm {
     base: Instant,
     /// Per peer and piece: how many of its parents it knows to hold the piece.
     avail: Vec<Vec<u16>>,
-    /// Per peer: the (child, connection) pairs it serves.
-    children: Vec<Vec<(u32, u32)>>,
     /// The seed's super-seeding plan.
     plan: Option<SuperSeed>,
+    /// Per peer: the virtual time its first parents came (for [`DaemonModel::old_daemon`]).
+    first_parents: Vec<Option<f64>>,
+    /// Parents lost to the old daemon's `AddParents` race.
+    pub(super) parents_lost: u64,
 }
 
 impl Swarm {
@@ -125,8 +170,9 @@ impl Swarm {
             model,
             base: Instant::now(),
             avail: (0..peers).map(|_| vec![0; pieces as usize]).collect(),
-            children: vec![Vec::new(); peers],
             plan: model.super_seed.map(|slots| SuperSeed::new(pieces, slots)),
+            first_parents: vec![None; peers],
+            parents_lost: 0,
         }
     }
 
@@ -157,7 +203,11 @@ impl Sim {
                         },
                         held,
                         c.piece.map_or_else(String::new, |k| format!(" >{k}")),
-                        f.map_or_else(String::new, |f| format!(" q{}", f.queue.len())),
+                        f.map_or_else(String::new, |f| format!(
+                            " q{}{}",
+                            f.queue.len(),
+                            if f.long_poll { " poll" } else { "" }
+                        )),
                         f.and_then(|f| f
                             .shown
                             .as_ref()
@@ -180,6 +230,27 @@ impl Sim {
         }
     }
 
+    /// Parents for peer `i` arrived at virtual time `t`: whether the modelled daemon drops
+    /// them (the old daemon's race: they came in the step its first parents came, before the
+    /// download had its session).
+    pub(super) fn d_loses_parents(&mut self, i: usize, t: f64, count: usize) -> bool {
+        let s = self.swarm();
+        let Some(first) = s.first_parents.get_mut(i) else {
+            return false;
+        };
+        match *first {
+            None => {
+                *first = Some(t);
+                false
+            }
+            Some(at) if s.model.loses_early_parents() && at == t => {
+                s.parents_lost += count as u64;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     fn swarm(&mut self) -> &mut Swarm {
         self.daemon
             .as_mut()
@@ -194,6 +265,9 @@ impl Sim {
         let super_seeding = parent == seed && self.swarm().plan.is_some();
         let mut f = Fetching {
             queue: VecDeque::new(),
+            long_poll: false,
+            known: None,
+            known_count: 0,
             window: {
                 let m = self.swarm().model;
                 RequestWindow::new(m.pieces_in_flight, m.bytes_in_flight, m.queue_time)
@@ -205,19 +279,69 @@ impl Sim {
             shown_count: 0,
         };
         if parent != ORIGIN {
-            self.swarm().children[parent as usize].push((i as u32, c as u32));
             if super_seeding {
                 f.seed_child = self.swarm().plan.as_mut().map(SuperSeed::open);
                 f.shown = Some(Bits::new(pieces, false));
             } else {
-                for k in 0..pieces {
-                    if self.have[parent as usize].get(k) {
-                        self.daemon_avail_add(i, k);
-                    }
-                }
+                // The first bitmap request is answered at once (nothing queued before it).
+                f.known = Some(Bits::new(pieces, false));
             }
         }
         self.conns[i][c].fetching = Some(f);
+        if parent != ORIGIN && !super_seeding {
+            self.d_learn(i, c);
+        }
+    }
+
+    /// Connection `c` of peer `i` gets a bitmap answer from a parent that does not super-seed:
+    /// what the parent holds now. Whether it showed anything new.
+    fn d_learn(&mut self, i: usize, c: usize) -> bool {
+        let parent = self.conns[i][c].parent as usize;
+        let pieces = self.pieces;
+        let mut new = Vec::new();
+        if let (Some(f), Some(have)) = (self.conns[i][c].fetching.as_mut(), self.have.get(parent)) {
+            if let Some(known) = f.known.as_mut() {
+                if f.known_count < self.count[parent] {
+                    for k in 0..pieces {
+                        if have.get(k) && !known.get(k) {
+                            known.set(k, true);
+                            new.push(k);
+                        }
+                    }
+                    f.known_count = self.count[parent];
+                }
+            }
+        }
+        for &k in &new {
+            self.daemon_avail_add(i, k);
+        }
+        !new.is_empty()
+    }
+
+    /// Answers the bitmap request of connection `c` of peer `i` (a super-seeding parent shows
+    /// what its plan reveals). Whether it showed anything new.
+    fn d_answer_bitmap(&mut self, i: usize, c: usize, t: f64) -> bool {
+        let seeding = self.conns[i][c]
+            .fetching
+            .as_ref()
+            .is_some_and(|f| f.seed_child.is_some());
+        if seeding {
+            self.d_reveal(i, c, t)
+        } else {
+            self.d_learn(i, c)
+        }
+    }
+
+    /// Whether the child believes connection `c`'s parent holds every piece (it then sends
+    /// no more bitmap requests).
+    fn d_parent_known_complete(&self, i: usize, c: usize) -> bool {
+        self.conns[i][c].fetching.as_ref().is_some_and(|f| {
+            if f.seed_child.is_some() {
+                f.shown_count >= self.pieces
+            } else {
+                f.known_count >= self.pieces
+            }
+        })
     }
 
     fn daemon_avail_add(&mut self, i: usize, k: u32) {
@@ -226,8 +350,8 @@ impl Sim {
         }
     }
 
-    /// Updates what a super-seeding parent shows connection `c` of peer `i`.
-    fn d_reveal(&mut self, i: usize, c: usize, t: f64) {
+    /// Updates what a super-seeding parent shows connection `c` of peer `i`; whether it grew.
+    fn d_reveal(&mut self, i: usize, c: usize, t: f64) -> bool {
         let seed = self.n;
         let complete = self.count[seed] == self.pieces;
         let Some(child) = self.conns[i][c]
@@ -235,19 +359,19 @@ impl Sim {
             .as_ref()
             .and_then(|f| f.seed_child)
         else {
-            return;
+            return false;
         };
         let now = self.swarm().at(t);
         let have = &self.have[seed];
         let Some(plan) = self.daemon.as_mut().and_then(|d| d.plan.as_mut()) else {
-            return;
+            return false;
         };
         let count = plan.reveal(child, now, complete, |k| have.get(k));
         let Some(f) = self.conns[i][c].fetching.as_mut() else {
-            return;
+            return false;
         };
         if count == f.shown_count {
-            return;
+            return false;
         }
         f.shown_count = count;
         let bitmap = plan.bitmap(child);
@@ -263,6 +387,7 @@ impl Sim {
         for k in new {
             self.daemon_avail_add(i, k);
         }
+        true
     }
 
     /// Keeps connection `c` of peer `i` as busy as the daemon would at virtual time `t`:
@@ -289,23 +414,48 @@ impl Sim {
             }
             return;
         }
-        if f.seed_child.is_some() {
-            self.d_reveal(i, c, t);
+        if f.long_poll {
+            // The parent answers a long poll as soon as it has something new to show.
+            if !self.d_answer_bitmap(i, c, t) {
+                return;
+            }
+            if let Some(f) = self.conns[i][c].fetching.as_mut() {
+                f.long_poll = false;
+            }
         }
         let piece_length = self.p.piece_length;
+        let mut full = false;
         loop {
             let conn = &self.conns[i][c];
             let Some(f) = conn.fetching.as_ref() else {
                 return;
             };
+            // No piece request queues behind a bitmap request.
+            if f.queue.iter().any(|r| matches!(r, Req::Bitmap)) {
+                full = true;
+                break;
+            }
             let outstanding = f.queue.len() + usize::from(conn.piece.is_some());
             // Bounded by `pieces_in_flight` and `bytes_in_flight` inside the window.
             if outstanding >= f.window.limit(piece_length) {
+                full = true;
                 break;
             }
             let Some(k) = self.d_pick(i, c) else { break };
             if let Some(f) = self.conns[i][c].fetching.as_mut() {
-                f.queue.push_back((k, t));
+                f.queue.push_back(Req::Piece(k, t));
+            }
+        }
+        // Room in the window: ask what else the parent has (behind the requests, or a long
+        // poll when nothing is outstanding).
+        if !full && !self.d_parent_known_complete(i, c) {
+            let idle = self.conns[i][c].piece.is_none();
+            if let Some(f) = self.conns[i][c].fetching.as_mut() {
+                if idle && f.queue.is_empty() {
+                    f.long_poll = true;
+                } else {
+                    f.queue.push_back(Req::Bitmap);
+                }
             }
         }
         self.d_promote(i, c, t);
@@ -330,12 +480,19 @@ impl Sim {
     /// parent may answer `Busy` (the piece is released and the connection pauses).
     fn d_promote(&mut self, i: usize, c: usize, t: f64) {
         while self.conns[i][c].piece.is_none() {
-            let Some((k, requested)) = self.conns[i][c]
+            let Some(req) = self.conns[i][c]
                 .fetching
                 .as_mut()
                 .and_then(|f| f.queue.pop_front())
             else {
                 return;
+            };
+            let (k, requested) = match req {
+                Req::Piece(k, requested) => (k, requested),
+                Req::Bitmap => {
+                    self.d_answer_bitmap(i, c, t);
+                    continue;
+                }
             };
             let child = self.conns[i][c]
                 .fetching
@@ -364,10 +521,10 @@ impl Sim {
     /// fetcher's `pick`); marks it in flight.
     fn d_pick(&mut self, i: usize, c: usize) -> Option<u32> {
         let parent = self.conns[i][c].parent;
-        let shown = self.conns[i][c].fetching.as_ref()?.shown.as_ref();
-        let ph = match shown {
-            Some(s) => s,
-            None => &self.have[parent as usize],
+        let f = self.conns[i][c].fetching.as_ref()?;
+        let ph = match (f.shown.as_ref(), f.known.as_ref()) {
+            (Some(s), _) | (None, Some(s)) => s,
+            (None, None) => &self.have[parent as usize],
         };
         let ch = &self.have[i];
         let fl = &self.inflight[i];
@@ -408,8 +565,8 @@ impl Sim {
     }
 
     /// Connection `c` of peer `i` received its piece at `at`: the window learns, the plan
-    /// counts the copy, the announcement goes out, the peer's children learn of the piece,
-    /// and the connection asks for more.
+    /// counts the copy, the announcement goes out (the peer's children learn of the piece
+    /// from their next bitmap answer), and the connection asks for more.
     pub(super) fn d_finish(&mut self, i: usize, c: usize, at: f64) {
         let Some(k) = self.conns[i][c].piece else {
             return;
@@ -420,11 +577,16 @@ impl Sim {
             let s = self.swarm();
             (s.at(requested), s.at(at))
         };
+        // The old daemon reported the time since the request (queue wait included).
         let mut cost = (at - requested).max(0.0);
+        let old_daemon = self.swarm().model.old_daemon;
         let mut sent = None;
         if let Some(f) = self.conns[i][c].fetching.as_mut() {
-            let more = !f.queue.is_empty();
-            cost = f.window.on_piece(size, req_at, now, more).as_secs_f64();
+            let more = f.queue.iter().any(|r| matches!(r, Req::Piece(..)));
+            let service = f.window.on_piece(size, req_at, now, more).as_secs_f64();
+            if !old_daemon {
+                cost = service;
+            }
             sent = f.seed_child.zip(f.admit.take());
         }
         if let (Some((child, admit)), Some(plan)) =
@@ -433,16 +595,7 @@ impl Sim {
             plan.sent(child, k, admit, true);
         }
         self.complete(i, c, at, cost);
-        // Children that learn bitmaps see the new piece (a super-seeding seed shows it when
-        // its plan says so).
-        let super_seeding = i == self.n && self.swarm().plan.is_some();
-        if !super_seeding {
-            let kids = std::mem::take(&mut self.swarm().children[i]);
-            for &(child, _) in &kids {
-                self.daemon_avail_add(child as usize, k);
-            }
-            self.swarm().children[i] = kids;
-        }
+        // Children learn of the new piece from their next bitmap answer.
         if self.state[i] == State::Done {
             self.d_close_all(i);
             return;
@@ -458,7 +611,11 @@ impl Sim {
             let mut queued = Vec::new();
             let (mut child, mut admit) = (None, None);
             if let Some(f) = self.conns[i][c].fetching.as_mut() {
-                queued.extend(f.queue.drain(..).map(|(k, _)| k));
+                queued.extend(f.queue.drain(..).filter_map(|r| match r {
+                    Req::Piece(k, _) => Some(k),
+                    Req::Bitmap => None,
+                }));
+                f.long_poll = false;
                 child = f.seed_child.take();
                 admit = f.admit.take();
             }

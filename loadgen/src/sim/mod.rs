@@ -386,6 +386,10 @@ impl Sim {
                         if self.state[i] != State::Active {
                             return;
                         }
+                        if self.daemon.is_some() && self.d_loses_parents(i, self.t, c.parents.len())
+                        {
+                            return;
+                        }
                         for parent in c.parents {
                             let Some(j) = host_index(&parent.host_id, self.n) else {
                                 continue;
@@ -1059,6 +1063,7 @@ pub fn run(p: Params, io: Io<'_>) -> anyhow::Result<Report> {
             .map_or_else(|| "flow".to_owned(), |m| m.describe()),
         back_to_source: sim.back_to_source,
         parents_received: sim.parents_received,
+        parents_lost: sim.daemon.as_ref().map_or(0, |d| d.parents_lost),
         streams_failed: sim.closed_with_error,
         scheduler_cpu_s: sched_cpu_end.zip(sched_cpu_start).map(|(e, s)| e - s),
         scheduler_cpu_decisions_s: sim
