@@ -342,6 +342,11 @@ pub struct DataPlaneSection {
     /// Time allowed for one piece from a parent.
     #[serde(with = "humantime_serde")]
     pub piece_timeout: Duration,
+    /// A parent connection with requests outstanding that delivers no byte for this long is
+    /// dropped and reported to the scheduler as stalled (whatever the piece length; see
+    /// `dataplane::fetch::FetchConfig::parent_idle_timeout`). `0s`: off.
+    #[serde(with = "humantime_serde")]
+    pub parent_idle_timeout: Duration,
     /// Total upload rate in bytes per second (`"100MiB"`, `"1Gi"`, or a number); 0: unlimited.
     pub upload_rate_limit: ByteSize,
     /// Total download rate (peers and origin together); 0: unlimited.
@@ -452,6 +457,7 @@ impl Default for DataPlaneSection {
             request_queue_time: dataplane::fetch::DEFAULT_REQUEST_QUEUE_TIME,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
+            parent_idle_timeout: dataplane::fetch::DEFAULT_PARENT_IDLE_TIMEOUT,
             upload_rate_limit: ByteSize(0),
             download_rate_limit: ByteSize(0),
             per_peer_upload_rate_limit: ByteSize(0),
@@ -493,7 +499,9 @@ pub struct DownloadConfig {
     /// asks the scheduler for new parents; after a second such period in a row, or at once
     /// when the scheduler is gone, it fetches what it lacks from the origin (taking an
     /// origin slot). So while the origin answers, a download never sits idle longer than
-    /// twice this (plus a wait for an origin slot). Must be more than zero.
+    /// twice this (plus a wait for an origin slot). Must be at least
+    /// [`DownloadConfig::min_stall_timeout`] of the data plane's `parent_idle_timeout`, so
+    /// that it acts only after a stalled parent could have been dropped and reported.
     #[serde(with = "humantime_serde")]
     pub stall_timeout: Duration,
 }
@@ -528,12 +536,49 @@ impl Default for MetricsConfig {
     }
 }
 
+impl DownloadConfig {
+    /// Smallest `stall_timeout` allowed with `parent_idle_timeout` (zero: idle detection off,
+    /// so no constraint): twice the idle timeout plus the long-poll allowance. A stalled
+    /// parent is dropped within `parent_idle_timeout` (plus a long poll's wait, 1 s) of its
+    /// last byte and reported at once; the watchdog, acting after as long again, then only
+    /// ever sees a download the scheduler failed to help.
+    pub fn min_stall_timeout(parent_idle_timeout: Duration) -> Duration {
+        if parent_idle_timeout.is_zero() {
+            return Duration::from_millis(1);
+        }
+        2 * parent_idle_timeout + dataplane::fetch::FetchConfig::default().bitmap_wait
+    }
+}
+
 impl DaemonConfig {
-    /// Reads a YAML file; a missing key takes its default, an unknown key is an error.
+    /// Reads a YAML file; a missing key takes its default, an unknown key is an error, and
+    /// so is a combination [`DaemonConfig::validate`] refuses.
     pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        let c: Self = serde_yaml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Checks settings that depend on each other: the download stall watchdog must act only
+    /// well after the data plane's idle detection could have (see
+    /// [`DownloadConfig::min_stall_timeout`]).
+    pub fn validate(&self) -> Result<(), String> {
+        let idle = self.data_plane.parent_idle_timeout;
+        let min = DownloadConfig::min_stall_timeout(idle);
+        if self.download.stall_timeout < min {
+            return Err(format!(
+                "download.stall_timeout ({:?}) must be at least {min:?} with \
+                 data_plane.parent_idle_timeout {idle:?} (twice it plus 1s): the stall watchdog \
+                 must act only after a stalled parent could have been dropped and reported; \
+                 raise stall_timeout or lower parent_idle_timeout (0s turns it off)",
+                self.download.stall_timeout
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -604,6 +649,34 @@ mod tests {
         assert!(c.manager.tls.is_none());
         assert!(DaemonConfig::default().data_plane.tls.is_none());
         assert!(serde_yaml::from_str::<DaemonConfig>("manager:\n  tls: { ca: /x }\n").is_err());
+    }
+
+    #[test]
+    fn the_stall_watchdog_acts_only_after_idle_detection() {
+        let d = DaemonConfig::default();
+        assert_eq!(d.data_plane.parent_idle_timeout, Duration::from_secs(5));
+        assert!(d.validate().is_ok(), "{:?}", d.validate());
+        assert!(d.download.stall_timeout >= 2 * d.data_plane.parent_idle_timeout);
+        let c: DaemonConfig =
+            serde_yaml::from_str("download:\n  stall_timeout: 8s\n").expect("parses");
+        let e = c.validate().expect_err("8s is below 2 × 5s + 1s");
+        assert!(
+            e.contains("download.stall_timeout") && e.contains("11s"),
+            "{e}"
+        );
+        let c: DaemonConfig = serde_yaml::from_str(
+            "data_plane:\n  parent_idle_timeout: 3s\ndownload:\n  stall_timeout: 7s\n",
+        )
+        .expect("parses");
+        assert!(c.validate().is_ok());
+        let c: DaemonConfig = serde_yaml::from_str(
+            "data_plane:\n  parent_idle_timeout: 0s\ndownload:\n  stall_timeout: 2s\n",
+        )
+        .expect("parses");
+        assert!(
+            c.validate().is_ok(),
+            "idle detection off: any stall timeout"
+        );
     }
 
     #[test]

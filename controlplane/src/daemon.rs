@@ -63,6 +63,7 @@ impl Daemon {
     /// Opens storage, starts the data plane and builds the shared context. Nothing is served
     /// until [`Daemon::run`].
     pub fn start(config: DaemonConfig) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
         if matches!(config.data_plane.transport, TransportKind::Quic)
             && config.data_plane.tls.is_none()
         {
@@ -105,6 +106,7 @@ impl Daemon {
                 request_queue_time: config.data_plane.request_queue_time,
                 connect_timeout: config.data_plane.connect_timeout,
                 piece_timeout: config.data_plane.piece_timeout,
+                parent_idle_timeout: config.data_plane.parent_idle_timeout,
                 bytes_in_flight: config.data_plane.bytes_in_flight.0,
                 transport: match config.data_plane.transport {
                     TransportKind::Tcp => Transport::Tcp,

@@ -879,13 +879,18 @@ impl TaskRun {
                     reason,
                 }));
             }
-            Event::ParentFailed { parent, reason, .. } => {
+            Event::ParentFailed {
+                parent,
+                reason,
+                stalled,
+                ..
+            } => {
                 let new = self.bad_parents.insert(parent.clone());
-                // A parent that stopped answering (the piece timeout) still counts as live
-                // at the scheduler until its connection times out there: say so now, so
-                // that the pieces only it holds are fetched elsewhere (a dead parent's
-                // host stream closes, which tells the scheduler by itself).
-                if new && reason.starts_with("no response within") && self.announce.is_some() {
+                // A parent that stopped sending (`parent_idle_timeout`, `piece_timeout`)
+                // still counts as live at the scheduler until its connection times out
+                // there: say so now, so that the pieces only it holds are fetched elsewhere
+                // (a dead parent's host stream closes, which tells the scheduler by itself).
+                if new && stalled && self.announce.is_some() {
                     self.announce(Request::Reschedule(RescheduleRequest {
                         bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
                         reason: format!("parent {parent} stalled: {reason}"),

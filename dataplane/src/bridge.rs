@@ -118,6 +118,10 @@ pub enum Event {
         parent: String,
         /// What went wrong.
         reason: String,
+        /// The parent stopped sending with requests outstanding (`parent_idle_timeout` or
+        /// `piece_timeout`) rather than closing or failing: it may still look live to the
+        /// scheduler.
+        stalled: bool,
     },
     /// Every parent of an unfinished download is gone: the control plane should reschedule.
     NeedParents {

@@ -2,9 +2,10 @@
 
 use bytes::Bytes;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncReadRentExt, AsyncWriteRent};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use std::future::Future;
 use std::io;
+use std::time::Duration;
 use wire::frame::{self, DecodeError, Frame, HEADER_LEN, MAX_BITMAP_PAYLOAD};
 
 /// Initial read buffer size; it grows only up to the largest frame the codec accepts.
@@ -22,6 +23,11 @@ pub enum ConnError {
     /// The peer closed in the middle of a frame.
     #[error("connection closed mid-frame")]
     Truncated,
+    /// Not one byte arrived for this long while the reader waited for one
+    /// ([`FrameReader::set_idle_timeout`]). The reader must not be used again: the bytes of
+    /// the cancelled read are gone.
+    #[error("no byte for {0:?} with a request outstanding")]
+    Idle(Duration),
 }
 
 /// Buffered frame reader. Bytes past a decoded frame stay buffered for the next call, and
@@ -31,6 +37,8 @@ pub enum ConnError {
 pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
+    /// Longest wait for the next byte of a read; `None`: no limit.
+    idle: Option<Duration>,
 }
 
 impl Default for FrameReader {
@@ -45,6 +53,30 @@ impl FrameReader {
         Self {
             buf: Vec::with_capacity(INITIAL_BUFFER),
             start: 0,
+            idle: None,
+        }
+    }
+
+    /// Bounds every wait for bytes from here on: a socket read that brings no byte within
+    /// `idle` fails with [`ConnError::Idle`] (`None` or zero: no bound). Each read that brings
+    /// bytes starts the clock again, so the bound is on silence, not on the length of a
+    /// frame or piece. Needs a monoio runtime with its timer.
+    pub fn set_idle_timeout(&mut self, idle: Option<Duration>) {
+        self.idle = idle.filter(|d| !d.is_zero());
+    }
+
+    /// The bound set by [`FrameReader::set_idle_timeout`].
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle
+    }
+
+    /// Runs one read of the stream under the idle bound.
+    async fn bounded<T>(&self, read: impl Future<Output = T>) -> Result<T, ConnError> {
+        match self.idle {
+            Some(d) => monoio::time::timeout(d, read)
+                .await
+                .map_err(|_| ConnError::Idle(d)),
+            None => Ok(read.await),
         }
     }
 
@@ -64,7 +96,7 @@ impl FrameReader {
         }
         let len = self.buf.len();
         let taken = std::mem::take(&mut self.buf);
-        let (res, slice) = s.read(taken.slice_mut(len..)).await;
+        let (res, slice) = self.bounded(s.read(taken.slice_mut(len..))).await?;
         self.buf = slice.into_inner();
         Ok(res?)
     }
@@ -124,14 +156,22 @@ impl FrameReader {
         if out.len() == len {
             return (Ok(()), out);
         }
-        let have = out.len();
-        let (res, slice) = s.read_exact(out.slice_mut(have..len)).await;
-        let out = slice.into_inner();
-        match res {
-            Ok(_) => (Ok(()), out),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (Err(ConnError::Truncated), out),
-            Err(e) => (Err(ConnError::Io(e)), out),
+        // Read by read (not `read_exact`), so that the idle bound applies to each wait.
+        while out.len() < len {
+            let have = out.len();
+            let (res, slice) = match self.bounded(s.read(out.slice_mut(have..len))).await {
+                Ok(r) => r,
+                Err(e) => return (Err(e), Vec::new()),
+            };
+            out = slice.into_inner();
+            match res {
+                Ok(0) => return (Err(ConnError::Truncated), out),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (Err(ConnError::Io(e)), out),
+            }
         }
+        (Ok(()), out)
     }
 }
 

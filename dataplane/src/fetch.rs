@@ -48,6 +48,13 @@ pub struct FetchConfig {
     pub connect_timeout: Duration,
     /// Time allowed for one response (a whole piece) before the parent is dropped.
     pub piece_timeout: Duration,
+    /// Longest silence of a parent connection with a request outstanding: no byte for this
+    /// long drops the parent (reported as stalled, [`Event::ParentFailed`]). Unlike
+    /// `piece_timeout` it does not grow with the piece: a live parent sends the bytes of a
+    /// piece as it goes (a rate-limited one pays for them in small steps), so silence
+    /// means it stopped. A long poll alone on the connection gets `bitmap_wait` more. Zero:
+    /// off.
+    pub parent_idle_timeout: Duration,
     /// Long-poll time of a bitmap request when a parent has nothing new.
     pub bitmap_wait: Duration,
     /// Transport to parents. QUIC is used for a parent that announces a QUIC address when
@@ -76,6 +83,7 @@ impl Default for FetchConfig {
             bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT,
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
+            parent_idle_timeout: DEFAULT_PARENT_IDLE_TIMEOUT,
             bitmap_wait: Duration::from_secs(1),
             transport: Transport::Tcp,
             tls: None,
@@ -86,6 +94,12 @@ impl Default for FetchConfig {
 /// Default of [`FetchConfig::request_queue_time`]: two pieces (one on the wire, one queued)
 /// up to ~400 Mbit/s with 1 MiB pieces, the `pieces_in_flight` cap from ~3 Gbit/s.
 pub const DEFAULT_REQUEST_QUEUE_TIME: Duration = Duration::from_millis(20);
+
+/// Default of [`FetchConfig::parent_idle_timeout`]: far above the gaps of a live parent
+/// (a busy uplink shared by tens of connections still sends each of them bytes every few
+/// milliseconds; a rate-limited one pays in 128 KiB steps), short enough that a stopped
+/// parent is replaced within seconds (tuning.md, "Faults during a burst").
+pub const DEFAULT_PARENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Default of [`FetchConfig::bytes_in_flight`].
 pub const DEFAULT_BYTES_IN_FLIGHT: u64 = 16 << 20;
@@ -526,6 +540,10 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
     };
     if let Err(e) = res {
         tracing::info!(task = %s.task(), parent = %p.host_id, "parent dropped: {e}");
+        let stalled = matches!(
+            e,
+            ParentError::Timeout(_) | ParentError::Conn(ConnError::Idle(_))
+        );
         if let ParentError::Storage(_, reason) = &e {
             emit(
                 &s.bridge,
@@ -544,6 +562,7 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
                 task: s.task(),
                 parent: p.host_id.clone(),
                 reason: e.to_string(),
+                stalled,
             },
         )
         .await;
@@ -599,6 +618,7 @@ async fn parent_io<S: FetchStream>(
     mut stream: S,
 ) -> Result<(), ParentError> {
     let mut reader = FrameReader::new();
+    let idle = s.cfg.parent_idle_timeout;
     let mut piece_buf = RawChunk::default();
     let limiter = s.shaping.limiter(s.shaping.config().per_peer_download);
     let task = s.task();
@@ -694,6 +714,18 @@ async fn parent_io<S: FetchStream>(
             let _ = monoio::time::timeout(Duration::from_millis(200), l).await;
             continue;
         }
+        // Silence with a request outstanding drops the parent after `parent_idle_timeout`
+        // (the bound holds through the piece's body too: `receive_piece` reads with this
+        // reader); a long poll alone on the connection may first be silent for its wait.
+        let only_poll =
+            pc.pending.len() == 1 && matches!(pc.pending.front(), Some(Pending::Bitmap));
+        reader.set_idle_timeout((!idle.is_zero()).then(|| {
+            if only_poll {
+                idle + s.cfg.bitmap_wait
+            } else {
+                idle
+            }
+        }));
         let frame = match monoio::time::timeout(s.cfg.piece_timeout, reader.read_frame(&mut stream))
             .await
         {

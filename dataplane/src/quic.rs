@@ -218,7 +218,15 @@ impl crate::conn::FetchStream for QuicStream {
         reader.take_buffered(len, &mut chunk.buf);
         let mut need = len - chunk.buf.len();
         while need > 0 {
-            match self.refill().await {
+            // The reader's idle bound applies to each wait for a packet, as to TCP reads.
+            let refilled = match reader.idle_timeout() {
+                Some(d) => match monoio::time::timeout(d, self.refill()).await {
+                    Ok(r) => r,
+                    Err(_) => return (Err(ConnError::Idle(d)), chunk),
+                },
+                None => self.refill().await,
+            };
+            match refilled {
                 Ok(true) => {}
                 Ok(false) => return (Err(ConnError::Truncated), chunk),
                 Err(e) => return (Err(ConnError::Io(e)), chunk),

@@ -70,6 +70,21 @@ struct Child {
     revealed_count: u32,
     /// Pieces assigned to this child as first copies and not yet sent in full.
     owed: Vec<u32>,
+    /// Assignments of this child that expired unrequested.
+    declined: u32,
+}
+
+impl Child {
+    /// A child that let [`FIRST_COPIES_PER_CHILD`] assignments expire unrequested holds
+    /// (or gets elsewhere) the pieces the plan picks for it, lowest first: it came with
+    /// pieces of its own, e.g. re-parented to this seed after its first seed died. Shown
+    /// only those, it would never ask for anything (its long polls answered with pieces it
+    /// has, no byte moving, until the daemon's stall watchdog sent it to the origin: the
+    /// flaky `a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes`). It is
+    /// shown every stored piece instead and asks for what it lacks.
+    fn sees_everything(&self) -> bool {
+        self.declined >= FIRST_COPIES_PER_CHILD as u32
+    }
 }
 
 /// The seed's plan for one task: which pieces each child may see and ask for.
@@ -175,7 +190,7 @@ impl SuperSeed {
         let Some(c) = self.children.get_mut(&child) else {
             return 0;
         };
-        if everything {
+        if everything || c.sees_everything() {
             for (n, seen) in c.revealed.iter_mut().enumerate() {
                 if !*seen && stored(n as u32) {
                     *seen = true;
@@ -209,6 +224,7 @@ impl SuperSeed {
             *slot = None;
             if let Some(c) = self.children.get_mut(&owner) {
                 c.owed.retain(|&k| k as usize != n);
+                c.declined += 1;
             }
         }
     }
@@ -507,6 +523,47 @@ mod tests {
         let d = seed.open();
         assert_eq!(seed.reveal(d, t0 + ASSIGNMENT_TTL, true, |_| true), 2);
         assert!(shown(&seed, d, 2) || shown(&seed, d, 3) || shown(&seed, d, 0));
+    }
+
+    /// The flake of `a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes`: a
+    /// child that already holds the pieces the plan assigns it (lowest first; it got them
+    /// from a seed that died) never asks for them. After its assignments expire it is shown
+    /// every stored piece, so it asks for the ones it lacks; before, it was shown the same
+    /// two held pieces again after every expiry, and nothing moved.
+    #[test]
+    fn a_child_that_holds_its_assignments_is_shown_everything_after_they_expire() {
+        let mut seed = SuperSeed::new(16, COPY_SLOTS);
+        let mut late = kids(&mut seed, 1, 16);
+        // It holds pieces 0..10 already.
+        for n in 0..10 {
+            late[0].has[n] = true;
+        }
+        let mut t = Instant::now();
+        let stored = |_| true;
+        assert_eq!(seed.reveal(late[0].id, t, true, stored), 2);
+        assert!(shown(&seed, late[0].id, 0) && shown(&seed, late[0].id, 1));
+        // It asks for nothing it holds; a few TTLs pass.
+        for _ in 0..3 {
+            t += ASSIGNMENT_TTL;
+            seed.reveal(late[0].id, t, true, stored);
+        }
+        let lacking: Vec<u32> = (10..16).filter(|&n| shown(&seed, late[0].id, n)).collect();
+        assert_eq!(
+            lacking,
+            (10..16).collect::<Vec<_>>(),
+            "the late child should see the pieces it lacks"
+        );
+        // And gets them, each a first copy.
+        for n in 10..16 {
+            assert_eq!(seed.sending(late[0].id, n), Admit::First);
+            seed.sent(late[0].id, n, Admit::First, true);
+        }
+        // A child that asks for its assignments keeps being shown them two at a time.
+        let mut fresh = SuperSeed::new(16, COPY_SLOTS);
+        let mut kid = kids(&mut fresh, 1, 16);
+        let order = run(&mut fresh, &mut kid, &[true; 16], 4);
+        assert_eq!(order, vec![0, 1, 2, 3]);
+        assert_eq!(fresh.reveal(kid[0].id, Instant::now(), true, stored), 6);
     }
 
     #[test]

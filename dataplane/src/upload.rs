@@ -24,6 +24,9 @@ use wire::TaskId;
 /// Longest long poll a client may ask for with a bitmap request.
 pub const MAX_BITMAP_WAIT: Duration = Duration::from_secs(5);
 
+/// Bytes of a piece paid for at once under an upload rate limit (see `serve_piece`).
+const PAY_STEP: u64 = 128 << 10;
+
 /// Largest single `sendfile` call (the loop continues until the piece is sent).
 const SENDFILE_CHUNK: usize = 4 << 20;
 
@@ -263,21 +266,35 @@ async fn serve_piece<S: UploadStream>(
         Some(Admit::First) => Counters::add(&ctx.counters.first_copies_uploaded, 1),
         Some(Admit::Copy) | None => {}
     }
-    let wait = shaper::reserve_all(&[Some(&ctx.shaping.upload), Some(limiter)], length);
-    if !wait.is_zero() {
-        Counters::add(&ctx.counters.shaping_waits, 1);
-        monoio::time::sleep(ctx.shaping.clock().pass(wait)).await;
-    }
+    // Under an upload limit the piece is paid for in steps of PAY_STEP, each sent once paid:
+    // a child then sees bytes every PAY_STEP / rate (times the connections sharing the
+    // limit) whatever the piece length, so its `parent_idle_timeout` never mistakes a
+    // limited parent for a stopped one (paying for a whole 4 MiB piece first kept the
+    // connection silent for seconds). Unlimited: one send of the whole piece.
+    let limited = ctx.shaping.upload.rate() > 0 || limiter.rate() > 0;
+    let step = if limited { PAY_STEP } else { length.max(1) };
+    let pay = |n: u64| async move {
+        let wait = shaper::reserve_all(&[Some(&ctx.shaping.upload), Some(limiter)], n);
+        if !wait.is_zero() {
+            Counters::add(&ctx.counters.shaping_waits, 1);
+            monoio::time::sleep(ctx.shaping.clock().pass(wait)).await;
+        }
+    };
+    pay(length.min(step)).await;
     // Once the header is out, the piece must follow in full: an error after this point can
     // only close the connection.
-    let res = match write_frame(stream, &header).await {
-        Ok(()) => {
-            stream
-                .send_file_range(store.file(), range.start, length)
-                .await
+    let mut res = write_frame(stream, &header).await;
+    let mut sent = 0;
+    while res.is_ok() && sent < length {
+        let n = (length - sent).min(step);
+        if sent > 0 {
+            pay(n).await;
         }
-        Err(e) => Err(e),
-    };
+        res = stream
+            .send_file_range(store.file(), range.start + sent, n)
+            .await;
+        sent += n;
+    }
     if let Some((plan, child, admit)) = &plan {
         plan.with(|s| s.sent(*child, number, *admit, res.is_ok()));
         plan.notify();

@@ -116,6 +116,36 @@ fn wait_event(n: &Node, pred: impl Fn(&Event) -> bool) -> Vec<Event> {
     seen
 }
 
+/// [`wait_event`], giving up after `limit` (a liveness bound, not a timing claim): `None`
+/// when `pred` matched no event by then.
+fn wait_event_within(
+    n: &Node,
+    limit: Duration,
+    pred: impl Fn(&Event) -> bool,
+) -> Option<Vec<Event>> {
+    let (tx, mut timer) = futures::channel::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        let _ = tx.send(());
+    });
+    let mut seen = Vec::new();
+    futures::executor::block_on(async {
+        loop {
+            let ev = std::pin::pin!(n.dp.bridge().next_event());
+            match futures::future::select(ev, &mut timer).await {
+                futures::future::Either::Left((ev, _)) => {
+                    let done = pred(&ev);
+                    seen.push(ev);
+                    if done {
+                        return Some(seen);
+                    }
+                }
+                futures::future::Either::Right(_) => return None,
+            }
+        }
+    })
+}
+
 #[test]
 fn peer_fetches_every_piece_from_two_parents() {
     let a = node(1);
@@ -432,6 +462,156 @@ fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
     c.dp.shutdown();
 }
 
+/// A parent that sends a header and half the piece, then nothing with the connection open,
+/// is dropped on `parent_idle_timeout` alone (the piece timeout here is an hour), reported
+/// as stalled (so the daemon tells the scheduler at once), and the fetcher asks for parents.
+#[test]
+fn a_silent_parent_is_dropped_after_the_idle_timeout_whatever_the_piece_timeout() {
+    let id = TaskId([11; 32]);
+    let data = content(16384);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&data));
+        s.write_all(&data[..8192]).expect("write");
+        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+        false
+    });
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            piece_timeout: Duration::from_secs(3600),
+            parent_idle_timeout: Duration::from_millis(500),
+            ..FetchConfig::default()
+        },
+    );
+    let parents = vec![Parent {
+        host_id: "silent".into(),
+        addr,
+        quic_addr: None,
+        is_seed: false,
+    }];
+    let layout = PieceLayout::new(16384, 16384).expect("layout");
+    let store = start_download(&c, id, layout, parents, 0);
+    // Without idle detection the fetcher waits for the piece timeout (an hour); the bound
+    // is a liveness bound, 60× the idle timeout.
+    let events = wait_event_within(&c, Duration::from_secs(30), |e| {
+        matches!(e, Event::NeedParents { .. })
+    });
+    let _ = stop_tx.send(());
+    let events = events.expect("the silent parent was not dropped while it held the connection");
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::ParentFailed { parent, stalled: true, reason, .. }
+                if parent == "silent" && reason.contains("no byte for")
+        )),
+        "{events:?}"
+    );
+    assert!(!store.has(0));
+    fake.join().expect("fake parent");
+    c.dp.shutdown();
+}
+
+/// A parent that sends a piece slowly but steadily (a byte run every 100 ms, the whole
+/// piece taking longer than the idle timeout) is not dropped: the bound is on silence, not
+/// on the piece.
+#[test]
+fn a_slow_parent_that_keeps_sending_is_not_dropped() {
+    let id = TaskId([12; 32]);
+    let data = content(16384);
+    let data2 = data.clone();
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&data2));
+        for chunk in data2.chunks(1024) {
+            std::thread::sleep(Duration::from_millis(100));
+            s.write_all(chunk).expect("write");
+        }
+        true
+    });
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            parent_idle_timeout: Duration::from_secs(1),
+            ..FetchConfig::default()
+        },
+    );
+    let parents = vec![Parent {
+        host_id: "slow".into(),
+        addr,
+        quic_addr: None,
+        is_seed: false,
+    }];
+    let layout = PieceLayout::new(16384, 16384).expect("layout");
+    let store = start_download(&c, id, layout, parents, 0);
+    let events = wait_event(&c, |e| {
+        matches!(
+            e,
+            Event::DownloadFinished { .. } | Event::NeedParents { .. }
+        )
+    });
+    assert!(
+        matches!(events.last(), Some(Event::DownloadFinished { .. })),
+        "{events:?}"
+    );
+    assert!(!events
+        .iter()
+        .any(|e| matches!(e, Event::ParentFailed { .. })));
+    assert_eq!(std::fs::read(store.path()).expect("read"), data);
+    c.dp.shutdown();
+    fake.join().expect("fake parent");
+}
+
+/// A parent under an upload limit sends a 1 MiB piece at 256 KiB/s (4 s). It pays for the
+/// piece in small steps and sends each at once, so a child with a 1.5 s idle timeout sees
+/// bytes all along and keeps it. Paying for the whole piece before its header (as before)
+/// kept the connection silent for ~4 s and got the parent dropped.
+#[test]
+fn a_rate_limited_parent_sends_as_it_pays_and_is_not_dropped_for_silence() {
+    let a = node_with(
+        1,
+        ShapingConfig {
+            per_peer_upload: 256 << 10,
+            ..ShapingConfig::default()
+        },
+        4,
+    );
+    let id = TaskId([13; 32]);
+    let data = content(1 << 20);
+    seed_task(&a, id, &data, 1 << 20);
+    let c = node_fetch(
+        1,
+        ShapingConfig::default(),
+        FetchConfig {
+            parent_idle_timeout: Duration::from_millis(1500),
+            ..FetchConfig::default()
+        },
+    );
+    let layout = PieceLayout::new(data.len() as u64, 1 << 20).expect("layout");
+    let store = start_download(&c, id, layout, vec![parent("a", &a, false)], 0);
+    let events = wait_event(&c, |e| {
+        matches!(
+            e,
+            Event::DownloadFinished { .. } | Event::NeedParents { .. }
+        )
+    });
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ParentFailed { .. })),
+        "the limited parent was dropped: {events:?}"
+    );
+    assert!(
+        matches!(events.last(), Some(Event::DownloadFinished { .. })),
+        "{events:?}"
+    );
+    assert_eq!(std::fs::read(store.path()).expect("read"), data);
+    for n in [a, c] {
+        n.dp.shutdown();
+    }
+}
+
 /// Creates the task on `c` and starts its download from `parents`.
 fn start_download(
     c: &Node,
@@ -742,6 +922,68 @@ fn a_super_seed_sends_each_piece_once_before_any_twice() {
         3 * u64::from(layout.piece_count())
     );
     for n in kids.into_iter().chain([seed]) {
+        n.dp.shutdown();
+    }
+}
+
+/// A child that already holds the lowest pieces (it got them from a seed that died) and
+/// has only a super-seeding seed left: the seed's plan assigns first copies lowest first,
+/// so the child is first shown pieces it holds and asks for none. Once those assignments
+/// expire it is shown everything and finishes. Before, it was shown the same held pieces
+/// after every expiry and waited for the daemon's stall watchdog (60 s in the e2e test
+/// `a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes`, 2 runs of 8).
+#[test]
+fn a_child_holding_the_first_pieces_gets_the_rest_from_a_super_seed() {
+    let seed = node_cfg(
+        DataPlaneConfig {
+            threads: 1,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            queue_capacity: 64,
+            super_seed: Some(2),
+            ..DataPlaneConfig::default()
+        },
+        ShapingConfig::default(),
+    );
+    let id = TaskId([23; 32]);
+    let data = content(24 * 16384);
+    seed_task(&seed, id, &data, 16384);
+    let layout = PieceLayout::new(data.len() as u64, 16384).expect("layout");
+    let kid = node(1);
+    let store = kid.storage.create(id, layout).expect("create");
+    for p in 0..10 {
+        let r = layout.piece_range(p).expect("range");
+        let bytes = &data[r.start as usize..r.end as usize];
+        store
+            .write_piece(p, bytes, wire::piece_crc(bytes))
+            .expect("write");
+    }
+    kid.dp
+        .bridge()
+        .send(
+            kid.dp.bridge().thread_of(&id),
+            Command::Download {
+                store: store.clone(),
+                parents: vec![parent("seed", &seed, true)],
+                rate_limit: 0,
+            },
+        )
+        .expect("send");
+    // Without the fix the child long-polls forever; the bound is a liveness bound (the
+    // assignments expire after 2 s).
+    let finished = wait_event_within(&kid, Duration::from_secs(60), |e| {
+        matches!(e, Event::DownloadFinished { .. })
+    });
+    assert!(
+        finished.is_some(),
+        "the child never got the pieces it lacked from the super seed"
+    );
+    assert_eq!(std::fs::read(store.path()).expect("read"), data);
+    assert_eq!(
+        seed.counters.pieces_uploaded.load(Ordering::Relaxed),
+        14,
+        "the seed sent exactly the 14 pieces the child lacked"
+    );
+    for n in [kid, seed] {
         n.dp.shutdown();
     }
 }

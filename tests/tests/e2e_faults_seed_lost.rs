@@ -138,12 +138,13 @@ async fn a_download_whose_only_parent_stalls_with_the_scheduler_gone_goes_to_the
         "data_plane:\n  upload_rate_limit: 2MiB\n",
     )
     .expect("config");
-    // The piece timeout is far beyond dfget's timeout (60 s): only the stall watchdog
+    // The piece timeout is far beyond dfget's timeout (60 s) and the idle detection is off
+    // (a stall timeout this short needs that): only the stall watchdog
     // (`download.stall_timeout`) can save this download.
     let peer_cfg = daemon_config(
         cluster.dir(),
         "stall.yaml",
-        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 2s\n",
+        "data_plane:\n  piece_timeout: 10m\n  parent_idle_timeout: 0s\ndownload:\n  stall_timeout: 2s\n",
     )
     .expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
@@ -364,11 +365,12 @@ async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
 }
 
 /// The only seed stalls (SIGSTOP: its connections stay open, so the scheduler still counts
-/// it as live) while the scheduler runs. The peer drops it on the piece timeout and tells
-/// the scheduler, which sends it to the origin for what it lacks at once, not when the
-/// seed's connection finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule
-/// names the stalled seed, and the peer's bytes are the seed's plus the origin's, exactly
-/// the file.
+/// it as live) while the scheduler runs. The peer drops it on its default
+/// `data_plane.parent_idle_timeout` (the piece timeout and the stall watchdog are 10 min
+/// here, beyond dfget's timeout: only the idle detection can act) and tells the scheduler,
+/// which sends it to the origin for what it lacks at once, not when the seed's connection
+/// finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule names the stalled
+/// seed, and the peer's bytes are the seed's plus the origin's, exactly the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
     let origin = Origin::start().await.expect("origin");
@@ -381,11 +383,11 @@ async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() 
         "data_plane:\n  upload_rate_limit: 2MiB\n",
     )
     .expect("config");
-    // Only the piece timeout notices the stall (the watchdog never fires here).
+    // Only the idle detection, at its default, notices the stall.
     let peer_cfg = daemon_config(
         cluster.dir(),
-        "piece-timeout.yaml",
-        "data_plane:\n  piece_timeout: 2s\ndownload:\n  stall_timeout: 10m\n",
+        "idle.yaml",
+        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 10m\n",
     )
     .expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
@@ -436,5 +438,12 @@ async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() 
     assert!(
         s.bytes_from_origin > 0 && s.bytes_from_seed + s.bytes_from_origin == size,
         "peer-1's bytes: the seed's, then the rest from the origin once: {s:?}"
+    );
+    let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("parent dropped: no byte for") && l.contains("parent=seed-1")),
+        "peer-1 should have dropped the stopped seed for silence:\n{}",
+        p1.proc.log_tail(30)
     );
 }

@@ -1503,3 +1503,77 @@ fn scoped_preheat_picks_hosts_and_sends_the_others_to_peers() {
     assert_eq!(sent.len(), 4);
     assert!(!sent.contains(&trigger));
 }
+
+/// The e2e `a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes` in the state
+/// machine: two seeds, peer-1 downloading from the triggered one, which is killed (its peer
+/// stream and host stream end, in either order) while peer-1 asks for parents again
+/// (before or after the other seed registers). In every order peer-1 is handed the other
+/// seed or sent to the origin, never left with neither. The e2e test's 60 s flake was not
+/// here (it passes before and after that fix): the other seed was handed over, and its
+/// super-seeding plan showed peer-1 only pieces peer-1 held (dataplane
+/// `a_child_holding_the_first_pieces_gets_the_rest_from_a_super_seed`).
+#[test]
+fn a_killed_serving_seed_is_replaced_in_every_event_order() {
+    for host_first in [false, true] {
+        for reschedule_early in [false, true] {
+            let case =
+                format!("host stream first: {host_first}, early reschedule: {reschedule_early}");
+            let mut sim = Sim::new();
+            let h1 = sim.announce("seed-1", true);
+            let h2 = sim.announce("seed-2", true);
+            let name = |k: HostKey| if k == h1 { "seed-1" } else { "seed-2" };
+            let (p, out) = sim.register("peer-1", "host-p", false);
+            let t = triggers(&out);
+            assert_eq!(t.len(), 1, "{case}");
+            let (victim, other) = if t[0].0 == h1 { (h1, h2) } else { (h2, h1) };
+            let (s, _) = sim.register_task(TASK, "seed-peer-victim", name(victim), true, true);
+            let out = sim.meta(s, 24 << 20);
+            assert_eq!(parents_to(&out, p), vec![name(victim)], "{case}");
+            for n in 0..24 {
+                sim.piece(s, n);
+            }
+            sim.send(
+                s,
+                Request::Finished(PeerFinished {
+                    content_length: 24 << 20,
+                }),
+            );
+            for n in 0..5 {
+                sim.piece(p, n);
+            }
+            let mut all = Vec::new();
+            if host_first {
+                all.extend(sim.st.host_left(victim));
+                all.extend(sim.st.peer_left(s));
+            } else {
+                all.extend(sim.st.peer_left(s));
+                all.extend(sim.st.host_left(victim));
+            }
+            let reschedule = Request::Reschedule(RescheduleRequest {
+                bad_parent_host_ids: vec![name(victim).to_owned()],
+                reason: "every parent failed or has nothing left for us".to_owned(),
+            });
+            if reschedule_early {
+                all.extend(sim.send(p, reschedule.clone()));
+            }
+            if triggers(&all).iter().any(|(h, _)| *h == other) {
+                let (s2, out) = sim.register_task(TASK, "seed-peer-other", name(other), true, true);
+                all.extend(out);
+                if !reschedule_early {
+                    all.extend(sim.send(p, reschedule.clone()));
+                }
+                for n in 0..24 {
+                    all.extend(sim.piece(s2, n));
+                }
+            } else if !reschedule_early {
+                all.extend(sim.send(p, reschedule.clone()));
+            }
+            let got_other = parents_to(&all, p).iter().any(|h| h == name(other));
+            let to_origin = back_to_source(&all, p).is_some();
+            assert!(
+                got_other || to_origin,
+                "{case}: peer-1 got neither the other seed nor the origin: {all:?}"
+            );
+        }
+    }
+}
