@@ -403,7 +403,10 @@ mod tests {
     fn unknown_keys_are_refused_with_the_key_named() {
         // A typo must not silently fall back to the default.
         for (yaml, key) in [
-            ("scheduling:\n  candidate_parent_limt: 3\n", "candidate_parent_limt"),
+            (
+                "scheduling:\n  candidate_parent_limt: 3\n",
+                "candidate_parent_limt",
+            ),
             ("schedulng:\n  parent_limit: 3\n", "schedulng"),
             ("server:\n  listen_addr: 0.0.0.0:1\n", "listen_addr"),
             ("manager:\n  address: x:1\n", "address"),
