@@ -8,9 +8,15 @@
 //!   by `--config`, else by `<BINARY>_CONFIG`, else `/etc/damselfly/<binary>.yaml` when it
 //!   exists, else none (built-in defaults);
 //! - [`init_logs`], [`init_logs_with`]: logs on stderr or in rotated files (`--log-dir`),
-//!   as text or as JSON lines ([`LogFormat`], [`LogOptions`]).
+//!   as text or as JSON lines ([`LogFormat`], [`LogOptions`]);
+//! - [`load_config_and_logs`]: the start of every binary's `main` (config file, then logs);
+//! - [`shutdown_signal`]: Ctrl-C or SIGTERM;
+//! - [`reconnect_backoff`]: jittered exponential delays between reconnects to a scheduler or
+//!   the manager;
+//! - [`file_sha256`], [`file_sha256_hex`]: the sha256 of a file, streamed.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The git revision this binary was built from (`unknown` outside a git checkout).
 pub const REVISION: &str = env!("DAMSELFLY_GIT_REVISION");
@@ -247,6 +253,126 @@ pub fn init_logs_with(
     Ok(LogGuard { _guard: guard })
 }
 
+/// The log flags every binary takes (`--log-format`, `--log-dir`, `--log-rotation`,
+/// `--log-max-files`, or their variables); `None` keeps the config file's value.
+#[derive(Debug, Clone, Default)]
+pub struct LogFlags {
+    /// `--log-format`.
+    pub format: LogFormat,
+    /// `--log-dir`.
+    pub dir: Option<PathBuf>,
+    /// `--log-rotation`.
+    pub rotation: Option<LogRotation>,
+    /// `--log-max-files`.
+    pub max_files: Option<usize>,
+}
+
+/// How a binary's `main` starts: reads its config file ([`config_path`] of `explicit`, else
+/// `/etc/damselfly/<binary>.yaml` when it exists, else defaults) with `load`, starts the
+/// logs from the file's `log:` section (`log_section`) under `flags`, then logs which file
+/// was read. A config or log error is reported (in the log, or on stderr when the logs could
+/// not start) and gives `None`: the caller exits with a failure.
+pub fn load_config_and_logs<C: Default, E: std::fmt::Display>(
+    binary: &str,
+    explicit: Option<&Path>,
+    load: impl FnOnce(&Path) -> Result<C, E>,
+    log_section: impl FnOnce(&C) -> LogConfig,
+    flags: LogFlags,
+) -> Option<(C, LogGuard)> {
+    // The config file first (its `log:` section says where logs go), then the logs, then
+    // what happened while reading it.
+    let path = config_path(explicit, &default_config_path(binary));
+    let loaded = path.as_deref().map(load).transpose();
+    let log = match &loaded {
+        Ok(Some(c)) => log_section(c),
+        _ => LogConfig::default(),
+    };
+    let opts = log.with_overrides(flags.format, flags.dir, flags.rotation, flags.max_files);
+    let guard = match init_logs_with(binary, "info", &opts) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            return None;
+        }
+    };
+    if let Some(p) = &path {
+        tracing::info!("config file {}", p.display());
+    }
+    match loaded {
+        Ok(config) => Some((config.unwrap_or_default(), guard)),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            None
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (logging which). A signal that cannot be listened for is
+/// logged and never resolves, so the other one still works.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+/// Delays between reconnects: exponential from `min` (doubling) up to `max`, each with a
+/// random jitter of up to its own length added (`backon`'s exponential backoff), never
+/// ending. The jitter matters after a scheduler or manager restart: thousands of daemons that
+/// lost it at the same instant would otherwise retry in lockstep. Build a new one after a
+/// success to start again from `min`.
+pub fn reconnect_backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder as _;
+    let max = max.max(min);
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        // `without_max_times` never ends; the chain keeps the type honest if it ever did.
+        .chain(std::iter::repeat(max))
+}
+
+/// The sha256 of the file at `path`, read in 1 MiB steps (blocking I/O).
+pub fn file_sha256(path: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// [`file_sha256`] as lowercase hex.
+pub fn file_sha256_hex(path: &Path) -> std::io::Result<String> {
+    file_sha256(path).map(hex::encode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +471,38 @@ mod tests {
         assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
         assert!(VERSION.contains("(rev "));
         assert!(!REVISION.is_empty());
+    }
+
+    #[test]
+    fn reconnect_delays_grow_to_the_cap_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let runs: Vec<Vec<Duration>> = (0..8)
+            .map(|_| reconnect_backoff(min, max).take(12).collect())
+            .collect();
+        for delays in &runs {
+            // Each delay is its exponential step plus a jitter below that step.
+            let mut step = min;
+            for d in delays {
+                assert!(*d >= step && *d < step * 2, "{d:?} for step {step:?}");
+                step = (step * 2).min(max);
+            }
+            assert!(delays[11] >= max, "{delays:?}");
+        }
+        // Eight daemons that lost their scheduler together do not all retry at one instant.
+        let first: std::collections::HashSet<Duration> = runs.iter().map(|r| r[0]).collect();
+        assert!(first.len() > 1, "no jitter: {first:?}");
+    }
+
+    #[test]
+    fn file_sha256_streams_the_whole_file() {
+        use sha2::Digest as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let want: [u8; 32] = sha2::Sha256::digest(&data).into();
+        assert_eq!(file_sha256(&path).expect("hash"), want);
+        assert_eq!(file_sha256_hex(&path).expect("hash"), hex::encode(want));
+        assert!(file_sha256(&dir.path().join("missing")).is_err());
     }
 }

@@ -74,7 +74,7 @@ pub struct Imported {
 fn file_digest(path: &Path) -> std::io::Result<String> {
     Ok(format!(
         "sha256:{}",
-        hex::encode(crate::task::file_sha256(path)?)
+        hex::encode(damselfly_common::file_sha256(path)?)
     ))
 }
 

@@ -397,39 +397,13 @@ impl DataPlaneSection {
 }
 
 /// A byte count (or rate) written as a number or with a unit: `4096`, `"64KiB"`, `"100MB"`,
-/// `"1Gi"`. Binary units (`Ki`, `KiB`, `Mi`, …) are powers of 1024, decimal ones (`KB`, `MB`,
-/// …) powers of 1000.
+/// `"1Gi"`. Binary units (`Ki`, `KiB`, `Mi`, …) are powers of 1024, decimal ones (`K`, `KB`,
+/// `M`, `MB`, …) powers of 1000 ([`wire::size`], as Dragonfly).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
-/// Parses a [`ByteSize`] string.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: expected a number with an optional unit"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" | "k" | "kB" => 1000,
-        "Ki" | "KiB" => 1 << 10,
-        "M" | "MB" => 1_000_000,
-        "Mi" | "MiB" => 1 << 20,
-        "G" | "GB" => 1_000_000_000,
-        "Gi" | "GiB" => 1 << 30,
-        "T" | "TB" => 1_000_000_000_000,
-        "Ti" | "TiB" => 1 << 40,
-        u => return Err(format!("size {s:?}: unknown unit {u:?}")),
-    };
-    let bytes = value * mult as f64;
-    if !(0.0..1.8e19).contains(&bytes) {
-        return Err(format!("size {s:?} is out of range"));
-    }
-    Ok(bytes.round() as u64)
-}
+/// Parses a [`ByteSize`] string (the project's one size parser, [`wire::size`]).
+pub use wire::size::parse_size;
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

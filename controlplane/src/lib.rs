@@ -7,6 +7,7 @@
 //! ([`metrics`]). Task metadata survives restarts in [`store`]; [`gc`] evicts tasks by TTL and
 //! disk watermarks. [`trust`] builds the origin clients (private CAs, the system store).
 
+pub mod announce;
 pub mod cache;
 pub mod config;
 pub mod daemon;

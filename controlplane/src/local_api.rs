@@ -141,7 +141,7 @@ fn deliver(
     how: Delivery,
 ) -> Result<(), Status> {
     if let Some(want) = digest {
-        let got = crate::task::file_sha256(src)
+        let got = damselfly_common::file_sha256(src)
             .map_err(|e| Status::internal(format!("reading task file: {e}")))?;
         if got != want {
             return Err(Status::data_loss(format!(

@@ -126,10 +126,17 @@ pub fn apply(ctx: &Context, c: &DaemonClusterConfig) {
     ctx.shaping.set_pieces_in_flight(pieces);
 }
 
+/// First wait before asking the manager again after a failure (jittered, doubling).
+const RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest wait between tries to reach the manager (before jitter); the fixed pause was 2 s.
+const RETRY_MAX: Duration = Duration::from_secs(4);
+
 /// Follows the cluster's dynamic config with long polls; applies each new version.
 async fn config_loop(ctx: Arc<Context>, channel: Channel) {
     let mut client = ManagerClient::new(channel);
     let wait = ctx.config.manager.config_wait;
+    let new_backoff = || damselfly_common::reconnect_backoff(RETRY_MIN, RETRY_MAX);
+    let mut backoff = new_backoff();
     loop {
         let known = ctx.config_version.load(Ordering::Relaxed);
         let req = GetConfigRequest {
@@ -142,6 +149,7 @@ async fn config_loop(ctx: Arc<Context>, channel: Channel) {
         request.set_timeout(wait + Duration::from_secs(10));
         match client.get_config(request).await {
             Ok(resp) => {
+                backoff = new_backoff();
                 let r = resp.into_inner();
                 if r.version != known {
                     if let Some(d) = r.config.as_ref().and_then(|c| c.daemon.as_ref()) {
@@ -157,7 +165,7 @@ async fn config_loop(ctx: Arc<Context>, channel: Channel) {
             }
             Err(e) => {
                 tracing::debug!("manager config: {}", e.message());
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(backoff.next().unwrap_or(RETRY_MAX)).await;
             }
         }
     }
@@ -167,6 +175,8 @@ async fn config_loop(ctx: Arc<Context>, channel: Channel) {
 /// register again after a pause.
 async fn seed_keepalive_loop(ctx: Arc<Context>, channel: Channel) {
     let mut client = ManagerClient::new(channel);
+    let new_backoff = || damselfly_common::reconnect_backoff(RETRY_MIN, RETRY_MAX);
+    let mut backoff = new_backoff();
     loop {
         let req = RegisterSeedPeerRequest {
             cluster_id: ctx.config.manager.cluster_id,
@@ -179,6 +189,7 @@ async fn seed_keepalive_loop(ctx: Arc<Context>, channel: Channel) {
         };
         match client.register_seed_peer(req).await {
             Ok(resp) => {
+                backoff = new_backoff();
                 let r = resp.into_inner();
                 let every = Duration::from_millis(r.keepalive_interval_ms.max(100));
                 tracing::info!(
@@ -210,6 +221,6 @@ async fn seed_keepalive_loop(ctx: Arc<Context>, channel: Channel) {
             }
             Err(e) => tracing::debug!("manager register: {}", e.message()),
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(backoff.next().unwrap_or(RETRY_MAX)).await;
     }
 }

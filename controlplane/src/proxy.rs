@@ -39,6 +39,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
+use wire::range::{parse_range, RangeAsk};
 use wire::TaskId;
 
 /// Header naming the upstream registry of one request (`https://registry.example.com`).
@@ -423,7 +424,11 @@ impl Proxy {
             }
         };
         let len = store.layout().content_length();
-        let range = match parse_range(parts.headers.get(header::RANGE), len) {
+        let asked = parts
+            .headers
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok());
+        let range = match asked.map_or(RangeAsk::Full, |v| parse_range(v, len)) {
             RangeAsk::Full => None,
             RangeAsk::Part(a, b) => Some((a, b)),
             RangeAsk::Unsatisfiable => {
@@ -662,60 +667,6 @@ pub fn blob_digest(path: &str) -> Option<(String, [u8; 32])> {
     Some((text, out))
 }
 
-/// What a `Range` header asks of a blob of known length.
-#[derive(Debug, PartialEq, Eq)]
-pub enum RangeAsk {
-    /// No range (or one this proxy answers with the whole body, as HTTP allows: several
-    /// ranges, other units, unparsable).
-    Full,
-    /// Bytes `start..end` (end exclusive).
-    Part(u64, u64),
-    /// A single byte range that starts past the end.
-    Unsatisfiable,
-}
-
-/// Parses `Range: bytes=a-b`, `bytes=a-`, `bytes=-n` against `len`.
-pub fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeAsk {
-    let Some(s) = h.and_then(|v| v.to_str().ok()) else {
-        return RangeAsk::Full;
-    };
-    let Some(spec) = s.trim().strip_prefix("bytes=") else {
-        return RangeAsk::Full;
-    };
-    if spec.contains(',') {
-        return RangeAsk::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeAsk::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    if a.is_empty() {
-        // Suffix: the last n bytes.
-        let Ok(n) = b.parse::<u64>() else {
-            return RangeAsk::Full;
-        };
-        if n == 0 || len == 0 {
-            return RangeAsk::Unsatisfiable;
-        }
-        return RangeAsk::Part(len - n.min(len), len);
-    }
-    let Ok(start) = a.parse::<u64>() else {
-        return RangeAsk::Full;
-    };
-    let end = if b.is_empty() {
-        len
-    } else {
-        match b.parse::<u64>() {
-            Ok(last) if last >= start => last.saturating_add(1).min(len),
-            _ => return RangeAsk::Full,
-        }
-    };
-    if start >= len {
-        return RangeAsk::Unsatisfiable;
-    }
-    RangeAsk::Part(start, end)
-}
-
 /// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -787,43 +738,6 @@ fn json_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hv(s: &str) -> HeaderValue {
-        HeaderValue::from_str(s).expect("header")
-    }
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range(None, 100), RangeAsk::Full);
-        assert_eq!(
-            parse_range(Some(&hv("bytes=0-")), 100),
-            RangeAsk::Part(0, 100)
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=10-19")), 100),
-            RangeAsk::Part(10, 20)
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=90-500")), 100),
-            RangeAsk::Part(90, 100)
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=-10")), 100),
-            RangeAsk::Part(90, 100)
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=-500")), 100),
-            RangeAsk::Part(0, 100)
-        );
-        assert_eq!(
-            parse_range(Some(&hv("bytes=100-")), 100),
-            RangeAsk::Unsatisfiable
-        );
-        assert_eq!(parse_range(Some(&hv("bytes=0-1,5-6")), 100), RangeAsk::Full);
-        assert_eq!(parse_range(Some(&hv("bytes=5-1")), 100), RangeAsk::Full);
-        assert_eq!(parse_range(Some(&hv("items=0-1")), 100), RangeAsk::Full);
-        assert_eq!(parse_range(Some(&hv("bytes=x-")), 100), RangeAsk::Full);
-    }
 
     #[test]
     fn digests_in_paths() {

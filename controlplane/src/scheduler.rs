@@ -169,10 +169,16 @@ impl SchedulerSet {
     }
 }
 
-/// Keeps this host announced to one scheduler, reconnecting with backoff, and runs the seed
+/// First wait before announcing this host to a scheduler again (jittered, doubling).
+const HOST_RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between tries to announce this host to a scheduler (before jitter).
+const HOST_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Keeps this host announced to one scheduler, reconnecting with jittered backoff, and runs the seed
 /// triggers it receives. Runs until the process exits.
 pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
-    let mut backoff = Duration::from_millis(100);
+    let new_backoff = || damselfly_common::reconnect_backoff(HOST_RETRY_MIN, HOST_RETRY_MAX);
+    let mut backoff = new_backoff();
     let mut last_error: Option<String> = None;
     loop {
         let mut client = SchedulerClient::new(channel.clone());
@@ -183,7 +189,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
             Ok(resp) => {
                 last_error = None;
                 tracing::info!("announced host {} to scheduler {addr}", ctx.host.id);
-                backoff = Duration::from_millis(100);
+                backoff = new_backoff();
                 announce_held_tasks(&ctx, &addr, &channel);
                 let mut stream = resp.into_inner();
                 loop {
@@ -223,8 +229,7 @@ pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next().unwrap_or(HOST_RETRY_MAX)).await;
     }
 }
 

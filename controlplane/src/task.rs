@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use wire::proto::scheduler::{
     announce_peer_request::Request, announce_peer_response::Response,
     scheduler_client::SchedulerClient, AnnouncePeerRequest, Header, HostType, PeerFailed,
@@ -280,7 +279,7 @@ struct TaskRun {
     events: mpsc::Receiver<Event>,
     progress: Progress,
     store: Option<Arc<TaskStore>>,
-    announce: Option<mpsc::Sender<AnnouncePeerRequest>>,
+    announce: Option<crate::announce::Announcer>,
     responses: Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
     dispatched: bool,
     bad_parents: HashSet<String>,
@@ -342,9 +341,6 @@ impl PieceSink for ChannelSink {
     }
 }
 
-/// Bounded queue of messages to the scheduler for one task.
-const ANNOUNCE_QUEUE: usize = 4096;
-
 impl TaskRun {
     fn new(
         ctx: Arc<Context>,
@@ -378,9 +374,7 @@ impl TaskRun {
     /// it is gone: the download goes on without the scheduler).
     fn announce(&self, r: Request) {
         if let Some(tx) = &self.announce {
-            if let Err(e) = tx.try_send(AnnouncePeerRequest { request: Some(r) }) {
-                tracing::debug!(task = %self.spec.id, "announcement dropped: {e}");
-            }
+            tx.send(AnnouncePeerRequest { request: Some(r) });
         }
     }
 
@@ -424,7 +418,7 @@ impl TaskRun {
         addr: &str,
         channel: tonic::transport::Channel,
     ) -> Result<(), String> {
-        let (tx, rx) = mpsc::channel(ANNOUNCE_QUEUE);
+        let (tx, rx) = crate::announce::channel();
         let register = RegisterPeer {
             task_id: self.spec.id.to_hex(),
             peer_id: format!("{}-{:016x}", self.ctx.host.id, rand::random::<u64>()),
@@ -457,13 +451,12 @@ impl TaskRun {
                     piece_length: s.layout().piece_length(),
                 }),
         };
-        tx.try_send(AnnouncePeerRequest {
+        tx.send(AnnouncePeerRequest {
             request: Some(Request::Register(register)),
-        })
-        .map_err(|e| format!("queueing register: {e}"))?;
+        });
         let mut client = SchedulerClient::new(channel);
         let resp = client
-            .announce_peer(ReceiverStream::new(rx))
+            .announce_peer(rx)
             .await
             .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
         self.announce = Some(tx);

@@ -289,7 +289,13 @@ pub struct QuicEndpoint {
 }
 
 /// Streams accepted by the endpoint, for one data-plane thread.
-pub type Incoming = mpsc::UnboundedReceiver<QuicStream>;
+pub type Incoming = mpsc::Receiver<QuicStream>;
+
+/// Accepted streams waiting for one data-plane thread to take them. The hand-off is bounded:
+/// when a thread falls this far behind, the connection that opened the stream waits (and
+/// with it, through QUIC's stream limit, the child that opens streams), instead of the
+/// endpoint thread buffering streams without limit.
+pub const HANDOFF_QUEUE: usize = 256;
 
 impl QuicEndpoint {
     /// Binds the endpoint and starts its thread. Accepted streams go to `threads` receivers
@@ -325,7 +331,7 @@ impl QuicEndpoint {
         let mut senders = Vec::with_capacity(threads.max(1));
         let mut receivers = Vec::with_capacity(threads.max(1));
         for _ in 0..threads.max(1) {
-            let (tx, rx) = mpsc::unbounded();
+            let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
             senders.push(tx);
             receivers.push(rx);
         }
@@ -407,7 +413,7 @@ pub async fn connect(
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
-    threads: Arc<Vec<mpsc::UnboundedSender<QuicStream>>>,
+    threads: Arc<Vec<mpsc::Sender<QuicStream>>>,
     counters: Arc<crate::counters::Counters>,
 ) {
     use crate::counters::Counters;
@@ -432,7 +438,10 @@ async fn accept_loop(
                     Ok((send, recv)) => {
                         let i = next.fetch_add(1, Ordering::Relaxed) % threads.len();
                         let s = QuicStream::new(conn.clone(), send, recv);
-                        if threads[i].unbounded_send(s).is_err() {
+                        // Back-pressure, not an unbounded buffer: this connection's next
+                        // stream is accepted once the thread has taken this one.
+                        let mut tx = threads[i].clone();
+                        if futures::SinkExt::send(&mut tx, s).await.is_err() {
                             return;
                         }
                     }

@@ -310,8 +310,10 @@ impl TaskStore {
         Ok(self.commit(n, crc))
     }
 
-    /// Marks piece `n` as stored with digest `crc`. The caller must have written bytes that
-    /// passed [`TaskStore::verify`] at the piece's offset (the fetcher does so with io_uring).
+    /// Marks piece `n` as stored with digest `crc`. The caller must have written, at the
+    /// piece's offset, bytes of the right length whose crc32c is `crc`: checked by
+    /// [`TaskStore::verify`] in [`TaskStore::write_piece`], or by the fetcher as the bytes
+    /// arrive (it writes them with `pwritev`, not io_uring).
     /// Returns whether the piece was new.
     pub fn commit(&self, n: u32, crc: u32) -> bool {
         let (Some(word), Some(slot)) = (self.bits.get(n as usize / 64), self.crcs.get(n as usize))

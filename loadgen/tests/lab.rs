@@ -92,6 +92,59 @@ fn lab_args(prefix: &str, dir: &Path, json: &Path) -> Vec<String> {
     ]
 }
 
+/// One lab run of a test: its namespace prefix (namespaces left with it are deleted on
+/// drop), work dir, JSON report and the lab's arguments.
+struct LabRun {
+    prefix: String,
+    dir: PathBuf,
+    json: PathBuf,
+    args: Vec<String>,
+    _cleanup: Cleanup,
+}
+
+impl LabRun {
+    /// The run of `test` named by `tag`, with `values` for some of [`lab_args`]' flags; or
+    /// `None` (after `needs::skip`) where network namespaces cannot be made.
+    fn new(test: &str, tag: &str, values: &[(&str, &str)]) -> Option<Self> {
+        if !namespaces_available() {
+            needs::skip(
+                test,
+                "network namespaces (root and `ip netns`: apt-get install -y iproute2)",
+            );
+            return None;
+        }
+        needs::found(test);
+        let prefix = format!("dflyt{}{tag}-", std::process::id());
+        let dir = std::env::temp_dir().join(format!("{prefix}dir"));
+        let json = std::env::temp_dir().join(format!("{prefix}report.json"));
+        let mut args = lab_args(&prefix, &dir, &json);
+        for (flag, value) in values {
+            if let Some(p) = args.iter().position(|a| a == flag) {
+                args[p + 1] = (*value).into();
+            }
+        }
+        Some(Self {
+            _cleanup: Cleanup(prefix.clone()),
+            prefix,
+            dir,
+            json,
+            args,
+        })
+    }
+}
+
+/// Runs the lab with `args` to the end, checks that it succeeded, and returns its JSON
+/// report (written to `json`).
+fn run_to_report(args: &[String], json: &Path) -> serde_json::Value {
+    let out = Command::new(loadgen())
+        .args(args)
+        .output()
+        .expect("running loadgen");
+    assert!(out.status.success(), "{}", output_text(&out));
+    serde_json::from_slice(&std::fs::read(json).expect("reading the JSON report"))
+        .expect("parsing the JSON report")
+}
+
 fn output_text(o: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -103,21 +156,12 @@ fn output_text(o: &Output) -> String {
 
 #[test]
 fn tiny_lab_completes_verifies_and_cleans_up() {
-    if !namespaces_available() {
-        needs::skip(
-            "tiny_lab_completes_verifies_and_cleans_up",
-            "cannot create network namespaces here (needs root and `ip netns`: apt-get install -y iproute2)",
-        );
+    let Some(mut lab) = LabRun::new("tiny_lab_completes_verifies_and_cleans_up", "a", &[]) else {
         return;
-    }
-    let prefix = format!("dflyt{}a-", std::process::id());
-    let _cleanup = Cleanup(prefix.clone());
-    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
-    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
-    let mut args = lab_args(&prefix, &dir, &json);
-    args.push("--svg".into());
-    let svg = std::env::temp_dir().join(format!("{prefix}cdf.svg"));
-    args.push(svg.display().to_string());
+    };
+    lab.args.push("--svg".into());
+    let svg = std::env::temp_dir().join(format!("{}cdf.svg", lab.prefix));
+    lab.args.push(svg.display().to_string());
 
     // Without curl there is no HTTP baseline (and no origin byte count); the P2P part runs.
     // Checked before anything else, so that every later step sees the same phases.
@@ -131,17 +175,21 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
             "tiny_lab_completes_verifies_and_cleans_up (HTTP baseline part)",
             "curl not installed (apt-get install -y curl)",
         );
-        args.push("--no-baseline".into());
+        lab.args.push("--no-baseline".into());
     }
-    needs::found("tiny_lab_completes_verifies_and_cleans_up");
 
     // A leftover namespace with our prefix: refused without --clean, and left alone.
-    let leftover = format!("{prefix}origin");
+    let leftover = format!("{}origin", lab.prefix);
     let made = Command::new("ip")
         .args(["netns", "add", &leftover])
         .status();
     assert!(made.is_ok_and(|s| s.success()), "creating {leftover}");
-    let no_clean: Vec<String> = args.iter().filter(|a| *a != "--clean").cloned().collect();
+    let no_clean: Vec<String> = lab
+        .args
+        .iter()
+        .filter(|a| *a != "--clean")
+        .cloned()
+        .collect();
     let out = Command::new(loadgen())
         .args(&no_clean)
         .output()
@@ -152,11 +200,11 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
         "{}",
         output_text(&out)
     );
-    assert_eq!(namespaces(&prefix), vec![leftover.clone()]);
+    assert_eq!(namespaces(&lab.prefix), vec![leftover.clone()]);
 
     // With --clean: the leftover goes, the lab runs.
     let out = Command::new(loadgen())
-        .args(&args)
+        .args(&lab.args)
         .output()
         .expect("running loadgen");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -167,7 +215,7 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
     );
     assert!(out.status.success(), "{}", output_text(&out));
     let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
+        serde_json::from_slice(&std::fs::read(&lab.json).expect("reading the JSON report"))
             .expect("parsing the JSON report");
     let phases = report["phases"].as_array().expect("phases");
     let names: Vec<&str> = phases.iter().filter_map(|p| p["name"].as_str()).collect();
@@ -231,9 +279,9 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
     assert!(table.contains("bittorrent"), "{table}");
     assert!(table.contains("Damselfly P2P / BitTorrent"), "{table}");
 
-    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
-    assert!(!dir.exists(), "work dir left behind");
-    let _ = std::fs::remove_file(&json);
+    assert!(namespaces(&lab.prefix).is_empty(), "namespaces left behind");
+    assert!(!lab.dir.exists(), "work dir left behind");
+    let _ = std::fs::remove_file(&lab.json);
     let _ = std::fs::remove_file(&svg);
 }
 
@@ -243,45 +291,27 @@ fn tiny_lab_completes_verifies_and_cleans_up() {
 /// 2026-12-06); with it 1.25. The bound is on bytes, not time.
 #[test]
 fn a_scarce_seed_uploads_about_one_copy() {
-    if !namespaces_available() {
-        needs::skip(
-            "a_scarce_seed_uploads_about_one_copy",
-            "network namespaces (root and `ip netns`, Debian package iproute2)",
-        );
+    let Some(mut lab) = LabRun::new(
+        "a_scarce_seed_uploads_about_one_copy",
+        "c",
+        &[
+            ("--hosts", "4"),
+            ("--size", "16MiB"),
+            ("--rate", "100mbit"),
+            ("--origin-rate", "100mbit"),
+            ("--timeout", "120"),
+        ],
+    ) else {
         return;
-    }
-    needs::found("a_scarce_seed_uploads_about_one_copy");
-    let prefix = format!("dflyt{}c-", std::process::id());
-    let _cleanup = Cleanup(prefix.clone());
-    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
-    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
-    let mut args = lab_args(&prefix, &dir, &json);
+    };
     // The ACK-priority shaper (not the default tbf) also proves that qdisc sets up.
-    args.extend([
+    lab.args.extend([
         "--no-baseline".into(),
         "--no-bittorrent".into(),
         "--qdisc".into(),
         "htb-ack-prio".into(),
     ]);
-    for (flag, value) in [
-        ("--hosts", "4"),
-        ("--size", "16MiB"),
-        ("--rate", "100mbit"),
-        ("--origin-rate", "100mbit"),
-        ("--timeout", "120"),
-    ] {
-        if let Some(p) = args.iter().position(|a| a == flag) {
-            args[p + 1] = value.into();
-        }
-    }
-    let out = Command::new(loadgen())
-        .args(&args)
-        .output()
-        .expect("running loadgen");
-    assert!(out.status.success(), "{}", output_text(&out));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
-            .expect("parsing the JSON report");
+    let report = run_to_report(&lab.args, &lab.json);
     assert_eq!(report["seed_rate_bps"], 100_000_000, "{report}");
     let p2p = &report["phases"][0];
     assert_eq!(p2p["name"], "p2p");
@@ -295,35 +325,24 @@ fn a_scarce_seed_uploads_about_one_copy() {
         .as_f64()
         .expect("origin payload");
     assert!((0.99..1.05).contains(&origin), "origin copies {origin}");
-    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
-    let _ = std::fs::remove_file(&json);
+    assert!(namespaces(&lab.prefix).is_empty(), "namespaces left behind");
+    let _ = std::fs::remove_file(&lab.json);
 }
 
 #[test]
 fn sigterm_mid_run_removes_everything() {
-    if !namespaces_available() {
-        needs::skip(
-            "sigterm_mid_run_removes_everything",
-            "cannot create network namespaces here (needs root and `ip netns`: apt-get install -y iproute2)",
-        );
-        return;
-    }
-    needs::found("sigterm_mid_run_removes_everything");
-    let prefix = format!("dflyt{}b-", std::process::id());
-    let _cleanup = Cleanup(prefix.clone());
-    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
-    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
-    let mut args = lab_args(&prefix, &dir, &json);
-    args.push("--no-baseline".into());
-    args.push("--no-bittorrent".into());
     // Slow links, so that the run is still going when the signal comes.
-    for (i, v) in [("--rate", "2mbit"), ("--size", "8MiB")] {
-        if let Some(p) = args.iter().position(|a| a == i) {
-            args[p + 1] = v.into();
-        }
-    }
+    let Some(mut lab) = LabRun::new(
+        "sigterm_mid_run_removes_everything",
+        "b",
+        &[("--rate", "2mbit"), ("--size", "8MiB")],
+    ) else {
+        return;
+    };
+    lab.args.push("--no-baseline".into());
+    lab.args.push("--no-bittorrent".into());
     let mut child = Command::new(loadgen())
-        .args(&args)
+        .args(&lab.args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -331,13 +350,13 @@ fn sigterm_mid_run_removes_everything() {
     // Until the daemons run in their namespaces (the peers' namespaces exist and the lab
     // started downloading), bounded.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let stderr_path = dir.join("seed").join("dfdaemon.log");
+    let stderr_path = lab.dir.join("seed").join("dfdaemon.log");
     while Instant::now() < deadline && !stderr_path.exists() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(stderr_path.exists(), "the lab never started its daemons");
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!namespaces(&prefix).is_empty());
+    assert!(!namespaces(&lab.prefix).is_empty());
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -363,15 +382,16 @@ fn sigterm_mid_run_removes_everything() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
-    assert!(!dir.exists(), "work dir left behind");
+    assert!(namespaces(&lab.prefix).is_empty(), "namespaces left behind");
+    assert!(!lab.dir.exists(), "work dir left behind");
     // No lab process survives (they would keep a namespace alive).
     let ps = Command::new("ps").args(["-eo", "args"]).output();
     let ps = ps
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     assert!(
-        !ps.lines().any(|l| l.contains(&dir.display().to_string())),
+        !ps.lines()
+            .any(|l| l.contains(&lab.dir.display().to_string())),
         "a lab process is still running"
     );
 }
@@ -383,45 +403,27 @@ fn sigterm_mid_run_removes_everything() {
 /// such a run hung until its own timeout; not re-run here against the old code.)
 #[test]
 fn a_killed_seed_hangs_no_download_in_the_lab() {
-    if !namespaces_available() {
-        needs::skip(
-            "a_killed_seed_hangs_no_download_in_the_lab",
-            "network namespaces (root and `ip netns`, Debian package iproute2)",
-        );
+    // Slow enough links that the seed dies with most pieces unsent (T* ~ 2.7 s).
+    let Some(mut lab) = LabRun::new(
+        "a_killed_seed_hangs_no_download_in_the_lab",
+        "f",
+        &[
+            ("--hosts", "4"),
+            ("--size", "16MiB"),
+            ("--rate", "50mbit"),
+            ("--origin-rate", "50mbit"),
+            ("--timeout", "120"),
+        ],
+    ) else {
         return;
-    }
-    needs::found("a_killed_seed_hangs_no_download_in_the_lab");
-    let prefix = format!("dflyt{}f-", std::process::id());
-    let _cleanup = Cleanup(prefix.clone());
-    let dir = std::env::temp_dir().join(format!("{prefix}dir"));
-    let json = std::env::temp_dir().join(format!("{prefix}report.json"));
-    let mut args = lab_args(&prefix, &dir, &json);
-    args.extend([
+    };
+    lab.args.extend([
         "--no-baseline".into(),
         "--no-bittorrent".into(),
         "--fault".into(),
         "kill-seed@1s".into(),
     ]);
-    // Slow enough links that the seed dies with most pieces unsent (T* ~ 2.7 s).
-    for (flag, value) in [
-        ("--hosts", "4"),
-        ("--size", "16MiB"),
-        ("--rate", "50mbit"),
-        ("--origin-rate", "50mbit"),
-        ("--timeout", "120"),
-    ] {
-        if let Some(p) = args.iter().position(|a| a == flag) {
-            args[p + 1] = value.into();
-        }
-    }
-    let out = Command::new(loadgen())
-        .args(&args)
-        .output()
-        .expect("running loadgen");
-    assert!(out.status.success(), "{}", output_text(&out));
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("reading the JSON report"))
-            .expect("parsing the JSON report");
+    let report = run_to_report(&lab.args, &lab.json);
     let phase = &report["phases"][1];
     assert_eq!(phase["name"], "fault:kill-seed@1s", "{report}");
     assert_eq!(phase["verified"], 4, "every copy verified: {phase}");
@@ -441,6 +443,6 @@ fn a_killed_seed_hangs_no_download_in_the_lab() {
         origin <= 2.0,
         "the origin served {origin} copies (the seed's, plus at most the pieces lost with it)"
     );
-    assert!(namespaces(&prefix).is_empty(), "namespaces left behind");
-    let _ = std::fs::remove_file(&json);
+    assert!(namespaces(&lab.prefix).is_empty(), "namespaces left behind");
+    let _ = std::fs::remove_file(&lab.json);
 }

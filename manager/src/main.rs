@@ -55,42 +55,19 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // The config file first (its `log:` section says where logs go), then the logs, then
-    // what happened while reading it.
-    let path = damselfly_common::config_path(
-        args.config.as_deref(),
-        &damselfly_common::default_config_path("manager"),
-    );
-    let loaded = path.as_deref().map(Config::load).transpose();
-    let log = match &loaded {
-        Ok(Some(c)) => c.log.clone(),
-        _ => damselfly_common::LogConfig::default(),
-    };
-    let _log_guard = match damselfly_common::init_logs_with(
+    let Some((mut config, _log_guard)) = damselfly_common::load_config_and_logs(
         "manager",
-        "info",
-        &log.with_overrides(
-            args.log_format,
-            args.log_dir.clone(),
-            args.log_rotation,
-            args.log_max_files,
-        ),
-    ) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("manager: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if let Some(p) = &path {
-        tracing::info!("config file {}", p.display());
-    }
-    let mut config = match loaded {
-        Ok(config) => config.unwrap_or_default(),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            return ExitCode::FAILURE;
-        }
+        args.config.as_deref(),
+        Config::load,
+        |c: &Config| c.log.clone(),
+        damselfly_common::LogFlags {
+            format: args.log_format,
+            dir: args.log_dir.clone(),
+            rotation: args.log_rotation,
+            max_files: args.log_max_files,
+        },
+    ) else {
+        return ExitCode::FAILURE;
     };
     if let Some(a) = args.grpc {
         config.server.grpc = a;

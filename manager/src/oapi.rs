@@ -22,7 +22,7 @@ use std::time::Duration;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
@@ -187,11 +187,7 @@ impl FromRequestParts<Arc<ManagerState>> for JobToken {
         parts: &mut Parts,
         state: &Arc<ManagerState>,
     ) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        let Some(token) = bearer(value) else {
+        let Some(token) = bearer(crate::rest::authorization(parts)) else {
             return Err(unauthorized(
                 "an `Authorization: Bearer <personal access token>` header is required",
             ));

@@ -118,6 +118,14 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
+/// The request's `Authorization` header, when it is text (both token kinds come in it).
+pub(crate) fn authorization(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// Proof that the request carries an accepted bearer token; handlers that write take it.
 #[derive(Debug)]
 pub struct Authorized;
@@ -129,11 +137,7 @@ impl FromRequestParts<Arc<ManagerState>> for Authorized {
         parts: &mut Parts,
         state: &Arc<ManagerState>,
     ) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if state.auth.check_header(value) {
+        if state.auth.check_header(authorization(parts)) {
             Ok(Self)
         } else {
             Err(ApiError(

@@ -47,7 +47,7 @@ pub const DEFAULT_PORT: u16 = 8002;
 
 /// Whole scheduler configuration, as read from YAML.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Network settings of the gRPC server.
     pub server: ServerConfig,
@@ -66,7 +66,7 @@ pub const DEFAULT_METRICS_PORT: u16 = 8000;
 
 /// `metrics:` section: the Prometheus endpoint (`/metrics`, `/healthy`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Serve the endpoint (default false, as in Dragonfly; `--metrics ADDR` turns it on).
     pub enable: bool,
@@ -85,7 +85,7 @@ impl Default for MetricsConfig {
 
 /// `manager:` section: where the manager is and how this scheduler presents itself to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ManagerConfig {
     /// Manager gRPC address `host:port` (`manager.addr`, `--manager`); empty: no manager.
     pub addr: String,
@@ -131,7 +131,7 @@ impl Default for ManagerConfig {
 
 /// Network settings of the gRPC server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address the gRPC server binds (`server.listen`, default `0.0.0.0:8002`).
     pub listen: SocketAddr,
@@ -158,7 +158,7 @@ impl Default for ServerConfig {
 
 /// Knobs of the swarm logic in [`crate::state::SchedulerState`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SchedulingConfig {
     /// Parents sent at once when a peer is (re)scheduled, and peers a newly serving peer is
     /// pushed to (default 2). Few at once: a peer's first pieces then come at a large share
@@ -213,7 +213,7 @@ impl Default for SchedulingConfig {
 
 /// Weights of the parent score (see [`crate::state::evaluator`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct EvaluatorWeights {
     /// Free upload slots of the parent (default 0.6, Dragonfly's).
     pub load: f64,
@@ -251,7 +251,7 @@ impl Default for EvaluatorWeights {
 /// fewer than `min_samples` costs. A slow parent is not offered to anyone until a later
 /// piece it serves is normal again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct BadParentConfig {
     /// Costs kept per parent host (default 2000; 0 disables the detection).
     pub window: usize,
@@ -397,6 +397,33 @@ mod tests {
         assert_eq!(c.manager.advertise_ip, "10.0.0.1");
         assert_eq!(c.manager.config_wait, Duration::from_millis(500));
         assert_eq!(c.manager.preheat_timeout, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_key_named() {
+        // A typo must not silently fall back to the default.
+        for (yaml, key) in [
+            (
+                "scheduling:\n  candidate_parent_limt: 3\n",
+                "candidate_parent_limt",
+            ),
+            ("schedulng:\n  parent_limit: 3\n", "schedulng"),
+            ("server:\n  listen_addr: 0.0.0.0:1\n", "listen_addr"),
+            ("manager:\n  address: x:1\n", "address"),
+            ("metrics:\n  port: 1\n", "port"),
+            ("scheduling:\n  weights:\n    idcc: 1\n", "idcc"),
+            ("scheduling:\n  bad_parent:\n    sigmaa: 1\n", "sigmaa"),
+        ] {
+            let err = match Config::from_yaml(yaml) {
+                Ok(_) => panic!("{yaml:?} was accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(
+                err.contains(&format!("unknown field `{key}`")),
+                "{yaml:?}: {err}"
+            );
+            assert!(err.contains("expected"), "{yaml:?}: {err}");
+        }
     }
 
     #[test]

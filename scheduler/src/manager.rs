@@ -135,8 +135,16 @@ async fn run(ctx: Arc<Ctx>) {
     }
 }
 
-fn next_backoff(b: Duration) -> Duration {
-    (b * 2).min(RETRY_MAX)
+/// Pauses between tries: from [`RETRY_MIN`] doubling up to [`RETRY_MAX`], each with random
+/// jitter ([`damselfly_common::reconnect_backoff`]) so that the schedulers of a cluster do
+/// not come back to a restarted manager in lockstep. A new one after each success.
+fn new_backoff() -> impl Iterator<Item = Duration> {
+    damselfly_common::reconnect_backoff(RETRY_MIN, RETRY_MAX)
+}
+
+/// The next pause of `backoff`.
+fn next_delay(backoff: &mut impl Iterator<Item = Duration>) -> Duration {
+    backoff.next().unwrap_or(RETRY_MAX)
 }
 
 /// The system's hostname, or `localhost` when it cannot be read.
@@ -183,7 +191,7 @@ async fn advertise_ip(ctx: &Ctx) -> String {
 /// Registers, keeps alive and keeps the preheat subscription while registered; registers
 /// again (with backoff) whenever that ends. Never returns.
 async fn registration_loop(ctx: Arc<Ctx>, preheats: mpsc::Sender<PreheatRequest>) {
-    let mut backoff = RETRY_MIN;
+    let mut backoff = new_backoff();
     let hostname = if ctx.config.hostname.is_empty() {
         system_hostname()
     } else {
@@ -208,7 +216,7 @@ async fn registration_loop(ctx: Arc<Ctx>, preheats: mpsc::Sender<PreheatRequest>
                     %addr,
                     "registered with the manager"
                 );
-                backoff = RETRY_MIN;
+                backoff = new_backoff();
                 let every = match r.keepalive_interval_ms {
                     0 => DEFAULT_KEEPALIVE,
                     ms => Duration::from_millis(ms).max(MIN_KEEPALIVE),
@@ -221,12 +229,11 @@ async fn registration_loop(ctx: Arc<Ctx>, preheats: mpsc::Sender<PreheatRequest>
             }
             Err(status) => warn!(
                 manager = %ctx.config.addr,
-                "cannot register with the manager: {}; retrying in {backoff:?}",
+                "cannot register with the manager: {}; retrying with backoff",
                 status.message()
             ),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = next_backoff(backoff);
+        tokio::time::sleep(next_delay(&mut backoff)).await;
     }
 }
 
@@ -250,13 +257,13 @@ async fn keepalive(ctx: &Ctx, id: u64, every: Duration) -> String {
 /// Holds a `SubscribePreheat` stream open (subscribing again with backoff when it ends) and
 /// forwards each request to `preheats`. Returns only when the manager does not know `id`.
 async fn subscribe_preheat(ctx: &Ctx, id: u64, preheats: &mpsc::Sender<PreheatRequest>) -> String {
-    let mut backoff = RETRY_MIN;
+    let mut backoff = new_backoff();
     loop {
         let request = SubscribePreheatRequest { scheduler_id: id };
         match ctx.client.clone().subscribe_preheat(request).await {
             Ok(response) => {
                 debug!("subscribed to preheat requests");
-                backoff = RETRY_MIN;
+                backoff = new_backoff();
                 let mut stream = response.into_inner();
                 loop {
                     match stream.message().await {
@@ -281,8 +288,7 @@ async fn subscribe_preheat(ctx: &Ctx, id: u64, preheats: &mpsc::Sender<PreheatRe
             }
             Err(status) => debug!("cannot subscribe to preheat: {}", status.message()),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = next_backoff(backoff);
+        tokio::time::sleep(next_delay(&mut backoff)).await;
     }
 }
 
@@ -309,7 +315,7 @@ pub fn merge(base: &SchedulingConfig, c: &SchedulerClusterConfig) -> SchedulingC
 async fn config_loop(ctx: Arc<Ctx>) {
     let wait = ctx.config.config_wait;
     let mut known = 0u64;
-    let mut backoff = RETRY_MIN;
+    let mut backoff = new_backoff();
     loop {
         let mut request = tonic::Request::new(GetConfigRequest {
             source_type: SourceType::Scheduler as i32,
@@ -320,7 +326,7 @@ async fn config_loop(ctx: Arc<Ctx>) {
         request.set_timeout(wait + Duration::from_secs(10));
         match ctx.client.clone().get_config(request).await {
             Ok(response) => {
-                backoff = RETRY_MIN;
+                backoff = new_backoff();
                 let r = response.into_inner();
                 if r.version == known {
                     continue;
@@ -343,8 +349,7 @@ async fn config_loop(ctx: Arc<Ctx>) {
             }
             Err(status) => {
                 debug!("manager config: {}", status.message());
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                tokio::time::sleep(next_delay(&mut backoff)).await;
             }
         }
     }
@@ -536,7 +541,7 @@ async fn handle_preheat(ctx: Arc<Ctx>, request: PreheatRequest) {
         error,
         hosts,
     };
-    let mut backoff = RETRY_MIN;
+    let mut backoff = new_backoff();
     for attempt in 1..=REPORT_ATTEMPTS {
         match ctx
             .client
@@ -554,8 +559,7 @@ async fn handle_preheat(ctx: Arc<Ctx>, request: PreheatRequest) {
             }
             Err(status) => {
                 debug!(attempt, "reporting a preheat result: {}", status.message());
-                tokio::time::sleep(backoff).await;
-                backoff = next_backoff(backoff);
+                tokio::time::sleep(next_delay(&mut backoff)).await;
             }
         }
     }

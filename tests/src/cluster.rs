@@ -642,6 +642,80 @@ impl Cluster {
         })
     }
 
+    /// `--config` arguments for a daemon whose uploads are limited to `rate` (`"3MiB"`), so
+    /// that a fault lands while it serves.
+    pub fn slow_upload_config(&self, rate: &str) -> Result<Vec<String>> {
+        crate::poll::daemon_config(
+            self.dir(),
+            &format!("slow-upload-{rate}.yaml"),
+            &format!("data_plane:\n  upload_rate_limit: {rate}\n"),
+        )
+    }
+
+    /// A cluster without seed peers where peer-1 (uploads limited to 3 MiB/s) holds the file
+    /// `path` of `origin` (`size` bytes of content `seed`, fetched from the origin, checked)
+    /// and peer-2 holds nothing: a parent that a fault can hit mid-transfer. Returns the
+    /// cluster, the content and its URL.
+    pub async fn with_slow_parent(
+        origin: &crate::Origin,
+        path: &str,
+        size: u64,
+        seed: u64,
+    ) -> Result<(Self, Content, String)> {
+        let mut cluster = Self::start(ClusterOptions::sized(0, 0)).await?;
+        let slow = cluster.slow_upload_config("3MiB")?;
+        cluster
+            .add_daemon(false, &slow)
+            .await
+            .context("peer-1 (slow uploads)")?;
+        cluster.add_daemon(false, &[]).await.context("peer-2")?;
+        let content = origin.add_file(path, size, seed);
+        let url = origin.url(path);
+        cluster
+            .download_verified(
+                cluster.peer(1),
+                &url,
+                &cluster.dir().join("p1.out"),
+                &content,
+            )
+            .await
+            .context("download through peer-1")?;
+        Ok((cluster, content, url))
+    }
+
+    /// A cluster without seed peers but seed-1, whose uploads are limited to 2 MiB/s (so
+    /// that it stops or dies with pieces unsent), and peer-1 with the dfdaemon config
+    /// `peer_yaml` (its timeouts, typically).
+    pub async fn with_slow_seed_and_peer(peer_yaml: &str) -> Result<Self> {
+        let mut cluster = Self::start(ClusterOptions::sized(0, 0)).await?;
+        let slow = cluster.slow_upload_config("2MiB")?;
+        let peer_cfg = crate::poll::daemon_config(cluster.dir(), "peer-1.yaml", peer_yaml)?;
+        cluster.add_daemon(true, &slow).await.context("seed-1")?;
+        cluster
+            .add_daemon(false, &peer_cfg)
+            .await
+            .context("peer-1")?;
+        Ok(cluster)
+    }
+
+    /// Waits (at most 30 s) until `peer` has received bytes from a seed peer, and returns the
+    /// seed that serves it: one that has uploaded something.
+    pub async fn serving_seed(&self, peer: &Daemon) -> Result<&Daemon> {
+        crate::poll::wait_until(
+            &format!("{} receives bytes from a seed", peer.name),
+            Duration::from_secs(30),
+            || async move { Ok(peer.stats().await?.bytes_from_seed > 0) },
+        )
+        .await?;
+        let mut serving = None;
+        for s in self.seeds() {
+            if s.stats().await?.bytes_uploaded > 0 {
+                serving = Some(s);
+            }
+        }
+        serving.context("no seed uploaded anything")
+    }
+
     /// The cluster's temp dir (logs, daemon dirs); a good place for dfget outputs.
     pub fn dir(&self) -> &Path {
         &self.root

@@ -108,22 +108,9 @@ impl Content {
     }
 }
 
-/// Hex sha256 of a local file, streaming.
+/// Hex sha256 of a local file, streaming ([`damselfly_common::file_sha256_hex`]).
 pub fn file_sha256_hex(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    damselfly_common::file_sha256_hex(path).with_context(|| format!("hashing {}", path.display()))
 }
 
 /// Hex sha256 of a local file, on a blocking thread so that async callers are not stalled.

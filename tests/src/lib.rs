@@ -76,45 +76,10 @@ pub fn bin_path(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Parses a byte size such as `1000000`, `64KiB`, `256MiB`, `1GiB`, `10MB` or `1.5GiB`.
-///
-/// Binary suffixes (`KiB`, `MiB`, `GiB`, `TiB`, and the short `K`, `M`, `G`, `T`) are powers
-/// of 1024; decimal ones (`KB`, `MB`, `GB`, `TB`) are powers of 1000; `B` or no suffix means
-/// bytes. Case and a space before the suffix do not matter.
+/// Parses a byte size such as `1000000`, `64KiB`, `256MiB`, `10MB` or `1.5GiB` with the
+/// project's one size parser, [`wire::size::parse_size`] (`K`/`KB` = 1000, `Ki`/`KiB` = 1024).
 pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        other => bail!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"),
-    };
-    if num.is_empty() {
-        bail!("no number in size {s:?}");
-    }
-    if let Ok(n) = num.parse::<u64>() {
-        return n
-            .checked_mul(mult)
-            .with_context(|| format!("size {s:?} overflows"));
-    }
-    let f: f64 = num
-        .parse()
-        .with_context(|| format!("bad number in size {s:?}"))?;
-    let bytes = f * mult as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        bail!("size {s:?} out of range");
-    }
-    Ok(bytes.round() as u64)
+    wire::size::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 /// Formats a byte count for humans: `0 B`, `12.0 KiB`, `256.0 MiB`, `1.50 GiB`.
@@ -145,7 +110,7 @@ mod tests {
         assert_eq!(parse_size("64MiB").expect("ok"), 64 << 20);
         assert_eq!(parse_size("1GiB").expect("ok"), 1 << 30);
         assert_eq!(parse_size("1 gib").expect("ok"), 1 << 30);
-        assert_eq!(parse_size("256M").expect("ok"), 256 << 20);
+        assert_eq!(parse_size("256M").expect("ok"), 256_000_000);
         assert_eq!(parse_size("10MB").expect("ok"), 10_000_000);
         assert_eq!(parse_size("0").expect("ok"), 0);
         assert_eq!(parse_size("1.5KiB").expect("ok"), 1536);

@@ -29,76 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context as TaskContext, Poll};
-
-/// What a `Range` header asks of a representation of a known size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeRequest {
-    /// No usable range: serve the whole body with 200.
-    Full,
-    /// Serve bytes `start..=end` with 206.
-    Partial {
-        /// First byte.
-        start: u64,
-        /// Last byte (inclusive).
-        end: u64,
-    },
-    /// The range cannot be satisfied: answer 416.
-    Unsatisfiable,
-}
-
-/// Interprets a `Range` header value for a body of `size` bytes.
-///
-/// Only a single `bytes=` range is honoured; multiple ranges, other units and syntactically
-/// invalid values are ignored (200 with the full body, which RFC 9110 allows). An empty body
-/// ignores ranges too, so that a client asking `bytes=0-` of an empty file gets a plain 200.
-pub fn parse_range(value: &str, size: u64) -> RangeRequest {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
-        return RangeRequest::Full;
-    };
-    if spec.contains(',') || size == 0 {
-        return RangeRequest::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return RangeRequest::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let num = |s: &str| -> Option<u64> {
-        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
-            None
-        } else {
-            s.parse().ok()
-        }
-    };
-    if a.is_empty() {
-        // Suffix range: the last n bytes.
-        let Some(n) = num(b) else {
-            return RangeRequest::Full;
-        };
-        if n == 0 {
-            return RangeRequest::Unsatisfiable;
-        }
-        return RangeRequest::Partial {
-            start: size - n.min(size),
-            end: size - 1,
-        };
-    }
-    let Some(start) = num(a) else {
-        return RangeRequest::Full;
-    };
-    let end = if b.is_empty() {
-        size.saturating_sub(1)
-    } else {
-        match num(b) {
-            Some(e) if e >= start => e.min(size - 1),
-            // last < first makes the header invalid: ignore it.
-            _ => return RangeRequest::Full,
-        }
-    };
-    if start >= size {
-        return RangeRequest::Unsatisfiable;
-    }
-    RangeRequest::Partial { start, end }
-}
+use wire::range::{parse_range, RangeAsk};
 
 /// One request as the origin saw it, for diagnostics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -478,10 +409,10 @@ fn respond(
         }
         _ => content.size,
     };
-    let (status, start, end) = match range.map_or(RangeRequest::Full, |r| parse_range(r, size)) {
-        RangeRequest::Full => (StatusCode::OK, 0, size),
-        RangeRequest::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
-        RangeRequest::Unsatisfiable => {
+    let (status, start, end) = match range.map_or(RangeAsk::Full, |r| parse_range(r, size)) {
+        RangeAsk::Full => (StatusCode::OK, 0, size),
+        RangeAsk::Part(start, end) => (StatusCode::PARTIAL_CONTENT, start, end),
+        RangeAsk::Unsatisfiable => {
             return status_only(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 Some((CONTENT_RANGE, format!("bytes */{size}"))),
@@ -638,52 +569,6 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
-
-    #[test]
-    fn range_forms() {
-        use RangeRequest::*;
-        let p = |s| parse_range(s, 1000);
-        assert_eq!(p("bytes=0-99"), Partial { start: 0, end: 99 });
-        assert_eq!(
-            p("bytes=10-"),
-            Partial {
-                start: 10,
-                end: 999
-            }
-        );
-        assert_eq!(
-            p("bytes=-100"),
-            Partial {
-                start: 900,
-                end: 999
-            }
-        );
-        assert_eq!(p("bytes=-5000"), Partial { start: 0, end: 999 });
-        assert_eq!(
-            p("bytes=990-5000"),
-            Partial {
-                start: 990,
-                end: 999
-            }
-        );
-        assert_eq!(
-            p("bytes=999-999"),
-            Partial {
-                start: 999,
-                end: 999
-            }
-        );
-        assert_eq!(p("bytes=1000-"), Unsatisfiable);
-        assert_eq!(p("bytes=1000-2000"), Unsatisfiable);
-        assert_eq!(p("bytes=-0"), Unsatisfiable);
-        assert_eq!(p("bytes=5-4"), Full);
-        assert_eq!(p("bytes=0-1,5-6"), Full);
-        assert_eq!(p("items=0-1"), Full);
-        assert_eq!(p("bytes=a-b"), Full);
-        assert_eq!(p("bytes=-"), Full);
-        assert_eq!(p("bytes=+1-2"), Full);
-        assert_eq!(parse_range("bytes=0-", 0), Full);
-    }
 
     /// Sends one request over a fresh connection and returns (status, headers, body).
     async fn get(

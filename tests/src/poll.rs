@@ -70,3 +70,17 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok()).flatten()
     })
 }
+
+/// The value of the counter `name` (with or without the `_total` suffix prometheus-client
+/// adds, no labels) that the daemon at `addr` exposes on `/metrics`.
+pub async fn counter(addr: SocketAddr, name: &str) -> Result<u64> {
+    let text = scrape(addr).await?;
+    let total = format!("{name}_total");
+    text.lines()
+        .find_map(|l| {
+            let mut it = l.split_whitespace();
+            let n = it.next()?;
+            (n == name || n == total).then(|| it.next()?.parse().ok())?
+        })
+        .with_context(|| format!("metric {name} missing from:\n{text}"))
+}

@@ -34,6 +34,41 @@ pub fn missing_tools(tools: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The Debian package that installs `tool`.
+fn package_of(tool: &str) -> &str {
+    match tool {
+        "ctr" => "containerd",
+        t => t,
+    }
+}
+
+/// A fresh temp work dir (named `prefix…`) for `test` when every one of `tools` is on
+/// `PATH` (`needs::found`); else `None`, after `needs::skip` names what is missing and the
+/// Debian packages that install it.
+pub fn work_dir_if_tools(test: &str, tools: &[&str], prefix: &str) -> Option<tempfile::TempDir> {
+    let missing = missing_tools(tools);
+    if !missing.is_empty() {
+        let mut packages: Vec<&str> = tools.iter().map(|t| package_of(t)).collect();
+        packages.dedup();
+        needs::skip(
+            test,
+            &format!(
+                "{} not installed (apt-get install -y {})",
+                missing.join(", "),
+                packages.join(" ")
+            ),
+        );
+        return None;
+    }
+    needs::found(test);
+    Some(
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("temp dir"),
+    )
+}
+
 /// The path of `tool` on `PATH`.
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -55,6 +90,28 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Pushes the OCI layout `image` to this registry as `repo:<image's tag>` with `skopeo`
+    /// (which fetches no blob from it), with `creds` (`user:password`) when given. The push
+    /// must succeed.
+    pub async fn push(
+        &self,
+        work: &Path,
+        image: &OciImage,
+        repo: &str,
+        creds: Option<&str>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let src = format!("oci:{}:{}", image.dir.display(), image.tag);
+        let dest = format!("docker://{}/{repo}:{}", self.addr, image.tag);
+        let mut args = vec!["copy", "--dest-tls-verify=false"];
+        if let Some(c) = creds {
+            args.extend(["--dest-creds", c]);
+        }
+        args.extend([src.as_str(), dest.as_str()]);
+        check_output("skopeo push", &skopeo(work, &args, timeout).await?);
+        Ok(())
+    }
+
     /// Starts a registry with its config, storage and log in `dir`, and waits until `/v2/`
     /// answers.
     pub async fn start(dir: &Path) -> Result<Self> {
@@ -549,6 +606,65 @@ impl Containerd {
             Err(_) => bail!("ctr {} did not finish within {timeout:?}", args.join(" ")),
         }
     }
+
+    /// `ctr images pull --hosts-dir` of `reg`'s `test/img:v1` through the registry mirror at
+    /// `mirror` (`http://…`), with a `hosts.toml` written under `dir`; `args` go before the
+    /// image reference (e.g. `--user name:secret`). The pull must succeed.
+    pub async fn pull_through_mirror(
+        &self,
+        dir: &Path,
+        reg: &Registry,
+        mirror: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<()> {
+        let hosts = dir.join("hosts.d");
+        write_hosts_toml(&hosts, &reg.addr.to_string(), &reg.url(), mirror)?;
+        let image_ref = format!("{}/test/img:v1", reg.addr);
+        let hosts_arg = hosts.display().to_string();
+        let mut all = vec!["images", "pull"];
+        all.extend_from_slice(args);
+        all.extend([
+            "--hosts-dir",
+            hosts_arg.as_str(),
+            "--plain-http",
+            &image_ref,
+        ]);
+        check_output(
+            &format!("ctr images pull through the mirror {mirror}"),
+            &self.ctr(&all, timeout).await?,
+        );
+        Ok(())
+    }
+
+    /// Asserts that containerd's content store holds every blob of `image`, byte for byte
+    /// as pushed (`what` names the pull in the message).
+    pub async fn assert_blobs(&self, image: &OciImage, what: &str, timeout: Duration) {
+        for b in image.blobs() {
+            let o = self
+                .ctr(&["content", "get", &b.digest], timeout)
+                .await
+                .expect("running ctr content get");
+            check_output("ctr content get", &o);
+            let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
+            assert!(
+                o.stdout == want,
+                "{what}: containerd's copy of {} differs from the pushed blob",
+                b.digest
+            );
+        }
+    }
+}
+
+/// Asserts that a tool's run (`what`) succeeded, showing its status and output otherwise.
+pub fn check_output(what: &str, o: &Output) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstderr: {}\nstdout: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr).trim(),
+        String::from_utf8_lossy(&o.stdout).trim()
+    );
 }
 
 /// Writes `<hosts_dir>/<registry_host>/hosts.toml` sending pulls of `registry_host` (served

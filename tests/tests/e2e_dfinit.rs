@@ -10,22 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use testkit::registry::{self, skopeo, Containerd, OciImage, Registry, REGISTRY_BIN};
+use testkit::registry::{self, Containerd, OciImage, Registry, REGISTRY_BIN};
 use testkit::{bin_path, Cluster, ClusterOptions};
 
 const MIB: u64 = 1 << 20;
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 const TEST: &str = "dfinit_points_containerd_at_the_daemons_and_the_registry_serves_each_blob_once";
 
-fn check(what: &str, o: &Output) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstderr: {}\nstdout: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr).trim(),
-        String::from_utf8_lossy(&o.stdout).trim()
-    );
-}
+use testkit::registry::check_output as check;
 
 fn dfinit(args: &[String]) -> Output {
     Command::new(bin_path("dfinit").expect("dfinit binary"))
@@ -71,41 +63,22 @@ fn backups_of(file: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dfinit_points_containerd_at_the_daemons_and_the_registry_serves_each_blob_once() {
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "containerd", "ctr"]);
-    if !missing.is_empty() {
-        needs::skip(
-            TEST,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo containerd)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) = registry::work_dir_if_tools(
+        TEST,
+        &[REGISTRY_BIN, "skopeo", "containerd", "ctr"],
+        "damselfly-dfinit-",
+    ) else {
         return;
-    }
-    needs::found(TEST);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-dfinit-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let reg = Registry::start(work)
         .await
         .expect("starting docker-registry");
     let image = OciImage::build(&work.join("image"), "v1", 91, &[3 * MIB + 17, MIB + 5])
         .expect("building the image");
-    let o = skopeo(
-        work,
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:{}", image.dir.display(), image.tag),
-            &format!("docker://{}/team/app:{}", reg.addr, image.tag),
-        ],
-        TOOL_TIMEOUT,
-    )
-    .await
-    .expect("running skopeo");
-    check("skopeo push", &o);
+    reg.push(work, &image, "team/app", None, TOOL_TIMEOUT)
+        .await
+        .expect("running skopeo");
 
     let cluster = Cluster::start(ClusterOptions {
         seeds: 0,
@@ -207,18 +180,9 @@ async fn dfinit_points_containerd_at_the_daemons_and_the_registry_serves_each_bl
             .await
             .expect("running ctr");
         check(&format!("ctr images pull on host {n}"), &o);
+        ctd.assert_blobs(&image, &format!("host {n}"), TOOL_TIMEOUT)
+            .await;
         for b in image.blobs() {
-            let o = ctd
-                .ctr(&["content", "get", &b.digest], TOOL_TIMEOUT)
-                .await
-                .expect("ctr content get");
-            check("ctr content get", &o);
-            let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
-            assert!(
-                o.stdout == want,
-                "host {n}: containerd's {} differs",
-                b.digest
-            );
             let gets = reg.blob_gets(&b.digest).expect("registry log");
             assert_eq!(
                 gets, 1,

@@ -69,12 +69,7 @@ async fn peers_finish_from_known_parents_when_the_scheduler_dies_mid_download() 
     let mut cluster = Cluster::start(ClusterOptions::sized(0, 2))
         .await
         .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-upload.yaml",
-        "data_plane:\n  upload_rate_limit: 4MiB\n",
-    )
-    .expect("config");
+    let slow = cluster.slow_upload_config("4MiB").expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
     let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let size = 20 * MIB + 11;
@@ -198,12 +193,7 @@ async fn a_scheduler_restarted_mid_burst_resumes_the_swarm_without_a_second_sour
     let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
         .await
         .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-upload.yaml",
-        "data_plane:\n  upload_rate_limit: 3MiB\n",
-    )
-    .expect("config");
+    let slow = cluster.slow_upload_config("3MiB").expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
     for n in 1..=4 {
         cluster

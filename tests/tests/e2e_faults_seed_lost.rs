@@ -17,12 +17,7 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
         .await
         .expect("starting the cluster");
     // The seed uploads slowly, so that it dies with most pieces never sent to anyone.
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-seed.yaml",
-        "data_plane:\n  upload_rate_limit: 2MiB\n",
-    )
-    .expect("config");
+    let slow = cluster.slow_upload_config("2MiB").expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
     for n in 1..=3 {
         cluster
@@ -129,26 +124,14 @@ fn signal(d: &testkit::Daemon, sig: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_whose_only_parent_stalls_with_the_scheduler_gone_goes_to_the_origin() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
-        .await
-        .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-seed.yaml",
-        "data_plane:\n  upload_rate_limit: 2MiB\n",
-    )
-    .expect("config");
     // The piece timeout is far beyond dfget's timeout (60 s) and the idle detection is off
     // (a stall timeout this short needs that): only the stall watchdog
     // (`download.stall_timeout`) can save this download.
-    let peer_cfg = daemon_config(
-        cluster.dir(),
-        "stall.yaml",
+    let cluster = Cluster::with_slow_seed_and_peer(
         "data_plane:\n  piece_timeout: 10m\n  parent_idle_timeout: 0s\ndownload:\n  stall_timeout: 2s\n",
     )
-    .expect("config");
-    cluster.add_daemon(true, &slow).await.expect("seed-1");
-    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    .await
+    .expect("starting the cluster");
     let (seed, p1) = (cluster.seed(1), cluster.peer(1));
     let size = 16 * MIB + 9;
     let content = origin.add_file("/stall.bin", size, 32);
@@ -201,12 +184,7 @@ async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
     let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
         .await
         .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-seed.yaml",
-        "data_plane:\n  upload_rate_limit: 2MiB\n",
-    )
-    .expect("config");
+    let slow = cluster.slow_upload_config("2MiB").expect("config");
     // A short piece timeout, and a stall watchdog that never fires in this test: only the
     // piece timeout can tell the stopped parent from a slow one.
     let peer_cfg = daemon_config(
@@ -226,19 +204,7 @@ async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
 
     let cl = &cluster;
     let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
-        wait_until(
-            "peer-1 receives bytes from a seed",
-            Duration::from_secs(30),
-            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
-        )
-        .await?;
-        let mut victim = None;
-        for s in cl.seeds() {
-            if s.stats().await?.bytes_uploaded > 0 {
-                victim = Some(s);
-            }
-        }
-        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let victim = cl.serving_seed(p1).await?;
         let at_stop = p1.stats().await?;
         signal(victim, "STOP");
         anyhow::Ok((victim, at_stop))
@@ -286,29 +252,12 @@ async fn back_to_source_sent(cluster: &Cluster) -> anyhow::Result<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
-        .await
-        .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-upload.yaml",
-        "data_plane:\n  upload_rate_limit: 3MiB\n",
-    )
-    .expect("config");
-    cluster
-        .add_daemon(false, &slow)
-        .await
-        .expect("peer-1 (slow uploads)");
-    cluster.add_daemon(false, &[]).await.expect("peer-2");
-    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let size = 24 * MIB + 3;
-    let content = origin.add_file("/once.bin", size, 34);
-    let url = origin.url("/once.bin");
     // peer-1 gets the file from the origin (there is no seed).
-    cluster
-        .download_verified(p1, &url, &cluster.dir().join("p1.out"), &content)
+    let (cluster, content, url) = Cluster::with_slow_parent(&origin, "/once.bin", size, 34)
         .await
-        .expect("download through peer-1");
+        .expect("a cluster with a slow parent");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let served_before = origin.bytes_served();
     let requests_before = origin.request_log().len();
 
@@ -374,24 +323,12 @@ async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
-        .await
-        .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-seed.yaml",
-        "data_plane:\n  upload_rate_limit: 2MiB\n",
-    )
-    .expect("config");
     // Only the idle detection, at its default, notices the stall.
-    let peer_cfg = daemon_config(
-        cluster.dir(),
-        "idle.yaml",
+    let cluster = Cluster::with_slow_seed_and_peer(
         "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 10m\n",
     )
-    .expect("config");
-    cluster.add_daemon(true, &slow).await.expect("seed-1");
-    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    .await
+    .expect("starting the cluster");
     let (seed, p1) = (cluster.seed(1), cluster.peer(1));
     let size = 16 * MIB + 13;
     let content = origin.add_file("/only-stalled.bin", size, 36);

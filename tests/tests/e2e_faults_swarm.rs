@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 use testkit::manager::ManagerOptions;
-use testkit::poll::{daemon_config, wait_until};
+use testkit::poll::wait_until;
 use testkit::{Cluster, ClusterOptions, Origin};
 
 const MIB: u64 = 1 << 20;
@@ -14,30 +14,12 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
-        .await
-        .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-upload.yaml",
-        "data_plane:\n  upload_rate_limit: 3MiB\n",
-    )
-    .expect("config");
-    cluster
-        .add_daemon(false, &slow)
-        .await
-        .expect("peer-1 (slow uploads)");
-    cluster.add_daemon(false, &[]).await.expect("peer-2");
-    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let size = 24 * MIB + 7;
-    let content = origin.add_file("/f.bin", size, 21);
-    let url = origin.url("/f.bin");
-
     // peer-1 gets the file (from the origin: there is no seed).
-    cluster
-        .download_verified(p1, &url, &cluster.dir().join("p1.out"), &content)
+    let (cluster, content, url) = Cluster::with_slow_parent(&origin, "/f.bin", size, 21)
         .await
-        .expect("download through peer-1");
+        .expect("a cluster with a slow parent");
+    let (p1, p2) = (cluster.peer(1), cluster.peer(2));
     let served_before = origin.bytes_served();
 
     // peer-2 downloads from peer-1 at 3 MiB/s; peer-1 is killed once bytes flow.
@@ -104,12 +86,7 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
     let mut cluster = Cluster::start(ClusterOptions::sized(0, 1))
         .await
         .expect("starting the cluster");
-    let slow = daemon_config(
-        cluster.dir(),
-        "slow-upload.yaml",
-        "data_plane:\n  upload_rate_limit: 3MiB\n",
-    )
-    .expect("config");
+    let slow = cluster.slow_upload_config("3MiB").expect("config");
     cluster.add_daemon(true, &slow).await.expect("seed-1");
     cluster.add_daemon(true, &slow).await.expect("seed-2");
     let p1 = cluster.peer(1);
@@ -119,20 +96,8 @@ async fn a_seed_killed_mid_transfer_is_replaced_and_the_download_finishes() {
 
     let out = cluster.dir().join("p1.out");
     let (r, killed) = tokio::join!(cluster.download_verified(p1, &url, &out, &content), async {
-        wait_until(
-            "peer-1 receives bytes from a seed",
-            Duration::from_secs(30),
-            || async move { Ok(p1.stats().await?.bytes_from_seed > 0) },
-        )
-        .await?;
         // The seed that serves it is the one that has uploaded something.
-        let mut victim = None;
-        for s in cluster.seeds() {
-            if s.stats().await?.bytes_uploaded > 0 {
-                victim = Some(s);
-            }
-        }
-        let victim = victim.ok_or_else(|| anyhow::anyhow!("no seed uploaded anything"))?;
+        let victim = cluster.serving_seed(p1).await?;
         let at_kill = p1.stats().await?;
         cluster.kill(victim);
         anyhow::Ok((victim.name.clone(), at_kill))

@@ -59,22 +59,13 @@ async fn curl_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_proxy_intercepts_named_hosts_and_tunnels_the_rest() {
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "curl"]);
-    if !missing.is_empty() {
-        needs::skip(
-            TEST,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo curl)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) = registry::work_dir_if_tools(
+        TEST,
+        &[REGISTRY_BIN, "skopeo", "curl"],
+        "damselfly-connect-",
+    ) else {
         return;
-    }
-    needs::found(TEST);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-connect-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let reg_ca = TestCa::new(work, "registry").expect("registry CA");
     // This host's address towards the outside (no packet is sent), when it has one.

@@ -181,6 +181,95 @@ async fn a_download_killed_midway_resumes_with_only_the_missing_pieces() {
     );
 }
 
+/// A resumed download announces every piece it kept, however many: the run announces the
+/// pieces it holds in one burst when it registers, and that burst used to be cut at the
+/// 4,096-message queue (the rest dropped silently), so the scheduler never learnt them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_download_announces_all_of_its_more_than_4096_kept_pieces() {
+    const PIECE: u64 = 16 << 10;
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 1))
+        .await
+        .expect("starting the cluster");
+    // 5,400 pieces of 16 KiB (the smallest piece length a user may force).
+    let size = 5_400 * PIECE - 3;
+    let content = origin.add_file("/many.bin", size, 17);
+    let url = origin.url("/many.bin");
+    let task = TaskId::from_url(
+        &url,
+        &TaskIdOptions {
+            piece_length: PIECE,
+            ..TaskIdOptions::default()
+        },
+    )
+    .expect("task id");
+    let out = cluster.dir().join("many.out");
+    let piece_arg = PIECE.to_string();
+    let args = ["--piece-length", piece_arg.as_str()];
+
+    // A rate-limited download killed once well over 4,096 pieces are stored.
+    {
+        let mut slow = args.to_vec();
+        slow.extend(["--rate-limit", "8MiB"]);
+        let dl = cluster.run_dfget_with(cluster.peer(1), &url, &out, None, &slow);
+        tokio::pin!(dl);
+        loop {
+            tokio::select! {
+                r = &mut dl => panic!("the rate-limited download ended before the kill: {r:?}"),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            let s = cluster.peer(1).stats().await.expect("Stats");
+            if s.bytes_from_origin >= 4_700 * PIECE {
+                assert!(s.bytes_from_origin < size, "already complete: {s:?}");
+                cluster.peer(1).kill();
+                break;
+            }
+        }
+        let _ = dl.await;
+    }
+    let (_, kept, count) = recorded(&cluster.peer(1).data_dir, &task);
+    assert_eq!(count, 5_400);
+    assert!(
+        kept > 4_096 && kept < count,
+        "{kept} of {count} pieces recorded at the kill: the test needs more than 4,096 kept"
+    );
+
+    cluster.restart_peer(1).await.expect("restarting peer-1");
+    let o = cluster
+        .run_dfget_with(cluster.peer(1), &url, &out, None, &args)
+        .await
+        .expect("running dfget");
+    check_dfget("resumed dfget", &o).expect("resumed download");
+    assert_eq!(
+        file_sha256_hex_async(&out).await.expect("sha256"),
+        content.sha256_hex()
+    );
+    // Every piece was announced: the kept ones at registration, the rest as they arrived.
+    let mut learnt = 0;
+    for _ in 0..400 {
+        let info = grpc::stat_task(cluster.scheduler_addr(), &task.to_hex())
+            .await
+            .expect("StatTask");
+        learnt = info
+            .peers
+            .iter()
+            .filter(|p| p.host_id == "peer-1")
+            .map(|p| p.finished_pieces)
+            .max()
+            .unwrap_or(0);
+        if learnt == count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        learnt,
+        count,
+        "the scheduler learnt {learnt} of {count} pieces of the resumed peer ({kept} kept); logs:\n{}",
+        cluster.log_tails(40)
+    );
+}
+
 fn write_gc_config(dir: &Path) -> PathBuf {
     let path = dir.join("gc.yaml");
     std::fs::write(

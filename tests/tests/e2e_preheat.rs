@@ -25,7 +25,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 use testkit::manager::{ManagerOptions, Rest};
 use testkit::registry::{self, skopeo, Containerd, OciImage, OciIndex, Registry, REGISTRY_BIN};
@@ -40,15 +39,7 @@ const TOOL_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest wait of any poll below.
 const WAIT: Duration = Duration::from_secs(90);
 
-fn check(what: &str, o: &Output) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstderr: {}\nstdout: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr).trim(),
-        String::from_utf8_lossy(&o.stdout).trim()
-    );
-}
+use testkit::registry::check_output as check;
 
 /// Polls `check` every 100 ms until it returns `Some`; panics with `what` and the last
 /// observation after [`WAIT`].
@@ -102,25 +93,14 @@ async fn final_job(rest: &Rest, id: u64) -> Value {
 
 /// A counter of a daemon's `/metrics` (prometheus-client appends `_total` to counters).
 async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+    testkit::poll::counter(addr, name)
         .await
-        .expect("metrics request")
-        .text()
-        .await
-        .expect("metrics body");
-    let total = format!("{name}_total");
-    text.lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let n = it.next()?;
-            (n == name || n == total).then(|| it.next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn sha256_file(path: &Path) -> String {
-    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    format!("sha256:{}", hex::encode(Sha256::digest(&data)))
+    let hex = testkit::content::file_sha256_hex(path).unwrap_or_else(|e| panic!("{e:#}"));
+    format!("sha256:{hex}")
 }
 
 /// Blob GETs the registry answered with success, per blob of `image`.
@@ -143,43 +123,12 @@ async fn ctr_pull(dir: &Path, reg: &Registry, proxy: std::net::SocketAddr, image
     let ctd = Containerd::start(&dir.join("containerd"))
         .await
         .expect("starting containerd");
-    let hosts = dir.join("hosts.d");
-    registry::write_hosts_toml(
-        &hosts,
-        &reg.addr.to_string(),
-        &reg.url(),
-        &format!("http://{proxy}"),
-    )
-    .expect("hosts.toml");
-    let image_ref = format!("{}/test/img:v1", reg.addr);
-    let o = ctd
-        .ctr(
-            &[
-                "images",
-                "pull",
-                "--hosts-dir",
-                &hosts.display().to_string(),
-                "--plain-http",
-                &image_ref,
-            ],
-            TOOL_TIMEOUT,
-        )
+    let mirror = format!("http://{proxy}");
+    ctd.pull_through_mirror(dir, reg, &mirror, &[], TOOL_TIMEOUT)
         .await
         .expect("running ctr");
-    check(&format!("ctr images pull through the mirror {proxy}"), &o);
-    for b in image.blobs() {
-        let o = ctd
-            .ctr(&["content", "get", &b.digest], TOOL_TIMEOUT)
-            .await
-            .expect("running ctr content get");
-        check("ctr content get", &o);
-        let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
-        assert!(
-            o.stdout == want,
-            "containerd's copy of {} (through {proxy}) differs from the pushed blob",
-            b.digest
-        );
-    }
+    ctd.assert_blobs(image, &format!("through {proxy}"), TOOL_TIMEOUT)
+        .await;
 }
 
 /// Bytes a daemon got from the origin, from the seed and from other peers.
@@ -196,19 +145,9 @@ async fn registry_with_image(work: &Path) -> (Registry, OciImage) {
         .expect("starting docker-registry");
     let image = OciImage::build(&work.join("image"), "v1", 2024, &[3 * MIB + 4321, 2 * MIB])
         .expect("building the image");
-    let o = skopeo(
-        work,
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:{}", image.dir.display(), image.tag),
-            &format!("docker://{}/test/img:v1", reg.addr),
-        ],
-        TOOL_TIMEOUT,
-    )
-    .await
-    .expect("running skopeo");
-    check("skopeo push", &o);
+    reg.push(work, &image, "test/img", None, TOOL_TIMEOUT)
+        .await
+        .expect("running skopeo");
     assert!(
         registry_blob_gets(&reg, &image)
             .iter()
@@ -220,22 +159,13 @@ async fn registry_with_image(work: &Path) -> (Registry, OciImage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_preheat_serves_later_pulls_through_the_mirror_from_peers() {
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo", "containerd", "ctr"]);
-    if !missing.is_empty() {
-        needs::skip(
-            "image_preheat_serves_later_pulls_through_the_mirror_from_peers",
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo containerd)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) = registry::work_dir_if_tools(
+        "image_preheat_serves_later_pulls_through_the_mirror_from_peers",
+        &[REGISTRY_BIN, "skopeo", "containerd", "ctr"],
+        "damselfly-preheat-",
+    ) else {
         return;
-    }
-    needs::found("image_preheat_serves_later_pulls_through_the_mirror_from_peers");
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-preheat-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let (reg, image) = registry_with_image(work).await;
 
@@ -507,22 +437,11 @@ fn image_digests(image: &OciImage) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_preheat_picks_one_platform_of_an_index_behind_basic_auth() {
     let test = "image_preheat_picks_one_platform_of_an_index_behind_basic_auth";
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
-    if !missing.is_empty() {
-        needs::skip(
-            test,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) =
+        registry::work_dir_if_tools(test, &[REGISTRY_BIN, "skopeo"], "damselfly-preheat-")
+    else {
         return;
-    }
-    needs::found(test);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-preheat-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let reg = Registry::start_with_auth(work, Some((USER, BCRYPT)))
         .await
@@ -717,22 +636,11 @@ async fn personal_token(base: &str, admin: &str, name: &str, ttl: Duration) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harbor_preheats_through_the_open_api_with_a_personal_access_token() {
     let test = "harbor_preheats_through_the_open_api_with_a_personal_access_token";
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
-    if !missing.is_empty() {
-        needs::skip(
-            test,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) =
+        registry::work_dir_if_tools(test, &[REGISTRY_BIN, "skopeo"], "damselfly-harbor-")
+    else {
         return;
-    }
-    needs::found(test);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-harbor-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let (reg, image) = registry_with_image(work).await;
     let cluster = Cluster::start(ClusterOptions {

@@ -8,7 +8,6 @@
 //! side (a relay in front of the real registry passes only part of its answer).
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 use testkit::poll::wait_until;
 use testkit::registry::{
@@ -23,15 +22,7 @@ const USER: &str = "user";
 const PASSWORD: &str = "secret";
 const BCRYPT: &str = "$2b$04$KWUX7DApuAGMW/841nFwvO2Y2va4L3jsjrmljK6fn2rpZK/EwPdDW";
 
-fn check(what: &str, o: &Output) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstderr: {}\nstdout: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr).trim(),
-        String::from_utf8_lossy(&o.stdout).trim()
-    );
-}
+use testkit::registry::check_output as check;
 
 /// Whether the registry tools are installed; skips (fails in strict mode) naming the missing
 /// ones when not.
@@ -53,38 +44,15 @@ fn tools_or_skip(test: &str) -> bool {
 
 /// A counter of a daemon's `/metrics` (prometheus-client appends `_total` to counters).
 async fn metric(addr: std::net::SocketAddr, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+    testkit::poll::counter(addr, name)
         .await
-        .expect("metrics request")
-        .text()
-        .await
-        .expect("metrics body");
-    let total = format!("{name}_total");
-    text.lines()
-        .find_map(|l| {
-            let mut it = l.split_whitespace();
-            let n = it.next()?;
-            (n == name || n == total).then(|| it.next()?.parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 async fn push(reg: &Registry, work: &Path, image: &OciImage, repo: &str, creds: &str) {
-    let o = skopeo(
-        work,
-        &[
-            "copy",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            creds,
-            &format!("oci:{}:{}", image.dir.display(), image.tag),
-            &format!("docker://{}/{repo}:{}", reg.addr, image.tag),
-        ],
-        TOOL_TIMEOUT,
-    )
-    .await
-    .expect("running skopeo");
-    check("skopeo push", &o);
+    reg.push(work, image, repo, Some(creds), TOOL_TIMEOUT)
+        .await
+        .expect("running skopeo");
 }
 
 fn assert_same_blobs(image: &OciImage, out: &Path, who: &str) {
@@ -206,45 +174,12 @@ async fn image_pulls_through_two_proxies_leave_the_registry_once() {
         let ctd = Containerd::start(&work.join("containerd"))
             .await
             .expect("starting containerd");
-        let hosts = work.join("hosts.d");
-        registry::write_hosts_toml(
-            &hosts,
-            &reg.addr.to_string(),
-            &reg.url(),
-            &format!("http://{proxy2}"),
-        )
-        .expect("hosts.toml");
-        let image_ref = format!("{}/test/img:v1", reg.addr);
-        let o = ctd
-            .ctr(
-                &[
-                    "images",
-                    "pull",
-                    "--user",
-                    &creds,
-                    "--hosts-dir",
-                    &hosts.display().to_string(),
-                    "--plain-http",
-                    &image_ref,
-                ],
-                TOOL_TIMEOUT,
-            )
+        let mirror = format!("http://{proxy2}");
+        ctd.pull_through_mirror(work, &reg, &mirror, &["--user", &creds], TOOL_TIMEOUT)
             .await
-            .expect("running ctr");
-        check("ctr images pull through peer-2's proxy", &o);
-        for b in image.blobs() {
-            let o = ctd
-                .ctr(&["content", "get", &b.digest], TOOL_TIMEOUT)
-                .await
-                .expect("running ctr content get");
-            check("ctr content get", &o);
-            let want = std::fs::read(image.blob_path(&b.digest)).expect("pushed blob");
-            assert!(
-                o.stdout == want,
-                "containerd's copy of {} differs",
-                b.digest
-            );
-        }
+            .expect("ctr images pull through peer-2's proxy");
+        ctd.assert_blobs(&image, "peer-2's proxy", TOOL_TIMEOUT)
+            .await;
     } else {
         // Host 2 pulls with skopeo only; in strict mode, containerd must be there.
         needs::skip(
@@ -455,22 +390,11 @@ async fn a_blob_that_does_not_match_its_digest_is_never_served_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest() {
     let test = "blob_bytes_reach_the_client_while_the_registry_still_holds_the_rest";
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
-    if !missing.is_empty() {
-        needs::skip(
-            test,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) =
+        registry::work_dir_if_tools(test, &[REGISTRY_BIN, "skopeo"], "damselfly-registry-")
+    else {
         return;
-    }
-    needs::found(test);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-registry-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let reg = Registry::start(work)
         .await

@@ -107,22 +107,11 @@ async fn an_https_origin_signed_by_a_private_ca_is_trusted_only_with_its_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_registry_signed_by_a_private_ca_is_pulled_through_the_mirror() {
     const TEST: &str = "an_https_registry_signed_by_a_private_ca_is_pulled_through_the_mirror";
-    let missing = registry::missing_tools(&[REGISTRY_BIN, "skopeo"]);
-    if !missing.is_empty() {
-        needs::skip(
-            TEST,
-            &format!(
-                "{} not installed (apt-get install -y docker-registry skopeo)",
-                missing.join(", ")
-            ),
-        );
+    let Some(tmp) =
+        registry::work_dir_if_tools(TEST, &[REGISTRY_BIN, "skopeo"], "damselfly-trust-")
+    else {
         return;
-    }
-    needs::found(TEST);
-    let tmp = tempfile::Builder::new()
-        .prefix("damselfly-trust-")
-        .tempdir()
-        .expect("temp dir");
+    };
     let work = tmp.path();
     let ca = TestCa::new(work, "registry").expect("CA");
     let leaf = ca

@@ -8,6 +8,8 @@
 //! * [`proto`]: the gRPC services (scheduler, dfdaemon local API, manager), compiled with
 //!   protox.
 //! * [`grpc_codec`]: the codec of every generated gRPC client and server (small buffers).
+//! * [`size`]: byte sizes in config files and flags (`64KiB`, `100MB`); [`range`]: the HTTP
+//!   `Range` header against a body of known length.
 //! * [`tls`]: the `tls:` config section shared by every process, turned into rustls and
 //!   tonic configurations.
 
@@ -15,6 +17,8 @@ pub mod frame;
 pub mod grpc_codec;
 pub mod metrics_http;
 pub mod piece;
+pub mod range;
+pub mod size;
 pub mod task;
 pub mod tls;
 

@@ -163,18 +163,6 @@ fn run(args: Args, mut cfg: DaemonConfig) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let daemon = Daemon::start(cfg)?;
-        daemon.run(shutdown_signal()).await
+        daemon.run(damselfly_common::shutdown_signal()).await
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }

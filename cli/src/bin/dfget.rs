@@ -391,21 +391,8 @@ async fn recursive_s3(
             );
             continue;
         }
-        let target = out_dir.join(rel);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        }
         let object_url = format!("s3://{}/{}", u.bucket, o.key);
-        let p = download_one(client, s, &object_url, &target, None, None, false)
-            .await
-            .map_err(|e| format!("{object_url}: {e}"))?;
-        bytes += written_length(&p);
-        eprintln!(
-            "dfget: {} ({} bytes; task {})",
-            target.display(),
-            written_length(&p),
-            p.task_id
-        );
+        bytes += download_tree_file(client, s, &object_url, &out_dir.join(rel)).await?;
     }
     eprintln!(
         "dfget: {} objects, {bytes} bytes from {url} into {} in {:.2}s",
@@ -414,6 +401,29 @@ async fn recursive_s3(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Downloads one file of a tree (an object below an S3 prefix, a file of a directory
+/// listing) into `target`, creating its directory, and says so; returns its length.
+async fn download_tree_file(
+    client: &mut DfdaemonClient<Channel>,
+    s: &Settings,
+    url: &str,
+    target: &Path,
+) -> Result<u64, String> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let p = download_one(client, s, url, target, None, None, false)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let n = written_length(&p);
+    eprintln!(
+        "dfget: {} ({n} bytes; task {})",
+        target.display(),
+        p.task_id
+    );
+    Ok(n)
 }
 
 /// Downloads every file below the directory index at `url` into `out_dir`.
@@ -488,20 +498,7 @@ async fn recursive(
                         return Err(format!("more than {MAX_FILES} files below {base}"));
                     }
                     let target = out_dir.join(&rel).join(&name);
-                    if let Some(parent) = target.parent() {
-                        std::fs::create_dir_all(parent)
-                            .map_err(|e| format!("{}: {e}", parent.display()))?;
-                    }
-                    let p = download_one(client, s, url.as_str(), &target, None, None, false)
-                        .await
-                        .map_err(|e| format!("{url}: {e}"))?;
-                    bytes += written_length(&p);
-                    eprintln!(
-                        "dfget: {} ({} bytes; task {})",
-                        target.display(),
-                        written_length(&p),
-                        p.task_id
-                    );
+                    bytes += download_tree_file(client, s, url.as_str(), &target).await?;
                 }
             }
         }

@@ -13,7 +13,7 @@ mod phase;
 mod procs;
 pub mod report;
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -118,27 +118,8 @@ pub struct ClusterArgs {
     pub faults: Vec<fault::Fault>,
 }
 
-/// Parses `64MiB`, `1GiB`, `500KB`, `1000000` into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {s:?}: expected a number like 64MiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        u => return Err(format!("size {s:?}: unknown unit {u:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
-}
+/// Parses `64MiB`, `1GiB`, `500KB`, `1000000` into bytes (the project's one size parser).
+pub use wire::size::parse_size;
 
 /// Writes `size` deterministic pseudo-random bytes to `path`; returns their sha256 (hex).
 fn write_content(path: &Path, size: u64) -> anyhow::Result<String> {
@@ -163,20 +144,7 @@ fn write_content(path: &Path, size: u64) -> anyhow::Result<String> {
 }
 
 fn file_sha256(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        check_stop()?;
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
+    damselfly_common::file_sha256_hex(path).with_context(|| format!("hashing {}", path.display()))
 }
 
 /// Waits (bounded) until `ready()` holds, failing early if a lab process died.

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use hyper::{Method, Request, Response, StatusCode};
+use wire::range::{parse_range, RangeAsk};
 
 /// Options of `loadgen lab-origin`.
 #[derive(Debug, clap::Args)]
@@ -33,52 +34,6 @@ pub const STATS_PATH: &str = "_stats";
 struct Counters {
     bytes: AtomicU64,
     requests: AtomicU64,
-}
-
-/// What a `Range` header asks of a body of a known size.
-#[derive(Debug, PartialEq, Eq)]
-enum Range {
-    /// No usable range: 200 with the whole body.
-    Full,
-    /// Bytes `start..end` (end exclusive): 206.
-    Part(u64, u64),
-    /// 416.
-    Unsatisfiable,
-}
-
-fn parse_range(value: &str, size: u64) -> Range {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
-        return Range::Full;
-    };
-    if spec.contains(',') || size == 0 {
-        return Range::Full;
-    }
-    let Some((a, b)) = spec.trim().split_once('-') else {
-        return Range::Full;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    if a.is_empty() {
-        return match b.parse::<u64>() {
-            Ok(0) => Range::Unsatisfiable,
-            Ok(n) => Range::Part(size.saturating_sub(n), size),
-            Err(_) => Range::Full,
-        };
-    }
-    let Ok(start) = a.parse::<u64>() else {
-        return Range::Full;
-    };
-    let end = if b.is_empty() {
-        size
-    } else {
-        match b.parse::<u64>() {
-            Ok(e) if e >= start => e.saturating_add(1).min(size),
-            _ => return Range::Full,
-        }
-    };
-    if start >= size {
-        return Range::Unsatisfiable;
-    }
-    Range::Part(start, end)
 }
 
 fn respond(
@@ -105,19 +60,19 @@ fn respond(
         .headers()
         .get(RANGE)
         .and_then(|v| v.to_str().ok())
-        .map_or(Range::Full, |v| parse_range(v, size));
+        .map_or(RangeAsk::Full, |v| parse_range(v, size));
     let (start, end) = match range {
-        Range::Full => {
+        RangeAsk::Full => {
             b = b.status(StatusCode::OK);
             (0, size)
         }
-        Range::Part(s, e) => {
+        RangeAsk::Part(s, e) => {
             b = b
                 .status(StatusCode::PARTIAL_CONTENT)
                 .header(CONTENT_RANGE, format!("bytes {s}-{}/{size}", e - 1));
             (s, e)
         }
-        Range::Unsatisfiable => {
+        RangeAsk::Unsatisfiable => {
             return b
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(CONTENT_RANGE, format!("bytes */{size}"))
@@ -175,21 +130,4 @@ pub fn serve(args: OriginArgs) -> anyhow::Result<()> {
             });
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-", 10), Range::Part(0, 10));
-        assert_eq!(parse_range("bytes=2-4", 10), Range::Part(2, 5));
-        assert_eq!(parse_range("bytes=2-40", 10), Range::Part(2, 10));
-        assert_eq!(parse_range("bytes=-3", 10), Range::Part(7, 10));
-        assert_eq!(parse_range("bytes=10-", 10), Range::Unsatisfiable);
-        assert_eq!(parse_range("bytes=5-2", 10), Range::Full);
-        assert_eq!(parse_range("items=0-1", 10), Range::Full);
-        assert_eq!(parse_range("bytes=0-1,3-4", 10), Range::Full);
-    }
 }

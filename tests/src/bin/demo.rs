@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 use testkit::cluster::check_dfget;
 use testkit::content::file_sha256_hex_async;
 use testkit::manager::ManagerOptions;
-use testkit::{bin_path, human_bytes, parse_size, Cluster, ClusterOptions, Origin};
+use testkit::{bin_path, human_bytes, Cluster, ClusterOptions, Origin};
 
 /// Runs a local P2P download of one generated file by several peers at once.
 #[derive(Parser, Debug)]
 #[command(name = "demo", version)]
 struct Args {
     /// Size of the generated file (e.g. 64MiB, 1GiB, 1000000).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "256MiB", value_parser = wire::size::parse_size)]
     size: u64,
     /// Number of peers downloading at the same time (at least 1).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
@@ -43,10 +43,6 @@ struct Args {
     /// Longest time one peer's download may take.
     #[arg(long, default_value = "600", value_name = "SECONDS")]
     timeout: u64,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 /// The outcome of one peer's download.

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use testkit::cluster::check_dfget;
 use testkit::content::file_sha256_hex_async;
-use testkit::{parse_size, Cluster, ClusterOptions, Content, Origin};
+use testkit::{Cluster, ClusterOptions, Content, Origin};
 
 /// Runs downloads for a while and reports the daemons' memory and descriptors over time.
 #[derive(Parser, Debug)]
@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     peers: usize,
     /// Size of each file.
-    #[arg(long, default_value = "4MiB", value_parser = parse_size_arg)]
+    #[arg(long, default_value = "4MiB", value_parser = wire::size::parse_size)]
     size: u64,
     /// Distinct files (tasks) at most; later rounds reuse them.
     #[arg(long, default_value_t = 300)]
@@ -54,10 +54,6 @@ struct Args {
     /// watermarks), so that a long soak keeps a bounded set of tasks.
     #[arg(long)]
     daemon_config: Option<PathBuf>,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 /// `VmRSS` in KiB and the number of open fds of `pid`.
