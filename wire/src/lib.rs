@@ -48,3 +48,82 @@ pub fn piece_crc(data: &[u8]) -> u32 {
 pub fn piece_crc_append(crc: u32, data: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, data)
 }
+
+/// Length of a [`PieceDigest`] in bytes.
+pub const PIECE_DIGEST_LEN: usize = 32;
+
+/// BLAKE3 digest of one piece: computed by the host that fetched the piece from the origin
+/// (or imported the file), handed out by the scheduler, and checked by every peer before it
+/// stores a piece from a parent. BLAKE3 rather than sha256: 5.1 GiB/s against 1.2 GiB/s for
+/// sha256 with SHA-NI, on one core here (tuning.md, "Piece digests").
+pub type PieceDigest = [u8; PIECE_DIGEST_LEN];
+
+/// The [`PieceDigest`] of a whole piece.
+pub fn piece_digest(data: &[u8]) -> PieceDigest {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Computes a [`PieceDigest`] over a piece given in several parts (as it arrives).
+#[derive(Debug, Clone, Default)]
+pub struct PieceHasher(blake3::Hasher);
+
+impl PieceHasher {
+    /// A hasher with nothing in it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the next bytes of the piece.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The digest of everything added.
+    pub fn finish(&self) -> PieceDigest {
+        *self.0.finalize().as_bytes()
+    }
+
+    /// Starts over (keeps the allocation-free state for the next piece).
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+}
+
+/// Splits the `digests` bytes of a `PieceDigests` message (32 bytes per number) into pairs;
+/// `None` when the lengths do not agree.
+pub fn split_piece_digests(numbers: &[u32], digests: &[u8]) -> Option<Vec<(u32, PieceDigest)>> {
+    if digests.len() != numbers.len() * PIECE_DIGEST_LEN {
+        return None;
+    }
+    numbers
+        .iter()
+        .zip(digests.chunks_exact(PIECE_DIGEST_LEN))
+        .map(|(n, d)| Some((*n, PieceDigest::try_from(d).ok()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn hasher_in_parts_equals_one_shot() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let mut h = PieceHasher::new();
+        for part in data.chunks(65_537) {
+            h.update(part);
+        }
+        assert_eq!(h.finish(), piece_digest(&data));
+        h.reset();
+        assert_eq!(h.finish(), piece_digest(&[]));
+    }
+
+    #[test]
+    fn split_checks_lengths() {
+        let d = [piece_digest(b"a"), piece_digest(b"b")].concat();
+        let pairs = split_piece_digests(&[3, 9], &d).expect("pairs");
+        assert_eq!(pairs, vec![(3, piece_digest(b"a")), (9, piece_digest(b"b"))]);
+        assert!(split_piece_digests(&[3], &d).is_none());
+        assert!(split_piece_digests(&[3, 9, 10], &d).is_none());
+    }
+}

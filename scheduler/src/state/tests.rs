@@ -477,6 +477,7 @@ fn slow_parents_are_not_offered() {
                 length: 1 << 20,
                 parent_host_id: "host-src".to_owned(),
                 cost_us: 1000,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
@@ -491,6 +492,7 @@ fn slow_parents_are_not_offered() {
             length: 1 << 20,
             parent_host_id: "host-src".to_owned(),
             cost_us: 100_000,
+            digest: Vec::new(),
             ..PieceFinished::default()
         }),
     );
@@ -528,9 +530,11 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         host: Some(host("cache-host", false)),
         metadata: Some(metadata(3 << 20)),
         piece_count: 3,
+        piece_digests: Vec::new(),
     };
     let bad = AnnounceTaskRequest {
         piece_count: 4,
+        piece_digests: Vec::new(),
         ..req.clone()
     };
     assert!(matches!(
@@ -553,6 +557,7 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         host: Some(host("h2", false)),
         metadata: Some(metadata(5 << 20)),
         piece_count: 5,
+        piece_digests: Vec::new(),
     };
     assert_eq!(
         sim.st.announce_task(PeerKey(1000), conflict),
@@ -580,6 +585,7 @@ fn announced_task_wakes_waiting_peers() {
                 host: Some(host("cache-host", false)),
                 metadata: Some(metadata(1 << 20)),
                 piece_count: 1,
+                piece_digests: Vec::new(),
             },
         )
         .unwrap();
@@ -1068,6 +1074,7 @@ fn a_triggered_seed_holding_the_task_announces_it() {
                 host: Some(host("seed-a", true)),
                 metadata: Some(metadata(2 << 20)),
                 piece_count: 2,
+                piece_digests: Vec::new(),
             },
         )
         .unwrap();
@@ -1098,6 +1105,7 @@ fn a_slow_parent_is_offered_when_nobody_else_can_serve() {
                 length: 1 << 20,
                 parent_host_id: "host-src".to_owned(),
                 cost_us,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
@@ -1123,6 +1131,7 @@ fn a_short_last_piece_does_not_flag_its_parent_slow() {
                 length,
                 parent_host_id: "host-src".to_owned(),
                 cost_us,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
