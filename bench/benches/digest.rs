@@ -26,6 +26,17 @@ fn digests(c: &mut Criterion) {
             h.finish()
         })
     });
+    // QUIC hands over packet-sized parts: gathered to 64 KiB inside `PieceHasher`.
+    g.bench_function("blake3_1200B_parts", |b| {
+        let mut h = wire::PieceHasher::new();
+        b.iter(|| {
+            h.reset();
+            for part in black_box(&piece).chunks(1200) {
+                h.update(part);
+            }
+            h.finish()
+        })
+    });
     g.bench_function("sha256", |b| {
         b.iter(|| sha2::Sha256::digest(black_box(&piece)))
     });

@@ -107,6 +107,17 @@ async fn forged_pieces_with_a_matching_crc_are_never_stored_and_the_forger_is_re
         fake.piece_requests()
     );
     let s = p2.stats().await.expect("Stats of peer-2");
+    eprintln!(
+        "forger: {} connections, {} piece requests, {} forged pieces sent; peer-2: \
+         pieces_forged {}, pieces_corrupt {}, pieces_downloaded {}, digest_waits {}",
+        fake.connections(),
+        fake.piece_requests(),
+        fake.pieces_sent(),
+        s.pieces_forged,
+        s.pieces_corrupt,
+        s.pieces_downloaded,
+        s.digest_waits
+    );
     assert!(
         s.pieces_forged > 0,
         "the forger sent {} forged pieces to peer-2 but peer-2 counts none: {s:?}",

@@ -1512,3 +1512,74 @@ fn scoped_preheat_picks_hosts_and_sends_the_others_to_peers() {
     assert_eq!(sent.len(), 4);
     assert!(!sent.contains(&trigger));
 }
+
+/// Digests the `PieceDigests` pushes in `out` carry to `peer`, as (number, digest) pairs.
+fn digests_pushed_to(out: &[Output], peer: PeerKey) -> Vec<(u32, wire::PieceDigest)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Peer {
+                peer: p,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::PieceDigests(d)),
+                    },
+            } if *p == peer => wire::split_piece_digests(&d.numbers, &d.digests),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Only a peer that fetches from the origin supplies digests; the first one of a piece
+/// wins; a peer's first parents carry every digest known, later ones come batched.
+#[test]
+fn piece_digests_come_only_from_source_peers_and_the_first_wins() {
+    let mut s = Sim::new();
+    s.announce("seed", true);
+    s.announce("a", false);
+    let (seed, _) = s.register_seed_peer("seed-peer", "seed");
+    s.meta(seed, 3 << 20);
+    let d = |x: &[u8]| wire::piece_digest(x);
+    let report = |s: &mut Sim, k, number, digest: wire::PieceDigest| {
+        s.send(
+            k,
+            Request::PieceFinished(PieceFinished {
+                number,
+                length: 1 << 20,
+                digest: digest.to_vec(),
+                ..PieceFinished::default()
+            }),
+        )
+    };
+    report(&mut s, seed, 0, d(b"zero"));
+    let (a, out) = s.register("peer-a", "a", false);
+    let first = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Peer {
+                peer,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::CandidateParents(c)),
+                    },
+            } if *peer == a => c.digests.clone(),
+            _ => None,
+        })
+        .expect("the first parents carry the digests (the task has a source)");
+    assert_eq!(
+        wire::split_piece_digests(&first.numbers, &first.digests),
+        Some(vec![(0, d(b"zero"))])
+    );
+    // A peer that did not fetch from the origin: its digest is ignored.
+    report(&mut s, a, 1, d(b"forged"));
+    assert!(digests_pushed_to(&s.st.flush_digests(), a).is_empty());
+    // The source's digest of piece 1 is pushed at the next flush; a second, different one
+    // for the same piece is not.
+    report(&mut s, seed, 1, d(b"one"));
+    report(&mut s, seed, 1, d(b"other"));
+    assert_eq!(
+        digests_pushed_to(&s.st.flush_digests(), a),
+        vec![(1, d(b"one"))]
+    );
+    assert!(s.st.flush_digests().is_empty());
+}
