@@ -1572,7 +1572,10 @@ fn piece_digests_come_only_from_source_peers_and_the_first_wins() {
     );
     // A peer that did not fetch from the origin: its digest is ignored.
     report(&mut s, a, 1, d(b"forged"));
-    assert!(digests_pushed_to(&s.st.flush_digests(), a).is_empty());
+    // (Piece 0's digest, recorded before peer-a was scheduled, may be pushed again: harmless.)
+    assert!(digests_pushed_to(&s.st.flush_digests(), a)
+        .iter()
+        .all(|(n, _)| *n != 1));
     // The source's digest of piece 1 is pushed at the next flush; a second, different one
     // for the same piece is not.
     report(&mut s, seed, 1, d(b"one"));
