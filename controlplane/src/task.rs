@@ -774,7 +774,10 @@ impl TaskRun {
                     parent_host_id: String::new(),
                     cost_us: 0,
                     // Counted by the scheduler only when this peer fetches from the origin.
-                    digest: store.piece_digest(n).map(|d| d.to_vec()).unwrap_or_default(),
+                    digest: store
+                        .piece_digest(n)
+                        .map(|d| d.to_vec())
+                        .unwrap_or_default(),
                 }));
             }
         }

@@ -687,11 +687,16 @@ mod tests {
             Err(StoreError::PieceDigest { number: 0, .. })
         ));
         assert!(!s.has(0));
-        assert_eq!(s.commit_verified(0, wire::piece_crc(&good), Some(dg)).ok(), Some(true));
+        assert_eq!(
+            s.commit_verified(0, wire::piece_crc(&good), Some(dg)).ok(),
+            Some(true)
+        );
         assert!(s.has(0));
         // Bytes from the origin set the trusted digest; other bytes for that piece later fail.
         let (_d2, o) = store(40_000, 16384);
-        assert!(o.write_piece(1, &good, wire::piece_crc(&good)).expect("origin piece"));
+        assert!(o
+            .write_piece(1, &good, wire::piece_crc(&good))
+            .expect("origin piece"));
         assert_eq!(o.piece_digest(1), Some(dg));
         assert!(o.all_digests().is_none(), "pieces 0 and 2 have none yet");
     }

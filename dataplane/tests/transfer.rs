@@ -406,7 +406,9 @@ fn a_forged_piece_with_a_matching_crc_is_never_stored() {
     start_download(&c, id, layout, vec![parent("evil", evil)], 0);
     let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
     assert!(
-        events.iter().any(|e| matches!(e, Event::PieceFailed { parent, reason, .. }
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PieceFailed { parent, reason, .. }
             if parent == "evil" && reason.contains("forged"))),
         "{events:?}"
     );
@@ -472,7 +474,10 @@ fn a_piece_is_held_until_its_digest_arrives() {
     // The piece is received and waits for its digest (no fixed sleep: the counter says so).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while c.counters.digest_waits.load(Ordering::Relaxed) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no piece waited for its digest");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no piece waited for its digest"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!store.has(0), "stored before its digest was known");

@@ -1,5 +1,7 @@
 //! A fake parent: a data-plane server that claims to hold a whole task and, in
-//! [`Mode::Corrupt`], sends piece bytes that do not match the crc32c in their header.
+//! [`Mode::Corrupt`], sends piece bytes that do not match the crc32c in their header, or, in
+//! [`Mode::Forged`], altered bytes with their own crc32c (only the trusted per-piece digest
+//! catches them).
 //!
 //! Use:
 //! 1. [`FakeParent::start`] with the task id, its generated [`Content`] and piece length (read

@@ -39,7 +39,10 @@ async fn forged_pieces_with_a_matching_crc_are_never_stored_and_the_forger_is_re
         .await
         .expect("dfget through peer-1");
     check_dfget("peer-1", &o).expect("peer-1 download");
-    assert_eq!(file_sha256_hex_async(&out1).await.expect("sha256"), expected);
+    assert_eq!(
+        file_sha256_hex_async(&out1).await.expect("sha256"),
+        expected
+    );
 
     // 2. The layout, from peer-1's bitmap.
     let mut c = FrameConn::connect(p1.data_addr)

@@ -157,7 +157,10 @@ mod digest_tests {
     fn split_checks_lengths() {
         let d = [piece_digest(b"a"), piece_digest(b"b")].concat();
         let pairs = split_piece_digests(&[3, 9], &d).expect("pairs");
-        assert_eq!(pairs, vec![(3, piece_digest(b"a")), (9, piece_digest(b"b"))]);
+        assert_eq!(
+            pairs,
+            vec![(3, piece_digest(b"a")), (9, piece_digest(b"b"))]
+        );
         assert!(split_piece_digests(&[3], &d).is_none());
         assert!(split_piece_digests(&[3, 9, 10], &d).is_none());
     }

@@ -355,7 +355,9 @@ fn ours(
         if verify {
             let held = a.storage.get(id).context("seeded task")?;
             for n in 0..layout.piece_count() {
-                let d = held.piece_digest(n).context("seeded piece without a digest")?;
+                let d = held
+                    .piece_digest(n)
+                    .context("seeded piece without a digest")?;
                 let _ = store.set_digest(n, d);
             }
             store.require_digests();
@@ -617,7 +619,10 @@ fn main() -> Result<()> {
     };
     row("(a) sendfile -> reader writing a file", &baseline);
     row("(b) our TCP, 1 thread per side", &one);
-    row("(b') same, every piece checked vs its digest", &one_verified);
+    row(
+        "(b') same, every piece checked vs its digest",
+        &one_verified,
+    );
     row("(b) our TCP, 2 threads per side (2 tasks)", &two);
     match (&plain_quinn, &ours_quic) {
         (Some(pq), Some(q)) => {
@@ -737,7 +742,11 @@ fn verify_rows(
     warm: bool,
 ) -> Result<()> {
     let mut rows = Vec::new();
-    let transports: &[bool] = if args.no_quic { &[false] } else { &[false, true] };
+    let transports: &[bool] = if args.no_quic {
+        &[false]
+    } else {
+        &[false, true]
+    };
     for &quic in transports {
         let (mut off, mut on) = (Vec::new(), Vec::new());
         for round in 0..args.runs {

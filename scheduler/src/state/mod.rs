@@ -908,12 +908,9 @@ impl SchedulerState {
             pieces.insert(n);
         }
         // An import brings the digest of every piece: its host read the file itself.
-        if piece_digests.len() == piece_count as usize * wire::PIECE_DIGEST_LEN
-            && piece_count > 0
-        {
+        if piece_digests.len() == piece_count as usize * wire::PIECE_DIGEST_LEN && piece_count > 0 {
             task.digests.trusted = true;
-            for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN))
-            {
+            for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN)) {
                 if task.digests.record(n, d, piece_count) == Some(Recorded::Conflict) {
                     warn!(task_id = %task_id, number = n, host_id = %host.id, "imported piece digest conflicts with the known one; the first stays");
                 }
