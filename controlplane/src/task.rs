@@ -774,14 +774,35 @@ impl TaskRun {
                     parent_host_id: String::new(),
                     cost_us: 0,
                     // Counted by the scheduler only when this peer fetches from the origin.
-                    digest: store
-                        .piece_digest(n)
-                        .map(|d| d.to_vec())
-                        .unwrap_or_default(),
+                    digest: self.held_digest(store, n),
                 }));
             }
         }
         self.publish();
+    }
+
+    /// The digest to report with held piece `n`: the one known, or, for a peer that fetches
+    /// from the origin (its pieces came from there; a daemon restart forgot their digests),
+    /// the digest of the bytes on disk, so the scheduler can hand it out. Empty otherwise.
+    fn held_digest(&self, store: &Arc<TaskStore>, n: u32) -> Vec<u8> {
+        if let Some(d) = store.piece_digest(n) {
+            return d.to_vec();
+        }
+        if !self.spec.back_to_source {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        match store.read_piece(n, &mut buf) {
+            Ok(()) => {
+                let d = wire::piece_digest(&buf);
+                let _ = store.set_digest(n, d);
+                d.to_vec()
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.spec.id, piece = n, "reading a held piece for its digest: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn on_parents(&mut self, cp: wire::proto::scheduler::CandidateParents) -> Result<(), String> {
