@@ -72,6 +72,7 @@ fn registration(c: &mut Criterion) {
                     piece_length: 1 << 20,
                 }),
                 piece_count: 1024,
+                piece_digests: Vec::new(),
             },
         )
         .expect("valid announcement");

@@ -140,6 +140,13 @@ pub async fn announce(
                 piece_length: layout.piece_length(),
             }),
             piece_count: layout.piece_count(),
+            // This host read the file itself: the digest of every piece, when all are known
+            // (an import computes them; a task restored after a restart has none).
+            piece_digests: ctx
+                .storage
+                .get(id)
+                .and_then(|s| s.all_digests())
+                .unwrap_or_default(),
         };
         match SchedulerClient::new(ch).announce_task(req).await {
             Ok(_) => return Ok(addr),

@@ -347,6 +347,13 @@ pub struct DataPlaneSection {
     /// `dataplane::fetch::FetchConfig::parent_idle_timeout`). `0s`: off.
     #[serde(with = "humantime_serde")]
     pub parent_idle_timeout: Duration,
+    /// Check every piece from a parent against the trusted BLAKE3 digest the scheduler hands
+    /// out (from the host that fetched it from the origin). Off: crc32c only.
+    pub verify_pieces: bool,
+    /// Longest a received piece waits for its trusted digest before it is dropped and asked
+    /// for again later.
+    #[serde(with = "humantime_serde")]
+    pub digest_wait: Duration,
     /// Total upload rate in bytes per second (`"100MiB"`, `"1Gi"`, or a number); 0: unlimited.
     pub upload_rate_limit: ByteSize,
     /// Total download rate (peers and origin together); 0: unlimited.
@@ -432,6 +439,8 @@ impl Default for DataPlaneSection {
             connect_timeout: Duration::from_secs(5),
             piece_timeout: Duration::from_secs(30),
             parent_idle_timeout: dataplane::fetch::DEFAULT_PARENT_IDLE_TIMEOUT,
+            verify_pieces: true,
+            digest_wait: dataplane::fetch::DEFAULT_DIGEST_WAIT,
             upload_rate_limit: ByteSize(0),
             download_rate_limit: ByteSize(0),
             per_peer_upload_rate_limit: ByteSize(0),

@@ -113,6 +113,7 @@ impl Daemon {
                     TransportKind::Quic => Transport::Quic,
                 },
                 tls: data_tls,
+                digest_wait: config.data_plane.digest_wait,
                 ..FetchConfig::default()
             },
             quic: match config.data_plane.transport {

@@ -201,6 +201,24 @@ impl Collector for DaemonCollector {
         )?;
         counter(
             &mut enc,
+            "damselfly_pieces_forged",
+            "Pieces whose crc32c matched but not their trusted BLAKE3 digest (forged by a parent)",
+            &c.pieces_forged,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_digest_waits",
+            "Received pieces that waited for their trusted digest",
+            &c.digest_waits,
+        )?;
+        counter(
+            &mut enc,
+            "damselfly_digest_wait_timeouts",
+            "Received pieces dropped because their trusted digest did not come within digest_wait",
+            &c.digest_wait_timeouts,
+        )?;
+        counter(
+            &mut enc,
             "damselfly_malformed_frames",
             "Connections closed for a malformed frame",
             &c.malformed_frames,

@@ -361,6 +361,8 @@ pub(crate) async fn announce_complete(
             piece_length: layout.piece_length(),
         }),
         piece_count: layout.piece_count(),
+        // Not the host that read the file from the origin: no trusted digests.
+        piece_digests: Vec::new(),
     };
     if let Err(e) = SchedulerClient::new(channel).announce_task(req).await {
         tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());

@@ -514,6 +514,7 @@ impl TaskRun {
                 msg = next_response(&mut self.responses) => match msg {
                     Some(Ok(Some(r))) => match r.response {
                         Some(Response::CandidateParents(cp)) => self.on_parents(cp)?,
+                        Some(Response::PieceDigests(d)) => self.on_digests(&d),
                         Some(Response::NeedBackToSource(n)) if !n.pieces.is_empty() && self.store.is_some() => {
                             if self.spec.disable_back_to_source {
                                 return Err(format!("pieces {:?} are held by no live peer ({}) and back-to-source is disabled", n.pieces, n.reason));
@@ -765,10 +766,36 @@ impl TaskRun {
                     length,
                     parent_host_id: String::new(),
                     cost_us: 0,
+                    // Counted by the scheduler only when this peer fetches from the origin.
+                    digest: self.held_digest(store, n),
                 }));
             }
         }
         self.publish();
+    }
+
+    /// The digest to report with held piece `n`: the one known, or, for a peer that fetches
+    /// from the origin (its pieces came from there; a daemon restart forgot their digests),
+    /// the digest of the bytes on disk, so the scheduler can hand it out. Empty otherwise.
+    fn held_digest(&self, store: &Arc<TaskStore>, n: u32) -> Vec<u8> {
+        if let Some(d) = store.piece_digest(n) {
+            return d.to_vec();
+        }
+        if !self.spec.back_to_source {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        match store.read_piece(n, &mut buf) {
+            Ok(()) => {
+                let d = wire::piece_digest(&buf);
+                let _ = store.set_digest(n, d);
+                d.to_vec()
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.spec.id, piece = n, "reading a held piece for its digest: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn on_parents(&mut self, cp: wire::proto::scheduler::CandidateParents) -> Result<(), String> {
@@ -794,6 +821,9 @@ impl TaskRun {
                 .map_err(|e| format!("creating task file: {e}"))?;
             self.store = Some(store);
             self.publish();
+        }
+        if let Some(d) = &cp.digests {
+            self.on_digests(d);
         }
         let parents: Vec<Parent> = cp
             .parents
@@ -836,6 +866,28 @@ impl TaskRun {
         Ok(())
     }
 
+    /// Trusted piece digests from the scheduler: from now on every piece from a parent must
+    /// match its digest (`TaskStore::commit_verified`), unless `data_plane.verify_pieces` is
+    /// off. A digest that differs from one already known is logged; the first stays.
+    fn on_digests(&mut self, d: &wire::proto::scheduler::PieceDigests) {
+        if !self.ctx.config.data_plane.verify_pieces {
+            return;
+        }
+        let Some(store) = &self.store else {
+            return;
+        };
+        let Some(pairs) = wire::split_piece_digests(&d.numbers, &d.digests) else {
+            tracing::warn!(task = %self.spec.id, "scheduler sent piece digests of the wrong length; ignored");
+            return;
+        };
+        for (n, digest) in pairs {
+            if let Err(known) = store.set_digest(n, digest) {
+                tracing::warn!(task = %self.spec.id, piece = n, known = %hex::encode(known), got = %hex::encode(digest), "conflicting piece digest from the scheduler; the first stays");
+            }
+        }
+        store.require_digests();
+    }
+
     /// Handles a data-plane event; returns the end of the run when there is one.
     async fn on_event(&mut self, ev: Event) -> Option<Result<Arc<TaskStore>, String>> {
         match ev {
@@ -857,6 +909,7 @@ impl TaskRun {
                     length,
                     parent_host_id: source.host_id().to_string(),
                     cost_us,
+                    digest: Vec::new(),
                 }));
                 self.publish();
             }
@@ -879,6 +932,15 @@ impl TaskRun {
                 ..
             } => {
                 let new = self.bad_parents.insert(parent.clone());
+                // A parent that sent forged bytes is named to the scheduler at once, so it
+                // is handed to nobody else as this peer's parent and the piece is fetched
+                // elsewhere.
+                if new && reason.contains("forged piece") && self.announce.is_some() {
+                    self.announce(Request::Reschedule(RescheduleRequest {
+                        bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
+                        reason: format!("parent {parent} sent a forged piece: {reason}"),
+                    }));
+                }
                 // A parent that stopped sending (`parent_idle_timeout`, `piece_timeout`)
                 // still counts as live at the scheduler until its connection times out
                 // there: say so now, so that the pieces only it holds are fetched elsewhere
@@ -1022,12 +1084,21 @@ impl PieceSink for TaskRun {
 
     fn piece(&mut self, number: u32, crc32c: u32, length: u64, cost_us: u64) {
         self.progress.from_origin += length;
+        // The BLAKE3 digest taken when the origin's bytes were stored: the scheduler hands
+        // it to the other peers as the piece's trusted digest.
+        let digest = self
+            .store
+            .as_ref()
+            .and_then(|s| s.piece_digest(number))
+            .map(|d| d.to_vec())
+            .unwrap_or_default();
         self.announce(Request::PieceFinished(PieceFinished {
             number,
             crc32c,
             length,
             parent_host_id: String::new(),
             cost_us,
+            digest,
         }));
         self.publish();
     }

@@ -25,6 +25,13 @@ pub struct Counters {
     pub endgame_duplicates: AtomicU64,
     /// Pieces received whose digest did not match (dropped, fetched again elsewhere).
     pub pieces_corrupt: AtomicU64,
+    /// Of those, pieces whose crc32c matched but whose BLAKE3 digest differed from the
+    /// trusted one (forged by a parent).
+    pub pieces_forged: AtomicU64,
+    /// Received pieces that waited for their trusted digest to arrive.
+    pub digest_waits: AtomicU64,
+    /// Of those, pieces dropped because it did not arrive within `digest_wait`.
+    pub digest_wait_timeouts: AtomicU64,
     /// Times a transfer waited for a rate limit.
     pub shaping_waits: AtomicU64,
     /// Largest number of piece requests seen outstanding on one parent connection.

@@ -11,8 +11,10 @@
 //! it. Piece choice is rarest first over the parents' bitmaps (random tie-break), and a piece
 //! is in flight from one parent at a time.
 //!
-//! Every piece is checked against its crc32c before it is marked stored; a corrupt piece is
-//! counted, reported, and the parent that sent it is dropped.
+//! Every piece is checked against its crc32c (a transport check) and, when the task has
+//! trusted digests, against its BLAKE3 digest from the scheduler, before it is marked stored
+//! (`TaskStore::commit_verified`); a corrupt or forged piece is counted, reported, and the
+//! parent that sent it is dropped.
 
 use crate::bridge::{Bridge, Event, Full, Parent, PieceSource};
 use crate::conn::{encode_frames, ConnError, FetchStream, FrameReader, RawChunk};
@@ -63,6 +65,9 @@ pub struct FetchConfig {
     /// TLS of the data plane's TCP connections, fetching and serving alike (the upload
     /// server takes it from here too); `None`: plaintext.
     pub tls: Option<Arc<crate::tls::DataTls>>,
+    /// Longest a received piece waits for its trusted digest (the source's report still on
+    /// its way through the scheduler) before it is dropped and asked for again later.
+    pub digest_wait: Duration,
 }
 
 /// Transport of fetch connections.
@@ -87,6 +92,7 @@ impl Default for FetchConfig {
             bitmap_wait: Duration::from_secs(1),
             transport: Transport::Tcp,
             tls: None,
+            digest_wait: DEFAULT_DIGEST_WAIT,
         }
     }
 }
@@ -100,6 +106,9 @@ pub const DEFAULT_REQUEST_QUEUE_TIME: Duration = Duration::from_millis(20);
 /// milliseconds; a rate-limited one pays in 128 KiB steps), short enough that a stopped
 /// parent is replaced within seconds (tuning.md, "Faults during a burst").
 pub const DEFAULT_PARENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default of [`FetchConfig::digest_wait`].
+pub const DEFAULT_DIGEST_WAIT: Duration = Duration::from_secs(10);
 
 /// Default of [`FetchConfig::bytes_in_flight`].
 pub const DEFAULT_BYTES_IN_FLIGHT: u64 = 16 << 20;
@@ -355,6 +364,11 @@ impl Session {
             .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
         let mut got = 0u64;
         let mut running = 0u32;
+        // The trusted digest is checked where the piece is committed
+        // (`TaskStore::commit_verified`); the hash is taken here, chunk by chunk, while the
+        // bytes are still in the cache.
+        let mut hasher = (self.store.digests_required() || self.store.piece_digest(n).is_some())
+            .then(wire::PieceHasher::new);
         while got < len {
             let want = (len - got).min(RECEIVE_CHUNK);
             // A parent that stops sending mid-piece is dropped like one that never answers
@@ -377,6 +391,11 @@ impl Session {
             let parts: Vec<&[u8]> = buf.slices().collect();
             for part in &parts {
                 running = wire::piece_crc_append(running, part);
+            }
+            if let Some(h) = hasher.as_mut() {
+                for part in &parts {
+                    h.update(part);
+                }
             }
             // The claim holder stops writing once another copy is stored (no await between
             // this check and the write, so nothing lands on a stored piece).
@@ -409,10 +428,29 @@ impl Session {
                 buf,
             );
         }
+        let digest = hasher.as_ref().map(wire::PieceHasher::finish);
+        if digest.is_some() && self.store.piece_digest(n).is_none() {
+            // Digest not known yet (the source's report is still on its way through the
+            // scheduler): hold the piece, and the claim, until it is, at most `digest_wait`.
+            self.wait_digest(n).await;
+        }
         if self.store.has(n) {
             return (Ok(false), buf);
         }
         if let Some(a) = aside {
+            if let Some(d) = digest {
+                // Checked before the copy kept aside overwrites anything.
+                if let Some(expected) = self.store.piece_digest(n).filter(|e| *e != d) {
+                    return (
+                        Err(Received::Store(StoreError::PieceDigest {
+                            number: n,
+                            expected,
+                            got: d,
+                        })),
+                        buf,
+                    );
+                }
+            }
             if let Err(e) = std::os::unix::fs::FileExt::write_all_at(self.store.file(), &a, offset)
             {
                 return (Err(Received::Store(StoreError::Io(e))), buf);
@@ -420,8 +458,28 @@ impl Session {
         } else if !claimed {
             return (Ok(false), buf);
         }
-        self.store.commit(n, crc);
-        (Ok(true), buf)
+        match self.store.commit_verified(n, crc, digest) {
+            Ok(_) => (Ok(true), buf),
+            Err(e) => (Err(Received::Store(e)), buf),
+        }
+    }
+
+    /// Waits until the trusted digest of piece `n` is known, or `digest_wait` passed.
+    async fn wait_digest(&self, n: u32) {
+        let deadline = Instant::now() + self.cfg.digest_wait;
+        Counters::add(&self.counters.digest_waits, 1);
+        while self.store.piece_digest(n).is_none() && !self.is_done() {
+            let listener = self.store.listen_digests();
+            if self.store.piece_digest(n).is_some() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Bounded again by 100 ms: a wake-up from another thread is not missed for long.
+            let _ = monoio::time::timeout(left.min(Duration::from_millis(100)), listener).await;
+        }
     }
 
     fn release(&self, n: u32) {
@@ -862,6 +920,32 @@ async fn parent_io<S: FetchStream>(
                             },
                         )
                         .await;
+                    }
+                    Err(StoreError::DigestUnknown(_)) => {
+                        // Not the parent's fault: the piece is asked for again later.
+                        Counters::add(&s.counters.digest_wait_timeouts, 1);
+                        s.release(n);
+                    }
+                    Err(e @ StoreError::PieceDigest { .. }) => {
+                        // Bytes other than the source's with a matching crc32c: a forging
+                        // (or badly broken) parent. Never stored; the parent is dropped and
+                        // reported, and the piece fetched elsewhere.
+                        Counters::add(&s.counters.pieces_corrupt, 1);
+                        Counters::add(&s.counters.pieces_forged, 1);
+                        s.release(n);
+                        let reason = format!("forged piece: {e}");
+                        tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
+                        emit(
+                            &s.bridge,
+                            Event::PieceFailed {
+                                task,
+                                number: n,
+                                parent: p.host_id.clone(),
+                                reason: reason.clone(),
+                            },
+                        )
+                        .await;
+                        return Err(ParentError::Corrupt(n, reason));
                     }
                     Err(StoreError::Digest { expected, got, .. }) => {
                         Counters::add(&s.counters.pieces_corrupt, 1);

@@ -4,6 +4,12 @@
 //! pieces are present is a bitmap of atomics: a piece's bit is set only after its bytes are
 //! in the file and its digest was verified, so a reader that sees the bit can serve the
 //! bytes. A piece whose digest failed is never marked, whatever was written at its offset.
+//!
+//! Besides the crc32c (a transport check the sending parent supplies), a task can hold the
+//! trusted BLAKE3 digest of each piece ([`TaskStore::set_digest`], from the scheduler, or
+//! computed here when the piece came from the origin). Once digests are required for a task
+//! ([`TaskStore::require_digests`]), a piece from a parent is committed only through
+//! [`TaskStore::commit_verified`], which refuses bytes whose digest differs or is not known.
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -11,9 +17,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use wire::{PieceLayout, TaskId};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use wire::{PieceDigest, PieceLayout, TaskId};
 
 /// Why a piece could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +47,20 @@ pub enum StoreError {
         /// Digest of the bytes.
         got: u32,
     },
+    /// The bytes do not have the piece's trusted BLAKE3 digest (forged or corrupt bytes
+    /// with a matching crc32c).
+    #[error("piece {number} does not match its trusted digest (expected blake3 {}, got {})", hex::encode(.expected), hex::encode(.got))]
+    PieceDigest {
+        /// Piece number.
+        number: u32,
+        /// Trusted digest.
+        expected: PieceDigest,
+        /// Digest of the bytes.
+        got: PieceDigest,
+    },
+    /// Digests are required for the task and piece `0`'s is not known yet.
+    #[error("piece {0}: trusted digest not known yet")]
+    DigestUnknown(u32),
     /// Reading or writing the task file failed (disk full, I/O error).
     #[error("task file I/O: {0}")]
     Io(#[from] io::Error),
@@ -55,6 +75,12 @@ pub struct TaskStore {
     file: File,
     bits: Box<[AtomicU64]>,
     crcs: Box<[AtomicU32]>,
+    /// Trusted BLAKE3 digest of each piece, once known (set once).
+    digests: Box<[OnceLock<PieceDigest>]>,
+    /// Pieces from parents must match their trusted digest (see the module doc).
+    require_digests: AtomicBool,
+    /// Fires when a digest becomes known.
+    digests_changed: event_listener::Event,
     finished: AtomicU32,
     changed: event_listener::Event,
     /// Unix time in milliseconds of the last use (created, served, delivered).
@@ -100,6 +126,9 @@ impl TaskStore {
             file,
             bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            digests: (0..count).map(|_| OnceLock::new()).collect(),
+            require_digests: AtomicBool::new(false),
+            digests_changed: event_listener::Event::new(),
             finished: AtomicU32::new(0),
             changed: event_listener::Event::new(),
             last_access: AtomicU64::new(unix_millis()),
@@ -140,6 +169,9 @@ impl TaskStore {
             file,
             bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            digests: (0..count).map(|_| OnceLock::new()).collect(),
+            require_digests: AtomicBool::new(false),
+            digests_changed: event_listener::Event::new(),
             finished: AtomicU32::new(0),
             changed: event_listener::Event::new(),
             last_access: AtomicU64::new(unix_millis()),
@@ -300,13 +332,116 @@ impl TaskStore {
 
     /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece.
     /// Returns whether the piece was new. A digest mismatch stores nothing.
+    ///
+    /// For bytes from a trusted place (the origin, an imported file): their BLAKE3 digest
+    /// becomes the piece's trusted digest ([`TaskStore::piece_digest`]), which this host
+    /// reports to the scheduler. A trusted digest already known and different (the origin
+    /// changed under the task) stores nothing.
     pub fn write_piece(&self, n: u32, data: &[u8], crc: u32) -> Result<bool, StoreError> {
         self.verify(n, data, crc)?;
         if self.has(n) {
             return Ok(false);
         }
+        let digest = wire::piece_digest(data);
+        if let Some(expected) = self.piece_digest(n).filter(|d| *d != digest) {
+            return Err(StoreError::PieceDigest {
+                number: n,
+                expected,
+                got: digest,
+            });
+        }
         let offset = u64::from(n) * self.layout.piece_length();
         self.file.write_all_at(data, offset)?;
+        let _ = self.set_digest(n, digest);
+        Ok(self.commit(n, crc))
+    }
+
+    /// From now on, pieces from parents are stored only when they match their trusted
+    /// digest ([`TaskStore::commit_verified`]).
+    pub fn require_digests(&self) {
+        self.require_digests.store(true, Ordering::Release);
+        self.digests_changed.notify(usize::MAX);
+    }
+
+    /// Whether pieces from parents must match a trusted digest.
+    pub fn digests_required(&self) -> bool {
+        self.require_digests.load(Ordering::Acquire)
+    }
+
+    /// Records the trusted digest of piece `n`. The first one stays: returns `Ok(true)` when
+    /// it was new, `Ok(false)` when the same digest was known, `Err(known)` when another one
+    /// was (the caller logs the conflict).
+    pub fn set_digest(&self, n: u32, digest: PieceDigest) -> Result<bool, PieceDigest> {
+        let Some(slot) = self.digests.get(n as usize) else {
+            return Ok(false);
+        };
+        let mut new = false;
+        let known = slot.get_or_init(|| {
+            new = true;
+            digest
+        });
+        if new {
+            self.digests_changed.notify(usize::MAX);
+            return Ok(true);
+        }
+        if *known == digest {
+            Ok(false)
+        } else {
+            Err(*known)
+        }
+    }
+
+    /// The trusted digest of piece `n`, when known.
+    pub fn piece_digest(&self, n: u32) -> Option<PieceDigest> {
+        self.digests.get(n as usize).and_then(|d| d.get().copied())
+    }
+
+    /// Every piece's trusted digest in order (32 bytes each), when all are known.
+    pub fn all_digests(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.digests.len() * wire::PIECE_DIGEST_LEN);
+        for d in self.digests.iter() {
+            out.extend_from_slice(d.get()?);
+        }
+        Some(out)
+    }
+
+    /// A listener that fires the next time a trusted digest becomes known.
+    pub fn listen_digests(&self) -> event_listener::EventListener {
+        self.digests_changed.listen()
+    }
+
+    /// Marks piece `n` as stored with crc32c `crc` after the caller wrote bytes whose BLAKE3
+    /// digest is `got` at the piece's offset (and checked them against `crc`): when digests
+    /// are required, only if `got` is the piece's trusted digest. This is the one place where
+    /// a piece from a parent becomes visible (served, counted); bytes that fail here stay
+    /// unmarked, so they are never served and are overwritten by the next copy. Returns
+    /// whether the piece was new.
+    pub fn commit_verified(
+        &self,
+        n: u32,
+        crc: u32,
+        got: Option<PieceDigest>,
+    ) -> Result<bool, StoreError> {
+        if self.digests_required() {
+            let expected = self.piece_digest(n).ok_or(StoreError::DigestUnknown(n))?;
+            let got = got.ok_or(StoreError::DigestUnknown(n))?;
+            if got != expected {
+                return Err(StoreError::PieceDigest {
+                    number: n,
+                    expected,
+                    got,
+                });
+            }
+        } else if let (Some(expected), Some(got)) = (self.piece_digest(n), got) {
+            // Not required, but known: still never store bytes that contradict it.
+            if got != expected {
+                return Err(StoreError::PieceDigest {
+                    number: n,
+                    expected,
+                    got,
+                });
+            }
+        }
         Ok(self.commit(n, crc))
     }
 
@@ -531,6 +666,41 @@ mod tests {
         assert!(s.write_piece(0, &data, crc).expect("stored"));
         assert!(s.has(0));
         assert_eq!(s.piece_crc(0), Some(crc));
+    }
+
+    /// With digests required, a piece commits only with its trusted digest: unknown and
+    /// mismatching digests leave it unmarked; the first trusted digest wins.
+    #[test]
+    fn commit_verified_checks_the_trusted_digest() {
+        let (_d, s) = store(40_000, 16384);
+        let good = vec![5u8; 16384];
+        let forged = vec![6u8; 16384];
+        let (dg, df) = (wire::piece_digest(&good), wire::piece_digest(&forged));
+        s.require_digests();
+        assert!(matches!(
+            s.commit_verified(0, wire::piece_crc(&good), Some(dg)),
+            Err(StoreError::DigestUnknown(0))
+        ));
+        assert_eq!(s.set_digest(0, dg), Ok(true));
+        assert_eq!(s.set_digest(0, dg), Ok(false));
+        assert_eq!(s.set_digest(0, df), Err(dg), "the first digest stays");
+        assert!(matches!(
+            s.commit_verified(0, wire::piece_crc(&forged), Some(df)),
+            Err(StoreError::PieceDigest { number: 0, .. })
+        ));
+        assert!(!s.has(0));
+        assert_eq!(
+            s.commit_verified(0, wire::piece_crc(&good), Some(dg)).ok(),
+            Some(true)
+        );
+        assert!(s.has(0));
+        // Bytes from the origin set the trusted digest; other bytes for that piece later fail.
+        let (_d2, o) = store(40_000, 16384);
+        assert!(o
+            .write_piece(1, &good, wire::piece_crc(&good))
+            .expect("origin piece"));
+        assert_eq!(o.piece_digest(1), Some(dg));
+        assert!(o.all_digests().is_none(), "pieces 0 and 2 have none yet");
     }
 
     #[test]

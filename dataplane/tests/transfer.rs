@@ -406,6 +406,119 @@ fn corrupt_piece_is_never_stored() {
     c.dp.shutdown();
 }
 
+/// A parent that forges a piece: other bytes, with their own (so matching) crc32c. With the
+/// piece's trusted digest known, the bytes are never marked stored (so never served), the
+/// parent is reported (`PieceFailed`) and dropped, and an honest parent then supplies the
+/// piece.
+#[test]
+fn a_forged_piece_with_a_matching_crc_is_never_stored() {
+    let id = TaskId([11; 32]);
+    let data = content(16384);
+    let mut forged = data.clone();
+    forged[100] ^= 0x01;
+    let forged_crc = wire::piece_crc(&forged);
+    let (evil, evil_thread) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, forged_crc);
+        s.write_all(&forged).expect("write");
+        true
+    });
+    let c = node(1);
+    let layout = PieceLayout::new(16384, 16384).expect("layout");
+    let store = c.storage.create(id, layout).expect("create");
+    store.require_digests();
+    assert_eq!(store.set_digest(0, wire::piece_digest(&data)), Ok(true));
+    let parent = |host_id: &str, addr| Parent {
+        host_id: host_id.into(),
+        addr,
+        quic_addr: None,
+        is_seed: false,
+    };
+    start_download(&c, id, layout, vec![parent("evil", evil)], 0);
+    let events = wait_event(&c, |e| matches!(e, Event::NeedParents { .. }));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::PieceFailed { parent, reason, .. }
+            if parent == "evil" && reason.contains("forged"))),
+        "{events:?}"
+    );
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::ParentFailed { parent, .. } if parent == "evil")));
+    assert!(!store.has(0), "forged bytes were marked stored");
+    assert_eq!(c.counters.pieces_forged.load(Ordering::Relaxed), 1);
+    assert_eq!(evil_thread.join().expect("fake parent"), 1);
+
+    let honest_data = data.clone();
+    let (honest, honest_thread) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&honest_data));
+        s.write_all(&honest_data).expect("write");
+        true
+    });
+    c.dp.bridge()
+        .send(
+            c.dp.bridge().thread_of(&id),
+            Command::AddParents {
+                task: id,
+                parents: vec![parent("honest", honest)],
+            },
+        )
+        .expect("send");
+    wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    let mut buf = Vec::new();
+    store.read_piece(0, &mut buf).expect("stored");
+    assert_eq!(buf, data);
+    assert_eq!(c.counters.pieces_forged.load(Ordering::Relaxed), 1);
+    c.dp.shutdown();
+    honest_thread.join().expect("honest parent");
+}
+
+/// A piece that arrives before its trusted digest is held (not stored) until the digest
+/// comes, then checked and stored.
+#[test]
+fn a_piece_is_held_until_its_digest_arrives() {
+    let id = TaskId([12; 32]);
+    let data = content(16384);
+    let served = data.clone();
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&served));
+        s.write_all(&served).expect("write");
+        true
+    });
+    let c = node(1);
+    let layout = PieceLayout::new(16384, 16384).expect("layout");
+    let store = c.storage.create(id, layout).expect("create");
+    store.require_digests();
+    start_download(
+        &c,
+        id,
+        layout,
+        vec![Parent {
+            host_id: "early".into(),
+            addr,
+            quic_addr: None,
+            is_seed: false,
+        }],
+        0,
+    );
+    // The piece is received and waits for its digest (no fixed sleep: the counter says so).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.counters.digest_waits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no piece waited for its digest"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!store.has(0), "stored before its digest was known");
+    assert_eq!(store.set_digest(0, wire::piece_digest(&data)), Ok(true));
+    wait_event(&c, |e| matches!(e, Event::DownloadFinished { .. }));
+    assert!(store.has(0));
+    assert_eq!(c.counters.pieces_forged.load(Ordering::Relaxed), 0);
+    c.dp.shutdown();
+    fake.join().expect("fake parent");
+}
+
 /// A parent that sends a piece header and half the piece, then nothing (connection open):
 /// the fetcher drops it after `piece_timeout` of silence mid-piece and asks for parents,
 /// with the piece neither stored nor left in flight. Before 2026-12-06 only the wait for a

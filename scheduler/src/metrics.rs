@@ -113,6 +113,7 @@ pub fn output(o: &crate::state::Output) {
         Output::Peer { response, .. } => match &response.response {
             Some(PeerResponse::CandidateParents(_)) => "candidate_parents",
             Some(PeerResponse::NeedBackToSource(_)) => "need_back_to_source",
+            Some(PeerResponse::PieceDigests(_)) => "piece_digests",
             None => "empty",
         },
         Output::Host { .. } => "host_command",

@@ -41,6 +41,37 @@ use crate::state::{HostKey, InvalidRequest, Output, PeerKey, PreheatStatus, Sche
 pub const PEER_CHANNEL_CAPACITY: usize = 64;
 /// Commands buffered per `AnnounceHost` stream before the host counts as stuck.
 pub const HOST_CHANNEL_CAPACITY: usize = 64;
+/// How often piece digests reported since the last push are pushed to the task's peers
+/// (`SchedulerState::flush_digests`); a full batch goes at once. Peers hold a piece whose
+/// digest has not come yet, so this bounds that wait.
+pub const DIGEST_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Pushes pending piece digests every `every` while the service lives.
+async fn flush_digests_every(shared: std::sync::Weak<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut inner = shared.inner.lock();
+        let outputs = inner.state.flush_digests();
+        if !outputs.is_empty() {
+            inner.dispatch(outputs);
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long shutdown waits for connections to close after ending every stream.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// HTTP/2 pings detect daemons that vanished without closing their connection.
@@ -628,6 +659,11 @@ pub async fn serve_service_tls(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
+    let flusher = tokio::spawn(flush_digests_every(
+        std::sync::Arc::downgrade(&service.shared),
+        DIGEST_FLUSH_INTERVAL,
+    ));
+    let _stop_flusher = AbortOnDrop(flusher);
     let closer = service.clone();
     let (fired_tx, fired_rx) = oneshot::channel::<()>();
     let signal = async move {

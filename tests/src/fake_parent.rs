@@ -1,5 +1,7 @@
 //! A fake parent: a data-plane server that claims to hold a whole task and, in
-//! [`Mode::Corrupt`], sends piece bytes that do not match the crc32c in their header.
+//! [`Mode::Corrupt`], sends piece bytes that do not match the crc32c in their header, or, in
+//! [`Mode::Forged`], altered bytes with their own crc32c (only the trusted per-piece digest
+//! catches them).
 //!
 //! Use:
 //! 1. [`FakeParent::start`] with the task id, its generated [`Content`] and piece length (read
@@ -36,6 +38,10 @@ pub enum Mode {
     Corrupt,
     /// Correct header and correct bytes (to test the fake itself).
     Honest,
+    /// Forged bytes with their own crc32c in the header (a self-consistent crc: the
+    /// transport check passes; only the trusted per-piece digest catches them). The fake
+    /// also reports forged digests for its pieces to the scheduler.
+    Forged,
 }
 
 #[derive(Default)]
@@ -218,7 +224,15 @@ impl FakeParent {
         ];
         for n in 0..layout.piece_count() {
             let r = layout.piece_range(n).context("piece in range")?;
-            let bytes = content.range(r.start, r.end - r.start);
+            let mut bytes = content.range(r.start, r.end - r.start);
+            // A forger also claims its bytes' digests (the scheduler must ignore them: the
+            // fake never fetched from the origin).
+            let digest = if self.served.mode == Mode::Forged {
+                forge(&mut bytes);
+                wire::piece_digest(&bytes).to_vec()
+            } else {
+                Vec::new()
+            };
             msgs.push(announce_peer_request::Request::PieceFinished(
                 PieceFinished {
                     number: n,
@@ -226,6 +240,7 @@ impl FakeParent {
                     length: r.end - r.start,
                     parent_host_id: String::new(),
                     cost_us: 1000,
+                    digest,
                 },
             ));
         }
@@ -317,11 +332,12 @@ async fn serve(s: &Served, mut conn: FrameConn) -> Result<()> {
                     continue;
                 };
                 let mut bytes = s.content.range(range.start, range.end - range.start);
-                let crc = wire::piece_crc(&bytes);
-                if s.mode == Mode::Corrupt {
-                    for b in bytes.iter_mut().step_by(4096) {
-                        *b ^= 0x5a;
-                    }
+                let mut crc = wire::piece_crc(&bytes);
+                if s.mode != Mode::Honest {
+                    forge(&mut bytes);
+                }
+                if s.mode == Mode::Forged {
+                    crc = wire::piece_crc(&bytes);
                 }
                 conn.send(&Frame::Piece(PieceHeader {
                     task,
@@ -338,6 +354,13 @@ async fn serve(s: &Served, mut conn: FrameConn) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Alters a piece's bytes (every 4096th byte).
+fn forge(bytes: &mut [u8]) {
+    for b in bytes.iter_mut().step_by(4096) {
+        *b ^= 0x5a;
+    }
 }
 
 fn not_found(task: TaskId) -> Frame {

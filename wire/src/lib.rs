@@ -52,3 +52,120 @@ pub fn piece_crc(data: &[u8]) -> u32 {
 pub fn piece_crc_append(crc: u32, data: &[u8]) -> u32 {
     crc32c::crc32c_append(crc, data)
 }
+
+/// Length of a [`PieceDigest`] in bytes.
+pub const PIECE_DIGEST_LEN: usize = 32;
+
+/// BLAKE3 digest of one piece: computed by the host that fetched the piece from the origin
+/// (or imported the file), handed out by the scheduler, and checked by every peer before it
+/// stores a piece from a parent. BLAKE3 rather than sha256: 5.1 GiB/s against 1.2 GiB/s for
+/// sha256 with SHA-NI, on one core here (tuning.md, "Piece digests").
+pub type PieceDigest = [u8; PIECE_DIGEST_LEN];
+
+/// The [`PieceDigest`] of a whole piece.
+pub fn piece_digest(data: &[u8]) -> PieceDigest {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Parts shorter than this are gathered before they are hashed: BLAKE3 hashes many 1 KiB
+/// chunks in parallel (AVX-512: 16) only within one `update` call, so the packet-sized parts
+/// QUIC hands over, hashed one by one, ran at a fraction of its speed.
+const HASH_STAGE: usize = 64 << 10;
+
+/// Computes a [`PieceDigest`] over a piece given in several parts (as it arrives).
+#[derive(Debug, Clone, Default)]
+pub struct PieceHasher {
+    hasher: blake3::Hasher,
+    /// Short parts not hashed yet (at most [`HASH_STAGE`] bytes).
+    stage: Vec<u8>,
+}
+
+impl PieceHasher {
+    /// A hasher with nothing in it.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the next bytes of the piece.
+    pub fn update(&mut self, data: &[u8]) {
+        if self.stage.is_empty() && data.len() >= HASH_STAGE {
+            self.hasher.update(data);
+            return;
+        }
+        let mut data = data;
+        while !data.is_empty() {
+            if self.stage.capacity() == 0 {
+                self.stage.reserve_exact(HASH_STAGE);
+            }
+            let take = (HASH_STAGE - self.stage.len()).min(data.len());
+            self.stage.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.stage.len() == HASH_STAGE {
+                self.hasher.update(&self.stage);
+                self.stage.clear();
+            }
+        }
+    }
+
+    /// The digest of everything added.
+    pub fn finish(&self) -> PieceDigest {
+        if self.stage.is_empty() {
+            return *self.hasher.finalize().as_bytes();
+        }
+        let mut h = self.hasher.clone();
+        h.update(&self.stage);
+        *h.finalize().as_bytes()
+    }
+
+    /// Starts over (keeps the stage's allocation for the next piece).
+    pub fn reset(&mut self) {
+        self.hasher.reset();
+        self.stage.clear();
+    }
+}
+
+/// Splits the `digests` bytes of a `PieceDigests` message (32 bytes per number) into pairs;
+/// `None` when the lengths do not agree.
+pub fn split_piece_digests(numbers: &[u32], digests: &[u8]) -> Option<Vec<(u32, PieceDigest)>> {
+    if digests.len() != numbers.len() * PIECE_DIGEST_LEN {
+        return None;
+    }
+    numbers
+        .iter()
+        .zip(digests.chunks_exact(PIECE_DIGEST_LEN))
+        .map(|(n, d)| Some((*n, PieceDigest::try_from(d).ok()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn hasher_in_parts_equals_one_shot() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        for size in [1, 1200, 65_535, 65_537, 300_000] {
+            let mut h = PieceHasher::new();
+            for part in data.chunks(size) {
+                h.update(part);
+            }
+            assert_eq!(h.finish(), piece_digest(&data), "parts of {size} bytes");
+        }
+        let mut h = PieceHasher::new();
+        h.update(&data[..10]);
+        h.reset();
+        assert_eq!(h.finish(), piece_digest(&[]));
+    }
+
+    #[test]
+    fn split_checks_lengths() {
+        let d = [piece_digest(b"a"), piece_digest(b"b")].concat();
+        let pairs = split_piece_digests(&[3, 9], &d).expect("pairs");
+        assert_eq!(
+            pairs,
+            vec![(3, piece_digest(b"a")), (9, piece_digest(b"b"))]
+        );
+        assert!(split_piece_digests(&[3], &d).is_none());
+        assert!(split_piece_digests(&[3, 9, 10], &d).is_none());
+    }
+}

@@ -3,7 +3,8 @@
 //! plane over QUIC, and with a shaping limit. Prints a table, the ratios and one JSON record.
 //!
 //! Every variant ends with the file written at the receiver (a plain reader writes what it
-//! receives into a file; ours verifies each piece's crc32c and writes it at its offset).
+//! receives into a file; ours verifies each piece's crc32c and writes it at its offset;
+//! rows (b') and (d') also check every piece against its trusted BLAKE3 digest).
 //! For our data plane the CPU time of the serving node's threads is measured on its own
 //! (`/proc/self/task/TID/stat`), as cores used per GB/s served.
 
@@ -74,6 +75,10 @@ struct Args {
     /// Repeat each measurement this many times and keep the best.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Run only rows (b) 1 thread and (d), each without and with per-piece digest
+    /// verification, interleaved, and print the ratios (for the verification target).
+    #[arg(long)]
+    only_verify: bool,
     /// Write the JSON record here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -258,6 +263,9 @@ struct Knobs {
     bytes_in_flight: u64,
     quic: bool,
     quic_payload: Option<u16>,
+    /// The receiver requires each piece to match its trusted BLAKE3 digest (all known before
+    /// the transfer, as when the seed has finished).
+    verify: bool,
 }
 
 /// UDP payload of rows (c) and (d) unless `--quic-payload` says otherwise: loopback's MTU
@@ -330,6 +338,7 @@ fn ours(
     ids: &[TaskId],
     layout: PieceLayout,
     rate_limit: u64,
+    verify: bool,
 ) -> Result<Sample> {
     for id in ids {
         let _ = b.storage.remove(id);
@@ -343,6 +352,16 @@ fn ours(
     let t0 = Instant::now();
     for id in ids {
         let store = b.storage.create(*id, layout)?;
+        if verify {
+            let held = a.storage.get(id).context("seeded task")?;
+            for n in 0..layout.piece_count() {
+                let d = held
+                    .piece_digest(n)
+                    .context("seeded piece without a digest")?;
+                let _ = store.set_digest(n, d);
+            }
+            store.require_digests();
+        }
         let parents = vec![Parent {
             host_id: "a".into(),
             addr: a.dp.local_addr(),
@@ -448,7 +467,11 @@ fn main() -> Result<()> {
         bytes_in_flight: args.mib_in_flight << 20,
         quic: false,
         quic_payload: args.quic_payload,
+        verify: false,
     };
+    if args.only_verify {
+        return verify_rows(&args, knobs, &src, size, layout, warm);
+    }
     if args.only_shaped {
         let shaped = shaped_row(&args, &src, layout, knobs)?;
         let limit = (args.shaped_mbps * 1_000_000) as f64;
@@ -535,6 +558,43 @@ fn main() -> Result<()> {
     );
     let shaped = shaped_row(&args, &src, layout, knobs)?;
 
+    eprintln!(
+        "[throughput] (b') our TCP, 1 thread per side, pieces verified x{} ...",
+        args.runs
+    );
+    let one_verified = run_ours(
+        1,
+        Knobs {
+            verify: true,
+            ..knobs
+        },
+        &src,
+        size,
+        layout,
+        args.runs,
+        warm,
+    )?;
+    let quic_verified = if args.no_quic {
+        None
+    } else {
+        eprintln!(
+            "[throughput] (d') our QUIC, pieces verified x{} ...",
+            args.runs
+        );
+        Some(run_ours(
+            1,
+            Knobs {
+                quic: true,
+                verify: true,
+                ..knobs
+            },
+            &src,
+            size,
+            layout,
+            args.runs,
+            warm,
+        )?)
+    };
     let (_, one) = ours_by_threads[0];
     let (_, two) = ours_by_threads[1];
     println!();
@@ -559,11 +619,18 @@ fn main() -> Result<()> {
     };
     row("(a) sendfile -> reader writing a file", &baseline);
     row("(b) our TCP, 1 thread per side", &one);
+    row(
+        "(b') same, every piece checked vs its digest",
+        &one_verified,
+    );
     row("(b) our TCP, 2 threads per side (2 tasks)", &two);
     match (&plain_quinn, &ours_quic) {
         (Some(pq), Some(q)) => {
             row("(c) plain quinn, one stream", pq);
             row("(d) our QUIC, 1 thread per side", q);
+            if let Some(qv) = &quic_verified {
+                row("(d') same, every piece checked vs its digest", qv);
+            }
         }
         _ => println!("{:<44} {:>9}", "(c), (d) QUIC", "skipped"),
     }
@@ -602,6 +669,13 @@ fn main() -> Result<()> {
     results.insert("sendfile".into(), serde_json::to_value(baseline)?);
     results.insert("ours_tcp_1_thread".into(), serde_json::to_value(one)?);
     results.insert("ours_tcp_2_threads".into(), serde_json::to_value(two)?);
+    results.insert(
+        "ours_tcp_1_thread_verified".into(),
+        serde_json::to_value(one_verified)?,
+    );
+    if let Some(qv) = &quic_verified {
+        results.insert("ours_quic_verified".into(), serde_json::to_value(qv)?);
+    }
     results.insert(
         "ratio_ours_vs_sendfile".into(),
         (one.gbps() / baseline.gbps()).into(),
@@ -650,13 +724,72 @@ fn shaped_row(
     )?;
     let id = TaskId([99; 32]);
     seed(&a, id, src, shaped_layout)?;
-    let shaped = ours(&a, &b, &[id], shaped_layout, 0);
+    let shaped = ours(&a, &b, &[id], shaped_layout, 0, false);
     a.dp.shutdown();
     b.dp.shutdown();
     shaped
 }
 
 /// Best of `runs` fetches between two fresh nodes of `threads` threads (one task per thread).
+/// (b) 1 thread and (d), each without and with verification, `runs` rounds interleaved so
+/// that machine load changes hit both sides alike; the best of each.
+fn verify_rows(
+    args: &Args,
+    knobs: Knobs,
+    src: &std::fs::File,
+    size: u64,
+    layout: PieceLayout,
+    warm: bool,
+) -> Result<()> {
+    let mut rows = Vec::new();
+    let transports: &[bool] = if args.no_quic {
+        &[false]
+    } else {
+        &[false, true]
+    };
+    for &quic in transports {
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for round in 0..args.runs {
+            for verify in [false, true] {
+                eprintln!(
+                    "[throughput] {} round {round}, verification {} ...",
+                    if quic { "(d) QUIC" } else { "(b) TCP 1 thread" },
+                    if verify { "on" } else { "off" }
+                );
+                let k = Knobs {
+                    quic,
+                    verify,
+                    ..knobs
+                };
+                let s = run_ours(1, k, src, size, layout, 1, warm)?;
+                if verify {
+                    on.push(s);
+                } else {
+                    off.push(s);
+                }
+            }
+        }
+        rows.push((quic, best(off), best(on)));
+    }
+    println!();
+    for (quic, off, on) in rows {
+        let name = if quic {
+            "(d) our QUIC, 1 thread per side"
+        } else {
+            "(b) our TCP, 1 thread per side"
+        };
+        println!(
+            "{name}: {:.2} GB/s ({:.2} cores per GB/s); pieces verified: {:.2} GB/s ({:.2} cores per GB/s); ratio {:.2}",
+            off.gbps(),
+            off.cpu_per_gbps(),
+            on.gbps(),
+            on.cpu_per_gbps(),
+            on.gbps() / off.gbps()
+        );
+    }
+    Ok(())
+}
+
 fn run_ours(
     threads: usize,
     knobs: Knobs,
@@ -680,7 +813,7 @@ fn run_ours(
     warm_up(scratch.path(), size, warm)?;
     let mut v = Vec::new();
     for _ in 0..runs {
-        v.push(ours(&a, &b, &ids, per_task, 0)?);
+        v.push(ours(&a, &b, &ids, per_task, 0, knobs.verify)?);
     }
     a.dp.shutdown();
     b.dp.shutdown();

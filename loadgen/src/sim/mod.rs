@@ -422,7 +422,8 @@ impl Sim {
                             self.become_source(peer);
                         }
                     }
-                    None => {}
+                    // The simulated peers move no real bytes: no digest to check.
+                    Some(Response::PieceDigests(_)) | None => {}
                 }
             }
         }
@@ -563,6 +564,7 @@ impl Sim {
                 length: length as u64,
                 parent_host_id,
                 cost_us,
+                digest: Vec::new(),
             }),
         );
         if self.count[child] == self.pieces {

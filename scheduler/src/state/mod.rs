@@ -30,6 +30,7 @@
 //! becomes able to serve is also pushed to a few peers that still have fewer parents than
 //! `parent_limit`, so that the last peers of a burst have children too.
 
+mod digests;
 pub mod evaluator;
 mod keyset;
 mod pieces;
@@ -57,6 +58,8 @@ use wire::proto::scheduler::{
 use wire::PieceLayout;
 
 use crate::config::SchedulingConfig;
+pub use digests::DIGEST_BATCH;
+use digests::{Recorded, TaskDigests};
 use evaluator::ParentView;
 use keyset::KeySet;
 use pieces::PieceSet;
@@ -191,6 +194,9 @@ struct Peer {
     /// Pieces this peer was told to fetch from the origin (a partial `NeedBackToSource`);
     /// those it does not hold yet are not handed to another peer.
     origin_pieces: Vec<u32>,
+    /// Received the task's digests (with its first `CandidateParents` once the task had a
+    /// trusted source): later digests are pushed to it.
+    digests_synced: bool,
 }
 
 impl Peer {
@@ -240,6 +246,8 @@ struct Task {
     /// Preheats waiting for this task ([`SchedulerState::preheat`]): while non-zero the task
     /// wants a source even without peers, and is kept when its last peer leaves.
     preheats: u32,
+    /// Trusted per-piece digests (see `digests.rs`).
+    digests: TaskDigests,
 }
 
 impl Task {
@@ -362,6 +370,8 @@ pub struct SchedulerState {
     /// Set while a batch (metadata arrival, waking waiting peers) schedules many peers, so
     /// that peers scheduled inside it do not start nested batches.
     in_batch: bool,
+    /// Tasks with digests not pushed yet ([`SchedulerState::flush_digests`]).
+    digests_dirty: HashSet<String>,
     rng: SmallRng,
 }
 
@@ -418,6 +428,7 @@ impl SchedulerState {
             host_stats: HostTable::default(),
             task_serial: 0,
             in_batch: false,
+            digests_dirty: HashSet::default(),
             rng,
         }
     }
@@ -771,6 +782,7 @@ impl SchedulerState {
         task.peers.insert(key);
         task.by_peer_id.insert(peer_id.clone(), key);
         if back_to_source {
+            task.digests.trusted = true;
             if let Some(t) = task.trigger.as_mut() {
                 if t.peer.is_none() && t.host_id == host.id {
                     t.peer = Some(key);
@@ -806,6 +818,7 @@ impl SchedulerState {
                 pieces_failed: 0,
                 reschedules: 0,
                 origin_pieces: Vec::new(),
+                digests_synced: false,
             }),
         );
         self.sync(key, &mut out);
@@ -858,6 +871,7 @@ impl SchedulerState {
             host,
             metadata,
             piece_count,
+            piece_digests,
         } = request;
         let host = self.check_identity(key, &task_id, &peer_id, host)?;
         let metadata = metadata
@@ -893,6 +907,16 @@ impl SchedulerState {
         for n in 0..piece_count {
             pieces.insert(n);
         }
+        // An import brings the digest of every piece: its host read the file itself.
+        if piece_digests.len() == piece_count as usize * wire::PIECE_DIGEST_LEN && piece_count > 0 {
+            task.digests.trusted = true;
+            for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN)) {
+                if task.digests.record(n, d, piece_count) == Some(Recorded::Conflict) {
+                    warn!(task_id = %task_id, number = n, host_id = %host.id, "imported piece digest conflicts with the known one; the first stays");
+                }
+            }
+            self.digests_dirty.insert(task_id.clone());
+        }
         info!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, piece_count, "task announced");
         let host_ix = self.host_ref(&host.id);
         self.peers.insert(
@@ -915,6 +939,7 @@ impl SchedulerState {
                 pieces_failed: 0,
                 reschedules: 0,
                 origin_pieces: Vec::new(),
+                digests_synced: false,
             }),
         );
         let had_metadata = self
@@ -1082,6 +1107,7 @@ impl SchedulerState {
             "task metadata known"
         );
         task.metadata = Some(layout);
+        task.digests.truncate(layout.piece_count());
         let keys: Vec<PeerKey> = task.peers.iter().copied().collect();
         let was_batch = std::mem::replace(&mut self.in_batch, true);
         for k in &keys {
@@ -1119,6 +1145,39 @@ impl SchedulerState {
             );
             return;
         }
+        // A digest counts only from a peer that fetched the piece from the origin.
+        if !piece.digest.is_empty()
+            && piece.parent_host_id.is_empty()
+            && (peer.source || peer.origin_pieces.contains(&piece.number))
+        {
+            let bound = task.piece_bound();
+            if let Some(task) = self.tasks.get_mut(&peer.task_id) {
+                task.digests.trusted = true;
+                match task.digests.record(piece.number, &piece.digest, bound) {
+                    Some(Recorded::New) => {
+                        if task.digests.unsent() >= DIGEST_BATCH {
+                            let task_id = peer.task_id.clone();
+                            self.push_digests(&task_id, out);
+                        } else {
+                            self.digests_dirty.insert(peer.task_id.clone());
+                        }
+                    }
+                    Some(Recorded::Conflict) => warn!(
+                        task_id = %peer.task_id,
+                        peer_id = %peer.peer_id,
+                        number = piece.number,
+                        "piece digest conflicts with the one reported first; the first stays"
+                    ),
+                    Some(Recorded::Same) | None => {}
+                }
+            }
+        }
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(task) = self.tasks.get(&peer.task_id) else {
+            return;
+        };
         if !peer.pieces.insert(piece.number) {
             return;
         }
@@ -1252,6 +1311,16 @@ impl SchedulerState {
         };
         peer.done = true;
         peer.waiting = false;
+        if peer.source && task.digests.unsent() > 0 {
+            let task_id = peer.task_id.clone();
+            self.push_digests(&task_id, out);
+        }
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        let Some(task) = self.tasks.get_mut(&peer.task_id) else {
+            return;
+        };
         if task.trigger.as_ref().is_some_and(|t| t.peer == Some(key)) {
             task.trigger = None;
         }
@@ -1498,6 +1567,7 @@ impl SchedulerState {
         peer.origin_pieces.extend_from_slice(&pieces);
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.back_to_source += 1;
+            task.digests.trusted = true;
         }
         out.push(Output::Peer {
             peer: child,
@@ -1811,10 +1881,16 @@ impl SchedulerState {
         let Some(peer) = self.peers.get_mut(&child) else {
             return;
         };
-        let metadata = self
-            .tasks
-            .get(&peer.task_id)
-            .and_then(Task::metadata_message);
+        let task = self.tasks.get(&peer.task_id);
+        let metadata = task.and_then(Task::metadata_message);
+        // Every digest known with the first parents; later ones come as PieceDigests.
+        let digests = task.filter(|t| t.digests.trusted).map(|t| {
+            if std::mem::replace(&mut peer.digests_synced, true) {
+                Default::default()
+            } else {
+                t.digests.snapshot()
+            }
+        });
         peer.waiting = false;
         peer.scheduled = true;
         debug!(
@@ -1828,6 +1904,7 @@ impl SchedulerState {
                 CandidateParents {
                     parents: messages,
                     metadata,
+                    digests,
                 },
             )),
         });
@@ -1843,6 +1920,7 @@ impl SchedulerState {
         peer.waiting = false;
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.back_to_source += 1;
+            task.digests.trusted = true;
         }
         info!(task_id = %peer.task_id, peer_id = %peer.peer_id, reason, "peer sent back to source");
         out.push(Output::Peer {

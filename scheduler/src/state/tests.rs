@@ -477,6 +477,7 @@ fn slow_parents_are_not_offered() {
                 length: 1 << 20,
                 parent_host_id: "host-src".to_owned(),
                 cost_us: 1000,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
@@ -491,6 +492,7 @@ fn slow_parents_are_not_offered() {
             length: 1 << 20,
             parent_host_id: "host-src".to_owned(),
             cost_us: 100_000,
+            digest: Vec::new(),
             ..PieceFinished::default()
         }),
     );
@@ -528,9 +530,11 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         host: Some(host("cache-host", false)),
         metadata: Some(metadata(3 << 20)),
         piece_count: 3,
+        piece_digests: Vec::new(),
     };
     let bad = AnnounceTaskRequest {
         piece_count: 4,
+        piece_digests: Vec::new(),
         ..req.clone()
     };
     assert!(matches!(
@@ -553,6 +557,7 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         host: Some(host("h2", false)),
         metadata: Some(metadata(5 << 20)),
         piece_count: 5,
+        piece_digests: Vec::new(),
     };
     assert_eq!(
         sim.st.announce_task(PeerKey(1000), conflict),
@@ -580,6 +585,7 @@ fn announced_task_wakes_waiting_peers() {
                 host: Some(host("cache-host", false)),
                 metadata: Some(metadata(1 << 20)),
                 piece_count: 1,
+                piece_digests: Vec::new(),
             },
         )
         .unwrap();
@@ -1068,6 +1074,7 @@ fn a_triggered_seed_holding_the_task_announces_it() {
                 host: Some(host("seed-a", true)),
                 metadata: Some(metadata(2 << 20)),
                 piece_count: 2,
+                piece_digests: Vec::new(),
             },
         )
         .unwrap();
@@ -1098,6 +1105,7 @@ fn a_slow_parent_is_offered_when_nobody_else_can_serve() {
                 length: 1 << 20,
                 parent_host_id: "host-src".to_owned(),
                 cost_us,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
@@ -1123,6 +1131,7 @@ fn a_short_last_piece_does_not_flag_its_parent_slow() {
                 length,
                 parent_host_id: "host-src".to_owned(),
                 cost_us,
+                digest: Vec::new(),
                 ..PieceFinished::default()
             }),
         );
@@ -1576,4 +1585,78 @@ fn a_killed_serving_seed_is_replaced_in_every_event_order() {
             );
         }
     }
+}
+
+/// Digests the `PieceDigests` pushes in `out` carry to `peer`, as (number, digest) pairs.
+fn digests_pushed_to(out: &[Output], peer: PeerKey) -> Vec<(u32, wire::PieceDigest)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Output::Peer {
+                peer: p,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::PieceDigests(d)),
+                    },
+            } if *p == peer => wire::split_piece_digests(&d.numbers, &d.digests),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Only a peer that fetches from the origin supplies digests; the first one of a piece
+/// wins; a peer's first parents carry every digest known, later ones come batched.
+#[test]
+fn piece_digests_come_only_from_source_peers_and_the_first_wins() {
+    let mut s = Sim::new();
+    s.announce("seed", true);
+    s.announce("a", false);
+    let (seed, _) = s.register_seed_peer("seed-peer", "seed");
+    s.meta(seed, 3 << 20);
+    let d = |x: &[u8]| wire::piece_digest(x);
+    let report = |s: &mut Sim, k, number, digest: wire::PieceDigest| {
+        s.send(
+            k,
+            Request::PieceFinished(PieceFinished {
+                number,
+                length: 1 << 20,
+                digest: digest.to_vec(),
+                ..PieceFinished::default()
+            }),
+        )
+    };
+    report(&mut s, seed, 0, d(b"zero"));
+    let (a, out) = s.register("peer-a", "a", false);
+    let first = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Peer {
+                peer,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::CandidateParents(c)),
+                    },
+            } if *peer == a => c.digests.clone(),
+            _ => None,
+        })
+        .expect("the first parents carry the digests (the task has a source)");
+    assert_eq!(
+        wire::split_piece_digests(&first.numbers, &first.digests),
+        Some(vec![(0, d(b"zero"))])
+    );
+    // A peer that did not fetch from the origin: its digest is ignored.
+    report(&mut s, a, 1, d(b"forged"));
+    // (Piece 0's digest, recorded before peer-a was scheduled, may be pushed again: harmless.)
+    assert!(digests_pushed_to(&s.st.flush_digests(), a)
+        .iter()
+        .all(|(n, _)| *n != 1));
+    // The source's digest of piece 1 is pushed at the next flush; a second, different one
+    // for the same piece is not.
+    report(&mut s, seed, 1, d(b"one"));
+    report(&mut s, seed, 1, d(b"other"));
+    assert_eq!(
+        digests_pushed_to(&s.st.flush_digests(), a),
+        vec![(1, d(b"one"))]
+    );
+    assert!(s.st.flush_digests().is_empty());
 }
