@@ -637,14 +637,14 @@ mod tests {
     #[test]
     fn the_stall_watchdog_acts_only_after_idle_detection() {
         let d = DaemonConfig::default();
-        assert_eq!(d.data_plane.parent_idle_timeout, Duration::from_secs(5));
+        assert_eq!(d.data_plane.parent_idle_timeout, Duration::from_secs(3));
         assert!(d.validate().is_ok(), "{:?}", d.validate());
         assert!(d.download.stall_timeout >= 2 * d.data_plane.parent_idle_timeout);
         let c: DaemonConfig =
-            serde_yaml::from_str("download:\n  stall_timeout: 8s\n").expect("parses");
-        let e = c.validate().expect_err("8s is below 2 × 5s + 1s");
+            serde_yaml::from_str("download:\n  stall_timeout: 6s\n").expect("parses");
+        let e = c.validate().expect_err("6s is below 2 × 3s + 1s");
         assert!(
-            e.contains("download.stall_timeout") && e.contains("11s"),
+            e.contains("download.stall_timeout") && e.contains("7s"),
             "{e}"
         );
         let c: DaemonConfig = serde_yaml::from_str(

@@ -103,9 +103,11 @@ pub const DEFAULT_REQUEST_QUEUE_TIME: Duration = Duration::from_millis(20);
 
 /// Default of [`FetchConfig::parent_idle_timeout`]: far above the gaps of a live parent
 /// (a busy uplink shared by tens of connections still sends each of them bytes every few
-/// milliseconds; a rate-limited one pays in 128 KiB steps), short enough that a stopped
-/// parent is replaced within seconds (tuning.md, "Faults during a burst").
-pub const DEFAULT_PARENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// milliseconds; a rate-limited one pays in 128 KiB steps: 40 children of a 2 MB/s limit
+/// see a step each every 2.6 s), short enough that a stopped parent is replaced within
+/// seconds: with 5 s the stalled-seed lab fault took 2.07× the no-fault burst (tuning.md,
+/// "Faults during a burst").
+pub const DEFAULT_PARENT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Default of [`FetchConfig::digest_wait`].
 pub const DEFAULT_DIGEST_WAIT: Duration = Duration::from_secs(10);
