@@ -74,6 +74,11 @@ impl Announcer {
         o.queue.push_back(msg);
     }
 
+    /// Whether the stream is gone (nothing reads what is sent): the run must register again.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Messages waiting in the overflow (not yet in the channel).
     pub fn waiting(&self) -> usize {
         self.overflow.lock().map_or(0, |o| o.queue.len())

@@ -306,6 +306,9 @@ const REREGISTER_FIRST: std::time::Duration = std::time::Duration::from_millis(2
 const REREGISTER_MAX: std::time::Duration = std::time::Duration::from_secs(4);
 /// Bound on one try to register again (a scheduler that accepts and never answers).
 const REREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a source whose scheduler stream ended during its origin fetch keeps trying to
+/// register again once the fetch is done (its pieces and their digests are reported then).
+const REREGISTER_SOURCE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A report from a fetch of lost pieces from the origin.
 enum OriginMsg {
@@ -536,6 +539,13 @@ impl TaskRun {
                         dataplane::Counters::add(&self.ctx.stats.scheduler_streams_lost, 1);
                         self.responses = None;
                         self.announce = None;
+                        // No scheduler to hand out the digests still missing: until one
+                        // does again, pieces without a known digest are checked by their
+                        // crc32c only (known digests are still checked), rather than held
+                        // for a digest that cannot come (README, "How pieces are verified").
+                        if let Some(store) = &self.store {
+                            store.relax_digests();
+                        }
                         lost_scheduler = true;
                         self.reregister_backoff = REREGISTER_FIRST;
                         reregister.as_mut().reset(tokio::time::Instant::now() + REREGISTER_FIRST);
@@ -608,6 +618,33 @@ impl TaskRun {
                 self.responses = None;
                 false
             }
+        }
+    }
+
+    /// Whether this run had a scheduler stream that has ended since.
+    fn scheduler_stream_lost(&self) -> bool {
+        self.announce
+            .as_ref()
+            .is_some_and(crate::announce::Announcer::is_closed)
+    }
+
+    /// [`Self::reregister`] with backoff, for at most `limit`.
+    async fn reregister_until(&mut self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut backoff = REREGISTER_FIRST;
+        loop {
+            self.announce = None;
+            self.responses = None;
+            if self.reregister().await {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(task = %self.spec.id, "the scheduler stream ended during the origin fetch and no scheduler took the task again within {limit:?}");
+                return;
+            }
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(REREGISTER_MAX);
         }
     }
 
@@ -994,6 +1031,14 @@ impl TaskRun {
         let mut result = origin::fetch(&ctx, &spec, existing, self)
             .await
             .map_err(|e| e.to_string());
+        // The scheduler stream ended while this host fetched from the origin (a scheduler
+        // restart): the announcements, trusted piece digests among them, went nowhere.
+        // Register again (as the source it is) so the scheduler learns every piece held and
+        // its digest: peers that check digests hold the pieces they got from this host
+        // until then.
+        if self.scheduler_stream_lost() {
+            self.reregister_until(REREGISTER_SOURCE_FOR).await;
+        }
         if let (Ok(store), Some(digest)) = (&result, &spec.digest) {
             // A known digest: what the origin sent must be that content before anyone is
             // told this peer holds it (pieces already announced are checked by each

@@ -40,19 +40,31 @@ impl SchedulerState {
         let Some(batch) = task.digests.take_unsent() else {
             return;
         };
+        // A peer that has had no digests yet (its parents came while the task had no trusted
+        // source, e.g. right after a scheduler restart, before the source registered again)
+        // gets every digest known, not just this batch: it may already require them.
+        let mut snapshot = None;
         for k in task.peers.iter() {
-            let wants = self
-                .peers
-                .get(k)
-                .is_some_and(|p| p.digests_synced && !p.done && !p.source);
-            if wants {
-                out.push(Output::Peer {
-                    peer: *k,
-                    response: peer_response(announce_peer_response::Response::PieceDigests(
-                        batch.clone(),
-                    )),
-                });
+            let Some(p) = self.peers.get_mut(k) else {
+                continue;
+            };
+            if p.done || p.source {
+                continue;
             }
+            let digests = if p.digests_synced {
+                batch.clone()
+            } else if task.digests.trusted {
+                p.digests_synced = true;
+                snapshot
+                    .get_or_insert_with(|| task.digests.snapshot())
+                    .clone()
+            } else {
+                continue;
+            };
+            out.push(Output::Peer {
+                peer: *k,
+                response: peer_response(announce_peer_response::Response::PieceDigests(digests)),
+            });
         }
     }
 }

@@ -1660,3 +1660,78 @@ fn piece_digests_come_only_from_source_peers_and_the_first_wins() {
     );
     assert!(s.st.flush_digests().is_empty());
 }
+
+/// A restarted scheduler: five running downloads register again (resumed) and are handed
+/// each other (most with four parents: no top-up due) while the task has no trusted source; then the seed, which was fetching from the
+/// origin, registers again as a source and reports its digests. Both peers get every digest
+/// known (they required digests before the restart and hold pieces waiting for them), though
+/// no new parents came after the task had a source. Before, digests went only to peers whose
+/// parents came after the task was trusted, and these waited for their stall watchdog
+/// (lab, `restart-scheduler@2s`: 6x the no-fault time).
+#[test]
+fn peers_scheduled_before_the_source_returns_get_every_digest_known() {
+    let mut sim = Sim::new();
+    sim.announce("seed", true);
+    let resumed = |sim: &mut Sim, peer: &str, host_id: &str| {
+        let k = PeerKey(sim.key());
+        sim.st
+            .register_peer(
+                k,
+                RegisterPeer {
+                    task_id: TASK.to_owned(),
+                    peer_id: peer.to_owned(),
+                    host: Some(host(host_id, false)),
+                    resume: Some(metadata(8 << 20)),
+                    ..RegisterPeer::default()
+                },
+            )
+            .unwrap();
+        k
+    };
+    let peers: Vec<PeerKey> = (0..5)
+        .map(|i| resumed(&mut sim, &format!("peer-{i}"), &format!("host-{i}")))
+        .collect();
+    let a = peers[0];
+    for (i, &k) in peers.iter().enumerate() {
+        sim.piece(k, i as u32);
+    }
+    assert!(sim.st.flush_digests().is_empty(), "no source, no digests");
+    let (seed, out) = sim.register_seed_peer("seed-peer", "seed");
+    // The peers with four parents are not handed the seed (no new parents, no snapshot).
+    let unsynced = peers
+        .iter()
+        .filter(|&&k| parents_to(&out, k).is_empty())
+        .count();
+    assert!(unsynced >= 2, "every peer was handed the seed: {out:?}");
+    let d = |n: u32| wire::piece_digest(&n.to_le_bytes());
+    for n in 0..4 {
+        sim.send(
+            seed,
+            Request::PieceFinished(PieceFinished {
+                number: n,
+                length: 1 << 20,
+                digest: d(n).to_vec(),
+                ..PieceFinished::default()
+            }),
+        );
+    }
+    let out = sim.st.flush_digests();
+    let all: Vec<(u32, wire::PieceDigest)> = (0..4).map(|n| (n, d(n))).collect();
+    for &k in &peers {
+        let mut got = digests_pushed_to(&out, k);
+        got.sort_by_key(|(n, _)| *n);
+        assert_eq!(got, all, "digests pushed to {k:?}");
+    }
+    // Synced now: later digests come as batches, not again in full.
+    sim.send(
+        seed,
+        Request::PieceFinished(PieceFinished {
+            number: 4,
+            length: 1 << 20,
+            digest: d(4).to_vec(),
+            ..PieceFinished::default()
+        }),
+    );
+    let out = sim.st.flush_digests();
+    assert_eq!(digests_pushed_to(&out, a), vec![(4, d(4))]);
+}
