@@ -466,6 +466,30 @@ impl Session {
         }
     }
 
+    /// Piece `n` from `parent` failed its check (`reason`): counted, released for another
+    /// parent, reported; the error that drops the parent.
+    async fn corrupt_piece(
+        &self,
+        task: TaskId,
+        n: u32,
+        parent: &str,
+        reason: String,
+    ) -> ParentError {
+        Counters::add(&self.counters.pieces_corrupt, 1);
+        self.release(n);
+        emit(
+            &self.bridge,
+            Event::PieceFailed {
+                task,
+                number: n,
+                parent: parent.to_owned(),
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        ParentError::Corrupt(n, reason)
+    }
+
     /// Waits until the trusted digest of piece `n` is known, or `digest_wait` passed.
     async fn wait_digest(&self, n: u32) {
         let deadline = Instant::now() + self.cfg.digest_wait;
@@ -932,39 +956,15 @@ async fn parent_io<S: FetchStream>(
                         // Bytes other than the source's with a matching crc32c: a forging
                         // (or badly broken) parent. Never stored; the parent is dropped and
                         // reported, and the piece fetched elsewhere.
-                        Counters::add(&s.counters.pieces_corrupt, 1);
                         Counters::add(&s.counters.pieces_forged, 1);
-                        s.release(n);
                         let reason = format!("forged piece: {e}");
                         tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
-                        emit(
-                            &s.bridge,
-                            Event::PieceFailed {
-                                task,
-                                number: n,
-                                parent: p.host_id.clone(),
-                                reason: reason.clone(),
-                            },
-                        )
-                        .await;
-                        return Err(ParentError::Corrupt(n, reason));
+                        return Err(s.corrupt_piece(task, n, &p.host_id, reason).await);
                     }
                     Err(StoreError::Digest { expected, got, .. }) => {
-                        Counters::add(&s.counters.pieces_corrupt, 1);
-                        s.release(n);
                         let reason =
                             format!("crc32c {got:08x} does not match the announced {expected:08x}");
-                        emit(
-                            &s.bridge,
-                            Event::PieceFailed {
-                                task,
-                                number: n,
-                                parent: p.host_id.clone(),
-                                reason: reason.clone(),
-                            },
-                        )
-                        .await;
-                        return Err(ParentError::Corrupt(n, reason));
+                        return Err(s.corrupt_piece(task, n, &p.host_id, reason).await);
                     }
                     Err(e) => {
                         s.release(n);

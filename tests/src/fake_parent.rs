@@ -166,6 +166,35 @@ impl FakeParent {
         }
     }
 
+    /// [`FakeParent::announce`], then waits (at most 10 s) until the scheduler lists this
+    /// fake as holding all `piece_count` pieces of the task, so that it is handed out as a
+    /// parent.
+    pub async fn join_swarm(
+        &mut self,
+        scheduler: SocketAddr,
+        host_id: &str,
+        url: &str,
+        piece_count: u32,
+    ) -> Result<()> {
+        self.announce(scheduler, host_id, url).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let info = grpc::stat_task(scheduler, &self.served.task.to_hex()).await?;
+            let listed = info.peers.iter().find(|p| p.host_id == host_id);
+            if listed.is_some_and(|p| p.done || p.finished_pieces >= piece_count) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the scheduler does not list {host_id} as holding all {piece_count} pieces \
+                     within 10 s: {info:?}; its answers to the fake: {:?}",
+                    self.scheduler_responses()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Registers with the scheduler at `scheduler` as host `host_id` (an ordinary peer whose
     /// data plane is this fake), and as a peer of the task (source `url`) that finished every
     /// piece. The streams stay open until the fake is dropped.

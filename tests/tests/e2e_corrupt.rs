@@ -3,10 +3,9 @@
 //! detect the corruption (`pieces_corrupt`), fetch those pieces elsewhere, and still produce
 //! the right file.
 
-use std::time::{Duration, Instant};
 use testkit::fake_parent::{FakeParent, Mode};
 use testkit::frames::{FrameConn, DEFAULT_REPLY_TIMEOUT};
-use testkit::{grpc, Cluster, ClusterOptions, Origin};
+use testkit::{Cluster, ClusterOptions, Origin};
 use wire::frame::Frame;
 use wire::task::TaskIdOptions;
 use wire::TaskId;
@@ -58,26 +57,9 @@ async fn corrupt_pieces_from_a_fake_parent_are_detected_and_refetched() {
     let mut fake = FakeParent::start(task, content, u64::from(piece_length), Mode::Corrupt)
         .await
         .expect("starting the fake parent");
-    fake.announce(cluster.scheduler_addr(), FAKE_HOST, &url)
+    fake.join_swarm(cluster.scheduler_addr(), FAKE_HOST, &url, piece_count)
         .await
-        .expect("announcing the fake parent to the scheduler");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = grpc::stat_task(cluster.scheduler_addr(), &task.to_hex())
-            .await
-            .expect("StatTask");
-        let fake_peer = info.peers.iter().find(|p| p.host_id == FAKE_HOST);
-        if fake_peer.is_some_and(|p| p.done || p.finished_pieces >= piece_count) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the scheduler does not list the fake parent as holding all {piece_count} pieces \
-             within 10 s: {info:?}; scheduler answers to the fake: {:?}",
-            fake.scheduler_responses()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .expect("the fake parent joins the swarm");
 
     // 4. A second real peer downloads; the scheduler offers it the fake among its parents.
     cluster

@@ -6,12 +6,11 @@
 //! reports the forger to the scheduler, finishes from the other parents, and writes the
 //! right file.
 
-use std::time::{Duration, Instant};
 use testkit::cluster::check_dfget;
 use testkit::content::file_sha256_hex_async;
 use testkit::fake_parent::{FakeParent, Mode};
 use testkit::frames::{FrameConn, DEFAULT_REPLY_TIMEOUT};
-use testkit::{grpc, Cluster, ClusterOptions, Origin};
+use testkit::{Cluster, ClusterOptions, Origin};
 use wire::frame::Frame;
 use wire::task::TaskIdOptions;
 use wire::TaskId;
@@ -69,25 +68,9 @@ async fn forged_pieces_with_a_matching_crc_are_never_stored_and_the_forger_is_re
     let mut fake = FakeParent::start(task, content, u64::from(piece_length), Mode::Forged)
         .await
         .expect("starting the forger");
-    fake.announce(cluster.scheduler_addr(), FORGER, &url)
+    fake.join_swarm(cluster.scheduler_addr(), FORGER, &url, piece_count)
         .await
-        .expect("announcing the forger to the scheduler");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let info = grpc::stat_task(cluster.scheduler_addr(), &task.to_hex())
-            .await
-            .expect("StatTask");
-        let fake_peer = info.peers.iter().find(|p| p.host_id == FORGER);
-        if fake_peer.is_some_and(|p| p.done || p.finished_pieces >= piece_count) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the scheduler does not list the forger as holding all {piece_count} pieces \
-             within 10 s: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .expect("the forger joins the swarm");
 
     // 4. A second real peer downloads WITHOUT --digest; the forger is among its parents.
     let out2 = cluster.dir().join("p2.out");
