@@ -48,33 +48,15 @@ pub struct TaskSpec {
     pub digest: Option<String>,
 }
 
-/// sha256 of the file at `path`, read in 1 MiB blocks (blocking: call it off the runtime).
-pub fn file_sha256(path: &std::path::Path) -> std::io::Result<[u8; 32]> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
-}
-
 /// Checks the complete task file of `store` against `digest` (`sha256:<hex>`); the error
 /// says what was expected and found.
 pub async fn verify_digest(store: &Arc<TaskStore>, digest: &str) -> Result<(), String> {
     let want = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
     let path = store.path().to_path_buf();
-    let got = tokio::task::spawn_blocking(move || file_sha256(&path))
+    let got = tokio::task::spawn_blocking(move || damselfly_common::file_sha256_hex(&path))
         .await
         .map_err(|e| format!("hashing the task file: {e}"))?
         .map_err(|e| format!("hashing the task file: {e}"))?;
-    let got = hex::encode(got);
     if got.eq_ignore_ascii_case(&want) {
         Ok(())
     } else {
@@ -628,10 +610,10 @@ impl TaskRun {
             .is_some_and(crate::announce::Announcer::is_closed)
     }
 
-    /// [`Self::reregister`] with backoff, for at most `limit`.
+    /// [`Self::reregister`] with jittered exponential backoff, for at most `limit`.
     async fn reregister_until(&mut self, limit: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut backoff = REREGISTER_FIRST;
+        let mut backoff = damselfly_common::reconnect_backoff(REREGISTER_FIRST, REREGISTER_MAX);
         loop {
             self.announce = None;
             self.responses = None;
@@ -643,8 +625,8 @@ impl TaskRun {
                 tracing::warn!(task = %self.spec.id, "the scheduler stream ended during the origin fetch and no scheduler took the task again within {limit:?}");
                 return;
             }
-            tokio::time::sleep(backoff.min(deadline - now)).await;
-            backoff = (backoff * 2).min(REREGISTER_MAX);
+            let wait = backoff.next().unwrap_or(REREGISTER_MAX);
+            tokio::time::sleep(wait.min(deadline - now)).await;
         }
     }
 
