@@ -519,6 +519,24 @@ fn a_piece_is_held_until_its_digest_arrives() {
     fake.join().expect("fake parent");
 }
 
+/// A fake one-piece parent that sends the piece's header and half its bytes, then nothing,
+/// keeping the connection open until the returned sender is used (or 60 s pass).
+fn half_a_piece_then_silence() -> (
+    SocketAddr,
+    std::thread::JoinHandle<u32>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let data = content(16384);
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (addr, fake) = one_piece_parent(move |s, task, number| {
+        send_piece_header(s, task, number, wire::piece_crc(&data));
+        s.write_all(&data[..8192]).expect("write");
+        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
+        false
+    });
+    (addr, fake, stop_tx)
+}
+
 /// A parent that sends a piece header and half the piece, then nothing (connection open):
 /// the fetcher drops it after `piece_timeout` of silence mid-piece and asks for parents,
 /// with the piece neither stored nor left in flight. Before 2026-12-06 only the wait for a
@@ -527,15 +545,7 @@ fn a_piece_is_held_until_its_digest_arrives() {
 #[test]
 fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
     let id = TaskId([10; 32]);
-    let data = content(16384);
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (addr, fake) = one_piece_parent(move |s, task, number| {
-        send_piece_header(s, task, number, wire::piece_crc(&data));
-        s.write_all(&data[..8192]).expect("write");
-        // Stall with the connection open until the test ends.
-        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
-        false
-    });
+    let (addr, fake, stop_tx) = half_a_piece_then_silence();
     let c = node_fetch(
         1,
         ShapingConfig::default(),
@@ -554,20 +564,12 @@ fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
     let store = start_download(&c, id, layout, parents, 0);
     // Without the timeout on the body the fetcher waits as long as the fake parent holds
     // the connection (60 s); the bound below is a liveness bound, 60× the piece timeout.
-    let dropped = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let c = &c;
-        scope.spawn(move || {
-            wait_event(c, |e| matches!(e, Event::NeedParents { .. }));
-            let _ = tx.send(());
-        });
-        let dropped = rx.recv_timeout(Duration::from_secs(30)).is_ok();
-        // Lets the fake parent close, which ends the wait above if it is still running.
-        let _ = stop_tx.send(());
-        dropped
+    let dropped = wait_event_within(&c, Duration::from_secs(30), |e| {
+        matches!(e, Event::NeedParents { .. })
     });
+    let _ = stop_tx.send(());
     assert!(
-        dropped,
+        dropped.is_some(),
         "the stalled parent was not dropped while it held the connection open"
     );
     assert!(!store.has(0));
@@ -581,14 +583,7 @@ fn a_parent_stalled_mid_piece_is_dropped_after_the_piece_timeout() {
 #[test]
 fn a_silent_parent_is_dropped_after_the_idle_timeout_whatever_the_piece_timeout() {
     let id = TaskId([11; 32]);
-    let data = content(16384);
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (addr, fake) = one_piece_parent(move |s, task, number| {
-        send_piece_header(s, task, number, wire::piece_crc(&data));
-        s.write_all(&data[..8192]).expect("write");
-        let _ = stop_rx.recv_timeout(Duration::from_secs(60));
-        false
-    });
+    let (addr, fake, stop_tx) = half_a_piece_then_silence();
     let c = node_fetch(
         1,
         ShapingConfig::default(),

@@ -132,6 +132,27 @@ impl FrameConn {
     }
 }
 
+/// A task's layout as the data plane at `addr` (which holds the task) answers a bitmap
+/// request: content length, piece length and piece count.
+pub async fn task_layout(addr: SocketAddr, task: wire::TaskId) -> Result<(u64, u32, u32)> {
+    let mut c = FrameConn::connect(addr).await?;
+    c.send(&Frame::BitmapRequest {
+        task,
+        known: 0,
+        wait_ms: 0,
+    })
+    .await?;
+    match c.recv_timeout(DEFAULT_REPLY_TIMEOUT).await? {
+        Some(Frame::Bitmap {
+            content_length,
+            piece_length,
+            piece_count,
+            ..
+        }) => Ok((content_length, piece_length, piece_count)),
+        other => bail!("{addr} should answer a BitmapRequest for a task it holds, got {other:?}"),
+    }
+}
+
 fn is_closed(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),

@@ -4,9 +4,8 @@
 //! the right file.
 
 use testkit::fake_parent::{FakeParent, Mode};
-use testkit::frames::{FrameConn, DEFAULT_REPLY_TIMEOUT};
+use testkit::frames::task_layout;
 use testkit::{Cluster, ClusterOptions, Origin};
-use wire::frame::Frame;
 use wire::task::TaskIdOptions;
 use wire::TaskId;
 
@@ -31,26 +30,9 @@ async fn corrupt_pieces_from_a_fake_parent_are_detected_and_refetched() {
         .expect("download through peer-1");
 
     // 2. Learn the layout from peer-1's bitmap.
-    let mut c = FrameConn::connect(p1.data_addr)
+    let (content_length, piece_length, piece_count) = task_layout(p1.data_addr, task)
         .await
-        .expect("connect to peer-1");
-    c.send(&Frame::BitmapRequest {
-        task,
-        known: 0,
-        wait_ms: 0,
-    })
-    .await
-    .expect("send");
-    let reply = c.recv_timeout(DEFAULT_REPLY_TIMEOUT).await.expect("reply");
-    let Some(Frame::Bitmap {
-        content_length,
-        piece_length,
-        piece_count,
-        ..
-    }) = reply
-    else {
-        panic!("peer-1 should answer a BitmapRequest for the task it holds, got {reply:?}");
-    };
+        .expect("peer-1's bitmap");
     assert_eq!(content_length, content.size);
 
     // 3. The fake parent joins the swarm claiming every piece.

@@ -9,7 +9,7 @@
 use testkit::cluster::check_dfget;
 use testkit::content::file_sha256_hex_async;
 use testkit::fake_parent::{FakeParent, Mode};
-use testkit::frames::{FrameConn, DEFAULT_REPLY_TIMEOUT};
+use testkit::frames::{task_layout, FrameConn, DEFAULT_REPLY_TIMEOUT};
 use testkit::{Cluster, ClusterOptions, Origin};
 use wire::frame::Frame;
 use wire::task::TaskIdOptions;
@@ -44,25 +44,9 @@ async fn forged_pieces_with_a_matching_crc_are_never_stored_and_the_forger_is_re
     );
 
     // 2. The layout, from peer-1's bitmap.
-    let mut c = FrameConn::connect(p1.data_addr)
+    let (_, piece_length, piece_count) = task_layout(p1.data_addr, task)
         .await
-        .expect("connect to peer-1");
-    c.send(&Frame::BitmapRequest {
-        task,
-        known: 0,
-        wait_ms: 0,
-    })
-    .await
-    .expect("send");
-    let reply = c.recv_timeout(DEFAULT_REPLY_TIMEOUT).await.expect("reply");
-    let Some(Frame::Bitmap {
-        piece_length,
-        piece_count,
-        ..
-    }) = reply
-    else {
-        panic!("peer-1 should answer a BitmapRequest for the task it holds, got {reply:?}");
-    };
+        .expect("peer-1's bitmap");
 
     // 3. The forger joins the swarm claiming every piece (with forged digests).
     let mut fake = FakeParent::start(task, content, u64::from(piece_length), Mode::Forged)
