@@ -144,62 +144,43 @@ fn shape(ns: &str, dev: &str, bps: u64, qdisc: Qdisc) -> anyhow::Result<()> {
     let burst = (bps / 8 / 250).max(128 << 10);
     let rate = format!("{bps}bit");
     let burst_s = burst.to_string();
-    match qdisc {
-        Qdisc::Tbf => {
-            run(
-                "tc",
-                &[
-                    "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate,
-                    "burst", &burst_s, "latency", "50ms",
-                ],
-            )?;
-        }
-        Qdisc::HtbAckPrio => {
-            let tc = |args: &[&str]| -> anyhow::Result<()> {
-                let mut v = vec!["-n", ns];
-                v.extend_from_slice(args);
-                run("tc", &v).map(drop)
-            };
-            let tenth = format!("{}bit", (bps / 10).max(8_000));
-            let rest = format!("{}bit", bps - bps / 10);
+    let tc = |args: &[&str]| -> anyhow::Result<()> {
+        let mut v = vec!["-n", ns];
+        v.extend_from_slice(args);
+        run("tc", &v).map(drop)
+    };
+    if qdisc == Qdisc::Tbf {
+        return tc(&[
+            "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst_s,
+            "latency", "50ms",
+        ]);
+    }
+    // htb: class 1:1 at the link rate; with ACK priority, unclassified traffic goes to its
+    // child 1:20 and small TCP packets to 1:10, served first.
+    let ack_prio = qdisc == Qdisc::HtbAckPrio;
+    let default = if ack_prio { "20" } else { "1" };
+    tc(&[
+        "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", default,
+    ])?;
+    tc(&[
+        "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate, "ceil",
+        &rate, "burst", &burst_s, "cburst", &burst_s,
+    ])?;
+    if ack_prio {
+        let tenth = format!("{}bit", (bps / 10).max(8_000));
+        let rest = format!("{}bit", bps - bps / 10);
+        for (class, share, prio) in [("1:10", &tenth, "0"), ("1:20", &rest, "1")] {
             tc(&[
-                "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "20",
-            ])?;
-            tc(&[
-                "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate,
-                "ceil", &rate, "burst", &burst_s, "cburst", &burst_s,
-            ])?;
-            tc(&[
-                "class", "add", "dev", dev, "parent", "1:1", "classid", "1:10", "htb", "rate",
-                &tenth, "ceil", &rate, "prio", "0", "burst", &burst_s, "cburst", &burst_s,
-            ])?;
-            tc(&[
-                "class", "add", "dev", dev, "parent", "1:1", "classid", "1:20", "htb", "rate",
-                &rest, "ceil", &rate, "prio", "1", "burst", &burst_s, "cburst", &burst_s,
-            ])?;
-            // IPv4, header length 5 words, TCP, total length < 128 bytes.
-            tc(&[
-                "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-                "match", "ip", "protocol", "6", "0xff", "match", "u8", "0x05", "0x0f", "at", "0",
-                "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10",
+                "class", "add", "dev", dev, "parent", "1:1", "classid", class, "htb", "rate",
+                share, "ceil", &rate, "prio", prio, "burst", &burst_s, "cburst", &burst_s,
             ])?;
         }
-        Qdisc::Htb => {
-            run(
-                "tc",
-                &[
-                    "-n", ns, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb",
-                    "default", "1",
-                ],
-            )?;
-            run(
-                "tc",
-                &[
-                    "-n", ns, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb",
-                    "rate", &rate, "ceil", &rate, "burst", &burst_s, "cburst", &burst_s,
-                ],
-            )?;
-        }
+        // IPv4, header length 5 words, TCP, total length < 128 bytes.
+        tc(&[
+            "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+            "match", "ip", "protocol", "6", "0xff", "match", "u8", "0x05", "0x0f", "at", "0",
+            "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10",
+        ])?;
     }
     Ok(())
 }

@@ -109,12 +109,6 @@ impl DaemonModel {
             old_daemon: true,
         }
     }
-
-    /// Whether the model drops parents added in the step the peer's first parents came
-    /// ([`DaemonModel::old_daemon`]).
-    pub(super) fn loses_early_parents(&self) -> bool {
-        self.old_daemon
-    }
 }
 
 /// A request on a connection, in the order the parent answers them.
@@ -243,7 +237,7 @@ impl Sim {
                 *first = Some(t);
                 false
             }
-            Some(at) if s.model.loses_early_parents() && at == t => {
+            Some(at) if s.model.old_daemon && at == t => {
                 s.parents_lost += count as u64;
                 true
             }
