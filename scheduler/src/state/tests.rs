@@ -3,9 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
-use announce_peer_request::Request;
 use proptest::prelude::*;
-use wire::proto::scheduler::PeerFailed;
+use wire::proto::scheduler::announce_peer_request::Request;
+use wire::proto::scheduler::{
+    host_command, AnnounceTaskRequest, PeerFailed, PeerFinished, PieceFailed, PieceFinished,
+    RegisterPeer, RescheduleRequest,
+};
 
 const TASK: &str = "task-1";
 
