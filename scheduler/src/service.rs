@@ -10,31 +10,36 @@
 //! the call's requests whenever the HTTP/2 stream task polls it, so a message from the daemon
 //! wakes that one task, which updates the state and usually returns the answer in the same
 //! poll (no reader task, no hop through a second task per message).
+//!
+//! Files: this one holds the service and the stream table; `service/outbound.rs` the
+//! per-stream outbox and its drop guard; `service/peer_stream.rs` the `AnnouncePeer` stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::Stream;
+use tokio::sync::oneshot;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use wire::proto::scheduler::scheduler_server::{Scheduler, SchedulerServer};
 use wire::proto::scheduler::{
-    announce_peer_request, AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    AnnounceTaskRequest, AnnounceTaskResponse, Host, HostCommand, LeaveTaskRequest,
-    LeaveTaskResponse, StatTaskRequest, TaskInfo, TaskSource,
+    AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse, AnnounceTaskRequest,
+    AnnounceTaskResponse, Host, HostCommand, LeaveTaskRequest, LeaveTaskResponse, StatTaskRequest,
+    TaskInfo, TaskSource,
 };
+
+mod outbound;
+mod peer_stream;
 
 use crate::config::SchedulingConfig;
 use crate::state::{HostKey, InvalidRequest, Output, PeerKey, PreheatStatus, SchedulerState};
+use outbound::{channel, Guard, GuardedStream, Outbound, Slot};
+pub use peer_stream::PeerStream;
 
 /// Messages buffered per `AnnouncePeer` stream before the peer counts as stuck and is dropped.
 /// A burst of first-piece pushes to one peer is bounded by `parent_limit`, so this is ample.
@@ -90,82 +95,6 @@ const CONNECTION_WINDOW: u32 = 8 << 20;
 /// leave unread against the connection's budget (~6,000 reports, ~1.5 MB of it), e.g. a
 /// daemon that stopped reading its answers while still reporting.
 const STREAM_WINDOW: u32 = 64 << 10;
-
-/// Sending half of one response stream, plus the status to end it with.
-///
-/// Messages travel boxed: a channel allocates its slots 32 at a time when it is made, and
-/// 32 unboxed responses (or a `Result` with a `Status` in it, ~200 bytes) made every stream
-/// cost several KiB up front: ~60 MB of freshly faulted pages for 10,000 peers.
-struct Slot<T> {
-    tx: mpsc::Sender<Box<T>>,
-    end: Arc<Mutex<Option<Status>>>,
-}
-
-impl<T> Slot<T> {
-    /// Ends the stream once the buffered messages are read: with `status` as an error, or
-    /// cleanly if `None`.
-    fn close(self, status: Option<Status>) {
-        *self.end.lock() = status;
-    }
-}
-
-/// Creates a slot and the response stream it feeds.
-fn channel<T>(capacity: usize, guard: impl FnOnce() -> Guard) -> (Slot<T>, Outbound<T>) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let end = Arc::new(Mutex::new(None));
-    (
-        Slot {
-            tx,
-            end: end.clone(),
-        },
-        Outbound {
-            rx,
-            end,
-            _guard: guard(),
-        },
-    )
-}
-
-/// A response stream: what the state sends, then possibly one final error.
-pub struct Outbound<T> {
-    rx: mpsc::Receiver<Box<T>>,
-    end: Arc<Mutex<Option<Status>>>,
-    _guard: Guard,
-}
-
-impl<T> Stream for Outbound<T> {
-    type Item = Result<T, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        match this.rx.poll_recv(cx) {
-            Poll::Ready(Some(message)) => Poll::Ready(Some(Ok(*message))),
-            Poll::Ready(None) => Poll::Ready(this.end.lock().take().map(Err)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-/// Tells the state that a response stream was dropped (by tonic, when the client is gone).
-struct Guard {
-    shared: Arc<Shared>,
-    stream: GuardedStream,
-}
-
-enum GuardedStream {
-    Host(HostKey),
-    Peer(PeerKey),
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let mut inner = self.shared.inner.lock();
-        match &self.stream {
-            GuardedStream::Host(key) => inner.host_gone(*key, None),
-            GuardedStream::Peer(key) => inner.peer_gone(*key, None),
-        }
-    }
-}
 
 /// Everything behind the lock: the state and the open streams.
 struct Inner {
@@ -492,138 +421,6 @@ impl Scheduler for SchedulerService {
         let (peers, outputs) = inner.state.leave_task(&r.task_id, &r.host_id);
         inner.dispatch(outputs);
         Ok(Response::new(LeaveTaskResponse { peers }))
-    }
-}
-
-/// Requests of one `AnnouncePeer` call handled per poll before the stream yields (so that a
-/// daemon sending without pause cannot keep its task from returning answers).
-const INBOUND_PER_POLL: usize = 64;
-
-/// The response stream of one `AnnouncePeer` call, which also consumes the call's requests:
-/// each poll first handles what the daemon sent (the registration, then reports), then
-/// returns what the state has for the peer. The HTTP/2 stream task that polls it is woken by
-/// either side, so one task serves the whole call.
-pub struct PeerStream {
-    outbound: Outbound<AnnouncePeerResponse>,
-    /// The daemon's requests; `None` once they ended or failed.
-    inbound: Option<Streaming<AnnouncePeerRequest>>,
-    /// This stream's slot until the registration hands it to the state's stream table.
-    unregistered: Option<Slot<AnnouncePeerResponse>>,
-    shared: Arc<Shared>,
-    key: PeerKey,
-}
-
-impl PeerStream {
-    /// Handles one item of the daemon's request stream; false when no more will be read.
-    fn handle(&mut self, item: Option<Result<AnnouncePeerRequest, Status>>) -> bool {
-        if let Some(slot) = self.unregistered.take() {
-            return self.register(slot, item);
-        }
-        let key = self.key;
-        let mut inner = self.shared.inner.lock();
-        match item {
-            Some(Ok(AnnouncePeerRequest {
-                request: Some(request),
-            })) => {
-                let (since, kind) = (std::time::Instant::now(), crate::metrics::kind(&request));
-                let outputs = inner.state.peer_request(key, request);
-                crate::metrics::announced(kind, since);
-                inner.dispatch(outputs);
-                if !inner.state.has_peer(key) {
-                    // Failed, or dropped by the scheduler: end the response stream cleanly
-                    // (a no-op if it was already closed with an error).
-                    inner.peer_gone(key, None);
-                    return false;
-                }
-                true
-            }
-            Some(Ok(AnnouncePeerRequest { request: None })) => {
-                debug!(?key, "empty AnnouncePeer message ignored");
-                true
-            }
-            None => {
-                debug!(?key, "peer closed its stream");
-                inner.peer_gone(key, None);
-                false
-            }
-            Some(Err(status)) => {
-                crate::metrics::error("stream_failed");
-                debug!(?key, %status, "peer stream failed");
-                inner.peer_gone(key, None);
-                false
-            }
-        }
-    }
-
-    /// The first message must register the peer; on success the slot joins the stream
-    /// table, otherwise the stream ends (dropping `slot` ends it once its status is set).
-    fn register(
-        &mut self,
-        slot: Slot<AnnouncePeerResponse>,
-        item: Option<Result<AnnouncePeerRequest, Status>>,
-    ) -> bool {
-        use announce_peer_request::Request;
-        let register = match item {
-            Some(Ok(AnnouncePeerRequest {
-                request: Some(Request::Register(register)),
-            })) => register,
-            Some(Ok(_)) => {
-                slot.close(Some(Status::invalid_argument(
-                    "the first AnnouncePeer message must be RegisterPeer",
-                )));
-                return false;
-            }
-            None => return false,
-            Some(Err(status)) => {
-                debug!(%status, "peer stream failed before registering");
-                return false;
-            }
-        };
-        let mut inner = self.shared.inner.lock();
-        if inner.closed {
-            slot.close(Some(Status::unavailable("scheduler shutting down")));
-            return false;
-        }
-        let since = std::time::Instant::now();
-        let registered = inner.state.register_peer(self.key, register);
-        crate::metrics::registered(registered.is_ok(), since);
-        match registered {
-            Ok(outputs) => {
-                inner.peers.insert(self.key, slot);
-                inner.dispatch(outputs);
-                true
-            }
-            Err(e) => {
-                slot.close(Some(Status::invalid_argument(e.to_string())));
-                false
-            }
-        }
-    }
-}
-
-impl Stream for PeerStream {
-    type Item = Result<AnnouncePeerResponse, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
-        let mut budget = INBOUND_PER_POLL;
-        while let Some(inbound) = this.inbound.as_mut() {
-            if budget == 0 {
-                // Requests possibly left: come back after returning the answers.
-                cx.waker().wake_by_ref();
-                break;
-            }
-            budget -= 1;
-            match Pin::new(inbound).poll_next(cx) {
-                Poll::Pending => break,
-                Poll::Ready(item) => {
-                    if !this.handle(item) {
-                        this.inbound = None;
-                    }
-                }
-            }
-        }
-        Pin::new(&mut this.outbound).poll_next(cx)
     }
 }
 
