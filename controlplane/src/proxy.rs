@@ -19,20 +19,27 @@
 //! * Everything else (`/v2/` ping, manifests, `HEAD` on blobs, token challenges) is passed to
 //!   the upstream unchanged: headers (minus hop-by-hop ones), status, redirects (not
 //!   followed) and body, streamed.
+//!
+//! The P2P blob stream is in `proxy/blob.rs`, header and error helpers in
+//! `proxy/http_util.rs`.
+
+mod blob;
+mod http_util;
 
 use crate::config::ProxyConfig;
 use crate::daemon::Context;
 use crate::task::{TaskSpec, TaskState};
 use anyhow::Context as _;
+use blob::{stream_blob, StreamError};
 use dataplane::TaskStore;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody};
+pub use http_util::blob_digest;
+use http_util::{body_less, error_response, forwardable, hop_by_hop, parse_upstream};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use regex::Regex;
-use sha2::{Digest, Sha256};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -522,245 +529,5 @@ impl Proxy {
                 };
             }
         }
-    }
-}
-
-/// Why a P2P blob stream stopped early.
-#[derive(Debug, thiserror::Error)]
-enum StreamError {
-    #[error("{0}")]
-    Task(String),
-    #[error("reading the task file: {0}")]
-    Io(String),
-    #[error("digest mismatch: {0}")]
-    Digest(String),
-}
-
-type BodyTx = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
-
-/// Streams bytes `start..end` of the task to `tx` as pieces arrive. With `want`, the bytes
-/// are the whole blob: they are hashed and the last chunk is sent only when the digest
-/// matches. Returns `Ok` also when the client went away.
-async fn stream_blob(
-    ctx: &Context,
-    store: &Arc<TaskStore>,
-    mut state: watch::Receiver<TaskState>,
-    start: u64,
-    end: u64,
-    want: Option<[u8; 32]>,
-    tx: &BodyTx,
-) -> Result<(), StreamError> {
-    let layout = store.layout();
-    let mut hasher = want.map(|_| Sha256::new());
-    let mut held: Option<Bytes> = None;
-    let mut pos = start;
-    let mut state_open = true;
-    while pos < end {
-        let (n, piece_end) = layout
-            .piece_at(pos)
-            .and_then(|n| Some((n, layout.piece_range(n)?.end)))
-            .ok_or_else(|| StreamError::Task(format!("offset {pos} is outside the task")))?;
-        wait_piece(store, n, &mut state, &mut state_open).await?;
-        let stop = end.min(piece_end).min(pos + CHUNK);
-        let (data, h) = read_chunk(store.clone(), pos, stop - pos, hasher.take()).await?;
-        hasher = h;
-        pos = stop;
-        dataplane::Counters::add(&ctx.proxy.p2p_bytes, data.len() as u64);
-        if let Some(prev) = held.replace(data) {
-            if tx.send(Ok(Frame::data(prev))).await.is_err() {
-                return Ok(());
-            }
-        }
-    }
-    if let (Some(h), Some(w)) = (hasher, want) {
-        let got: [u8; 32] = h.finalize().into();
-        if got != w {
-            return Err(StreamError::Digest(format!(
-                "expected sha256:{}, got sha256:{}",
-                hex::encode(w),
-                hex::encode(got)
-            )));
-        }
-    }
-    if let Some(last) = held {
-        let _ = tx.send(Ok(Frame::data(last))).await;
-    }
-    Ok(())
-}
-
-/// Waits until piece `n` is stored; fails when the task fails first.
-async fn wait_piece(
-    store: &TaskStore,
-    n: u32,
-    state: &mut watch::Receiver<TaskState>,
-    state_open: &mut bool,
-) -> Result<(), StreamError> {
-    loop {
-        if store.has(n) {
-            return Ok(());
-        }
-        let listener = store.listen();
-        if store.has(n) {
-            return Ok(());
-        }
-        if let TaskState::Failed(e) = &*state.borrow() {
-            return Err(StreamError::Task(format!("download failed: {e}")));
-        }
-        if !*state_open && !matches!(&*state.borrow(), TaskState::Running(_)) {
-            // Done without this piece: the store was replaced or removed.
-            return Err(StreamError::Task(format!(
-                "download ended without piece {n}"
-            )));
-        }
-        tokio::select! {
-            _ = listener => {}
-            r = state.changed(), if *state_open => {
-                if r.is_err() {
-                    *state_open = false;
-                }
-            }
-            _ = tokio::time::sleep(PIECE_POLL) => {}
-        }
-    }
-}
-
-/// Reads `len` bytes at `offset` of the task file (and hashes them) off the async threads.
-async fn read_chunk(
-    store: Arc<TaskStore>,
-    offset: u64,
-    len: u64,
-    hasher: Option<Sha256>,
-) -> Result<(Bytes, Option<Sha256>), StreamError> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        store
-            .file()
-            .read_exact_at(&mut buf, offset)
-            .map_err(|e| StreamError::Io(e.to_string()))?;
-        let hasher = hasher.map(|mut h| {
-            h.update(&buf);
-            h
-        });
-        Ok((Bytes::from(buf), hasher))
-    })
-    .await
-    .map_err(|e| StreamError::Io(format!("reader task: {e}")))?
-}
-
-/// Parses an upstream registry URL (`http` or `https`, no query).
-fn parse_upstream(s: &str) -> Result<url::Url, String> {
-    let u = url::Url::parse(s.trim()).map_err(|e| format!("{s:?}: {e}"))?;
-    match u.scheme() {
-        "http" | "https" if u.host_str().is_some() => Ok(u),
-        _ => Err(format!(
-            "{s:?} must be an http:// or https:// URL with a host"
-        )),
-    }
-}
-
-/// The `sha256:<64 hex>` digest in a blob path (`/v2/<name>/blobs/sha256:<hex>`,
-/// [`wire::task::blob_path_digest`]), as canonical text and bytes.
-pub fn blob_digest(path: &str) -> Option<(String, [u8; 32])> {
-    let text = wire::task::blob_path_digest(path)?;
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text.strip_prefix("sha256:")?, &mut out).ok()?;
-    Some((text, out))
-}
-
-/// Headers that describe one connection, not the request (RFC 9110 §7.6.1).
-fn hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// Request headers passed to the upstream (`Host` is the upstream's own).
-fn forwardable(name: &HeaderName) -> bool {
-    !hop_by_hop(name) && *name != header::HOST && name.as_str() != REGISTRY_HEADER
-}
-
-/// Whether a request has no body to forward.
-fn body_less(method: &Method, headers: &HeaderMap) -> bool {
-    (*method == Method::GET || *method == Method::HEAD)
-        && !headers.contains_key(header::CONTENT_LENGTH)
-        && !headers.contains_key(header::TRANSFER_ENCODING)
-}
-
-/// A registry-style JSON error (`{"errors":[{"code":…,"message":…}]}`).
-fn error_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let code = match status {
-        StatusCode::BAD_REQUEST => "UNSUPPORTED",
-        StatusCode::RANGE_NOT_SATISFIABLE => "BLOB_UNKNOWN",
-        _ => "UNAVAILABLE",
-    };
-    let body = format!(
-        "{{\"errors\":[{{\"code\":\"{code}\",\"message\":{}}}]}}\n",
-        json_string(message)
-    );
-    let mut r = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-/// `s` as a JSON string literal.
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn digests_in_paths() {
-        let hex64 = "ab".repeat(32);
-        let (text, bytes) =
-            blob_digest(&format!("/v2/library/alpine/blobs/sha256:{hex64}")).expect("digest");
-        assert_eq!(text, format!("sha256:{hex64}"));
-        assert_eq!(bytes, [0xab; 32]);
-        assert!(blob_digest("/v2/library/alpine/blobs/sha256:abc").is_none());
-        assert!(blob_digest("/v2/library/alpine/manifests/latest").is_none());
-        assert!(blob_digest(&format!("/v2/x/blobs/sha512:{hex64}")).is_none());
-    }
-
-    #[test]
-    fn upstreams() {
-        assert!(parse_upstream("https://registry.example.com").is_ok());
-        assert!(parse_upstream("http://127.0.0.1:5000").is_ok());
-        assert!(parse_upstream("ftp://x").is_err());
-        assert!(parse_upstream("registry.example.com").is_err());
-    }
-
-    #[test]
-    fn json_errors_escape() {
-        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 }
