@@ -2,6 +2,7 @@
 
 pub mod dfget_config;
 pub mod dfinit;
+pub mod exit;
 pub mod listing;
 
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ pub mod announce;
 pub mod cache;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod gc;
 pub mod local_api;
 pub mod manager;

@@ -1,8 +1,9 @@
 //! The local gRPC API on a Unix socket: what dfget (and later dfcache) call.
 
 use crate::daemon::Context;
+use crate::error::DownloadError;
 use crate::task::{Progress, TaskSpec, TaskState};
-use crate::task_reader::{copy_range_to_file, wait_for_range, ByteRange};
+use crate::task_reader::{copy_range_to_file, ended_without_result, wait_for_range, ByteRange};
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -139,12 +140,12 @@ fn deliver(
     output: &Path,
     digest: Option<[u8; 32]>,
     how: Delivery,
-) -> Result<(), Status> {
+) -> Result<(), DownloadError> {
     if let Some(want) = digest {
         let got = damselfly_common::file_sha256(src)
-            .map_err(|e| Status::internal(format!("reading task file: {e}")))?;
+            .map_err(|e| DownloadError::io("reading task file", &e))?;
         if got != want {
-            return Err(Status::data_loss(format!(
+            return Err(DownloadError::DigestMismatch(format!(
                 "digest mismatch: expected sha256:{}, got sha256:{}",
                 hex::encode(want),
                 hex::encode(got)
@@ -167,10 +168,10 @@ fn deliver(
     };
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Status::internal(format!(
-            "writing {}: {e}",
-            output.display()
-        )));
+        return Err(DownloadError::io(
+            &format!("writing {}", output.display()),
+            &e,
+        ));
     }
     Ok(())
 }
@@ -444,6 +445,12 @@ fn url_check(u: &str) -> Result<String, Status> {
     }
 }
 
+/// The answer to a client whose download failed: the failure's gRPC code (the one mapping,
+/// [`DownloadError::grpc_code`]; `dfget`'s exit code follows from it) and its message.
+fn status(e: &DownloadError) -> Status {
+    Status::new(e.grpc_code(), e.to_string())
+}
+
 fn progress_stream(
     id: TaskId,
     rx: watch::Receiver<TaskState>,
@@ -462,7 +469,7 @@ fn progress_stream(
                 return None;
             };
             if !first && rx.changed().await.is_err() {
-                let item = Err(Status::internal("download ended without a result"));
+                let item = Err(status(&ended_without_result()));
                 return Some((item, St::End));
             }
             let state = rx.borrow_and_update().clone();
@@ -470,7 +477,7 @@ fn progress_stream(
                 TaskState::Running(p) => {
                     Some((Ok(to_proto(&id, &p, false)), St::Watching(rx, false)))
                 }
-                TaskState::Failed(e) => Some((Err(Status::unavailable(e)), St::End)),
+                TaskState::Failed(e) => Some((Err(status(&e)), St::End)),
                 TaskState::Done(store, p) => {
                     let src = store.path().to_path_buf();
                     let out = output.clone();
@@ -480,9 +487,11 @@ fn progress_stream(
                         deliver(&src, &out, digest, how)
                     })
                     .await
-                    .map_err(|e| Status::internal(format!("delivery task: {e}")))
+                    .map_err(|e| DownloadError::Internal(format!("delivery task: {e}")))
                     .and_then(|r| r);
-                    let item = res.map(|()| to_proto(&id, &p, true));
+                    let item = res
+                        .map(|()| to_proto(&id, &p, true))
+                        .map_err(|e| status(&e));
                     Some((item, St::End))
                 }
             }
@@ -525,7 +534,7 @@ fn range_stream(
             }
         };
         let item = match found {
-            Err(e) => Err(Status::unavailable(e)),
+            Err(e) => Err(status(&e)),
             Ok((store, r)) => {
                 let p = Progress {
                     content_length: Some(store.layout().content_length()),
@@ -549,16 +558,17 @@ fn range_stream(
                         .and_then(|()| std::fs::rename(&tmp, &output));
                     if let Err(e) = res {
                         let _ = std::fs::remove_file(&tmp);
-                        return Err(Status::internal(format!(
-                            "writing {}: {e}",
-                            output.display()
-                        )));
+                        return Err(DownloadError::io(
+                            &format!("writing {}", output.display()),
+                            &e,
+                        ));
                     }
                     Ok(())
                 })
                 .await
-                .map_err(|e| Status::internal(format!("delivery task: {e}")))
-                .and_then(|r| r);
+                .map_err(|e| DownloadError::Internal(format!("delivery task: {e}")))
+                .and_then(|r| r)
+                .map_err(|e| status(&e));
                 res.map(|()| {
                     let mut m = to_proto(&id, &p, true);
                     m.output_length = len;

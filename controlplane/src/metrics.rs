@@ -1,6 +1,7 @@
 //! Prometheus metrics and health endpoint of dfdaemon (`/metrics`, `/healthy`).
 
 use crate::daemon::Context;
+use crate::error::DownloadError;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -11,8 +12,21 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
-/// Why a download failed, as counted in `damselfly_downloads_failed_total{kind}`.
-pub const FAILURE_KINDS: [&str; 5] = ["origin", "storage", "no_source", "scheduler", "other"];
+/// Why a download failed, as counted in `damselfly_downloads_failed_total{kind}` (each
+/// [`DownloadError`] names its kind: [`DownloadError::metric_kind`]).
+pub const FAILURE_KINDS: [&str; 11] = [
+    "origin",
+    "storage",
+    "no_source",
+    "scheduler",
+    "other",
+    "not_found",
+    "digest",
+    "no_space",
+    "stalled",
+    "cancelled",
+    "bad_request",
+];
 
 /// Counters kept by the control plane (the data plane's are in [`dataplane::Counters`]).
 #[derive(Debug, Default)]
@@ -22,7 +36,7 @@ pub struct ControlStats {
     /// Downloads that finished with every piece stored.
     pub downloads_succeeded: AtomicU64,
     /// Failed downloads, by [`FAILURE_KINDS`] index.
-    pub downloads_failed: [AtomicU64; 5],
+    pub downloads_failed: [AtomicU64; FAILURE_KINDS.len()],
     /// Downloads that went back to the origin.
     pub back_to_source: AtomicU64,
     /// Downloads that found no scheduler answering and fetched from the origin (or failed).
@@ -80,25 +94,15 @@ impl DownloadDurations {
 }
 
 impl ControlStats {
-    /// Counts a failed download, classified from its error message.
-    pub fn failed(&self, reason: &str) {
-        dataplane::Counters::add(&self.downloads_failed[failure_kind(reason)], 1);
-    }
-}
-
-/// Index in [`FAILURE_KINDS`] of a download error message.
-pub fn failure_kind(reason: &str) -> usize {
-    let r = reason.to_ascii_lowercase();
-    if r.contains("storage") || r.contains("storing piece") || r.contains("task file") {
-        1
-    } else if r.contains("back-to-source is disabled") {
-        2
-    } else if r.contains("origin") {
-        0
-    } else if r.contains("scheduler") {
-        3
-    } else {
-        4
+    /// Counts a failed download under its kind.
+    pub fn failed(&self, error: &DownloadError) {
+        let kind = error.metric_kind();
+        let i = FAILURE_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .or_else(|| FAILURE_KINDS.iter().position(|k| *k == "other"))
+            .unwrap_or(0);
+        dataplane::Counters::add(&self.downloads_failed[i], 1);
     }
 }
 
@@ -299,7 +303,7 @@ impl Collector for DaemonCollector {
         )?;
         let failed = enc.encode_descriptor(
             "damselfly_downloads_failed",
-            "Failed downloads by kind (origin, storage, no_source, scheduler, other)",
+            "Failed downloads by kind (origin, not_found, digest, no_space, storage, no_source, scheduler, stalled, cancelled, bad_request, other)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;

@@ -506,7 +506,7 @@ impl Proxy {
             let now = state.borrow_and_update().clone();
             match now {
                 TaskState::Done(store, _) => return Ok(store),
-                TaskState::Failed(e) => return Err(e),
+                TaskState::Failed(e) => return Err(e.to_string()),
                 TaskState::Running(p) => {
                     if p.content_length.is_some() {
                         if let Some(s) = self.ctx.storage.get(id) {
@@ -520,7 +520,7 @@ impl Proxy {
                 let last = state.borrow().clone();
                 return match last {
                     TaskState::Done(store, _) => Ok(store),
-                    TaskState::Failed(e) => Err(e),
+                    TaskState::Failed(e) => Err(e.to_string()),
                     TaskState::Running(_) => self
                         .ctx
                         .storage

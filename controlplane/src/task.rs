@@ -2,6 +2,7 @@
 //! to, and going back to the origin when that is the best (or only) option.
 
 use crate::daemon::Context;
+use crate::error::DownloadError;
 use crate::origin::{self, PieceSink};
 use dataplane::{Command, Event, Parent, PieceSource, TaskStore};
 use std::collections::{HashMap, HashSet};
@@ -50,19 +51,19 @@ pub struct TaskSpec {
 
 /// Checks the complete task file of `store` against `digest` (`sha256:<hex>`); the error
 /// says what was expected and found.
-pub async fn verify_digest(store: &Arc<TaskStore>, digest: &str) -> Result<(), String> {
+pub async fn verify_digest(store: &Arc<TaskStore>, digest: &str) -> Result<(), DownloadError> {
     let want = digest.strip_prefix("sha256:").unwrap_or(digest).to_owned();
     let path = store.path().to_path_buf();
     let got = tokio::task::spawn_blocking(move || damselfly_common::file_sha256_hex(&path))
         .await
-        .map_err(|e| format!("hashing the task file: {e}"))?
-        .map_err(|e| format!("hashing the task file: {e}"))?;
+        .map_err(|e| DownloadError::Internal(format!("hashing the task file: {e}")))?
+        .map_err(|e| DownloadError::io("hashing the task file", &e))?;
     if got.eq_ignore_ascii_case(&want) {
         Ok(())
     } else {
-        Err(format!(
+        Err(DownloadError::DigestMismatch(format!(
             "digest mismatch: the origin sent content with sha256:{got}, expected {digest}"
-        ))
+        )))
     }
 }
 
@@ -93,7 +94,7 @@ pub enum TaskState {
     /// Every piece is stored.
     Done(Arc<TaskStore>, Progress),
     /// The download failed for good.
-    Failed(String),
+    Failed(DownloadError),
 }
 
 /// The running downloads of this daemon, by task id.
@@ -123,7 +124,10 @@ impl TaskManager {
             return watch::channel(TaskState::Done(store, p)).1;
         }
         let Ok(mut runs) = self.runs.lock() else {
-            return watch::channel(TaskState::Failed("task table poisoned".into())).1;
+            return watch::channel(TaskState::Failed(DownloadError::Internal(
+                "task table poisoned".into(),
+            )))
+            .1;
         };
         if let Some(r) = runs.get(&spec.id) {
             if !matches!(&*r.state.borrow(), TaskState::Failed(_)) {
@@ -190,7 +194,9 @@ impl TaskManager {
                         .stats
                         .download_seconds
                         .observe(false, started.elapsed());
-                    run.announce(Request::Failed(PeerFailed { reason: e.clone() }));
+                    run.announce(Request::Failed(PeerFailed {
+                        reason: e.to_string(),
+                    }));
                     run.cancel_dataplane();
                     run.state.send_replace(TaskState::Failed(e));
                 }
@@ -306,7 +312,7 @@ enum OriginMsg {
         /// The pieces it was asked for.
         pieces: Vec<u32>,
         /// How it ended.
-        result: Result<(), String>,
+        result: Result<(), DownloadError>,
     },
 }
 
@@ -449,14 +455,16 @@ impl TaskRun {
         Ok(())
     }
 
-    async fn run(&mut self) -> Result<Arc<TaskStore>, String> {
+    async fn run(&mut self) -> Result<Arc<TaskStore>, DownloadError> {
         // Pieces kept from before (a restart, a cancelled run): only the missing ones are
         // fetched.
         self.store = self.ctx.storage.get(&self.spec.id);
         if let Err(e) = self.connect_scheduler().await {
             dataplane::Counters::add(&self.ctx.stats.scheduler_unreachable, 1);
             if self.spec.disable_back_to_source {
-                return Err(format!("{e}; back-to-source is disabled"));
+                return Err(DownloadError::SchedulerUnavailable(format!(
+                    "{e}; back-to-source is disabled"
+                )));
             }
             tracing::warn!(task = %self.spec.id, "{e}; fetching from the origin directly");
             return self.back_to_source().await;
@@ -498,18 +506,18 @@ impl TaskRun {
             tokio::select! {
                 msg = next_response(&mut self.responses) => match msg {
                     Some(Ok(Some(r))) => match r.response {
-                        Some(Response::CandidateParents(cp)) => self.on_parents(cp)?,
+                        Some(Response::CandidateParents(cp)) => self.on_parents(cp).map_err(DownloadError::Internal)?,
                         Some(Response::PieceDigests(d)) => self.on_digests(&d),
                         Some(Response::NeedBackToSource(n)) if !n.pieces.is_empty() && self.store.is_some() => {
                             if self.spec.disable_back_to_source {
-                                return Err(format!("pieces {:?} are held by no live peer ({}) and back-to-source is disabled", n.pieces, n.reason));
+                                return Err(DownloadError::NoSource(format!("pieces {:?} are held by no live peer ({}) and back-to-source is disabled", n.pieces, n.reason)));
                             }
                             tracing::info!(task = %self.spec.id, pieces = n.pieces.len(), "scheduler says fetch lost pieces from the origin: {}", n.reason);
                             self.fetch_lost_pieces(n.pieces);
                         }
                         Some(Response::NeedBackToSource(n)) => {
                             if self.spec.disable_back_to_source {
-                                return Err(format!("no peer can serve the task ({}) and back-to-source is disabled", n.reason));
+                                return Err(DownloadError::NoSource(format!("no peer can serve the task ({}) and back-to-source is disabled", n.reason)));
                             }
                             tracing::info!(task = %self.spec.id, "scheduler says back to source: {}", n.reason);
                             return self.back_to_source().await;
@@ -533,7 +541,7 @@ impl TaskRun {
                         reregister.as_mut().reset(tokio::time::Instant::now() + REREGISTER_FIRST);
                         if !self.dispatched {
                             if self.spec.disable_back_to_source {
-                                return Err("scheduler went away before naming parents; back-to-source is disabled".into());
+                                return Err(DownloadError::SchedulerUnavailable("scheduler went away before naming parents; back-to-source is disabled".into()));
                             }
                             return self.back_to_source().await;
                         }
@@ -541,7 +549,7 @@ impl TaskRun {
                     None => {}
                 },
                 ev = self.events.recv() => {
-                    let Some(ev) = ev else { return Err("event queue closed".into()) };
+                    let Some(ev) = ev else { return Err(DownloadError::Internal("event queue closed".into())) };
                     if let Some(result) = self.on_event(ev).await {
                         return result;
                     }
@@ -567,7 +575,7 @@ impl TaskRun {
                 }
                 _ = &mut timeout, if !self.dispatched => {
                     if self.spec.disable_back_to_source {
-                        return Err(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout));
+                        return Err(DownloadError::NoSource(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout)));
                     }
                     tracing::warn!(task = %self.spec.id, "no parents within the schedule timeout; back to source");
                     return self.back_to_source().await;
@@ -662,7 +670,7 @@ impl TaskRun {
             let mut sink = ChannelSink(tx.clone());
             let result = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
                 .await
-                .map_err(|e| e.to_string());
+                .map_err(DownloadError::from);
             let _ = tx.send(OriginMsg::Done { pieces, result });
         }));
     }
@@ -710,7 +718,7 @@ impl TaskRun {
 
     /// Handles a report of a fetch of lost pieces; returns the end of the run when there is
     /// one (the task is complete, or the origin failed).
-    fn on_origin(&mut self, msg: OriginMsg) -> Option<Result<Arc<TaskStore>, String>> {
+    fn on_origin(&mut self, msg: OriginMsg) -> Option<Result<Arc<TaskStore>, DownloadError>> {
         match msg {
             OriginMsg::Piece {
                 number,
@@ -724,9 +732,9 @@ impl TaskRun {
             OriginMsg::Done { pieces, result } => {
                 self.origin_done(&pieces);
                 if let Err(e) = result {
-                    return Some(Err(format!(
-                        "fetching pieces no peer holds from the origin: {e}"
-                    )));
+                    return Some(Err(
+                        e.context("fetching pieces no peer holds from the origin")
+                    ));
                 }
                 let store = self.store.clone()?;
                 if !store.is_complete() {
@@ -747,7 +755,7 @@ impl TaskRun {
     async fn on_stall(
         &mut self,
         stall_timeout: std::time::Duration,
-    ) -> Option<Result<Arc<TaskStore>, String>> {
+    ) -> Option<Result<Arc<TaskStore>, DownloadError>> {
         self.stalls += 1;
         dataplane::Counters::add(&self.ctx.stats.download_stalls, 1);
         tracing::warn!(task = %self.spec.id, stalls = self.stalls, "no piece stored for {stall_timeout:?}");
@@ -760,9 +768,9 @@ impl TaskRun {
         }
         if self.spec.disable_back_to_source {
             if self.announce.is_none() {
-                return Some(Err(format!(
+                return Some(Err(DownloadError::Stalled(format!(
                     "no piece for {stall_timeout:?}, no scheduler, and back-to-source is disabled"
-                )));
+                ))));
             }
             return None;
         }
@@ -908,7 +916,7 @@ impl TaskRun {
     }
 
     /// Handles a data-plane event; returns the end of the run when there is one.
-    async fn on_event(&mut self, ev: Event) -> Option<Result<Arc<TaskStore>, String>> {
+    async fn on_event(&mut self, ev: Event) -> Option<Result<Arc<TaskStore>, DownloadError>> {
         match ev {
             Event::PieceFinished {
                 number,
@@ -978,14 +986,16 @@ impl TaskRun {
                         reason: "every parent failed or has nothing left for us".into(),
                     }));
                 } else if self.spec.disable_back_to_source {
-                    return Some(Err(
+                    return Some(Err(DownloadError::NoSource(
                         "every parent failed, no scheduler, and back-to-source is disabled".into(),
-                    ));
+                    )));
                 } else {
                     return Some(self.back_to_source().await);
                 }
             }
-            Event::StorageFailed { reason, .. } => return Some(Err(format!("storage: {reason}"))),
+            Event::StorageFailed { reason, .. } => {
+                return Some(Err(DownloadError::storage(format!("storage: {reason}"))))
+            }
             Event::DownloadFinished { .. } => {
                 let store = self.store.clone()?;
                 self.announce(Request::Finished(PeerFinished {
@@ -997,9 +1007,11 @@ impl TaskRun {
         None
     }
 
-    async fn back_to_source(&mut self) -> Result<Arc<TaskStore>, String> {
+    async fn back_to_source(&mut self) -> Result<Arc<TaskStore>, DownloadError> {
         if self.spec.url.is_empty() {
-            return Err("task not found in the P2P network (it has no origin)".into());
+            return Err(DownloadError::NotFound(
+                "task not found in the P2P network (it has no origin)".into(),
+            ));
         }
         dataplane::Counters::add(&self.ctx.stats.back_to_source, 1);
         if self.dispatched {
@@ -1012,7 +1024,7 @@ impl TaskRun {
         let existing = self.store.clone();
         let mut result = origin::fetch(&ctx, &spec, existing, self)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(DownloadError::from);
         // The scheduler stream ended while this host fetched from the origin (a scheduler
         // restart): the announcements, trusted piece digests among them, went nowhere.
         // Register again (as the source it is) so the scheduler learns every piece held and

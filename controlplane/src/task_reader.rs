@@ -2,6 +2,7 @@
 //! are stored, then read them from the task file. Used by `dfget --range` and usable by
 //! anything that serves byte ranges of a task (the registry proxy).
 
+use crate::error::DownloadError;
 use crate::task::TaskState;
 use dataplane::{Storage, TaskStore};
 use std::ops::Range;
@@ -86,7 +87,7 @@ pub async fn wait_for_range(
     id: &TaskId,
     state: &mut watch::Receiver<TaskState>,
     range: ByteRange,
-) -> Result<(Arc<TaskStore>, Range<u64>), String> {
+) -> Result<(Arc<TaskStore>, Range<u64>), DownloadError> {
     loop {
         let current = state.borrow_and_update().clone();
         let store = match current {
@@ -95,7 +96,9 @@ pub async fn wait_for_range(
             TaskState::Running(_) => storage.get(id),
         };
         if let Some(store) = store {
-            let r = range.resolve(store.layout().content_length())?;
+            let r = range
+                .resolve(store.layout().content_length())
+                .map_err(DownloadError::BadRequest)?;
             let listener = store.listen();
             if pieces_of(&store, &r).all(|n| store.has(n)) {
                 return Ok((store, r));
@@ -106,17 +109,23 @@ pub async fn wait_for_range(
                     if changed.is_err() {
                         // The run is gone; its last state is final, look at it once more.
                         if let TaskState::Running(_) = &*state.borrow() {
-                            return Err("download ended without a result".into());
+                            return Err(ended_without_result());
                         }
                     }
                 }
             }
         } else if state.changed().await.is_err() {
             if let TaskState::Running(_) = &*state.borrow() {
-                return Err("download ended without a result".into());
+                return Err(ended_without_result());
             }
         }
     }
+}
+
+/// A run that ended without saying how: its task was dropped, which happens when the
+/// daemon shuts down.
+pub fn ended_without_result() -> DownloadError {
+    DownloadError::Cancelled("download ended without a result".into())
 }
 
 /// Reads bytes `range` of `store` into `out` (appended). Every piece of the range must be

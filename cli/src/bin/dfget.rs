@@ -4,6 +4,7 @@
 use clap::Parser;
 use controlplane::task_reader::ByteRange as Range;
 use damselfly_cli::dfget_config::{self, DfgetConfig};
+use damselfly_cli::exit::{self, Failure};
 use damselfly_cli::listing::{self, Entry};
 use damselfly_cli::{absolute, connect_daemon, parse_header};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -155,13 +156,15 @@ fn settings(args: &Args, file: DfgetConfig) -> Result<Settings, String> {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let res = dfget_config::load(args.config.as_deref())
-        .map_err(|e| format!("config: {e}"))
-        .and_then(|loaded| settings(&args, loaded.config));
+        .map_err(|e| Failure::new(exit::FAILURE, format!("config: {e}")))
+        .and_then(|loaded| {
+            settings(&args, loaded.config).map_err(|e| Failure::new(exit::USAGE, e))
+        });
     let s = match res {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dfget: {e}");
-            return std::process::ExitCode::FAILURE;
+            return std::process::ExitCode::from(e.exit);
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -181,9 +184,9 @@ fn main() -> std::process::ExitCode {
         } else {
             match tokio::time::timeout(timeout, run(args, s)).await {
                 Ok(r) => r,
-                Err(_) => Err(format!(
-                    "timed out after {}",
-                    humantime::format_duration(timeout)
+                Err(_) => Err(Failure::new(
+                    exit::TIMEOUT,
+                    format!("timed out after {}", humantime::format_duration(timeout)),
                 )),
             }
         }
@@ -192,23 +195,24 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dfget: {e}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(e.exit)
         }
     }
 }
 
-async fn run(args: Args, s: Settings) -> Result<(), String> {
+async fn run(args: Args, s: Settings) -> Result<(), Failure> {
     let output = absolute(&args.output)?;
+    let usage = |m: &str| Err(Failure::new(exit::USAGE, m));
     if args.recursive {
         if args.range.is_some() {
-            return Err("--range cannot be used with --recursive".into());
+            return usage("--range cannot be used with --recursive");
         }
         if args.digest.is_some() {
-            return Err("--digest names one file and cannot be used with --recursive".into());
+            return usage("--digest names one file and cannot be used with --recursive");
         }
     }
     if args.range.is_some() && args.digest.is_some() {
-        return Err("--digest checks the whole file and cannot be used with --range".into());
+        return usage("--digest checks the whole file and cannot be used with --range");
     }
     let mut client = connect_daemon(&s.endpoint, "DFGET_ENDPOINT").await?;
     if args.recursive && controlplane::s3::is_s3(&args.url) {
@@ -275,7 +279,7 @@ async fn download_one(
     digest: Option<String>,
     range: Option<Range>,
     show_bar: bool,
-) -> Result<DownloadProgress, String> {
+) -> Result<DownloadProgress, Failure> {
     let req = DownloadRequest {
         url: url.to_string(),
         output: output.to_string_lossy().into_owned(),
@@ -303,7 +307,7 @@ async fn download_one(
     let mut stream = client
         .download(req)
         .await
-        .map_err(|st| st.message().to_string())?
+        .map_err(|st| Failure::from_status(&st))?
         .into_inner();
     let bar = (show_bar && !s.no_progress && std::io::stderr().is_terminal()).then(|| {
         let b = ProgressBar::new(0);
@@ -317,7 +321,7 @@ async fn download_one(
     while let Some(p) = stream
         .message()
         .await
-        .map_err(|st| st.message().to_string())?
+        .map_err(|st| Failure::from_status(&st))?
     {
         if let Some(b) = &bar {
             b.set_length(p.content_length);
@@ -340,10 +344,7 @@ async fn download_one(
         .len();
     let want = written_length(&p);
     if len != want {
-        return Err(format!(
-            "{} has {len} bytes, expected {want}",
-            output.display()
-        ));
+        return Err(format!("{} has {len} bytes, expected {want}", output.display()).into());
     }
     Ok(p)
 }
@@ -361,14 +362,14 @@ async fn recursive_s3(
     cfg: &controlplane::config::S3Config,
     url: &str,
     out_dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let u = controlplane::s3::parse(url, true)?;
     let trust = controlplane::config::OriginConfig::default();
     let objects = controlplane::s3::list(cfg, &trust, Duration::from_secs(30), url)
         .await
         .map_err(|e| format!("listing {url}: {e}"))?;
     if objects.len() > MAX_FILES {
-        return Err(format!("more than {MAX_FILES} objects below {url}"));
+        return Err(format!("more than {MAX_FILES} objects below {url}").into());
     }
     let prefix = u.key.trim_end_matches('/');
     std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
@@ -410,13 +411,13 @@ async fn download_tree_file(
     s: &Settings,
     url: &str,
     target: &Path,
-) -> Result<u64, String> {
+) -> Result<u64, Failure> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
     }
     let p = download_one(client, s, url, target, None, None, false)
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| e.context(url))?;
     let n = written_length(&p);
     eprintln!(
         "dfget: {} ({n} bytes; task {})",
@@ -432,13 +433,14 @@ async fn recursive(
     s: &Settings,
     url: &str,
     out_dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let base = url::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
     if !matches!(base.scheme(), "http" | "https") {
         return Err(format!(
             "url scheme {:?} is not supported (http, https)",
             base.scheme()
-        ));
+        )
+        .into());
     }
     let base = listing::as_dir(&base);
     let mut headers = reqwest::header::HeaderMap::new();
@@ -462,9 +464,7 @@ async fn recursive(
     while let Some((dir, rel)) = queue.pop_front() {
         pages += 1;
         if pages > MAX_PAGES {
-            return Err(format!(
-                "more than {MAX_PAGES} directory pages below {base}"
-            ));
+            return Err(format!("more than {MAX_PAGES} directory pages below {base}").into());
         }
         let resp = http
             .get(dir.clone())
@@ -472,10 +472,7 @@ async fn recursive(
             .await
             .map_err(|e| format!("listing {dir}: {}", damselfly_cli::source_chain(&e)))?;
         if !resp.status().is_success() {
-            return Err(format!(
-                "listing {dir}: the server answered {}",
-                resp.status()
-            ));
+            return Err(format!("listing {dir}: the server answered {}", resp.status()).into());
         }
         let html = resp
             .text()
@@ -495,7 +492,7 @@ async fn recursive(
                 Entry::File { url, rel: name } => {
                     files += 1;
                     if files > MAX_FILES {
-                        return Err(format!("more than {MAX_FILES} files below {base}"));
+                        return Err(format!("more than {MAX_FILES} files below {base}").into());
                     }
                     let target = out_dir.join(&rel).join(&name);
                     bytes += download_tree_file(client, s, url.as_str(), &target).await?;
