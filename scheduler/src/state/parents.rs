@@ -87,7 +87,7 @@ impl SchedulerState {
 
     /// Whether `ancestor` can be reached from `of` through parent edges (or the search is too
     /// large to tell, which counts as yes).
-    fn is_ancestor(&self, ancestor: PeerKey, of: PeerKey) -> bool {
+    pub(super) fn is_ancestor(&self, ancestor: PeerKey, of: PeerKey) -> bool {
         // Edges are kept on both ends: a peer nobody downloads from is nobody's ancestor.
         // This is every peer that has just registered, so a burst skips the search.
         if self
