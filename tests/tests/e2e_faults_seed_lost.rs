@@ -53,12 +53,19 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
                 },
             )
             .await?;
+            // What each peer holds before the kill (it only grows): a lower bound of what
+            // the peers held when the seed died.
+            let mut held = 0;
+            for p in peers {
+                let s = p.stats().await?;
+                held = held.max(s.bytes_from_seed + s.bytes_from_peers);
+            }
             let uploaded = seed.stats().await?.bytes_uploaded;
             cl.kill(seed);
-            anyhow::Ok(uploaded)
+            anyhow::Ok((uploaded, held))
         }
     );
-    let uploaded = killed.expect("killing the seed mid-burst");
+    let (uploaded, held) = killed.expect("killing the seed mid-burst");
     for (n, r) in [r1, r2, r3].into_iter().enumerate() {
         r.unwrap_or_else(|e| {
             cluster.dump_logs();
@@ -96,6 +103,33 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
     assert!(
         log.len() >= 2,
         "the peers should have fetched the lost pieces from the origin: {log:#?}"
+    );
+    // The peers' requests: each lost piece asked once (no two runs overlap), and none of
+    // the pieces some peer already held (the runs add up to at most what the best-stocked
+    // peer lacked before the kill).
+    let mut runs: Vec<(u64, u64)> = log
+        .iter()
+        .filter_map(|r| {
+            let (a, b) = r
+                .range
+                .as_deref()?
+                .trim()
+                .strip_prefix("bytes=")?
+                .split_once('-')?;
+            Some((a.parse().ok()?, b.parse::<u64>().ok()? + 1))
+        })
+        .collect();
+    runs.sort_unstable();
+    assert!(
+        runs.windows(2).all(|w| w[0].1 <= w[1].0),
+        "a piece was asked of the origin twice: {runs:?}"
+    );
+    let asked: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    assert!(
+        asked <= size - held,
+        "the peers asked the origin for {asked} bytes, more than the {} some peer lacked \
+         before the seed died: pieces a peer held were fetched again ({runs:?})",
+        size - held
     );
     let served = origin.bytes_served();
     assert!(
@@ -231,6 +265,17 @@ async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
         "peer-1 should have dropped the stopped {} on the piece timeout:\n{}",
         victim.name,
         p1.proc.log_tail(30)
+    );
+    // Counted as bad: the reschedule that replaces it names it.
+    let sched_log =
+        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
+    assert!(
+        sched_log.lines().any(|l| l.contains("reschedule")
+            && l.contains("peer-1")
+            && l.contains(&format!("\"{}\"", victim.name))),
+        "peer-1 should have reported the stopped {} as a bad parent:\n{}",
+        victim.name,
+        cluster.scheduler().log_tail(30)
     );
 }
 
@@ -382,5 +427,109 @@ async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() 
             .any(|l| l.contains("parent dropped: no byte for") && l.contains("parent=seed-1")),
         "peer-1 should have dropped the stopped seed for silence:\n{}",
         p1.proc.log_tail(30)
+    );
+}
+
+/// Issue 23's bound on idleness, on counters rather than a clock: the seed serving peer-1
+/// stops (SIGSTOP, sockets open) in the middle of a transfer. The piece timeout and the
+/// stall watchdog are 10 min, beyond dfget's timeout, so only the data plane's idle
+/// detection (`data_plane.parent_idle_timeout`) can end the wait. The stopped seed is
+/// dropped for silence and reported to the scheduler as bad; after the drop, with the seed
+/// still stopped, peer-1's stored bytes grow again (the progress counter); and the stall
+/// watchdog never fired (`damselfly_download_stalls_total` is 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_that_stops_sending_is_dropped_for_silence_and_progress_resumes() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("starting the cluster");
+    let slow = cluster.slow_upload_config("2MiB").expect("config");
+    let peer_cfg = daemon_config(
+        cluster.dir(),
+        "idle-only.yaml",
+        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 10m\n",
+    )
+    .expect("config");
+    cluster.add_daemon(true, &slow).await.expect("seed-1");
+    cluster.add_daemon(true, &slow).await.expect("seed-2");
+    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
+    let p1 = cluster.peer(1);
+    let size = 16 * MIB + 17;
+    let content = origin.add_file("/idle.bin", size, 37);
+    let url = origin.url("/idle.bin");
+    let out = cluster.dir().join("p1.out");
+    let stored = |s: &wire::proto::dfdaemon::StatsResponse| {
+        s.bytes_from_seed + s.bytes_from_peers + s.bytes_from_origin
+    };
+
+    let cl = &cluster;
+    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
+        let victim = cl.serving_seed(p1).await?;
+        signal(victim, "STOP");
+        // Bytes the seed sent before it stopped may still land; what counts is after the drop.
+        let dropped = format!("parent={}", victim.name);
+        let dropped = &dropped;
+        wait_until(
+            "peer-1 drops the stopped seed",
+            Duration::from_secs(60),
+            || async move {
+                let log = std::fs::read_to_string(p1.proc.log_path())?;
+                Ok(log
+                    .lines()
+                    .any(|l| l.contains("parent dropped: no byte for") && l.contains(dropped)))
+            },
+        )
+        .await?;
+        let at_stop = p1.stats().await?;
+        let before = stored(&at_stop);
+        // Progress while the parent is still stopped: someone else serves peer-1 now.
+        let resumed = wait_until(
+            "peer-1 stores bytes again with its parent stopped",
+            Duration::from_secs(60),
+            || async move { Ok(stored(&p1.stats().await?) > before) },
+        )
+        .await;
+        anyhow::Ok((victim, at_stop, resumed))
+    });
+    let (victim, at_stop, resumed) = stopped.expect("stopping the serving seed");
+    let result = r;
+    signal(victim, "CONT");
+    result.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 should finish after its parent stopped: {e:#}")
+    });
+    resumed.unwrap_or_else(|e| {
+        cluster.dump_logs();
+        panic!("peer-1 made no progress while its parent was stopped: {e:#}")
+    });
+    assert!(
+        stored(&at_stop) < size,
+        "{} stopped after peer-1 had everything ({at_stop:?})",
+        victim.name
+    );
+    let text = scrape(p1.metrics_addr).await.expect("metrics");
+    assert_eq!(
+        metric(&text, "damselfly_download_stalls_total").unwrap_or(0.0),
+        0.0,
+        "the stall watchdog fired: the idle detection should have acted first"
+    );
+    let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("parent dropped: no byte for")
+                && l.contains(&format!("parent={}", victim.name))),
+        "peer-1 should have dropped the stopped {} for silence:\n{}",
+        victim.name,
+        p1.proc.log_tail(30)
+    );
+    let sched_log =
+        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
+    assert!(
+        sched_log.lines().any(|l| l.contains("reschedule")
+            && l.contains("peer-1")
+            && l.contains(&format!("\"{}\"", victim.name))),
+        "peer-1 should have reported the stopped {} as a bad parent:\n{}",
+        victim.name,
+        cluster.scheduler().log_tail(30)
     );
 }
