@@ -364,7 +364,11 @@ async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
 /// here, beyond dfget's timeout: only the idle detection can act) and tells the scheduler,
 /// which sends it to the origin for what it lacks at once, not when the seed's connection
 /// finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule names the stalled
-/// seed, and the peer's bytes are the seed's plus the origin's, exactly the file.
+/// seed, and the peer's bytes are the seed's plus the origin's, exactly the file. This is
+/// issue 23's bound on idleness checked on counters, not a clock: with the piece timeout
+/// and the watchdog out of reach, the bytes from sources other than the stopped seed grow
+/// after the stop, and the stall watchdog never fired (`damselfly_download_stalls_total`
+/// is 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
     let origin = Origin::start().await.expect("origin");
@@ -421,91 +425,12 @@ async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() 
         s.bytes_from_origin > 0 && s.bytes_from_seed + s.bytes_from_origin == size,
         "peer-1's bytes: the seed's, then the rest from the origin once: {s:?}"
     );
-    let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
+    // The progress counter: bytes from anyone but the stopped seed grew after the stop
+    // (the stopped seed's own bytes count only in `bytes_from_seed`).
     assert!(
-        log.lines()
-            .any(|l| l.contains("parent dropped: no byte for") && l.contains("parent=seed-1")),
-        "peer-1 should have dropped the stopped seed for silence:\n{}",
-        p1.proc.log_tail(30)
-    );
-}
-
-/// Issue 23's bound on idleness, on counters rather than a clock: the seed serving peer-1
-/// stops (SIGSTOP, sockets open) in the middle of a transfer. The piece timeout and the
-/// stall watchdog are 10 min, beyond dfget's timeout, so only the data plane's idle
-/// detection (`data_plane.parent_idle_timeout`) can end the wait. The stopped seed is
-/// dropped for silence and reported to the scheduler as bad; after the drop, with the seed
-/// still stopped, peer-1's stored bytes grow again (the progress counter); and the stall
-/// watchdog never fired (`damselfly_download_stalls_total` is 0).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_parent_that_stops_sending_is_dropped_for_silence_and_progress_resumes() {
-    let origin = Origin::start().await.expect("origin");
-    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
-        .await
-        .expect("starting the cluster");
-    let slow = cluster.slow_upload_config("2MiB").expect("config");
-    let peer_cfg = daemon_config(
-        cluster.dir(),
-        "idle-only.yaml",
-        "data_plane:\n  piece_timeout: 10m\ndownload:\n  stall_timeout: 10m\n",
-    )
-    .expect("config");
-    cluster.add_daemon(true, &slow).await.expect("seed-1");
-    cluster.add_daemon(true, &slow).await.expect("seed-2");
-    cluster.add_daemon(false, &peer_cfg).await.expect("peer-1");
-    let p1 = cluster.peer(1);
-    let size = 16 * MIB + 17;
-    let content = origin.add_file("/idle.bin", size, 37);
-    let url = origin.url("/idle.bin");
-    let out = cluster.dir().join("p1.out");
-    let stored = |s: &wire::proto::dfdaemon::StatsResponse| {
-        s.bytes_from_seed + s.bytes_from_peers + s.bytes_from_origin
-    };
-
-    let cl = &cluster;
-    let (r, stopped) = tokio::join!(cl.download_verified(p1, &url, &out, &content), async {
-        let victim = cl.serving_seed(p1).await?;
-        signal(victim, "STOP");
-        // Bytes the seed sent before it stopped may still land; what counts is after the drop.
-        let dropped = format!("parent={}", victim.name);
-        let dropped = &dropped;
-        wait_until(
-            "peer-1 drops the stopped seed",
-            Duration::from_secs(60),
-            || async move {
-                let log = std::fs::read_to_string(p1.proc.log_path())?;
-                Ok(log
-                    .lines()
-                    .any(|l| l.contains("parent dropped: no byte for") && l.contains(dropped)))
-            },
-        )
-        .await?;
-        let at_stop = p1.stats().await?;
-        let before = stored(&at_stop);
-        // Progress while the parent is still stopped: someone else serves peer-1 now.
-        let resumed = wait_until(
-            "peer-1 stores bytes again with its parent stopped",
-            Duration::from_secs(60),
-            || async move { Ok(stored(&p1.stats().await?) > before) },
-        )
-        .await;
-        anyhow::Ok((victim, at_stop, resumed))
-    });
-    let (victim, at_stop, resumed) = stopped.expect("stopping the serving seed");
-    let result = r;
-    signal(victim, "CONT");
-    result.unwrap_or_else(|e| {
-        cluster.dump_logs();
-        panic!("peer-1 should finish after its parent stopped: {e:#}")
-    });
-    resumed.unwrap_or_else(|e| {
-        cluster.dump_logs();
-        panic!("peer-1 made no progress while its parent was stopped: {e:#}")
-    });
-    assert!(
-        stored(&at_stop) < size,
-        "{} stopped after peer-1 had everything ({at_stop:?})",
-        victim.name
+        s.bytes_from_origin + s.bytes_from_peers
+            > at_stop.bytes_from_origin + at_stop.bytes_from_peers,
+        "peer-1 made no progress from another source after the stop: {at_stop:?} -> {s:?}"
     );
     let text = scrape(p1.metrics_addr).await.expect("metrics");
     assert_eq!(
@@ -516,20 +441,8 @@ async fn a_parent_that_stops_sending_is_dropped_for_silence_and_progress_resumes
     let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
     assert!(
         log.lines()
-            .any(|l| l.contains("parent dropped: no byte for")
-                && l.contains(&format!("parent={}", victim.name))),
-        "peer-1 should have dropped the stopped {} for silence:\n{}",
-        victim.name,
+            .any(|l| l.contains("parent dropped: no byte for") && l.contains("parent=seed-1")),
+        "peer-1 should have dropped the stopped seed for silence:\n{}",
         p1.proc.log_tail(30)
-    );
-    let sched_log =
-        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
-    assert!(
-        sched_log.lines().any(|l| l.contains("reschedule")
-            && l.contains("peer-1")
-            && l.contains(&format!("\"{}\"", victim.name))),
-        "peer-1 should have reported the stopped {} as a bad parent:\n{}",
-        victim.name,
-        cluster.scheduler().log_tail(30)
     );
 }
