@@ -53,12 +53,19 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
                 },
             )
             .await?;
+            // What each peer holds before the kill (it only grows): a lower bound of what
+            // the peers held when the seed died.
+            let mut held = 0;
+            for p in peers {
+                let s = p.stats().await?;
+                held = held.max(s.bytes_from_seed + s.bytes_from_peers);
+            }
             let uploaded = seed.stats().await?.bytes_uploaded;
             cl.kill(seed);
-            anyhow::Ok(uploaded)
+            anyhow::Ok((uploaded, held))
         }
     );
-    let uploaded = killed.expect("killing the seed mid-burst");
+    let (uploaded, held) = killed.expect("killing the seed mid-burst");
     for (n, r) in [r1, r2, r3].into_iter().enumerate() {
         r.unwrap_or_else(|e| {
             cluster.dump_logs();
@@ -96,6 +103,33 @@ async fn the_only_seed_killed_mid_burst_costs_the_origin_only_the_lost_pieces() 
     assert!(
         log.len() >= 2,
         "the peers should have fetched the lost pieces from the origin: {log:#?}"
+    );
+    // The peers' requests: each lost piece asked once (no two runs overlap), and none of
+    // the pieces some peer already held (the runs add up to at most what the best-stocked
+    // peer lacked before the kill).
+    let mut runs: Vec<(u64, u64)> = log
+        .iter()
+        .filter_map(|r| {
+            let (a, b) = r
+                .range
+                .as_deref()?
+                .trim()
+                .strip_prefix("bytes=")?
+                .split_once('-')?;
+            Some((a.parse().ok()?, b.parse::<u64>().ok()? + 1))
+        })
+        .collect();
+    runs.sort_unstable();
+    assert!(
+        runs.windows(2).all(|w| w[0].1 <= w[1].0),
+        "a piece was asked of the origin twice: {runs:?}"
+    );
+    let asked: u64 = runs.iter().map(|(a, b)| b - a).sum();
+    assert!(
+        asked <= size - held,
+        "the peers asked the origin for {asked} bytes, more than the {} some peer lacked \
+         before the seed died: pieces a peer held were fetched again ({runs:?})",
+        size - held
     );
     let served = origin.bytes_served();
     assert!(
@@ -232,6 +266,17 @@ async fn a_stalled_parent_is_dropped_by_the_piece_timeout_and_replaced() {
         victim.name,
         p1.proc.log_tail(30)
     );
+    // Counted as bad: the reschedule that replaces it names it.
+    let sched_log =
+        std::fs::read_to_string(cluster.scheduler().log_path()).expect("the scheduler's log");
+    assert!(
+        sched_log.lines().any(|l| l.contains("reschedule")
+            && l.contains("peer-1")
+            && l.contains(&format!("\"{}\"", victim.name))),
+        "peer-1 should have reported the stopped {} as a bad parent:\n{}",
+        victim.name,
+        cluster.scheduler().log_tail(30)
+    );
 }
 
 /// `need_back_to_source` responses the scheduler has sent so far.
@@ -319,7 +364,11 @@ async fn a_dead_parents_missing_pieces_are_asked_of_the_origin_once() {
 /// here, beyond dfget's timeout: only the idle detection can act) and tells the scheduler,
 /// which sends it to the origin for what it lacks at once, not when the seed's connection
 /// finally times out there (HTTP/2 keepalive, 20–40 s): the reschedule names the stalled
-/// seed, and the peer's bytes are the seed's plus the origin's, exactly the file.
+/// seed, and the peer's bytes are the seed's plus the origin's, exactly the file. This is
+/// issue 23's bound on idleness checked on counters, not a clock: with the piece timeout
+/// and the watchdog out of reach, the bytes from sources other than the stopped seed grow
+/// after the stop, and the stall watchdog never fired (`damselfly_download_stalls_total`
+/// is 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() {
     let origin = Origin::start().await.expect("origin");
@@ -375,6 +424,19 @@ async fn the_only_seed_stalled_sends_the_peer_to_the_origin_for_what_it_lacks() 
     assert!(
         s.bytes_from_origin > 0 && s.bytes_from_seed + s.bytes_from_origin == size,
         "peer-1's bytes: the seed's, then the rest from the origin once: {s:?}"
+    );
+    // The progress counter: bytes from anyone but the stopped seed grew after the stop
+    // (the stopped seed's own bytes count only in `bytes_from_seed`).
+    assert!(
+        s.bytes_from_origin + s.bytes_from_peers
+            > at_stop.bytes_from_origin + at_stop.bytes_from_peers,
+        "peer-1 made no progress from another source after the stop: {at_stop:?} -> {s:?}"
+    );
+    let text = scrape(p1.metrics_addr).await.expect("metrics");
+    assert_eq!(
+        metric(&text, "damselfly_download_stalls_total").unwrap_or(0.0),
+        0.0,
+        "the stall watchdog fired: the idle detection should have acted first"
     );
     let log = std::fs::read_to_string(p1.proc.log_path()).expect("peer-1's log");
     assert!(

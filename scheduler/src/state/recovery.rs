@@ -188,6 +188,50 @@ impl SchedulerState {
                 },
             )),
         });
+        self.connect_to_taker(child, out);
+    }
+
+    /// Gives `taker`, just sent to the origin for pieces no live peer holds, as a parent to
+    /// every other downloading peer of its task that does not have it: it will be the only
+    /// holder of those pieces, and a peer whose parents all lack them gets no new parent
+    /// from a reschedule once it is at `parent_limit` — it would wait for its stall watchdog
+    /// (the lab's stalled seed, issue 23). Past `parent_limit` (by at most
+    /// `back_to_source_limit` takers), within the taker's upload slots; with `dag`, not where
+    /// it would close a cycle.
+    fn connect_to_taker(&mut self, taker: PeerKey, out: &mut Vec<Output>) {
+        let Some(t) = self.peers.get(&taker) else {
+            return;
+        };
+        let Some(task) = self.tasks.get(&t.task_id) else {
+            return;
+        };
+        let mut children: Vec<PeerKey> = task
+            .peers
+            .iter()
+            .copied()
+            .filter(|k| {
+                *k != taker
+                    && self.peers.get(k).is_some_and(|c| {
+                        c.wants_parents()
+                            && c.task_serial == t.task_serial
+                            && c.host_ix != t.host_ix
+                            && !c.bad_hosts.contains(&t.host.id)
+                            && !c.parents.contains(&taker)
+                    })
+                    && !(self.config.dag && self.is_ancestor(*k, taker))
+            })
+            .collect();
+        children.sort();
+        for child in children {
+            let room = self
+                .peers
+                .get(&taker)
+                .is_some_and(|t| t.children.len() < self.slots(t));
+            if !room {
+                break;
+            }
+            self.send_parents(child, &[taker], out);
+        }
     }
 
     /// Makes sure somebody fetches the task from the origin when peers need it and nobody

@@ -1738,3 +1738,44 @@ fn peers_scheduled_before_the_source_returns_get_every_digest_known() {
     let out = sim.st.flush_digests();
     assert_eq!(digests_pushed_to(&out, a), vec![(4, d(4))]);
 }
+
+#[test]
+fn peers_at_their_parent_limit_get_the_taker_of_lost_pieces_as_a_parent() {
+    // The lab's generous stall-parent fault: every peer holds `parent_limit` parents, the
+    // seed among them; the seed stalls; peer-a reports it and is the one sent to the origin
+    // for what only the seed held. The other peers' parents all lack those pieces, and a
+    // peer at its parent limit gets no new parent from a reschedule: unless they are given
+    // peer-a, they wait for pieces only peer-a will have (30 s, until their watchdogs).
+    let mut sim = Sim::with(SchedulingConfig {
+        parent_limit: 1,
+        candidate_parent_limit: 1,
+        back_to_source_limit: 1,
+        ..SchedulingConfig::default()
+    });
+    sim.announce("seed-a", true);
+    let (s, _) = sim.register_seed_peer("seed-peer", "seed-a");
+    sim.meta(s, 8 << 20);
+    for n in 0..8 {
+        sim.piece(s, n);
+    }
+    let others: Vec<(PeerKey, &str)> = ["host-bb", "host-ccc", "host-dddd"]
+        .into_iter()
+        .map(|h| (sim.register(&format!("peer-{h}"), h, false).0, h))
+        .collect();
+    let (a, out) = sim.register("peer-a", "host-a", false);
+    assert_eq!(parents_to(&out, a), vec!["seed-a"], "{out:?}");
+    let out = sim.send(
+        a,
+        Request::Reschedule(RescheduleRequest {
+            bad_parent_host_ids: vec!["seed-a".to_owned()],
+            reason: "parent seed-a stalled".to_owned(),
+        }),
+    );
+    assert_eq!(origin_pieces_to(&out, a), (0..8).collect::<Vec<u32>>());
+    for (k, h) in &others {
+        assert!(
+            parents_to(&out, *k).contains(&"host-a".to_owned()),
+            "{h} was not given the peer fetching the lost pieces: {out:?}"
+        );
+    }
+}
