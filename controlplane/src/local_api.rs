@@ -3,7 +3,7 @@
 use crate::daemon::Context;
 use crate::error::DownloadError;
 use crate::task::{Progress, TaskSpec, TaskState};
-use crate::task_reader::{copy_range_to_file, ended_without_result, wait_for_range, ByteRange};
+use crate::task_reader::{ended_without_result, wait_store, ByteRange, Delivery, TaskReader};
 use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -121,59 +121,6 @@ fn parse_digest(d: &str) -> Result<[u8; 32], Status> {
         ))
     })?;
     Ok(out)
-}
-
-/// How a finished task reaches the output path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Delivery {
-    /// A hard link when the output is on the task file's filesystem, else a copy.
-    HardLinkOrCopy,
-    /// Always a copy.
-    Copy,
-}
-
-/// Verifies the task file against `digest` and puts it at `output` atomically (a hard link
-/// or a copy at a temporary name in the same directory, renamed into place): `output` exists
-/// only when complete.
-fn deliver(
-    src: &Path,
-    output: &Path,
-    digest: Option<[u8; 32]>,
-    how: Delivery,
-) -> Result<(), DownloadError> {
-    if let Some(want) = digest {
-        let got = damselfly_common::file_sha256(src)
-            .map_err(|e| DownloadError::io("reading task file", &e))?;
-        if got != want {
-            return Err(DownloadError::DigestMismatch(format!(
-                "digest mismatch: expected sha256:{}, got sha256:{}",
-                hex::encode(want),
-                hex::encode(got)
-            )));
-        }
-    }
-    let dir = output.parent().unwrap_or(Path::new("/"));
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
-    // A hard link fails across filesystems (EXDEV) or where links are not allowed; the copy
-    // is the fallback for any such failure.
-    let linked = how == Delivery::HardLinkOrCopy && std::fs::hard_link(src, &tmp).is_ok();
-    let res = if linked {
-        std::fs::rename(&tmp, output)
-    } else {
-        std::fs::copy(src, &tmp).and_then(|_| std::fs::rename(&tmp, output))
-    };
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(DownloadError::io(
-            &format!("writing {}", output.display()),
-            &e,
-        ));
-    }
-    Ok(())
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<DownloadProgress, Status>> + Send>>;
@@ -479,19 +426,21 @@ fn progress_stream(
                 }
                 TaskState::Failed(e) => Some((Err(status(&e)), St::End)),
                 TaskState::Done(store, p) => {
-                    let src = store.path().to_path_buf();
-                    let out = output.clone();
-                    let res = tokio::task::spawn_blocking(move || {
-                        // Garbage collection leaves the task alone while it is copied out.
-                        let _busy = store.busy();
-                        deliver(&src, &out, digest, how)
-                    })
-                    .await
-                    .map_err(|e| DownloadError::Internal(format!("delivery task: {e}")))
-                    .and_then(|r| r);
-                    let item = res
-                        .map(|()| to_proto(&id, &p, true))
-                        .map_err(|e| status(&e));
+                    let len = store.layout().content_length();
+                    let res = match TaskReader::new(store, rx, 0..len) {
+                        Ok(reader) => {
+                            let reader = match digest {
+                                Some(want) => reader.expect_sha256(want),
+                                None => reader,
+                            };
+                            reader
+                                .copy_to_file(&output, how)
+                                .await
+                                .map_err(DownloadError::from)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    let item = res.map(|_| to_proto(&id, &p, true)).map_err(|e| status(&e));
                     Some((item, St::End))
                 }
             }
@@ -514,7 +463,15 @@ fn range_stream(
     let mut progress_rx = rx.clone();
     tokio::spawn(async move {
         let mut waiter = rx;
-        let waiting = wait_for_range(&ctx.storage, &id, &mut waiter, range);
+        let waiting = async {
+            let store = wait_store(&ctx.storage, &id, &mut waiter).await?;
+            let r = range
+                .resolve(store.layout().content_length())
+                .map_err(DownloadError::BadRequest)?;
+            let mut reader = TaskReader::new(store, waiter, r)?;
+            reader.wait_all().await?;
+            Ok::<_, DownloadError>(reader)
+        };
         tokio::pin!(waiting);
         let found = loop {
             tokio::select! {
@@ -535,7 +492,8 @@ fn range_stream(
         };
         let item = match found {
             Err(e) => Err(status(&e)),
-            Ok((store, r)) => {
+            Ok(reader) => {
+                let store = reader.store().clone();
                 let p = Progress {
                     content_length: Some(store.layout().content_length()),
                     piece_count: store.layout().piece_count(),
@@ -546,34 +504,15 @@ fn range_stream(
                         TaskState::Failed(_) => Progress::default(),
                     }
                 };
-                let len = r.end - r.start;
-                let res = tokio::task::spawn_blocking(move || {
-                    let dir = output.parent().unwrap_or(Path::new("/"));
-                    let name = output
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
-                    let res = copy_range_to_file(&store, r, &tmp)
-                        .and_then(|()| std::fs::rename(&tmp, &output));
-                    if let Err(e) = res {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(DownloadError::io(
-                            &format!("writing {}", output.display()),
-                            &e,
-                        ));
-                    }
-                    Ok(())
-                })
-                .await
-                .map_err(|e| DownloadError::Internal(format!("delivery task: {e}")))
-                .and_then(|r| r)
-                .map_err(|e| status(&e));
-                res.map(|()| {
-                    let mut m = to_proto(&id, &p, true);
-                    m.output_length = len;
-                    m
-                })
+                reader
+                    .copy_to_file(&output, Delivery::Copy)
+                    .await
+                    .map(|len| {
+                        let mut m = to_proto(&id, &p, true);
+                        m.output_length = len;
+                        m
+                    })
+                    .map_err(|e| status(&DownloadError::from(e)))
             }
         };
         let _ = tx.send(item).await;

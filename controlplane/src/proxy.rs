@@ -20,7 +20,8 @@
 //!   the upstream unchanged: headers (minus hop-by-hop ones), status, redirects (not
 //!   followed) and body, streamed.
 //!
-//! The P2P blob stream is in `proxy/blob.rs`, header and error helpers in
+//! The P2P blob stream is in `proxy/blob.rs` (a `task_reader::TaskReader`, the reader
+//! delivery and ranges use too), header and error helpers in
 //! `proxy/http_util.rs`.
 
 mod blob;
@@ -28,10 +29,10 @@ mod http_util;
 
 use crate::config::ProxyConfig;
 use crate::daemon::Context;
-use crate::task::{TaskSpec, TaskState};
+use crate::task::TaskSpec;
+use crate::task_reader::{wait_store, ReadError, TaskReader};
 use anyhow::Context as _;
-use blob::{stream_blob, StreamError};
-use dataplane::TaskStore;
+use blob::stream_blob;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody};
 pub use http_util::blob_digest;
@@ -44,7 +45,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use wire::range::{parse_range, RangeAsk};
 use wire::TaskId;
@@ -52,14 +53,8 @@ use wire::TaskId;
 /// Header naming the upstream registry of one request (`https://registry.example.com`).
 pub const REGISTRY_HEADER: &str = "x-dragonfly-registry";
 
-/// Largest read from a task file per body chunk.
-const CHUNK: u64 = 1 << 20;
-
 /// Body chunks buffered between the file reader and the client connection.
 const BODY_QUEUE: usize = 4;
-
-/// How often a stream waiting for a piece looks at the task again even without a wake-up.
-const PIECE_POLL: Duration = Duration::from_secs(1);
 
 /// Body of every proxy response.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -421,7 +416,7 @@ impl Proxy {
             digest: digest.as_ref().map(|(text, _)| text.clone()),
         };
         let mut state = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
-        let store = match self.wait_layout(&id, &mut state).await {
+        let store = match wait_store(&self.ctx.storage, &id, &mut state).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(task = %id, "proxy: P2P download of {url} failed before the response started ({e}); passing the request through");
@@ -475,13 +470,18 @@ impl Proxy {
         } else {
             None
         };
+        let mut reader = TaskReader::new(store.clone(), state, start..end)
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        if let Some(want) = want {
+            reader = reader.expect_sha256(want);
+        }
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            let res = stream_blob(&ctx, &store, state, start, end, want, &tx).await;
+            let res = stream_blob(&ctx, reader, &tx).await;
             if let Err(e) = res {
                 tracing::warn!(task = %id, "proxy: aborting the response of {url}: {e}");
-                if matches!(e, StreamError::Digest(_)) {
+                if matches!(e, ReadError::Digest { .. }) {
                     dataplane::Counters::add(&ctx.proxy.digest_mismatches, 1);
                     if store.is_complete() {
                         // Keep nobody else from being served the bad content.
@@ -494,40 +494,5 @@ impl Proxy {
         let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         out.body(body.boxed())
             .map_err(|e| ProxyError::Upstream(format!("building the response: {e}")))
-    }
-
-    /// Waits until the task's size is known (its store exists); fails when the task fails.
-    async fn wait_layout(
-        &self,
-        id: &TaskId,
-        state: &mut watch::Receiver<TaskState>,
-    ) -> Result<Arc<TaskStore>, String> {
-        loop {
-            let now = state.borrow_and_update().clone();
-            match now {
-                TaskState::Done(store, _) => return Ok(store),
-                TaskState::Failed(e) => return Err(e.to_string()),
-                TaskState::Running(p) => {
-                    if p.content_length.is_some() {
-                        if let Some(s) = self.ctx.storage.get(id) {
-                            return Ok(s);
-                        }
-                    }
-                }
-            }
-            if state.changed().await.is_err() {
-                // The run is over; its last state says how.
-                let last = state.borrow().clone();
-                return match last {
-                    TaskState::Done(store, _) => Ok(store),
-                    TaskState::Failed(e) => Err(e.to_string()),
-                    TaskState::Running(_) => self
-                        .ctx
-                        .storage
-                        .get(id)
-                        .ok_or_else(|| "download ended without a result".to_string()),
-                };
-            }
-        }
     }
 }

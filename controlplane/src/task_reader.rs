@@ -1,13 +1,21 @@
-//! Reading part of a task while it downloads: wait until the pieces covering a byte range
-//! are stored, then read them from the task file. Used by `dfget --range` and usable by
-//! anything that serves byte ranges of a task (the registry proxy).
+//! The one reader of a task's bytes: every path that hands task content to a user goes
+//! through [`TaskReader`] — the daemon's delivery to `dfget`'s output file, ranged reads
+//! (`dfget --range`) and the registry mirror's P2P blob stream. It waits for the pieces of a
+//! byte range (woken by the store's piece events; the run's failure or end stops the wait
+//! with its error), reads them off the async workers, and optionally keeps a running sha256
+//! that is checked before the last byte is handed out: a mismatch is an error, never a
+//! complete wrong output.
 
 use crate::error::DownloadError;
 use crate::task::TaskState;
+use bytes::Bytes;
 use dataplane::{Storage, TaskStore};
+use sha2::{Digest, Sha256};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use wire::TaskId;
 
@@ -66,58 +74,56 @@ impl ByteRange {
     }
 }
 
-/// Pieces of `store` overlapping `range` (half-open).
-fn pieces_of(store: &TaskStore, range: &Range<u64>) -> Range<u32> {
-    let l = store.layout();
-    if range.is_empty() {
-        return 0..0;
-    }
-    let first = l.piece_at(range.start).unwrap_or(0);
-    let last = l
-        .piece_at(range.end - 1)
-        .unwrap_or_else(|| l.piece_count().saturating_sub(1));
-    first..last + 1
+/// Largest read from a task file per chunk (one proxy body chunk, one copy step).
+pub const CHUNK: u64 = 1 << 20;
+
+/// How often a reader waiting for a piece looks at the task again without a wake-up (a
+/// store removed under a reader sends no piece event).
+const PIECE_POLL: Duration = Duration::from_secs(1);
+
+/// How a finished range reaches an output file ([`TaskReader::copy_to_file`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A hard link to the task file when the range is the whole task and the output is on
+    /// the task file's filesystem, else a copy.
+    HardLinkOrCopy,
+    /// Always a copy.
+    Copy,
 }
 
-/// Waits until the task `id` (whose download state `state` reports) has every piece that
-/// overlaps `range`, and returns its store and the resolved half-open range. Fails when the
-/// download fails first or the range is outside the content.
-pub async fn wait_for_range(
-    storage: &Storage,
-    id: &TaskId,
-    state: &mut watch::Receiver<TaskState>,
-    range: ByteRange,
-) -> Result<(Arc<TaskStore>, Range<u64>), DownloadError> {
-    loop {
-        let current = state.borrow_and_update().clone();
-        let store = match current {
-            TaskState::Done(store, _) => Some(store),
-            TaskState::Failed(e) => return Err(e),
-            TaskState::Running(_) => storage.get(id),
-        };
-        if let Some(store) = store {
-            let r = range
-                .resolve(store.layout().content_length())
-                .map_err(DownloadError::BadRequest)?;
-            let listener = store.listen();
-            if pieces_of(&store, &r).all(|n| store.has(n)) {
-                return Ok((store, r));
-            }
-            tokio::select! {
-                _ = listener => {}
-                changed = state.changed() => {
-                    if changed.is_err() {
-                        // The run is gone; its last state is final, look at it once more.
-                        if let TaskState::Running(_) = &*state.borrow() {
-                            return Err(ended_without_result());
-                        }
-                    }
-                }
-            }
-        } else if state.changed().await.is_err() {
-            if let TaskState::Running(_) = &*state.borrow() {
-                return Err(ended_without_result());
-            }
+/// Why a [`TaskReader`] stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    /// The download failed or ended before the range was stored, the range is outside the
+    /// content, or reading or writing a file failed.
+    #[error("{0}")]
+    Download(DownloadError),
+    /// The bytes of the range do not match the expected sha256 (the last chunk was not
+    /// handed out, the output file was not put in place).
+    #[error(
+        "digest mismatch: expected sha256:{}, got sha256:{}",
+        hex::encode(expected),
+        hex::encode(got)
+    )]
+    Digest {
+        /// The digest asked for.
+        expected: [u8; 32],
+        /// The digest of the bytes read.
+        got: [u8; 32],
+    },
+}
+
+impl From<DownloadError> for ReadError {
+    fn from(e: DownloadError) -> Self {
+        Self::Download(e)
+    }
+}
+
+impl From<ReadError> for DownloadError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Download(d) => d,
+            ReadError::Digest { .. } => DownloadError::DigestMismatch(e.to_string()),
         }
     }
 }
@@ -128,39 +134,569 @@ pub fn ended_without_result() -> DownloadError {
     DownloadError::Cancelled("download ended without a result".into())
 }
 
-/// Reads bytes `range` of `store` into `out` (appended). Every piece of the range must be
-/// stored (see [`wait_for_range`]); blocking file I/O.
-pub fn read_range(store: &TaskStore, range: Range<u64>, out: &mut Vec<u8>) -> std::io::Result<()> {
-    let start = out.len();
-    let len = usize::try_from(range.end.saturating_sub(range.start))
-        .map_err(|_| std::io::Error::other("range too large for memory"))?;
-    out.resize(start + len, 0);
-    store.file().read_exact_at(&mut out[start..], range.start)
+/// Waits until the store of task `id` (whose download state `state` reports) exists, that
+/// is until its size is known, and returns it. Fails when the download fails first.
+pub async fn wait_store(
+    storage: &Storage,
+    id: &TaskId,
+    state: &mut watch::Receiver<TaskState>,
+) -> Result<Arc<TaskStore>, DownloadError> {
+    loop {
+        let now = state.borrow_and_update().clone();
+        match now {
+            TaskState::Done(store, _) => return Ok(store),
+            TaskState::Failed(e) => return Err(e),
+            TaskState::Running(p) => {
+                if p.content_length.is_some() {
+                    if let Some(s) = storage.get(id) {
+                        return Ok(s);
+                    }
+                }
+            }
+        }
+        if state.changed().await.is_err() {
+            // The run is over; its last state says how.
+            let last = state.borrow().clone();
+            return match last {
+                TaskState::Done(store, _) => Ok(store),
+                TaskState::Failed(e) => Err(e),
+                TaskState::Running(_) => storage.get(id).ok_or_else(ended_without_result),
+            };
+        }
+    }
 }
 
-/// Copies bytes `range` of `store` into the file `dst` (created or truncated) in chunks.
-/// Every piece of the range must be stored; blocking file I/O.
-pub fn copy_range_to_file(
-    store: &TaskStore,
-    range: Range<u64>,
-    dst: &std::path::Path,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(dst)?;
-    let mut buf = vec![0u8; 1 << 20];
+/// Reads a byte range of a task, waiting for its pieces as they arrive (see the module
+/// docs). Chunks come out in order and never cross a piece that is not stored yet.
+#[derive(Debug)]
+pub struct TaskReader {
+    store: Arc<TaskStore>,
+    state: watch::Receiver<TaskState>,
+    /// Whether the run still sends state changes.
+    state_open: bool,
+    pos: u64,
+    end: u64,
+    sha: Option<(Sha256, [u8; 32])>,
+    finished: bool,
+}
+
+impl TaskReader {
+    /// A reader of bytes `range` (half-open) of `store`, whose download state `state`
+    /// reports. Fails when the range is not within the content.
+    pub fn new(
+        store: Arc<TaskStore>,
+        state: watch::Receiver<TaskState>,
+        range: Range<u64>,
+    ) -> Result<Self, DownloadError> {
+        let len = store.layout().content_length();
+        if range.start > range.end || range.end > len {
+            return Err(DownloadError::BadRequest(format!(
+                "range {}..{} is not within the content ({len} bytes)",
+                range.start, range.end
+            )));
+        }
+        Ok(Self {
+            store,
+            state,
+            state_open: true,
+            pos: range.start,
+            end: range.end,
+            sha: None,
+            finished: false,
+        })
+    }
+
+    /// Checks the bytes read against the sha256 `want`: the check runs before the last
+    /// chunk is handed out (or the output file put in place), a mismatch is
+    /// [`ReadError::Digest`].
+    pub fn expect_sha256(mut self, want: [u8; 32]) -> Self {
+        self.sha = Some((Sha256::new(), want));
+        self
+    }
+
+    /// The task's store.
+    pub fn store(&self) -> &Arc<TaskStore> {
+        &self.store
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> u64 {
+        self.end.saturating_sub(self.pos)
+    }
+
+    /// Waits until piece `n` is stored; fails when the download fails or ends first.
+    async fn wait_piece(&mut self, n: u32) -> Result<(), DownloadError> {
+        loop {
+            if self.store.has(n) {
+                return Ok(());
+            }
+            let listener = self.store.listen();
+            if self.store.has(n) {
+                return Ok(());
+            }
+            let ended = match &*self.state.borrow() {
+                TaskState::Failed(e) => return Err(e.clone()),
+                TaskState::Done(..) => true,
+                TaskState::Running(_) => !self.state_open,
+            };
+            if ended {
+                // Done means every piece of the run's store is there: look once more,
+                // the piece may have landed since.
+                if self.store.has(n) {
+                    return Ok(());
+                }
+                return Err(match &*self.state.borrow() {
+                    TaskState::Running(_) => ended_without_result(),
+                    _ => DownloadError::Storage(format!(
+                        "the download ended without piece {n} in the file being read (the \
+                         task was removed or replaced meanwhile)"
+                    )),
+                });
+            }
+            tokio::select! {
+                _ = listener => {}
+                r = self.state.changed(), if self.state_open => {
+                    if r.is_err() {
+                        self.state_open = false;
+                    }
+                }
+                _ = tokio::time::sleep(PIECE_POLL) => {}
+            }
+        }
+    }
+
+    /// Waits until every piece of the bytes not read yet is stored.
+    pub async fn wait_all(&mut self) -> Result<(), DownloadError> {
+        let l = self.store.layout();
+        if self.pos >= self.end {
+            return Ok(());
+        }
+        let first = l.piece_at(self.pos).unwrap_or(0);
+        let last = l.piece_at(self.end - 1).unwrap_or(first);
+        for n in first..=last {
+            self.wait_piece(n).await?;
+        }
+        Ok(())
+    }
+
+    /// The next chunk of the range (at most [`CHUNK`] bytes, within one piece), once its
+    /// piece is stored; `None` after the last. With an expected sha256, the last chunk is
+    /// returned only when the digest of the whole range matches.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, ReadError> {
+        if self.finished {
+            return Ok(None);
+        }
+        if self.pos >= self.end {
+            self.finish()?;
+            return Ok(None);
+        }
+        let layout = self.store.layout();
+        let (n, piece_end) = layout
+            .piece_at(self.pos)
+            .and_then(|n| Some((n, layout.piece_range(n)?.end)))
+            .ok_or_else(|| {
+                DownloadError::Internal(format!("offset {} is outside the task", self.pos))
+            })?;
+        self.wait_piece(n).await?;
+        let stop = self.end.min(piece_end).min(self.pos + CHUNK);
+        let (offset, len) = (self.pos, (stop - self.pos) as usize);
+        let store = self.store.clone();
+        let mut sha = self.sha.take();
+        let (data, sha) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            store
+                .file()
+                .read_exact_at(&mut buf, offset)
+                .map_err(|e| DownloadError::io("reading the task file", &e))?;
+            if let Some((h, _)) = &mut sha {
+                h.update(&buf);
+            }
+            Ok::<_, DownloadError>((Bytes::from(buf), sha))
+        })
+        .await
+        .map_err(|e| DownloadError::Internal(format!("reader task: {e}")))??;
+        self.sha = sha;
+        self.pos = stop;
+        if self.pos >= self.end {
+            self.finish()?;
+        }
+        Ok(Some(data))
+    }
+
+    /// Marks the range read and checks the running digest.
+    fn finish(&mut self) -> Result<(), ReadError> {
+        self.finished = true;
+        match self.sha.take() {
+            Some((h, expected)) => check(h, expected),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the whole range and puts exactly its bytes at `output` atomically (a
+    /// temporary name in the same directory renamed into place, so `output` exists only
+    /// when complete and, with an expected sha256, matching). Returns the bytes written.
+    /// The task is marked busy (garbage collection leaves it alone) while it is copied.
+    pub async fn copy_to_file(mut self, output: &Path, how: Delivery) -> Result<u64, ReadError> {
+        self.wait_all().await?;
+        let output = output.to_path_buf();
+        tokio::task::spawn_blocking(move || self.copy_blocking(&output, how))
+            .await
+            .map_err(|e| DownloadError::Internal(format!("delivery task: {e}")))?
+    }
+
+    /// [`Self::copy_to_file`] once every piece is stored; blocking file I/O.
+    fn copy_blocking(self, output: &Path, how: Delivery) -> Result<u64, ReadError> {
+        let store = self.store.clone();
+        let _busy = store.busy();
+        let len = self.remaining();
+        let whole = self.pos == 0 && self.end == store.layout().content_length();
+        let dir = output.parent().unwrap_or(Path::new("/"));
+        let name = output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.dfget-{:08x}", rand::random::<u32>()));
+        let res = self.write_tmp(&tmp, whole, how).and_then(|()| {
+            std::fs::rename(&tmp, output)
+                .map_err(|e| DownloadError::io(&format!("writing {}", output.display()), &e).into())
+        });
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res.map(|()| len)
+    }
+
+    /// Puts the range at `tmp`: a hard link or an in-kernel copy of the whole task file
+    /// when no digest is asked for (a digest is checked on a read first), else one pass
+    /// that reads, hashes and writes.
+    fn write_tmp(self, tmp: &Path, whole: bool, how: Delivery) -> Result<(), ReadError> {
+        let write_err = |e: std::io::Error| -> ReadError {
+            DownloadError::io(&format!("writing {}", tmp.display()), &e).into()
+        };
+        let read_err = |e: std::io::Error| -> ReadError {
+            DownloadError::io("reading the task file", &e).into()
+        };
+        let src = self.store.path();
+        if whole && how == Delivery::HardLinkOrCopy {
+            if let Some((h, expected)) = self.sha.clone() {
+                let h = hash_range(&self.store, self.pos..self.end, h).map_err(read_err)?;
+                check(h, expected)?;
+            }
+            // A hard link fails across filesystems (EXDEV) or where links are not
+            // allowed; the copy is the fallback for any such failure.
+            if std::fs::hard_link(src, tmp).is_ok() {
+                return Ok(());
+            }
+            return std::fs::copy(src, tmp).map(|_| ()).map_err(write_err);
+        }
+        if whole && self.sha.is_none() {
+            return std::fs::copy(src, tmp).map(|_| ()).map_err(write_err);
+        }
+        use std::io::Write;
+        let mut f = std::fs::File::create(tmp).map_err(write_err)?;
+        let mut sha = self.sha;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut off = self.pos;
+        while off < self.end {
+            let n = (self.end - off).min(CHUNK) as usize;
+            self.store
+                .file()
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(read_err)?;
+            if let Some((h, _)) = &mut sha {
+                h.update(&buf[..n]);
+            }
+            f.write_all(&buf[..n]).map_err(write_err)?;
+            off += n as u64;
+        }
+        if let Some((h, expected)) = sha {
+            check(h, expected)?;
+        }
+        Ok(())
+    }
+}
+
+/// Feeds bytes `range` of the task file to `h`; blocking file I/O.
+fn hash_range(store: &TaskStore, range: Range<u64>, mut h: Sha256) -> std::io::Result<Sha256> {
+    let mut buf = vec![0u8; CHUNK as usize];
     let mut off = range.start;
     while off < range.end {
-        let n = usize::try_from((range.end - off).min(buf.len() as u64)).unwrap_or(buf.len());
+        let n = (range.end - off).min(CHUNK) as usize;
         store.file().read_exact_at(&mut buf[..n], off)?;
-        f.write_all(&buf[..n])?;
+        h.update(&buf[..n]);
         off += n as u64;
     }
-    f.sync_data()
+    Ok(h)
+}
+
+/// Compares a running digest with the expected one.
+fn check(h: Sha256, expected: [u8; 32]) -> Result<(), ReadError> {
+    let got: [u8; 32] = h.finalize().into();
+    if got == expected {
+        Ok(())
+    } else {
+        Err(ReadError::Digest { expected, got })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::task::Progress;
+    use wire::PieceLayout;
+
+    /// A store of `len` bytes in pieces of `piece` bytes in a temporary directory, with its
+    /// content (not stored yet) and a run state to drive.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<TaskStore>,
+        data: Vec<u8>,
+        state: watch::Sender<TaskState>,
+    }
+
+    fn fixture(len: u64, piece: u64) -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::open(dir.path()).expect("storage");
+        let layout = PieceLayout::new(len, piece).expect("layout");
+        let store = storage
+            .create(TaskId::from_cache_id("reader-test", "", ""), layout)
+            .expect("store");
+        // Bytes that differ at every offset of a piece and between pieces.
+        let data = (0..len)
+            .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+            .collect();
+        let (state, _) = watch::channel(TaskState::Running(Progress::default()));
+        Fixture {
+            _dir: dir,
+            store,
+            data,
+            state,
+        }
+    }
+
+    impl Fixture {
+        fn put(&self, n: u32) {
+            let r = self.store.layout().piece_range(n).expect("piece");
+            let bytes = &self.data[r.start as usize..r.end as usize];
+            let new = self
+                .store
+                .write_piece(n, bytes, wire::piece_crc(bytes))
+                .expect("write piece");
+            assert!(new, "piece {n} stored twice");
+        }
+
+        fn reader(&self, range: Range<u64>) -> TaskReader {
+            TaskReader::new(self.store.clone(), self.state.subscribe(), range).expect("reader")
+        }
+
+        fn sha(&self, range: Range<u64>) -> [u8; 32] {
+            Sha256::digest(&self.data[range.start as usize..range.end as usize]).into()
+        }
+    }
+
+    /// Every chunk of `reader`, with the first error if any.
+    async fn read_all(mut reader: TaskReader) -> (Vec<u8>, Result<(), ReadError>) {
+        let mut out = Vec::new();
+        loop {
+            match reader.next_chunk().await {
+                Ok(Some(c)) => out.extend_from_slice(&c),
+                Ok(None) => return (out, Ok(())),
+                Err(e) => return (out, Err(e)),
+            }
+        }
+    }
+
+    const P: u64 = wire::piece::MIN_PIECE_LENGTH;
+
+    #[tokio::test]
+    async fn pieces_out_of_order_give_the_range_in_order() {
+        let f = fixture(6 * P + 100, P);
+        // From the middle of piece 1 to the middle of piece 4.
+        let range = P + 7..4 * P + 300;
+        let reading = tokio::spawn(read_all(f.reader(range.clone())));
+        for n in [5, 4, 0, 2, 6, 3] {
+            f.put(n);
+            tokio::task::yield_now().await;
+        }
+        // Piece 1, the range's first, comes last: nothing can be handed out before it.
+        assert!(!reading.is_finished());
+        f.put(1);
+        let (got, res) = reading.await.expect("reader task");
+        res.expect("read");
+        assert_eq!(got.len() as u64, range.end - range.start);
+        assert!(got == f.data[range.start as usize..range.end as usize]);
+    }
+
+    #[tokio::test]
+    async fn a_range_inside_one_piece_waits_for_that_piece_only() {
+        let f = fixture(4 * P, P);
+        f.put(2);
+        let range = 2 * P + 10..2 * P + 20;
+        let (got, res) = read_all(f.reader(range.clone())).await;
+        res.expect("read");
+        assert_eq!(got, f.data[range.start as usize..range.end as usize]);
+        // The same through the file copy (ranges are delivered this way).
+        let out = f._dir.path().join("out");
+        let mut r = f.reader(range.clone());
+        r.wait_all().await.expect("wait");
+        let n = r.copy_to_file(&out, Delivery::Copy).await.expect("copy");
+        assert_eq!(n, 10);
+        assert_eq!(
+            std::fs::read(&out).expect("output"),
+            &f.data[range.start as usize..range.end as usize]
+        );
+    }
+
+    #[tokio::test]
+    async fn chunks_stop_at_missing_pieces_and_within_chunk_size() {
+        // Pieces larger than a chunk and not a multiple of it.
+        let piece = 3 * CHUNK / 2;
+        let f = fixture(3 * piece + 5, piece);
+        f.put(0);
+        let mut r = f.reader(0..3 * piece + 5);
+        let a = r.next_chunk().await.expect("chunk").expect("some");
+        let b = r.next_chunk().await.expect("chunk").expect("some");
+        assert_eq!(a.len() as u64, CHUNK);
+        assert_eq!(b.len() as u64, piece - CHUNK);
+        assert_eq!(r.remaining(), 2 * piece + 5);
+        // Piece 1 is missing: the next chunk waits for it.
+        let next = tokio::spawn(async move { (r.next_chunk().await, r) });
+        tokio::task::yield_now().await;
+        assert!(!next.is_finished());
+        f.put(1);
+        let (c, _r) = next.await.expect("task");
+        let c = c.expect("chunk").expect("some");
+        assert_eq!(&c[..], &f.data[piece as usize..(piece + CHUNK) as usize]);
+    }
+
+    #[tokio::test]
+    async fn running_sha256_matches() {
+        let piece = 3 * CHUNK / 2;
+        let len = 2 * piece + 77;
+        let f = fixture(len, piece);
+        for n in 0..3 {
+            f.put(n);
+        }
+        let (got, res) = read_all(f.reader(0..len).expect_sha256(f.sha(0..len))).await;
+        res.expect("digest matches");
+        assert!(got == f.data);
+        for how in [Delivery::HardLinkOrCopy, Delivery::Copy] {
+            let out = f._dir.path().join(format!("out-{how:?}"));
+            let n = f
+                .reader(0..len)
+                .expect_sha256(f.sha(0..len))
+                .copy_to_file(&out, how)
+                .await
+                .expect("delivered");
+            assert_eq!(n, len);
+            assert!(std::fs::read(&out).expect("output") == f.data);
+        }
+    }
+
+    #[tokio::test]
+    async fn sha256_mismatch_is_an_error_and_withholds_the_end() {
+        let piece = 3 * CHUNK / 2;
+        let len = 2 * piece + 77;
+        let f = fixture(len, piece);
+        for n in 0..3 {
+            f.put(n);
+        }
+        let mut wrong = f.sha(0..len);
+        wrong[0] ^= 1;
+        let (got, res) = read_all(f.reader(0..len).expect_sha256(wrong)).await;
+        assert!(
+            matches!(res, Err(ReadError::Digest { expected, .. }) if expected == wrong),
+            "{res:?}"
+        );
+        // The last chunk (77 bytes) never came out: no complete body with wrong content.
+        assert_eq!(got.len() as u64, len - 77);
+        assert!(got == f.data[..got.len()]);
+        for how in [Delivery::HardLinkOrCopy, Delivery::Copy] {
+            let out = f._dir.path().join(format!("out-{how:?}"));
+            let e = f
+                .reader(0..len)
+                .expect_sha256(wrong)
+                .copy_to_file(&out, how)
+                .await
+                .expect_err("mismatch");
+            assert!(matches!(e, ReadError::Digest { .. }), "{e:?}");
+            assert!(matches!(
+                DownloadError::from(e),
+                DownloadError::DigestMismatch(_)
+            ));
+            assert!(!out.exists(), "a mismatching output was put in place");
+        }
+        // Nothing but the output was left in the directory (no temporary files).
+        let names: Vec<_> = std::fs::read_dir(f._dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failing_task_ends_the_wait_with_its_error() {
+        let f = fixture(3 * P, P);
+        f.put(0);
+        let reading = tokio::spawn(read_all(f.reader(0..3 * P)));
+        tokio::task::yield_now().await;
+        assert!(!reading.is_finished());
+        f.state
+            .send(TaskState::Failed(DownloadError::Origin(
+                "origin went away".into(),
+            )))
+            .expect("send");
+        let (got, res) = reading.await.expect("reader task");
+        assert_eq!(got, f.data[..P as usize]);
+        match res {
+            Err(ReadError::Download(DownloadError::Origin(m))) => {
+                assert_eq!(m, "origin went away")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_dropped_while_waiting_is_an_error() {
+        let f = fixture(3 * P, P);
+        let mut r = f.reader(P..2 * P);
+        let waiting = tokio::spawn(async move { r.wait_all().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(f.state);
+        let res = waiting.await.expect("task");
+        assert!(matches!(res, Err(DownloadError::Cancelled(_))), "{res:?}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_task_reads_as_nothing_and_checks_its_digest() {
+        let f = fixture(0, P);
+        let empty: [u8; 32] = Sha256::digest(b"").into();
+        let (got, res) = read_all(f.reader(0..0).expect_sha256(empty)).await;
+        res.expect("empty digest matches");
+        assert!(got.is_empty());
+        let (_, res) = read_all(f.reader(0..0).expect_sha256([7; 32])).await;
+        assert!(matches!(res, Err(ReadError::Digest { .. })), "{res:?}");
+        let out = f._dir.path().join("empty");
+        let n = f
+            .reader(0..0)
+            .expect_sha256(empty)
+            .copy_to_file(&out, Delivery::Copy)
+            .await
+            .expect("delivered");
+        assert_eq!(n, 0);
+        assert_eq!(std::fs::metadata(&out).expect("output").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_range_past_the_content_is_refused() {
+        let f = fixture(2 * P, P);
+        let e = TaskReader::new(f.store.clone(), f.state.subscribe(), P..2 * P + 1)
+            .expect_err("past the end");
+        assert!(matches!(e, DownloadError::BadRequest(_)), "{e:?}");
+    }
 
     #[test]
     fn parse_ranges() {
