@@ -373,13 +373,11 @@ impl TaskReader {
         let write_err = |e: std::io::Error| -> ReadError {
             DownloadError::io(&format!("writing {}", tmp.display()), &e).into()
         };
-        let read_err = |e: std::io::Error| -> ReadError {
-            DownloadError::io("reading the task file", &e).into()
-        };
         let src = self.store.path();
+        let range = self.pos..self.end;
         if whole && how == Delivery::HardLinkOrCopy {
-            if let Some((h, expected)) = self.sha.clone() {
-                let h = hash_range(&self.store, self.pos..self.end, h).map_err(read_err)?;
+            if let Some((mut h, expected)) = self.sha.clone() {
+                pump(&self.store, range, Some(&mut h), None)?;
                 check(h, expected)?;
             }
             // A hard link fails across filesystems (EXDEV) or where links are not
@@ -392,41 +390,45 @@ impl TaskReader {
         if whole && self.sha.is_none() {
             return std::fs::copy(src, tmp).map(|_| ()).map_err(write_err);
         }
-        use std::io::Write;
         let mut f = std::fs::File::create(tmp).map_err(write_err)?;
         let mut sha = self.sha;
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut off = self.pos;
-        while off < self.end {
-            let n = (self.end - off).min(CHUNK) as usize;
-            self.store
-                .file()
-                .read_exact_at(&mut buf[..n], off)
-                .map_err(read_err)?;
-            if let Some((h, _)) = &mut sha {
-                h.update(&buf[..n]);
-            }
-            f.write_all(&buf[..n]).map_err(write_err)?;
-            off += n as u64;
+        let h = sha.as_mut().map(|(h, _)| h);
+        pump(&self.store, range, h, Some((&mut f, tmp)))?;
+        match sha {
+            Some((h, expected)) => check(h, expected),
+            None => Ok(()),
         }
-        if let Some((h, expected)) = sha {
-            check(h, expected)?;
-        }
-        Ok(())
     }
 }
 
-/// Feeds bytes `range` of the task file to `h`; blocking file I/O.
-fn hash_range(store: &TaskStore, range: Range<u64>, mut h: Sha256) -> std::io::Result<Sha256> {
-    let mut buf = vec![0u8; CHUNK as usize];
+/// Reads bytes `range` of the task file in chunks, feeding each to `sha` and writing it to
+/// `out` (the file and its name for errors). Every piece of the range must be stored;
+/// blocking file I/O.
+fn pump(
+    store: &TaskStore,
+    range: Range<u64>,
+    mut sha: Option<&mut Sha256>,
+    mut out: Option<(&mut std::fs::File, &Path)>,
+) -> Result<(), ReadError> {
+    use std::io::Write;
+    let mut buf = vec![0u8; CHUNK.min(range.end.saturating_sub(range.start)) as usize];
     let mut off = range.start;
     while off < range.end {
         let n = (range.end - off).min(CHUNK) as usize;
-        store.file().read_exact_at(&mut buf[..n], off)?;
-        h.update(&buf[..n]);
+        store
+            .file()
+            .read_exact_at(&mut buf[..n], off)
+            .map_err(|e| DownloadError::io("reading the task file", &e))?;
+        if let Some(h) = &mut sha {
+            h.update(&buf[..n]);
+        }
+        if let Some((f, name)) = &mut out {
+            f.write_all(&buf[..n])
+                .map_err(|e| DownloadError::io(&format!("writing {}", name.display()), &e))?;
+        }
         off += n as u64;
     }
-    Ok(h)
+    Ok(())
 }
 
 /// Compares a running digest with the expected one.
@@ -494,6 +496,24 @@ mod tests {
         }
     }
 
+    /// A task of three pieces larger than a chunk (not a multiple of it), all stored, the
+    /// last one 77 bytes; and its length.
+    fn stored_big_pieces() -> (Fixture, u64) {
+        let piece = 3 * CHUNK / 2;
+        let len = 2 * piece + 77;
+        let f = fixture(len, piece);
+        for n in 0..3 {
+            f.put(n);
+        }
+        (f, len)
+    }
+
+    /// Gives a reader that does not wait time to run ahead (and finish) before the test
+    /// looks; a reader that waits passes whatever the time.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     /// Every chunk of `reader`, with the first error if any.
     async fn read_all(mut reader: TaskReader) -> (Vec<u8>, Result<(), ReadError>) {
         let mut out = Vec::new();
@@ -508,6 +528,9 @@ mod tests {
 
     const P: u64 = wire::piece::MIN_PIECE_LENGTH;
 
+    /// Far longer than any wait these tests need: a reader still waiting after it hangs.
+    const HANG: Duration = Duration::from_secs(60);
+
     #[tokio::test]
     async fn pieces_out_of_order_give_the_range_in_order() {
         let f = fixture(6 * P + 100, P);
@@ -519,6 +542,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         // Piece 1, the range's first, comes last: nothing can be handed out before it.
+        settle().await;
         assert!(!reading.is_finished());
         f.put(1);
         let (got, res) = reading.await.expect("reader task");
@@ -561,7 +585,7 @@ mod tests {
         assert_eq!(r.remaining(), 2 * piece + 5);
         // Piece 1 is missing: the next chunk waits for it.
         let next = tokio::spawn(async move { (r.next_chunk().await, r) });
-        tokio::task::yield_now().await;
+        settle().await;
         assert!(!next.is_finished());
         f.put(1);
         let (c, _r) = next.await.expect("task");
@@ -571,12 +595,7 @@ mod tests {
 
     #[tokio::test]
     async fn running_sha256_matches() {
-        let piece = 3 * CHUNK / 2;
-        let len = 2 * piece + 77;
-        let f = fixture(len, piece);
-        for n in 0..3 {
-            f.put(n);
-        }
+        let (f, len) = stored_big_pieces();
         let (got, res) = read_all(f.reader(0..len).expect_sha256(f.sha(0..len))).await;
         res.expect("digest matches");
         assert!(got == f.data);
@@ -595,12 +614,7 @@ mod tests {
 
     #[tokio::test]
     async fn sha256_mismatch_is_an_error_and_withholds_the_end() {
-        let piece = 3 * CHUNK / 2;
-        let len = 2 * piece + 77;
-        let f = fixture(len, piece);
-        for n in 0..3 {
-            f.put(n);
-        }
+        let (f, len) = stored_big_pieces();
         let mut wrong = f.sha(0..len);
         wrong[0] ^= 1;
         let (got, res) = read_all(f.reader(0..len).expect_sha256(wrong)).await;
@@ -641,14 +655,17 @@ mod tests {
         let f = fixture(3 * P, P);
         f.put(0);
         let reading = tokio::spawn(read_all(f.reader(0..3 * P)));
-        tokio::task::yield_now().await;
+        settle().await;
         assert!(!reading.is_finished());
         f.state
             .send(TaskState::Failed(DownloadError::Origin(
                 "origin went away".into(),
             )))
             .expect("send");
-        let (got, res) = reading.await.expect("reader task");
+        let (got, res) = tokio::time::timeout(HANG, reading)
+            .await
+            .expect("the reader still waits after the task failed")
+            .expect("reader task");
         assert_eq!(got, f.data[..P as usize]);
         match res {
             Err(ReadError::Download(DownloadError::Origin(m))) => {
@@ -663,10 +680,13 @@ mod tests {
         let f = fixture(3 * P, P);
         let mut r = f.reader(P..2 * P);
         let waiting = tokio::spawn(async move { r.wait_all().await });
-        tokio::task::yield_now().await;
+        settle().await;
         assert!(!waiting.is_finished());
         drop(f.state);
-        let res = waiting.await.expect("task");
+        let res = tokio::time::timeout(HANG, waiting)
+            .await
+            .expect("the reader still waits after the run was dropped")
+            .expect("task");
         assert!(matches!(res, Err(DownloadError::Cancelled(_))), "{res:?}");
     }
 
