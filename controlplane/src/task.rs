@@ -6,24 +6,28 @@
 //! stalls), `session` (the scheduler stream), `source` (back to the origin, lost pieces).
 
 mod run;
+mod services;
 mod session;
 mod source;
+
+pub use services::{
+    BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
+};
 
 use run::TaskRun;
 
 use crate::daemon::Context;
 use crate::error::DownloadError;
-use crate::origin::{self, PieceSink};
+use crate::origin::PieceSink;
 use dataplane::{Command, Event, Parent, PieceSource, TaskStore};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use wire::proto::scheduler::{
-    announce_peer_request::Request, announce_peer_response::Response,
-    scheduler_client::SchedulerClient, AnnouncePeerRequest, Header, HostType, PeerFailed,
-    PeerFinished, PieceFailed, PieceFinished, RegisterPeer, RescheduleRequest, TaskMetadata,
-    TaskSource,
+    announce_peer_request::Request, announce_peer_response::Response, AnnouncePeerRequest, Header,
+    HostType, PeerFailed, PeerFinished, PieceFailed, PieceFinished, RegisterPeer,
+    RescheduleRequest, TaskMetadata, TaskSource,
 };
 use wire::{PieceLayout, TaskId};
 
@@ -158,7 +162,7 @@ impl TaskManager {
         tokio::spawn(async move {
             let id = spec.id;
             let started = std::time::Instant::now();
-            let mut run = TaskRun::new(ctx.clone(), spec, state_tx, ev_rx);
+            let mut run = TaskRun::new(RunServices::of(&ctx), spec, state_tx, ev_rx);
             let result = run.run().await;
             run.abort_origin_fetches();
             if result.is_err() {
@@ -186,24 +190,18 @@ impl TaskManager {
                     if let Ok(Err(e)) = res {
                         tracing::warn!(task = %id, "writing task metadata: {e:#}");
                     }
-                    dataplane::Counters::add(&run.ctx.stats.downloads_succeeded, 1);
-                    run.ctx
-                        .stats
-                        .download_seconds
-                        .observe(true, started.elapsed());
+                    dataplane::Counters::add(&ctx.stats.downloads_succeeded, 1);
+                    ctx.stats.download_seconds.observe(true, started.elapsed());
                     let p = progress_of(&store, &run.progress);
                     run.state.send_replace(TaskState::Done(store, p));
                     tracing::info!(task = %id, "download finished");
                     // Stay registered as a peer of the task so others can fetch from us.
-                    run.keep_serving().await;
+                    run.keep_serving(&ctx.tasks).await;
                 }
                 Err(e) => {
                     tracing::warn!(task = %id, "download failed: {e}");
-                    run.ctx.stats.failed(&e);
-                    run.ctx
-                        .stats
-                        .download_seconds
-                        .observe(false, started.elapsed());
+                    ctx.stats.failed(&e);
+                    ctx.stats.download_seconds.observe(false, started.elapsed());
                     run.announce(Request::Failed(PeerFailed {
                         reason: e.to_string(),
                     }));

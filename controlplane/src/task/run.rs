@@ -1,20 +1,21 @@
 //! The run loop of one task: the scheduler's answers, data-plane events, stalls, and the
 //! end of a run.
 
+use super::services::{ResponseStream, RunServices};
 use super::session::{next_response, REREGISTER_FIRST, REREGISTER_MAX};
 use super::source::OriginMsg;
 use super::*;
 
 /// One download of one task (see the module docs of [`crate::task`]).
 pub(super) struct TaskRun {
-    pub(super) ctx: Arc<Context>,
+    pub(super) svc: RunServices,
     pub(super) spec: TaskSpec,
     pub(super) state: watch::Sender<TaskState>,
     pub(super) events: mpsc::Receiver<Event>,
     pub(super) progress: Progress,
     pub(super) store: Option<Arc<TaskStore>>,
     pub(super) announce: Option<crate::announce::Announcer>,
-    pub(super) responses: Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
+    pub(super) responses: Option<ResponseStream>,
     pub(super) dispatched: bool,
     pub(super) bad_parents: HashSet<String>,
     /// What the fetches of lost pieces from the origin (partial `NeedBackToSource`) report;
@@ -36,7 +37,7 @@ pub(super) struct TaskRun {
 
 impl TaskRun {
     pub(super) fn new(
-        ctx: Arc<Context>,
+        svc: RunServices,
         spec: TaskSpec,
         state: watch::Sender<TaskState>,
         events: mpsc::Receiver<Event>,
@@ -50,7 +51,7 @@ impl TaskRun {
             origin_pending: HashSet::new(),
             stalls: 0,
             reregister_backoff: REREGISTER_FIRST,
-            ctx,
+            svc,
             spec,
             state,
             events,
@@ -83,9 +84,9 @@ impl TaskRun {
     pub(super) async fn run(&mut self) -> Result<Arc<TaskStore>, DownloadError> {
         // Pieces kept from before (a restart, a cancelled run): only the missing ones are
         // fetched.
-        self.store = self.ctx.storage.get(&self.spec.id);
+        self.store = self.svc.storage.get(&self.spec.id);
         if let Err(e) = self.connect_scheduler().await {
-            dataplane::Counters::add(&self.ctx.stats.scheduler_unreachable, 1);
+            dataplane::Counters::add(&self.svc.stats.scheduler_unreachable, 1);
             if self.spec.disable_back_to_source {
                 return Err(DownloadError::SchedulerUnavailable(format!(
                     "{e}; back-to-source is disabled"
@@ -100,12 +101,11 @@ impl TaskRun {
         if self.spec.back_to_source {
             return self.back_to_source().await;
         }
-        let timeout = tokio::time::sleep(self.ctx.config.scheduler.schedule_timeout);
+        let timeout = tokio::time::sleep(self.svc.settings.schedule_timeout);
         tokio::pin!(timeout);
         let stall_timeout = self
-            .ctx
-            .config
-            .download
+            .svc
+            .settings
             .stall_timeout
             .max(std::time::Duration::from_millis(100));
         let stall = tokio::time::sleep(stall_timeout);
@@ -151,7 +151,7 @@ impl TaskRun {
                     },
                     Some(Ok(None)) | Some(Err(_)) => {
                         tracing::warn!(task = %self.spec.id, dispatched = self.dispatched, "scheduler stream ended; going on with the parents already known");
-                        dataplane::Counters::add(&self.ctx.stats.scheduler_streams_lost, 1);
+                        dataplane::Counters::add(&self.svc.stats.scheduler_streams_lost, 1);
                         self.responses = None;
                         self.announce = None;
                         // No scheduler to hand out the digests still missing: until one
@@ -200,7 +200,7 @@ impl TaskRun {
                 }
                 _ = &mut timeout, if !self.dispatched => {
                     if self.spec.disable_back_to_source {
-                        return Err(DownloadError::NoSource(format!("no parents within {:?} and back-to-source is disabled", self.ctx.config.scheduler.schedule_timeout)));
+                        return Err(DownloadError::NoSource(format!("no parents within {:?} and back-to-source is disabled", self.svc.settings.schedule_timeout)));
                     }
                     tracing::warn!(task = %self.spec.id, "no parents within the schedule timeout; back to source");
                     return self.back_to_source().await;
@@ -223,7 +223,7 @@ impl TaskRun {
         stall_timeout: std::time::Duration,
     ) -> Option<Result<Arc<TaskStore>, DownloadError>> {
         self.stalls += 1;
-        dataplane::Counters::add(&self.ctx.stats.download_stalls, 1);
+        dataplane::Counters::add(&self.svc.stats.download_stalls, 1);
         tracing::warn!(task = %self.spec.id, stalls = self.stalls, "no piece stored for {stall_timeout:?}");
         if self.announce.is_some() && self.stalls < 2 {
             self.announce(Request::Reschedule(RescheduleRequest {
@@ -264,7 +264,7 @@ impl TaskRun {
             let layout = PieceLayout::new(md.content_length, md.piece_length)
                 .map_err(|e| format!("task layout: {e}"))?;
             let store = self
-                .ctx
+                .svc
                 .storage
                 .create(self.spec.id, layout)
                 .map_err(|e| format!("creating task file: {e}"))?;
@@ -277,7 +277,7 @@ impl TaskRun {
         let parents: Vec<Parent> = cp
             .parents
             .into_iter()
-            .filter(|p| p.host_id != self.ctx.host.id && !self.bad_parents.contains(&p.host_id))
+            .filter(|p| p.host_id != self.svc.host.id && !self.bad_parents.contains(&p.host_id))
             .filter_map(|p| {
                 let ip: IpAddr = p.ip.parse().ok()?;
                 let port = u16::try_from(p.data_port).ok()?;
@@ -294,8 +294,6 @@ impl TaskRun {
         let Some(store) = self.store.clone() else {
             return Ok(());
         };
-        let bridge = &self.ctx.bridge;
-        let thread = bridge.thread_of(&self.spec.id);
         let cmd = if self.dispatched {
             Command::AddParents {
                 task: self.spec.id,
@@ -308,9 +306,7 @@ impl TaskRun {
                 rate_limit: self.spec.rate_limit,
             }
         };
-        bridge
-            .send(thread, cmd)
-            .map_err(|_| "data plane command queue is full".to_string())?;
+        self.svc.dataplane.send(&self.spec.id, cmd)?;
         self.dispatched = true;
         Ok(())
     }
@@ -319,7 +315,7 @@ impl TaskRun {
     /// match its digest (`TaskStore::commit_verified`), unless `data_plane.verify_pieces` is
     /// off. A digest that differs from one already known is logged; the first stays.
     pub(super) fn on_digests(&mut self, d: &wire::proto::scheduler::PieceDigests) {
-        if !self.ctx.config.data_plane.verify_pieces {
+        if !self.svc.settings.verify_pieces {
             return;
         }
         let Some(store) = &self.store else {
@@ -433,10 +429,9 @@ impl TaskRun {
     }
 
     pub(super) fn cancel_dataplane(&self) {
-        let bridge = &self.ctx.bridge;
-        let _ = bridge.send(
-            bridge.thread_of(&self.spec.id),
-            Command::Cancel { task: self.spec.id },
-        );
+        let _ = self
+            .svc
+            .dataplane
+            .send(&self.spec.id, Command::Cancel { task: self.spec.id });
     }
 }

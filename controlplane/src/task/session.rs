@@ -2,7 +2,9 @@
 //! when one does not answer), registering again after the stream ends, reporting the pieces
 //! held, and keeping the stream open after the download so others can fetch from this peer.
 
+use super::services::ResponseStream;
 use super::*;
+use futures::StreamExt;
 
 pub(super) const REREGISTER_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
 /// Longest wait between tries to register a running download again.
@@ -15,9 +17,9 @@ pub(super) const REREGISTER_SOURCE_FOR: std::time::Duration = std::time::Duratio
 
 impl TaskRun {
     pub(super) async fn connect_scheduler(&mut self) -> Result<(), String> {
-        let mut order = self.ctx.schedulers.pool().ordered(&self.spec.id);
+        let mut order = self.svc.schedulers.ordered(&self.spec.id);
         if let Some(first) = &self.spec.scheduler {
-            if let Some(i) = order.iter().position(|(a, _)| a == first) {
+            if let Some(i) = order.iter().position(|a| a == first) {
                 let preferred = order.remove(i);
                 order.insert(0, preferred);
             }
@@ -28,8 +30,8 @@ impl TaskRun {
         // The task's own scheduler first; when it does not answer, the next one by rendezvous
         // order, so a dead scheduler's tasks move without waiting for the manager to notice.
         let mut errors = Vec::new();
-        for (addr, channel) in order {
-            match self.register_with(&addr, channel).await {
+        for addr in order {
+            match self.register_with(addr).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(task = %self.spec.id, "{e}");
@@ -40,16 +42,12 @@ impl TaskRun {
         Err(errors.join("; "))
     }
 
-    pub(super) async fn register_with(
-        &mut self,
-        addr: &str,
-        channel: tonic::transport::Channel,
-    ) -> Result<(), String> {
+    pub(super) async fn register_with(&mut self, addr: String) -> Result<(), String> {
         let (tx, rx) = crate::announce::channel();
         let register = RegisterPeer {
             task_id: self.spec.id.to_hex(),
-            peer_id: format!("{}-{:016x}", self.ctx.host.id, rand::random::<u64>()),
-            host: Some(self.ctx.host.clone()),
+            peer_id: format!("{}-{:016x}", self.svc.host.id, rand::random::<u64>()),
+            host: Some(self.svc.host.clone()),
             // No origin at all (dfcache export): peers only.
             source: (!self.spec.url.is_empty()).then(|| TaskSource {
                 url: self.spec.url.clone(),
@@ -81,13 +79,13 @@ impl TaskRun {
         tx.send(AnnouncePeerRequest {
             request: Some(Request::Register(register)),
         });
-        let mut client = SchedulerClient::new(channel);
-        let resp = client
-            .announce_peer(rx)
-            .await
-            .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
+        let responses = self
+            .svc
+            .schedulers
+            .announce_peer(self.spec.id, addr, rx)
+            .await?;
         self.announce = Some(tx);
-        self.responses = Some(resp.into_inner());
+        self.responses = Some(responses);
         Ok(())
     }
 
@@ -99,7 +97,7 @@ impl TaskRun {
         match tokio::time::timeout(REREGISTER_TIMEOUT, self.connect_scheduler()).await {
             Ok(Ok(())) => {
                 tracing::info!(task = %self.spec.id, "running download registered again with a scheduler");
-                dataplane::Counters::add(&self.ctx.stats.scheduler_reregistrations, 1);
+                dataplane::Counters::add(&self.svc.stats.scheduler_reregistrations, 1);
                 if let Some(store) = self.store.clone() {
                     self.announce_held(&store);
                 }
@@ -193,22 +191,16 @@ impl TaskRun {
     }
     /// Keeps the scheduler stream open after the download, so the scheduler keeps offering
     /// this peer as a parent, until the scheduler closes it.
-    pub(super) async fn keep_serving(mut self) {
+    pub(super) async fn keep_serving(mut self, tasks: &TaskManager) {
         let Some(mut responses) = self.responses.take() else {
             // Finished without a scheduler stream (it went away and did not come back in
             // time): tell the task's scheduler this host holds it, as the host stream does
             // when it connects again (if that scheduler is still down, that is when).
-            if let (Some(store), Some((addr, channel))) = (
-                self.store.as_ref(),
-                self.ctx.schedulers.pool().pick(&self.spec.id),
-            ) {
-                let announce = crate::scheduler::announce_complete(
-                    self.ctx.clone(),
-                    addr,
-                    channel,
-                    self.spec.id,
-                    store.layout(),
-                );
+            if let Some(store) = self.store.as_ref() {
+                let announce = self
+                    .svc
+                    .schedulers
+                    .announce_complete(self.spec.id, store.layout());
                 if tokio::time::timeout(REREGISTER_TIMEOUT, announce)
                     .await
                     .is_err()
@@ -221,16 +213,16 @@ impl TaskRun {
         let _announce = self.announce.take();
         let id = self.spec.id;
         let stop = Arc::new(tokio::sync::Notify::new());
-        if let Ok(mut s) = self.ctx.tasks.serving.lock() {
+        if let Ok(mut s) = tasks.serving.lock() {
             s.insert(id, stop.clone());
         }
         loop {
             tokio::select! {
-                m = responses.message() => if !matches!(m, Ok(Some(_))) { break },
+                m = responses.next() => if !matches!(m, Some(Ok(_))) { break },
                 _ = stop.notified() => return,
             }
         }
-        if let Ok(mut s) = self.ctx.tasks.serving.lock() {
+        if let Ok(mut s) = tasks.serving.lock() {
             if s.get(&id).is_some_and(|n| Arc::ptr_eq(n, &stop)) {
                 s.remove(&id);
             }
@@ -240,10 +232,10 @@ impl TaskRun {
 
 /// The next answer on the scheduler stream (pending forever without one).
 pub(super) async fn next_response(
-    r: &mut Option<tonic::Streaming<wire::proto::scheduler::AnnouncePeerResponse>>,
+    r: &mut Option<ResponseStream>,
 ) -> Option<Result<Option<wire::proto::scheduler::AnnouncePeerResponse>, tonic::Status>> {
     match r {
-        Some(s) => Some(s.message().await),
+        Some(s) => Some(s.next().await.transpose()),
         None => std::future::pending().await,
     }
 }

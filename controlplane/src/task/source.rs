@@ -55,14 +55,15 @@ impl TaskRun {
         }
         self.origin_pending.extend(pieces.iter().copied());
         self.origin_running += 1;
-        dataplane::Counters::add(&self.ctx.stats.lost_piece_fetches, 1);
-        let ctx = self.ctx.clone();
+        dataplane::Counters::add(&self.svc.stats.lost_piece_fetches, 1);
+        let origin = self.svc.origin.clone();
         let spec = self.spec.clone();
         let tx = self.origin_tx.clone();
         self.origin_fetches.retain(|h| !h.is_finished());
         self.origin_fetches.push(tokio::spawn(async move {
             let mut sink = ChannelSink(tx.clone());
-            let result = origin::fetch_pieces(&ctx, &spec, store, &pieces, &mut sink)
+            let result = origin
+                .fetch_pieces(&spec, store, &pieces, &mut sink)
                 .await
                 .map_err(DownloadError::from);
             let _ = tx.send(OriginMsg::Done { pieces, result });
@@ -153,16 +154,17 @@ impl TaskRun {
                 "task not found in the P2P network (it has no origin)".into(),
             ));
         }
-        dataplane::Counters::add(&self.ctx.stats.back_to_source, 1);
+        dataplane::Counters::add(&self.svc.stats.back_to_source, 1);
         if self.dispatched {
             self.cancel_dataplane();
         }
         // Lost pieces already on their way from the origin are not asked for again.
         self.finish_origin_fetches().await;
-        let ctx = self.ctx.clone();
+        let origin = self.svc.origin.clone();
         let spec = self.spec.clone();
         let existing = self.store.clone();
-        let mut result = origin::fetch(&ctx, &spec, existing, self)
+        let mut result = origin
+            .fetch(&spec, existing, self)
             .await
             .map_err(DownloadError::from);
         // The scheduler stream ended while this host fetched from the origin (a scheduler
@@ -178,9 +180,9 @@ impl TaskRun {
             // told this peer holds it (pieces already announced are checked by each
             // consumer's own digest check; the task goes, so no one is served it again).
             if let Err(e) = verify_digest(store, digest).await {
-                dataplane::Counters::add(&self.ctx.stats.origin_digest_mismatches, 1);
+                dataplane::Counters::add(&self.svc.stats.origin_digest_mismatches, 1);
                 tracing::warn!(task = %spec.id, url = %spec.url, "{e}");
-                if let Err(re) = self.ctx.storage.remove(&spec.id) {
+                if let Err(re) = self.svc.storage.remove(&spec.id) {
                     tracing::warn!(task = %spec.id, "removing the mismatching task: {re}");
                 }
                 self.store = None;
