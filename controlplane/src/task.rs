@@ -9,6 +9,8 @@ mod run;
 mod services;
 mod session;
 mod source;
+#[cfg(test)]
+mod tests;
 
 pub use services::{
     BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
