@@ -203,6 +203,15 @@ impl Harness {
     /// Starts a run of a 3-piece task; `schedulers`: the addresses the fake offers (none:
     /// the scheduler is unreachable).
     fn start(schedulers: &[&str], fail: Option<fn() -> OriginError>) -> Self {
+        Self::start_with(schedulers, fail, Duration::from_secs(30))
+    }
+
+    /// [`Self::start`] with `download.stall_timeout` set to `stall_timeout`.
+    fn start_with(
+        schedulers: &[&str],
+        fail: Option<fn() -> OriginError>,
+        stall_timeout: Duration,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = Arc::new(Storage::open(dir.path()).expect("storage"));
         let content = content();
@@ -232,7 +241,7 @@ impl Harness {
             },
             settings: RunSettings {
                 schedule_timeout: Duration::from_secs(30),
-                stall_timeout: Duration::from_secs(30),
+                stall_timeout,
                 verify_pieces: true,
             },
         };
@@ -566,4 +575,64 @@ async fn lost_pieces_origin_error_ends_the_run_with_its_variant() {
         }) => assert!(message.contains("no peer holds"), "{message}"),
         other => panic!("expected OriginStatus 403, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn lost_pieces_come_from_the_origin_beside_the_parents_and_finish_the_run() {
+    let mut h = Harness::start(&["s1"], None);
+    let mut s = h.stream().await;
+    assert!(matches!(s.next().await, Request::Register(_)));
+    s.answer(h.parents());
+    let Command::Download { store, .. } = h.command().await else {
+        panic!("the first command is not a download");
+    };
+    h.deliver(&store, 0).await;
+    s.answer(Response::NeedBackToSource(NeedBackToSource {
+        reason: "the only seed left".into(),
+        pieces: vec![1, 2],
+    }));
+    let reqs = s.until_finished().await;
+    // The run handles the event and the answer in either order.
+    let mut reported = pieces_reported(&reqs);
+    reported.sort();
+    assert_eq!(
+        reported,
+        vec![
+            (0, "parent-1".into()),
+            (1, String::new()),
+            (2, String::new())
+        ]
+    );
+    // The origin brought the last pieces: the data plane is told to stop.
+    assert!(matches!(h.command().await, Command::Cancel { .. }));
+    assert_eq!(h.origin.fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(h.stats.lost_piece_fetches.load(Ordering::Relaxed), 1);
+    assert_eq!(h.stats.back_to_source.load(Ordering::Relaxed), 0);
+    let content = h.content.clone();
+    let (result, progress) = h.finish().await;
+    assert_eq!(file_bytes(&result.expect("the run failed")), content);
+    assert_eq!(progress.from_origin, content.len() as u64 - PIECE);
+    assert_eq!(progress.from_peers, PIECE);
+}
+
+#[tokio::test]
+async fn a_stalled_download_asks_for_parents_then_goes_to_the_origin() {
+    let mut h = Harness::start_with(&["s1"], None, Duration::from_millis(200));
+    let mut s = h.stream().await;
+    assert!(matches!(s.next().await, Request::Register(_)));
+    s.answer(h.parents());
+    assert!(matches!(h.command().await, Command::Download { .. }));
+    // No piece comes: first a reschedule request, then the origin.
+    let Request::Reschedule(r) = s.next().await else {
+        panic!("a stalled download did not ask for parents again");
+    };
+    assert!(r.reason.contains("no piece for"), "{}", r.reason);
+    assert!(matches!(h.command().await, Command::Cancel { .. }));
+    let reqs = s.until_finished().await;
+    assert_eq!(pieces_reported(&reqs).len(), 3);
+    assert_eq!(h.stats.download_stalls.load(Ordering::Relaxed), 2);
+    let content = h.content.clone();
+    let (result, progress) = h.finish().await;
+    assert_eq!(file_bytes(&result.expect("the run failed")), content);
+    assert_eq!(progress.from_origin, content.len() as u64);
 }
