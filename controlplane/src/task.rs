@@ -162,55 +162,8 @@ impl TaskManager {
         drop(runs);
         dataplane::Counters::add(&ctx.stats.downloads_started, 1);
         tokio::spawn(async move {
-            let id = spec.id;
-            let started = std::time::Instant::now();
-            let mut run = TaskRun::new(RunServices::of(&ctx), spec, state_tx, ev_rx);
-            let result = run.run().await;
-            run.abort_origin_fetches();
-            if result.is_err() {
-                // A failed task's partial file goes (before the run is forgotten, so no new
-                // run can be using it): it holds disk space (a full disk must not stay
-                // full), and its layout may be wrong (an origin that announced a wrong
-                // length); the next try starts afresh.
-                run.cancel_dataplane();
-                if ctx.storage.get(&id).is_some_and(|s| !s.is_complete()) {
-                    if let Err(e) = ctx.storage.remove(&id) {
-                        tracing::warn!(task = %id, "removing the failed task's file: {e}");
-                    }
-                }
-            }
-            if let Ok(mut runs) = ctx.tasks.runs.lock() {
-                runs.remove(&id);
-            }
-            match result {
-                Ok(store) => {
-                    // Most recently used: GC takes it last until it is delivered.
-                    store.touch();
-                    // Record the finished task before reporting it done.
-                    let c = ctx.clone();
-                    let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
-                    if let Ok(Err(e)) = res {
-                        tracing::warn!(task = %id, "writing task metadata: {e:#}");
-                    }
-                    dataplane::Counters::add(&ctx.stats.downloads_succeeded, 1);
-                    ctx.stats.download_seconds.observe(true, started.elapsed());
-                    let p = progress_of(&store, &run.progress);
-                    run.state.send_replace(TaskState::Done(store, p));
-                    tracing::info!(task = %id, "download finished");
-                    // Stay registered as a peer of the task so others can fetch from us.
-                    run.keep_serving(&ctx.tasks).await;
-                }
-                Err(e) => {
-                    tracing::warn!(task = %id, "download failed: {e}");
-                    ctx.stats.failed(&e);
-                    ctx.stats.download_seconds.observe(false, started.elapsed());
-                    run.announce(Request::Failed(PeerFailed {
-                        reason: e.to_string(),
-                    }));
-                    run.cancel_dataplane();
-                    run.state.send_replace(TaskState::Failed(e));
-                }
-            }
+            let run = TaskRun::new(RunServices::of(&ctx), spec, state_tx, ev_rx);
+            run.drive(&ctx.tasks).await;
         });
         state_rx
     }

@@ -36,6 +36,67 @@ pub(super) struct TaskRun {
 }
 
 impl TaskRun {
+    /// Runs the download to its end and publishes it: on success the task is recorded
+    /// (`RunServices::meta`), then `Done`, then the scheduler stream stays open
+    /// ([`Self::keep_serving`]); on failure the partial file goes, the scheduler is told, then
+    /// `Failed`. The run leaves `tasks` before its end is published.
+    pub(super) async fn drive(mut self, tasks: &TaskManager) {
+        let id = self.spec.id;
+        let started = std::time::Instant::now();
+        let result = self.run().await;
+        self.abort_origin_fetches();
+        if result.is_err() {
+            // A failed task's partial file goes (before the run is forgotten, so no new
+            // run can be using it): it holds disk space (a full disk must not stay
+            // full), and its layout may be wrong (an origin that announced a wrong
+            // length); the next try starts afresh.
+            self.cancel_dataplane();
+            if self.svc.storage.get(&id).is_some_and(|s| !s.is_complete()) {
+                if let Err(e) = self.svc.storage.remove(&id) {
+                    tracing::warn!(task = %id, "removing the failed task's file: {e}");
+                }
+            }
+        }
+        if let Ok(mut runs) = tasks.runs.lock() {
+            runs.remove(&id);
+        }
+        match result {
+            Ok(store) => {
+                // Most recently used: GC takes it last until it is delivered.
+                store.touch();
+                // Record the finished task before reporting it done.
+                let (meta, storage) = (self.svc.meta.clone(), self.svc.storage.clone());
+                let res = tokio::task::spawn_blocking(move || meta.flush(&storage)).await;
+                if let Ok(Err(e)) = res {
+                    tracing::warn!(task = %id, "writing task metadata: {e:#}");
+                }
+                dataplane::Counters::add(&self.svc.stats.downloads_succeeded, 1);
+                self.svc
+                    .stats
+                    .download_seconds
+                    .observe(true, started.elapsed());
+                let p = progress_of(&store, &self.progress);
+                self.state.send_replace(TaskState::Done(store, p));
+                tracing::info!(task = %id, "download finished");
+                // Stay registered as a peer of the task so others can fetch from us.
+                self.keep_serving(tasks).await;
+            }
+            Err(e) => {
+                tracing::warn!(task = %id, "download failed: {e}");
+                self.svc.stats.failed(&e);
+                self.svc
+                    .stats
+                    .download_seconds
+                    .observe(false, started.elapsed());
+                self.announce(Request::Failed(PeerFailed {
+                    reason: e.to_string(),
+                }));
+                self.cancel_dataplane();
+                self.state.send_replace(TaskState::Failed(e));
+            }
+        }
+    }
+
     pub(super) fn new(
         svc: RunServices,
         spec: TaskSpec,

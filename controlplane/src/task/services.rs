@@ -8,6 +8,7 @@
 use crate::daemon::Context;
 use crate::metrics::ControlStats;
 use crate::origin::{self, OriginError, PieceSink};
+use crate::store::MetaStore;
 use crate::task::TaskSpec;
 use dataplane::{Command, Storage, TaskStore};
 use futures::Stream;
@@ -96,6 +97,8 @@ pub struct RunServices {
     pub origin: Arc<dyn Origin>,
     /// Task storage.
     pub storage: Arc<Storage>,
+    /// Task metadata that survives restarts (a finished task is recorded there).
+    pub meta: Arc<MetaStore>,
     /// Control-plane counters.
     pub stats: Arc<ControlStats>,
     /// This host as announced to schedulers.
@@ -121,6 +124,7 @@ impl RunServices {
             dataplane: Arc::new(BridgeLink(ctx.clone())),
             origin: Arc::new(HttpOrigin(ctx.clone())),
             storage: ctx.storage.clone(),
+            meta: ctx.meta.clone(),
             stats: ctx.stats.clone(),
             host: ctx.host.clone(),
             settings: RunSettings {

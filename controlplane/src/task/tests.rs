@@ -196,7 +196,11 @@ struct Harness {
     events: mpsc::Sender<Event>,
     origin: Arc<FakeOrigin>,
     stats: Arc<ControlStats>,
-    run: tokio::task::JoinHandle<(Result<Arc<TaskStore>, DownloadError>, Progress)>,
+    storage: Arc<Storage>,
+    tasks: Arc<TaskManager>,
+    state: watch::Receiver<TaskState>,
+    /// `TaskRun::drive`: the run, its end published, then serving until the stream ends.
+    run: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
@@ -233,7 +237,8 @@ impl Harness {
             }),
             dataplane: Arc::new(FakeDataPlane(commands_tx)),
             origin: origin.clone(),
-            storage,
+            storage: storage.clone(),
+            meta: Arc::new(crate::store::MetaStore::open(dir.path()).expect("metadata store")),
             stats: stats.clone(),
             host: Host {
                 id: "me".into(),
@@ -257,12 +262,11 @@ impl Harness {
             priority: 0,
             digest: None,
         };
-        let (state, _) = watch::channel(TaskState::Running(Progress::default()));
+        let (state_tx, state) = watch::channel(TaskState::Running(Progress::default()));
+        let tasks = Arc::new(TaskManager::default());
+        let t = tasks.clone();
         let run = tokio::spawn(async move {
-            let mut run = TaskRun::new(svc, spec, state, events_rx);
-            let result = run.run().await;
-            run.abort_origin_fetches();
-            (result, run.progress.clone())
+            TaskRun::new(svc, spec, state_tx, events_rx).drive(&t).await;
         });
         Self {
             _dir: dir,
@@ -273,6 +277,9 @@ impl Harness {
             events,
             origin,
             stats,
+            storage,
+            tasks,
+            state,
             run,
         }
     }
@@ -291,11 +298,21 @@ impl Harness {
             .expect("fake data plane gone")
     }
 
-    async fn finish(self) -> (Result<Arc<TaskStore>, DownloadError>, Progress) {
-        tokio::time::timeout(GUARD, self.run)
-            .await
-            .expect("the run did not end")
-            .expect("the run panicked")
+    /// The end of the run as published to its watchers: `Done` or `Failed`.
+    async fn finish(&mut self) -> (Result<Arc<TaskStore>, DownloadError>, Progress) {
+        let state = tokio::time::timeout(
+            GUARD,
+            self.state.wait_for(|s| !matches!(s, TaskState::Running(_))),
+        )
+        .await
+        .expect("the run did not end")
+        .expect("the run is gone without an end")
+        .clone();
+        match state {
+            TaskState::Done(store, p) => (Ok(store), p),
+            TaskState::Failed(e) => (Err(e), Progress::default()),
+            TaskState::Running(_) => unreachable!("waited for the end"),
+        }
     }
 
     fn parents(&self) -> Response {
@@ -400,6 +417,23 @@ async fn parents_then_every_piece_finished_succeeds_with_the_bytes() {
     assert_eq!(f.content_length, content.len() as u64);
     assert_eq!(progress.from_peers, content.len() as u64);
     assert_eq!(origin_fetches, 0, "a run with parents went to the origin");
+    assert_eq!(h.stats.downloads_succeeded.load(Ordering::Relaxed), 1);
+    // Done, the peer stays on the scheduler's stream so others can fetch from it, until
+    // the scheduler closes it.
+    tokio::time::timeout(GUARD, async {
+        while !h.tasks.is_serving(&h.id) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the finished run does not serve");
+    assert!(!h.run.is_finished(), "serving ended with the stream open");
+    drop(s);
+    tokio::time::timeout(GUARD, &mut h.run)
+        .await
+        .expect("serving did not end with the scheduler's stream")
+        .expect("the run panicked");
+    assert!(!h.tasks.is_serving(&h.id));
 }
 
 #[tokio::test]
@@ -513,7 +547,8 @@ async fn origin_status_error_ends_in_origin_status() {
             )
         }),
     );
-    let s = h.stream().await;
+    let mut s = h.stream().await;
+    assert!(matches!(s.next().await, Request::Register(_)));
     s.answer(Response::NeedBackToSource(NeedBackToSource {
         reason: "no peer has it".into(),
         pieces: Vec::new(),
@@ -523,11 +558,17 @@ async fn origin_status_error_ends_in_origin_status() {
         Err(DownloadError::OriginStatus { status: 404, .. }) => {}
         other => panic!("expected OriginStatus 404, got {other:?}"),
     }
+    // The scheduler is told why.
+    let Request::Failed(f) = s.next().await else {
+        panic!("the scheduler was not told of the failure");
+    };
+    assert!(f.reason.contains("404"), "{}", f.reason);
+    assert_eq!(h.stats.downloads_succeeded.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
 async fn no_scheduler_and_an_origin_that_gives_up_ends_in_origin() {
-    let h = Harness::start(
+    let mut h = Harness::start(
         &[],
         Some(|| OriginError::Exhausted {
             retries: 3,
@@ -575,6 +616,9 @@ async fn lost_pieces_origin_error_ends_the_run_with_its_variant() {
         }) => assert!(message.contains("no peer holds"), "{message}"),
         other => panic!("expected OriginStatus 403, got {other:?}"),
     }
+    // The partial file goes and the data plane stops.
+    assert!(h.storage.get(&h.id).is_none(), "the partial file was kept");
+    assert!(matches!(h.command().await, Command::Cancel { .. }));
 }
 
 #[tokio::test]
