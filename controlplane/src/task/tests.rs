@@ -680,3 +680,41 @@ async fn a_stalled_download_asks_for_parents_then_goes_to_the_origin() {
     assert_eq!(file_bytes(&result.expect("the run failed")), content);
     assert_eq!(progress.from_origin, content.len() as u64);
 }
+
+#[tokio::test]
+async fn a_stalled_parent_is_named_to_the_scheduler_and_left_out_of_later_parents() {
+    let mut h = Harness::start(&["s1"], None);
+    let mut s = h.stream().await;
+    assert!(matches!(s.next().await, Request::Register(_)));
+    s.answer(h.parents());
+    assert!(matches!(h.command().await, Command::Download { .. }));
+    h.events
+        .send(Event::ParentFailed {
+            task: h.id,
+            parent: "parent-1".into(),
+            reason: "no byte for 3s".into(),
+            stalled: true,
+        })
+        .await
+        .expect("run gone");
+    let Request::Reschedule(r) = s.next().await else {
+        panic!("a stalled parent was not reported");
+    };
+    assert_eq!(r.bad_parent_host_ids, vec!["parent-1".to_string()]);
+    // The scheduler still offers it (and this host itself): neither is handed to the data
+    // plane.
+    let Response::CandidateParents(mut cp) = h.parents() else {
+        unreachable!()
+    };
+    let mut me = cp.parents[0].clone();
+    me.host_id = "me".into();
+    let mut other = cp.parents[0].clone();
+    other.host_id = "parent-2".into();
+    cp.parents.extend([me, other]);
+    s.answer(Response::CandidateParents(cp));
+    let Command::AddParents { parents, .. } = h.command().await else {
+        panic!("new parents were not added to the running download");
+    };
+    let ids: Vec<_> = parents.iter().map(|p| p.host_id.as_str()).collect();
+    assert_eq!(ids, vec!["parent-2"]);
+}
