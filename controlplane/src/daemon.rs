@@ -40,7 +40,7 @@ pub struct Context {
     /// Counters of the registry mirror proxy.
     pub proxy: crate::proxy::ProxyCounters,
     /// Control-plane counters (downloads, failures by kind, back-to-source, scheduler loss).
-    pub stats: crate::metrics::ControlStats,
+    pub stats: Arc<crate::metrics::ControlStats>,
     /// Slots for origin fetches (`download.origin_concurrency`; `None`: unlimited).
     pub origin_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
@@ -189,7 +189,7 @@ impl Daemon {
         };
         let ctx = Arc::new(Context {
             origin_slots,
-            stats: crate::metrics::ControlStats::default(),
+            stats: Arc::default(),
             bridge: dataplane.bridge().clone(),
             config,
             host,

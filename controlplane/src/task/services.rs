@@ -1,0 +1,215 @@
+//! What one run needs from the rest of the daemon, behind narrow traits: the schedulers
+//! ([`Schedulers`]: register, the `AnnouncePeer` response stream as a boxed `Stream`), the
+//! data plane ([`DataPlaneLink`]: download, add parents, cancel; its events come over the
+//! run's own channel), and the origin ([`Origin`]: everything missing, or some pieces).
+//! [`RunServices::of`] builds the real ones over the daemon's [`Context`]; the unit tests of
+//! `TaskRun` build fakes (no sockets, no processes).
+
+use crate::daemon::Context;
+use crate::metrics::ControlStats;
+use crate::origin::{self, OriginError, PieceSink};
+use crate::store::MetaStore;
+use crate::task::TaskSpec;
+use dataplane::{Command, Storage, TaskStore};
+use futures::Stream;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use wire::proto::scheduler::{
+    scheduler_client::SchedulerClient, AnnouncePeerRequest, AnnouncePeerResponse, Host,
+};
+use wire::{PieceLayout, TaskId};
+
+/// A boxed future that can cross threads.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The scheduler's answers on one `AnnouncePeer` stream; it ends (`None`) when the stream
+/// does.
+pub type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<AnnouncePeerResponse, tonic::Status>> + Send>>;
+
+/// The schedulers a run registers with.
+pub trait Schedulers: Send + Sync {
+    /// The addresses of the schedulers of task `id`, in the order to try them.
+    fn ordered(&self, id: &TaskId) -> Vec<String>;
+    /// Opens an `AnnouncePeer` stream of task `id` with scheduler `addr`: `requests` are the
+    /// messages to it (the first one registers). The error says which scheduler and why.
+    fn announce_peer(
+        &self,
+        id: TaskId,
+        addr: String,
+        requests: ReceiverStream<AnnouncePeerRequest>,
+    ) -> BoxFuture<'_, Result<ResponseStream, String>>;
+    /// Tells the task's scheduler this host holds task `id` completely (no stream open).
+    fn announce_complete(&self, id: TaskId, layout: PieceLayout) -> BoxFuture<'_, ()>;
+}
+
+/// The data plane, as a run commands it.
+pub trait DataPlaneLink: Send + Sync {
+    /// Sends `cmd` about `task` to the data-plane thread that runs the task; fails when its
+    /// queue is full.
+    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), String>;
+}
+
+/// The origin of a task.
+pub trait Origin: Send + Sync {
+    /// Fetches every missing piece of `spec` into `existing` (or a new store, created once
+    /// the size is known, given to `sink.layout`), reporting each piece to `sink`. Returns
+    /// the complete store.
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a TaskSpec,
+        existing: Option<Arc<TaskStore>>,
+        sink: &'a mut (dyn PieceSink + Send),
+    ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>>;
+    /// Fetches the pieces numbered in `pieces` that `store` lacks, reporting each to `sink`.
+    fn fetch_pieces<'a>(
+        &'a self,
+        spec: &'a TaskSpec,
+        store: Arc<TaskStore>,
+        pieces: &'a [u32],
+        sink: &'a mut (dyn PieceSink + Send),
+    ) -> BoxFuture<'a, Result<(), OriginError>>;
+}
+
+/// The settings of the daemon's config a run reads.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// `scheduler.schedule_timeout`: wait for parents before going back to source.
+    pub schedule_timeout: Duration,
+    /// `download.stall_timeout`: a running download that stores no piece for this long asks
+    /// for parents again (then goes to the origin).
+    pub stall_timeout: Duration,
+    /// `data_plane.verify_pieces`: check pieces from parents against the scheduler's digests.
+    pub verify_pieces: bool,
+}
+
+/// Everything one run uses.
+#[derive(Clone)]
+pub struct RunServices {
+    /// The schedulers.
+    pub schedulers: Arc<dyn Schedulers>,
+    /// The data plane.
+    pub dataplane: Arc<dyn DataPlaneLink>,
+    /// The origin.
+    pub origin: Arc<dyn Origin>,
+    /// Task storage.
+    pub storage: Arc<Storage>,
+    /// Task metadata that survives restarts (a finished task is recorded there).
+    pub meta: Arc<MetaStore>,
+    /// Control-plane counters.
+    pub stats: Arc<ControlStats>,
+    /// This host as announced to schedulers.
+    pub host: Host,
+    /// Config the run reads.
+    pub settings: RunSettings,
+}
+
+impl std::fmt::Debug for RunServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunServices")
+            .field("host", &self.host.id)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunServices {
+    /// The real services of the daemon `ctx`.
+    pub fn of(ctx: &Arc<Context>) -> Self {
+        Self {
+            schedulers: Arc::new(ContextSchedulers(ctx.clone())),
+            dataplane: Arc::new(BridgeLink(ctx.clone())),
+            origin: Arc::new(HttpOrigin(ctx.clone())),
+            storage: ctx.storage.clone(),
+            meta: ctx.meta.clone(),
+            stats: ctx.stats.clone(),
+            host: ctx.host.clone(),
+            settings: RunSettings {
+                schedule_timeout: ctx.config.scheduler.schedule_timeout,
+                stall_timeout: ctx.config.download.stall_timeout,
+                verify_pieces: ctx.config.data_plane.verify_pieces,
+            },
+        }
+    }
+}
+
+/// The daemon's scheduler pool (replaced at run time when the manager names others).
+struct ContextSchedulers(Arc<Context>);
+
+impl Schedulers for ContextSchedulers {
+    fn ordered(&self, id: &TaskId) -> Vec<String> {
+        let pool = self.0.schedulers.pool();
+        pool.ordered(id).into_iter().map(|(a, _)| a).collect()
+    }
+
+    fn announce_peer(
+        &self,
+        id: TaskId,
+        addr: String,
+        requests: ReceiverStream<AnnouncePeerRequest>,
+    ) -> BoxFuture<'_, Result<ResponseStream, String>> {
+        Box::pin(async move {
+            let channel = self
+                .0
+                .schedulers
+                .pool()
+                .ordered(&id)
+                .into_iter()
+                .find_map(|(a, c)| (a == addr).then_some(c))
+                .ok_or_else(|| format!("scheduler {addr}: no longer configured"))?;
+            let resp = SchedulerClient::new(channel)
+                .announce_peer(requests)
+                .await
+                .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
+            Ok(Box::pin(resp.into_inner()) as ResponseStream)
+        })
+    }
+
+    fn announce_complete(&self, id: TaskId, layout: PieceLayout) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some((addr, channel)) = self.0.schedulers.pool().pick(&id) {
+                crate::scheduler::announce_complete(self.0.clone(), addr, channel, id, layout)
+                    .await;
+            }
+        })
+    }
+}
+
+/// The plane bridge.
+struct BridgeLink(Arc<Context>);
+
+impl DataPlaneLink for BridgeLink {
+    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), String> {
+        let bridge = &self.0.bridge;
+        bridge
+            .send(bridge.thread_of(task), cmd)
+            .map_err(|_| "data plane command queue is full".to_string())
+    }
+}
+
+/// HTTP(S) and object-storage origins (`crate::origin`).
+struct HttpOrigin(Arc<Context>);
+
+impl Origin for HttpOrigin {
+    fn fetch<'a>(
+        &'a self,
+        spec: &'a TaskSpec,
+        existing: Option<Arc<TaskStore>>,
+        sink: &'a mut (dyn PieceSink + Send),
+    ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>> {
+        Box::pin(origin::fetch(&self.0, spec, existing, sink))
+    }
+
+    fn fetch_pieces<'a>(
+        &'a self,
+        spec: &'a TaskSpec,
+        store: Arc<TaskStore>,
+        pieces: &'a [u32],
+        sink: &'a mut (dyn PieceSink + Send),
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        Box::pin(origin::fetch_pieces(&self.0, spec, store, pieces, sink))
+    }
+}
