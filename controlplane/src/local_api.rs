@@ -475,8 +475,13 @@ fn progress_stream(
                     let src = store.path().to_path_buf();
                     let out = output.clone();
                     let res = tokio::task::spawn_blocking(move || {
-                        // Garbage collection leaves the task alone while it is copied out.
-                        let _busy = store.busy();
+                        // Garbage collection leaves the task alone while it is copied out;
+                        // one it evicted already cannot be delivered.
+                        let Some(_busy) = store.busy() else {
+                            return Err(Status::not_found(
+                                "the task was evicted before it could be delivered; download it again",
+                            ));
+                        };
                         deliver(&src, &out, digest, how)
                     })
                     .await
