@@ -29,7 +29,7 @@ use crate::window::RequestWindow;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rand::Rng;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -457,7 +457,36 @@ impl Session {
     /// trusted digest still on its way, at most `digest_wait`): `Ok(true)` this copy was
     /// stored, `Ok(false)` another was (or this one was not needed). A piece whose bytes do
     /// not match is never marked ([`StoreError::PieceDigest`]); its claim is released.
-    async fn settle(&self, landed: Landed) -> Result<bool, StoreError> {
+    /// `None`: dropped unjudged, because `condemned` was set meanwhile (an earlier piece of
+    /// the same connection was corrupt or forged: its parent is dropped at the first one).
+    async fn settle(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Option<Result<bool, StoreError>> {
+        let res = match self.judge(landed, condemned).await {
+            Err(None) => None,
+            Err(Some(e)) => Some(Err(e)),
+            Ok(v) => Some(Ok(v)),
+        };
+        if matches!(
+            res,
+            Some(Err(
+                StoreError::PieceDigest { .. } | StoreError::Digest { .. }
+            ))
+        ) {
+            // Before any await: later pieces of this connection see it.
+            condemned.set(true);
+        }
+        res
+    }
+
+    /// [`Session::settle`]'s work; `Err(None)`: dropped unjudged.
+    async fn judge(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Result<bool, Option<StoreError>> {
         let Landed {
             n,
             crc,
@@ -473,13 +502,16 @@ impl Session {
                     Some(w) => piece.sums(w).await,
                     None => None,
                 };
-                let sums = sums.ok_or(StoreError::DigestUnknown(n))?;
+                let sums = sums.ok_or(Some(StoreError::DigestUnknown(n)))?;
+                if condemned.get() {
+                    return Err(None);
+                }
                 if sums.crc32c != crc {
-                    return Err(StoreError::Digest {
+                    return Err(Some(StoreError::Digest {
                         number: n,
                         expected: crc,
                         got: sums.crc32c,
-                    });
+                    }));
                 }
                 Some(sums.digest)
             }
@@ -489,8 +521,11 @@ impl Session {
             // scheduler): hold the piece, and the claim, until it is, at most `digest_wait`.
             self.wait_digest(n).await;
         }
+        if condemned.get() {
+            return Err(None);
+        }
         if let Some(w) = writer {
-            return w.finish(crc, digest);
+            return w.finish(crc, digest).map_err(Some);
         }
         let Some(a) = aside else {
             return Ok(false);
@@ -498,19 +533,19 @@ impl Session {
         if let Some(d) = digest {
             // Checked before the copy kept aside overwrites anything.
             if let Some(expected) = self.store.piece_digest(n).filter(|e| *e != d) {
-                return Err(StoreError::PieceDigest {
+                return Err(Some(StoreError::PieceDigest {
                     number: n,
                     expected,
                     got: d,
-                });
+                }));
             }
         }
         match self.store.claim(n) {
             Ok(mut w) => {
-                w.write(&a)?;
-                w.finish(crc, digest)
+                w.write(&a).map_err(Some)?;
+                w.finish(crc, digest).map_err(Some)
             }
-            Err(ClaimError::Retired) => Err(StoreError::Retired),
+            Err(ClaimError::Retired) => Err(Some(StoreError::Retired)),
             // Stored by the other copy, or it is still being written.
             Err(_) => Ok(false),
         }
@@ -727,6 +762,9 @@ struct ParentConn {
     settling: VecDeque<monoio::task::JoinHandle<()>>,
     /// The first error a settling piece found (forged, corrupt, storage): drops the parent.
     failed: Rc<RefCell<Option<ParentError>>>,
+    /// Set at the first corrupt or forged piece: pieces of this connection still settling
+    /// are dropped unjudged (the parent is dropped at its first bad piece).
+    condemned: Rc<Cell<bool>>,
 }
 
 async fn run_parent(s: Rc<Session>, p: Parent) {
@@ -738,6 +776,7 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
         not_found: 0,
         settling: VecDeque::new(),
         failed: Rc::new(RefCell::new(None)),
+        condemned: Rc::new(Cell::new(false)),
     };
     let mut res = parent_loop(&s, &p, &mut pc).await;
     // Pieces still settling are committed (or refused) before the parent counts as gone.
@@ -1072,8 +1111,12 @@ async fn parent_io<S: FetchStream>(
                 if landed.writer.is_some() && matches!(landed.hash, Hashing::Worker(_)) {
                     // Hashed by the worker: commit when the verdict comes, reading on.
                     let (s2, p2, failed) = (s.clone(), p.clone(), pc.failed.clone());
+                    let condemned = pc.condemned.clone();
                     pc.settling.push_back(monoio::spawn(async move {
-                        let res = s2.settle(landed).await;
+                        let Some(res) = s2.settle(landed, &condemned).await else {
+                            s2.release(n);
+                            return;
+                        };
                         if let Err(e) = s2.settled(res, n, len, crc, &p2, took).await {
                             failed.borrow_mut().get_or_insert(e);
                             // Wake the connection if it waits for work.
@@ -1086,8 +1129,10 @@ async fn parent_io<S: FetchStream>(
                         }
                     }
                 } else {
-                    let res = s.settle(landed).await;
-                    s.settled(res, n, len, crc, p, took).await?;
+                    match s.settle(landed, &pc.condemned).await {
+                        Some(res) => s.settled(res, n, len, crc, p, took).await?,
+                        None => s.release(n),
+                    }
                 }
             }
             (Pending::Piece(n, _), Frame::Error { code, message }) => {
