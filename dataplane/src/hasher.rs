@@ -95,8 +95,10 @@ enum Job {
 
 struct Shared {
     jobs: ArrayQueue<Job>,
-    /// Hashed chunk buffers, emptied, for the fetcher to read into again.
-    spare: ArrayQueue<RawChunk>,
+    /// Hashed chunk buffers, emptied, for the fetcher to read into again: a stack, so that
+    /// the buffer reused is the one hashed last (still in a cache), and a connection whose
+    /// hasher keeps up reads into two buffers in turn rather than through all of them.
+    spare: Mutex<Vec<RawChunk>>,
     /// Chunks handed over and not hashed yet.
     held: AtomicUsize,
     /// Fires when a chunk was hashed (room in the budget).
@@ -126,7 +128,7 @@ impl HashWorker {
             // Chunks are bounded by the budget; each piece adds one `Finish`. Room for the
             // finish jobs of as many pieces as there can be chunks, plus slack.
             jobs: ArrayQueue::new(4 * HASH_BUDGET + 64),
-            spare: ArrayQueue::new(HASH_BUDGET + 1),
+            spare: Mutex::new(Vec::with_capacity(HASH_BUDGET + 1)),
             held: AtomicUsize::new(0),
             room: event_listener::Event::new(),
             stop: AtomicBool::new(false),
@@ -170,7 +172,11 @@ impl HashWorker {
         }
         sh.held.fetch_add(1, Ordering::AcqRel);
         self.push(Job::Chunk(piece.clone(), chunk)).await;
-        sh.spare.pop().unwrap_or_default()
+        sh.spare
+            .lock()
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default()
     }
 
     /// Every chunk of `piece` was given: the worker computes its sums after them.
@@ -227,7 +233,11 @@ fn run(sh: &Shared) {
                     if let Ok(mut r) = piece.running.lock() {
                         r.update(&chunk);
                     }
-                    let _ = sh.spare.push(empty(chunk));
+                    if let Ok(mut v) = sh.spare.lock() {
+                        if v.len() <= HASH_BUDGET {
+                            v.push(empty(chunk));
+                        }
+                    }
                     sh.held.fetch_sub(1, Ordering::AcqRel);
                     sh.room.notify(usize::MAX);
                 }

@@ -716,13 +716,14 @@ impl TaskStore {
         self.digests_changed.listen()
     }
 
-    /// Marks piece `n` as stored with crc32c `crc` after the caller wrote bytes whose BLAKE3
-    /// digest is `got` at the piece's offset (and checked them against `crc`): when digests
-    /// are required, only if `got` is the piece's trusted digest. This is the one place where
+    /// Marks piece `n` as stored with crc32c `crc` after the claim holder wrote bytes whose
+    /// BLAKE3 digest is `got` at the piece's offset (and checked them against `crc`): when
+    /// digests are required, only if `got` is the piece's trusted digest
+    /// ([`PieceWriter::finish`]). This is the one place where
     /// a piece from a parent becomes visible (served, counted); bytes that fail here stay
     /// unmarked, so they are never served and are overwritten by the next copy. Returns
     /// whether the piece was new.
-    pub fn commit_verified(
+    fn commit_verified(
         &self,
         n: u32,
         crc: u32,
@@ -751,12 +752,10 @@ impl TaskStore {
         Ok(self.commit(n, crc))
     }
 
-    /// Marks piece `n` as stored with digest `crc`. The caller must have written, at the
-    /// piece's offset, bytes of the right length whose crc32c is `crc`: checked by
-    /// [`TaskStore::verify`] in [`TaskStore::write_piece`], or by the fetcher as the bytes
-    /// arrive (it writes them with `pwritev`, not io_uring).
-    /// Returns whether the piece was new.
-    pub fn commit(&self, n: u32, crc: u32) -> bool {
+    /// Marks piece `n` as stored with crc32c `crc`. Only for the holder of the piece's claim
+    /// ([`PieceWriter`]), after it wrote bytes of the right length whose crc32c is `crc`, and
+    /// for [`TaskStore::restore`]. Returns whether the piece was new.
+    fn commit(&self, n: u32, crc: u32) -> bool {
         let (Some(word), Some(slot)) = (self.bits.get(n as usize / 64), self.crcs.get(n as usize))
         else {
             return false;
