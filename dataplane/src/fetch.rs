@@ -367,10 +367,11 @@ impl Session {
         // The trusted digest is checked where the piece is committed (`PieceWriter::finish`).
         // With a hash worker, it computes the crc32c and the digest off this thread.
         let hashed = self.store.digests_required() || self.store.piece_digest(n).is_some();
+        // A worker that is behind has no free core to run on: then this thread hashes.
         let mut hash = match (hashed, &self.hasher) {
             (false, _) => Hashing::None,
-            (true, Some(w)) => Hashing::Worker(w.begin()),
-            (true, None) => Hashing::Inline(Box::default()),
+            (true, Some(w)) if !w.lagging() => Hashing::Worker(w.begin()),
+            (true, _) => Hashing::Inline(Box::default()),
         };
         let crc_here = !matches!(hash, Hashing::Worker(_));
         if let (false, Some(w)) = (crc_here, writer.as_mut()) {

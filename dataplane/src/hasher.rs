@@ -144,6 +144,13 @@ impl HashWorker {
         })
     }
 
+    /// Whether the worker is behind: half its budget or more handed over and not hashed.
+    /// It is then short of CPU (no free core), and a piece is better hashed on the
+    /// receiving thread than queued behind it.
+    pub fn lagging(&self) -> bool {
+        self.shared.held.load(Ordering::Acquire) >= HASH_BUDGET / 2
+    }
+
     /// A new piece to hash.
     pub fn begin(&self) -> Arc<PieceHash> {
         Arc::new(PieceHash::default())
