@@ -366,7 +366,9 @@ impl Session {
         let mut running = 0u32;
         // The trusted digest is checked where the piece is committed (`PieceWriter::finish`).
         // With a hash worker, it computes the crc32c and the digest off this thread.
-        let hashed = self.store.digests_required() || self.store.piece_digest(n).is_some();
+        // (A copy that is neither written nor kept aside is read and dropped: not hashed.)
+        let hashed = (writer.is_some() || aside.is_some())
+            && (self.store.digests_required() || self.store.piece_digest(n).is_some());
         // A worker that is behind has no free core to run on: then this thread hashes.
         let mut hash = match (hashed, &self.hasher) {
             (false, _) => Hashing::None,
