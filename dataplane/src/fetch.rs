@@ -156,6 +156,8 @@ enum ParentError {
     Corrupt(u32, String),
     #[error("storing piece {0}: {1}")]
     Storage(u32, String),
+    #[error("the task was removed")]
+    Retired,
 }
 
 /// One download on one data-plane thread.
@@ -614,6 +616,13 @@ impl Session {
                     format!("crc32c {got:08x} does not match the announced {expected:08x}");
                 return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
             }
+            Err(StoreError::Retired) => {
+                // Removed on purpose (failed run, user delete, eviction): whoever removed it
+                // knows; the session just ends, without events about a task that is gone.
+                self.release(n);
+                self.cancel();
+                return Err(ParentError::Retired);
+            }
             Err(e) => {
                 self.release(n);
                 return Err(ParentError::Storage(n, e.to_string()));
@@ -787,7 +796,12 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
         h.await;
     }
     if let Some(e) = pc.failed.borrow_mut().take() {
-        if res.is_ok() || matches!(e, ParentError::Storage(..) | ParentError::Corrupt(..)) {
+        if res.is_ok()
+            || matches!(
+                e,
+                ParentError::Storage(..) | ParentError::Corrupt(..) | ParentError::Retired
+            )
+        {
             res = Err(e);
         }
     }
@@ -808,6 +822,9 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
         st.active -= 1;
         (st.active, st.done)
     };
+    if let Err(ParentError::Retired) = res {
+        return;
+    }
     if let Err(e) = res {
         tracing::info!(task = %s.task(), parent = %p.host_id, "parent dropped: {e}");
         let stalled = matches!(
