@@ -1,7 +1,9 @@
 //! Garbage collection of stored tasks: task TTL, and high/low disk watermarks (bytes of task
 //! files and/or percent of the storage dir's filesystem) that evict the least recently used
-//! tasks. A task being downloaded (a run of [`crate::task::TaskManager`]) or in use (an upload
-//! or delivery holds [`dataplane::storage::Busy`]) is never evicted.
+//! tasks. A task being downloaded (a run of [`crate::task::TaskManager`]) or in use (a
+//! delivery holds [`dataplane::storage::Busy`], a writer a piece's
+//! [`dataplane::storage::PieceWriter`]) is never evicted: [`dataplane::Storage::evict`]
+//! checks the users and retires the task in one atomic step.
 
 use crate::config::GcConfig;
 use crate::daemon::Context;
@@ -88,8 +90,9 @@ pub fn choose_victims(
 
 /// Removes task `id` for good: stops serving it to the scheduler's peers, removes it from
 /// storage (its content file is deleted) and from the metadata store. Returns whether it
-/// was stored. Used by garbage collection; also the entry point for deleting a task on a
-/// user's request (`dfcache delete`).
+/// was stored. The entry point for deleting a task on a user's request (`dfcache
+/// delete`), whoever uses it; garbage collection evicts through
+/// [`dataplane::Storage::evict`] instead, which keeps a task in use.
 pub fn delete_task(ctx: &Context, id: &TaskId) -> anyhow::Result<bool> {
     let present = ctx.storage.get(id).is_some();
     ctx.tasks.stop_serving(id);
@@ -134,16 +137,22 @@ pub fn collect(ctx: &Context) -> Vec<TaskId> {
     );
     let mut evicted = Vec::new();
     for id in victims {
-        // The candidates are a snapshot: a delivery, an upload or a run may have taken the
-        // task since (this narrows the window to the delete itself; it does not close it).
-        if ctx.storage.get(&id).is_some_and(|t| t.in_use()) || ctx.tasks.is_running(&id) {
+        // The candidates are a snapshot: a run may have started since. A delivery, an
+        // upload or a piece writer that took the task since keeps it: `Storage::evict`
+        // checks its users and retires it in one atomic step.
+        if ctx.tasks.is_running(&id) {
             continue;
         }
-        match delete_task(ctx, &id) {
-            Ok(_) => {
+        match ctx.storage.evict(&id) {
+            Ok(true) => {
+                ctx.tasks.stop_serving(&id);
+                if let Err(e) = ctx.meta.delete(&id) {
+                    tracing::warn!(task = %id, "gc could not forget task metadata: {e}");
+                }
                 tracing::info!(task = %id, ?usage, to_free, "task evicted by gc");
                 evicted.push(id);
             }
+            Ok(false) => {}
             Err(e) => tracing::warn!(task = %id, "gc could not remove task: {e}"),
         }
     }

@@ -302,8 +302,9 @@ async fn attempt(
     let layout = store.layout();
     let stop = end.unwrap_or(total).min(total);
     let mut pos = body_start;
-    let mut buf: Vec<u8> = Vec::with_capacity(layout.piece_length().min(total) as usize);
-    let mut piece_started = Instant::now();
+    // The piece being received: its number and, when this fetch writes it, its claim with
+    // the body's buffers not written yet (at most `ORIGIN_WRITE_BATCH` bytes).
+    let mut cur: Option<OriginPiece> = None;
     while pos < stop {
         let chunk = match body.next().await {
             Some(Ok(c)) => c,
@@ -318,7 +319,7 @@ async fn attempt(
             Counters::add(&ctx.counters.shaping_waits, 1);
             tokio::time::sleep(ctx.shaping.clock().pass(wait)).await;
         }
-        let mut data = &chunk[..];
+        let mut data = chunk;
         while !data.is_empty() && pos < stop {
             if pos >= total {
                 return Err(Attempt::Fatal(OriginError::Inconsistent(format!(
@@ -328,7 +329,7 @@ async fn attempt(
             if pos < start {
                 // An origin that ignored our Range: skip what we have.
                 let skip = ((start - pos) as usize).min(data.len());
-                data = &data[skip..];
+                bytes::Buf::advance(&mut data, skip);
                 pos += skip as u64;
                 continue;
             }
@@ -336,26 +337,23 @@ async fn attempt(
             let Some(range) = layout.piece_range(n) else {
                 break;
             };
+            if cur.as_ref().is_none_or(|c| c.n != n) {
+                cur = Some(OriginPiece::start(&store, n, pos == range.start)?);
+            }
+            let Some(piece) = cur.as_mut() else { break };
             let take = ((range.end - pos) as usize).min(data.len());
-            buf.extend_from_slice(&data[..take]);
-            data = &data[take..];
+            let part = data.split_to(take);
             pos += take as u64;
+            piece.add(part);
             if pos == range.end {
-                if !store.has(n) {
-                    let crc = wire::piece_crc(&buf);
-                    // The data plane may have stored it meanwhile: announce it only if new.
-                    let new = store
-                        .write_piece(n, &buf, crc)
-                        .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
-                    Counters::add(&ctx.counters.bytes_from_origin, buf.len() as u64);
-                    if new {
-                        let cost =
-                            u64::try_from(piece_started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                        sink.piece(n, crc, buf.len() as u64, cost);
+                if let Some(p) = cur.take() {
+                    if let Some((crc, len, cost)) = p.finish().await? {
+                        Counters::add(&ctx.counters.bytes_from_origin, len);
+                        sink.piece(n, crc, len, cost);
                     }
                 }
-                buf.clear();
-                piece_started = Instant::now();
+            } else if piece.batched >= ORIGIN_WRITE_BATCH {
+                piece.flush().await?;
             }
         }
     }
@@ -482,6 +480,96 @@ async fn open_s3(
         Ok(Ok(o)) => Ok(o),
         Ok(Err(e)) if e.retryable() => Err(Attempt::Retry(e.to_string())),
         Ok(Err(e)) => Err(Attempt::Fatal(OriginError::ObjectStore(e))),
+    }
+}
+
+/// Bytes of an origin body gathered (as the body's own buffers, not copied) before one
+/// `pwritev` into the piece's claim.
+const ORIGIN_WRITE_BATCH: usize = 1 << 20;
+
+/// One piece of an origin body as it streams in: written through its claim
+/// ([`TaskStore::claim`]) in batches, with one crc32c and BLAKE3 pass over the bytes, on
+/// the blocking pool (not the tokio workers). A piece stored already or being written by
+/// another writer (the data plane fetching it from a peer) is not written here; a claim
+/// dropped unfinished (the transfer broke) leaves the piece missing.
+struct OriginPiece {
+    n: u32,
+    writer: Option<dataplane::PieceWriter>,
+    parts: Vec<bytes::Bytes>,
+    batched: usize,
+    started: Instant,
+}
+
+impl OriginPiece {
+    /// Piece `n`; claimed only when the body starts at its first byte (`whole`).
+    fn start(store: &Arc<TaskStore>, n: u32, whole: bool) -> Result<Self, Attempt> {
+        let writer = if whole {
+            match store.claim(n) {
+                Ok(mut w) => {
+                    w.hash_here();
+                    Some(w)
+                }
+                Err(dataplane::ClaimError::Retired) => {
+                    return Err(Attempt::Fatal(OriginError::Storage(
+                        "the task was evicted or removed during the fetch".into(),
+                    )))
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        Ok(Self {
+            n,
+            writer,
+            parts: Vec::new(),
+            batched: 0,
+            started: Instant::now(),
+        })
+    }
+
+    fn add(&mut self, part: bytes::Bytes) {
+        if self.writer.is_some() {
+            self.batched += part.len();
+            self.parts.push(part);
+        }
+    }
+
+    /// Writes the gathered bytes.
+    async fn flush(&mut self) -> Result<(), Attempt> {
+        let Some(mut w) = self.writer.take() else {
+            return Ok(());
+        };
+        let parts = std::mem::take(&mut self.parts);
+        self.batched = 0;
+        let (w, parts) = tokio::task::spawn_blocking(move || {
+            let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
+            let res = w.write_parts(&slices);
+            drop(slices);
+            (res.map(|()| w), parts)
+        })
+        .await
+        .map_err(|e| Attempt::Fatal(OriginError::Storage(format!("piece write task: {e}"))))?;
+        self.parts = parts;
+        self.parts.clear();
+        self.writer = Some(w.map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?);
+        Ok(())
+    }
+
+    /// Writes the rest and commits the piece: its crc32c, length and cost in microseconds
+    /// when this fetch stored it, `None` when it was not this fetch's to store.
+    async fn finish(mut self) -> Result<Option<(u32, u64, u64)>, Attempt> {
+        self.flush().await?;
+        let Some(w) = self.writer.take() else {
+            return Ok(None);
+        };
+        let (crc, len) = (w.crc().unwrap_or(0), w.len());
+        // Finalising the hash and setting the bit: no I/O.
+        let new = w
+            .finish_trusted(None)
+            .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+        let cost = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        Ok(new.then_some((crc, len, cost)))
     }
 }
 

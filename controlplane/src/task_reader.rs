@@ -347,7 +347,14 @@ impl TaskReader {
     /// [`Self::copy_to_file`] once every piece is stored; blocking file I/O.
     fn copy_blocking(self, output: &Path, how: Delivery) -> Result<u64, ReadError> {
         let store = self.store.clone();
-        let _busy = store.busy();
+        // Garbage collection leaves the task alone while it is copied out; one it evicted
+        // already cannot be delivered.
+        let Some(_busy) = store.busy() else {
+            return Err(DownloadError::NotFound(
+                "the task was evicted before it could be delivered; download it again".into(),
+            )
+            .into());
+        };
         let len = self.remaining();
         let whole = self.pos == 0 && self.end == store.layout().content_length();
         let dir = output.parent().unwrap_or(Path::new("/"));

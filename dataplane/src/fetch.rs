@@ -11,21 +11,25 @@
 //! it. Piece choice is rarest first over the parents' bitmaps (random tie-break), and a piece
 //! is in flight from one parent at a time.
 //!
-//! Every piece is checked against its crc32c (a transport check) and, when the task has
-//! trusted digests, against its BLAKE3 digest from the scheduler, before it is marked stored
-//! (`TaskStore::commit_verified`); a corrupt or forged piece is counted, reported, and the
-//! parent that sent it is dropped.
+//! Every piece is written through its claim (`TaskStore::claim`) and checked against its
+//! crc32c (a transport check) and, when the task has trusted digests, against its BLAKE3
+//! digest from the scheduler, before it is marked stored (`PieceWriter::finish`); a corrupt
+//! or forged piece is counted, reported, and the parent that sent it is dropped. With
+//! digests, the crc and the hash are computed by the thread's [`HashWorker`] from the chunk
+//! buffers handed over, while the connection reads the next piece; the piece is committed
+//! in its own task when the verdict is back ([`Session::settle`]).
 
 use crate::bridge::{Bridge, Event, Full, Parent, PieceSource};
 use crate::conn::{encode_frames, ConnError, FetchStream, FrameReader, RawChunk};
 use crate::counters::Counters;
+use crate::hasher::{HashWorker, PieceHash};
 use crate::shaper::{self, RateLimiter, Shaping};
-use crate::storage::{StoreError, TaskStore};
+use crate::storage::{ClaimError, PieceWriter, StoreError, TaskStore};
 use crate::window::RequestWindow;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rand::Rng;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -152,6 +156,8 @@ enum ParentError {
     Corrupt(u32, String),
     #[error("storing piece {0}: {1}")]
     Storage(u32, String),
+    #[error("the task was removed")]
+    Retired,
 }
 
 /// One download on one data-plane thread.
@@ -165,6 +171,8 @@ pub struct Session {
     quic: Option<quinn::Endpoint>,
     /// This download's own limit (dfget `--rate-limit`).
     limiter: RateLimiter,
+    /// This thread's piece hasher.
+    hasher: Option<Arc<HashWorker>>,
     state: RefCell<State>,
     changed: event_listener::Event,
 }
@@ -174,9 +182,6 @@ struct State {
     in_flight: Vec<u8>,
     /// When the first outstanding request of each piece was sent.
     requested_at: Vec<Option<Instant>>,
-    /// Pieces whose bytes a connection is writing now (the one that got its header first;
-    /// an endgame duplicate arriving meanwhile is read and dropped).
-    writing: Vec<bool>,
     availability: Vec<u32>,
     parents: HashMap<String, bool>,
     active: usize,
@@ -184,16 +189,17 @@ struct State {
 }
 
 impl Session {
-    /// A session for `store`.
-    pub fn new(
-        store: Arc<TaskStore>,
-        bridge: Arc<Bridge>,
-        counters: Arc<Counters>,
-        cfg: FetchConfig,
-        shaping: Arc<Shaping>,
-        quic: Option<quinn::Endpoint>,
-        rate_limit: u64,
-    ) -> Rc<Self> {
+    /// A session for `store` in `env`, limited to `rate_limit` bytes per second on top of
+    /// the daemon's limits (0: no own limit).
+    pub fn new(store: Arc<TaskStore>, env: FetchEnv, rate_limit: u64) -> Rc<Self> {
+        let FetchEnv {
+            bridge,
+            counters,
+            cfg,
+            shaping,
+            quic,
+            hasher,
+        } = env;
         let count = store.layout().piece_count() as usize;
         let limiter = shaping.limiter(rate_limit);
         Rc::new(Self {
@@ -204,10 +210,10 @@ impl Session {
             shaping,
             quic,
             limiter,
+            hasher,
             state: RefCell::new(State {
                 in_flight: vec![0; count],
                 requested_at: vec![None; count],
-                writing: vec![false; count],
                 availability: vec![0; count],
                 parents: HashMap::new(),
                 active: 0,
@@ -324,53 +330,57 @@ impl Session {
         Some(k as u32)
     }
 
-    /// Takes the right to write piece `n` to the file (not stored, nobody writing it), held
-    /// until the guard drops; `None`: another connection is writing it.
-    fn claim(&self, n: u32) -> Option<Claim<'_>> {
-        let mut st = self.state.borrow_mut();
-        match st.writing.get_mut(n as usize) {
-            Some(w) if !*w && !self.store.has(n) => {
-                *w = true;
-                Some(Claim { session: self, n })
-            }
-            _ => None,
-        }
-    }
-
-    /// Receives the `len` raw bytes of piece `n` (at byte `offset`) chunk by chunk, writing
-    /// each chunk at its place while it is still hot in the cache and extending the crc32c as
-    /// it goes; the piece is marked stored only when the whole piece matches `crc`. Bytes of a
-    /// piece that fails the check may sit in the file, but its bit is never set, so they are
-    /// never served. Chunks the transport hands over in several buffers (QUIC packets) are
-    /// written with one `pwritev`. Only the connection holding the piece's claim writes to the
-    /// file; a second copy (endgame) is kept aside and stored only if it checks out while the
-    /// piece is still missing. `Ok(true)`: this copy was stored; `Ok(false)`: the other was.
-    /// The chunk buffers are handed back for reuse.
-    #[allow(clippy::too_many_arguments)]
+    /// Receives the `len` raw bytes of piece `n` chunk by chunk. With the piece's claim
+    /// ([`TaskStore::claim`]) each chunk is written at its place while it is still hot in
+    /// the cache, extending the crc32c as it goes (a transport's several buffers, QUIC
+    /// packets, with one `pwritev`). Without it (an endgame duplicate while the first copy
+    /// is being written) the bytes are kept aside, to be stored only if they check out while
+    /// the piece is still missing. When the piece has (or must have) a trusted digest, each
+    /// chunk buffer is then handed to this thread's [`HashWorker`], which computes its crc32c
+    /// and BLAKE3 digest while the connection reads on, and a fresh buffer comes back.
+    /// Returns the piece landed (its crc checked here when computed here);
+    /// [`Session::settle`] checks the rest and commits it. The last chunk buffer is handed
+    /// back for reuse.
     async fn receive_piece<S: FetchStream>(
         &self,
         reader: &mut FrameReader,
         stream: &mut S,
         n: u32,
-        offset: u64,
         len: u64,
         crc: u32,
         buf: RawChunk,
-    ) -> (Result<bool, Received>, RawChunk) {
-        let claim = self.claim(n);
-        let claimed = claim.is_some();
+    ) -> (Result<Landed, Received>, RawChunk) {
+        let mut writer = match self.store.claim(n) {
+            Ok(w) => Some(w),
+            Err(ClaimError::Retired) => return (Err(Received::Store(StoreError::Retired)), buf),
+            Err(ClaimError::OutOfRange) => {
+                return (Err(Received::Store(StoreError::OutOfRange(n))), buf)
+            }
+            Err(ClaimError::Stored | ClaimError::Held) => None,
+        };
         let mut buf = buf;
-        // Without the claim (another copy is being written), keep the bytes aside: if this
-        // copy checks out while the piece is still missing, it is written and stored then.
-        let mut aside: Option<Vec<u8>> = (!claimed && len <= MAX_ENDGAME_BUFFER)
-            .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
+        // Without the claim, keep the bytes aside while another writer holds the piece: if
+        // this copy checks out and the other does not, it is stored then.
+        let mut aside: Option<Vec<u8>> =
+            (writer.is_none() && len <= MAX_ENDGAME_BUFFER && self.store.is_claimed(n))
+                .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
         let mut got = 0u64;
         let mut running = 0u32;
-        // The trusted digest is checked where the piece is committed
-        // (`TaskStore::commit_verified`); the hash is taken here, chunk by chunk, while the
-        // bytes are still in the cache.
-        let mut hasher = (self.store.digests_required() || self.store.piece_digest(n).is_some())
-            .then(wire::PieceHasher::new);
+        // The trusted digest is checked where the piece is committed (`PieceWriter::finish`).
+        // With a hash worker, it computes the crc32c and the digest off this thread.
+        // (A copy that is neither written nor kept aside is read and dropped: not hashed.)
+        let hashed = (writer.is_some() || aside.is_some())
+            && (self.store.digests_required() || self.store.piece_digest(n).is_some());
+        // A worker that is behind has no free core to run on: then this thread hashes.
+        let mut hash = match (hashed, &self.hasher) {
+            (false, _) => Hashing::None,
+            (true, Some(w)) if !w.lagging() => Hashing::Worker(w.begin()),
+            (true, _) => Hashing::Inline(Box::default()),
+        };
+        let crc_here = !matches!(hash, Hashing::Worker(_));
+        if let (false, Some(w)) = (crc_here, writer.as_mut()) {
+            w.crc_checked_elsewhere();
+        }
         while got < len {
             let want = (len - got).min(RECEIVE_CHUNK);
             // A parent that stops sending mid-piece is dropped like one that never answers
@@ -391,36 +401,39 @@ impl Session {
                 return (Err(Received::Conn(e)), buf);
             }
             let parts: Vec<&[u8]> = buf.slices().collect();
-            for part in &parts {
-                running = wire::piece_crc_append(running, part);
-            }
-            if let Some(h) = hasher.as_mut() {
+            if crc_here && writer.is_none() {
+                // (The writer extends its own crc as it writes.)
                 for part in &parts {
-                    h.update(part);
+                    running = wire::piece_crc_append(running, part);
                 }
             }
-            // The claim holder stops writing once another copy is stored (no await between
-            // this check and the write, so nothing lands on a stored piece).
-            let direct = claimed && !self.store.has(n);
+            let written = match writer.as_mut() {
+                Some(w) => w.write_parts(&parts),
+                None => Ok(()),
+            };
             if let Some(a) = aside.as_mut() {
                 for part in &parts {
                     a.extend_from_slice(part);
                 }
             }
-            let written = if !direct {
-                Ok(())
-            } else if let [one] = parts.as_slice() {
-                std::os::unix::fs::FileExt::write_all_at(self.store.file(), one, offset + got)
-            } else {
-                crate::sys::pwritev_all(self.store.file(), &parts, offset + got)
-            };
+            if let Hashing::Inline(h) = &mut hash {
+                for part in &parts {
+                    h.update(part);
+                }
+            }
             drop(parts);
             if let Err(e) = written {
-                return (Err(Received::Store(StoreError::Io(e))), buf);
+                return (Err(Received::Store(e)), buf);
+            }
+            if let (Hashing::Worker(piece), Some(w)) = (&hash, &self.hasher) {
+                buf = w.give(piece, buf).await;
             }
             got += want;
         }
-        if running != crc {
+        if let Some(c) = writer.as_ref().and_then(PieceWriter::crc) {
+            running = c;
+        }
+        if crc_here && running != crc {
             return (
                 Err(Received::Store(StoreError::Digest {
                     number: n,
@@ -430,40 +443,192 @@ impl Session {
                 buf,
             );
         }
-        let digest = hasher.as_ref().map(wire::PieceHasher::finish);
+        if let (Hashing::Worker(piece), Some(w)) = (&hash, &self.hasher) {
+            w.finish(piece).await;
+        }
+        (
+            Ok(Landed {
+                n,
+                crc,
+                writer,
+                aside,
+                hash,
+            }),
+            buf,
+        )
+    }
+
+    /// Commits a landed piece once its digest is known (waiting for the hash, and for a
+    /// trusted digest still on its way, at most `digest_wait`): `Ok(true)` this copy was
+    /// stored, `Ok(false)` another was (or this one was not needed). A piece whose bytes do
+    /// not match is never marked ([`StoreError::PieceDigest`]); its claim is released.
+    /// `None`: dropped unjudged, because `condemned` was set meanwhile (an earlier piece of
+    /// the same connection was corrupt or forged: its parent is dropped at the first one).
+    async fn settle(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Option<Result<bool, StoreError>> {
+        let res = match self.judge(landed, condemned).await {
+            Err(None) => None,
+            Err(Some(e)) => Some(Err(e)),
+            Ok(v) => Some(Ok(v)),
+        };
+        if matches!(
+            res,
+            Some(Err(
+                StoreError::PieceDigest { .. } | StoreError::Digest { .. }
+            ))
+        ) {
+            // Before any await: later pieces of this connection see it.
+            condemned.set(true);
+        }
+        res
+    }
+
+    /// [`Session::settle`]'s work; `Err(None)`: dropped unjudged.
+    async fn judge(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Result<bool, Option<StoreError>> {
+        let Landed {
+            n,
+            crc,
+            writer,
+            aside,
+            hash,
+        } = landed;
+        let digest = match hash {
+            Hashing::None => None,
+            Hashing::Inline(h) => Some(h.finish()),
+            Hashing::Worker(piece) => {
+                let sums = match self.hasher.as_deref() {
+                    Some(w) => piece.sums(w).await,
+                    None => None,
+                };
+                let sums = sums.ok_or(Some(StoreError::DigestUnknown(n)))?;
+                if condemned.get() {
+                    return Err(None);
+                }
+                if sums.crc32c != crc {
+                    return Err(Some(StoreError::Digest {
+                        number: n,
+                        expected: crc,
+                        got: sums.crc32c,
+                    }));
+                }
+                Some(sums.digest)
+            }
+        };
         if digest.is_some() && self.store.piece_digest(n).is_none() {
             // Digest not known yet (the source's report is still on its way through the
             // scheduler): hold the piece, and the claim, until it is, at most `digest_wait`.
             self.wait_digest(n).await;
         }
-        if self.store.has(n) {
-            return (Ok(false), buf);
+        if condemned.get() {
+            return Err(None);
         }
-        if let Some(a) = aside {
-            if let Some(d) = digest {
-                // Checked before the copy kept aside overwrites anything.
-                if let Some(expected) = self.store.piece_digest(n).filter(|e| *e != d) {
-                    return (
-                        Err(Received::Store(StoreError::PieceDigest {
-                            number: n,
-                            expected,
-                            got: d,
-                        })),
-                        buf,
-                    );
-                }
+        if let Some(w) = writer {
+            return w.finish(crc, digest).map_err(Some);
+        }
+        let Some(a) = aside else {
+            return Ok(false);
+        };
+        if let Some(d) = digest {
+            // Checked before the copy kept aside overwrites anything.
+            if let Some(expected) = self.store.piece_digest(n).filter(|e| *e != d) {
+                return Err(Some(StoreError::PieceDigest {
+                    number: n,
+                    expected,
+                    got: d,
+                }));
             }
-            if let Err(e) = std::os::unix::fs::FileExt::write_all_at(self.store.file(), &a, offset)
-            {
-                return (Err(Received::Store(StoreError::Io(e))), buf);
+        }
+        match self.store.claim(n) {
+            Ok(mut w) => {
+                w.write(&a).map_err(Some)?;
+                w.finish(crc, digest).map_err(Some)
             }
-        } else if !claimed {
-            return (Ok(false), buf);
+            Err(ClaimError::Retired) => Err(Some(StoreError::Retired)),
+            // Stored by the other copy, or it is still being written.
+            Err(_) => Ok(false),
         }
-        match self.store.commit_verified(n, crc, digest) {
-            Ok(_) => (Ok(true), buf),
-            Err(e) => (Err(Received::Store(e)), buf),
+    }
+
+    /// What a settled piece means for the connection that brought it: counters, events,
+    /// and the error that drops the parent (a corrupt or forged piece, a storage failure).
+    async fn settled(
+        &self,
+        res: Result<bool, StoreError>,
+        n: u32,
+        len: u64,
+        crc: u32,
+        p: &Parent,
+        took: Duration,
+    ) -> Result<(), ParentError> {
+        let task = self.task();
+        match res {
+            Ok(false) => {
+                // The other copy of an endgame duplicate got here first.
+                self.release(n);
+                Counters::add(&self.counters.endgame_duplicates, 1);
+            }
+            Ok(true) => {
+                self.release(n);
+                let source = if p.is_seed {
+                    Counters::add(&self.counters.bytes_from_seed, len);
+                    PieceSource::Seed(p.host_id.clone())
+                } else {
+                    Counters::add(&self.counters.bytes_from_peers, len);
+                    PieceSource::Peer(p.host_id.clone())
+                };
+                Counters::add(&self.counters.pieces_downloaded, 1);
+                emit(
+                    &self.bridge,
+                    Event::PieceFinished {
+                        task,
+                        number: n,
+                        crc32c: crc,
+                        length: len,
+                        source,
+                        cost_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                    },
+                )
+                .await;
+            }
+            Err(StoreError::DigestUnknown(_)) => {
+                // Not the parent's fault: the piece is asked for again later.
+                Counters::add(&self.counters.digest_wait_timeouts, 1);
+                self.release(n);
+            }
+            Err(e @ StoreError::PieceDigest { .. }) => {
+                // Bytes other than the source's with a matching crc32c: a forging (or badly
+                // broken) parent. Never stored; the parent is dropped and reported, and the
+                // piece fetched elsewhere.
+                Counters::add(&self.counters.pieces_forged, 1);
+                let reason = format!("forged piece: {e}");
+                tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
+                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+            }
+            Err(StoreError::Digest { expected, got, .. }) => {
+                let reason =
+                    format!("crc32c {got:08x} does not match the announced {expected:08x}");
+                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+            }
+            Err(StoreError::Retired) => {
+                // Removed on purpose (failed run, user delete, eviction): whoever removed it
+                // knows; the session just ends, without events about a task that is gone.
+                self.release(n);
+                self.cancel();
+                return Err(ParentError::Retired);
+            }
+            Err(e) => {
+                self.release(n);
+                return Err(ParentError::Storage(n, e.to_string()));
+            }
         }
+        Ok(())
     }
 
     /// Piece `n` from `parent` failed its check (`reason`): counted, released for another
@@ -558,20 +723,31 @@ pub async fn emit(bridge: &Bridge, ev: Event) {
 /// recvs and wake-ups than 256 KiB (measured: tuning.md, 2026-11-24).
 const RECEIVE_CHUNK: u64 = 1 << 20;
 
-/// The right to write one piece of a [`Session`] to the file ([`Session::claim`]).
-struct Claim<'a> {
-    session: &'a Session,
+/// A piece whose bytes all arrived (with the right crc32c, when computed on the receiving
+/// thread), not committed yet ([`Session::settle`]).
+struct Landed {
     n: u32,
+    crc: u32,
+    /// The piece's claim, with the bytes written; `None` for a copy without it.
+    writer: Option<PieceWriter>,
+    /// A copy without the claim, kept to be stored if the claimed one fails.
+    aside: Option<Vec<u8>>,
+    hash: Hashing,
 }
 
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        let mut st = self.session.state.borrow_mut();
-        if let Some(w) = st.writing.get_mut(self.n as usize) {
-            *w = false;
-        }
-    }
+/// How a piece's BLAKE3 digest is being computed.
+enum Hashing {
+    /// Not needed (digests neither required nor known for the task).
+    None,
+    /// On the receiving thread (no hash worker).
+    Inline(Box<wire::PieceHasher>),
+    /// By this thread's [`HashWorker`].
+    Worker(Arc<PieceHash>),
 }
+
+/// Pieces of one connection landed and waiting for their digest (the connection reads on
+/// meanwhile); past it the connection waits for the oldest to settle.
+const MAX_UNSETTLED: usize = 4;
 
 /// Why receiving a piece failed.
 enum Received {
@@ -594,6 +770,13 @@ struct ParentConn {
     have_bitmap: bool,
     pending: VecDeque<Pending>,
     not_found: u32,
+    /// Pieces landed and settling in their own tasks (at most [`MAX_UNSETTLED`] unfinished).
+    settling: VecDeque<monoio::task::JoinHandle<()>>,
+    /// The first error a settling piece found (forged, corrupt, storage): drops the parent.
+    failed: Rc<RefCell<Option<ParentError>>>,
+    /// Set at the first corrupt or forged piece: pieces of this connection still settling
+    /// are dropped unjudged (the parent is dropped at its first bad piece).
+    condemned: Rc<Cell<bool>>,
 }
 
 async fn run_parent(s: Rc<Session>, p: Parent) {
@@ -603,8 +786,25 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
         have_bitmap: false,
         pending: VecDeque::new(),
         not_found: 0,
+        settling: VecDeque::new(),
+        failed: Rc::new(RefCell::new(None)),
+        condemned: Rc::new(Cell::new(false)),
     };
-    let res = parent_loop(&s, &p, &mut pc).await;
+    let mut res = parent_loop(&s, &p, &mut pc).await;
+    // Pieces still settling are committed (or refused) before the parent counts as gone.
+    while let Some(h) = pc.settling.pop_front() {
+        h.await;
+    }
+    if let Some(e) = pc.failed.borrow_mut().take() {
+        if res.is_ok()
+            || matches!(
+                e,
+                ParentError::Storage(..) | ParentError::Corrupt(..) | ParentError::Retired
+            )
+        {
+            res = Err(e);
+        }
+    }
     // Give back whatever this parent still owed us, and forget its bitmap.
     for pend in pc.pending.drain(..) {
         if let Pending::Piece(n, _) = pend {
@@ -622,6 +822,9 @@ async fn run_parent(s: Rc<Session>, p: Parent) {
         st.active -= 1;
         (st.active, st.done)
     };
+    if let Err(ParentError::Retired) = res {
+        return;
+    }
     if let Err(e) = res {
         tracing::info!(task = %s.task(), parent = %p.host_id, "parent dropped: {e}");
         let stalled = matches!(
@@ -711,6 +914,9 @@ async fn parent_io<S: FetchStream>(
     let mut win = RequestWindow::new(usize::MAX, max_bytes, s.cfg.request_queue_time);
     let bitmap_wait_ms = u32::try_from(s.cfg.bitmap_wait.as_millis()).unwrap_or(u32::MAX);
     loop {
+        if let Some(e) = pc.failed.borrow_mut().take() {
+            return Err(e);
+        }
         if s.is_done() || s.check_complete().await {
             return Ok(());
         }
@@ -888,15 +1094,14 @@ async fn parent_io<S: FetchStream>(
                         &mut reader,
                         &mut stream,
                         n,
-                        range.start,
                         len,
                         h.crc32c,
                         std::mem::take(&mut piece_buf),
                     )
                     .await;
                 piece_buf = buf;
-                let res = match res {
-                    Ok(stored) => Ok(stored),
+                let landed = match res {
+                    Ok(l) => l,
                     Err(Received::Conn(e)) => {
                         s.release(n);
                         return Err(e.into());
@@ -905,70 +1110,48 @@ async fn parent_io<S: FetchStream>(
                         s.release(n);
                         return Err(ParentError::Timeout(d));
                     }
-                    Err(Received::Store(e)) => Err(e),
+                    Err(Received::Store(e)) => {
+                        s.settled(Err(e), n, len, h.crc32c, p, Duration::ZERO)
+                            .await?;
+                        continue;
+                    }
                 };
-                match res {
-                    Ok(false) => {
-                        // The other copy of an endgame duplicate got here first.
-                        s.release(n);
-                        Counters::add(&s.counters.endgame_duplicates, 1);
-                    }
-                    Ok(true) => {
-                        let more = pc.pending.iter().any(|x| matches!(x, Pending::Piece(..)));
-                        let took = win.on_piece(len, started, Instant::now(), more);
-                        tracing::trace!(
-                            task = %task,
-                            piece = n,
-                            parent = %p.host_id,
-                            ms = started.elapsed().as_millis() as u64,
-                            service_ms = took.as_millis() as u64,
-                            window = win.limit(layout.piece_length()),
-                            "piece fetched"
-                        );
-                        s.release(n);
-                        let source = if p.is_seed {
-                            Counters::add(&s.counters.bytes_from_seed, len);
-                            PieceSource::Seed(p.host_id.clone())
-                        } else {
-                            Counters::add(&s.counters.bytes_from_peers, len);
-                            PieceSource::Peer(p.host_id.clone())
+                let more = pc.pending.iter().any(|x| matches!(x, Pending::Piece(..)));
+                let took = win.on_piece(len, started, Instant::now(), more);
+                tracing::trace!(
+                    task = %task,
+                    piece = n,
+                    parent = %p.host_id,
+                    ms = started.elapsed().as_millis() as u64,
+                    service_ms = took.as_millis() as u64,
+                    window = win.limit(layout.piece_length()),
+                    "piece fetched"
+                );
+                let crc = h.crc32c;
+                if landed.writer.is_some() && matches!(landed.hash, Hashing::Worker(_)) {
+                    // Hashed by the worker: commit when the verdict comes, reading on.
+                    let (s2, p2, failed) = (s.clone(), p.clone(), pc.failed.clone());
+                    let condemned = pc.condemned.clone();
+                    pc.settling.push_back(monoio::spawn(async move {
+                        let Some(res) = s2.settle(landed, &condemned).await else {
+                            s2.release(n);
+                            return;
                         };
-                        Counters::add(&s.counters.pieces_downloaded, 1);
-                        emit(
-                            &s.bridge,
-                            Event::PieceFinished {
-                                task,
-                                number: n,
-                                crc32c: h.crc32c,
-                                length: len,
-                                source,
-                                cost_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-                            },
-                        )
-                        .await;
+                        if let Err(e) = s2.settled(res, n, len, crc, &p2, took).await {
+                            failed.borrow_mut().get_or_insert(e);
+                            // Wake the connection if it waits for work.
+                            s2.changed.notify(usize::MAX);
+                        }
+                    }));
+                    while pc.settling.len() > MAX_UNSETTLED {
+                        if let Some(h) = pc.settling.pop_front() {
+                            h.await;
+                        }
                     }
-                    Err(StoreError::DigestUnknown(_)) => {
-                        // Not the parent's fault: the piece is asked for again later.
-                        Counters::add(&s.counters.digest_wait_timeouts, 1);
-                        s.release(n);
-                    }
-                    Err(e @ StoreError::PieceDigest { .. }) => {
-                        // Bytes other than the source's with a matching crc32c: a forging
-                        // (or badly broken) parent. Never stored; the parent is dropped and
-                        // reported, and the piece fetched elsewhere.
-                        Counters::add(&s.counters.pieces_forged, 1);
-                        let reason = format!("forged piece: {e}");
-                        tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
-                        return Err(s.corrupt_piece(task, n, &p.host_id, reason).await);
-                    }
-                    Err(StoreError::Digest { expected, got, .. }) => {
-                        let reason =
-                            format!("crc32c {got:08x} does not match the announced {expected:08x}");
-                        return Err(s.corrupt_piece(task, n, &p.host_id, reason).await);
-                    }
-                    Err(e) => {
-                        s.release(n);
-                        return Err(ParentError::Storage(n, e.to_string()));
+                } else {
+                    match s.settle(landed, &pc.condemned).await {
+                        Some(res) => s.settled(res, n, len, crc, p, took).await?,
+                        None => s.release(n),
                     }
                 }
             }
@@ -1019,6 +1202,9 @@ pub struct FetchEnv {
     pub shaping: Arc<Shaping>,
     /// QUIC endpoint, when the data plane runs one.
     pub quic: Option<quinn::Endpoint>,
+    /// The thread's piece hasher ([`crate::hasher`]); `None`: pieces are hashed on the
+    /// receiving thread.
+    pub hasher: Option<Arc<HashWorker>>,
 }
 
 /// Starts (or extends) the download of `store` on this thread, limited to `rate_limit`
@@ -1026,27 +1212,13 @@ pub struct FetchEnv {
 /// thread's table when this returns, so an [`add_parents`] handled right after it (the
 /// control plane often sends both at once) reaches it; the rest runs as a task.
 pub fn start_download(store: Arc<TaskStore>, parents: Vec<Parent>, rate_limit: u64, env: FetchEnv) {
-    let FetchEnv {
-        bridge,
-        counters,
-        cfg,
-        shaping,
-        quic,
-    } = env;
+    let bridge = env.bridge.clone();
     let id = store.id();
     let existing = SESSIONS.with(|m| m.borrow().get(&id).filter(|s| !s.is_done()).cloned());
     let session = match existing {
         Some(s) => s,
         None => {
-            let s = Session::new(
-                store,
-                bridge.clone(),
-                counters,
-                cfg,
-                shaping,
-                quic,
-                rate_limit,
-            );
+            let s = Session::new(store, env, rate_limit);
             SESSIONS.with(|m| m.borrow_mut().insert(id, s.clone()));
             s
         }

@@ -3,6 +3,7 @@
 use crate::bridge::{Bridge, Command};
 use crate::counters::Counters;
 use crate::fetch::{self, FetchConfig, FetchEnv};
+use crate::hasher::HashWorker;
 use crate::quic::{Incoming, QuicConfig, QuicEndpoint};
 use crate::seeding::Seeding;
 use crate::shaper::Shaping;
@@ -107,6 +108,12 @@ impl DataPlane {
         let seeding = cfg.super_seed.map(|slots| Arc::new(Seeding::new(slots)));
         let mut handles = Vec::with_capacity(threads);
         for ((i, l), quic_streams) in listeners.into_iter().enumerate().zip(incoming) {
+            let hash_tids = tids.clone();
+            let hasher = HashWorker::start(format!("dataplane-hash-{i}"), move || {
+                if let (Some(t), Ok(mut v)) = (current_tid(), hash_tids.lock()) {
+                    v.push(t);
+                }
+            })?;
             let ctx = ThreadContext {
                 index: i,
                 bridge: bridge.clone(),
@@ -122,6 +129,7 @@ impl DataPlane {
                     cfg: cfg.fetch.clone(),
                     shaping: shaping.clone(),
                     quic: endpoint.clone(),
+                    hasher: Some(Arc::new(hasher)),
                 },
                 quic_streams,
             };
@@ -159,7 +167,8 @@ impl DataPlane {
         self.local_addr
     }
 
-    /// Kernel thread ids of the data plane's threads (monoio threads and the QUIC thread)
+    /// Kernel thread ids of the data plane's threads (monoio threads, their piece hashers
+    /// and the QUIC thread)
     /// started so far, to account their CPU time (`/proc/self/task/TID/stat`).
     pub fn thread_ids(&self) -> Vec<u32> {
         self.tids.lock().map(|v| v.clone()).unwrap_or_default()

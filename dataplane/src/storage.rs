@@ -10,6 +10,13 @@
 //! computed here when the piece came from the origin). Once digests are required for a task
 //! ([`TaskStore::require_digests`]), a piece from a parent is committed only through
 //! [`TaskStore::commit_verified`], which refuses bytes whose digest differs or is not known.
+//!
+//! Every writer of piece bytes (the fetcher, the origin fetch, `dfcache import`) goes through
+//! the piece's claim ([`TaskStore::claim`] → [`PieceWriter`]): one writer per piece at a
+//! time, and the piece is marked only by [`PieceWriter::finish`] or
+//! [`PieceWriter::finish_trusted`] after its checks. Claims and [`Busy`] guards are the
+//! task's users; [`Storage::evict`] (garbage collection) retires a task only when it has
+//! none, in the same atomic word, so a task is never evicted under a writer or a reader.
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -61,6 +68,9 @@ pub enum StoreError {
     /// Digests are required for the task and piece `0`'s is not known yet.
     #[error("piece {0}: trusted digest not known yet")]
     DigestUnknown(u32),
+    /// The task was evicted or removed while it was being written.
+    #[error("the task was evicted")]
+    Retired,
     /// Reading or writing the task file failed (disk full, I/O error).
     #[error("task file I/O: {0}")]
     Io(#[from] io::Error),
@@ -85,8 +95,32 @@ pub struct TaskStore {
     changed: event_listener::Event,
     /// Unix time in milliseconds of the last use (created, served, delivered).
     last_access: AtomicU64,
-    /// Users that must not see the task evicted (uploads in progress, deliveries).
-    in_use: AtomicU32,
+    /// Users that must not see the task evicted ([`Busy`] guards and [`PieceWriter`]s),
+    /// plus [`RETIRED`] once the task was evicted or removed: one word, so that taking a
+    /// use and evicting exclude each other atomically.
+    users: AtomicU32,
+    /// One bit per piece: a [`PieceWriter`] holds it.
+    claims: Box<[AtomicU64]>,
+}
+
+/// [`TaskStore::users`] bit: evicted or removed; no new use or claim.
+const RETIRED: u32 = 1 << 31;
+
+/// Why [`TaskStore::claim`] did not give the piece.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The piece is stored already.
+    #[error("piece is stored already")]
+    Stored,
+    /// Another writer holds the piece's claim.
+    #[error("another writer holds the piece")]
+    Held,
+    /// The task was evicted or removed: nothing may be written to it any more.
+    #[error("task was evicted")]
+    Retired,
+    /// The piece number is past the end of the task.
+    #[error("piece is out of range")]
+    OutOfRange,
 }
 
 /// Unix time in milliseconds.
@@ -102,7 +136,174 @@ pub struct Busy<'a>(&'a TaskStore);
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+        self.0.leave();
+    }
+}
+
+/// The exclusive right to write one piece of a task ([`TaskStore::claim`]): bytes are
+/// written in order at the piece's offset with a running crc32c (and, for bytes from a
+/// trusted place, a running BLAKE3 digest); [`PieceWriter::finish`] or
+/// [`PieceWriter::finish_trusted`] checks and commits the piece. Dropping it without
+/// finishing releases the piece unmarked (its bytes, if any, are never served and are
+/// overwritten by the next writer). While it lives, the task is in use: never evicted.
+#[derive(Debug)]
+pub struct PieceWriter {
+    store: Arc<TaskStore>,
+    n: u32,
+    offset: u64,
+    len: u64,
+    written: u64,
+    /// Running crc32c; `None` when the caller checks it elsewhere.
+    crc: Option<u32>,
+    hasher: Option<wire::PieceHasher>,
+}
+
+impl PieceWriter {
+    /// Piece number.
+    pub fn number(&self) -> u32 {
+        self.n
+    }
+
+    /// The piece's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the piece is empty (never: pieces have at least one byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The crc32c of the bytes written so far (`None` after
+    /// [`PieceWriter::crc_checked_elsewhere`]).
+    pub fn crc(&self) -> Option<u32> {
+        self.crc
+    }
+
+    /// The caller computes and checks the crc32c of the bytes itself (the fetcher's hash
+    /// worker does, with the digest, off the receiving thread), so writes skip it and
+    /// [`PieceWriter::finish`] takes the caller's word for it. Call before the first write.
+    pub fn crc_checked_elsewhere(&mut self) {
+        self.crc = None;
+    }
+
+    /// The task.
+    pub fn store(&self) -> &Arc<TaskStore> {
+        &self.store
+    }
+
+    /// Also computes the BLAKE3 digest of the bytes written from here on (call before the
+    /// first write), for [`PieceWriter::finish_trusted`].
+    pub fn hash_here(&mut self) {
+        self.hasher.get_or_insert_with(wire::PieceHasher::new);
+    }
+
+    /// Writes the next bytes of the piece.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        self.write_parts(&[data])
+    }
+
+    /// Writes the next bytes of the piece, given in several buffers (one `pwritev`).
+    pub fn write_parts(&mut self, parts: &[&[u8]]) -> Result<(), StoreError> {
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if self.written + total > self.len {
+            return Err(StoreError::Length {
+                number: self.n,
+                expected: self.len,
+                got: self.written + total,
+            });
+        }
+        for p in parts {
+            if let Some(c) = self.crc.as_mut() {
+                *c = wire::piece_crc_append(*c, p);
+            }
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(p);
+            }
+        }
+        let at = self.offset + self.written;
+        match parts {
+            [] => {}
+            [one] => self.store.file.write_all_at(one, at)?,
+            many => crate::sys::pwritev_all(&self.store.file, many, at)?,
+        }
+        self.written += total;
+        Ok(())
+    }
+
+    fn check(&self, crc: u32) -> Result<(), StoreError> {
+        if self.written != self.len {
+            return Err(StoreError::Length {
+                number: self.n,
+                expected: self.len,
+                got: self.written,
+            });
+        }
+        match self.crc {
+            Some(got) if got != crc => Err(StoreError::Digest {
+                number: self.n,
+                expected: crc,
+                got,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Commits bytes from a parent: the whole piece written, its crc32c `crc` (unless
+    /// checked elsewhere), and its BLAKE3 digest `got` (computed by the caller, e.g. off the
+    /// receiving thread) checked as [`TaskStore::commit_verified`] does. Returns whether the
+    /// piece was new.
+    pub fn finish(self, crc: u32, got: Option<PieceDigest>) -> Result<bool, StoreError> {
+        self.check(crc)?;
+        self.store.commit_verified(self.n, crc, got)
+    }
+
+    /// Commits bytes from a trusted place (the origin, an imported file): their digest
+    /// (computed while writing, [`PieceWriter::hash_here`]) becomes the piece's trusted
+    /// digest; a different trusted digest already known (the origin changed under the task)
+    /// stores nothing. `crc`: the expected crc32c, when the caller has one. Returns whether
+    /// the piece was new.
+    pub fn finish_trusted(self, crc: Option<u32>) -> Result<bool, StoreError> {
+        let Some(own) = self.crc else {
+            return Err(StoreError::Length {
+                number: self.n,
+                expected: self.len,
+                got: 0,
+            });
+        };
+        self.check(crc.unwrap_or(own))?;
+        let digest = match &self.hasher {
+            Some(h) => h.finish(),
+            None => {
+                // Not hashed while written: read the piece back.
+                let mut buf = vec![0; usize::try_from(self.len).unwrap_or(0)];
+                self.store.file.read_exact_at(&mut buf, self.offset)?;
+                wire::piece_digest(&buf)
+            }
+        };
+        if let Some(expected) = self.store.piece_digest(self.n).filter(|d| *d != digest) {
+            return Err(StoreError::PieceDigest {
+                number: self.n,
+                expected,
+                got: digest,
+            });
+        }
+        let _ = self.store.set_digest(self.n, digest);
+        Ok(self.store.commit(self.n, own))
+    }
+}
+
+impl Drop for PieceWriter {
+    fn drop(&mut self) {
+        if let Some(w) = self.store.claims.get(self.n as usize / 64) {
+            w.fetch_and(!(1u64 << (self.n % 64)), Ordering::AcqRel);
+        }
+        self.store.leave();
     }
 }
 
@@ -132,7 +333,8 @@ impl TaskStore {
             finished: AtomicU32::new(0),
             changed: event_listener::Event::new(),
             last_access: AtomicU64::new(unix_millis()),
-            in_use: AtomicU32::new(0),
+            users: AtomicU32::new(0),
+            claims: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -175,7 +377,8 @@ impl TaskStore {
             finished: AtomicU32::new(0),
             changed: event_listener::Event::new(),
             last_access: AtomicU64::new(unix_millis()),
-            in_use: AtomicU32::new(0),
+            users: AtomicU32::new(0),
+            claims: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         };
         let mut buf = Vec::new();
         for n in 0..layout.piece_count() {
@@ -217,16 +420,108 @@ impl TaskStore {
     }
 
     /// Marks the task in use (and used now) until the guard is dropped: garbage collection
-    /// never evicts a task in use.
-    pub fn busy(&self) -> Busy<'_> {
-        self.in_use.fetch_add(1, Ordering::AcqRel);
+    /// never evicts a task in use ([`Storage::evict`]). `None` when it was evicted or
+    /// removed already (its file is gone from the directory).
+    #[must_use]
+    pub fn busy(&self) -> Option<Busy<'_>> {
+        if !self.enter() {
+            return None;
+        }
         self.touch();
-        Busy(self)
+        Some(Busy(self))
     }
 
-    /// Whether some user holds a [`Busy`] guard.
+    /// Whether some user holds a [`Busy`] guard or a [`PieceWriter`].
     pub fn in_use(&self) -> bool {
-        self.in_use.load(Ordering::Acquire) > 0
+        self.users.load(Ordering::Acquire) & !RETIRED > 0
+    }
+
+    /// Whether the task was evicted or removed ([`TaskStore::retire`]).
+    pub fn is_retired(&self) -> bool {
+        self.users.load(Ordering::Acquire) & RETIRED != 0
+    }
+
+    /// Takes one use unless the task is retired.
+    fn enter(&self) -> bool {
+        let mut cur = self.users.load(Ordering::Acquire);
+        loop {
+            if cur & RETIRED != 0 {
+                return false;
+            }
+            match self.users.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn leave(&self) {
+        self.users.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Retires the task if nobody uses it (no [`Busy`] guard, no [`PieceWriter`]): from
+    /// then on it cannot be claimed or marked busy. One atomic step, so a use taken at the
+    /// same time either comes first (and this fails) or fails itself. Returns whether the
+    /// task is retired now.
+    pub fn retire(&self) -> bool {
+        self.users
+            .compare_exchange(0, RETIRED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            || self.is_retired()
+    }
+
+    /// Retires the task whatever its users (a removal asked for by the user or after a
+    /// failure): current users finish on the unlinked file, new ones are refused.
+    fn retire_now(&self) {
+        self.users.fetch_or(RETIRED, Ordering::AcqRel);
+    }
+
+    /// Takes the exclusive right to write piece `n` ([`PieceWriter`]): refused when the
+    /// piece is stored, another writer holds it, or the task was retired (evicted). Every
+    /// writer of piece bytes takes it: the fetcher, the origin fetch, `dfcache import`.
+    pub fn claim(self: &Arc<Self>, n: u32) -> Result<PieceWriter, ClaimError> {
+        let range = self.layout.piece_range(n).ok_or(ClaimError::OutOfRange)?;
+        let word = self
+            .claims
+            .get(n as usize / 64)
+            .ok_or(ClaimError::OutOfRange)?;
+        if self.has(n) {
+            return Err(ClaimError::Stored);
+        }
+        if !self.enter() {
+            return Err(ClaimError::Retired);
+        }
+        let bit = 1u64 << (n % 64);
+        if word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            self.leave();
+            return Err(ClaimError::Held);
+        }
+        let w = PieceWriter {
+            store: self.clone(),
+            n,
+            offset: range.start,
+            len: range.end - range.start,
+            written: 0,
+            crc: Some(0),
+            hasher: None,
+        };
+        // Committed by a writer that released its claim just before ours was taken.
+        if self.has(n) {
+            return Err(ClaimError::Stored);
+        }
+        Ok(w)
+    }
+
+    /// Whether some writer holds piece `n`'s claim.
+    pub fn is_claimed(&self, n: u32) -> bool {
+        self.claims
+            .get(n as usize / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (n % 64)) != 0)
     }
 
     /// The crc32c of every piece (0 for a piece not stored).
@@ -330,30 +625,31 @@ impl TaskStore {
         Ok(())
     }
 
-    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece.
-    /// Returns whether the piece was new. A digest mismatch stores nothing.
+    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece,
+    /// through the piece's claim ([`TaskStore::claim`]). Returns whether the piece was new:
+    /// `false` when it is stored already or another writer holds it (that writer stores
+    /// it). A digest mismatch stores nothing; a retired task is an error.
     ///
     /// For bytes from a trusted place (the origin, an imported file): their BLAKE3 digest
     /// becomes the piece's trusted digest ([`TaskStore::piece_digest`]), which this host
     /// reports to the scheduler. A trusted digest already known and different (the origin
     /// changed under the task) stores nothing.
-    pub fn write_piece(&self, n: u32, data: &[u8], crc: u32) -> Result<bool, StoreError> {
+    pub fn write_piece(
+        self: &Arc<Self>,
+        n: u32,
+        data: &[u8],
+        crc: u32,
+    ) -> Result<bool, StoreError> {
         self.verify(n, data, crc)?;
-        if self.has(n) {
-            return Ok(false);
-        }
-        let digest = wire::piece_digest(data);
-        if let Some(expected) = self.piece_digest(n).filter(|d| *d != digest) {
-            return Err(StoreError::PieceDigest {
-                number: n,
-                expected,
-                got: digest,
-            });
-        }
-        let offset = u64::from(n) * self.layout.piece_length();
-        self.file.write_all_at(data, offset)?;
-        let _ = self.set_digest(n, digest);
-        Ok(self.commit(n, crc))
+        let mut w = match self.claim(n) {
+            Ok(w) => w,
+            Err(ClaimError::Stored | ClaimError::Held) => return Ok(false),
+            Err(ClaimError::Retired) => return Err(StoreError::Retired),
+            Err(ClaimError::OutOfRange) => return Err(StoreError::OutOfRange(n)),
+        };
+        w.hash_here();
+        w.write(data)?;
+        w.finish_trusted(Some(crc))
     }
 
     /// From now on, pieces from parents are stored only when they match their trusted
@@ -420,13 +716,14 @@ impl TaskStore {
         self.digests_changed.listen()
     }
 
-    /// Marks piece `n` as stored with crc32c `crc` after the caller wrote bytes whose BLAKE3
-    /// digest is `got` at the piece's offset (and checked them against `crc`): when digests
-    /// are required, only if `got` is the piece's trusted digest. This is the one place where
+    /// Marks piece `n` as stored with crc32c `crc` after the claim holder wrote bytes whose
+    /// BLAKE3 digest is `got` at the piece's offset (and checked them against `crc`): when
+    /// digests are required, only if `got` is the piece's trusted digest
+    /// ([`PieceWriter::finish`]). This is the one place where
     /// a piece from a parent becomes visible (served, counted); bytes that fail here stay
     /// unmarked, so they are never served and are overwritten by the next copy. Returns
     /// whether the piece was new.
-    pub fn commit_verified(
+    fn commit_verified(
         &self,
         n: u32,
         crc: u32,
@@ -455,12 +752,10 @@ impl TaskStore {
         Ok(self.commit(n, crc))
     }
 
-    /// Marks piece `n` as stored with digest `crc`. The caller must have written, at the
-    /// piece's offset, bytes of the right length whose crc32c is `crc`: checked by
-    /// [`TaskStore::verify`] in [`TaskStore::write_piece`], or by the fetcher as the bytes
-    /// arrive (it writes them with `pwritev`, not io_uring).
-    /// Returns whether the piece was new.
-    pub fn commit(&self, n: u32, crc: u32) -> bool {
+    /// Marks piece `n` as stored with crc32c `crc`. Only for the holder of the piece's claim
+    /// ([`PieceWriter`]), after it wrote bytes of the right length whose crc32c is `crc`, and
+    /// for [`TaskStore::restore`]. Returns whether the piece was new.
+    fn commit(&self, n: u32, crc: u32) -> bool {
         let (Some(word), Some(slot)) = (self.bits.get(n as usize / 64), self.crcs.get(n as usize))
         else {
             return false;
@@ -552,10 +847,31 @@ impl Storage {
         Ok(store)
     }
 
-    /// Forgets a task and removes its content file.
+    /// Forgets a task and removes its content file, whoever still uses it (a removal the
+    /// user asked for, or of a failed download): the task is retired, so nothing claims or
+    /// marks it busy from now on; current users finish on the unlinked file.
     pub fn remove(&self, id: &TaskId) -> io::Result<()> {
         let _changing = self.lock_changes();
+        if let Some(t) = self.get(id) {
+            t.retire_now();
+        }
         self.remove_locked(id)
+    }
+
+    /// Garbage collection's removal: forgets the task and removes its content file only if
+    /// nobody uses it, in one atomic step with the users ([`TaskStore::retire`]): a task
+    /// with a piece claimed ([`PieceWriter`]) or a [`Busy`] guard (a read, an upload, a
+    /// delivery) is kept, and once retired it can be neither claimed nor marked busy.
+    /// Returns whether it was evicted (`false`: in use, or not stored).
+    pub fn evict(&self, id: &TaskId) -> io::Result<bool> {
+        let _changing = self.lock_changes();
+        match self.get(id) {
+            Some(t) if t.retire() => {
+                self.remove_locked(id)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -623,11 +939,11 @@ impl Storage {
 mod tests {
     use super::*;
 
-    fn store(len: u64, plen: u64) -> (tempfile::TempDir, TaskStore) {
+    fn store(len: u64, plen: u64) -> (tempfile::TempDir, Arc<TaskStore>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let layout = PieceLayout::new(len, plen).expect("layout");
         let s = TaskStore::create(dir.path(), TaskId([7; 32]), layout).expect("create");
-        (dir, s)
+        (dir, Arc::new(s))
     }
 
     /// A store replaced by one of another layout keeps its own bytes (its file is unlinked,
@@ -737,7 +1053,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let layout = PieceLayout::new(3 * 16384, 16384).expect("layout");
         let id = TaskId([9; 32]);
-        let s = TaskStore::create(dir.path(), id, layout).expect("create");
+        let s = Arc::new(TaskStore::create(dir.path(), id, layout).expect("create"));
         let pieces: Vec<Vec<u8>> = (0..3u8).map(|n| vec![n + 1; 16384]).collect();
         for n in [0usize, 2] {
             s.write_piece(n as u32, &pieces[n], wire::piece_crc(&pieces[n]))
@@ -769,8 +1085,157 @@ mod tests {
         f.set_len(2 * 16384).expect("truncate");
         let r = TaskStore::restore(dir.path(), id, layout, &bits, &crcs, false).expect("restore");
         assert!(r.has(0) && !r.has(2));
-        let _b = r.busy();
+        let _b = r.busy().expect("not retired");
         assert!(r.in_use());
+    }
+
+    /// Two writers race for one piece, again and again, from two threads: exactly one
+    /// takes the claim and commits; the other is refused (held or stored) and never writes.
+    #[test]
+    fn two_writers_race_exactly_one_commits() {
+        let (_d, s) = store(64 * 16384, 16384);
+        let good: Vec<Vec<u8>> = (0..64u32).map(|n| vec![n as u8; 16384]).collect();
+        let barrier = std::sync::Barrier::new(2);
+        let commits = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|sc| {
+            for writer in 0..2u8 {
+                let (s, good, barrier, commits) = (&s, &good, &barrier, &commits);
+                sc.spawn(move || {
+                    for n in 0..64u32 {
+                        barrier.wait();
+                        match s.claim(n) {
+                            Ok(mut w) => {
+                                // The loser's bytes would differ: a write by it would show.
+                                let data = &good[n as usize];
+                                w.hash_here();
+                                w.write(&data[..1000]).expect("write");
+                                std::thread::yield_now();
+                                w.write(&data[1000..]).expect("write");
+                                assert_eq!(
+                                    w.finish_trusted(Some(wire::piece_crc(data))).ok(),
+                                    Some(true)
+                                );
+                                commits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => assert!(
+                                matches!(e, ClaimError::Held | ClaimError::Stored),
+                                "writer {writer}: {e}"
+                            ),
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(commits.load(Ordering::Relaxed), 64, "one commit per piece");
+        assert!(s.is_complete());
+        let mut buf = Vec::new();
+        for n in 0..64u32 {
+            s.read_piece(n, &mut buf).expect("read");
+            assert_eq!(buf, good[n as usize]);
+            assert!(!s.is_claimed(n));
+        }
+        assert!(!s.in_use(), "every claim released");
+    }
+
+    /// A claim excludes every other writer until it is finished or dropped; a dropped
+    /// claim leaves the piece unmarked; a short or corrupt piece is not committed.
+    #[test]
+    fn claim_is_exclusive_and_released_on_drop() {
+        let (_d, s) = store(3 * 16384, 16384);
+        let data = vec![4u8; 16384];
+        let crc = wire::piece_crc(&data);
+        let mut w = s.claim(1).expect("claim");
+        assert_eq!(s.claim(1).err(), Some(ClaimError::Held));
+        assert_eq!(
+            s.write_piece(1, &data, crc).ok(),
+            Some(false),
+            "held elsewhere"
+        );
+        assert!(s.in_use());
+        w.write(&data[..100]).expect("write");
+        assert!(matches!(
+            w.finish(crc, None),
+            Err(StoreError::Length { .. })
+        ));
+        assert!(!s.has(1) && !s.is_claimed(1) && !s.in_use());
+        let mut w = s.claim(1).expect("claim again");
+        w.write(&data).expect("write");
+        assert!(matches!(
+            s.claim(1).expect_err("held").to_string().as_str(),
+            "another writer holds the piece"
+        ));
+        assert!(matches!(
+            w.finish(crc ^ 1, None),
+            Err(StoreError::Digest { .. })
+        ));
+        assert!(!s.has(1));
+        let mut w = s.claim(1).expect("claim a third time");
+        w.write_parts(&[&data[..10], &data[10..]]).expect("write");
+        assert!(matches!(w.write(&[0]), Err(StoreError::Length { .. })));
+        assert_eq!(w.finish(crc, None).ok(), Some(true));
+        assert_eq!(s.claim(1).err(), Some(ClaimError::Stored));
+        assert_eq!(s.claim(3).err(), Some(ClaimError::OutOfRange));
+    }
+
+    /// Garbage collection never evicts a task with a piece claimed or a reader (`Busy`),
+    /// and an evicted task can be neither claimed nor marked busy: eviction and use exclude
+    /// each other atomically. Without the claim and the one-word state, the eviction below
+    /// would succeed while the writer holds the piece (and its file would vanish under it).
+    #[test]
+    fn gc_never_evicts_a_claimed_or_read_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Storage::open(dir.path()).expect("storage");
+        let id = TaskId([5; 32]);
+        let t = storage
+            .create(id, PieceLayout::new(2 * 16384, 16384).expect("layout"))
+            .expect("create");
+        let data = vec![8u8; 16384];
+        let w = t.claim(0).expect("claim");
+        assert!(!storage.evict(&id).expect("evict"), "claimed: kept");
+        assert!(storage.get(&id).is_some() && t.path().exists());
+        drop(w);
+        let busy = t.busy().expect("busy");
+        assert!(!storage.evict(&id).expect("evict"), "being read: kept");
+        drop(busy);
+        assert!(storage.evict(&id).expect("evict"), "idle: evicted");
+        assert!(storage.get(&id).is_none() && !t.path().exists());
+        assert_eq!(t.claim(0).err(), Some(ClaimError::Retired));
+        assert!(t.busy().is_none());
+        assert!(matches!(
+            t.write_piece(0, &data, wire::piece_crc(&data)),
+            Err(StoreError::Retired)
+        ));
+
+        // Racing: a thread that claims and reads in a loop, another that evicts. Whenever a
+        // use was taken, the task is still stored while it is held.
+        for round in 0..200u8 {
+            let id = TaskId([round; 32]);
+            let t = storage
+                .create(id, PieceLayout::new(16384, 16384).expect("layout"))
+                .expect("create");
+            let evicted = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    for _ in 0..50 {
+                        if let Some(_b) = t.busy() {
+                            assert!(!evicted.load(Ordering::Acquire), "evicted while read");
+                            assert!(storage.get(&id).is_some());
+                        }
+                        if let Ok(_w) = t.claim(0) {
+                            assert!(!evicted.load(Ordering::Acquire), "evicted while claimed");
+                            assert!(storage.get(&id).is_some());
+                        }
+                    }
+                });
+                sc.spawn(|| {
+                    while !storage.evict(&id).expect("evict") {
+                        std::hint::spin_loop();
+                    }
+                    evicted.store(true, Ordering::Release);
+                });
+            });
+            assert!(t.is_retired() && storage.get(&id).is_none());
+        }
     }
 
     #[test]

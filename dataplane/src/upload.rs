@@ -222,8 +222,12 @@ async fn serve_piece<S: UploadStream>(
         Ok(s) => s,
         Err(f) => return write_frame(stream, &f).await,
     };
-    // Garbage collection leaves the task alone while a piece of it is being sent.
-    let _busy = store.busy();
+    // Garbage collection leaves the task alone while a piece of it is being sent; one it
+    // evicted is gone.
+    let Some(_busy) = store.busy() else {
+        let f = error_frame(ErrorCode::TaskNotFound, format!("task {task} was evicted"));
+        return write_frame(stream, &f).await;
+    };
     let layout = store.layout();
     let Some(range) = layout.piece_range(number) else {
         let f = error_frame(

@@ -6,7 +6,8 @@
 //! receives into a file; ours verifies each piece's crc32c and writes it at its offset;
 //! rows (b') and (d') also check every piece against its trusted BLAKE3 digest).
 //! For our data plane the CPU time of the serving node's threads is measured on its own
-//! (`/proc/self/task/TID/stat`), as cores used per GB/s served.
+//! (`/proc/self/task/TID/stat`), as cores used per GB/s served; the receiving node's
+//! threads too, with its piece hash workers (`dataplane-hash-N`) shown apart.
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -128,8 +129,14 @@ fn machine_counters() -> (u64, u64) {
 
 /// CPU seconds (user + system) the given threads of this process have used.
 fn threads_cpu(tids: &[u32]) -> f64 {
+    threads_cpu_of(tids, |_| true)
+}
+
+/// CPU seconds of the threads among `tids` that `keep` accepts.
+fn threads_cpu_of(tids: &[u32], keep: impl Fn(u32) -> bool) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
     tids.iter()
+        .filter(|t| keep(**t))
         .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/stat")).ok())
         .filter_map(|s| {
             // Fields after the parenthesised command name; utime and stime are 14 and 15.
@@ -140,6 +147,17 @@ fn threads_cpu(tids: &[u32]) -> f64 {
             Some((u + k) / tick)
         })
         .sum()
+}
+
+/// Whether thread `tid` of this process is a data plane's piece hasher (`dataplane-hash-N`).
+fn is_hasher(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+        .is_ok_and(|c| c.starts_with("dataplane-hash"))
+}
+
+/// CPU seconds of the hash-worker threads among `tids`.
+fn hasher_cpu(tids: &[u32]) -> f64 {
+    threads_cpu_of(tids, is_hasher)
 }
 
 fn best(mut v: Vec<Sample>) -> Sample {
@@ -347,6 +365,7 @@ fn ours(
     let serve0 = threads_cpu(&serve_tids);
     let recv_tids = b.dp.thread_ids();
     let recv0 = threads_cpu(&recv_tids);
+    let hash0 = hasher_cpu(&recv_tids);
     let m0 = machine_counters();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
@@ -407,10 +426,11 @@ fn ours(
     // Each run on its own line: the table keeps only the best, the spread shows here.
     let m1 = machine_counters();
     eprintln!(
-        "[throughput]   run: {:.2} GB/s, CPU s: serving {:.2}, receiving {:.2}, process {:.2}; steal ticks {}, compaction stalls {}",
+        "[throughput]   run: {:.2} GB/s, CPU s: serving {:.2}, receiving {:.2} (hash workers {:.2}), process {:.2}; steal ticks {}, compaction stalls {}",
         bytes as f64 / secs / 1e9,
         threads_cpu(&serve_tids) - serve0,
         threads_cpu(&recv_tids) - recv0,
+        hasher_cpu(&recv_tids) - hash0,
         cpu_seconds() - cpu0,
         m1.0 - m0.0,
         m1.1 - m0.1
