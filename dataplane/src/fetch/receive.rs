@@ -1,0 +1,401 @@
+//! Receiving a piece from a parent and settling it: the bytes written through the piece's
+//! claim (or kept aside for an endgame duplicate), hashed inline or by the thread's
+//! [`HashWorker`](crate::hasher::HashWorker), then committed or rejected once the digest is known
+//! ([`Session::settle`]), with what that means for the connection ([`Session::settled`]).
+
+use super::{emit, ParentError, Session};
+use crate::bridge::{Event, Parent, PieceSource};
+use crate::conn::{ConnError, FetchStream, FrameReader, RawChunk};
+use crate::counters::Counters;
+use crate::hasher::PieceHash;
+use crate::storage::{ClaimError, PieceWriter, StoreError};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::TaskId;
+
+/// Longest piece an endgame duplicate keeps in memory while the first copy is being written
+/// (a longer one is read and dropped unless it holds the claim).
+const MAX_ENDGAME_BUFFER: u64 = 16 << 20;
+
+/// Bytes of a piece received and written per step (as the sendfile baseline's reader): still
+/// in the cache between the socket read, the crc and the file write, and 4x fewer `pwrite`s,
+/// recvs and wake-ups than 256 KiB (measured: tuning.md, 2026-11-24).
+const RECEIVE_CHUNK: u64 = 1 << 20;
+
+/// A piece whose bytes all arrived (with the right crc32c, when computed on the receiving
+/// thread), not committed yet ([`Session::settle`]).
+pub(super) struct Landed {
+    pub(super) n: u32,
+    pub(super) crc: u32,
+    /// The piece's claim, with the bytes written; `None` for a copy without it.
+    pub(super) writer: Option<PieceWriter>,
+    /// A copy without the claim, kept to be stored if the claimed one fails.
+    pub(super) aside: Option<Vec<u8>>,
+    pub(super) hash: Hashing,
+}
+
+/// How a piece's BLAKE3 digest is being computed.
+pub(super) enum Hashing {
+    /// Not needed (digests neither required nor known for the task).
+    None,
+    /// On the receiving thread (no hash worker).
+    Inline(Box<wire::PieceHasher>),
+    /// By this thread's [`HashWorker`](crate::hasher::HashWorker).
+    Worker(Arc<PieceHash>),
+}
+
+/// Why receiving a piece failed.
+pub(super) enum Received {
+    /// The connection failed mid-piece.
+    Conn(ConnError),
+    /// No byte of the piece arrived for this long.
+    Stalled(Duration),
+    /// The piece is corrupt or could not be written.
+    Store(StoreError),
+}
+
+impl Session {
+    /// Receives the `len` raw bytes of piece `n` chunk by chunk. With the piece's claim
+    /// ([`TaskStore::claim`](crate::storage::TaskStore::claim)) each chunk is written at its place while it is still hot in
+    /// the cache, extending the crc32c as it goes (a transport's several buffers, QUIC
+    /// packets, with one `pwritev`). Without it (an endgame duplicate while the first copy
+    /// is being written) the bytes are kept aside, to be stored only if they check out while
+    /// the piece is still missing. When the piece has (or must have) a trusted digest, each
+    /// chunk buffer is then handed to this thread's [`HashWorker`](crate::hasher::HashWorker), which computes its crc32c
+    /// and BLAKE3 digest while the connection reads on, and a fresh buffer comes back.
+    /// Returns the piece landed (its crc checked here when computed here);
+    /// [`Session::settle`] checks the rest and commits it. The last chunk buffer is handed
+    /// back for reuse.
+    pub(super) async fn receive_piece<S: FetchStream>(
+        &self,
+        reader: &mut FrameReader,
+        stream: &mut S,
+        n: u32,
+        len: u64,
+        crc: u32,
+        buf: RawChunk,
+    ) -> (Result<Landed, Received>, RawChunk) {
+        let mut writer = match self.store.claim(n) {
+            Ok(w) => Some(w),
+            Err(ClaimError::Retired) => return (Err(Received::Store(StoreError::Retired)), buf),
+            Err(ClaimError::OutOfRange) => {
+                return (Err(Received::Store(StoreError::OutOfRange(n))), buf)
+            }
+            Err(ClaimError::Stored | ClaimError::Held) => None,
+        };
+        let mut buf = buf;
+        // Without the claim, keep the bytes aside while another writer holds the piece: if
+        // this copy checks out and the other does not, it is stored then.
+        let mut aside: Option<Vec<u8>> =
+            (writer.is_none() && len <= MAX_ENDGAME_BUFFER && self.store.is_claimed(n))
+                .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
+        let mut got = 0u64;
+        let mut running = 0u32;
+        // The trusted digest is checked where the piece is committed (`PieceWriter::finish`).
+        // With a hash worker, it computes the crc32c and the digest off this thread.
+        // (A copy that is neither written nor kept aside is read and dropped: not hashed.)
+        let hashed = (writer.is_some() || aside.is_some())
+            && (self.store.digests_required() || self.store.piece_digest(n).is_some());
+        // A worker that is behind has no free core to run on: then this thread hashes.
+        let mut hash = match (hashed, &self.hasher) {
+            (false, _) => Hashing::None,
+            (true, Some(w)) if !w.lagging() => Hashing::Worker(w.begin()),
+            (true, _) => Hashing::Inline(Box::default()),
+        };
+        let crc_here = !matches!(hash, Hashing::Worker(_));
+        if let (false, Some(w)) = (crc_here, writer.as_mut()) {
+            w.crc_checked_elsewhere();
+        }
+        while got < len {
+            let want = (len - got).min(RECEIVE_CHUNK);
+            // A parent that stops sending mid-piece is dropped like one that never answers
+            // (the buffer goes with the cancelled read; the connection is closed anyway).
+            let read = monoio::time::timeout(
+                self.cfg.piece_timeout,
+                stream.read_raw_chunk(reader, want as usize, buf),
+            )
+            .await;
+            let Ok((res, b)) = read else {
+                return (
+                    Err(Received::Stalled(self.cfg.piece_timeout)),
+                    RawChunk::default(),
+                );
+            };
+            buf = b;
+            if let Err(e) = res {
+                return (Err(Received::Conn(e)), buf);
+            }
+            let parts: Vec<&[u8]> = buf.slices().collect();
+            if crc_here && writer.is_none() {
+                // (The writer extends its own crc as it writes.)
+                for part in &parts {
+                    running = wire::piece_crc_append(running, part);
+                }
+            }
+            let written = match writer.as_mut() {
+                Some(w) => w.write_parts(&parts),
+                None => Ok(()),
+            };
+            if let Some(a) = aside.as_mut() {
+                for part in &parts {
+                    a.extend_from_slice(part);
+                }
+            }
+            if let Hashing::Inline(h) = &mut hash {
+                for part in &parts {
+                    h.update(part);
+                }
+            }
+            drop(parts);
+            if let Err(e) = written {
+                return (Err(Received::Store(e)), buf);
+            }
+            if let (Hashing::Worker(piece), Some(w)) = (&hash, &self.hasher) {
+                buf = w.give(piece, buf).await;
+            }
+            got += want;
+        }
+        if let Some(c) = writer.as_ref().and_then(PieceWriter::crc) {
+            running = c;
+        }
+        if crc_here && running != crc {
+            return (
+                Err(Received::Store(StoreError::Digest {
+                    number: n,
+                    expected: crc,
+                    got: running,
+                })),
+                buf,
+            );
+        }
+        if let (Hashing::Worker(piece), Some(w)) = (&hash, &self.hasher) {
+            w.finish(piece).await;
+        }
+        (
+            Ok(Landed {
+                n,
+                crc,
+                writer,
+                aside,
+                hash,
+            }),
+            buf,
+        )
+    }
+
+    /// Commits a landed piece once its digest is known (waiting for the hash, and for a
+    /// trusted digest still on its way, at most `digest_wait`): `Ok(true)` this copy was
+    /// stored, `Ok(false)` another was (or this one was not needed). A piece whose bytes do
+    /// not match is never marked ([`StoreError::PieceDigest`]); its claim is released.
+    /// `None`: dropped unjudged, because `condemned` was set meanwhile (an earlier piece of
+    /// the same connection was corrupt or forged: its parent is dropped at the first one).
+    pub(super) async fn settle(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Option<Result<bool, StoreError>> {
+        let res = match self.judge(landed, condemned).await {
+            Err(None) => None,
+            Err(Some(e)) => Some(Err(e)),
+            Ok(v) => Some(Ok(v)),
+        };
+        if matches!(
+            res,
+            Some(Err(
+                StoreError::PieceDigest { .. } | StoreError::Digest { .. }
+            ))
+        ) {
+            // Before any await: later pieces of this connection see it.
+            condemned.set(true);
+        }
+        res
+    }
+
+    /// [`Session::settle`]'s work; `Err(None)`: dropped unjudged.
+    async fn judge(
+        &self,
+        landed: Landed,
+        condemned: &Cell<bool>,
+    ) -> Result<bool, Option<StoreError>> {
+        let Landed {
+            n,
+            crc,
+            writer,
+            aside,
+            hash,
+        } = landed;
+        let digest = match hash {
+            Hashing::None => None,
+            Hashing::Inline(h) => Some(h.finish()),
+            Hashing::Worker(piece) => {
+                let sums = match self.hasher.as_deref() {
+                    Some(w) => piece.sums(w).await,
+                    None => None,
+                };
+                let sums = sums.ok_or(Some(StoreError::DigestUnknown(n)))?;
+                if condemned.get() {
+                    return Err(None);
+                }
+                if sums.crc32c != crc {
+                    return Err(Some(StoreError::Digest {
+                        number: n,
+                        expected: crc,
+                        got: sums.crc32c,
+                    }));
+                }
+                Some(sums.digest)
+            }
+        };
+        if digest.is_some() && self.store.piece_digest(n).is_none() {
+            // Digest not known yet (the source's report is still on its way through the
+            // scheduler): hold the piece, and the claim, until it is, at most `digest_wait`.
+            self.wait_digest(n).await;
+        }
+        if condemned.get() {
+            return Err(None);
+        }
+        if let Some(w) = writer {
+            return w.finish(crc, digest).map_err(Some);
+        }
+        let Some(a) = aside else {
+            return Ok(false);
+        };
+        if let Some(d) = digest {
+            // Checked before the copy kept aside overwrites anything.
+            if let Some(expected) = self.store.piece_digest(n).filter(|e| *e != d) {
+                return Err(Some(StoreError::PieceDigest {
+                    number: n,
+                    expected,
+                    got: d,
+                }));
+            }
+        }
+        match self.store.claim(n) {
+            Ok(mut w) => {
+                w.write(&a).map_err(Some)?;
+                w.finish(crc, digest).map_err(Some)
+            }
+            Err(ClaimError::Retired) => Err(Some(StoreError::Retired)),
+            // Stored by the other copy, or it is still being written.
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// What a settled piece means for the connection that brought it: counters, events,
+    /// and the error that drops the parent (a corrupt or forged piece, a storage failure).
+    pub(super) async fn settled(
+        &self,
+        res: Result<bool, StoreError>,
+        n: u32,
+        len: u64,
+        crc: u32,
+        p: &Parent,
+        took: Duration,
+    ) -> Result<(), ParentError> {
+        let task = self.task();
+        match res {
+            Ok(false) => {
+                // The other copy of an endgame duplicate got here first.
+                self.release(n);
+                Counters::add(&self.counters.endgame_duplicates, 1);
+            }
+            Ok(true) => {
+                self.release(n);
+                let source = if p.is_seed {
+                    Counters::add(&self.counters.bytes_from_seed, len);
+                    PieceSource::Seed(p.host_id.clone())
+                } else {
+                    Counters::add(&self.counters.bytes_from_peers, len);
+                    PieceSource::Peer(p.host_id.clone())
+                };
+                Counters::add(&self.counters.pieces_downloaded, 1);
+                emit(
+                    &self.bridge,
+                    Event::PieceFinished {
+                        task,
+                        number: n,
+                        crc32c: crc,
+                        length: len,
+                        source,
+                        cost_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                    },
+                )
+                .await;
+            }
+            Err(StoreError::DigestUnknown(_)) => {
+                // Not the parent's fault: the piece is asked for again later.
+                Counters::add(&self.counters.digest_wait_timeouts, 1);
+                self.release(n);
+            }
+            Err(e @ StoreError::PieceDigest { .. }) => {
+                // Bytes other than the source's with a matching crc32c: a forging (or badly
+                // broken) parent. Never stored; the parent is dropped and reported, and the
+                // piece fetched elsewhere.
+                Counters::add(&self.counters.pieces_forged, 1);
+                let reason = format!("forged piece: {e}");
+                tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
+                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+            }
+            Err(StoreError::Digest { expected, got, .. }) => {
+                let reason =
+                    format!("crc32c {got:08x} does not match the announced {expected:08x}");
+                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+            }
+            Err(StoreError::Retired) => {
+                // Removed on purpose (failed run, user delete, eviction): whoever removed it
+                // knows; the session just ends, without events about a task that is gone.
+                self.release(n);
+                self.cancel();
+                return Err(ParentError::Retired);
+            }
+            Err(e) => {
+                self.release(n);
+                return Err(ParentError::Storage(n, e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Piece `n` from `parent` failed its check (`reason`): counted, released for another
+    /// parent, reported; the error that drops the parent.
+    async fn corrupt_piece(
+        &self,
+        task: TaskId,
+        n: u32,
+        parent: &str,
+        reason: String,
+    ) -> ParentError {
+        Counters::add(&self.counters.pieces_corrupt, 1);
+        self.release(n);
+        emit(
+            &self.bridge,
+            Event::PieceFailed {
+                task,
+                number: n,
+                parent: parent.to_owned(),
+                reason: reason.clone(),
+            },
+        )
+        .await;
+        ParentError::Corrupt(n, reason)
+    }
+
+    /// Waits until the trusted digest of piece `n` is known, or `digest_wait` passed.
+    async fn wait_digest(&self, n: u32) {
+        let deadline = Instant::now() + self.cfg.digest_wait;
+        Counters::add(&self.counters.digest_waits, 1);
+        while self.store.piece_digest(n).is_none() && !self.is_done() {
+            let listener = self.store.listen_digests();
+            if self.store.piece_digest(n).is_some() || !self.store.digests_required() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // Bounded again by 100 ms: a wake-up from another thread is not missed for long.
+            let _ = monoio::time::timeout(left.min(Duration::from_millis(100)), listener).await;
+        }
+    }
+}
