@@ -207,7 +207,7 @@ impl Drop for PieceWriter {
 
 impl TaskStore {
     /// Marks the task in use (and used now) until the guard is dropped: garbage collection
-    /// never evicts a task in use ([`Storage::evict`]). `None` when it was evicted or
+    /// never evicts a task in use ([`Storage::evict`](super::Storage::evict)). `None` when it was evicted or
     /// removed already (its file is gone from the directory).
     #[must_use]
     pub fn busy(&self) -> Option<Busy<'_>> {

@@ -75,7 +75,7 @@ impl TaskStore {
     /// Marks piece `n` as stored with crc32c `crc` after the claim holder wrote bytes whose
     /// BLAKE3 digest is `got` at the piece's offset (and checked them against `crc`): when
     /// digests are required, only if `got` is the piece's trusted digest
-    /// ([`PieceWriter::finish`]). This is the one place where
+    /// ([`PieceWriter::finish`](super::PieceWriter::finish)). This is the one place where
     /// a piece from a parent becomes visible (served, counted); bytes that fail here stay
     /// unmarked, so they are never served and are overwritten by the next copy. Returns
     /// whether the piece was new.

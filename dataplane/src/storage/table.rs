@@ -84,7 +84,7 @@ impl Storage {
 
     /// Garbage collection's removal: forgets the task and removes its content file only if
     /// nobody uses it, in one atomic step with the users ([`TaskStore::retire`]): a task
-    /// with a piece claimed ([`PieceWriter`]) or a [`Busy`] guard (a read, an upload, a
+    /// with a piece claimed ([`PieceWriter`](super::PieceWriter)) or a [`Busy`](super::Busy) guard (a read, an upload, a
     /// delivery) is kept, and once retired it can be neither claimed nor marked busy.
     /// Returns whether it was evicted (`false`: in use, or not stored).
     pub fn evict(&self, id: &TaskId) -> io::Result<bool> {
