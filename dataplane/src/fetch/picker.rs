@@ -329,15 +329,24 @@ pub(super) mod tests {
             None,
             "nothing is old enough yet"
         );
-        let now = t0 + Duration::from_millis(10) + ENDGAME_AGE;
-        assert_eq!(s.pick_endgame(&all, now), Some(1), "exactly old enough");
+        // Pieces 1 and 2 are old enough now (2 exactly), piece 0 not yet: oldest first.
+        let now = t0 + Duration::from_millis(20) + ENDGAME_AGE;
+        assert_eq!(
+            s.pick_endgame(&all, now),
+            Some(1),
+            "the oldest request first"
+        );
+        assert_eq!(s.pick_endgame(&all, now), Some(2), "exactly old enough");
+        assert_eq!(s.pick_endgame(&all, now), None, "piece 0 is too young");
         let later = t0 + 10 * ENDGAME_AGE;
-        // A parent without piece 2 gets piece 0 (piece 1 has its duplicate already).
-        assert_eq!(s.pick_endgame(&[true, true, false, true], later), Some(0));
-        assert_eq!(s.pick_endgame(&[true, true, false, true], later), None);
-        assert_eq!(s.pick_endgame(&all, later), Some(2));
+        assert_eq!(
+            s.pick_endgame(&[false, true, true, true], later),
+            None,
+            "a parent without piece 0 gets nothing"
+        );
+        assert_eq!(s.pick_endgame(&all, later), Some(0));
         assert_eq!(s.pick_endgame(&all, later), None, "one duplicate per piece");
-        assert_eq!((in_flight(&s, 0), in_flight(&s, 1)), (2, 2));
+        assert_eq!([0, 1, 2].map(|n| in_flight(&s, n)), [2, 2, 2]);
         // The regular picker still hands out nothing: all is in flight or stored.
         assert_eq!(s.pick(&all), None);
     }
