@@ -46,17 +46,41 @@ struct ParentConn {
     condemned: Rc<Cell<bool>>,
 }
 
+impl ParentConn {
+    /// The state of a new connection to a parent of a task of `piece_count` pieces: nothing
+    /// known, nothing asked.
+    fn new(piece_count: u32) -> Self {
+        Self {
+            bits: vec![false; piece_count as usize],
+            count: 0,
+            have_bitmap: false,
+            pending: VecDeque::new(),
+            not_found: 0,
+            settling: VecDeque::new(),
+            failed: Rc::new(RefCell::new(None)),
+            condemned: Rc::new(Cell::new(false)),
+        }
+    }
+
+    /// When the parent goes (whatever the reason, mid-piece included): gives back to `s`
+    /// every piece still requested from it, so other parents may pick them, and forgets its
+    /// bitmap in the availability counts. No I/O.
+    fn give_back(&mut self, s: &Session) {
+        for pend in self.pending.drain(..) {
+            if let Pending::Piece(n, _) = pend {
+                s.release(n);
+            }
+        }
+        for (n, has) in self.bits.iter().enumerate() {
+            if *has {
+                s.learn(n, false);
+            }
+        }
+    }
+}
+
 pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
-    let mut pc = ParentConn {
-        bits: vec![false; s.store.layout().piece_count() as usize],
-        count: 0,
-        have_bitmap: false,
-        pending: VecDeque::new(),
-        not_found: 0,
-        settling: VecDeque::new(),
-        failed: Rc::new(RefCell::new(None)),
-        condemned: Rc::new(Cell::new(false)),
-    };
+    let mut pc = ParentConn::new(s.store.layout().piece_count());
     let mut res = parent_loop(&s, &p, &mut pc).await;
     // Pieces still settling are committed (or refused) before the parent counts as gone.
     while let Some(h) = pc.settling.pop_front() {
@@ -72,17 +96,7 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
             res = Err(e);
         }
     }
-    // Give back whatever this parent still owed us, and forget its bitmap.
-    for pend in pc.pending.drain(..) {
-        if let Pending::Piece(n, _) = pend {
-            s.release(n);
-        }
-    }
-    for (n, has) in pc.bits.iter().enumerate() {
-        if *has {
-            s.learn(n, false);
-        }
-    }
+    pc.give_back(&s);
     let (active, done) = {
         let mut st = s.state.borrow_mut();
         st.parents.insert(p.host_id.clone(), false);
@@ -444,5 +458,91 @@ async fn parent_io<S: FetchStream>(
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::picker::tests::{learn_bits, session};
+    use super::*;
+
+    /// What a parent's bitmap answer does to its connection state and to the session.
+    fn learn_parent(s: &Session, pc: &mut ParentConn, bits: &[bool]) {
+        for (n, has) in bits.iter().enumerate() {
+            if *has && !pc.bits[n] {
+                pc.bits[n] = true;
+                pc.count += 1;
+                s.learn(n, true);
+            }
+        }
+        pc.have_bitmap = true;
+    }
+
+    /// A parent that dies with pieces requested (one of them mid-piece) gives them all back:
+    /// another parent picks exactly those next, and the dead parent's bitmap no longer
+    /// counts toward availability.
+    #[test]
+    fn a_parent_that_dies_mid_piece_gives_back_what_it_owed() {
+        let (_d, s) = session(4);
+        let mut dead = ParentConn::new(4);
+        learn_parent(&s, &mut dead, &[true, true, true, false]);
+        // Another parent has everything.
+        let other = [true; 4];
+        learn_bits(&s, &other);
+        let mut owed = Vec::new();
+        for _ in 0..2 {
+            let n = s.pick(&dead.bits).expect("pick");
+            dead.pending.push_back(Pending::Piece(n, Instant::now()));
+            owed.push(n);
+        }
+        dead.pending.push_back(Pending::Bitmap);
+        // The other parent gets what nobody asked for yet, and then nothing.
+        let mut rest: Vec<u32> = std::iter::from_fn(|| s.pick(&other)).collect();
+        assert_eq!(rest.len(), 2);
+        dead.give_back(&s);
+        assert!(dead.pending.is_empty());
+        assert_eq!(s.state.borrow().availability, [1, 1, 1, 1]);
+        let mut again: Vec<u32> = std::iter::from_fn(|| s.pick(&other)).collect();
+        again.sort_unstable();
+        owed.sort_unstable();
+        assert_eq!(
+            again, owed,
+            "exactly what the dead parent owed is pickable again"
+        );
+        rest.extend(again);
+        rest.sort_unstable();
+        assert_eq!(rest, [0, 1, 2, 3]);
+    }
+
+    /// In the endgame, a parent that dies holding a duplicate leaves the piece in flight at
+    /// the other parent (not handed out a third time, not forgotten).
+    #[test]
+    fn a_dead_endgame_duplicate_leaves_the_other_copy_in_flight() {
+        let (_d, s) = session(1);
+        let mut first = ParentConn::new(1);
+        let mut dup = ParentConn::new(1);
+        learn_parent(&s, &mut first, &[true]);
+        learn_parent(&s, &mut dup, &[true]);
+        let n = s.pick(&first.bits).expect("pick");
+        first.pending.push_back(Pending::Piece(n, Instant::now()));
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(s.pick_endgame(&dup.bits, later), Some(n));
+        dup.pending.push_back(Pending::Piece(n, later));
+        dup.give_back(&s);
+        assert_eq!(s.state.borrow().in_flight[0], 1);
+        assert_eq!(s.state.borrow().availability[0], 1);
+        assert_eq!(
+            s.pick(&first.bits),
+            None,
+            "still in flight at the first parent"
+        );
+        first.give_back(&s);
+        let mut third = ParentConn::new(1);
+        learn_parent(&s, &mut third, &[true]);
+        assert_eq!(
+            s.pick(&third.bits),
+            Some(0),
+            "both copies gone: pickable again"
+        );
     }
 }
