@@ -118,24 +118,29 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 impl Default for DataPlaneSection {
+    /// The data plane's own defaults ([`dataplane::runtime::DataPlaneConfig`],
+    /// [`dataplane::fetch::FetchConfig`], [`dataplane::quic::QuicConfig`]): written once, there.
     fn default() -> Self {
+        let plane = dataplane::runtime::DataPlaneConfig::default();
+        let fetch = dataplane::fetch::FetchConfig::default();
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 4005)),
+            listen: plane.listen,
+            // 0: one thread per CPU, decided when the daemon starts.
             threads: 0,
-            io_uring: true,
-            queue_capacity: 4096,
-            pieces_in_flight: 8,
-            request_queue_time: dataplane::fetch::DEFAULT_REQUEST_QUEUE_TIME,
-            connect_timeout: Duration::from_secs(5),
-            piece_timeout: Duration::from_secs(30),
-            parent_idle_timeout: dataplane::fetch::DEFAULT_PARENT_IDLE_TIMEOUT,
+            io_uring: plane.io_uring,
+            queue_capacity: plane.queue_capacity,
+            pieces_in_flight: fetch.pieces_in_flight,
+            request_queue_time: fetch.request_queue_time,
+            connect_timeout: fetch.connect_timeout,
+            piece_timeout: fetch.piece_timeout,
+            parent_idle_timeout: fetch.parent_idle_timeout,
             verify_pieces: true,
-            digest_wait: dataplane::fetch::DEFAULT_DIGEST_WAIT,
+            digest_wait: fetch.digest_wait,
             upload_rate_limit: ByteSize(0),
             download_rate_limit: ByteSize(0),
             per_peer_upload_rate_limit: ByteSize(0),
             per_peer_download_rate_limit: ByteSize(0),
-            bytes_in_flight: ByteSize(dataplane::fetch::DEFAULT_BYTES_IN_FLIGHT),
+            bytes_in_flight: ByteSize(fetch.bytes_in_flight),
             transport: TransportKind::Tcp,
             quic_listen: SocketAddr::from(([0, 0, 0, 0], 4006)),
             quic_max_udp_payload: dataplane::quic::QuicConfig::default().max_udp_payload,
