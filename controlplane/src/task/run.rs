@@ -30,9 +30,10 @@ pub(super) struct TaskRun {
     pub(super) origin_pending: HashSet<u32>,
     /// Stall periods in a row without a stored piece (see `download.stall_timeout`).
     pub(super) stalls: u32,
-    /// Wait before the next try to register the running download again after its scheduler
-    /// stream ended (doubles up to [`REREGISTER_MAX`]).
-    pub(super) reregister_backoff: std::time::Duration,
+    /// Waits before the next tries to register the running download again after its
+    /// scheduler stream ended: jittered, doubling from [`REREGISTER_FIRST`] up to
+    /// [`REREGISTER_MAX`], so daemons that lost the same scheduler do not retry in lockstep.
+    pub(super) reregister_backoff: Box<dyn Iterator<Item = std::time::Duration> + Send>,
 }
 
 impl TaskRun {
@@ -111,7 +112,10 @@ impl TaskRun {
             origin_running: 0,
             origin_pending: HashSet::new(),
             stalls: 0,
-            reregister_backoff: REREGISTER_FIRST,
+            reregister_backoff: Box::new(damselfly_common::reconnect_backoff(
+                REREGISTER_FIRST,
+                REREGISTER_MAX,
+            )),
             svc,
             spec,
             state,
@@ -223,8 +227,9 @@ impl TaskRun {
                             store.relax_digests();
                         }
                         lost_scheduler = true;
-                        self.reregister_backoff = REREGISTER_FIRST;
-                        reregister.as_mut().reset(tokio::time::Instant::now() + REREGISTER_FIRST);
+                        self.reregister_backoff = Box::new(damselfly_common::reconnect_backoff(REREGISTER_FIRST, REREGISTER_MAX));
+                        let wait = self.reregister_backoff.next().unwrap_or(REREGISTER_FIRST);
+                        reregister.as_mut().reset(tokio::time::Instant::now() + wait);
                         if !self.dispatched {
                             if self.spec.disable_back_to_source {
                                 return Err(DownloadError::SchedulerUnavailable("scheduler went away before naming parents; back-to-source is disabled".into()));
@@ -249,8 +254,8 @@ impl TaskRun {
                     if self.reregister().await {
                         lost_scheduler = false;
                     } else {
-                        self.reregister_backoff = (self.reregister_backoff * 2).min(REREGISTER_MAX);
-                        reregister.as_mut().reset(tokio::time::Instant::now() + self.reregister_backoff);
+                        let wait = self.reregister_backoff.next().unwrap_or(REREGISTER_MAX);
+                        reregister.as_mut().reset(tokio::time::Instant::now() + wait);
                     }
                 }
                 _ = &mut stall, if self.dispatched => {
