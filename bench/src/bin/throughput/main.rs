@@ -145,6 +145,10 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    // Our data plane on `threads` threads per side with `knobs`, on this run's file.
+    let ours = |threads: usize, knobs: Knobs| {
+        run_ours(threads, knobs, &src, size, layout, args.runs, warm)
+    };
     let mut ours_by_threads = Vec::new();
     let threads_list: &[usize] = if args.only_quic { &[] } else { &[1, 2] };
     for &threads in threads_list {
@@ -152,10 +156,7 @@ fn main() -> Result<()> {
             "[throughput] (b) our TCP data plane, {threads} thread(s) per side, x{} ...",
             args.runs
         );
-        ours_by_threads.push((
-            threads,
-            run_ours(threads, knobs, &src, size, layout, args.runs, warm)?,
-        ));
+        ours_by_threads.push((threads, ours(threads, knobs)?));
     }
 
     let (plain_quinn, ours_quic) = if args.no_quic {
@@ -181,17 +182,12 @@ fn main() -> Result<()> {
         }
         let pq = best(v);
         eprintln!("[throughput] (d) our QUIC data plane x{} ...", args.runs);
-        let q = run_ours(
+        let q = ours(
             1,
             Knobs {
                 quic: true,
                 ..knobs
             },
-            &src,
-            size,
-            layout,
-            args.runs,
-            warm,
         )?;
         (Some(pq), Some(q))
     };
@@ -222,17 +218,12 @@ fn main() -> Result<()> {
         "[throughput] (b') our TCP, 1 thread per side, pieces verified x{} ...",
         args.runs
     );
-    let one_verified = run_ours(
+    let one_verified = ours(
         1,
         Knobs {
             verify: true,
             ..knobs
         },
-        &src,
-        size,
-        layout,
-        args.runs,
-        warm,
     )?;
     let quic_verified = if args.no_quic {
         None
@@ -241,18 +232,13 @@ fn main() -> Result<()> {
             "[throughput] (d') our QUIC, pieces verified x{} ...",
             args.runs
         );
-        Some(run_ours(
+        Some(ours(
             1,
             Knobs {
                 quic: true,
                 verify: true,
                 ..knobs
             },
-            &src,
-            size,
-            layout,
-            args.runs,
-            warm,
         )?)
     };
     let (_, one) = ours_by_threads[0];
