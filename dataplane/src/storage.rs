@@ -311,35 +311,12 @@ impl TaskStore {
         self.changed.listen()
     }
 
-    /// Checks that `data` is piece `n`: right length and crc32c `crc`.
-    pub fn verify(&self, n: u32, data: &[u8], crc: u32) -> Result<(), StoreError> {
-        let range = self
-            .layout
-            .piece_range(n)
-            .ok_or(StoreError::OutOfRange(n))?;
-        let expected = range.end - range.start;
-        if data.len() as u64 != expected {
-            return Err(StoreError::Length {
-                number: n,
-                expected,
-                got: data.len() as u64,
-            });
-        }
-        let got = wire::piece_crc(data);
-        if got != crc {
-            return Err(StoreError::Digest {
-                number: n,
-                expected: crc,
-                got,
-            });
-        }
-        Ok(())
-    }
-
-    /// Checks `data` against `crc`, writes it at piece `n`'s offset and marks the piece,
-    /// through the piece's claim ([`TaskStore::claim`]). Returns whether the piece was new:
-    /// `false` when it is stored already or another writer holds it (that writer stores
-    /// it). A digest mismatch stores nothing; a retired task is an error.
+    /// Writes `data` at piece `n`'s offset and marks the piece, through the piece's claim
+    /// ([`TaskStore::claim`]), whose running crc32c and length are checked against `crc` and
+    /// the piece's length before the mark (one pass over the bytes). Returns whether the
+    /// piece was new: `false` when it is stored already or another writer holds it (that
+    /// writer stores it). A wrong length or crc32c leaves the piece unmarked and released; a
+    /// retired task is an error.
     ///
     /// For bytes from a trusted place (the origin, an imported file): their BLAKE3 digest
     /// becomes the piece's trusted digest ([`TaskStore::piece_digest`]), which this host
@@ -351,7 +328,6 @@ impl TaskStore {
         data: &[u8],
         crc: u32,
     ) -> Result<bool, StoreError> {
-        self.verify(n, data, crc)?;
         let mut w = match self.claim(n) {
             Ok(w) => w,
             Err(ClaimError::Stored | ClaimError::Held) => return Ok(false),
