@@ -334,8 +334,16 @@ impl MetaStore {
         // Snapshot the bitmaps first, then make the bytes behind them durable.
         let mut rows = Vec::with_capacity(tasks.len());
         for (t, with_pieces) in tasks {
-            let count = t.finished_count();
-            let pieces = with_pieces.then(|| encode_pieces(&t.bitmap_bytes(), &t.crcs()));
+            // With the pieces, the count is the snapshot's own: a second read of the live
+            // counter could include a piece stored after the bitmap was read (the record's
+            // count and bitmap would disagree).
+            let (count, pieces) = if *with_pieces {
+                let bits = t.bitmap_bytes();
+                let count = bits.iter().map(|b| b.count_ones()).sum();
+                (count, Some(encode_pieces(&bits, &t.crcs())))
+            } else {
+                (t.finished_count(), None)
+            };
             if pieces.is_some() {
                 if let Err(e) = t.file().sync_data() {
                     tracing::warn!(task = %t.id(), "syncing the content file: {e}; not recorded this time");
