@@ -11,17 +11,35 @@
 //! A cached task is named by a content id (by default `sha256:<hex>` of the file), a tag and
 //! an application ([`TaskId::from_cache_id`]).
 
-use crate::daemon::Context;
+use crate::retention::{Deleted, Retention};
+use crate::scheduler::SchedulerClient;
+use crate::store::MetaStore;
 use crate::task::TaskSpec;
+use dataplane::Storage;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tonic::{Code, Status};
-use wire::proto::scheduler::{
-    scheduler_client::SchedulerClient, AnnounceTaskRequest, LeaveTaskRequest, StatTaskRequest,
-    TaskInfo, TaskMetadata,
-};
+use tonic::Status;
+use wire::proto::scheduler::TaskInfo;
 use wire::{PieceLayout, TaskId};
+
+/// What dfcache uses: storage and the metadata store (imports), the scheduler client
+/// (announce, stat), the deletion owner, and the piece length rule's bounds.
+#[derive(Debug)]
+pub struct DfCache {
+    /// Task storage.
+    pub storage: Arc<Storage>,
+    /// Task metadata (an import is recorded before it is reported).
+    pub meta: Arc<MetaStore>,
+    /// The schedulers.
+    pub schedulers: Arc<SchedulerClient>,
+    /// The owner of task deletion.
+    pub retention: Arc<Retention>,
+    /// `download.piece_length_min`.
+    pub piece_length_min: u64,
+    /// `download.piece_length_max`.
+    pub piece_length_max: u64,
+}
 
 /// Content id, tag and application of a cached task.
 #[derive(Debug, Clone, Default)]
@@ -79,7 +97,7 @@ fn file_digest(path: &Path) -> std::io::Result<String> {
 }
 
 /// Copies `path` into the store of `id` piece by piece (blocking).
-fn store_file(ctx: &Context, id: TaskId, path: &Path, layout: PieceLayout) -> Result<(), String> {
+fn store_file(ctx: &DfCache, id: TaskId, path: &Path, layout: PieceLayout) -> Result<(), String> {
     let store = ctx
         .storage
         .create(id, layout)
@@ -112,53 +130,22 @@ fn store_file(ctx: &Context, id: TaskId, path: &Path, layout: PieceLayout) -> Re
     Ok(())
 }
 
-/// Peer id this host uses for an imported task (stable, so a second import replaces the
-/// first at the scheduler).
-fn cache_peer_id(ctx: &Context, id: &TaskId) -> String {
-    format!("{}-cache-{}", ctx.host.id, &id.to_hex()[..16])
-}
-
 /// Announces the complete task `id` to its scheduler (the next ones by rendezvous order when
 /// it does not answer). Returns the scheduler that accepted it.
-pub async fn announce(
-    ctx: &Arc<Context>,
-    id: &TaskId,
-    layout: PieceLayout,
-) -> Result<String, String> {
-    let order = ctx.schedulers.pool().ordered(id);
-    if order.is_empty() {
-        return Err("no scheduler configured".into());
-    }
-    let mut errors = Vec::new();
-    for (addr, ch) in order {
-        let req = AnnounceTaskRequest {
-            task_id: id.to_hex(),
-            peer_id: cache_peer_id(ctx, id),
-            host: Some(ctx.host.clone()),
-            metadata: Some(TaskMetadata {
-                content_length: layout.content_length(),
-                piece_length: layout.piece_length(),
-            }),
-            piece_count: layout.piece_count(),
-            // This host read the file itself: the digest of every piece, when all are known
-            // (an import computes them; a task restored after a restart has none).
-            piece_digests: ctx
-                .storage
-                .get(id)
-                .and_then(|s| s.all_digests())
-                .unwrap_or_default(),
-        };
-        match SchedulerClient::new(ch).announce_task(req).await {
-            Ok(_) => return Ok(addr),
-            Err(e) => errors.push(format!("scheduler {addr}: {}", e.message())),
-        }
-    }
-    Err(errors.join("; "))
+pub async fn announce(ctx: &DfCache, id: &TaskId, layout: PieceLayout) -> Result<String, String> {
+    // This host read the file itself: the digest of every piece, when all are known (an
+    // import computes them; a task restored after a restart has none).
+    let digests = ctx
+        .storage
+        .get(id)
+        .and_then(|s| s.all_digests())
+        .unwrap_or_default();
+    ctx.schedulers.announce_cached(id, layout, digests).await
 }
 
 /// Imports the file at `path` (absolute) as a finished task and announces it.
 pub async fn import(
-    ctx: &Arc<Context>,
+    ctx: &Arc<DfCache>,
     path: PathBuf,
     key: CacheKey,
     piece_length: u64,
@@ -187,11 +174,7 @@ pub async fn import(
     let piece_length = if piece_length != 0 {
         piece_length
     } else {
-        wire::piece::piece_length_for(
-            len,
-            ctx.config.download.piece_length_min.0,
-            ctx.config.download.piece_length_max.0,
-        )
+        wire::piece::piece_length_for(len, ctx.piece_length_min, ctx.piece_length_max)
     };
     let layout = PieceLayout::new(len, piece_length)
         .map_err(|e| Status::invalid_argument(format!("{}: {e}", path.display())))?;
@@ -260,29 +243,14 @@ pub async fn import(
 
 /// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)` when a
 /// scheduler answered that it does not know the task, `Err` when none answered.
-pub async fn scheduler_stat(ctx: &Arc<Context>, id: &TaskId) -> Result<Option<TaskInfo>, String> {
-    let order = ctx.schedulers.pool().ordered(id);
-    if order.is_empty() {
-        return Err("no scheduler configured".into());
-    }
-    let mut errors = Vec::new();
-    for (addr, ch) in order {
-        let req = StatTaskRequest {
-            task_id: id.to_hex(),
-        };
-        match SchedulerClient::new(ch).stat_task(req).await {
-            Ok(r) => return Ok(Some(r.into_inner())),
-            Err(s) if s.code() == Code::NotFound => return Ok(None),
-            Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
-        }
-    }
-    Err(errors.join("; "))
+pub async fn scheduler_stat(ctx: &DfCache, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+    ctx.schedulers.stat_task(id).await
 }
 
 /// Checks that some other peer holds task `id` before an export, and returns the download
 /// spec: no origin, back-to-source disabled.
 pub async fn export_spec(
-    ctx: &Arc<Context>,
+    ctx: &DfCache,
     key: &CacheKey,
     rate_limit: u64,
 ) -> Result<TaskSpec, Status> {
@@ -295,7 +263,9 @@ pub async fn export_spec(
         let holders = info.as_ref().map_or(0, |i| {
             i.peers
                 .iter()
-                .filter(|p| p.host_id != ctx.host.id && (p.done || p.finished_pieces > 0))
+                .filter(|p| {
+                    p.host_id != ctx.schedulers.host().id && (p.done || p.finished_pieces > 0)
+                })
                 .count()
         });
         if holders == 0 || info.as_ref().is_some_and(|i| i.metadata.is_none()) {
@@ -332,37 +302,11 @@ fn describe(key: &CacheKey) -> String {
     s
 }
 
-/// Removes task `id` from local storage and the metadata store (see [`crate::gc::delete_task`])
-/// and tells every scheduler that this host left it.
-/// Returns (held locally, scheduler told, scheduler error).
-pub async fn delete(ctx: &Arc<Context>, id: &TaskId) -> Result<(bool, bool, String), Status> {
-    // Unlink and a metadata commit (which may wait for a running flush): off the async threads.
-    let (c, task) = (ctx.clone(), *id);
-    let held = tokio::task::spawn_blocking(move || crate::gc::delete_task(&c, &task))
+/// Removes task `id` from local storage and the metadata store and tells every scheduler
+/// that this host left it ([`Retention::delete`]).
+pub async fn delete(ctx: &DfCache, id: &TaskId) -> Result<Deleted, Status> {
+    ctx.retention
+        .delete(id)
         .await
-        .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?
-        .map_err(|e| Status::internal(format!("removing task {id}: {e}")))?;
-    if held {
-        tracing::info!(task = %id, "deleted");
-    }
-    let (told, errors) = leave_schedulers(ctx, id).await;
-    Ok((held, told, errors))
-}
-
-/// Sends `LeaveTask` for task `id` of this host to every scheduler. Returns whether at least
-/// one scheduler took it, and the errors of the others.
-pub async fn leave_schedulers(ctx: &Context, id: &TaskId) -> (bool, String) {
-    let mut told = false;
-    let mut errors = Vec::new();
-    for (addr, ch) in ctx.schedulers.pool().all().iter().cloned() {
-        let req = LeaveTaskRequest {
-            task_id: id.to_hex(),
-            host_id: ctx.host.id.clone(),
-        };
-        match SchedulerClient::new(ch).leave_task(req).await {
-            Ok(_) => told = true,
-            Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
-        }
-    }
-    (told, errors.join("; "))
+        .map_err(|e| Status::internal(format!("removing task {id}: {e}")))
 }

@@ -1,55 +1,45 @@
 //! Starting dfdaemon: storage, data plane, scheduler sessions, local API, metrics.
 
+use crate::cache::DfCache;
 use crate::config::{DaemonConfig, TransportKind};
-use crate::scheduler::SchedulerSet;
-use crate::task::TaskManager;
+use crate::local_api::LocalApi;
+use crate::manager::ManagerLink;
+use crate::metrics::{ControlStats, MetricsSources};
+use crate::origin::OriginClient;
+use crate::proxy::ProxyCounters;
+use crate::retention::Retention;
+use crate::scheduler::SchedulerClient;
+use crate::store::MetaStore;
+use crate::task::{BridgeLink, RunServices, RunSettings, TaskManager};
 use anyhow::Context as _;
 use dataplane::fetch::{FetchConfig, Transport};
 use dataplane::quic::QuicConfig;
 use dataplane::shaper::Shaping;
 use dataplane::{Bridge, Counters, DataPlane, DataPlaneConfig, Storage};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use wire::proto::scheduler::{Host, HostType};
 
-/// Everything the control plane's tasks share.
-#[derive(Debug)]
-pub struct Context {
-    /// Effective configuration.
-    pub config: DaemonConfig,
-    /// This host as announced to schedulers.
-    pub host: Host,
-    /// Task storage (shared with the data plane).
-    pub storage: Arc<Storage>,
-    /// Task metadata that survives restarts (pieces, layout, access times).
-    pub meta: Arc<crate::store::MetaStore>,
-    /// Byte and piece counters (shared with the data plane).
-    pub counters: Arc<Counters>,
-    /// Rate limits (shared with the data plane; can change while running).
-    pub shaping: Arc<Shaping>,
-    /// Queues to the data plane.
-    pub bridge: Arc<Bridge>,
-    /// Scheduler channels (replaced at run time when the manager names others).
-    pub schedulers: SchedulerSet,
-    /// HTTP client for origins.
-    pub http: reqwest::Client,
-    /// Running downloads.
-    pub tasks: TaskManager,
-    /// Version of the manager's dynamic config applied (0: none yet).
-    pub config_version: std::sync::atomic::AtomicU64,
-    /// Counters of the registry mirror proxy.
-    pub proxy: crate::proxy::ProxyCounters,
-    /// Control-plane counters (downloads, failures by kind, back-to-source, scheduler loss).
-    pub stats: Arc<crate::metrics::ControlStats>,
-    /// Slots for origin fetches (`download.origin_concurrency`; `None`: unlimited).
-    pub origin_slots: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-/// A running dfdaemon.
+/// A running dfdaemon: the composition root. It builds the services (storage, metadata
+/// store, [`SchedulerClient`], [`TaskManager`], [`Retention`], the origin client...) and
+/// hands each module the narrow ones it needs; no module names the daemon.
 #[derive(Debug)]
 pub struct Daemon {
-    ctx: Arc<Context>,
+    config: DaemonConfig,
     dataplane: DataPlane,
+    storage: Arc<Storage>,
+    meta: Arc<MetaStore>,
+    counters: Arc<Counters>,
+    shaping: Arc<Shaping>,
+    bridge: Arc<Bridge>,
+    schedulers: Arc<SchedulerClient>,
+    tasks: Arc<TaskManager>,
+    retention: Arc<Retention>,
+    stats: Arc<ControlStats>,
+    proxy_counters: Arc<ProxyCounters>,
+    origin_slots: Option<Arc<tokio::sync::Semaphore>>,
+    config_version: Arc<AtomicU64>,
 }
 
 /// The local address this host uses to reach `target` (no packet is sent).
@@ -60,7 +50,7 @@ fn route_ip(target: &str) -> Option<IpAddr> {
 }
 
 impl Daemon {
-    /// Opens storage, starts the data plane and builds the shared context. Nothing is served
+    /// Opens storage, starts the data plane and builds the services. Nothing is served
     /// until [`Daemon::run`].
     pub fn start(config: DaemonConfig) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
@@ -77,7 +67,7 @@ impl Daemon {
             Arc::new(Storage::open(&config.storage.dir).with_context(|| {
                 format!("opening storage dir {}", config.storage.dir.display())
             })?);
-        let meta = Arc::new(crate::store::MetaStore::open(&config.storage.dir)?);
+        let meta = Arc::new(MetaStore::open(&config.storage.dir)?);
         let restored = meta
             .restore(&storage, config.storage.verify_on_start)
             .context("restoring tasks from the metadata store")?;
@@ -171,8 +161,11 @@ impl Daemon {
             upload_rate_limit: config.data_plane.upload_rate_limit.0,
             quic_port: dataplane.quic_addr().map_or(0, |a| u32::from(a.port())),
         };
-        let schedulers =
-            SchedulerSet::with_tls(&config.scheduler.addrs, config.scheduler.tls.clone())?;
+        let schedulers = Arc::new(SchedulerClient::new(
+            host,
+            &config.scheduler.addrs,
+            config.scheduler.tls.clone(),
+        )?);
         crate::trust::warn_if_insecure(&config.origin, "origin");
         let http = crate::trust::apply(
             reqwest::Client::builder().connect_timeout(config.download.origin_timeout),
@@ -187,95 +180,167 @@ impl Daemon {
             0 => None,
             n => Some(Arc::new(tokio::sync::Semaphore::new(n))),
         };
-        let ctx = Arc::new(Context {
-            origin_slots,
-            stats: Arc::default(),
-            bridge: dataplane.bridge().clone(),
+        let stats = Arc::new(ControlStats::default());
+        let bridge = dataplane.bridge().clone();
+        let origin = Arc::new(OriginClient {
+            http,
+            download: config.download.clone(),
+            origin: config.origin.clone(),
+            origin_slots: origin_slots.clone(),
+            storage: storage.clone(),
+            shaping: shaping.clone(),
+            counters: counters.clone(),
+            stats: stats.clone(),
+        });
+        let tasks = Arc::new(TaskManager::new(RunServices {
+            schedulers: schedulers.clone(),
+            dataplane: Arc::new(BridgeLink(bridge.clone())),
+            origin,
+            storage: storage.clone(),
+            meta: meta.clone(),
+            stats: stats.clone(),
+            host: schedulers.host().clone(),
+            settings: RunSettings {
+                schedule_timeout: config.scheduler.schedule_timeout,
+                stall_timeout: config.download.stall_timeout,
+                verify_pieces: config.data_plane.verify_pieces,
+            },
+        }));
+        let retention = Arc::new(Retention::new(
+            storage.clone(),
+            meta.clone(),
+            tasks.clone(),
+            schedulers.clone(),
+        ));
+        Ok(Self {
             config,
-            host,
+            dataplane,
             storage,
             meta,
             counters,
             shaping,
+            bridge,
             schedulers,
-            http,
-            tasks: TaskManager::default(),
-            config_version: std::sync::atomic::AtomicU64::new(0),
-            proxy: crate::proxy::ProxyCounters::default(),
-        });
-        Ok(Self { ctx, dataplane })
-    }
-
-    /// The shared context.
-    pub fn context(&self) -> &Arc<Context> {
-        &self.ctx
+            tasks,
+            retention,
+            stats,
+            proxy_counters: Arc::default(),
+            origin_slots,
+            config_version: Arc::default(),
+        })
     }
 
     /// Serves until `shutdown` resolves, then stops the data plane and removes the socket.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-        let ctx = self.ctx.clone();
+        let cfg = &self.config;
         // Data-plane events → task runs.
-        let pump_ctx = ctx.clone();
+        let (bridge, tasks) = (self.bridge.clone(), self.tasks.clone());
         tokio::spawn(async move {
             loop {
-                let ev = pump_ctx.bridge.next_event().await;
-                pump_ctx.tasks.route(ev).await;
+                let ev = bridge.next_event().await;
+                tasks.route(ev).await;
             }
         });
         // Piece progress → metadata store, in batches.
-        let flush_ctx = ctx.clone();
+        let (meta, storage) = (self.meta.clone(), self.storage.clone());
+        let interval = cfg.storage.persist_interval;
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(flush_ctx.config.storage.persist_interval).await;
-                let c = flush_ctx.clone();
-                let res = tokio::task::spawn_blocking(move || c.meta.flush(&c.storage)).await;
+                tokio::time::sleep(interval).await;
+                let (m, s) = (meta.clone(), storage.clone());
+                let res = tokio::task::spawn_blocking(move || m.flush(&s)).await;
                 if let Ok(Err(e)) = res {
                     tracing::warn!("writing task metadata: {e:#}");
                 }
             }
         });
-        tokio::spawn(crate::gc::run(ctx.clone()));
-        ctx.schedulers.reconcile(&ctx);
-        if !ctx.config.manager.addrs.is_empty() {
-            crate::manager::start(ctx.clone());
+        tokio::spawn(crate::gc::run(self.retention.clone(), cfg.gc.clone()));
+        self.schedulers.start(Arc::new(self.tasks.clone()));
+        if !cfg.manager.addrs.is_empty() {
+            crate::manager::start(Arc::new(ManagerLink {
+                config: cfg.manager.clone(),
+                seed_peer: cfg.seed_peer.enable,
+                local_shaping: cfg.data_plane.shaping(),
+                schedulers: self.schedulers.clone(),
+                shaping: self.shaping.clone(),
+                config_version: self.config_version.clone(),
+            }));
         }
-        if !ctx.config.metrics.listen.is_empty() {
-            let l = tokio::net::TcpListener::bind(&ctx.config.metrics.listen)
+        if !cfg.metrics.listen.is_empty() {
+            let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
                 .await
-                .with_context(|| format!("binding metrics on {}", ctx.config.metrics.listen))?;
+                .with_context(|| format!("binding metrics on {}", cfg.metrics.listen))?;
             tracing::info!("metrics on http://{}/metrics", l.local_addr()?);
-            tokio::spawn(crate::metrics::serve(ctx.clone(), l));
+            let sources = MetricsSources {
+                seed_peer: cfg.seed_peer.enable,
+                stats: self.stats.clone(),
+                counters: self.counters.clone(),
+                proxy: self.proxy_counters.clone(),
+                origin_slots: self
+                    .origin_slots
+                    .clone()
+                    .map(|s| (s, cfg.download.origin_concurrency)),
+                tasks: self.tasks.clone(),
+                bridge: self.bridge.clone(),
+                storage: self.storage.clone(),
+                gc: cfg.gc.clone(),
+            };
+            tokio::spawn(crate::metrics::serve(sources, l));
         }
-        if ctx.config.proxy.enable {
-            let proxy = Arc::new(crate::proxy::Proxy::new(ctx.clone())?);
-            let l = tokio::net::TcpListener::bind(ctx.config.proxy.listen)
+        if cfg.proxy.enable {
+            let proxy = Arc::new(crate::proxy::Proxy::new(
+                cfg,
+                self.tasks.clone(),
+                self.storage.clone(),
+                self.proxy_counters.clone(),
+            )?);
+            let l = tokio::net::TcpListener::bind(cfg.proxy.listen)
                 .await
-                .with_context(|| format!("binding the proxy on {}", ctx.config.proxy.listen))?;
+                .with_context(|| format!("binding the proxy on {}", cfg.proxy.listen))?;
             tracing::info!(
                 "registry mirror proxy on http://{} (upstream {})",
                 l.local_addr()?,
-                ctx.config.proxy.registry_mirror
+                cfg.proxy.registry_mirror
             );
             tokio::spawn(proxy.serve(l));
         }
-        let socket = ctx.config.local_api.socket.clone();
-        let api = crate::local_api::serve(ctx.clone(), &socket, shutdown);
+        let socket = cfg.local_api.socket.clone();
+        let api = LocalApi {
+            hard_link: cfg.download.hard_link,
+            pieces_in_flight: cfg.data_plane.pieces_in_flight,
+            tasks: self.tasks.clone(),
+            storage: self.storage.clone(),
+            cache: Arc::new(DfCache {
+                storage: self.storage.clone(),
+                meta: self.meta.clone(),
+                schedulers: self.schedulers.clone(),
+                retention: self.retention.clone(),
+                piece_length_min: cfg.download.piece_length_min.0,
+                piece_length_max: cfg.download.piece_length_max.0,
+            }),
+            schedulers: self.schedulers.clone(),
+            counters: self.counters.clone(),
+            shaping: self.shaping.clone(),
+            config_version: self.config_version.clone(),
+        };
+        let api = crate::local_api::serve(api, &socket, shutdown);
+        let host = self.schedulers.host();
         tracing::info!(
             "dfdaemon {} ({}) ready: local API {}, data plane {}:{}",
-            ctx.host.id,
-            if ctx.config.seed_peer.enable {
+            host.id,
+            if cfg.seed_peer.enable {
                 "seed peer"
             } else {
                 "peer"
             },
             socket.display(),
-            ctx.host.ip,
-            ctx.host.data_port
+            host.ip,
+            host.data_port
         );
         let res = api.await;
         let _ = std::fs::remove_file(&socket);
         self.dataplane.shutdown();
-        if let Err(e) = ctx.meta.flush(&ctx.storage) {
+        if let Err(e) = self.meta.flush(&self.storage) {
             tracing::warn!("writing task metadata at shutdown: {e:#}");
         }
         res

@@ -3,10 +3,11 @@
 //! tasks. A task being downloaded (a run of [`crate::task::TaskManager`]) or in use (a
 //! delivery holds [`dataplane::storage::Busy`], a writer a piece's
 //! [`dataplane::storage::PieceWriter`]) is never evicted: [`dataplane::Storage::evict`]
-//! checks the users and retires the task in one atomic step.
+//! checks the users and retires the task in one atomic step. The policy chooses; evicting
+//! a chosen task is [`Retention`]'s.
 
 use crate::config::GcConfig;
-use crate::daemon::Context;
+use crate::retention::Retention;
 use std::sync::Arc;
 use wire::TaskId;
 
@@ -88,34 +89,22 @@ pub fn choose_victims(
     victims
 }
 
-/// Removes task `id` for good: stops serving it to the scheduler's peers, removes it from
-/// storage (its content file is deleted) and from the metadata store. Returns whether it
-/// was stored. The entry point for deleting a task on a user's request (`dfcache
-/// delete`), whoever uses it; garbage collection evicts through
-/// [`dataplane::Storage::evict`] instead, which keeps a task in use.
-pub fn delete_task(ctx: &Context, id: &TaskId) -> anyhow::Result<bool> {
-    let present = ctx.storage.get(id).is_some();
-    ctx.tasks.stop_serving(id);
-    ctx.storage.remove(id)?;
-    ctx.meta.delete(id)?;
-    Ok(present)
-}
-
-/// One collection: evicts what the policy chooses now. Returns the tasks evicted.
-pub fn collect(ctx: &Context) -> Vec<TaskId> {
-    let cfg = &ctx.config.gc;
-    let tasks = ctx.storage.tasks();
+/// One collection: evicts what the policy chooses now, through `retention` (blocking).
+/// Returns the tasks evicted; the schedulers are not told yet (see [`collect_once`]).
+pub fn collect(retention: &Retention, cfg: &GcConfig) -> Vec<TaskId> {
+    let storage = retention.storage();
+    let tasks = storage.tasks();
     let candidates: Vec<Candidate> = tasks
         .iter()
         .map(|t| Candidate {
             id: t.id(),
             size: t.layout().content_length(),
             last_access_ms: t.last_access(),
-            in_use: t.in_use() || ctx.tasks.is_running(&t.id()),
+            in_use: t.in_use() || retention.is_running(&t.id()),
             finished: t.is_complete(),
         })
         .collect();
-    let (fs_total, fs_used) = match dataplane::sys::fs_space(ctx.storage.dir()) {
+    let (fs_total, fs_used) = match dataplane::sys::fs_space(storage.dir()) {
         Ok((used, avail)) => (used.saturating_add(avail), used),
         Err(e) => {
             tracing::debug!("statvfs of the storage dir: {e}");
@@ -140,15 +129,11 @@ pub fn collect(ctx: &Context) -> Vec<TaskId> {
         // The candidates are a snapshot: a run may have started since. A delivery, an
         // upload or a piece writer that took the task since keeps it: `Storage::evict`
         // checks its users and retires it in one atomic step.
-        if ctx.tasks.is_running(&id) {
+        if retention.is_running(&id) {
             continue;
         }
-        match ctx.storage.evict(&id) {
+        match retention.evict(&id) {
             Ok(true) => {
-                ctx.tasks.stop_serving(&id);
-                if let Err(e) = ctx.meta.delete(&id) {
-                    tracing::warn!(task = %id, "gc could not forget task metadata: {e}");
-                }
                 tracing::info!(task = %id, ?usage, to_free, "task evicted by gc");
                 evicted.push(id);
             }
@@ -159,25 +144,28 @@ pub fn collect(ctx: &Context) -> Vec<TaskId> {
     evicted
 }
 
-/// Runs [`collect`] every `gc.interval` (blocking work on the blocking pool).
-pub async fn run(ctx: Arc<Context>) {
-    let interval = ctx
-        .config
-        .gc
-        .interval
-        .max(std::time::Duration::from_millis(10));
+/// One collection ([`collect`], on the blocking pool), then the schedulers stop offering
+/// this host for what it no longer holds. Returns the tasks evicted.
+pub async fn collect_once(retention: &Arc<Retention>, cfg: &GcConfig) -> Vec<TaskId> {
+    let (r, c) = (retention.clone(), cfg.clone());
+    let Ok(evicted) = tokio::task::spawn_blocking(move || collect(&r, &c)).await else {
+        return Vec::new();
+    };
+    for id in &evicted {
+        let (told, errors) = retention.leave(id).await;
+        if !told {
+            tracing::debug!(task = %id, "no scheduler took the leave: {errors}");
+        }
+    }
+    evicted
+}
+
+/// Runs [`collect_once`] every `cfg.interval`.
+pub async fn run(retention: Arc<Retention>, cfg: GcConfig) {
+    let interval = cfg.interval.max(std::time::Duration::from_millis(10));
     loop {
         tokio::time::sleep(interval).await;
-        let c = ctx.clone();
-        if let Ok(evicted) = tokio::task::spawn_blocking(move || collect(&c)).await {
-            // Schedulers stop offering this host for what it no longer holds.
-            for id in evicted {
-                let (told, errors) = crate::cache::leave_schedulers(&ctx, &id).await;
-                if !told {
-                    tracing::debug!(task = %id, "no scheduler took the leave: {errors}");
-                }
-            }
-        }
+        collect_once(&retention, &cfg).await;
     }
 }
 
@@ -260,5 +248,53 @@ mod tests {
             ..cfg
         };
         assert_eq!(bytes_to_free(&off, &u(u64::MAX, 10_000)), 0);
+    }
+
+    #[tokio::test]
+    async fn a_collection_evicts_the_chosen_tasks_through_the_owner() {
+        use crate::retention::tests::{Disk, FakeRuns, FakeSchedulers};
+        const LEN: u64 = 40_000;
+        let disk = Disk::new();
+        let running = disk.complete_task(1, LEN);
+        let (old, mid, new) = (
+            disk.complete_task(2, LEN),
+            disk.complete_task(3, LEN),
+            disk.complete_task(4, LEN),
+        );
+        for (id, at) in [(running, 50), (old, 100), (mid, 200), (new, 300)] {
+            disk.storage.get(&id).expect("stored").set_last_access(at);
+        }
+        let schedulers = Arc::new(FakeSchedulers::default());
+        let runs = Arc::new(FakeRuns {
+            running: vec![running],
+            ..FakeRuns::default()
+        });
+        let retention = Arc::new(Retention::new(
+            disk.storage.clone(),
+            disk.meta.clone(),
+            runs.clone(),
+            schedulers.clone(),
+        ));
+        // 4 tasks over a high mark of 3: down to 2, the running (oldest) one kept.
+        let cfg = GcConfig {
+            task_ttl: std::time::Duration::ZERO,
+            high_watermark_bytes: ByteSize(3 * LEN),
+            low_watermark_bytes: ByteSize(2 * LEN),
+            high_watermark_percent: 0,
+            ..GcConfig::default()
+        };
+        let evicted = collect_once(&retention, &cfg).await;
+        assert_eq!(evicted, vec![old, mid]);
+        assert!(disk.storage.get(&old).is_none() && disk.storage.get(&mid).is_none());
+        assert!(disk.storage.get(&running).is_some() && disk.storage.get(&new).is_some());
+        assert_eq!(
+            disk.recorded(),
+            vec![running, new],
+            "metadata of the evicted kept"
+        );
+        assert_eq!(*schedulers.left.lock().expect("lock"), vec![old, mid]);
+        assert_eq!(*runs.stopped.lock().expect("lock"), vec![old, mid]);
+        // Under the marks now: the next collection evicts nothing.
+        assert!(collect_once(&retention, &cfg).await.is_empty());
     }
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod proxy_ca;
+pub mod retention;
 pub mod s3;
 pub mod scheduler;
 pub mod store;

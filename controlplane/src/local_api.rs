@@ -1,12 +1,17 @@
 //! The local gRPC API on a Unix socket: what dfget (and later dfcache) call.
 
-use crate::daemon::Context;
+use crate::cache::DfCache;
 use crate::error::DownloadError;
+use crate::scheduler::SchedulerClient;
+use crate::task::TaskManager;
 use crate::task::{Progress, TaskSpec, TaskState};
 use crate::task_reader::{ended_without_result, wait_store, ByteRange, Delivery, TaskReader};
 use anyhow::Context as _;
+use dataplane::shaper::Shaping;
+use dataplane::{Counters, Storage};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -22,7 +27,7 @@ use wire::TaskId;
 
 /// Serves the local API on `socket` until `shutdown` resolves.
 pub async fn serve(
-    ctx: Arc<Context>,
+    api: LocalApi,
     socket: &Path,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -41,20 +46,40 @@ pub async fn serve(
         .with_context(|| format!("binding {}", socket.display()))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
-        .add_service(DfdaemonServer::new(LocalApi { ctx }))
+        .add_service(DfdaemonServer::new(api))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("local API server")
 }
 
-struct LocalApi {
-    ctx: Arc<Context>,
+/// What the local API serves from: the downloads, storage, dfcache, the schedulers (their
+/// addresses, for stats), the counters and rate limits, and two settings.
+#[derive(Debug)]
+pub struct LocalApi {
+    /// `download.hard_link`: deliver by hard link when possible.
+    pub hard_link: bool,
+    /// `data_plane.pieces_in_flight`: reported while the manager sets none.
+    pub pieces_in_flight: usize,
+    /// The downloads.
+    pub tasks: Arc<TaskManager>,
+    /// Task storage.
+    pub storage: Arc<Storage>,
+    /// dfcache import, export, stat, delete.
+    pub cache: Arc<DfCache>,
+    /// The schedulers.
+    pub schedulers: Arc<SchedulerClient>,
+    /// Byte and piece counters (shared with the data plane).
+    pub counters: Arc<Counters>,
+    /// Rate limits (shared with the data plane).
+    pub shaping: Arc<Shaping>,
+    /// Version of the manager's dynamic config applied (0: none yet).
+    pub config_version: Arc<AtomicU64>,
 }
 
 impl LocalApi {
     /// Delivery mode from the configuration.
     fn delivery(&self) -> Delivery {
-        if self.ctx.config.download.hard_link {
+        if self.hard_link {
             Delivery::HardLinkOrCopy
         } else {
             Delivery::Copy
@@ -208,10 +233,10 @@ impl Dfdaemon for LocalApi {
             priority: r.priority,
             digest: origin_check,
         };
-        let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
+        let rx = self.tasks.start_or_join(spec);
         match range {
             Some(range) => Ok(Response::new(range_stream(
-                self.ctx.clone(),
+                self.storage.clone(),
                 id,
                 rx,
                 output,
@@ -241,7 +266,7 @@ impl Dfdaemon for LocalApi {
             )));
         }
         let imp = crate::cache::import(
-            &self.ctx,
+            &self.cache,
             PathBuf::from(&r.path),
             cache_key(r.cid),
             r.piece_length,
@@ -268,9 +293,9 @@ impl Dfdaemon for LocalApi {
         } else {
             Some(parse_digest(&r.digest)?)
         };
-        let spec = crate::cache::export_spec(&self.ctx, &key, r.rate_limit).await?;
+        let spec = crate::cache::export_spec(&self.cache, &key, r.rate_limit).await?;
         let id = spec.id;
-        let rx = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
+        let rx = self.tasks.start_or_join(spec);
         Ok(Response::new(progress_stream(
             id,
             rx,
@@ -290,7 +315,7 @@ impl Dfdaemon for LocalApi {
             task_id: id.to_hex(),
             ..Default::default()
         };
-        if let Some(s) = self.ctx.storage.get(&id) {
+        if let Some(s) = self.storage.get(&id) {
             let l = s.layout();
             resp.local = true;
             resp.local_complete = s.is_complete();
@@ -299,7 +324,7 @@ impl Dfdaemon for LocalApi {
             resp.piece_count = l.piece_count();
             resp.piece_length = l.piece_length();
         }
-        match crate::cache::scheduler_stat(&self.ctx, &id).await {
+        match crate::cache::scheduler_stat(&self.cache, &id).await {
             Ok(Some(info)) => {
                 resp.in_scheduler = true;
                 if let Some(m) = &info.metadata {
@@ -330,20 +355,19 @@ impl Dfdaemon for LocalApi {
         req: Request<DeleteTaskRequest>,
     ) -> Result<Response<DeleteTaskResponse>, Status> {
         let id = cache_key(req.into_inner().cid).task_id()?;
-        let (removed, scheduler_told, scheduler_error) =
-            crate::cache::delete(&self.ctx, &id).await?;
+        let d = crate::cache::delete(&self.cache, &id).await?;
         Ok(Response::new(DeleteTaskResponse {
             task_id: id.to_hex(),
-            removed,
-            scheduler_told,
-            scheduler_error,
+            removed: d.held,
+            scheduler_told: d.told,
+            scheduler_error: d.errors,
         }))
     }
 
     async fn stats(&self, _req: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         use dataplane::Counters as C;
-        let c = &self.ctx.counters;
-        let shaping = self.ctx.shaping.config();
+        let c = &self.counters;
+        let shaping = self.shaping.config();
         Ok(Response::new(StatsResponse {
             bytes_from_origin: C::get(&c.bytes_from_origin),
             bytes_from_seed: C::get(&c.bytes_from_seed),
@@ -356,7 +380,7 @@ impl Dfdaemon for LocalApi {
             pieces_forged: C::get(&c.pieces_forged),
             digest_waits: C::get(&c.digest_waits),
             digest_wait_timeouts: C::get(&c.digest_wait_timeouts),
-            tasks: self.ctx.storage.len() as u64,
+            tasks: self.storage.len() as u64,
             upload_rate_limit: shaping.upload,
             download_rate_limit: shaping.download,
             per_peer_upload_rate_limit: shaping.per_peer_upload,
@@ -364,16 +388,13 @@ impl Dfdaemon for LocalApi {
             shaping_waits: C::get(&c.shaping_waits),
             max_requests_in_flight: C::get(&c.max_requests_in_flight),
             pieces_in_flight: self
-                .ctx
                 .shaping
                 .pieces_in_flight()
-                .unwrap_or(self.ctx.config.data_plane.pieces_in_flight)
-                as u64,
+                .unwrap_or(self.pieces_in_flight) as u64,
             config_version: self
-                .ctx
                 .config_version
                 .load(std::sync::atomic::Ordering::Relaxed),
-            schedulers: self.ctx.schedulers.addrs(),
+            schedulers: self.schedulers.addrs(),
         }))
     }
 }
@@ -453,7 +474,7 @@ fn progress_stream(
 /// one done message once exactly the range's bytes are in `output` (the rest of the task
 /// keeps downloading in the background, so its pieces are there for later).
 fn range_stream(
-    ctx: Arc<Context>,
+    storage: Arc<Storage>,
     id: TaskId,
     rx: watch::Receiver<TaskState>,
     output: PathBuf,
@@ -464,7 +485,7 @@ fn range_stream(
     tokio::spawn(async move {
         let mut waiter = rx;
         let waiting = async {
-            let store = wait_store(&ctx.storage, &id, &mut waiter).await?;
+            let store = wait_store(&storage, &id, &mut waiter).await?;
             let r = range
                 .resolve(store.layout().content_length())
                 .map_err(DownloadError::BadRequest)?;

@@ -4,9 +4,10 @@
 //! Everything here is best effort: when the manager is down the daemon keeps the schedulers
 //! and config it had (or its static `scheduler.addrs`) and picks up again when it returns.
 
-use crate::daemon::Context;
-use dataplane::shaper::ShapingConfig;
-use std::sync::atomic::Ordering;
+use crate::config::ManagerConfig;
+use crate::scheduler::SchedulerClient;
+use dataplane::shaper::{Shaping, ShapingConfig};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -16,15 +17,33 @@ use wire::proto::manager::{
     RegisterSeedPeerRequest, SourceType,
 };
 
+/// What talking to the manager uses: its settings, this host's kind, the schedulers (the
+/// searcher replaces them; this host's identity is theirs), the rate limits the dynamic
+/// config updates and the version applied.
+#[derive(Debug)]
+pub struct ManagerLink {
+    /// `manager` settings.
+    pub config: ManagerConfig,
+    /// `seed_peer.enable`: registers and keeps alive as a seed peer.
+    pub seed_peer: bool,
+    /// The rate limits of this daemon's own config (what the cluster config leaves unset).
+    pub local_shaping: ShapingConfig,
+    /// The schedulers.
+    pub schedulers: Arc<SchedulerClient>,
+    /// Rate limits (shared with the data plane).
+    pub shaping: Arc<Shaping>,
+    /// Version of the manager's dynamic config applied (0: none yet).
+    pub config_version: Arc<AtomicU64>,
+}
+
 /// Starts the manager loops (searcher refresh, config follow, seed keepalive).
-pub fn start(ctx: Arc<Context>) {
+pub fn start(ctx: Arc<ManagerLink>) {
     let channels: Vec<Channel> = ctx
         .config
-        .manager
         .addrs
         .iter()
         .filter_map(
-            |a| match wire::tls::grpc_endpoint(a, ctx.config.manager.tls.as_ref()) {
+            |a| match wire::tls::grpc_endpoint(a, ctx.config.tls.as_ref()) {
                 Ok(ep) => Some(
                     ep.connect_timeout(Duration::from_secs(3))
                         .tcp_nodelay(true)
@@ -42,22 +61,22 @@ pub fn start(ctx: Arc<Context>) {
     };
     tokio::spawn(searcher_loop(ctx.clone(), channel.clone()));
     tokio::spawn(config_loop(ctx.clone(), channel.clone()));
-    if ctx.config.seed_peer.enable {
+    if ctx.seed_peer {
         tokio::spawn(seed_keepalive_loop(ctx, channel));
     }
 }
 
-fn host_info(ctx: &Context) -> HostInfo {
+fn host_info(ctx: &ManagerLink) -> HostInfo {
     HostInfo {
-        hostname: ctx.host.hostname.clone(),
-        ip: ctx.host.ip.clone(),
-        idc: ctx.host.idc.clone(),
-        location: ctx.host.location.clone(),
+        hostname: ctx.schedulers.host().hostname.clone(),
+        ip: ctx.schedulers.host().ip.clone(),
+        idc: ctx.schedulers.host().idc.clone(),
+        location: ctx.schedulers.host().location.clone(),
     }
 }
 
-fn source_type(ctx: &Context) -> i32 {
-    if ctx.config.seed_peer.enable {
+fn source_type(ctx: &ManagerLink) -> i32 {
+    if ctx.seed_peer {
         SourceType::SeedPeer as i32
     } else {
         SourceType::Peer as i32
@@ -65,7 +84,7 @@ fn source_type(ctx: &Context) -> i32 {
 }
 
 /// Asks the manager which schedulers serve this host, now and every `refresh_interval`.
-async fn searcher_loop(ctx: Arc<Context>, channel: Channel) {
+async fn searcher_loop(ctx: Arc<ManagerLink>, channel: Channel) {
     let mut client = ManagerClient::new(channel);
     loop {
         let req = ListSchedulersRequest {
@@ -87,7 +106,7 @@ async fn searcher_loop(ctx: Arc<Context>, channel: Channel) {
                         ctx.schedulers.addrs()
                     );
                 } else {
-                    match ctx.schedulers.replace(&ctx, &addrs) {
+                    match ctx.schedulers.replace(&addrs) {
                         Ok(true) => tracing::info!(
                             "manager: scheduler cluster {} -> {addrs:?}",
                             r.cluster_id
@@ -103,14 +122,14 @@ async fn searcher_loop(ctx: Arc<Context>, channel: Channel) {
                 ctx.schedulers.addrs()
             ),
         }
-        tokio::time::sleep(ctx.config.manager.refresh_interval).await;
+        tokio::time::sleep(ctx.config.refresh_interval).await;
     }
 }
 
 /// Applies the cluster's daemon config over the local one: a field the manager leaves unset
 /// keeps the value from this daemon's config file.
-pub fn apply(ctx: &Context, c: &DaemonClusterConfig) {
-    let local = ctx.config.data_plane.shaping();
+pub fn apply(ctx: &ManagerLink, c: &DaemonClusterConfig) {
+    let local = ctx.local_shaping;
     let shaping = ShapingConfig {
         upload: c.upload_rate_limit.unwrap_or(local.upload),
         download: c.download_rate_limit.unwrap_or(local.download),
@@ -132,9 +151,9 @@ const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// Follows the cluster's dynamic config with long polls; applies each new version.
-async fn config_loop(ctx: Arc<Context>, channel: Channel) {
+async fn config_loop(ctx: Arc<ManagerLink>, channel: Channel) {
     let mut client = ManagerClient::new(channel);
-    let wait = ctx.config.manager.config_wait;
+    let wait = ctx.config.config_wait;
     let new_backoff = || damselfly_common::reconnect_backoff(RETRY_MIN, RETRY_MAX);
     let mut backoff = new_backoff();
     loop {
@@ -173,19 +192,19 @@ async fn config_loop(ctx: Arc<Context>, channel: Channel) {
 
 /// Seed peers register with the manager and keep a keepalive stream open; on any error they
 /// register again after a pause.
-async fn seed_keepalive_loop(ctx: Arc<Context>, channel: Channel) {
+async fn seed_keepalive_loop(ctx: Arc<ManagerLink>, channel: Channel) {
     let mut client = ManagerClient::new(channel);
     let new_backoff = || damselfly_common::reconnect_backoff(RETRY_MIN, RETRY_MAX);
     let mut backoff = new_backoff();
     loop {
         let req = RegisterSeedPeerRequest {
-            cluster_id: ctx.config.manager.cluster_id,
-            hostname: ctx.host.hostname.clone(),
-            ip: ctx.host.ip.clone(),
-            port: ctx.host.data_port,
-            download_port: ctx.host.data_port,
-            idc: ctx.host.idc.clone(),
-            location: ctx.host.location.clone(),
+            cluster_id: ctx.config.cluster_id,
+            hostname: ctx.schedulers.host().hostname.clone(),
+            ip: ctx.schedulers.host().ip.clone(),
+            port: ctx.schedulers.host().data_port,
+            download_port: ctx.schedulers.host().data_port,
+            idc: ctx.schedulers.host().idc.clone(),
+            location: ctx.schedulers.host().location.clone(),
         };
         match client.register_seed_peer(req).await {
             Ok(resp) => {

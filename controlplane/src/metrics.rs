@@ -1,7 +1,10 @@
 //! Prometheus metrics and health endpoint of dfdaemon (`/metrics`, `/healthy`).
 
-use crate::daemon::Context;
+use crate::config::GcConfig;
 use crate::error::DownloadError;
+use crate::proxy::ProxyCounters;
+use crate::task::TaskManager;
+use dataplane::{Bridge, Counters, Storage};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -110,7 +113,30 @@ impl ControlStats {
 /// separate metric objects.
 #[derive(Debug)]
 struct DaemonCollector {
-    ctx: Arc<Context>,
+    src: MetricsSources,
+}
+
+/// What the metrics are read from at scrape time.
+#[derive(Debug)]
+pub struct MetricsSources {
+    /// `seed_peer.enable` (the `role` label).
+    pub seed_peer: bool,
+    /// Control-plane counters.
+    pub stats: Arc<ControlStats>,
+    /// Byte and piece counters (shared with the data plane).
+    pub counters: Arc<Counters>,
+    /// Counters of the registry mirror proxy.
+    pub proxy: Arc<ProxyCounters>,
+    /// Slots for origin fetches and their number (`download.origin_concurrency`).
+    pub origin_slots: Option<(Arc<tokio::sync::Semaphore>, usize)>,
+    /// The downloads.
+    pub tasks: Arc<TaskManager>,
+    /// Queues to the data plane.
+    pub bridge: Arc<Bridge>,
+    /// Task storage.
+    pub storage: Arc<Storage>,
+    /// `gc` settings (the watermarks are exported).
+    pub gc: GcConfig,
 }
 
 fn counter(
@@ -137,7 +163,7 @@ impl Collector for DaemonCollector {
             ("revision", damselfly_common::REVISION),
             (
                 "role",
-                if self.ctx.config.seed_peer.enable {
+                if self.src.seed_peer {
                     "seed_peer"
                 } else {
                     "peer"
@@ -150,11 +176,11 @@ impl Collector for DaemonCollector {
             None,
             prometheus_client::metrics::MetricType::Histogram,
         )?;
-        let d = &self.ctx.stats.download_seconds;
+        let d = &self.src.stats.download_seconds;
         for (outcome, h) in [("succeeded", &d.succeeded), ("failed", &d.failed)] {
             h.encode(durations.encode_family(&[("outcome", outcome)])?)?;
         }
-        let c = &self.ctx.counters;
+        let c = &self.src.counters;
         counter(
             &mut enc,
             "damselfly_bytes_from_origin",
@@ -227,7 +253,7 @@ impl Collector for DaemonCollector {
             "Connections closed for a malformed frame",
             &c.malformed_frames,
         )?;
-        let p = &self.ctx.proxy;
+        let p = &self.src.proxy;
         counter(
             &mut enc,
             "damselfly_proxy_p2p_requests",
@@ -288,7 +314,7 @@ impl Collector for DaemonCollector {
             "Data-plane TLS handshakes with parents (TCP and QUIC) that failed, e.g. a certificate not signed by the CA",
             &c.tls_parent_handshakes_failed,
         )?;
-        let s = &self.ctx.stats;
+        let s = &self.src.stats;
         counter(
             &mut enc,
             "damselfly_downloads_started",
@@ -372,13 +398,8 @@ impl Collector for DaemonCollector {
             "Times a running download made no progress for download.stall_timeout",
             &s.download_stalls,
         )?;
-        if let Some(slots) = &self.ctx.origin_slots {
-            let busy = self
-                .ctx
-                .config
-                .download
-                .origin_concurrency
-                .saturating_sub(slots.available_permits());
+        if let Some((slots, n)) = &self.src.origin_slots {
+            let busy = n.saturating_sub(slots.available_permits());
             let g = ConstGauge::new(busy as i64);
             g.encode(enc.encode_descriptor(
                 "damselfly_origin_fetches_active",
@@ -387,21 +408,21 @@ impl Collector for DaemonCollector {
                 g.metric_type(),
             )?)?;
         }
-        let g = ConstGauge::new(self.ctx.tasks.running() as i64);
+        let g = ConstGauge::new(self.src.tasks.running() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_downloads_active",
             "Downloads running now",
             None,
             g.metric_type(),
         )?)?;
-        let g = ConstGauge::new(self.ctx.bridge.command_depth() as i64);
+        let g = ConstGauge::new(self.src.bridge.command_depth() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_bridge_command_depth",
             "Commands queued from control plane to data plane",
             None,
             g.metric_type(),
         )?)?;
-        let g = ConstGauge::new(self.ctx.storage.len() as i64);
+        let g = ConstGauge::new(self.src.storage.len() as i64);
         g.encode(enc.encode_descriptor(
             "damselfly_tasks",
             "Tasks stored",
@@ -410,17 +431,17 @@ impl Collector for DaemonCollector {
         )?)?;
         // Disk: what GC measures against its watermarks (crate README, `gc:`).
         let task_bytes: u64 = self
-            .ctx
+            .src
             .storage
             .tasks()
             .iter()
             .map(|t| t.layout().content_length())
             .sum();
-        let (fs_used, fs_size) = match dataplane::sys::fs_space(self.ctx.storage.dir()) {
+        let (fs_used, fs_size) = match dataplane::sys::fs_space(self.src.storage.dir()) {
             Ok((used, avail)) => (used, used.saturating_add(avail)),
             Err(_) => (0, 0),
         };
-        let gc = &self.ctx.config.gc;
+        let gc = &self.src.gc;
         for (name, help, v) in [
             (
                 "damselfly_storage_task_bytes",
@@ -451,7 +472,7 @@ impl Collector for DaemonCollector {
             let g = ConstGauge::new(v);
             g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)?;
         }
-        let q = ConstGauge::new(self.ctx.bridge.event_depth() as i64);
+        let q = ConstGauge::new(self.src.bridge.event_depth() as i64);
         q.encode(enc.encode_descriptor(
             "damselfly_bridge_event_depth",
             "Events queued from data plane to control plane",
@@ -463,8 +484,8 @@ impl Collector for DaemonCollector {
 }
 
 /// Serves `/metrics` and `/healthy` on `listener` until the process exits.
-pub async fn serve(ctx: Arc<Context>, listener: TcpListener) {
+pub async fn serve(src: MetricsSources, listener: TcpListener) {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DaemonCollector { ctx }));
+    registry.register_collector(Box::new(DaemonCollector { src }));
     wire::metrics_http::serve(Arc::new(registry), listener).await;
 }

@@ -12,16 +12,44 @@
 //! scheduler reports no live peer holds), one `Range: bytes=a-b` request per contiguous run
 //! of them that is not stored yet, while the data plane goes on fetching the rest from peers.
 
-use crate::daemon::Context;
+mod content_range;
+
+pub use content_range::{content_range_start, content_range_total};
+
+use crate::config::{DownloadConfig, OriginConfig};
+use crate::metrics::ControlStats;
 use crate::task::TaskSpec;
-use dataplane::shaper::{self, RateLimiter};
-use dataplane::{Counters, TaskStore};
+use dataplane::shaper::{self, RateLimiter, Shaping};
+use dataplane::{Counters, Storage, TaskStore};
 use futures::StreamExt;
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wire::PieceLayout;
+
+/// What fetching from origins uses: the HTTP client, the `download` and `origin` settings,
+/// the origin slots, storage (a new task's store is created once its size is known), the
+/// rate limits and the counters.
+#[derive(Debug)]
+pub struct OriginClient {
+    /// HTTP client for origins (`origin` trust settings applied).
+    pub http: reqwest::Client,
+    /// `download` settings (timeouts, retries, piece lengths, slots).
+    pub download: DownloadConfig,
+    /// `origin` settings (object storage credentials, trust).
+    pub origin: OriginConfig,
+    /// Slots for origin fetches (`download.origin_concurrency`; `None`: unlimited).
+    pub origin_slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// Task storage.
+    pub storage: Arc<Storage>,
+    /// Rate limits (shared with the data plane).
+    pub shaping: Arc<Shaping>,
+    /// Byte counters (shared with the data plane).
+    pub counters: Arc<Counters>,
+    /// Control-plane counters.
+    pub stats: Arc<ControlStats>,
+}
 
 /// Why a fetch from the origin failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,30 +122,10 @@ enum Attempt {
     Fatal(OriginError),
 }
 
-/// Parses a `Content-Range` value `bytes a-b/total` or `bytes */total` into the total.
-///
-/// The value comes from the origin, so it is untrusted: any string gives `Some` or `None`,
-/// never a panic (fuzzed by `fuzz/fuzz_targets/content_range.rs`).
-pub fn content_range_total(v: &str) -> Option<u64> {
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (_, total) = rest.split_once('/')?;
-    total.trim().parse().ok()
-}
-
-/// Parses the start offset of a `Content-Range` value `bytes a-b/total`.
-///
-/// Like [`content_range_total`], safe on any string the origin sends.
-pub fn content_range_start(v: &str) -> Option<u64> {
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (range, _) = rest.split_once('/')?;
-    let (a, _) = range.split_once('-')?;
-    a.trim().parse().ok()
-}
-
 /// Fetches every missing piece of `spec` from its origin into `existing` (or a new store
 /// created once the size is known). Returns the complete store.
 pub async fn fetch(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     existing: Option<Arc<TaskStore>>,
     sink: &mut (dyn PieceSink + Send),
@@ -130,7 +138,7 @@ pub async fn fetch(
 /// Takes an origin slot like [`fetch`]. Returns when each of them is stored (by this fetch
 /// or by the data plane meanwhile).
 pub async fn fetch_pieces(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     store: Arc<TaskStore>,
     pieces: &[u32],
@@ -156,7 +164,7 @@ fn satisfied(s: &TaskStore, only: Option<&[bool]>) -> bool {
 }
 
 async fn fetch_some(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     existing: Option<Arc<TaskStore>>,
     only: Option<&[bool]>,
@@ -176,7 +184,7 @@ async fn fetch_some(
                     tracing::info!(
                         task = %spec.id,
                         "all {} origin slots busy (download.origin_concurrency); waiting",
-                        ctx.config.download.origin_concurrency
+                        ctx.download.origin_concurrency
                     );
                     Counters::add(&ctx.stats.origin_slot_waits, 1);
                     slots
@@ -204,7 +212,7 @@ async fn fetch_some(
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(last)) => {
                 retries += 1;
-                if retries > ctx.config.download.origin_retries {
+                if retries > ctx.download.origin_retries {
                     return Err(OriginError::Exhausted {
                         retries: retries - 1,
                         last,
@@ -219,7 +227,7 @@ async fn fetch_some(
 }
 
 async fn attempt(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     store: &mut Option<Arc<TaskStore>>,
     only: Option<&[bool]>,
@@ -284,8 +292,8 @@ async fn attempt(
             } else {
                 wire::piece::piece_length_for(
                     total,
-                    ctx.config.download.piece_length_min.0,
-                    ctx.config.download.piece_length_max.0,
+                    ctx.download.piece_length_min.0,
+                    ctx.download.piece_length_max.0,
                 )
             };
             let layout =
@@ -367,7 +375,7 @@ async fn attempt(
 
 /// `GET` of an HTTP(S) origin with `range`; `start` is its first byte.
 async fn open_http(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     range: String,
     start: u64,
@@ -380,7 +388,7 @@ async fn open_http(
             .map_err(|_| Attempt::Fatal(OriginError::BadHeader(k.clone())))?;
         req = req.header(name, value);
     }
-    let resp = match tokio::time::timeout(ctx.config.download.origin_timeout, req.send()).await {
+    let resp = match tokio::time::timeout(ctx.download.origin_timeout, req.send()).await {
         Err(_) => return Err(Attempt::Retry("no response headers in time".into())),
         Ok(Err(e)) => {
             // A refused certificate stays refused: fail at once, saying which setting helps.
@@ -458,17 +466,17 @@ async fn open_http(
 
 /// Ranged read of an `s3://` object (bytes `start` to `end`, exclusive).
 async fn open_s3(
-    ctx: &Context,
+    ctx: &OriginClient,
     spec: &TaskSpec,
     start: u64,
     end: Option<u64>,
 ) -> Result<Opened, Attempt> {
     let res = tokio::time::timeout(
-        ctx.config.download.origin_timeout,
+        ctx.download.origin_timeout,
         crate::s3::open(
-            &ctx.config.origin.s3,
-            &ctx.config.origin,
-            ctx.config.download.origin_timeout,
+            &ctx.origin.s3,
+            &ctx.origin,
+            ctx.download.origin_timeout,
             &spec.url,
             start,
             end,
@@ -570,19 +578,5 @@ impl OriginPiece {
             .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
         let cost = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok(new.then_some((crc, len, cost)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_content_range() {
-        assert_eq!(content_range_total("bytes 0-99/100"), Some(100));
-        assert_eq!(content_range_total("bytes */0"), Some(0));
-        assert_eq!(content_range_total("bytes 0-99/*"), None);
-        assert_eq!(content_range_start("bytes 5-99/100"), Some(5));
-        assert_eq!(content_range_total("items 0-1/2"), None);
     }
 }

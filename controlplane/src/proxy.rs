@@ -27,12 +27,12 @@
 mod blob;
 mod http_util;
 
-use crate::config::ProxyConfig;
-use crate::daemon::Context;
-use crate::task::TaskSpec;
+use crate::config::{DaemonConfig, ProxyConfig};
+use crate::task::{TaskManager, TaskSpec};
 use crate::task_reader::{wait_store, ReadError, TaskReader};
 use anyhow::Context as _;
 use blob::stream_blob;
+use dataplane::Storage;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody};
 pub use http_util::blob_digest;
@@ -78,7 +78,11 @@ pub struct ProxyCounters {
 /// The proxy: validated configuration and the HTTP client for passed-through requests.
 #[derive(Debug)]
 pub struct Proxy {
-    ctx: Arc<Context>,
+    /// `download.origin_timeout`, for the upstream too.
+    origin_timeout: Duration,
+    tasks: Arc<TaskManager>,
+    storage: Arc<Storage>,
+    counters: Arc<ProxyCounters>,
     rules: Vec<Regex>,
     upstream: url::Url,
     client: reqwest::Client,
@@ -96,9 +100,15 @@ enum ProxyError {
 
 impl Proxy {
     /// Checks the `proxy:` section (rules compile, upstream URL and CA files are valid) and
-    /// builds the client for passed-through requests (redirects are not followed).
-    pub fn new(ctx: Arc<Context>) -> anyhow::Result<Self> {
-        let cfg: &ProxyConfig = &ctx.config.proxy;
+    /// builds the client for passed-through requests (redirects are not followed). Blobs
+    /// are downloaded through `tasks`, read from `storage`; `counters` are its metrics.
+    pub fn new(
+        config: &DaemonConfig,
+        tasks: Arc<TaskManager>,
+        storage: Arc<Storage>,
+        counters: Arc<ProxyCounters>,
+    ) -> anyhow::Result<Self> {
+        let cfg: &ProxyConfig = &config.proxy;
         let rules = cfg
             .rules
             .iter()
@@ -115,8 +125,8 @@ impl Proxy {
         let b = crate::trust::apply(
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(ctx.config.download.origin_timeout),
-            &ctx.config.origin,
+                .connect_timeout(config.download.origin_timeout),
+            &config.origin,
             &cfg.ca_certs,
             cfg.insecure_skip_verify,
             "proxy",
@@ -126,12 +136,15 @@ impl Proxy {
             None
         } else {
             Some(crate::proxy_ca::ProxyCa::open(
-                &ctx.config.storage.dir,
+                &config.storage.dir,
                 &cfg.hijack_hosts,
             )?)
         };
         Ok(Self {
-            ctx,
+            origin_timeout: config.download.origin_timeout,
+            tasks,
+            storage,
+            counters,
             rules,
             upstream,
             client,
@@ -260,7 +273,7 @@ impl Proxy {
             return ok();
         }
         let mut target = match tokio::time::timeout(
-            self.ctx.config.download.origin_timeout,
+            self.origin_timeout,
             tokio::net::TcpStream::connect((host.as_str(), port)),
         )
         .await
@@ -345,7 +358,7 @@ impl Proxy {
         body: Option<reqwest::Body>,
         url: url::Url,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        dataplane::Counters::add(&self.ctx.proxy.pass_through_requests, 1);
+        dataplane::Counters::add(&self.counters.pass_through_requests, 1);
         let mut rb = self.client.request(method.clone(), url.clone());
         for (name, value) in headers {
             if forwardable(name) {
@@ -355,22 +368,21 @@ impl Proxy {
         if let Some(b) = body {
             rb = rb.body(b);
         }
-        let resp =
-            match tokio::time::timeout(self.ctx.config.download.origin_timeout, rb.send()).await {
-                Err(_) => {
-                    return Err(ProxyError::Upstream(format!(
-                        "{url}: no response headers within {:?}",
-                        self.ctx.config.download.origin_timeout
-                    )))
-                }
-                Ok(Err(e)) => {
-                    return Err(ProxyError::Upstream(format!(
-                        "{url}: {}",
-                        crate::trust::describe(&e)
-                    )))
-                }
-                Ok(Ok(r)) => r,
-            };
+        let resp = match tokio::time::timeout(self.origin_timeout, rb.send()).await {
+            Err(_) => {
+                return Err(ProxyError::Upstream(format!(
+                    "{url}: no response headers within {:?}",
+                    self.origin_timeout
+                )))
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::Upstream(format!(
+                    "{url}: {}",
+                    crate::trust::describe(&e)
+                )))
+            }
+            Ok(Ok(r)) => r,
+        };
         tracing::debug!("proxy {method} {url} → {}", resp.status());
         let mut out = Response::builder().status(resp.status());
         for (name, value) in resp.headers() {
@@ -415,8 +427,8 @@ impl Proxy {
             priority: 0,
             digest: digest.as_ref().map(|(text, _)| text.clone()),
         };
-        let mut state = self.ctx.tasks.start_or_join(self.ctx.clone(), spec);
-        let store = match wait_store(&self.ctx.storage, &id, &mut state).await {
+        let mut state = self.tasks.start_or_join(spec);
+        let store = match wait_store(&self.storage, &id, &mut state).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(task = %id, "proxy: P2P download of {url} failed before the response started ({e}); passing the request through");
@@ -445,7 +457,7 @@ impl Proxy {
             }
         };
         let (start, end) = range.unwrap_or((0, len));
-        dataplane::Counters::add(&self.ctx.proxy.p2p_requests, 1);
+        dataplane::Counters::add(&self.counters.p2p_requests, 1);
         let mut out = Response::builder()
             .status(if range.is_some() {
                 StatusCode::PARTIAL_CONTENT
@@ -476,16 +488,16 @@ impl Proxy {
             reader = reader.expect_sha256(want);
         }
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
-        let ctx = self.ctx.clone();
+        let (counters, storage) = (self.counters.clone(), self.storage.clone());
         tokio::spawn(async move {
-            let res = stream_blob(&ctx, reader, &tx).await;
+            let res = stream_blob(&counters, reader, &tx).await;
             if let Err(e) = res {
                 tracing::warn!(task = %id, "proxy: aborting the response of {url}: {e}");
                 if matches!(e, ReadError::Digest { .. }) {
-                    dataplane::Counters::add(&ctx.proxy.digest_mismatches, 1);
+                    dataplane::Counters::add(&counters.digest_mismatches, 1);
                     if store.is_complete() {
                         // Keep nobody else from being served the bad content.
-                        let _ = ctx.storage.remove(&id);
+                        let _ = storage.remove(&id);
                     }
                 }
                 let _ = tx.send(Err(Box::new(e) as BoxError)).await;

@@ -1,20 +1,25 @@
-//! Talking to schedulers: choosing the scheduler of a task, and the host announcement stream
-//! that keeps this host known and delivers seed-peer triggers.
+//! Talking to schedulers: choosing the scheduler of a task ([`SchedulerPool`]), and
+//! [`SchedulerClient`], the one owner of every scheduler RPC: the host announcement stream
+//! that keeps this host known and delivers seed-peer triggers ([`host`]), and the per-task
+//! calls.
 
-use crate::daemon::Context;
-use crate::task::TaskSpec;
+pub mod host;
+
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tonic::Code;
 use wire::proto::scheduler::{
-    host_command, scheduler_client::SchedulerClient, AnnounceHostRequest, AnnounceTaskRequest,
+    scheduler_client::SchedulerClient as Grpc, AnnouncePeerRequest, AnnouncePeerResponse,
+    AnnounceTaskRequest, DownloadTask, Host, LeaveTaskRequest, StatTaskRequest, TaskInfo,
     TaskMetadata,
 };
 use wire::tls::TlsConfig;
-use wire::TaskId;
+use wire::{PieceLayout, TaskId};
 
 /// Lazily connected channels to a list of schedulers.
 #[derive(Debug, Clone, Default)]
@@ -78,29 +83,56 @@ impl SchedulerPool {
     }
 }
 
-/// The schedulers in use, replaceable at run time (the manager's searcher feeds it), with one
-/// host announcement loop per scheduler.
-#[derive(Debug)]
-pub struct SchedulerSet {
+/// Every scheduler RPC this daemon makes, in one place: the schedulers in use (replaceable
+/// at run time: the manager's searcher feeds them), one host announcement loop per scheduler
+/// ([`host`]), and the per-task calls — `AnnouncePeer` streams of the runs, `AnnounceTask`
+/// of held and imported tasks, `StatTask`, `LeaveTask`.
+pub struct SchedulerClient {
+    host: Host,
     pool: ArcSwap<SchedulerPool>,
     loops: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     tls: Option<TlsConfig>,
+    /// What runs the schedulers' commands; host loops start once it is set.
+    commands: OnceLock<Arc<dyn HostCommands>>,
 }
 
-impl SchedulerSet {
-    /// A set starting with `addrs`.
-    pub fn new(addrs: &[String]) -> anyhow::Result<Self> {
-        Self::with_tls(addrs, None)
+impl std::fmt::Debug for SchedulerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerClient")
+            .field("host", &self.host.id)
+            .field("addrs", &self.addrs())
+            .finish_non_exhaustive()
     }
+}
 
-    /// A set starting with `addrs`, every channel over TLS when `tls` is given
-    /// (`scheduler.tls`).
-    pub fn with_tls(addrs: &[String], tls: Option<TlsConfig>) -> anyhow::Result<Self> {
+/// What a scheduler's host stream asks of this host, and what this host re-announces when
+/// that stream is (re)established.
+pub trait HostCommands: Send + Sync {
+    /// Runs a `DownloadTask` (seed trigger or preheat) sent by the scheduler at `addr`.
+    /// Returns the task and its layout when this host already holds it completely: the
+    /// client then announces it to `addr` instead of downloading.
+    fn download(&self, addr: &str, task: DownloadTask) -> Option<(TaskId, PieceLayout)>;
+    /// The complete tasks this host holds that no download keeps registered (restored after
+    /// a restart, or whose stream ended).
+    fn held_tasks(&self) -> Vec<(TaskId, PieceLayout)>;
+}
+
+impl SchedulerClient {
+    /// A client of the schedulers at `addrs` announcing `host`, every channel over TLS when
+    /// `tls` is given (`scheduler.tls`). No host loop runs before [`SchedulerClient::start`].
+    pub fn new(host: Host, addrs: &[String], tls: Option<TlsConfig>) -> anyhow::Result<Self> {
         Ok(Self {
+            host,
             pool: ArcSwap::from_pointee(SchedulerPool::with_tls(addrs, tls.as_ref())?),
             loops: Mutex::new(HashMap::new()),
             tls,
+            commands: OnceLock::new(),
         })
+    }
+
+    /// This host as announced to schedulers.
+    pub fn host(&self) -> &Host {
+        &self.host
     }
 
     /// The current pool.
@@ -118,9 +150,15 @@ impl SchedulerSet {
             .collect()
     }
 
+    /// Starts the host announcement loops; `commands` runs what the schedulers send.
+    pub fn start(self: &Arc<Self>, commands: Arc<dyn HostCommands>) {
+        let _ = self.commands.set(commands);
+        self.reconcile();
+    }
+
     /// Switches to `addrs` (keeping the channels of addresses already in use) and starts or
     /// stops host announcement loops to match. Returns whether anything changed.
-    pub fn replace(&self, ctx: &Arc<Context>, addrs: &[String]) -> anyhow::Result<bool> {
+    pub fn replace(self: &Arc<Self>, addrs: &[String]) -> anyhow::Result<bool> {
         let old = self.pool.load_full();
         let mut sorted_new: Vec<&String> = addrs.iter().collect();
         sorted_new.sort();
@@ -143,13 +181,16 @@ impl SchedulerSet {
             schedulers.iter().map(|(a, _)| a).collect::<Vec<_>>()
         );
         self.pool.store(Arc::new(SchedulerPool { schedulers }));
-        self.reconcile(ctx);
+        self.reconcile();
         Ok(true)
     }
 
     /// Starts a host loop for every scheduler without one, stops loops of schedulers that
-    /// left.
-    pub fn reconcile(&self, ctx: &Arc<Context>) {
+    /// left (nothing before [`SchedulerClient::start`]).
+    fn reconcile(self: &Arc<Self>) {
+        let Some(commands) = self.commands.get() else {
+            return;
+        };
         let pool = self.pool.load_full();
         let Ok(mut loops) = self.loops.lock() else {
             return;
@@ -162,210 +203,150 @@ impl SchedulerSet {
             keep
         });
         for (addr, ch) in pool.all() {
-            loops
-                .entry(addr.clone())
-                .or_insert_with(|| tokio::spawn(host_loop(ctx.clone(), addr.clone(), ch.clone())));
+            loops.entry(addr.clone()).or_insert_with(|| {
+                tokio::spawn(host::host_loop(
+                    self.clone(),
+                    commands.clone(),
+                    addr.clone(),
+                    ch.clone(),
+                ))
+            });
         }
     }
-}
 
-/// First wait before announcing this host to a scheduler again (jittered, doubling).
-const HOST_RETRY_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between tries to announce this host to a scheduler (before jitter).
-const HOST_RETRY_MAX: Duration = Duration::from_secs(2);
+    /// Opens an `AnnouncePeer` stream of task `id` with scheduler `addr`; the error says
+    /// which scheduler and why.
+    pub async fn announce_peer(
+        &self,
+        id: &TaskId,
+        addr: &str,
+        requests: ReceiverStream<AnnouncePeerRequest>,
+    ) -> Result<tonic::Streaming<AnnouncePeerResponse>, String> {
+        let channel = self
+            .pool()
+            .ordered(id)
+            .into_iter()
+            .find_map(|(a, c)| (a == addr).then_some(c))
+            .ok_or_else(|| format!("scheduler {addr}: no longer configured"))?;
+        let resp = Grpc::new(channel)
+            .announce_peer(requests)
+            .await
+            .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
+        Ok(resp.into_inner())
+    }
 
-/// Keeps this host announced to one scheduler, reconnecting with jittered backoff, and runs the seed
-/// triggers it receives. Runs until the process exits.
-pub async fn host_loop(ctx: Arc<Context>, addr: String, channel: Channel) {
-    let new_backoff = || damselfly_common::reconnect_backoff(HOST_RETRY_MIN, HOST_RETRY_MAX);
-    let mut backoff = new_backoff();
-    let mut last_error: Option<String> = None;
-    loop {
-        let mut client = SchedulerClient::new(channel.clone());
-        let req = AnnounceHostRequest {
-            host: Some(ctx.host.clone()),
+    /// Tells the task's own scheduler that this host holds the whole task `id`.
+    pub async fn announce_complete(&self, id: TaskId, layout: PieceLayout) {
+        if let Some((addr, channel)) = self.pool().pick(&id) {
+            self.announce_complete_to(addr, channel, id, layout).await;
+        }
+    }
+
+    /// Tells the scheduler at `addr` that this host holds the whole task `id`
+    /// (`AnnounceTask`): it serves as a done parent while this host's announcement stream
+    /// stays open.
+    pub(crate) async fn announce_complete_to(
+        &self,
+        addr: String,
+        channel: Channel,
+        id: TaskId,
+        layout: PieceLayout,
+    ) {
+        let req = AnnounceTaskRequest {
+            task_id: id.to_hex(),
+            peer_id: format!("{}-{:016x}", self.host.id, rand::random::<u64>()),
+            host: Some(self.host.clone()),
+            metadata: Some(TaskMetadata {
+                content_length: layout.content_length(),
+                piece_length: layout.piece_length(),
+            }),
+            piece_count: layout.piece_count(),
+            // Not the host that read the file from the origin: no trusted digests.
+            piece_digests: Vec::new(),
         };
-        match client.announce_host(req).await {
-            Ok(resp) => {
-                last_error = None;
-                tracing::info!("announced host {} to scheduler {addr}", ctx.host.id);
-                backoff = new_backoff();
-                announce_held_tasks(&ctx, &addr, &channel);
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(cmd)) => handle_command(&ctx, &addr, &channel, cmd.command),
-                        Ok(None) => {
-                            tracing::warn!("scheduler {addr} closed the host stream");
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                "host stream to scheduler {addr} failed: {}",
-                                e.message()
-                            );
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                // Said once per distinct error (a TLS rejection repeats at every retry).
-                let mut why = error_chain(&e);
-                // With TLS 1.3 the server checks the client certificate after the client's
-                // side of the handshake is done: the refusal may arrive as a fatal alert or
-                // only as a closed connection, depending on timing.
-                if ctx.config.scheduler.tls.is_some()
-                    && why.contains("transport error")
-                    && !why.contains("alert")
-                {
-                    why.push_str(
-                        " (TLS: the scheduler may have refused this host's certificate; its log says why)",
-                    );
-                }
-                if last_error.as_deref() != Some(why.as_str()) {
-                    tracing::warn!("announcing host to scheduler {addr} failed: {why}");
-                    last_error = Some(why);
-                }
-            }
-        }
-        tokio::time::sleep(backoff.next().unwrap_or(HOST_RETRY_MAX)).await;
-    }
-}
-
-/// A status's message followed by its sources (a transport error says why only there, e.g.
-/// which certificate check failed).
-pub fn error_chain(status: &tonic::Status) -> String {
-    let mut s = status.message().to_string();
-    let mut src = std::error::Error::source(status);
-    while let Some(e) = src {
-        let m = e.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = e.source();
-    }
-    s
-}
-
-/// Runs a command from the scheduler at `addr`. A seed trigger registers with that
-/// scheduler first (it waits for this seed's registration); a trigger for a task this host
-/// already holds completely is answered with `AnnounceTask` there instead of a download. A
-/// `DownloadTask` with `from_peers` (a preheat whose scope takes in this host) is downloaded
-/// like `dfget` would: parents from the scheduler, the origin only if it says so.
-fn handle_command(
-    ctx: &Arc<Context>,
-    addr: &str,
-    channel: &Channel,
-    cmd: Option<host_command::Command>,
-) {
-    match cmd {
-        Some(host_command::Command::DownloadTask(t)) => {
-            let Ok(id) = TaskId::parse(&t.task_id) else {
-                tracing::warn!("scheduler sent a bad task id {:?}", t.task_id);
-                return;
-            };
-            let Some(source) = t.source else {
-                tracing::warn!("scheduler sent a seed trigger without a source for {id}");
-                return;
-            };
-            if let Some(store) = ctx.storage.get(&id).filter(|s| s.is_complete()) {
-                tracing::info!(task = %id, "seed trigger for a task held completely: announcing it to {addr}");
-                tokio::spawn(announce_complete(
-                    ctx.clone(),
-                    addr.to_owned(),
-                    channel.clone(),
-                    id,
-                    store.layout(),
-                ));
-                return;
-            }
-            if t.from_peers {
-                tracing::info!(task = %id, url = %source.url, "preheat: fetching from peers");
-            } else {
-                tracing::info!(task = %id, url = %source.url, "seed trigger: fetching from the origin");
-            }
-            // The content digest travels with the source (or is in a blob URL): what the
-            // origin sends is checked against it before this seed counts as holding it.
-            let digest = match wire::task::content_digest(&source.url, &source.digest) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(task = %id, "seed trigger with a bad source: {e}");
-                    return;
-                }
-            };
-            let spec = TaskSpec {
-                id,
-                url: source.url,
-                headers: source
-                    .headers
-                    .into_iter()
-                    .map(|h| (h.name, h.value))
-                    .collect(),
-                piece_length: t.piece_length,
-                // A preheat's scope beyond the first seed: a normal peer's download.
-                back_to_source: !t.from_peers,
-                disable_back_to_source: false,
-                rate_limit: 0,
-                scheduler: Some(addr.to_owned()),
-                priority: 0,
-                digest,
-            };
-            // The run reports through the scheduler; nobody waits on it locally.
-            drop(ctx.tasks.start_or_join(ctx.clone(), spec));
-        }
-        None => tracing::debug!("empty host command"),
-    }
-}
-
-/// Announces to the scheduler at `addr` every complete task it is the scheduler of and that
-/// no finished download keeps registered (tasks restored after a restart, or whose stream
-/// ended): each time the host stream is (re)established, since such announcements last as
-/// long as the host stream.
-fn announce_held_tasks(ctx: &Arc<Context>, addr: &str, channel: &Channel) {
-    let pool = ctx.schedulers.pool();
-    for t in ctx.storage.tasks() {
-        let id = t.id();
-        if !t.is_complete() || ctx.tasks.is_serving(&id) || ctx.tasks.is_running(&id) {
-            continue;
-        }
-        if pool.pick(&id).is_some_and(|(a, _)| a == addr) {
-            tracing::info!(task = %id, "announcing a held task to {addr}");
-            tokio::spawn(announce_complete(
-                ctx.clone(),
-                addr.to_owned(),
-                channel.clone(),
-                id,
-                t.layout(),
-            ));
+        if let Err(e) = Grpc::new(channel).announce_task(req).await {
+            tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());
         }
     }
-}
 
-/// Tells the scheduler at `addr` that this host holds the whole task `id` (`AnnounceTask`):
-/// it serves as a done parent while this host's announcement stream stays open.
-pub(crate) async fn announce_complete(
-    ctx: Arc<Context>,
-    addr: String,
-    channel: Channel,
-    id: TaskId,
-    layout: wire::PieceLayout,
-) {
-    let req = AnnounceTaskRequest {
-        task_id: id.to_hex(),
-        peer_id: format!("{}-{:016x}", ctx.host.id, rand::random::<u64>()),
-        host: Some(ctx.host.clone()),
-        metadata: Some(TaskMetadata {
-            content_length: layout.content_length(),
-            piece_length: layout.piece_length(),
-        }),
-        piece_count: layout.piece_count(),
-        // Not the host that read the file from the origin: no trusted digests.
-        piece_digests: Vec::new(),
-    };
-    if let Err(e) = SchedulerClient::new(channel).announce_task(req).await {
-        tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());
+    /// Peer id this host uses for an imported task (stable, so a second import replaces the
+    /// first at the scheduler).
+    fn cache_peer_id(&self, id: &TaskId) -> String {
+        format!("{}-cache-{}", self.host.id, &id.to_hex()[..16])
+    }
+
+    /// Announces the complete imported task `id` to its scheduler (the next ones by
+    /// rendezvous order when it does not answer), with the digest of every piece when this
+    /// host read them itself (`piece_digests`, else empty). Returns the scheduler that
+    /// accepted it.
+    pub async fn announce_cached(
+        &self,
+        id: &TaskId,
+        layout: PieceLayout,
+        piece_digests: Vec<u8>,
+    ) -> Result<String, String> {
+        let order = self.pool().ordered(id);
+        if order.is_empty() {
+            return Err("no scheduler configured".into());
+        }
+        let mut errors = Vec::new();
+        for (addr, ch) in order {
+            let req = AnnounceTaskRequest {
+                task_id: id.to_hex(),
+                peer_id: self.cache_peer_id(id),
+                host: Some(self.host.clone()),
+                metadata: Some(TaskMetadata {
+                    content_length: layout.content_length(),
+                    piece_length: layout.piece_length(),
+                }),
+                piece_count: layout.piece_count(),
+                piece_digests: piece_digests.clone(),
+            };
+            match Grpc::new(ch).announce_task(req).await {
+                Ok(_) => return Ok(addr),
+                Err(e) => errors.push(format!("scheduler {addr}: {}", e.message())),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)`
+    /// when a scheduler answered that it does not know the task, `Err` when none answered.
+    pub async fn stat_task(&self, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+        let order = self.pool().ordered(id);
+        if order.is_empty() {
+            return Err("no scheduler configured".into());
+        }
+        let mut errors = Vec::new();
+        for (addr, ch) in order {
+            let req = StatTaskRequest {
+                task_id: id.to_hex(),
+            };
+            match Grpc::new(ch).stat_task(req).await {
+                Ok(r) => return Ok(Some(r.into_inner())),
+                Err(s) if s.code() == Code::NotFound => return Ok(None),
+                Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// Sends `LeaveTask` for task `id` of this host to every scheduler. Returns whether at
+    /// least one scheduler took it, and the errors of the others.
+    pub async fn leave_task(&self, id: &TaskId) -> (bool, String) {
+        let mut told = false;
+        let mut errors = Vec::new();
+        for (addr, ch) in self.pool().all().iter().cloned() {
+            let req = LeaveTaskRequest {
+                task_id: id.to_hex(),
+                host_id: self.host.id.clone(),
+            };
+            match Grpc::new(ch).leave_task(req).await {
+                Ok(_) => told = true,
+                Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+            }
+        }
+        (told, errors.join("; "))
     }
 }
 

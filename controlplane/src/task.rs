@@ -11,14 +11,15 @@ mod session;
 mod source;
 #[cfg(test)]
 mod tests;
+mod triggers;
 
 pub use services::{
-    BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
+    BoxFuture, BridgeLink, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings,
+    Schedulers,
 };
 
 use run::TaskRun;
 
-use crate::daemon::Context;
 use crate::error::DownloadError;
 use crate::origin::PieceSink;
 use dataplane::{Command, Event, Parent, PieceSource, TaskStore};
@@ -113,12 +114,15 @@ pub enum TaskState {
     Failed(DownloadError),
 }
 
-/// The running downloads of this daemon, by task id.
-#[derive(Debug, Default)]
+/// The downloads service: starts runs over its [`RunServices`] and keeps the running
+/// downloads of this daemon by task id (and the finished ones still registered).
+#[derive(Debug)]
 pub struct TaskManager {
     runs: Mutex<HashMap<TaskId, Run>>,
     /// Finished downloads whose scheduler stream stays open; notified to close it.
     serving: Mutex<HashMap<TaskId, Arc<tokio::sync::Notify>>>,
+    /// What every run uses.
+    services: RunServices,
 }
 
 #[derive(Debug)]
@@ -131,10 +135,20 @@ struct Run {
 const RUN_EVENT_QUEUE: usize = 1024;
 
 impl TaskManager {
+    /// No downloads yet; runs will use `services`.
+    pub fn new(services: RunServices) -> Self {
+        Self {
+            runs: Mutex::default(),
+            serving: Mutex::default(),
+            services,
+        }
+    }
+
     /// Joins the running download of `spec.id`, or starts one; returns its state.
-    pub fn start_or_join(&self, ctx: Arc<Context>, spec: TaskSpec) -> watch::Receiver<TaskState> {
-        ctx.meta.note_url(spec.id, &spec.url);
-        if let Some(store) = ctx.storage.get(&spec.id).filter(|s| s.is_complete()) {
+    pub fn start_or_join(self: &Arc<Self>, spec: TaskSpec) -> watch::Receiver<TaskState> {
+        let svc = &self.services;
+        svc.meta.note_url(spec.id, &spec.url);
+        if let Some(store) = svc.storage.get(&spec.id).filter(|s| s.is_complete()) {
             store.touch();
             let p = progress_of(&store, &Progress::default());
             return watch::channel(TaskState::Done(store, p)).1;
@@ -160,10 +174,11 @@ impl TaskManager {
             },
         );
         drop(runs);
-        dataplane::Counters::add(&ctx.stats.downloads_started, 1);
+        dataplane::Counters::add(&svc.stats.downloads_started, 1);
+        let tasks = self.clone();
         tokio::spawn(async move {
-            let run = TaskRun::new(RunServices::of(&ctx), spec, state_tx, ev_rx);
-            run.drive(&ctx.tasks).await;
+            let run = TaskRun::new(tasks.services.clone(), spec, state_tx, ev_rx);
+            run.drive(&tasks).await;
         });
         state_rx
     }

@@ -5,20 +5,19 @@
 use hyper::body::{Bytes, Frame};
 use tokio::sync::mpsc;
 
-use super::BoxError;
-use crate::daemon::Context;
+use super::{BoxError, ProxyCounters};
 use crate::task_reader::{ReadError, TaskReader};
 
 type BodyTx = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
 
 /// Streams what `reader` reads to `tx`. Returns `Ok` also when the client went away.
 pub(super) async fn stream_blob(
-    ctx: &Context,
+    counters: &ProxyCounters,
     mut reader: TaskReader,
     tx: &BodyTx,
 ) -> Result<(), ReadError> {
     while let Some(data) = reader.next_chunk().await? {
-        dataplane::Counters::add(&ctx.proxy.p2p_bytes, data.len() as u64);
+        dataplane::Counters::add(&counters.p2p_bytes, data.len() as u64);
         if tx.send(Ok(Frame::data(data))).await.is_err() {
             return Ok(());
         }

@@ -2,24 +2,22 @@
 //! ([`Schedulers`]: register, the `AnnouncePeer` response stream as a boxed `Stream`), the
 //! data plane ([`DataPlaneLink`]: download, add parents, cancel; its events come over the
 //! run's own channel), and the origin ([`Origin`]: everything missing, or some pieces).
-//! [`RunServices::of`] builds the real ones over the daemon's [`Context`]; the unit tests of
-//! `TaskRun` build fakes (no sockets, no processes).
+//! The real ones are [`SchedulerClient`], [`BridgeLink`] and [`OriginClient`] (the daemon
+//! composes them); the unit tests of `TaskRun` build fakes (no sockets, no processes).
 
-use crate::daemon::Context;
 use crate::metrics::ControlStats;
-use crate::origin::{self, OriginError, PieceSink};
+use crate::origin::{self, OriginClient, OriginError, PieceSink};
+use crate::scheduler::SchedulerClient;
 use crate::store::MetaStore;
 use crate::task::TaskSpec;
-use dataplane::{Command, Storage, TaskStore};
+use dataplane::{Bridge, Command, Storage, TaskStore};
 use futures::Stream;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
-use wire::proto::scheduler::{
-    scheduler_client::SchedulerClient, AnnouncePeerRequest, AnnouncePeerResponse, Host,
-};
+use wire::proto::scheduler::{AnnouncePeerRequest, AnnouncePeerResponse, Host};
 use wire::{PieceLayout, TaskId};
 
 /// A boxed future that can cross threads.
@@ -116,32 +114,10 @@ impl std::fmt::Debug for RunServices {
     }
 }
 
-impl RunServices {
-    /// The real services of the daemon `ctx`.
-    pub fn of(ctx: &Arc<Context>) -> Self {
-        Self {
-            schedulers: Arc::new(ContextSchedulers(ctx.clone())),
-            dataplane: Arc::new(BridgeLink(ctx.clone())),
-            origin: Arc::new(HttpOrigin(ctx.clone())),
-            storage: ctx.storage.clone(),
-            meta: ctx.meta.clone(),
-            stats: ctx.stats.clone(),
-            host: ctx.host.clone(),
-            settings: RunSettings {
-                schedule_timeout: ctx.config.scheduler.schedule_timeout,
-                stall_timeout: ctx.config.download.stall_timeout,
-                verify_pieces: ctx.config.data_plane.verify_pieces,
-            },
-        }
-    }
-}
-
-/// The daemon's scheduler pool (replaced at run time when the manager names others).
-struct ContextSchedulers(Arc<Context>);
-
-impl Schedulers for ContextSchedulers {
+/// The daemon's schedulers (replaced at run time when the manager names others).
+impl Schedulers for SchedulerClient {
     fn ordered(&self, id: &TaskId) -> Vec<String> {
-        let pool = self.0.schedulers.pool();
+        let pool = self.pool();
         pool.ordered(id).into_iter().map(|(a, _)| a).collect()
     }
 
@@ -152,55 +128,38 @@ impl Schedulers for ContextSchedulers {
         requests: ReceiverStream<AnnouncePeerRequest>,
     ) -> BoxFuture<'_, Result<ResponseStream, String>> {
         Box::pin(async move {
-            let channel = self
-                .0
-                .schedulers
-                .pool()
-                .ordered(&id)
-                .into_iter()
-                .find_map(|(a, c)| (a == addr).then_some(c))
-                .ok_or_else(|| format!("scheduler {addr}: no longer configured"))?;
-            let resp = SchedulerClient::new(channel)
-                .announce_peer(requests)
-                .await
-                .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
-            Ok(Box::pin(resp.into_inner()) as ResponseStream)
+            let resp = SchedulerClient::announce_peer(self, &id, &addr, requests).await?;
+            Ok(Box::pin(resp) as ResponseStream)
         })
     }
 
     fn announce_complete(&self, id: TaskId, layout: PieceLayout) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
-            if let Some((addr, channel)) = self.0.schedulers.pool().pick(&id) {
-                crate::scheduler::announce_complete(self.0.clone(), addr, channel, id, layout)
-                    .await;
-            }
-        })
+        Box::pin(SchedulerClient::announce_complete(self, id, layout))
     }
 }
 
 /// The plane bridge.
-struct BridgeLink(Arc<Context>);
+#[derive(Debug)]
+pub struct BridgeLink(pub Arc<Bridge>);
 
 impl DataPlaneLink for BridgeLink {
     fn send(&self, task: &TaskId, cmd: Command) -> Result<(), String> {
-        let bridge = &self.0.bridge;
+        let bridge = &self.0;
         bridge
             .send(bridge.thread_of(task), cmd)
             .map_err(|_| "data plane command queue is full".to_string())
     }
 }
 
-/// HTTP(S) and object-storage origins (`crate::origin`).
-struct HttpOrigin(Arc<Context>);
-
-impl Origin for HttpOrigin {
+/// HTTP(S) and object-storage origins.
+impl Origin for OriginClient {
     fn fetch<'a>(
         &'a self,
         spec: &'a TaskSpec,
         existing: Option<Arc<TaskStore>>,
         sink: &'a mut (dyn PieceSink + Send),
     ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>> {
-        Box::pin(origin::fetch(&self.0, spec, existing, sink))
+        Box::pin(origin::fetch(self, spec, existing, sink))
     }
 
     fn fetch_pieces<'a>(
@@ -210,6 +169,6 @@ impl Origin for HttpOrigin {
         pieces: &'a [u32],
         sink: &'a mut (dyn PieceSink + Send),
     ) -> BoxFuture<'a, Result<(), OriginError>> {
-        Box::pin(origin::fetch_pieces(&self.0, spec, store, pieces, sink))
+        Box::pin(origin::fetch_pieces(self, spec, store, pieces, sink))
     }
 }

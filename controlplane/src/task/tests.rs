@@ -263,7 +263,7 @@ impl Harness {
             digest: None,
         };
         let (state_tx, state) = watch::channel(TaskState::Running(Progress::default()));
-        let tasks = Arc::new(TaskManager::default());
+        let tasks = Arc::new(TaskManager::new(svc.clone()));
         let t = tasks.clone();
         let run = tokio::spawn(async move {
             TaskRun::new(svc, spec, state_tx, events_rx).drive(&t).await;
