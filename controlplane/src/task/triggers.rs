@@ -71,3 +71,163 @@ impl HostCommands for std::sync::Arc<TaskManager> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ControlStats;
+    use crate::origin::{OriginError, PieceSink};
+    use crate::retention::tests::Disk;
+    use crate::task::{
+        BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
+    };
+    use dataplane::{Command, TaskStore};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use wire::proto::scheduler::{AnnouncePeerRequest, Host, TaskSource};
+
+    /// Guard against a hang (not a timing assertion).
+    const GUARD: Duration = Duration::from_secs(10);
+
+    /// Schedulers `a:1` then `b:2` by rendezvous order; every registration is refused and
+    /// its address reported.
+    struct Refusing(mpsc::UnboundedSender<String>);
+
+    impl Schedulers for Refusing {
+        fn ordered(&self, _id: &TaskId) -> Vec<String> {
+            vec!["a:1".into(), "b:2".into()]
+        }
+
+        fn announce_peer(
+            &self,
+            _id: TaskId,
+            addr: String,
+            _requests: ReceiverStream<AnnouncePeerRequest>,
+        ) -> BoxFuture<'_, Result<ResponseStream, String>> {
+            let _ = self.0.send(addr.clone());
+            Box::pin(async move { Err(format!("scheduler {addr}: refused by the fake")) })
+        }
+
+        fn announce_complete(&self, _id: TaskId, _layout: PieceLayout) -> BoxFuture<'_, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    struct NoDataPlane;
+
+    impl DataPlaneLink for NoDataPlane {
+        fn send(&self, _task: &TaskId, _cmd: Command) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    struct FailingOrigin;
+
+    impl Origin for FailingOrigin {
+        fn fetch<'a>(
+            &'a self,
+            _spec: &'a TaskSpec,
+            _existing: Option<Arc<TaskStore>>,
+            _sink: &'a mut (dyn PieceSink + Send),
+        ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>> {
+            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+        }
+
+        fn fetch_pieces<'a>(
+            &'a self,
+            _spec: &'a TaskSpec,
+            _store: Arc<TaskStore>,
+            _pieces: &'a [u32],
+            _sink: &'a mut (dyn PieceSink + Send),
+        ) -> BoxFuture<'a, Result<(), OriginError>> {
+            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+        }
+    }
+
+    /// Downloads over `disk`; the addresses the runs register with come out of the receiver.
+    fn manager(
+        disk: &Disk,
+    ) -> (
+        Arc<TaskManager>,
+        Arc<ControlStats>,
+        mpsc::UnboundedReceiver<String>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(ControlStats::default());
+        let svc = RunServices {
+            schedulers: Arc::new(Refusing(tx)),
+            dataplane: Arc::new(NoDataPlane),
+            origin: Arc::new(FailingOrigin),
+            storage: disk.storage.clone(),
+            meta: disk.meta.clone(),
+            stats: stats.clone(),
+            host: Host {
+                id: "me".into(),
+                ..Host::default()
+            },
+            settings: RunSettings {
+                schedule_timeout: Duration::from_secs(30),
+                stall_timeout: Duration::from_secs(30),
+                verify_pieces: true,
+            },
+        };
+        (Arc::new(TaskManager::new(svc)), stats, rx)
+    }
+
+    fn trigger(id: &str) -> DownloadTask {
+        DownloadTask {
+            task_id: id.into(),
+            source: Some(TaskSource {
+                url: "http://origin.test/file".into(),
+                ..TaskSource::default()
+            }),
+            piece_length: 0,
+            from_peers: false,
+        }
+    }
+
+    fn started(stats: &ControlStats) -> u64 {
+        dataplane::Counters::get(&stats.downloads_started)
+    }
+
+    #[tokio::test]
+    async fn a_trigger_for_a_task_held_completely_is_announced_not_downloaded() {
+        let disk = Disk::new();
+        let id = disk.complete_task(5, 40_000);
+        let layout = disk.storage.get(&id).expect("stored").layout();
+        let (tasks, stats, _rx) = manager(&disk);
+        assert_eq!(tasks.held_tasks(), vec![(id, layout)]);
+        assert_eq!(
+            tasks.download("b:2", trigger(&id.to_hex())),
+            Some((id, layout))
+        );
+        assert_eq!(started(&stats), 0, "a download started for a held task");
+    }
+
+    #[tokio::test]
+    async fn a_seed_trigger_registers_with_the_scheduler_that_sent_it_first() {
+        let disk = Disk::new();
+        let (tasks, stats, mut registered) = manager(&disk);
+        let id = TaskId([6; 32]);
+        assert_eq!(tasks.download("b:2", trigger(&id.to_hex())), None);
+        assert_eq!(started(&stats), 1);
+        let first = tokio::time::timeout(GUARD, registered.recv())
+            .await
+            .expect("the run did not register")
+            .expect("fake gone");
+        assert_eq!(first, "b:2", "not the triggering scheduler first");
+    }
+
+    #[tokio::test]
+    async fn a_bad_trigger_starts_nothing() {
+        let disk = Disk::new();
+        let (tasks, stats, _rx) = manager(&disk);
+        assert_eq!(tasks.download("a:1", trigger("not-a-task-id")), None);
+        let mut no_source = trigger(&TaskId([7; 32]).to_hex());
+        no_source.source = None;
+        assert_eq!(tasks.download("a:1", no_source), None);
+        assert_eq!(started(&stats), 0);
+    }
+}
