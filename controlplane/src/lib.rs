@@ -5,7 +5,9 @@
 //! from the origin when it has to ([`origin`]), serves the local API for dfget on a Unix
 //! socket ([`local_api`]), the registry mirror ([`proxy`]) and Prometheus metrics
 //! ([`metrics`]). Task metadata survives restarts in [`store`]; [`gc`] evicts tasks by TTL and
-//! disk watermarks. [`trust`] builds the origin clients (private CAs, the system store).
+//! disk watermarks, and [`retention`] owns deleting a task. [`trust`] builds the origin clients
+//! (private CAs, the system store). [`daemon`] is the composition root: it builds these
+//! services and hands each module the narrow ones it uses.
 
 pub mod announce;
 pub mod cache;
