@@ -2,7 +2,7 @@
 //! to, and going back to the origin when that is the best (or only) option.
 //!
 //! This file holds what other modules use ([`TaskSpec`], [`TaskState`], [`TaskManager`]);
-//! one run ([`run::TaskRun`]) is split by concern: `run` (the loop, data-plane events,
+//! one run (`run::TaskRun`) is split by concern: `run` (the loop, data-plane events,
 //! stalls), `session` (the scheduler stream), `source` (back to the origin, lost pieces).
 
 mod run;
