@@ -361,12 +361,47 @@ pub(crate) async fn announce_complete(
             piece_length: layout.piece_length(),
         }),
         piece_count: layout.piece_count(),
-        // Not the host that read the file from the origin: no trusted digests.
-        piece_digests: Vec::new(),
+        // A seed host's digests are trusted by the scheduler (it fetched the task from the
+        // origin): sent, so a scheduler that restarted (or forgot the task) hands them out
+        // again. Other hosts send none.
+        piece_digests: if ctx.host.r#type() == wire::proto::scheduler::HostType::Seed {
+            seed_piece_digests(&ctx, id).await
+        } else {
+            Vec::new()
+        },
     };
     if let Err(e) = SchedulerClient::new(channel).announce_task(req).await {
         tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());
     }
+}
+
+/// Every piece digest of the task `id` this seed host holds, in order: the ones known, and,
+/// for pieces whose digest a daemon restart forgot (digests are not persisted), the digest
+/// of the bytes on disk (then remembered). Empty when the task is gone or a piece cannot be
+/// read.
+async fn seed_piece_digests(ctx: &Arc<Context>, id: TaskId) -> Vec<u8> {
+    let Some(store) = ctx.storage.get(&id) else {
+        return Vec::new();
+    };
+    if let Some(all) = store.all_digests() {
+        return all;
+    }
+    let computed = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        for n in 0..store.layout().piece_count() {
+            if store.piece_digest(n).is_some() {
+                continue;
+            }
+            if let Err(e) = store.read_piece(n, &mut buf) {
+                tracing::warn!(task = %id, piece = n, "reading a held piece for its digest: {e}");
+                return None;
+            }
+            let _ = store.set_digest(n, wire::piece_digest(&buf));
+        }
+        store.all_digests()
+    })
+    .await;
+    computed.ok().flatten().unwrap_or_default()
 }
 
 #[cfg(test)]
