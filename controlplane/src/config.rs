@@ -496,6 +496,30 @@ mod tests {
     }
 
     #[test]
+    fn proxy_ca_cert_and_key_come_together() {
+        let parse = |y: &str| serde_yaml::from_str::<DaemonConfig>(y).expect("parses");
+        let e = parse("proxy:\n  ca_cert: /etc/ca.pem\n")
+            .validate()
+            .expect_err("no key");
+        assert!(
+            e.contains("proxy.ca_cert is set without proxy.ca_key"),
+            "{e}"
+        );
+        let e = parse("proxy:\n  ca_key: /etc/ca-key.pem\n")
+            .validate()
+            .expect_err("no cert");
+        assert!(
+            e.contains("proxy.ca_key is set without proxy.ca_cert"),
+            "{e}"
+        );
+        let c = parse("proxy:\n  ca_cert: /etc/ca.pem\n  ca_key: /etc/ca-key.pem\n");
+        c.validate().expect("both");
+        let user = c.proxy.user_ca().expect("both").expect("a user CA");
+        assert_eq!(user.cert, std::path::Path::new("/etc/ca.pem"));
+        assert!(parse("").proxy.user_ca().expect("neither").is_none());
+    }
+
+    #[test]
     fn proxy_section() {
         let c: DaemonConfig = serde_yaml::from_str(
             "proxy:\n  enable: true\n  registry_mirror: http://127.0.0.1:5000\n",

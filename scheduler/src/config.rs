@@ -404,6 +404,22 @@ mod tests {
         assert!(Config::from_yaml("scheduling:\n  seed_upload_slots: 0\n").is_err());
         assert!(Config::from_yaml("manager:\n  advertise_ip: somewhere\n").is_err());
         assert!(Config::from_yaml("manager:\n  config_wait: 0s\n").is_err());
+        assert!(Config::from_yaml("scheduling:\n  digest_sources: anyone\n").is_err());
+    }
+
+    #[test]
+    fn digest_sources_default_and_values() {
+        let c = Config::from_yaml("").expect("empty config");
+        assert_eq!(c.scheduling.digest_sources, DigestSources::Scheduled);
+        for (text, want) in [
+            ("seed_peers", DigestSources::SeedPeers),
+            ("scheduled", DigestSources::Scheduled),
+            ("any", DigestSources::Any),
+        ] {
+            let c = Config::from_yaml(&format!("scheduling:\n  digest_sources: {text}\n"))
+                .expect("parses");
+            assert_eq!(c.scheduling.digest_sources, want);
+        }
     }
 
     #[test]
