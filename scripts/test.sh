@@ -24,6 +24,8 @@ command -v opentracker >/dev/null 2>&1 || need+=(opentracker)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v mount >/dev/null 2>&1 || need+=(mount)
+# The HTTPS proxy test with a user's CA makes that CA with the openssl tool.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing ${need[*]} for the tests ..."

@@ -125,10 +125,28 @@ pub struct ProxyConfig {
     /// PEM files of extra CA certificates trusted for the upstream on passed-through requests.
     pub ca_certs: Vec<PathBuf>,
     /// Regexes of hosts (`host` or `host:port`) whose `CONNECT` tunnels the proxy
-    /// intercepts: it terminates TLS with a leaf from its own CA
-    /// (`<storage.dir>/proxy-ca.pem`) and serves the requests like mirror requests to
-    /// `https://host:port`. Other `CONNECT`s are tunnelled untouched.
+    /// intercepts: it terminates TLS with a leaf from its CA (`ca_cert`, or one it
+    /// generates: `<storage.dir>/proxy-ca.pem`) and serves the requests like mirror requests
+    /// to `https://host:port`. Other `CONNECT`s are tunnelled untouched.
     pub hijack_hosts: Vec<String>,
+    /// PEM file of the CA certificate that signs the leaves for `hijack_hosts` (give
+    /// `ca_key` too); unset: the daemon generates its own CA.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file (PKCS#8) of `ca_cert`'s private key; set both or neither.
+    pub ca_key: Option<PathBuf>,
+}
+
+impl ProxyConfig {
+    /// The user's CA for intercepted hosts (`ca_cert` with `ca_key`), `None` when neither is
+    /// set; an error when only one is.
+    pub fn user_ca(&self) -> anyhow::Result<Option<crate::proxy_ca::UserCa<'_>>> {
+        match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::proxy_ca::UserCa { cert, key })),
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!("proxy.ca_cert is set without proxy.ca_key"),
+            (None, Some(_)) => anyhow::bail!("proxy.ca_key is set without proxy.ca_cert"),
+        }
+    }
 }
 
 /// Default port of the registry mirror proxy.
@@ -144,6 +162,8 @@ impl Default for ProxyConfig {
             insecure_skip_verify: false,
             ca_certs: Vec::new(),
             hijack_hosts: Vec::new(),
+            ca_cert: None,
+            ca_key: None,
         }
     }
 }
@@ -429,6 +449,7 @@ impl DaemonConfig {
                 self.download.stall_timeout
             ));
         }
+        self.proxy.user_ca().map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -472,6 +493,30 @@ mod tests {
         .expect("parses");
         assert_eq!(c.data_plane.shaping().upload, 100 << 20);
         assert_eq!(c.data_plane.shaping().download, 5000);
+    }
+
+    #[test]
+    fn proxy_ca_cert_and_key_come_together() {
+        let parse = |y: &str| serde_yaml::from_str::<DaemonConfig>(y).expect("parses");
+        let e = parse("proxy:\n  ca_cert: /etc/ca.pem\n")
+            .validate()
+            .expect_err("no key");
+        assert!(
+            e.contains("proxy.ca_cert is set without proxy.ca_key"),
+            "{e}"
+        );
+        let e = parse("proxy:\n  ca_key: /etc/ca-key.pem\n")
+            .validate()
+            .expect_err("no cert");
+        assert!(
+            e.contains("proxy.ca_key is set without proxy.ca_cert"),
+            "{e}"
+        );
+        let c = parse("proxy:\n  ca_cert: /etc/ca.pem\n  ca_key: /etc/ca-key.pem\n");
+        c.validate().expect("both");
+        let user = c.proxy.user_ca().expect("both").expect("a user CA");
+        assert_eq!(user.cert, std::path::Path::new("/etc/ca.pem"));
+        assert!(parse("").proxy.user_ca().expect("neither").is_none());
     }
 
     #[test]

@@ -132,12 +132,15 @@ impl Proxy {
             "proxy",
         )?;
         let client = b.build().context("building the proxy's HTTP client")?;
-        let ca = if cfg.hijack_hosts.is_empty() {
+        let user_ca = cfg.user_ca()?;
+        // A user's CA is loaded (and so checked) even without hosts to intercept.
+        let ca = if cfg.hijack_hosts.is_empty() && user_ca.is_none() {
             None
         } else {
             Some(crate::proxy_ca::ProxyCa::open(
                 &config.storage.dir,
                 &cfg.hijack_hosts,
+                user_ca,
             )?)
         };
         Ok(Self {

@@ -115,6 +115,9 @@ pub trait HostCommands: Send + Sync {
     /// The complete tasks this host holds that no download keeps registered (restored after
     /// a restart, or whose stream ended).
     fn held_tasks(&self) -> Vec<(TaskId, PieceLayout)>;
+    /// Every piece digest of the held task `id`, in order (32 bytes each), for a seed host's
+    /// announcement; empty when the task is gone or a piece cannot be read.
+    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, Vec<u8>>;
 }
 
 impl SchedulerClient {
@@ -261,8 +264,15 @@ impl SchedulerClient {
                 piece_length: layout.piece_length(),
             }),
             piece_count: layout.piece_count(),
-            // Not the host that read the file from the origin: no trusted digests.
-            piece_digests: Vec::new(),
+            // A seed host's digests are trusted by the scheduler (it fetched the task from
+            // the origin): sent, so a scheduler that restarted (or forgot the task) hands
+            // them out again. Other hosts send none.
+            piece_digests: match self.commands.get() {
+                Some(c) if self.host.r#type() == wire::proto::scheduler::HostType::Seed => {
+                    c.piece_digests(id).await
+                }
+                _ => Vec::new(),
+            },
         };
         if let Err(e) = Grpc::new(channel).announce_task(req).await {
             tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());

@@ -20,6 +20,7 @@
 //!   weights: { load: 0.6, idc: 0.2, location: 0.1, host_type: 0.1, bandwidth: 0.1 }
 //!   bandwidth_reference: 125000000
 //!   bad_parent: { window: 2000, min_samples: 30, small_window_multiple: 20, sigma: 3 }
+//!   digest_sources: scheduled # who may give trusted piece digests: seed_peers | scheduled | any
 //! manager:
 //!   addr: ""                  # manager gRPC host:port; empty: no manager
 //!   cluster_id: 0             # scheduler cluster to join; 0: the manager's default cluster
@@ -191,6 +192,27 @@ pub struct SchedulingConfig {
     pub bandwidth_reference: u64,
     /// Slow-parent detection over measured piece costs.
     pub bad_parent: BadParentConfig,
+    /// Whose piece digests the scheduler records and hands out as trusted (default
+    /// `scheduled`; see [`DigestSources`]).
+    pub digest_sources: DigestSources,
+}
+
+/// Who may give the trusted per-piece digests peers check pieces against
+/// (`scheduling.digest_sources`). Each level accepts what the one before it does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DigestSources {
+    /// Seed peers only: pieces a seed host fetched from the origin, and tasks a seed host
+    /// imports or announces with digests.
+    SeedPeers,
+    /// Also peers this scheduler sent to the origin (`NeedBackToSource`, takers of lost
+    /// pieces), and `dfcache` imports from any host for tasks with no origin known. Not a
+    /// peer that registers as back-to-source on its own: any host can claim that.
+    #[default]
+    Scheduled,
+    /// Any peer that reports a piece as fetched from the origin, and any import (the
+    /// behaviour before this setting).
+    Any,
 }
 
 impl Default for SchedulingConfig {
@@ -207,6 +229,7 @@ impl Default for SchedulingConfig {
             weights: EvaluatorWeights::default(),
             bandwidth_reference: 125_000_000,
             bad_parent: BadParentConfig::default(),
+            digest_sources: DigestSources::default(),
         }
     }
 }
@@ -381,6 +404,22 @@ mod tests {
         assert!(Config::from_yaml("scheduling:\n  seed_upload_slots: 0\n").is_err());
         assert!(Config::from_yaml("manager:\n  advertise_ip: somewhere\n").is_err());
         assert!(Config::from_yaml("manager:\n  config_wait: 0s\n").is_err());
+        assert!(Config::from_yaml("scheduling:\n  digest_sources: anyone\n").is_err());
+    }
+
+    #[test]
+    fn digest_sources_default_and_values() {
+        let c = Config::from_yaml("").expect("empty config");
+        assert_eq!(c.scheduling.digest_sources, DigestSources::Scheduled);
+        for (text, want) in [
+            ("seed_peers", DigestSources::SeedPeers),
+            ("scheduled", DigestSources::Scheduled),
+            ("any", DigestSources::Any),
+        ] {
+            let c = Config::from_yaml(&format!("scheduling:\n  digest_sources: {text}\n"))
+                .expect("parses");
+            assert_eq!(c.scheduling.digest_sources, want);
+        }
     }
 
     #[test]

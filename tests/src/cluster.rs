@@ -547,6 +547,25 @@ impl Cluster {
         Ok(&self.peers[i])
     }
 
+    /// Kills seed peer number `n` (SIGKILL, counting from 1) and starts it again like
+    /// [`Cluster::restart_peer`] does a peer: same name, host id and storage dir, new ports.
+    pub async fn restart_seed(&mut self, n: usize) -> Result<&Daemon> {
+        let i = n.checked_sub(1).context("seeds count from 1")?;
+        let name = self.seeds.get(i).context("no such seed")?.name.clone();
+        self.seeds[i].kill();
+        let log = self.root.join(format!("{name}.log"));
+        let mut k = 1;
+        while self.root.join(format!("{name}.log.{k}")).exists() {
+            k += 1;
+        }
+        std::fs::rename(&log, self.root.join(format!("{name}.log.{k}")))
+            .with_context(|| format!("keeping {}", log.display()))?;
+        let d = self.spawn_daemon(&name, true)?;
+        self.seeds[i] = d;
+        wait_daemon(&self.seeds[i], self.opts.ready_timeout).await?;
+        Ok(&self.seeds[i])
+    }
+
     /// Starts one more daemon (`seed-<n+1>` or `peer-<n+1>`) with `extra` arguments appended
     /// to its command line (after the cluster's own and [`ClusterOptions::daemon_args`]), and
     /// waits until it is ready. Its directory `<dir>/<name>/data` may already exist (e.g. a

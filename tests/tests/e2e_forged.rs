@@ -131,3 +131,95 @@ async fn forged_pieces_with_a_matching_crc_are_never_stored_and_the_forger_is_re
         "the scheduler log has no reschedule naming {FORGER} for a forged piece"
     );
 }
+
+/// Digests across restarts: the seed fetched the task and finished; then the seed daemon
+/// restarts (its in-memory digests are gone; the task is restored from its metadata store)
+/// and the scheduler restarts (its digests are gone too). The seed announces the restored
+/// task to the new scheduler with the digest of every piece (computed again from its disk:
+/// a seed host's announced digests are trusted), so a peer that downloads afterwards still
+/// checks every piece: with a forger in the swarm it counts forged pieces, writes the right
+/// file without `--digest`. Before, a restored task was announced without digests and the
+/// new scheduler had none: the peer checked crc32c only and stored the forged bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn digests_survive_a_seed_restart_and_a_scheduler_restart() {
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(1, 2))
+        .await
+        .expect("starting the cluster");
+    let content = origin.add_file("/restart.bin", 12 * MIB + 777, 5151);
+    let url = origin.url("/restart.bin");
+    let task = TaskId::from_url(&url, &TaskIdOptions::default()).expect("task id");
+    let expected = content.sha256_hex();
+
+    let out1 = cluster.dir().join("p1.out");
+    let o = cluster
+        .run_dfget(cluster.peer(1), &url, &out1, None)
+        .await
+        .expect("dfget through peer-1");
+    check_dfget("peer-1", &o).expect("peer-1 download");
+    let (_, piece_length, piece_count) = task_layout(cluster.peer(1).data_addr, task)
+        .await
+        .expect("peer-1's bitmap");
+
+    // Peer-1 leaves (it would re-announce the task without digests: not a seed); then the
+    // seed daemon and the scheduler restart.
+    cluster.kill(cluster.peer(1));
+    cluster.restart_seed(1).await.expect("restarting the seed");
+    cluster
+        .restart_scheduler(1)
+        .await
+        .expect("restarting the scheduler");
+    let sched = cluster.scheduler_addr();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let done = testkit::grpc::stat_task(sched, &task.to_hex())
+            .await
+            .ok()
+            .is_some_and(|i| i.peers.iter().any(|p| p.host_id == "seed-1" && p.done));
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted seed did not announce its task to the restarted scheduler\n{}",
+            cluster.log_tails(20)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let mut fake = FakeParent::start(task, content, u64::from(piece_length), Mode::Forged)
+        .await
+        .expect("starting the forger");
+    fake.join_swarm(sched, FORGER, &url, piece_count)
+        .await
+        .expect("the forger joins the swarm");
+
+    let p2 = cluster.peer(2);
+    let out2 = cluster.dir().join("p2.out");
+    let o = cluster
+        .run_dfget(p2, &url, &out2, None)
+        .await
+        .expect("dfget through peer-2");
+    check_dfget("peer-2", &o).expect("peer-2 download with a forger in the swarm");
+    assert_eq!(
+        file_sha256_hex_async(&out2).await.expect("sha256"),
+        expected,
+        "peer-2 wrote a wrong file: after the restarts it did not check pieces against digests"
+    );
+    let s = p2.stats().await.expect("Stats of peer-2");
+    assert!(
+        fake.pieces_sent() > 0,
+        "the forger sent no piece (connections {}); the scheduler should have offered it",
+        fake.connections()
+    );
+    assert!(
+        s.pieces_forged > 0,
+        "the forger sent {} forged pieces to peer-2 but peer-2 counts none: {s:?}",
+        fake.pieces_sent()
+    );
+    assert_eq!(
+        origin.gets_of("/restart.bin"),
+        1,
+        "the task was fetched from the origin once"
+    );
+}

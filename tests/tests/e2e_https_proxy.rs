@@ -284,3 +284,184 @@ async fn https_proxy_intercepts_named_hosts_and_tunnels_the_rest() {
 fn regex_escape(s: &str) -> String {
     s.replace('.', "\\.")
 }
+
+const USER_CA_TEST: &str = "https_proxy_signs_leaves_with_the_users_ca";
+
+/// Runs `openssl args` in `dir`, panicking with its stderr when it fails.
+async fn openssl(dir: &Path, args: &[&str]) {
+    let o = tokio::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `proxy.ca_cert` / `proxy.ca_key`: a CA the user made with `openssl` (a subject of several
+/// parts, as corporate CAs have) signs the leaves of an intercepted HTTPS origin. A `curl`
+/// with `HTTPS_PROXY` that trusts only that CA gets the file through P2P from two peers'
+/// proxies while the origin serves it once (to the seed); no CA is generated. A daemon whose
+/// `ca_key` is not the certificate's key refuses to start and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_proxy_signs_leaves_with_the_users_ca() {
+    let Some(tmp) =
+        registry::work_dir_if_tools(USER_CA_TEST, &["curl", "openssl"], "damselfly-userca-")
+    else {
+        return;
+    };
+    let work = tmp.path();
+    openssl(
+        work,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "corp-ca-key.pem",
+        ],
+    )
+    .await;
+    openssl(
+        work,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "corp-ca-key.pem",
+            "-out",
+            "corp-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/C=DE/O=Example Corp/OU=Platform/CN=Example Corp Proxy CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )
+    .await;
+    openssl(
+        work,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "stray-key.pem",
+        ],
+    )
+    .await;
+    let corp_ca = work.join("corp-ca.pem");
+    let corp_key = work.join("corp-ca-key.pem");
+
+    let origin_ca = TestCa::new(work, "origin").expect("origin CA");
+    let origin_leaf = origin_ca
+        .leaf("origin", &["127.0.0.1", "localhost"])
+        .expect("origin certificate");
+    let origin = Origin::start_tls(&origin_leaf).await.expect("HTTPS origin");
+    let size = 2 * MIB + 5;
+    let file = origin.add_file("/artefacts/model.bin", size, 21);
+
+    let mut cluster = Cluster::start(ClusterOptions {
+        seeds: 0,
+        peers: 0,
+        proxy: true,
+        ..ClusterOptions::default()
+    })
+    .await
+    .expect("cluster");
+    let dir = cluster.dir().to_path_buf();
+    let hijack = format!("^{}$", regex_escape(&origin.addr().to_string()));
+    let section = |key: &Path| {
+        format!(
+            "origin:\n  ca_certs: [{}]\nproxy:\n  rules: ['/artefacts/']\n  hijack_hosts: \
+             ['{hijack}']\n  ca_cert: {}\n  ca_key: {}\n",
+            origin_ca.cert_path.display(),
+            corp_ca.display(),
+            key.display()
+        )
+    };
+    let cfg =
+        testkit::poll::daemon_config(&dir, "daemon.yaml", &section(&corp_key)).expect("config");
+    cluster.add_daemon(true, &cfg).await.expect("seed-1");
+    cluster.add_daemon(false, &cfg).await.expect("peer-1");
+    cluster.add_daemon(false, &cfg).await.expect("peer-2");
+
+    let url = origin.url("/artefacts/model.bin");
+    for n in 1..=2 {
+        let peer = cluster.peer(n);
+        assert!(
+            !peer.data_dir.join("proxy-ca.pem").exists(),
+            "peer-{n} generated a CA although one was configured"
+        );
+        let proxy = peer.proxy_addr.expect("proxy");
+        let out = dir.join(format!("model-{n}.bin"));
+        let o = curl(proxy, Some(&corp_ca), &url, &out).await;
+        assert!(
+            o.status.success(),
+            "curl through peer-{n}'s proxy trusting only the user's CA: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            cluster.log_tails(20)
+        );
+        assert_eq!(
+            testkit::content::file_sha256_hex(&out).expect("file"),
+            file.sha256_hex(),
+            "file {n}"
+        );
+        let text = testkit::poll::scrape(peer.metrics_addr)
+            .await
+            .expect("metrics");
+        assert!(
+            testkit::poll::metric(&text, "damselfly_proxy_p2p_requests_total").unwrap_or(0.0)
+                >= 1.0,
+            "peer-{n}'s proxy served the request through P2P"
+        );
+    }
+    assert_eq!(
+        origin.gets_of("/artefacts/model.bin"),
+        1,
+        "the origin served the file once"
+    );
+    let seed = cluster.seed(1).stats().await.expect("seed stats");
+    assert_eq!(seed.bytes_from_origin, size, "the seed fetched the file");
+
+    // A client trusting only the origin's CA does not accept the user's CA's leaf.
+    let out = dir.join("untrusted.bin");
+    let proxy = cluster.peer(1).proxy_addr.expect("proxy");
+    let o = curl(proxy, Some(&origin_ca.cert_path), &url, &out).await;
+    assert_eq!(
+        o.status.code(),
+        Some(60),
+        "curl: certificate problem: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // A key that is not the certificate's: the daemon refuses to start.
+    let bad = testkit::poll::daemon_config(
+        &dir,
+        "daemon-bad.yaml",
+        &section(&work.join("stray-key.pem")),
+    )
+    .expect("config");
+    let err = cluster
+        .add_daemon(false, &bad)
+        .await
+        .expect_err("a daemon started with a CA key that is not its certificate's");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("is not the key of the certificate in proxy.ca_cert"),
+        "{msg}"
+    );
+}

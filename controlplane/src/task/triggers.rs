@@ -70,6 +70,42 @@ impl HostCommands for std::sync::Arc<TaskManager> {
             .map(|t| (t.id(), t.layout()))
             .collect()
     }
+
+    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, Vec<u8>> {
+        let store = self.services.storage.get(&id);
+        Box::pin(seed_piece_digests(store, id))
+    }
+}
+
+/// Every piece digest of the task in `store`, in order: the ones known, and, for pieces whose
+/// digest a daemon restart forgot (digests are not persisted), the digest of the bytes on
+/// disk (then remembered). Empty when the task is gone or a piece cannot be read.
+async fn seed_piece_digests(
+    store: Option<std::sync::Arc<dataplane::TaskStore>>,
+    id: TaskId,
+) -> Vec<u8> {
+    let Some(store) = store else {
+        return Vec::new();
+    };
+    if let Some(all) = store.all_digests() {
+        return all;
+    }
+    let computed = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        for n in 0..store.layout().piece_count() {
+            if store.piece_digest(n).is_some() {
+                continue;
+            }
+            if let Err(e) = store.read_piece(n, &mut buf) {
+                tracing::warn!(task = %id, piece = n, "reading a held piece for its digest: {e}");
+                return None;
+            }
+            let _ = store.set_digest(n, wire::piece_digest(&buf));
+        }
+        store.all_digests()
+    })
+    .await;
+    computed.ok().flatten().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -94,6 +94,9 @@ pub(crate) struct TaskDigests {
     unsent: Vec<u32>,
     /// Conflicting reports seen (logged).
     pub(crate) conflicts: u64,
+    /// The digests came from a normal host's import while no origin was known; dropped when
+    /// a registration brings the task's origin.
+    pub(crate) from_import: bool,
 }
 
 impl TaskDigests {

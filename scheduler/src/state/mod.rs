@@ -67,7 +67,7 @@ use wire::proto::scheduler::{
 };
 use wire::PieceLayout;
 
-use crate::config::SchedulingConfig;
+use crate::config::{DigestSources, SchedulingConfig};
 pub use digests::DIGEST_BATCH;
 use digests::{Recorded, TaskDigests};
 use evaluator::ParentView;
@@ -208,6 +208,9 @@ struct Peer {
     /// Received the task's digests (with its first `CandidateParents` once the task had a
     /// trusted source): later digests are pushed to it.
     digests_synced: bool,
+    /// This scheduler sent it to the origin for the whole task (`NeedBackToSource`), as
+    /// opposed to a peer that registered as back-to-source on its own.
+    sent_to_source: bool,
 }
 
 impl Peer {
@@ -302,6 +305,29 @@ pub struct SchedulerState {
 
 fn is_seed(host: &Host) -> bool {
     host.r#type() == HostType::Seed
+}
+
+impl SchedulerState {
+    /// Whether `peer`, reporting piece `n` as fetched from the origin, gives its trusted
+    /// digest (`scheduling.digest_sources`): a seed peer fetching from the origin always; a
+    /// peer this scheduler sent there unless only seeds count; a peer that registered as
+    /// back-to-source on its own only with `any`.
+    fn gives_digest(&self, peer: &Peer, n: u32) -> bool {
+        let from_origin = peer.source || peer.origin_pieces.contains(&n);
+        if is_seed(&peer.host) {
+            return from_origin;
+        }
+        match self.config.digest_sources {
+            DigestSources::SeedPeers => false,
+            DigestSources::Scheduled => peer.sent_to_source || peer.origin_pieces.contains(&n),
+            DigestSources::Any => from_origin,
+        }
+    }
+
+    /// Whether a peer on `host` this scheduler sends to the origin will give digests.
+    fn sent_peer_gives_digests(&self, host: &Host) -> bool {
+        is_seed(host) || self.config.digest_sources != DigestSources::SeedPeers
+    }
 }
 
 /// Rendezvous (highest random weight) hash of a (task, host) pair: FNV-1a, then the

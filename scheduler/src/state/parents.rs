@@ -289,14 +289,19 @@ impl SchedulerState {
         reason: &str,
         out: &mut Vec<Output>,
     ) {
+        let Some(peer) = self.peers.get(&child) else {
+            return;
+        };
+        let gives_digests = self.sent_peer_gives_digests(&peer.host);
         let Some(peer) = self.peers.get_mut(&child) else {
             return;
         };
         peer.source = true;
+        peer.sent_to_source = true;
         peer.waiting = false;
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.back_to_source += 1;
-            task.digests.trusted = true;
+            task.digests.trusted |= gives_digests;
         }
         info!(task_id = %peer.task_id, peer_id = %peer.peer_id, reason, "peer sent back to source");
         out.push(Output::Peer {

@@ -3,7 +3,8 @@
 //! imported task, `StatTask`, and removal of a peer with its edges.
 
 use super::{
-    is_seed, HashSet, InvalidRequest, Output, Peer, PeerKey, PieceSet, Recorded, SchedulerState,
+    is_seed, DigestSources, HashSet, InvalidRequest, Output, Peer, PeerKey, PieceSet, Recorded,
+    SchedulerState, TaskDigests,
 };
 use tracing::{debug, info, warn};
 use wire::proto::scheduler::{AnnounceTaskRequest, Host, PeerInfo, RegisterPeer, TaskInfo};
@@ -58,16 +59,29 @@ impl SchedulerState {
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
 
+        let digest_sources = self.config.digest_sources;
         let task = self.task_entry(&task_id);
         let task_serial = task.serial;
         if task.source.is_none() && source.is_some() {
             task.source = source;
             task.piece_length = piece_length;
+            // Digests a normal host imported while no origin was known describe what that
+            // host said the task is; the origin is the authority now.
+            if task.digests.from_import {
+                warn!(task_id = %task_id, "the task has an origin now: dropping the piece digests a normal host imported for it");
+                task.digests = TaskDigests::default();
+            }
         }
         task.peers.insert(key);
         task.by_peer_id.insert(peer_id.clone(), key);
+        let digests_from_it = is_seed(&host) || digest_sources == DigestSources::Any;
+        if back_to_source && !digests_from_it {
+            info!(task_id = %task_id, peer_id = %peer_id, host_id = %host.id, ?digest_sources, "peer registered as back-to-source on its own: its piece digests are not trusted (scheduling.digest_sources)");
+        }
         if back_to_source {
-            task.digests.trusted = true;
+            if digests_from_it {
+                task.digests.trusted = true;
+            }
             if let Some(t) = task.trigger.as_mut() {
                 if t.peer.is_none() && t.host_id == host.id {
                     t.peer = Some(key);
@@ -104,6 +118,7 @@ impl SchedulerState {
                 reschedules: 0,
                 origin_pieces: Vec::new(),
                 digests_synced: false,
+                sent_to_source: false,
             }),
         );
         self.sync(key, &mut out);
@@ -176,6 +191,7 @@ impl SchedulerState {
         }
         let mut out = Vec::new();
         self.replace_previous(&task_id, &peer_id, &mut out);
+        let digest_sources = self.config.digest_sources;
         let task = self.task_entry(&task_id);
         let task_serial = task.serial;
         task.peers.insert(key);
@@ -192,8 +208,25 @@ impl SchedulerState {
         for n in 0..piece_count {
             pieces.insert(n);
         }
-        // An import brings the digest of every piece: its host read the file itself.
-        if piece_digests.len() == piece_count as usize * wire::PIECE_DIGEST_LEN && piece_count > 0 {
+        // An import brings the digest of every piece: its host read the file itself. Taken
+        // from a seed host; with `scheduled` also from a normal host for a task without a
+        // known origin (a dfcache task: its importer defines the content); with `any` always.
+        let from_seed = is_seed(&host);
+        let accepted = from_seed
+            || match digest_sources {
+                DigestSources::SeedPeers => false,
+                DigestSources::Scheduled => task.source.is_none(),
+                DigestSources::Any => true,
+            };
+        let complete =
+            piece_digests.len() == piece_count as usize * wire::PIECE_DIGEST_LEN && piece_count > 0;
+        if complete && !accepted {
+            info!(task_id = %task_id, host_id = %host.id, ?digest_sources, "piece digests announced by a normal host for a task with an origin are not trusted (scheduling.digest_sources)");
+        }
+        if complete && accepted {
+            if !from_seed && digest_sources != DigestSources::Any && !task.digests.trusted {
+                task.digests.from_import = true;
+            }
             task.digests.trusted = true;
             for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN)) {
                 if task.digests.record(n, d, piece_count) == Some(Recorded::Conflict) {
@@ -225,6 +258,7 @@ impl SchedulerState {
                 reschedules: 0,
                 origin_pieces: Vec::new(),
                 digests_synced: false,
+                sent_to_source: false,
             }),
         );
         let had_metadata = self

@@ -170,6 +170,10 @@ impl SchedulerState {
     /// Partial `NeedBackToSource` to `child`: fetch `pieces` from the origin. The peer keeps
     /// its parents and stays a downloading peer; counts toward `back_to_source_limit`.
     fn send_pieces_to_source(&mut self, child: PeerKey, pieces: Vec<u32>, out: &mut Vec<Output>) {
+        let Some(peer) = self.peers.get(&child) else {
+            return;
+        };
+        let gives_digests = self.sent_peer_gives_digests(&peer.host);
         let Some(peer) = self.peers.get_mut(&child) else {
             return;
         };
@@ -177,7 +181,7 @@ impl SchedulerState {
         peer.origin_pieces.extend_from_slice(&pieces);
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.back_to_source += 1;
-            task.digests.trusted = true;
+            task.digests.trusted |= gives_digests;
         }
         out.push(Output::Peer {
             peer: child,

@@ -134,7 +134,7 @@ impl SchedulerState {
     }
 
     fn piece_finished(&mut self, key: PeerKey, piece: PieceFinished, out: &mut Vec<Output>) {
-        let Some(peer) = self.peers.get_mut(&key) else {
+        let Some(peer) = self.peers.get(&key) else {
             return;
         };
         let Some(task) = self.tasks.get(&peer.task_id) else {
@@ -150,14 +150,18 @@ impl SchedulerState {
             );
             return;
         }
-        // A digest counts only from a peer that fetched the piece from the origin.
-        if !piece.digest.is_empty()
-            && piece.parent_host_id.is_empty()
-            && (peer.source || peer.origin_pieces.contains(&piece.number))
-        {
+        // A digest counts only from a peer that fetched the piece from the origin, and of
+        // those only from the ones `scheduling.digest_sources` trusts.
+        let from_origin = !piece.digest.is_empty() && piece.parent_host_id.is_empty();
+        let trusted = from_origin && self.gives_digest(peer, piece.number);
+        if from_origin && !trusted && (peer.source || peer.origin_pieces.contains(&piece.number)) {
+            debug!(task_id = %peer.task_id, peer_id = %peer.peer_id, number = piece.number, "piece digest from an untrusted source ignored (scheduling.digest_sources)");
+        }
+        if trusted {
             let bound = task.piece_bound();
             if let Some(task) = self.tasks.get_mut(&peer.task_id) {
                 task.digests.trusted = true;
+                task.digests.from_import = false;
                 match task.digests.record(piece.number, &piece.digest, bound) {
                     Some(Recorded::New) => {
                         if task.digests.unsent() >= DIGEST_BATCH {

@@ -1779,3 +1779,185 @@ fn peers_at_their_parent_limit_get_the_taker_of_lost_pieces_as_a_parent() {
         );
     }
 }
+
+/// The digests the first `CandidateParents` to `peer` in `out` carries (`None`: the task had
+/// no trusted source, so the peer is not told to require digests).
+fn first_digests(out: &[Output], peer: PeerKey) -> Option<Vec<(u32, wire::PieceDigest)>> {
+    out.iter().find_map(|o| match o {
+        Output::Peer {
+            peer: p,
+            response:
+                AnnouncePeerResponse {
+                    response: Some(announce_peer_response::Response::CandidateParents(c)),
+                },
+        } if *p == peer => c
+            .digests
+            .as_ref()
+            .and_then(|d| wire::split_piece_digests(&d.numbers, &d.digests)),
+        _ => None,
+    })
+}
+
+/// `k` reports piece `number` as fetched from the origin, with `digest`.
+fn report_origin_piece(sim: &mut Sim, k: PeerKey, number: u32, digest: wire::PieceDigest) {
+    sim.send(
+        k,
+        Request::PieceFinished(PieceFinished {
+            number,
+            length: 1 << 20,
+            digest: digest.to_vec(),
+            ..PieceFinished::default()
+        }),
+    );
+}
+
+fn with_digest_sources(digest_sources: crate::config::DigestSources) -> Sim {
+    Sim::with(SchedulingConfig {
+        digest_sources,
+        ..SchedulingConfig::default()
+    })
+}
+
+/// A normal host that registers as back-to-source on its own (anyone can) does not give
+/// trusted digests by default: its forged digest is not recorded, the task is not marked as
+/// having a trusted source, and the next peer is not told to require digests. With
+/// `digest_sources: any` (the old rule) the same report is handed out.
+#[test]
+fn a_self_declared_back_to_source_peer_gives_no_digests_by_default() {
+    use crate::config::DigestSources;
+    let forged = wire::piece_digest(b"forged");
+    for (sources, handed_out) in [
+        (DigestSources::Scheduled, false),
+        (DigestSources::SeedPeers, false),
+        (DigestSources::Any, true),
+    ] {
+        let mut sim = with_digest_sources(sources);
+        sim.announce("mallory", false);
+        sim.announce("a", false);
+        let (m, _) = sim.register("mallory-peer", "mallory", true);
+        sim.meta(m, 3 << 20);
+        report_origin_piece(&mut sim, m, 0, forged);
+        let (a, out) = sim.register("peer-a", "a", false);
+        assert_eq!(parents_to(&out, a), vec!["mallory"], "{sources:?}");
+        let got = first_digests(&out, a);
+        if handed_out {
+            assert_eq!(got, Some(vec![(0, forged)]), "{sources:?}");
+        } else {
+            assert_eq!(
+                got, None,
+                "{sources:?}: a self-declared source's digest was trusted"
+            );
+            report_origin_piece(&mut sim, m, 1, forged);
+            assert!(sim.st.flush_digests().is_empty(), "{sources:?}");
+        }
+    }
+}
+
+/// A seed peer's digests are used under every setting; a peer the scheduler itself sent to
+/// the origin (no seed host: `NeedBackToSource`) gives them by default and with `any`, not
+/// with `seed_peers`.
+#[test]
+fn seed_peers_and_peers_sent_to_the_origin_give_digests() {
+    use crate::config::DigestSources;
+    let d0 = wire::piece_digest(b"zero");
+    for sources in [
+        DigestSources::SeedPeers,
+        DigestSources::Scheduled,
+        DigestSources::Any,
+    ] {
+        let mut sim = with_digest_sources(sources);
+        sim.announce("seed", true);
+        sim.announce("a", false);
+        let (seed, _) = sim.register_seed_peer("seed-peer", "seed");
+        sim.meta(seed, 3 << 20);
+        report_origin_piece(&mut sim, seed, 0, d0);
+        let (a, out) = sim.register("peer-a", "a", false);
+        assert_eq!(first_digests(&out, a), Some(vec![(0, d0)]), "{sources:?}");
+    }
+    for (sources, trusted) in [
+        (DigestSources::SeedPeers, false),
+        (DigestSources::Scheduled, true),
+        (DigestSources::Any, true),
+    ] {
+        let mut sim = with_digest_sources(sources);
+        sim.announce("t", false);
+        sim.announce("b", false);
+        let (t, out) = sim.register("taker", "t", false);
+        assert_eq!(back_to_source(&out, t).as_deref(), Some(REASON_NO_SEED));
+        sim.meta(t, 3 << 20);
+        report_origin_piece(&mut sim, t, 0, d0);
+        let (b, out) = sim.register("peer-b", "b", false);
+        assert_eq!(parents_to(&out, b), vec!["t"], "{sources:?}");
+        let want = trusted.then(|| vec![(0, d0)]);
+        assert_eq!(first_digests(&out, b), want, "{sources:?}");
+    }
+}
+
+/// A normal host's import (`AnnounceTask` with digests) counts by default only for a task
+/// with no origin known (a dfcache task), and those digests are dropped when a registration
+/// brings the task's origin; for a task with an origin it does not count. A seed host's
+/// import always counts.
+#[test]
+fn imports_from_normal_hosts_count_only_without_an_origin() {
+    let d = |n: u32| wire::piece_digest(&n.to_le_bytes());
+    let import = |sim: &mut Sim, host_id: &str, seed: bool| {
+        let k = PeerKey(sim.key());
+        sim.st
+            .announce_task(
+                k,
+                AnnounceTaskRequest {
+                    task_id: TASK.to_owned(),
+                    peer_id: format!("{host_id}-cache"),
+                    host: Some(host(host_id, seed)),
+                    metadata: Some(metadata(2 << 20)),
+                    piece_count: 2,
+                    piece_digests: [d(0), d(1)].concat(),
+                },
+            )
+            .unwrap();
+    };
+    let export = |sim: &mut Sim, peer_id: &str, host_id: &str| {
+        let k = PeerKey(sim.key());
+        let out = sim
+            .st
+            .register_peer(
+                k,
+                RegisterPeer {
+                    task_id: TASK.to_owned(),
+                    peer_id: peer_id.to_owned(),
+                    host: Some(host(host_id, false)),
+                    ..RegisterPeer::default()
+                },
+            )
+            .unwrap();
+        (k, out)
+    };
+    let all = Some(vec![(0, d(0)), (1, d(1))]);
+
+    // dfcache: no origin; a normal host's import is the content's definition.
+    let mut sim = Sim::new();
+    sim.announce("importer", false);
+    import(&mut sim, "importer", false);
+    let (a, out) = export(&mut sim, "peer-a", "a");
+    assert_eq!(first_digests(&out, a), all);
+    // A registration with an origin: the import's digests are dropped.
+    let (b, out) = sim.register("peer-b", "b", false);
+    assert!(parents_to(&out, b).contains(&"importer".to_string()));
+    assert_eq!(first_digests(&out, b), None);
+
+    // A task with an origin: a normal host's digests do not count, a seed host's do.
+    let mut sim = Sim::new();
+    sim.announce("seed", true);
+    let (a, _) = sim.register("peer-a", "a", false);
+    import(&mut sim, "mallory", false);
+    let (b, out) = sim.register("peer-b", "b", false);
+    assert_eq!(
+        first_digests(&out, b),
+        None,
+        "a normal host's import was trusted"
+    );
+    let _ = a;
+    import(&mut sim, "seed", true);
+    let (c, out) = sim.register("peer-c", "c", false);
+    assert_eq!(first_digests(&out, c), all);
+}
