@@ -571,7 +571,7 @@ impl OriginPiece {
         let Some(w) = self.writer.take() else {
             return Ok(None);
         };
-        let (crc, len) = (w.crc().unwrap_or(0), w.len());
+        let (crc, len) = (w.crc(), w.len());
         // Finalising the hash and setting the bit: no I/O.
         let new = w
             .finish_trusted(None)

@@ -32,6 +32,10 @@ pub struct Counters {
     pub digest_waits: AtomicU64,
     /// Of those, pieces dropped because it did not arrive within `digest_wait`.
     pub digest_wait_timeouts: AtomicU64,
+    /// Received pieces hashed on the receiving thread because its hash worker was behind.
+    pub pieces_hashed_inline: AtomicU64,
+    /// Chunk hand-overs to the hash worker that waited for room in its budget.
+    pub hash_handover_waits: AtomicU64,
     /// Times a transfer waited for a rate limit.
     pub shaping_waits: AtomicU64,
     /// Largest number of piece requests seen outstanding on one parent connection.

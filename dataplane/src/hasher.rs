@@ -3,14 +3,15 @@
 //! Checking a piece against its trusted BLAKE3 digest costs ~40 % of the CPU a data-plane
 //! thread spends receiving it (tuning.md, "Piece digests"). A thread that hashed what it
 //! receives moved 0.76x the bytes per second; so each data-plane thread has one
-//! [`HashWorker`], a plain thread that computes the crc32c and the BLAKE3 digest of the
-//! chunk buffers the fetcher hands over while the connection reads on (the receiving thread
-//! then only copies: socket to buffer, buffer to page cache). The chunk buffers go over a bounded lock-free queue and
+//! [`HashWorker`], a plain thread that computes the BLAKE3 digest of the chunk buffers the
+//! fetcher hands over while the connection reads on (the receiving thread then only copies,
+//! socket to buffer and buffer to page cache, and runs the crc32c while the bytes are hot in
+//! its cache, as it does when no digest is checked). The chunk buffers go over a bounded lock-free queue and
 //! come back, hashed and empty, for reuse: the fetcher never copies a chunk for the hash.
 //!
 //! The fetcher waits ([`HashWorker::give`]) while [`HASH_BUDGET`] chunks are handed over and
 //! not hashed yet, so a slow hasher slows the connections down instead of growing memory;
-//! the piece's verdict ([`PieceHash::sums`]) arrives through an `event_listener` event,
+//! the piece's digest ([`PieceHash::digest`]) arrives through an `event_listener` event,
 //! which wakes the monoio thread the way the plane bridge does (monoio's cross-thread wake).
 
 use crate::conn::RawChunk;
@@ -24,54 +25,36 @@ use wire::{PieceDigest, PieceHasher};
 /// slow hasher can pin per data-plane thread.
 pub const HASH_BUDGET: usize = 8;
 
-/// What the worker computed over a piece's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PieceSums {
-    /// crc32c (checked against the one the parent announced).
-    pub crc32c: u32,
-    /// BLAKE3 digest (checked against the trusted one).
-    pub digest: PieceDigest,
-}
-
-/// The running sums of one piece, fed by the worker, and their result once finished.
+/// The running BLAKE3 digest of one piece, fed by the worker, and the digest once finished.
 #[derive(Default)]
 pub struct PieceHash {
-    running: Mutex<Running>,
-    result: OnceLock<PieceSums>,
+    running: Mutex<PieceHasher>,
+    result: OnceLock<PieceDigest>,
     done: event_listener::Event,
 }
 
-#[derive(Default)]
-struct Running {
-    hasher: PieceHasher,
-    crc: u32,
-}
-
-impl Running {
-    fn update(&mut self, chunk: &RawChunk) {
-        for s in chunk.slices() {
-            self.crc = wire::piece_crc_append(self.crc, s);
-            self.hasher.update(s);
-        }
+fn update(hasher: &mut PieceHasher, chunk: &RawChunk) {
+    for s in chunk.slices() {
+        hasher.update(s);
     }
 }
 
 impl std::fmt::Debug for PieceHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PieceHash")
-            .field("digest", &self.result.get().map(|d| hex::encode(d.digest)))
+            .field("digest", &self.result.get().map(hex::encode))
             .finish_non_exhaustive()
     }
 }
 
 impl PieceHash {
-    /// The sums, when every chunk was hashed and [`HashWorker::finish`] was processed.
-    pub fn ready(&self) -> Option<PieceSums> {
+    /// The digest, when every chunk was hashed and [`HashWorker::finish`] was processed.
+    pub fn ready(&self) -> Option<PieceDigest> {
         self.result.get().copied()
     }
 
-    /// Waits for the sums. `None` when the worker stopped first (shutdown).
-    pub async fn sums(&self, worker: &HashWorker) -> Option<PieceSums> {
+    /// Waits for the digest. `None` when the worker stopped first (shutdown).
+    pub async fn digest(&self, worker: &HashWorker) -> Option<PieceDigest> {
         loop {
             if let Some(d) = self.ready() {
                 return Some(d);
@@ -157,16 +140,18 @@ impl HashWorker {
     }
 
     /// Hands `chunk` (the next bytes of `piece`) to the worker and returns an empty buffer
-    /// to read the next chunk into; waits while the worker holds [`HASH_BUDGET`] chunks.
-    /// `chunk` is hashed on the spot, on this thread, when the worker stopped.
-    pub async fn give(&self, piece: &Arc<PieceHash>, chunk: RawChunk) -> RawChunk {
+    /// to read the next chunk into, and whether it had to wait: it waits while the worker
+    /// holds [`HASH_BUDGET`] chunks. `chunk` is hashed on the spot, on this thread, when the
+    /// worker stopped.
+    pub async fn give(&self, piece: &Arc<PieceHash>, chunk: RawChunk) -> (RawChunk, bool) {
         let sh = &*self.shared;
+        let mut waited = false;
         loop {
             if sh.stop.load(Ordering::Acquire) {
                 if let Ok(mut r) = piece.running.lock() {
-                    r.update(&chunk);
+                    update(&mut r, &chunk);
                 }
-                return empty(chunk);
+                return (empty(chunk), waited);
             }
             if sh.held.load(Ordering::Acquire) < HASH_BUDGET {
                 break;
@@ -175,18 +160,21 @@ impl HashWorker {
             if sh.held.load(Ordering::Acquire) < HASH_BUDGET || sh.stop.load(Ordering::Acquire) {
                 continue;
             }
+            waited = true;
             listener.await;
         }
         sh.held.fetch_add(1, Ordering::AcqRel);
         self.push(Job::Chunk(piece.clone(), chunk)).await;
-        sh.spare
+        let buf = sh
+            .spare
             .lock()
             .ok()
             .and_then(|mut v| v.pop())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (buf, waited)
     }
 
-    /// Every chunk of `piece` was given: the worker computes its sums after them.
+    /// Every chunk of `piece` was given: the worker computes its digest after them.
     pub async fn finish(&self, piece: &Arc<PieceHash>) {
         self.push(Job::Finish(piece.clone())).await;
     }
@@ -238,7 +226,7 @@ fn run(sh: &Shared) {
             match job {
                 Job::Chunk(piece, chunk) => {
                     if let Ok(mut r) = piece.running.lock() {
-                        r.update(&chunk);
+                        update(&mut r, &chunk);
                     }
                     if let Ok(mut v) = sh.spare.lock() {
                         if v.len() <= HASH_BUDGET {
@@ -249,15 +237,11 @@ fn run(sh: &Shared) {
                     sh.room.notify(usize::MAX);
                 }
                 Job::Finish(piece) => {
-                    let sums = |r: &Running| PieceSums {
-                        crc32c: r.crc,
-                        digest: r.hasher.finish(),
-                    };
                     let d = piece
                         .running
                         .lock()
-                        .map(|r| sums(&r))
-                        .unwrap_or_else(|e| sums(&e.into_inner()));
+                        .map(|r| r.finish())
+                        .unwrap_or_else(|e| e.into_inner().finish());
                     let _ = piece.result.set(d);
                     piece.done.notify(usize::MAX);
                 }
@@ -294,18 +278,12 @@ mod tests {
                 buf.buf.extend_from_slice(&part[..60_000]);
                 buf.parts
                     .push(bytes::Bytes::copy_from_slice(&part[60_000..]));
-                buf = worker.give(&piece, buf).await;
+                buf = worker.give(&piece, buf).await.0;
                 assert!(buf.buf.is_empty() && buf.parts.is_empty());
                 assert!(worker.shared.held.load(Ordering::Acquire) <= HASH_BUDGET);
             }
             worker.finish(&piece).await;
-            assert_eq!(
-                piece.sums(&worker).await,
-                Some(PieceSums {
-                    crc32c: wire::piece_crc(&data),
-                    digest: wire::piece_digest(&data)
-                })
-            );
+            assert_eq!(piece.digest(&worker).await, Some(wire::piece_digest(&data)));
         });
     }
 }

@@ -23,8 +23,7 @@ const MAX_ENDGAME_BUFFER: u64 = 16 << 20;
 /// recvs and wake-ups than 256 KiB (measured: tuning.md, 2026-11-24).
 const RECEIVE_CHUNK: u64 = 1 << 20;
 
-/// A piece whose bytes all arrived (with the right crc32c, when computed on the receiving
-/// thread), not committed yet ([`Session::settle`]).
+/// A piece whose bytes all arrived with the right crc32c, not committed yet ([`Session::settle`]).
 pub(super) struct Landed {
     pub(super) n: u32,
     pub(super) crc: u32,
@@ -62,9 +61,10 @@ impl Session {
     /// packets, with one `pwritev`). Without it (an endgame duplicate while the first copy
     /// is being written) the bytes are kept aside, to be stored only if they check out while
     /// the piece is still missing. When the piece has (or must have) a trusted digest, each
-    /// chunk buffer is then handed to this thread's [`HashWorker`](crate::hasher::HashWorker), which computes its crc32c
-    /// and BLAKE3 digest while the connection reads on, and a fresh buffer comes back.
-    /// Returns the piece landed (its crc checked here when computed here);
+    /// chunk buffer is then handed to this thread's [`HashWorker`](crate::hasher::HashWorker),
+    /// which computes its BLAKE3 digest while the connection reads on, and a fresh buffer
+    /// comes back (or, when the worker is behind, this thread hashes the piece itself).
+    /// Returns the piece landed (its crc32c checked);
     /// [`Session::settle`] checks the rest and commits it. The last chunk buffer is handed
     /// back for reuse.
     pub(super) async fn receive_piece<S: FetchStream>(
@@ -92,8 +92,9 @@ impl Session {
                 .then(|| Vec::with_capacity(usize::try_from(len).unwrap_or(0)));
         let mut got = 0u64;
         let mut running = 0u32;
-        // The trusted digest is checked where the piece is committed (`PieceWriter::finish`).
-        // With a hash worker, it computes the crc32c and the digest off this thread.
+        // The crc32c is computed here, on bytes still hot in the cache (as with no digest);
+        // the trusted digest is checked where the piece is committed (`PieceWriter::finish`).
+        // With a hash worker, it computes the digest off this thread.
         // (A copy that is neither written nor kept aside is read and dropped: not hashed.)
         let hashed = (writer.is_some() || aside.is_some())
             && (self.store.digests_required() || self.store.piece_digest(n).is_some());
@@ -101,12 +102,13 @@ impl Session {
         let mut hash = match (hashed, &self.hasher) {
             (false, _) => Hashing::None,
             (true, Some(w)) if !w.lagging() => Hashing::Worker(w.begin()),
-            (true, _) => Hashing::Inline(Box::default()),
+            (true, w) => {
+                if w.is_some() {
+                    Counters::add(&self.counters.pieces_hashed_inline, 1);
+                }
+                Hashing::Inline(Box::default())
+            }
         };
-        let crc_here = !matches!(hash, Hashing::Worker(_));
-        if let (false, Some(w)) = (crc_here, writer.as_mut()) {
-            w.crc_checked_elsewhere();
-        }
         while got < len {
             let want = (len - got).min(RECEIVE_CHUNK);
             // A parent that stops sending mid-piece is dropped like one that never answers
@@ -127,7 +129,7 @@ impl Session {
                 return (Err(Received::Conn(e)), buf);
             }
             let parts: Vec<&[u8]> = buf.slices().collect();
-            if crc_here && writer.is_none() {
+            if writer.is_none() {
                 // (The writer extends its own crc as it writes.)
                 for part in &parts {
                     running = wire::piece_crc_append(running, part);
@@ -152,14 +154,18 @@ impl Session {
                 return (Err(Received::Store(e)), buf);
             }
             if let (Hashing::Worker(piece), Some(w)) = (&hash, &self.hasher) {
-                buf = w.give(piece, buf).await;
+                let (b, waited) = w.give(piece, buf).await;
+                buf = b;
+                if waited {
+                    Counters::add(&self.counters.hash_handover_waits, 1);
+                }
             }
             got += want;
         }
-        if let Some(c) = writer.as_ref().and_then(PieceWriter::crc) {
-            running = c;
+        if let Some(w) = writer.as_ref() {
+            running = w.crc();
         }
-        if crc_here && running != crc {
+        if running != crc {
             return (
                 Err(Received::Store(StoreError::Digest {
                     number: n,
@@ -229,22 +235,15 @@ impl Session {
             Hashing::None => None,
             Hashing::Inline(h) => Some(h.finish()),
             Hashing::Worker(piece) => {
-                let sums = match self.hasher.as_deref() {
-                    Some(w) => piece.sums(w).await,
+                let digest = match self.hasher.as_deref() {
+                    Some(w) => piece.digest(w).await,
                     None => None,
                 };
-                let sums = sums.ok_or(Some(StoreError::DigestUnknown(n)))?;
+                let digest = digest.ok_or(Some(StoreError::DigestUnknown(n)))?;
                 if condemned.get() {
                     return Err(None);
                 }
-                if sums.crc32c != crc {
-                    return Err(Some(StoreError::Digest {
-                        number: n,
-                        expected: crc,
-                        got: sums.crc32c,
-                    }));
-                }
-                Some(sums.digest)
+                Some(digest)
             }
         };
         if digest.is_some() && self.store.piece_digest(n).is_none() {

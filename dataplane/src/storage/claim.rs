@@ -51,8 +51,8 @@ pub struct PieceWriter {
     offset: u64,
     len: u64,
     written: u64,
-    /// Running crc32c; `None` when the caller checks it elsewhere.
-    crc: Option<u32>,
+    /// Running crc32c of the bytes written.
+    crc: u32,
     hasher: Option<wire::PieceHasher>,
 }
 
@@ -77,17 +77,9 @@ impl PieceWriter {
         self.written
     }
 
-    /// The crc32c of the bytes written so far (`None` after
-    /// [`PieceWriter::crc_checked_elsewhere`]).
-    pub fn crc(&self) -> Option<u32> {
+    /// The crc32c of the bytes written so far.
+    pub fn crc(&self) -> u32 {
         self.crc
-    }
-
-    /// The caller computes and checks the crc32c of the bytes itself (the fetcher's hash
-    /// worker does, with the digest, off the receiving thread), so writes skip it and
-    /// [`PieceWriter::finish`] takes the caller's word for it. Call before the first write.
-    pub fn crc_checked_elsewhere(&mut self) {
-        self.crc = None;
     }
 
     /// The task.
@@ -117,9 +109,7 @@ impl PieceWriter {
             });
         }
         for p in parts {
-            if let Some(c) = self.crc.as_mut() {
-                *c = wire::piece_crc_append(*c, p);
-            }
+            self.crc = wire::piece_crc_append(self.crc, p);
             if let Some(h) = self.hasher.as_mut() {
                 h.update(p);
             }
@@ -142,19 +132,19 @@ impl PieceWriter {
                 got: self.written,
             });
         }
-        match self.crc {
-            Some(got) if got != crc => Err(StoreError::Digest {
+        if self.crc != crc {
+            return Err(StoreError::Digest {
                 number: self.n,
                 expected: crc,
-                got,
-            }),
-            _ => Ok(()),
+                got: self.crc,
+            });
         }
+        Ok(())
     }
 
-    /// Commits bytes from a parent: the whole piece written, its crc32c `crc` (unless
-    /// checked elsewhere), and its BLAKE3 digest `got` (computed by the caller, e.g. off the
-    /// receiving thread) checked as [`TaskStore::commit_verified`] does. Returns whether the
+    /// Commits bytes from a parent: the whole piece written, its crc32c `crc`, and its BLAKE3
+    /// digest `got` (computed by the caller, e.g. off the receiving thread) checked as
+    /// [`TaskStore::commit_verified`] does. Returns whether the
     /// piece was new.
     pub fn finish(self, crc: u32, got: Option<PieceDigest>) -> Result<bool, StoreError> {
         self.check(crc)?;
@@ -167,13 +157,7 @@ impl PieceWriter {
     /// stores nothing. `crc`: the expected crc32c, when the caller has one. Returns whether
     /// the piece was new.
     pub fn finish_trusted(self, crc: Option<u32>) -> Result<bool, StoreError> {
-        let Some(own) = self.crc else {
-            return Err(StoreError::Length {
-                number: self.n,
-                expected: self.len,
-                got: 0,
-            });
-        };
+        let own = self.crc;
         self.check(crc.unwrap_or(own))?;
         let digest = match &self.hasher {
             Some(h) => h.finish(),
@@ -294,7 +278,7 @@ impl TaskStore {
             offset: range.start,
             len: range.end - range.start,
             written: 0,
-            crc: Some(0),
+            crc: 0,
             hasher: None,
         };
         // Committed by a writer that released its claim just before ours was taken.

@@ -19,6 +19,8 @@ pub(crate) struct Node {
     pub(crate) _dir: tempfile::TempDir,
     pub(crate) storage: Arc<Storage>,
     pub(crate) dp: DataPlane,
+    /// The data plane's counters (pieces hashed inline, hand-overs that waited).
+    pub(crate) counters: Arc<Counters>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,16 +69,18 @@ pub(crate) fn node(threads: usize, shaping: ShapingConfig, k: Knobs) -> Result<N
         quic: k.quic.then(|| quic_config(k.quic_payload)),
         super_seed: None,
     };
+    let counters = Arc::new(Counters::default());
     let dp = DataPlane::start(
         cfg,
         storage.clone(),
-        Arc::new(Counters::default()),
+        counters.clone(),
         Arc::new(Shaping::new(shaping)),
     )?;
     Ok(Node {
         _dir: dir,
         storage,
         dp,
+        counters,
     })
 }
 
@@ -113,6 +117,8 @@ pub(crate) fn ours(
     let recv0 = threads_cpu(&recv_tids);
     let hash0 = hasher_cpu(&recv_tids);
     let m0 = machine_counters();
+    let inline0 = Counters::get(&b.counters.pieces_hashed_inline);
+    let waits0 = Counters::get(&b.counters.hash_handover_waits);
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     for id in ids {
@@ -172,14 +178,16 @@ pub(crate) fn ours(
     // Each run on its own line: the table keeps only the best, the spread shows here.
     let m1 = machine_counters();
     eprintln!(
-        "[throughput]   run: {:.2} GB/s, CPU s: serving {:.2}, receiving {:.2} (hash workers {:.2}), process {:.2}; steal ticks {}, compaction stalls {}",
+        "[throughput]   run: {:.2} GB/s, CPU s: serving {:.2}, receiving {:.2} (hash workers {:.2}), process {:.2}; steal ticks {}, compaction stalls {}; pieces hashed inline {}, hand-overs that waited {}",
         bytes as f64 / secs / 1e9,
         threads_cpu(&serve_tids) - serve0,
         threads_cpu(&recv_tids) - recv0,
         hasher_cpu(&recv_tids) - hash0,
         cpu_seconds() - cpu0,
         m1.0 - m0.0,
-        m1.1 - m0.1
+        m1.1 - m0.1,
+        Counters::get(&b.counters.pieces_hashed_inline) - inline0,
+        Counters::get(&b.counters.hash_handover_waits) - waits0,
     );
     Ok(Sample {
         secs,
