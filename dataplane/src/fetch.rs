@@ -29,6 +29,7 @@
 //! `fetch/downloads.rs`.
 
 mod downloads;
+mod machine;
 mod parent;
 mod picker;
 mod receive;
