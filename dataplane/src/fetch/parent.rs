@@ -1,6 +1,8 @@
-//! One connection per parent: connecting over QUIC, TCP or TLS ([`connect`]), the
-//! request/response exchange with the parent (`parent_io`: request window, bitmaps, pieces
-//! handed to [`Session::receive_piece`]), and what is given back when the parent goes.
+//! One connection per parent: connecting over QUIC, TCP or TLS (one [`Connector`]), the
+//! request/response exchange with the parent (`parent_io`, the monoio driver of the
+//! connection's sans-IO [`ParentMachine`]: socket reads and writes, sleeps until its
+//! deadlines, piece bodies streamed by [`Session::receive_piece`]), and what is given back
+//! when the parent goes.
 
 use super::machine::{Action, MachineConfig, ParentMachine, PieceTiming, SessionSwarm, Transmit};
 use super::receive::{Hashing, Received};
@@ -113,27 +115,89 @@ async fn parent_loop(
     pc: &mut ParentConn,
     swarm: &SessionSwarm<'_>,
 ) -> Result<(), ParentError> {
-    if let (Transport::Quic, Some(addr), Some(ep)) = (s.cfg.transport, p.quic_addr, &s.quic) {
-        let stream = connect(
-            s,
-            crate::quic::connect(ep, addr, s.cfg.tls.as_deref(), &s.counters),
-        )
-        .await?;
-        Counters::add(&s.counters.quic_connections, 1);
-        return parent_io(s, p, pc, swarm, stream).await;
+    Connector::for_parent(s, p)
+        .connect(s, Exchange { s, p, pc, swarm })
+        .await?
+}
+
+/// How one parent is reached: QUIC when this data plane runs an endpoint, QUIC is the
+/// configured transport and the parent announces a QUIC address; otherwise TCP, with the
+/// TLS handshake over it when the data plane has TLS. Each step is bounded by
+/// `connect_timeout`.
+enum Connector {
+    /// A QUIC stream to this address.
+    Quic(quinn::Endpoint, std::net::SocketAddr),
+    /// TCP (`Some`: then TLS) to this address.
+    Tcp(
+        std::net::SocketAddr,
+        Option<std::sync::Arc<crate::tls::DataTls>>,
+    ),
+}
+
+/// What runs over a connection once it is open. Generic over the stream, so each transport
+/// keeps its own stream type (no dynamic dispatch per read).
+trait OnConnect {
+    /// What the run returns.
+    type Output;
+    /// Runs over `stream`.
+    async fn run<S: FetchStream>(self, stream: S) -> Self::Output;
+}
+
+impl Connector {
+    /// The way to reach `p` from `s`.
+    fn for_parent(s: &Session, p: &Parent) -> Self {
+        match (s.cfg.transport, p.quic_addr, &s.quic) {
+            (Transport::Quic, Some(addr), Some(ep)) => Self::Quic(ep.clone(), addr),
+            _ => Self::Tcp(p.addr, s.cfg.tls.clone()),
+        }
     }
-    let stream = connect(s, TcpStream::connect_addr(p.addr)).await?;
-    let _ = stream.set_nodelay(true);
-    if let Some(tls) = &s.cfg.tls {
-        let stream = connect(s, tls.connect(p.addr.ip(), stream, &s.counters)).await?;
-        return parent_io(s, p, pc, swarm, stream).await;
+
+    /// Connects (counting QUIC connections), then runs `then` over the stream.
+    async fn connect<T: OnConnect>(self, s: &Session, then: T) -> Result<T::Output, ParentError> {
+        match self {
+            Self::Quic(ep, addr) => {
+                let stream = connect(
+                    s,
+                    crate::quic::connect(&ep, addr, s.cfg.tls.as_deref(), &s.counters),
+                )
+                .await?;
+                Counters::add(&s.counters.quic_connections, 1);
+                Ok(then.run(stream).await)
+            }
+            Self::Tcp(addr, tls) => {
+                let stream = connect(s, TcpStream::connect_addr(addr)).await?;
+                let _ = stream.set_nodelay(true);
+                match tls {
+                    Some(tls) => {
+                        let stream =
+                            connect(s, tls.connect(addr.ip(), stream, &s.counters)).await?;
+                        Ok(then.run(stream).await)
+                    }
+                    None => Ok(then.run(stream).await),
+                }
+            }
+        }
     }
-    parent_io(s, p, pc, swarm, stream).await
+}
+
+/// The request/response exchange ([`parent_io`]) waiting for its connection.
+struct Exchange<'a, 'b> {
+    s: &'a Rc<Session>,
+    p: &'a Parent,
+    pc: &'a mut ParentConn,
+    swarm: &'a SessionSwarm<'b>,
+}
+
+impl OnConnect for Exchange<'_, '_> {
+    type Output = Result<(), ParentError>;
+
+    async fn run<S: FetchStream>(self, stream: S) -> Self::Output {
+        parent_io(self.s, self.p, self.pc, self.swarm, stream).await
+    }
 }
 
 /// One step of connecting to a parent (QUIC, TCP, or the TLS handshake over TCP), bounded
-/// by `connect_timeout`. Each transport keeps its own stream type, so [`parent_io`] stays
-/// generic over it (no dynamic dispatch per read).
+/// by `connect_timeout`.
 async fn connect<T>(
     s: &Session,
     step: impl std::future::Future<Output = std::io::Result<T>>,
