@@ -14,7 +14,8 @@
 //!    passes, [`ParentMachine::handle_timeout`] gives the error that drops the parent.
 //! 3. [`ParentMachine::handle_frame`] with the header: [`Action::Receive`] asks the driver to
 //!    stream the piece's body (`Session::receive_piece`), then report
-//!    [`ParentMachine::piece_landed`] or [`ParentMachine::piece_handed_off`];
+//!    [`ParentMachine::piece_landed`], [`ParentMachine::piece_handed_off`] or
+//!    [`ParentMachine::piece_failed`];
 //!    [`Action::Backoff`] asks it to wait until the given instant before step 1.
 //! 4. Whenever the connection ends (error, close, completion), [`ParentMachine::give_back`]
 //!    returns to the session every piece still owed by this parent and forgets its bitmap.
@@ -155,8 +156,8 @@ pub(super) enum Action {
     /// Nothing: go on (send what [`ParentMachine::poll_transmit`] gives, read the next frame).
     Continue,
     /// The header of piece `n` arrived: stream its `len` raw bytes (announced crc32c `crc`)
-    /// from the connection, then report [`ParentMachine::piece_landed`] or
-    /// [`ParentMachine::piece_handed_off`].
+    /// from the connection, then report [`ParentMachine::piece_landed`],
+    /// [`ParentMachine::piece_handed_off`] or [`ParentMachine::piece_failed`].
     Receive {
         /// Piece number.
         n: u32,
@@ -514,6 +515,15 @@ impl ParentMachine {
     /// stored): the settling releases it, so [`ParentMachine::give_back`] does not.
     pub(super) fn piece_handed_off(&mut self) {
         self.receiving = None;
+    }
+
+    /// The body of the piece being received did not arrive (the connection failed or
+    /// stalled mid-piece): the piece is released at once, before the connection is torn
+    /// down, so another parent may pick it while this one's settling pieces finish.
+    pub(super) fn piece_failed(&mut self, swarm: &impl Swarm) {
+        if let Some((n, _)) = self.receiving.take() {
+            swarm.release(n);
+        }
     }
 
     /// When the parent goes (whatever the reason, mid-piece included): gives back to

@@ -345,6 +345,30 @@ fn a_parent_that_dies_mid_piece_gives_back_what_it_owed() {
     assert_eq!(rest, [0, 1, 2, 3]);
 }
 
+/// A piece whose body fails mid-way is released at once (not when the connection's
+/// settling pieces are done), and only once.
+#[test]
+fn a_piece_whose_body_fails_is_released_at_once() {
+    let (_d, s) = session(2);
+    let sw = TestSwarm::new(&s);
+    let t0 = Instant::now();
+    let mut m = connected(&s, &sw, &[true, true], t0);
+    let (frames, _) = transmit(&mut m, t0, &sw);
+    let asked = requested(&frames);
+    assert_eq!(asked.len(), 2);
+    assert!(matches!(
+        m.handle_frame(piece(&s, asked[0]), t0, &sw),
+        Ok(Action::Receive { .. })
+    ));
+    m.piece_failed(&sw);
+    assert_eq!(sw.in_flight(asked[0]), 0, "released");
+    assert_eq!(sw.in_flight(asked[1]), 1, "still owed");
+    assert_eq!(s.pick(&[true, true], t0), Some(asked[0]));
+    m.give_back(&sw);
+    assert_eq!(sw.in_flight(asked[0]), 1, "not released twice");
+    assert_eq!(sw.in_flight(asked[1]), 0);
+}
+
 /// A piece reserved but held back by shaping is requested after the wait (its time counted
 /// from then), and is owed meanwhile: given back if the parent dies during the wait.
 #[test]

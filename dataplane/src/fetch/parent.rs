@@ -310,9 +310,14 @@ async fn parent_io<S: FetchStream>(
         piece_buf = buf;
         let landed = match res {
             Ok(l) => l,
-            // The piece is still owed: given back with the rest when the parent goes.
-            Err(Received::Conn(e)) => return Err(e.into()),
-            Err(Received::Stalled(d)) => return Err(ParentError::Timeout(d)),
+            Err(Received::Conn(e)) => {
+                m.piece_failed(swarm);
+                return Err(e.into());
+            }
+            Err(Received::Stalled(d)) => {
+                m.piece_failed(swarm);
+                return Err(ParentError::Timeout(d));
+            }
             Err(Received::Store(e)) => {
                 m.piece_handed_off();
                 s.settled(Err(e), n, len, crc, p, Duration::ZERO).await?;
