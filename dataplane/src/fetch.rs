@@ -19,16 +19,19 @@
 //! buffers handed over, while the connection reads the next piece; the piece is committed
 //! in its own task when the verdict is back ([`Session::settle`]).
 //!
-//! By concern, toward the planned sans-IO fetcher: this file holds the configuration, the
-//! [`Session`] (its state, starting parents, completion) and [`emit`]; the piece picker
-//! (rarest first, endgame, the in-flight and availability bookkeeping) is in
-//! `fetch/picker.rs`, one connection per parent (connect, the request/response exchange) in
-//! `fetch/parent.rs`, receiving a piece and settling it (claim, hash, commit or reject) in
-//! `fetch/receive.rs`, and this thread's table of downloads with the entry points the
-//! runtime calls ([`start_download`], [`add_parents`], [`cancel`], [`reap`]) in
-//! `fetch/downloads.rs`.
+//! By concern: this file holds the configuration, the [`Session`] (its state, starting
+//! parents, completion) and [`emit`]; the piece picker (rarest first, endgame, the in-flight
+//! and availability bookkeeping) is in `fetch/picker.rs`; the sans-IO state machine of one
+//! parent connection (pending requests, the parent's bitmap, the request window, backoffs,
+//! deadlines; `now` passed in, picker and shaping behind a small trait) is in
+//! `fetch/machine.rs`; its monoio driver (connect through one `Connector`, socket reads
+//! and writes, sleeps) in `fetch/parent.rs`; receiving a piece and settling it (claim,
+//! hash, commit or reject) in `fetch/receive.rs`; and this thread's table of downloads with
+//! the entry points the runtime calls ([`start_download`], [`add_parents`], [`cancel`],
+//! [`reap`]) in `fetch/downloads.rs`.
 
 mod downloads;
+mod machine;
 mod parent;
 mod picker;
 mod receive;

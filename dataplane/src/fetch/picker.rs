@@ -14,8 +14,9 @@ const ENDGAME_PIECES: u32 = 4;
 const ENDGAME_AGE: Duration = Duration::from_millis(300);
 
 impl Session {
-    /// Rarest piece this parent has that is neither stored nor in flight; marks it in flight.
-    pub(super) fn pick(&self, parent_bits: &[bool]) -> Option<u32> {
+    /// Rarest piece this parent has that is neither stored nor in flight; marks it in flight,
+    /// requested at `now`.
+    pub(super) fn pick(&self, parent_bits: &[bool], now: Instant) -> Option<u32> {
         let mut st = self.state.borrow_mut();
         let n = parent_bits.len();
         if n == 0 {
@@ -38,7 +39,7 @@ impl Session {
         }
         let (_, k) = best?;
         st.in_flight[k] = 1;
-        st.requested_at[k] = Some(Instant::now());
+        st.requested_at[k] = Some(now);
         Some(k as u32)
     }
 
@@ -112,7 +113,8 @@ pub(super) mod tests {
     use std::sync::Arc;
     use wire::{PieceLayout, TaskId};
 
-    const PLEN: u64 = 16384;
+    /// Piece length of the test sessions.
+    pub(in crate::fetch) const PLEN: u64 = 16384;
 
     /// A session over a fresh store of `pieces` pieces of [`PLEN`] bytes, none stored.
     pub(in crate::fetch) fn session(pieces: u32) -> (tempfile::TempDir, Rc<Session>) {
@@ -168,11 +170,11 @@ pub(super) mod tests {
         assert_eq!(s.state.borrow().availability, [3, 2, 3, 3, 1]);
         let parent = [true, true, true, true, false];
         for _ in 0..64 {
-            assert_eq!(s.pick(&parent), Some(1));
+            assert_eq!(s.pick(&parent, Instant::now()), Some(1));
             s.release(1);
         }
         // A parent that has piece 4 gets it.
-        assert_eq!(s.pick(&all), Some(4));
+        assert_eq!(s.pick(&all, Instant::now()), Some(4));
     }
 
     /// Ties are broken by the random start, so all equally rare pieces come up: the picker
@@ -185,7 +187,7 @@ pub(super) mod tests {
         learn_bits(&s, &all);
         let mut seen = [false; 4];
         for _ in 0..400 {
-            let n = s.pick(&all).expect("a piece");
+            let n = s.pick(&all, Instant::now()).expect("a piece");
             seen[n as usize] = true;
             s.release(n);
         }
@@ -205,7 +207,7 @@ pub(super) mod tests {
         learn_bits(&s, &all);
         store_piece(&s, 2);
         let mut picked = Vec::new();
-        while let Some(n) = s.pick(&all) {
+        while let Some(n) = s.pick(&all, Instant::now()) {
             assert_eq!(in_flight(&s, n), 1);
             assert!(s.state.borrow().requested_at[n as usize].is_some());
             picked.push(n);
@@ -213,13 +215,21 @@ pub(super) mod tests {
         }
         picked.sort_unstable();
         assert_eq!(picked, [0, 1, 3, 4, 5]);
-        assert_eq!(s.pick(&all), None, "a second parent gets nothing either");
-        assert_eq!(s.pick(&[]), None);
+        assert_eq!(
+            s.pick(&all, Instant::now()),
+            None,
+            "a second parent gets nothing either"
+        );
+        assert_eq!(s.pick(&[], Instant::now()), None);
         let (_d2, s2) = session(3);
         learn_bits(&s2, &[true, false, true]);
         let parent = [false, false, true];
-        assert_eq!(s2.pick(&parent), Some(2));
-        assert_eq!(s2.pick(&parent), None, "the parent lacks pieces 0 and 1");
+        assert_eq!(s2.pick(&parent, Instant::now()), Some(2));
+        assert_eq!(
+            s2.pick(&parent, Instant::now()),
+            None,
+            "the parent lacks pieces 0 and 1"
+        );
     }
 
     /// Releasing a piece (its parent failed, refused it, or the piece was dropped) makes it
@@ -229,13 +239,13 @@ pub(super) mod tests {
         let (_d, s) = session(2);
         let all = [true; 2];
         learn_bits(&s, &all);
-        let a = s.pick(&all).expect("first");
-        let b = s.pick(&all).expect("second");
-        assert_eq!(s.pick(&all), None);
+        let a = s.pick(&all, Instant::now()).expect("first");
+        let b = s.pick(&all, Instant::now()).expect("second");
+        assert_eq!(s.pick(&all, Instant::now()), None);
         s.release(b);
         assert_eq!(in_flight(&s, b), 0);
         assert!(s.state.borrow().requested_at[b as usize].is_none());
-        assert_eq!(s.pick(&all), Some(b));
+        assert_eq!(s.pick(&all, Instant::now()), Some(b));
         assert_eq!(in_flight(&s, a), 1);
         // Releasing what is not in flight, or is out of range, changes nothing.
         s.release(b);
@@ -254,14 +264,14 @@ pub(super) mod tests {
         learn_bits(&s, &[true, false, true]);
         learn_bits(&s, &[true, false, false]);
         assert_eq!(s.state.borrow().availability, [3, 1, 2]);
-        assert_eq!(s.pick(&all), Some(1));
+        assert_eq!(s.pick(&all, Instant::now()), Some(1));
         s.release(1);
         // Two parents that had piece 0 go: it becomes the rarest.
         s.learn(0, false);
         s.learn(0, false);
         assert_eq!(s.state.borrow().availability, [1, 1, 2]);
         s.learn(1, true);
-        assert_eq!(s.pick(&all), Some(0));
+        assert_eq!(s.pick(&all, Instant::now()), Some(0));
         s.learn(2, false);
         s.learn(2, false);
         s.learn(2, false);
@@ -283,7 +293,7 @@ pub(super) mod tests {
         let all = vec![true; n as usize];
         learn_bits(&s, &all);
         // Piece 0 stays in flight at another parent; every other piece is stored, one by one.
-        assert_eq!(s.pick(&[true]), Some(0));
+        assert_eq!(s.pick(&[true], Instant::now()), Some(0));
         let later = Instant::now() + 10 * ENDGAME_AGE;
         for k in 1..n {
             let missing = n - k + 1;
@@ -312,7 +322,7 @@ pub(super) mod tests {
         learn_bits(&s, &all);
         let t0 = Instant::now();
         for _ in 0..4 {
-            s.pick(&all).expect("pick");
+            s.pick(&all, Instant::now()).expect("pick");
         }
         {
             let mut st = s.state.borrow_mut();
@@ -348,7 +358,7 @@ pub(super) mod tests {
         assert_eq!(s.pick_endgame(&all, later), None, "one duplicate per piece");
         assert_eq!([0, 1, 2].map(|n| in_flight(&s, n)), [2, 2, 2]);
         // The regular picker still hands out nothing: all is in flight or stored.
-        assert_eq!(s.pick(&all), None);
+        assert_eq!(s.pick(&all, Instant::now()), None);
     }
 
     /// When one copy of a duplicated piece is released the other is still outstanding: the
@@ -359,14 +369,14 @@ pub(super) mod tests {
         let (_d, s) = session(1);
         let all = [true];
         learn_bits(&s, &all);
-        assert_eq!(s.pick(&all), Some(0));
+        assert_eq!(s.pick(&all, Instant::now()), Some(0));
         let at = s.state.borrow().requested_at[0];
         assert_eq!(s.pick_endgame(&all, Instant::now() + ENDGAME_AGE), Some(0));
         s.release(0);
         assert_eq!(in_flight(&s, 0), 1);
         assert_eq!(s.state.borrow().requested_at[0], at);
-        assert_eq!(s.pick(&all), None);
+        assert_eq!(s.pick(&all, Instant::now()), None);
         s.release(0);
-        assert_eq!(s.pick(&all), Some(0));
+        assert_eq!(s.pick(&all, Instant::now()), Some(0));
     }
 }
