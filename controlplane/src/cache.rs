@@ -354,4 +354,4 @@ pub async fn delete(ctx: &DfCache, id: &TaskId) -> Result<Deleted, Status> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -12,12 +12,12 @@ const PIECE: u64 = wire::piece::MIN_PIECE_LENGTH;
 
 /// Schedulers that record every `AnnounceTask` and answer `StatTask` with `stat`.
 #[derive(Debug)]
-struct FakeSchedulers {
-    announced: Mutex<Vec<(TaskId, PieceLayout, Vec<u8>)>>,
+pub(crate) struct FakeSchedulers {
+    pub(crate) announced: Mutex<Vec<(TaskId, PieceLayout, Vec<u8>)>>,
     /// `Err`: no scheduler takes the announcement.
-    announce: Result<String, String>,
-    stat: Result<Option<TaskInfo>, String>,
-    stats: Mutex<Vec<TaskId>>,
+    pub(crate) announce: Result<String, String>,
+    pub(crate) stat: Result<Option<TaskInfo>, String>,
+    pub(crate) stats: Mutex<Vec<TaskId>>,
 }
 
 impl Default for FakeSchedulers {
@@ -274,7 +274,9 @@ async fn export_of_a_task_held_here_needs_no_scheduler_and_never_goes_to_an_orig
     assert!(f.schedulers.stats.lock().expect("lock").is_empty());
 }
 
-fn info(peers: &[(&str, bool, u32)]) -> TaskInfo {
+/// A scheduler's `StatTask` answer: a task of 10 bytes held by `peers` (host, done,
+/// finished pieces).
+pub(crate) fn info(peers: &[(&str, bool, u32)]) -> TaskInfo {
     TaskInfo {
         task_id: String::new(),
         metadata: Some(TaskMetadata {
