@@ -300,8 +300,10 @@ pub(crate) fn info(peers: &[(&str, bool, u32)]) -> TaskInfo {
 async fn export_asks_the_scheduler_and_needs_another_peer_with_pieces() {
     let cid = "sha256:".to_string() + &"ab".repeat(32);
     let id = key(&cid).task_id().expect("id");
-    // (scheduler's answer, whether the export may start, gRPC code otherwise)
-    let cases: Vec<(Result<Option<TaskInfo>, String>, Option<Code>)> = vec![
+    /// A scheduler's `StatTask` answer.
+    type Answer = Result<Option<TaskInfo>, String>;
+    // (scheduler's answer, `None` when the export may start, else the gRPC code)
+    let cases: Vec<(Answer, Option<Code>)> = vec![
         (Ok(None), Some(Code::NotFound)),
         (Ok(Some(info(&[]))), Some(Code::NotFound)),
         // Only this host, or peers without a piece: nobody to fetch from.

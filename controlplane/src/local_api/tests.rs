@@ -192,7 +192,9 @@ async fn bad_download_requests_are_invalid_arguments_and_start_nothing() {
 /// follows from it), with the origin's words in the message.
 #[tokio::test]
 async fn a_failed_download_is_answered_with_its_errors_grpc_code() {
-    let cases: Vec<(fn() -> OriginError, Code, &str)> = vec![
+    /// How the origin fails.
+    type Fail = fn() -> OriginError;
+    let cases: Vec<(Fail, Code, &str)> = vec![
         (
             || OriginError::Status(reqwest::StatusCode::NOT_FOUND, URL.into()),
             Code::NotFound,
