@@ -519,3 +519,6 @@ impl Proxy {
             .map_err(|e| ProxyError::Upstream(format!("building the response: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests;
