@@ -6,11 +6,13 @@
 
 use super::*;
 use crate::config::ByteSize;
+use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use wire::range::{parse_range, RangeAsk};
+use wire::TaskId;
 
 const P: u64 = 16 << 10;
 
@@ -40,8 +42,6 @@ fn store_holding(storage: &Storage, data: &[u8], held: &[u32]) -> Arc<TaskStore>
     s
 }
 
-use wire::TaskId;
-
 // ---- no socket ----
 
 #[test]
@@ -57,14 +57,12 @@ fn resume_starts_at_the_first_missing_piece_and_stops_at_the_first_held_one() {
     let s = store_holding(&storage, &data, &[0, 2]);
     // Piece 1 is missing, piece 2 held: only piece 1.
     assert_eq!(resume_span(Some(&s), None), (P, Some(2 * P)));
-    let s2 = {
-        let (_d, st) = temp_storage();
-        let s = store_holding(&st, &data, &[0, 1]);
+    {
+        let (_dir, storage) = temp_storage();
+        let s = store_holding(&storage, &data, &[0, 1]);
         // The last two pieces, to the end of the content (the last one is short).
         assert_eq!(resume_span(Some(&s), None), (2 * P, Some(len)));
-        s
-    };
-    drop(s2);
+    }
     // Only piece 3 asked for (pieces 1 and 3 missing): just it.
     let only = [false, false, false, true];
     assert_eq!(resume_span(Some(&s), Some(&only)), (3 * P, Some(len)));
@@ -189,7 +187,6 @@ struct TestOrigin {
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
-use bytes::Bytes;
 
 /// The answer to one request of the test origin (`index`: how many came before).
 fn answer(mode: Mode, data: &[u8], index: usize, range: Option<&str>) -> hyper::Response<Body> {
