@@ -14,7 +14,7 @@
 use crate::retention::{Deleted, Retention};
 use crate::scheduler::SchedulerClient;
 use crate::store::MetaStore;
-use crate::task::TaskSpec;
+use crate::task::{BoxFuture, TaskSpec};
 use dataplane::Storage;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,50 @@ use tonic::Status;
 use wire::proto::scheduler::TaskInfo;
 use wire::{PieceLayout, TaskId};
 
-/// What dfcache uses: storage and the metadata store (imports), the scheduler client
-/// (announce, stat), the deletion owner, and the piece length rule's bounds.
+/// The scheduler calls dfcache makes (the daemon's [`SchedulerClient`]; the unit tests use
+/// an in-memory fake).
+pub trait CacheSchedulers: Send + Sync + std::fmt::Debug {
+    /// This host's id as announced to the schedulers.
+    fn host_id(&self) -> &str;
+    /// Announces the complete task `id` (with the digest of every piece when known, else
+    /// empty) to its scheduler, then the next ones; returns the scheduler that took it.
+    fn announce_cached<'a>(
+        &'a self,
+        id: &'a TaskId,
+        layout: PieceLayout,
+        piece_digests: Vec<u8>,
+    ) -> BoxFuture<'a, Result<String, String>>;
+    /// What the task's scheduler (then the next ones) knows of `id`: `Ok(None)` when one
+    /// answered that it does not know it, `Err` when none answered.
+    fn stat_task<'a>(&'a self, id: &'a TaskId) -> BoxFuture<'a, Result<Option<TaskInfo>, String>>;
+}
+
+impl CacheSchedulers for SchedulerClient {
+    fn host_id(&self) -> &str {
+        &self.host().id
+    }
+
+    fn announce_cached<'a>(
+        &'a self,
+        id: &'a TaskId,
+        layout: PieceLayout,
+        piece_digests: Vec<u8>,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(SchedulerClient::announce_cached(
+            self,
+            id,
+            layout,
+            piece_digests,
+        ))
+    }
+
+    fn stat_task<'a>(&'a self, id: &'a TaskId) -> BoxFuture<'a, Result<Option<TaskInfo>, String>> {
+        Box::pin(SchedulerClient::stat_task(self, id))
+    }
+}
+
+/// What dfcache uses: storage and the metadata store (imports), the schedulers (announce,
+/// stat), the deletion owner, and the piece length rule's bounds.
 #[derive(Debug)]
 pub struct DfCache {
     /// Task storage.
@@ -32,7 +74,7 @@ pub struct DfCache {
     /// Task metadata (an import is recorded before it is reported).
     pub meta: Arc<MetaStore>,
     /// The schedulers.
-    pub schedulers: Arc<SchedulerClient>,
+    pub schedulers: Arc<dyn CacheSchedulers>,
     /// The owner of task deletion.
     pub retention: Arc<Retention>,
     /// `download.piece_length_min`.
@@ -264,7 +306,7 @@ pub async fn export_spec(
             i.peers
                 .iter()
                 .filter(|p| {
-                    p.host_id != ctx.schedulers.host().id && (p.done || p.finished_pieces > 0)
+                    p.host_id != ctx.schedulers.host_id() && (p.done || p.finished_pieces > 0)
                 })
                 .count()
         });
@@ -310,3 +352,6 @@ pub async fn delete(ctx: &DfCache, id: &TaskId) -> Result<Deleted, Status> {
         .await
         .map_err(|e| Status::internal(format!("removing task {id}: {e}")))
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -540,3 +540,6 @@ fn range_stream(
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out_rx))
 }
+
+#[cfg(test)]
+mod tests;

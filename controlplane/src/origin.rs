@@ -13,6 +13,7 @@
 //! of them that is not stored yet, while the data plane goes on fetching the rest from peers.
 
 mod content_range;
+mod piece;
 
 pub use content_range::{content_range_start, content_range_total};
 
@@ -22,10 +23,11 @@ use crate::task::TaskSpec;
 use dataplane::shaper::{self, RateLimiter, Shaping};
 use dataplane::{Counters, Storage, TaskStore};
 use futures::StreamExt;
+use piece::{OriginPiece, ORIGIN_WRITE_BATCH};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
 use reqwest::StatusCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wire::PieceLayout;
 
 /// What fetching from origins uses: the HTTP client, the `download` and `origin` settings,
@@ -117,6 +119,7 @@ pub trait PieceSink {
 }
 
 /// One transfer attempt's failure: retry or give up.
+#[derive(Debug)]
 enum Attempt {
     Retry(String),
     Fatal(OriginError),
@@ -234,30 +237,8 @@ async fn attempt(
     sink: &mut (dyn PieceSink + Send),
     limiter: &RateLimiter,
 ) -> Result<(), Attempt> {
-    // Resume from the first missing piece (of those asked for); with `only`, up to the end of
-    // the run of missing pieces asked for that starts there.
-    let (start, end) = match store {
-        Some(s) => {
-            let layout = s.layout();
-            let wanted = |n: u32| {
-                !s.has(n) && only.is_none_or(|m| m.get(n as usize).copied().unwrap_or(false))
-            };
-            let first = (0..layout.piece_count()).find(|&n| wanted(n)).unwrap_or(0);
-            let start = layout.piece_range(first).map_or(0, |r| r.start);
-            // Always a bounded run when the size is known: bytes already stored are not
-            // fetched again.
-            let last = (first..layout.piece_count())
-                .take_while(|&n| wanted(n))
-                .last();
-            let end = last.and_then(|l| layout.piece_range(l)).map(|r| r.end);
-            (start, end)
-        }
-        None => (0, None),
-    };
-    let range = match end {
-        Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
-        None => format!("bytes={start}-"),
-    };
+    let (start, end) = resume_span(store.as_deref(), only);
+    let range = range_value(start, end);
     if end.is_some() {
         Counters::add(&ctx.stats.origin_range_requests, 1);
     }
@@ -373,6 +354,78 @@ async fn attempt(
     Ok(())
 }
 
+/// The bytes an attempt asks for, `start..end` (`None`: to the end of the content): from the
+/// first missing piece (of those asked for in `only`) to the end of the run of missing
+/// pieces asked for that starts there, so bytes already stored are not fetched again; the
+/// whole content when the size is not known yet (`store` is `None`).
+fn resume_span(store: Option<&TaskStore>, only: Option<&[bool]>) -> (u64, Option<u64>) {
+    let Some(s) = store else {
+        return (0, None);
+    };
+    let layout = s.layout();
+    let wanted =
+        |n: u32| !s.has(n) && only.is_none_or(|m| m.get(n as usize).copied().unwrap_or(false));
+    let first = (0..layout.piece_count()).find(|&n| wanted(n)).unwrap_or(0);
+    let start = layout.piece_range(first).map_or(0, |r| r.start);
+    let last = (first..layout.piece_count())
+        .take_while(|&n| wanted(n))
+        .last();
+    let end = last.and_then(|l| layout.piece_range(l)).map(|r| r.end);
+    (start, end)
+}
+
+/// The `Range` header value for bytes `start..end` (`end` exclusive; `None`: to the end).
+fn range_value(start: u64, end: Option<u64>) -> String {
+    match end {
+        Some(e) => format!("bytes={start}-{}", e.saturating_sub(1)),
+        None => format!("bytes={start}-"),
+    }
+}
+
+/// What an HTTP origin's answer to a request for bytes from `start` says: (the content's
+/// total length, the offset of the first body byte), or whether to retry or give up.
+/// `content_range` and `content_length` are those headers, if present and text.
+fn answer_span(
+    status: StatusCode,
+    content_range: Option<&str>,
+    content_length: Option<&str>,
+    start: u64,
+    url: &str,
+) -> Result<(u64, u64), Attempt> {
+    match status {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = content_range.ok_or(Attempt::Fatal(OriginError::Inconsistent(
+                "206 without Content-Range".into(),
+            )))?;
+            let bad = || {
+                Attempt::Fatal(OriginError::Inconsistent(format!(
+                    "bad Content-Range {cr:?}"
+                )))
+            };
+            let total = content_range_total(cr).ok_or_else(bad)?;
+            let s = content_range_start(cr).ok_or_else(bad)?;
+            Ok((total, s))
+        }
+        StatusCode::OK => {
+            let len = content_length
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(Attempt::Fatal(OriginError::UnknownLength))?;
+            Ok((len, 0))
+        }
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            // `bytes=0-` of an empty file.
+            match content_range.and_then(content_range_total) {
+                Some(0) if start == 0 => Ok((0, 0)),
+                _ => Err(Attempt::Fatal(OriginError::Status(status, url.to_owned()))),
+            }
+        }
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            Err(Attempt::Retry(format!("origin answered {s}")))
+        }
+        s => Err(Attempt::Fatal(OriginError::Status(s, url.to_owned()))),
+    }
+}
+
 /// `GET` of an HTTP(S) origin with `range`; `start` is its first byte.
 async fn open_http(
     ctx: &OriginClient,
@@ -409,47 +462,13 @@ async fn open_http(
             .and_then(|v: &HeaderValue| v.to_str().ok())
             .map(str::to_owned)
     };
-    // (total length, offset of the first body byte)
-    let (total, body_start) = match status {
-        StatusCode::PARTIAL_CONTENT => {
-            let cr = header(CONTENT_RANGE).ok_or(Attempt::Fatal(OriginError::Inconsistent(
-                "206 without Content-Range".into(),
-            )))?;
-            let total = content_range_total(&cr).ok_or_else(|| {
-                Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "bad Content-Range {cr:?}"
-                )))
-            })?;
-            let s = content_range_start(&cr).ok_or_else(|| {
-                Attempt::Fatal(OriginError::Inconsistent(format!(
-                    "bad Content-Range {cr:?}"
-                )))
-            })?;
-            (total, s)
-        }
-        StatusCode::OK => {
-            let len = header(CONTENT_LENGTH)
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(Attempt::Fatal(OriginError::UnknownLength))?;
-            (len, 0)
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => {
-            // `bytes=0-` of an empty file.
-            match header(CONTENT_RANGE).and_then(|v| content_range_total(&v)) {
-                Some(0) if start == 0 => (0, 0),
-                _ => {
-                    return Err(Attempt::Fatal(OriginError::Status(
-                        status,
-                        spec.url.clone(),
-                    )))
-                }
-            }
-        }
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
-            return Err(Attempt::Retry(format!("origin answered {s}")));
-        }
-        s => return Err(Attempt::Fatal(OriginError::Status(s, spec.url.clone()))),
-    };
+    let (total, body_start) = answer_span(
+        status,
+        header(CONTENT_RANGE).as_deref(),
+        header(CONTENT_LENGTH).as_deref(),
+        start,
+        &spec.url,
+    )?;
     let body = if status == StatusCode::RANGE_NOT_SATISFIABLE {
         futures::stream::empty().boxed()
     } else {
@@ -491,92 +510,5 @@ async fn open_s3(
     }
 }
 
-/// Bytes of an origin body gathered (as the body's own buffers, not copied) before one
-/// `pwritev` into the piece's claim.
-const ORIGIN_WRITE_BATCH: usize = 1 << 20;
-
-/// One piece of an origin body as it streams in: written through its claim
-/// ([`TaskStore::claim`]) in batches, with one crc32c and BLAKE3 pass over the bytes, on
-/// the blocking pool (not the tokio workers). A piece stored already or being written by
-/// another writer (the data plane fetching it from a peer) is not written here; a claim
-/// dropped unfinished (the transfer broke) leaves the piece missing.
-struct OriginPiece {
-    n: u32,
-    writer: Option<dataplane::PieceWriter>,
-    parts: Vec<bytes::Bytes>,
-    batched: usize,
-    started: Instant,
-}
-
-impl OriginPiece {
-    /// Piece `n`; claimed only when the body starts at its first byte (`whole`).
-    fn start(store: &Arc<TaskStore>, n: u32, whole: bool) -> Result<Self, Attempt> {
-        let writer = if whole {
-            match store.claim(n) {
-                Ok(mut w) => {
-                    w.hash_here();
-                    Some(w)
-                }
-                Err(dataplane::ClaimError::Retired) => {
-                    return Err(Attempt::Fatal(OriginError::Storage(
-                        "the task was evicted or removed during the fetch".into(),
-                    )))
-                }
-                Err(_) => None,
-            }
-        } else {
-            None
-        };
-        Ok(Self {
-            n,
-            writer,
-            parts: Vec::new(),
-            batched: 0,
-            started: Instant::now(),
-        })
-    }
-
-    fn add(&mut self, part: bytes::Bytes) {
-        if self.writer.is_some() {
-            self.batched += part.len();
-            self.parts.push(part);
-        }
-    }
-
-    /// Writes the gathered bytes.
-    async fn flush(&mut self) -> Result<(), Attempt> {
-        let Some(mut w) = self.writer.take() else {
-            return Ok(());
-        };
-        let parts = std::mem::take(&mut self.parts);
-        self.batched = 0;
-        let (w, parts) = tokio::task::spawn_blocking(move || {
-            let slices: Vec<&[u8]> = parts.iter().map(|b| &b[..]).collect();
-            let res = w.write_parts(&slices);
-            drop(slices);
-            (res.map(|()| w), parts)
-        })
-        .await
-        .map_err(|e| Attempt::Fatal(OriginError::Storage(format!("piece write task: {e}"))))?;
-        self.parts = parts;
-        self.parts.clear();
-        self.writer = Some(w.map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?);
-        Ok(())
-    }
-
-    /// Writes the rest and commits the piece: its crc32c, length and cost in microseconds
-    /// when this fetch stored it, `None` when it was not this fetch's to store.
-    async fn finish(mut self) -> Result<Option<(u32, u64, u64)>, Attempt> {
-        self.flush().await?;
-        let Some(w) = self.writer.take() else {
-            return Ok(None);
-        };
-        let (crc, len) = (w.crc(), w.len());
-        // Finalising the hash and setting the bit: no I/O.
-        let new = w
-            .finish_trusted(None)
-            .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
-        let cost = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok(new.then_some((crc, len, cost)))
-    }
-}
+#[cfg(test)]
+mod tests;

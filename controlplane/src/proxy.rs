@@ -21,13 +21,14 @@
 //!   followed) and body, streamed.
 //!
 //! The P2P blob stream is in `proxy/blob.rs` (a `task_reader::TaskReader`, the reader
-//! delivery and ranges use too), header and error helpers in
-//! `proxy/http_util.rs`.
+//! delivery and ranges use too; it keeps the task from eviction until the last byte is
+//! sent), header and error helpers in `proxy/http_util.rs`.
 
 mod blob;
 mod http_util;
 
 use crate::config::{DaemonConfig, ProxyConfig};
+use crate::error::DownloadError;
 use crate::task::{TaskManager, TaskSpec};
 use crate::task_reader::{wait_store, ReadError, TaskReader};
 use anyhow::Context as _;
@@ -460,6 +461,18 @@ impl Proxy {
             }
         };
         let (start, end) = range.unwrap_or((0, len));
+        // The reader keeps the task from eviction until the last byte is streamed; a task
+        // evicted since the download found it is fetched by passing the request through.
+        let mut reader = match TaskReader::new(store.clone(), state, start..end) {
+            Ok(r) => r,
+            Err(e @ DownloadError::NotFound(_)) => {
+                tracing::warn!(task = %id, "proxy: {e}; passing the request for {url} through");
+                return self
+                    .pass_through(&parts.method, &parts.headers, None, url)
+                    .await;
+            }
+            Err(e) => return Err(ProxyError::BadRequest(e.to_string())),
+        };
         dataplane::Counters::add(&self.counters.p2p_requests, 1);
         let mut out = Response::builder()
             .status(if range.is_some() {
@@ -485,8 +498,6 @@ impl Proxy {
         } else {
             None
         };
-        let mut reader = TaskReader::new(store.clone(), state, start..end)
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         if let Some(want) = want {
             reader = reader.expect_sha256(want);
         }
@@ -511,3 +522,6 @@ impl Proxy {
             .map_err(|e| ProxyError::Upstream(format!("building the response: {e}")))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,7 +10,7 @@ mod services;
 mod session;
 mod source;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod triggers;
 
 pub use services::{

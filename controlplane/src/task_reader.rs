@@ -4,11 +4,13 @@
 //! byte range (woken by the store's piece events; the run's failure or end stops the wait
 //! with its error), reads them off the async workers, and optionally keeps a running sha256
 //! that is checked before the last byte is handed out: a mismatch is an error, never a
-//! complete wrong output.
+//! complete wrong output. A reader holds its task busy from its creation until it is
+//! dropped, so garbage collection never evicts a task while it is read.
 
 use crate::error::DownloadError;
 use crate::task::TaskState;
 use bytes::Bytes;
+use dataplane::storage::OwnedBusy;
 use dataplane::{Storage, TaskStore};
 use sha2::{Digest, Sha256};
 use std::ops::Range;
@@ -168,9 +170,15 @@ pub async fn wait_store(
 
 /// Reads a byte range of a task, waiting for its pieces as they arrive (see the module
 /// docs). Chunks come out in order and never cross a piece that is not stored yet.
+///
+/// A reader keeps its task in use ([`TaskStore::busy_owned`]) from [`TaskReader::new`] until
+/// it is dropped: garbage collection does not evict a task while it is read, and a reader
+/// of a task evicted already is refused.
 #[derive(Debug)]
 pub struct TaskReader {
     store: Arc<TaskStore>,
+    /// Keeps the task from eviction while it is read.
+    _busy: OwnedBusy,
     state: watch::Receiver<TaskState>,
     /// Whether the run still sends state changes.
     state_open: bool,
@@ -182,7 +190,9 @@ pub struct TaskReader {
 
 impl TaskReader {
     /// A reader of bytes `range` (half-open) of `store`, whose download state `state`
-    /// reports. Fails when the range is not within the content.
+    /// reports; the task is in use until the reader is dropped. Fails when the range is not
+    /// within the content, or with [`DownloadError::NotFound`] when the task was evicted or
+    /// removed already.
     pub fn new(
         store: Arc<TaskStore>,
         state: watch::Receiver<TaskState>,
@@ -195,8 +205,16 @@ impl TaskReader {
                 range.start, range.end
             )));
         }
+        let busy = store.busy_owned().ok_or_else(|| {
+            DownloadError::NotFound(format!(
+                "task {} was evicted from this daemon's storage before it could be read; \
+                 download it again",
+                store.id()
+            ))
+        })?;
         Ok(Self {
             store,
+            _busy: busy,
             state,
             state_open: true,
             pos: range.start,
@@ -335,7 +353,7 @@ impl TaskReader {
     /// Waits for the whole range and puts exactly its bytes at `output` atomically (a
     /// temporary name in the same directory renamed into place, so `output` exists only
     /// when complete and, with an expected sha256, matching). Returns the bytes written.
-    /// The task is marked busy (garbage collection leaves it alone) while it is copied.
+    /// The task stays busy (garbage collection leaves it alone) until the copy is done.
     pub async fn copy_to_file(mut self, output: &Path, how: Delivery) -> Result<u64, ReadError> {
         self.wait_all().await?;
         let output = output.to_path_buf();
@@ -346,15 +364,9 @@ impl TaskReader {
 
     /// [`Self::copy_to_file`] once every piece is stored; blocking file I/O.
     fn copy_blocking(self, output: &Path, how: Delivery) -> Result<u64, ReadError> {
+        // Garbage collection leaves the task alone while the reader lives (it holds the
+        // task busy), so the whole copy below reads a task that is not evicted.
         let store = self.store.clone();
-        // Garbage collection leaves the task alone while it is copied out; one it evicted
-        // already cannot be delivered.
-        let Some(_busy) = store.busy() else {
-            return Err(DownloadError::NotFound(
-                "the task was evicted before it could be delivered; download it again".into(),
-            )
-            .into());
-        };
         let len = self.remaining();
         let whole = self.pos == 0 && self.end == store.layout().content_length();
         let dir = output.parent().unwrap_or(Path::new("/"));

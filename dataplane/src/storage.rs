@@ -30,7 +30,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use claim::{Busy, ClaimError, PieceWriter};
+pub use claim::{Busy, ClaimError, OwnedBusy, PieceWriter};
 pub use table::Storage;
 
 use std::fs::{File, OpenOptions};

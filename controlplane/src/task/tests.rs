@@ -186,6 +186,46 @@ impl Origin for FakeOrigin {
     }
 }
 
+/// What runs use, for tests of the services above the runs (the local API): no scheduler
+/// (every run goes to the origin at once), a data plane that takes every command, and an
+/// origin that serves `content` in pieces of 16 KiB, or fails with `fail`.
+pub(crate) fn fake_services(
+    storage: Arc<Storage>,
+    meta: Arc<crate::store::MetaStore>,
+    content: Vec<u8>,
+    fail: Option<fn() -> OriginError>,
+) -> RunServices {
+    let (streams, _) = mpsc::unbounded_channel();
+    // With no scheduler there are no parents: the data plane gets no work (its commands
+    // fail, as a full queue would).
+    let (commands, _) = mpsc::unbounded_channel();
+    RunServices {
+        schedulers: Arc::new(FakeSchedulers {
+            addrs: Vec::new(),
+            streams,
+        }),
+        dataplane: Arc::new(FakeDataPlane(commands)),
+        origin: Arc::new(FakeOrigin {
+            storage: storage.clone(),
+            content,
+            fail,
+            fetches: AtomicUsize::new(0),
+        }),
+        storage,
+        meta,
+        stats: Arc::new(ControlStats::default()),
+        host: Host {
+            id: "me".into(),
+            ..Host::default()
+        },
+        settings: RunSettings {
+            schedule_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            verify_pieces: true,
+        },
+    }
+}
+
 /// One run under test and the fakes around it.
 struct Harness {
     _dir: tempfile::TempDir,

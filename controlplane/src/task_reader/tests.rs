@@ -320,3 +320,90 @@ fn resolve_clamps_and_refuses() {
     .resolve(100)
     .is_err());
 }
+
+/// A reader keeps its task from eviction from its creation until it is dropped, across
+/// every chunk it reads (the proxy's blob stream) and a delivery's copy; a reader of the
+/// evicted task is refused with `NotFound`.
+#[tokio::test]
+async fn a_task_being_read_is_not_evicted_until_the_reader_is_dropped() {
+    use crate::retention::tests::{Disk, FakeRuns, FakeSchedulers};
+    use crate::retention::Retention;
+    let disk = Disk::new();
+    let len = 2 * wire::piece::MIN_PIECE_LENGTH + 5;
+    let id = disk.complete_task(7, len);
+    let retention = Retention::new(
+        disk.storage.clone(),
+        disk.meta.clone(),
+        Arc::new(FakeRuns::default()),
+        Arc::new(FakeSchedulers::default()),
+    );
+    let store = disk.storage.get(&id).expect("stored");
+    let (_state, rx) = watch::channel(TaskState::Done(store.clone(), Progress::default()));
+
+    // Streamed chunk by chunk, as the registry mirror does.
+    let mut reader = TaskReader::new(store.clone(), rx.clone(), 0..len).expect("reader");
+    let mut got = reader
+        .next_chunk()
+        .await
+        .expect("read")
+        .expect("a chunk")
+        .to_vec();
+    assert!(
+        !retention.evict(&id).expect("evict"),
+        "evicted a task while it was being read"
+    );
+    assert!(disk.storage.get(&id).is_some() && store.path().exists());
+    while let Some(c) = reader.next_chunk().await.expect("read") {
+        got.extend_from_slice(&c);
+    }
+    assert_eq!(got, vec![7u8; len as usize]);
+    // Read to the end but not dropped: still in use.
+    assert!(!retention.evict(&id).expect("evict"));
+    drop(reader);
+    assert!(
+        retention.evict(&id).expect("evict"),
+        "kept after the reader went"
+    );
+    assert!(disk.storage.get(&id).is_none() && !store.path().exists());
+
+    // The store handle of the evicted task: no reader, and the error says why.
+    let e = TaskReader::new(store.clone(), rx, 0..len).expect_err("read an evicted task");
+    assert!(matches!(e, DownloadError::NotFound(_)), "{e:?}");
+    assert!(e.to_string().contains("evicted"), "{e}");
+}
+
+/// A delivery (dfget's output, `--range`) holds its task from when its reader is made,
+/// while it waits for pieces, until the copy is done.
+#[tokio::test]
+async fn a_task_being_delivered_is_not_evicted() {
+    use crate::retention::tests::{Disk, FakeRuns, FakeSchedulers};
+    use crate::retention::Retention;
+    let disk = Disk::new();
+    let len = 3 * wire::piece::MIN_PIECE_LENGTH;
+    let id = disk.complete_task(8, len);
+    let retention = Retention::new(
+        disk.storage.clone(),
+        disk.meta.clone(),
+        Arc::new(FakeRuns::default()),
+        Arc::new(FakeSchedulers::default()),
+    );
+    let store = disk.storage.get(&id).expect("stored");
+    let (_state, rx) = watch::channel(TaskState::Done(store.clone(), Progress::default()));
+    let mut reader = TaskReader::new(store.clone(), rx, 10..len - 10).expect("reader");
+    reader.wait_all().await.expect("stored");
+    assert!(
+        !retention.evict(&id).expect("evict"),
+        "evicted before the copy"
+    );
+    let out = disk._dir.path().join("out");
+    let n = reader
+        .copy_to_file(&out, Delivery::Copy)
+        .await
+        .expect("delivered");
+    assert_eq!(n, len - 20);
+    assert_eq!(std::fs::read(&out).expect("output"), vec![8u8; n as usize]);
+    assert!(
+        retention.evict(&id).expect("evict"),
+        "kept after the delivery"
+    );
+}

@@ -38,6 +38,24 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// [`Busy`] that owns a handle of its task, for a user that keeps it across awaits or moves
+/// it between threads (see [`TaskStore::busy_owned`]).
+#[derive(Debug)]
+pub struct OwnedBusy(Arc<TaskStore>);
+
+impl OwnedBusy {
+    /// The task kept in use.
+    pub fn store(&self) -> &Arc<TaskStore> {
+        &self.0
+    }
+}
+
+impl Drop for OwnedBusy {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
 /// The exclusive right to write one piece of a task ([`TaskStore::claim`]): bytes are
 /// written in order at the piece's offset with a running crc32c (and, for bytes from a
 /// trusted place, a running BLAKE3 digest); [`PieceWriter::finish`] or
@@ -200,6 +218,16 @@ impl TaskStore {
         }
         self.touch();
         Some(Busy(self))
+    }
+
+    /// [`TaskStore::busy`] as a guard that holds its own handle of the task.
+    #[must_use]
+    pub fn busy_owned(self: &Arc<Self>) -> Option<OwnedBusy> {
+        if !self.enter() {
+            return None;
+        }
+        self.touch();
+        Some(OwnedBusy(self.clone()))
     }
 
     /// Whether some user holds a [`Busy`] guard or a [`PieceWriter`].
