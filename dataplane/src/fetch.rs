@@ -157,7 +157,7 @@ enum ParentError {
     #[error("corrupt piece {0}: {1}")]
     Corrupt(u32, String),
     #[error("storing piece {0}: {1}")]
-    Storage(u32, String),
+    Storage(u32, crate::bridge::StorageFailure),
     #[error("the task was removed")]
     Retired,
 }

@@ -219,7 +219,7 @@ async fn a_failed_download_is_answered_with_its_errors_grpc_code() {
             "invalid header",
         ),
         (
-            || OriginError::Storage("No space left on device (os error 28)".into()),
+            || OriginError::Storage(std::io::Error::from_raw_os_error(libc::ENOSPC).into()),
             Code::ResourceExhausted,
             "No space left",
         ),

@@ -480,8 +480,8 @@ impl TaskRun {
                     return Some(self.back_to_source().await);
                 }
             }
-            Event::StorageFailed { reason, .. } => {
-                return Some(Err(DownloadError::storage(format!("storage: {reason}"))))
+            Event::StorageFailed { failure, .. } => {
+                return Some(Err(DownloadError::from(failure).context("storage")))
             }
             Event::DownloadFinished { .. } => {
                 let store = self.store.clone()?;

@@ -132,7 +132,7 @@ impl FakeOrigin {
             let crc = wire::piece_crc(data);
             store
                 .write_piece(n, data, crc)
-                .map_err(|e| OriginError::Storage(e.to_string()))?;
+                .map_err(|e| OriginError::Storage(e.into()))?;
             sink.piece(n, crc, data.len() as u64, 1);
         }
         Ok(())
@@ -159,7 +159,7 @@ impl Origin for FakeOrigin {
                     let s = self
                         .storage
                         .create(spec.id, layout)
-                        .map_err(|e| OriginError::Storage(e.to_string()))?;
+                        .map_err(|e| OriginError::Storage(e.into()))?;
                     sink.layout(&s);
                     s
                 }

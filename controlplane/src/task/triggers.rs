@@ -168,7 +168,11 @@ mod tests {
             _existing: Option<Arc<TaskStore>>,
             _sink: &'a mut (dyn PieceSink + Send),
         ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>> {
-            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+            Box::pin(async {
+                Err(OriginError::Storage(dataplane::StorageFailure::Other(
+                    "fake origin".into(),
+                )))
+            })
         }
 
         fn fetch_pieces<'a>(
@@ -178,7 +182,11 @@ mod tests {
             _pieces: &'a [u32],
             _sink: &'a mut (dyn PieceSink + Send),
         ) -> BoxFuture<'a, Result<(), OriginError>> {
-            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+            Box::pin(async {
+                Err(OriginError::Storage(dataplane::StorageFailure::Other(
+                    "fake origin".into(),
+                )))
+            })
         }
     }
 

@@ -81,12 +81,12 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
             e,
             ParentError::Timeout(_) | ParentError::Conn(ConnError::Idle(_))
         );
-        if let ParentError::Storage(_, reason) = &e {
+        if let ParentError::Storage(_, failure) = &e {
             emit(
                 &s.bridge,
                 Event::StorageFailed {
                     task: s.task(),
-                    reason: reason.clone(),
+                    failure: failure.clone(),
                 },
             )
             .await;

@@ -350,7 +350,7 @@ impl Session {
             }
             Err(e) => {
                 self.release(n);
-                return Err(ParentError::Storage(n, e.to_string()));
+                return Err(ParentError::Storage(n, e.into()));
             }
         }
         Ok(())
