@@ -153,7 +153,7 @@ impl From<OriginError> for DownloadError {
                 message,
             },
             OriginError::ObjectStore(S3Error::Denied { status, .. }) => Self::OriginStatus {
-                status: if status.starts_with("401") { 401 } else { 403 },
+                status: status.as_u16(),
                 message,
             },
             OriginError::BadHeader(_) | OriginError::Layout(_) => Self::BadRequest(message),

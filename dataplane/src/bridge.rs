@@ -122,6 +122,9 @@ pub enum Event {
         /// `piece_timeout`) rather than closing or failing: it may still look live to the
         /// scheduler.
         stalled: bool,
+        /// The parent sent a forged piece: bytes with a matching crc32c but not the
+        /// source's (its trusted digest).
+        forged: bool,
     },
     /// Every parent of an unfinished download is gone: the control plane should reschedule.
     NeedParents {

@@ -59,7 +59,10 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
         if res.is_ok()
             || matches!(
                 e,
-                ParentError::Storage(..) | ParentError::Corrupt(..) | ParentError::Retired
+                ParentError::Storage(..)
+                    | ParentError::Corrupt(..)
+                    | ParentError::Forged(..)
+                    | ParentError::Retired
             )
         {
             res = Err(e);
@@ -100,6 +103,7 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
                 parent: p.host_id.clone(),
                 reason: e.to_string(),
                 stalled,
+                forged: matches!(e, ParentError::Forged(..)),
             },
         )
         .await;

@@ -334,7 +334,10 @@ impl Session {
                 Counters::add(&self.counters.pieces_forged, 1);
                 let reason = format!("forged piece: {e}");
                 tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
-                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+                return Err(self
+                    .corrupt_piece(task, n, &p.host_id, reason)
+                    .await
+                    .forged());
             }
             Err(StoreError::Digest { expected, got, .. }) => {
                 let reason =
