@@ -360,6 +360,22 @@ mod tests {
         )));
         assert_eq!(e.grpc_code(), Code::NotFound);
         assert_eq!(e.metric_kind(), "origin");
+        for (status, code) in [
+            (reqwest::StatusCode::UNAUTHORIZED, 401),
+            (reqwest::StatusCode::FORBIDDEN, 403),
+        ] {
+            let e = DownloadError::from(OriginError::ObjectStore(S3Error::Denied {
+                url: "s3://b/k".into(),
+                status,
+                detail: "SignatureDoesNotMatch".into(),
+            }));
+            assert!(
+                matches!(e, DownloadError::OriginStatus { status, .. } if status == code),
+                "{e:?}"
+            );
+            assert_eq!(e.grpc_code(), Code::PermissionDenied);
+            assert!(e.to_string().contains(&status.to_string()), "{e}");
+        }
         let e = DownloadError::from(OriginError::BadHeader("x y".into()));
         assert_eq!(e.grpc_code(), Code::InvalidArgument);
         let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
