@@ -334,10 +334,10 @@ impl SchedulerClient {
         id: &TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SchedulerError> {
         let order = self.pool().ordered(id);
         if order.is_empty() {
-            return Err("no scheduler configured".into());
+            return Err(SchedulerError::NoneConfigured);
         }
         let mut errors = Vec::new();
         for (addr, ch) in order {
@@ -354,18 +354,18 @@ impl SchedulerClient {
             };
             match Grpc::new(ch).announce_task(req).await {
                 Ok(_) => return Ok(addr),
-                Err(e) => errors.push(format!("scheduler {addr}: {}", e.message())),
+                Err(e) => errors.push(SchedulerError::status(&addr, &e)),
             }
         }
-        Err(errors.join("; "))
+        Err(SchedulerError::All(errors))
     }
 
     /// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)`
     /// when a scheduler answered that it does not know the task, `Err` when none answered.
-    pub async fn stat_task(&self, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+    pub async fn stat_task(&self, id: &TaskId) -> Result<Option<TaskInfo>, SchedulerError> {
         let order = self.pool().ordered(id);
         if order.is_empty() {
-            return Err("no scheduler configured".into());
+            return Err(SchedulerError::NoneConfigured);
         }
         let mut errors = Vec::new();
         for (addr, ch) in order {
@@ -375,10 +375,10 @@ impl SchedulerClient {
             match Grpc::new(ch).stat_task(req).await {
                 Ok(r) => return Ok(Some(r.into_inner())),
                 Err(s) if s.code() == Code::NotFound => return Ok(None),
-                Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+                Err(s) => errors.push(SchedulerError::status(&addr, &s)),
             }
         }
-        Err(errors.join("; "))
+        Err(SchedulerError::All(errors))
     }
 
     /// Sends `LeaveTask` for task `id` of this host to every scheduler. Returns whether at
