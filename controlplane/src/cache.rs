@@ -12,7 +12,7 @@
 //! an application ([`TaskId::from_cache_id`]).
 
 use crate::retention::{Deleted, Retention};
-use crate::scheduler::SchedulerClient;
+use crate::scheduler::{SchedulerClient, SchedulerError};
 use crate::store::MetaStore;
 use crate::task::{BoxFuture, TaskSpec};
 use dataplane::Storage;
@@ -35,10 +35,13 @@ pub trait CacheSchedulers: Send + Sync + std::fmt::Debug {
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
-    ) -> BoxFuture<'a, Result<String, String>>;
+    ) -> BoxFuture<'a, Result<String, SchedulerError>>;
     /// What the task's scheduler (then the next ones) knows of `id`: `Ok(None)` when one
     /// answered that it does not know it, `Err` when none answered.
-    fn stat_task<'a>(&'a self, id: &'a TaskId) -> BoxFuture<'a, Result<Option<TaskInfo>, String>>;
+    fn stat_task<'a>(
+        &'a self,
+        id: &'a TaskId,
+    ) -> BoxFuture<'a, Result<Option<TaskInfo>, SchedulerError>>;
 }
 
 impl CacheSchedulers for SchedulerClient {
@@ -51,7 +54,7 @@ impl CacheSchedulers for SchedulerClient {
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, SchedulerError>> {
         Box::pin(SchedulerClient::announce_cached(
             self,
             id,
@@ -60,7 +63,10 @@ impl CacheSchedulers for SchedulerClient {
         ))
     }
 
-    fn stat_task<'a>(&'a self, id: &'a TaskId) -> BoxFuture<'a, Result<Option<TaskInfo>, String>> {
+    fn stat_task<'a>(
+        &'a self,
+        id: &'a TaskId,
+    ) -> BoxFuture<'a, Result<Option<TaskInfo>, SchedulerError>> {
         Box::pin(SchedulerClient::stat_task(self, id))
     }
 }
@@ -174,7 +180,11 @@ fn store_file(ctx: &DfCache, id: TaskId, path: &Path, layout: PieceLayout) -> Re
 
 /// Announces the complete task `id` to its scheduler (the next ones by rendezvous order when
 /// it does not answer). Returns the scheduler that accepted it.
-pub async fn announce(ctx: &DfCache, id: &TaskId, layout: PieceLayout) -> Result<String, String> {
+pub async fn announce(
+    ctx: &DfCache,
+    id: &TaskId,
+    layout: PieceLayout,
+) -> Result<String, SchedulerError> {
     // This host read the file itself: the digest of every piece, when all are known (an
     // import computes them; a task restored after a restart has none).
     let digests = ctx
@@ -285,7 +295,10 @@ pub async fn import(
 
 /// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)` when a
 /// scheduler answered that it does not know the task, `Err` when none answered.
-pub async fn scheduler_stat(ctx: &DfCache, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+pub async fn scheduler_stat(
+    ctx: &DfCache,
+    id: &TaskId,
+) -> Result<Option<TaskInfo>, SchedulerError> {
     ctx.schedulers.stat_task(id).await
 }
 

@@ -10,6 +10,7 @@
 
 use crate::origin::OriginError;
 use crate::s3::S3Error;
+use dataplane::StorageFailure;
 
 /// Why a download failed. The text of each variant is the whole message shown to the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +40,10 @@ pub enum DownloadError {
     /// Reading or writing the task's file failed (other than a full disk).
     #[error("{0}")]
     Storage(String),
+    /// The task was evicted or removed while it was being written (by the GC, a delete, a
+    /// failed run). Answered and counted as a storage failure.
+    #[error("{0}")]
+    Evicted(String),
     /// No peer can serve the task and back-to-source is disabled.
     #[error("{0}")]
     NoSource(String),
@@ -60,31 +65,12 @@ pub enum DownloadError {
     Internal(String),
 }
 
-/// Linux's `ENOSPC` ("No space left on device").
-const ENOSPC: i32 = 28;
-
 impl DownloadError {
-    /// A failed file operation: [`Self::NoSpace`] for a full disk, else [`Self::Storage`];
-    /// `what` says what was being done.
+    /// A failed file operation: [`Self::NoSpace`] for a full disk (by its OS error, see
+    /// [`StorageFailure::is_no_space`]), else [`Self::Storage`]; `what` says what was being
+    /// done.
     pub fn io(what: &str, e: &std::io::Error) -> Self {
-        let message = format!("{what}: {e}");
-        if e.raw_os_error() == Some(ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull {
-            Self::NoSpace(message)
-        } else {
-            Self::Storage(message)
-        }
-    }
-
-    /// A storage failure known only by its text (the data plane reports its write errors
-    /// over the plane bridge as text, with the OS error in it): [`Self::NoSpace`] when that
-    /// is the full-disk error, else [`Self::Storage`].
-    pub fn storage(message: String) -> Self {
-        let full = std::io::Error::from_raw_os_error(ENOSPC).to_string();
-        if message.contains(&full) {
-            Self::NoSpace(message)
-        } else {
-            Self::Storage(message)
-        }
+        Self::from(StorageFailure::from(e)).context(what)
     }
 
     /// The same failure, with `context` (what was being done) before its message.
@@ -101,6 +87,7 @@ impl DownloadError {
             Self::DigestMismatch(m) => Self::DigestMismatch(wrap(m)),
             Self::NoSpace(m) => Self::NoSpace(wrap(m)),
             Self::Storage(m) => Self::Storage(wrap(m)),
+            Self::Evicted(m) => Self::Evicted(wrap(m)),
             Self::NoSource(m) => Self::NoSource(wrap(m)),
             Self::SchedulerUnavailable(m) => Self::SchedulerUnavailable(wrap(m)),
             Self::Stalled(m) => Self::Stalled(wrap(m)),
@@ -124,7 +111,7 @@ impl DownloadError {
             Self::NotFound(_) => Code::NotFound,
             Self::DigestMismatch(_) => Code::DataLoss,
             Self::NoSpace(_) => Code::ResourceExhausted,
-            Self::Storage(_) | Self::Internal(_) => Code::Internal,
+            Self::Storage(_) | Self::Evicted(_) | Self::Internal(_) => Code::Internal,
             Self::Origin(_) | Self::NoSource(_) | Self::SchedulerUnavailable(_) => {
                 Code::Unavailable
             }
@@ -142,7 +129,7 @@ impl DownloadError {
             Self::NotFound(_) => "not_found",
             Self::DigestMismatch(_) => "digest",
             Self::NoSpace(_) => "no_space",
-            Self::Storage(_) => "storage",
+            Self::Storage(_) | Self::Evicted(_) => "storage",
             Self::NoSource(_) => "no_source",
             Self::SchedulerUnavailable(_) => "scheduler",
             Self::Stalled(_) => "stalled",
@@ -166,16 +153,29 @@ impl From<OriginError> for DownloadError {
                 message,
             },
             OriginError::ObjectStore(S3Error::Denied { status, .. }) => Self::OriginStatus {
-                status: if status.starts_with("401") { 401 } else { 403 },
+                status: status.as_u16(),
                 message,
             },
             OriginError::BadHeader(_) | OriginError::Layout(_) => Self::BadRequest(message),
-            OriginError::Storage(_) => Self::storage(message),
+            OriginError::Storage(f) => Self::from(f).context("storing piece"),
             OriginError::UnknownLength
             | OriginError::Inconsistent(_)
             | OriginError::Exhausted { .. }
             | OriginError::Tls(_)
             | OriginError::ObjectStore(_) => Self::Origin(message),
+        }
+    }
+}
+
+impl From<StorageFailure> for DownloadError {
+    /// By class: a full disk is [`Self::NoSpace`], an evicted task [`Self::Evicted`], the
+    /// rest [`Self::Storage`]; the message is the failure's.
+    fn from(f: StorageFailure) -> Self {
+        let message = f.to_string();
+        match f {
+            StorageFailure::NoSpace { .. } => Self::NoSpace(message),
+            StorageFailure::Retired { .. } => Self::Evicted(message),
+            StorageFailure::Io { .. } | StorageFailure::Other(_) => Self::Storage(message),
         }
     }
 }
@@ -198,6 +198,7 @@ mod tests {
             DigestMismatch(m()),
             NoSpace(m()),
             Storage(m()),
+            Evicted(m()),
             NoSource(m()),
             SchedulerUnavailable(m()),
             Stalled(m()),
@@ -239,6 +240,7 @@ mod tests {
         assert_eq!(SchedulerUnavailable(m()).grpc_code(), Code::Unavailable);
         assert_eq!(Origin(m()).grpc_code(), Code::Unavailable);
         assert_eq!(Storage(m()).grpc_code(), Code::Internal);
+        assert_eq!(Evicted(m()).grpc_code(), Code::Internal);
         assert_eq!(Internal(m()).grpc_code(), Code::Internal);
     }
 
@@ -274,25 +276,66 @@ mod tests {
 
     #[test]
     fn a_full_disk_is_no_space() {
-        let full = std::io::Error::from_raw_os_error(ENOSPC);
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
         let e = DownloadError::io("storing piece 3", &full);
         assert!(matches!(e, DownloadError::NoSpace(_)), "{e:?}");
-        assert!(e.to_string().starts_with("storing piece 3: "), "{e}");
-        let other = std::io::Error::from_raw_os_error(5);
+        assert_eq!(e.to_string(), format!("storing piece 3: {full}"));
+        let quota = std::io::Error::from_raw_os_error(libc::EDQUOT);
+        assert!(matches!(
+            DownloadError::io("x", &quota),
+            DownloadError::NoSpace(_)
+        ));
+        let other = std::io::Error::from_raw_os_error(libc::EIO);
         assert!(matches!(
             DownloadError::io("x", &other),
             DownloadError::Storage(_)
         ));
-        // The data plane's text of the same error.
-        let text = format!("storage: writing piece 7: {full}");
+        // An error that only has the words of a full disk is not one.
+        let words = std::io::Error::other(full.to_string());
         assert!(matches!(
-            DownloadError::storage(text),
-            DownloadError::NoSpace(_)
-        ));
-        assert!(matches!(
-            DownloadError::storage("storage: short write".into()),
+            DownloadError::io("x", &words),
             DownloadError::Storage(_)
         ));
+    }
+
+    /// The data plane's report of a full disk over the bridge: the answer `dfget` turns
+    /// into its disk-full exit code, the metric label, and the message as before.
+    #[test]
+    fn the_data_planes_full_disk_is_no_space() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let failure = StorageFailure::from(dataplane::StoreError::Io(full));
+        let e = DownloadError::from(failure).context("storage");
+        assert!(matches!(e, DownloadError::NoSpace(_)), "{e:?}");
+        assert_eq!(e.grpc_code(), Code::ResourceExhausted);
+        assert_eq!(e.metric_kind(), "no_space");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "storage: task file I/O: {}",
+                std::io::Error::from_raw_os_error(libc::ENOSPC)
+            )
+        );
+        let eio = StorageFailure::from(std::io::Error::from_raw_os_error(libc::EIO));
+        let e = DownloadError::from(eio);
+        assert!(matches!(e, DownloadError::Storage(_)), "{e:?}");
+        assert_eq!(e.grpc_code(), Code::Internal);
+    }
+
+    #[test]
+    fn an_evicted_task_is_evicted() {
+        let e = DownloadError::from(StorageFailure::from(dataplane::StoreError::Retired));
+        assert!(matches!(e, DownloadError::Evicted(_)), "{e:?}");
+        assert_eq!(e.to_string(), "the task was evicted");
+        assert_eq!(e.grpc_code(), Code::Internal);
+        assert_eq!(e.metric_kind(), "storage");
+        let e = DownloadError::from(OriginError::Storage(StorageFailure::retired(
+            "the task was evicted or removed during the fetch",
+        )));
+        assert!(matches!(e, DownloadError::Evicted(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "storing piece: the task was evicted or removed during the fetch"
+        );
     }
 
     #[test]
@@ -317,10 +360,27 @@ mod tests {
         )));
         assert_eq!(e.grpc_code(), Code::NotFound);
         assert_eq!(e.metric_kind(), "origin");
+        for (status, code) in [
+            (reqwest::StatusCode::UNAUTHORIZED, 401),
+            (reqwest::StatusCode::FORBIDDEN, 403),
+        ] {
+            let e = DownloadError::from(OriginError::ObjectStore(S3Error::Denied {
+                url: "s3://b/k".into(),
+                status,
+                detail: "SignatureDoesNotMatch".into(),
+            }));
+            assert!(
+                matches!(e, DownloadError::OriginStatus { status, .. } if status == code),
+                "{e:?}"
+            );
+            assert_eq!(e.grpc_code(), Code::PermissionDenied);
+            assert!(e.to_string().contains(&status.to_string()), "{e}");
+        }
         let e = DownloadError::from(OriginError::BadHeader("x y".into()));
         assert_eq!(e.grpc_code(), Code::InvalidArgument);
-        let full = std::io::Error::from_raw_os_error(ENOSPC);
-        let e = DownloadError::from(OriginError::Storage(format!("piece 1: {full}")));
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e = DownloadError::from(OriginError::Storage(full.into()));
         assert_eq!(e.grpc_code(), Code::ResourceExhausted);
+        assert_eq!(e.metric_kind(), "no_space");
     }
 }

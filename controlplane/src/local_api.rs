@@ -345,7 +345,7 @@ impl Dfdaemon for LocalApi {
                     .collect();
             }
             Ok(None) => {}
-            Err(e) => resp.scheduler_error = e,
+            Err(e) => resp.scheduler_error = e.to_string(),
         }
         Ok(Response::new(resp))
     }

@@ -21,7 +21,7 @@ use crate::config::{DownloadConfig, OriginConfig};
 use crate::metrics::ControlStats;
 use crate::task::TaskSpec;
 use dataplane::shaper::{self, RateLimiter, Shaping};
-use dataplane::{Counters, Storage, TaskStore};
+use dataplane::{Counters, Storage, StorageFailure, TaskStore};
 use futures::StreamExt;
 use piece::{OriginPiece, ORIGIN_WRITE_BATCH};
 use reqwest::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, RANGE};
@@ -85,9 +85,9 @@ pub enum OriginError {
     /// The object store refused the request (no such key, bad credentials, bad settings).
     #[error("{0}")]
     ObjectStore(crate::s3::S3Error),
-    /// Storing a piece failed (disk full, I/O error).
+    /// Storing a piece failed (disk full, I/O error, the task evicted), by class.
     #[error("storing piece: {0}")]
-    Storage(String),
+    Storage(dataplane::StorageFailure),
 }
 
 /// An origin's answer, whatever the scheme: the content's total size, the offset of the
@@ -190,11 +190,9 @@ async fn fetch_some(
                         ctx.download.origin_concurrency
                     );
                     Counters::add(&ctx.stats.origin_slot_waits, 1);
-                    slots
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map_err(|_| OriginError::Storage("origin slots closed".into()))?
+                    slots.clone().acquire_owned().await.map_err(|_| {
+                        OriginError::Storage(StorageFailure::Other("origin slots closed".into()))
+                    })?
                 }
             };
             Some(permit)
@@ -282,7 +280,7 @@ async fn attempt(
             let s = ctx
                 .storage
                 .create(spec.id, layout)
-                .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+                .map_err(|e| Attempt::Fatal(OriginError::Storage(e.into())))?;
             sink.layout(&s);
             *store = Some(s.clone());
             s

@@ -66,7 +66,7 @@ pub enum S3Error {
         /// The object's URL.
         url: String,
         /// `403 Forbidden` or `401 Unauthorized`.
-        status: &'static str,
+        status: reqwest::StatusCode,
         /// The store's own words.
         detail: String,
     },
@@ -89,12 +89,12 @@ impl S3Error {
             object_store::Error::NotFound { .. } => S3Error::NotFound(url.to_string()),
             object_store::Error::PermissionDenied { source, .. } => S3Error::Denied {
                 url: url.to_string(),
-                status: "403 Forbidden",
+                status: reqwest::StatusCode::FORBIDDEN,
                 detail: store_detail(&*source),
             },
             object_store::Error::Unauthenticated { source, .. } => S3Error::Denied {
                 url: url.to_string(),
-                status: "401 Unauthorized",
+                status: reqwest::StatusCode::UNAUTHORIZED,
                 detail: store_detail(&*source),
             },
             other => S3Error::Other(format!("{url}: {}", crate::trust::describe(&other))),

@@ -21,6 +21,44 @@ use wire::proto::scheduler::{
 use wire::tls::TlsConfig;
 use wire::{PieceLayout, TaskId};
 
+/// Why a call to the schedulers failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    /// No scheduler is configured.
+    #[error("no scheduler configured")]
+    NoneConfigured,
+    /// The scheduler asked for is no longer configured (the manager named others).
+    #[error("scheduler {addr}: no longer configured")]
+    Gone {
+        /// The scheduler's address.
+        addr: String,
+    },
+    /// The scheduler refused the call or could not be reached.
+    #[error("scheduler {addr}: {message}")]
+    Failed {
+        /// The scheduler's address.
+        addr: String,
+        /// The gRPC code of its answer (`Unavailable` when it could not be reached).
+        code: Code,
+        /// What it said.
+        message: String,
+    },
+    /// Every scheduler tried failed; each one's failure, in the order tried.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    All(Vec<SchedulerError>),
+}
+
+impl SchedulerError {
+    /// The failure of the call to `addr` that answered `status`.
+    pub fn status(addr: &str, status: &tonic::Status) -> Self {
+        Self::Failed {
+            addr: addr.to_string(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
 /// Lazily connected channels to a list of schedulers.
 #[derive(Debug, Clone, Default)]
 pub struct SchedulerPool {
@@ -224,17 +262,19 @@ impl SchedulerClient {
         id: &TaskId,
         addr: &str,
         requests: ReceiverStream<AnnouncePeerRequest>,
-    ) -> Result<tonic::Streaming<AnnouncePeerResponse>, String> {
+    ) -> Result<tonic::Streaming<AnnouncePeerResponse>, SchedulerError> {
         let channel = self
             .pool()
             .ordered(id)
             .into_iter()
             .find_map(|(a, c)| (a == addr).then_some(c))
-            .ok_or_else(|| format!("scheduler {addr}: no longer configured"))?;
+            .ok_or_else(|| SchedulerError::Gone {
+                addr: addr.to_string(),
+            })?;
         let resp = Grpc::new(channel)
             .announce_peer(requests)
             .await
-            .map_err(|e| format!("scheduler {addr}: {}", e.message()))?;
+            .map_err(|e| SchedulerError::status(addr, &e))?;
         Ok(resp.into_inner())
     }
 
@@ -294,10 +334,10 @@ impl SchedulerClient {
         id: &TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SchedulerError> {
         let order = self.pool().ordered(id);
         if order.is_empty() {
-            return Err("no scheduler configured".into());
+            return Err(SchedulerError::NoneConfigured);
         }
         let mut errors = Vec::new();
         for (addr, ch) in order {
@@ -314,18 +354,18 @@ impl SchedulerClient {
             };
             match Grpc::new(ch).announce_task(req).await {
                 Ok(_) => return Ok(addr),
-                Err(e) => errors.push(format!("scheduler {addr}: {}", e.message())),
+                Err(e) => errors.push(SchedulerError::status(&addr, &e)),
             }
         }
-        Err(errors.join("; "))
+        Err(SchedulerError::All(errors))
     }
 
     /// Asks the task's scheduler (then the next ones) what it knows of `id`: `Ok(None)`
     /// when a scheduler answered that it does not know the task, `Err` when none answered.
-    pub async fn stat_task(&self, id: &TaskId) -> Result<Option<TaskInfo>, String> {
+    pub async fn stat_task(&self, id: &TaskId) -> Result<Option<TaskInfo>, SchedulerError> {
         let order = self.pool().ordered(id);
         if order.is_empty() {
-            return Err("no scheduler configured".into());
+            return Err(SchedulerError::NoneConfigured);
         }
         let mut errors = Vec::new();
         for (addr, ch) in order {
@@ -335,10 +375,10 @@ impl SchedulerClient {
             match Grpc::new(ch).stat_task(req).await {
                 Ok(r) => return Ok(Some(r.into_inner())),
                 Err(s) if s.code() == Code::NotFound => return Ok(None),
-                Err(s) => errors.push(format!("scheduler {addr}: {}", s.message())),
+                Err(s) => errors.push(SchedulerError::status(&addr, &s)),
             }
         }
-        Err(errors.join("; "))
+        Err(SchedulerError::All(errors))
     }
 
     /// Sends `LeaveTask` for task `id` of this host to every scheduler. Returns whether at

@@ -14,14 +14,15 @@ pub(crate) mod tests;
 mod triggers;
 
 pub use services::{
-    BoxFuture, BridgeLink, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings,
-    Schedulers,
+    BoxFuture, BridgeLink, CommandRefused, DataPlaneLink, Origin, ResponseStream, RunServices,
+    RunSettings, Schedulers,
 };
 
 use run::TaskRun;
 
 use crate::error::DownloadError;
 use crate::origin::PieceSink;
+use crate::scheduler::SchedulerError;
 use dataplane::{Command, Event, Parent, PieceSource, TaskStore};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};

@@ -12,7 +12,7 @@
 //! never cross the bridge. A full queue is an error returned to the sender, never an
 //! unbounded buffer.
 
-use crate::storage::TaskStore;
+use crate::storage::{StoreError, TaskStore};
 use atomic_waker::AtomicWaker;
 use crossbeam_queue::ArrayQueue;
 use std::net::SocketAddr;
@@ -122,6 +122,9 @@ pub enum Event {
         /// `piece_timeout`) rather than closing or failing: it may still look live to the
         /// scheduler.
         stalled: bool,
+        /// The parent sent a forged piece: bytes with a matching crc32c but not the
+        /// source's (its trusted digest).
+        forged: bool,
     },
     /// Every parent of an unfinished download is gone: the control plane should reschedule.
     NeedParents {
@@ -132,14 +135,100 @@ pub enum Event {
     StorageFailed {
         /// Task id.
         task: TaskId,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong, by class.
+        failure: StorageFailure,
     },
     /// Every piece of the task is stored.
     DownloadFinished {
         /// Task id.
         task: TaskId,
     },
+}
+
+/// Why storing (or creating) a task's pieces failed, by class, so that nobody decides what
+/// kind of failure it was from its words. Crosses the plane bridge in
+/// [`Event::StorageFailed`]; the control plane builds it for its own writes (origin pieces)
+/// too. The display is the whole message of the underlying error, as it always was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageFailure {
+    /// The file system is full (`ENOSPC`) or the quota exhausted (`EDQUOT`).
+    #[error("{message}")]
+    NoSpace {
+        /// The error's message.
+        message: String,
+    },
+    /// The task was evicted or removed while it was being written.
+    #[error("{message}")]
+    Retired {
+        /// The error's message.
+        message: String,
+    },
+    /// Another I/O error on the task file.
+    #[error("{message}")]
+    Io {
+        /// The I/O error's kind.
+        kind: std::io::ErrorKind,
+        /// The error's message.
+        message: String,
+    },
+    /// A failure that is not the disk's: a piece out of range or of the wrong length (the
+    /// caller's bug), a writer task that died.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StorageFailure {
+    /// Whether `e` says the disk (or the quota) is full: `ENOSPC`, `EDQUOT` or
+    /// [`std::io::ErrorKind::StorageFull`] / [`std::io::ErrorKind::QuotaExceeded`].
+    pub fn is_no_space(e: &std::io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            || matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+    }
+
+    /// The failure an I/O error is, with `message` as its text.
+    fn of_io(e: &std::io::Error, message: String) -> Self {
+        if Self::is_no_space(e) {
+            Self::NoSpace { message }
+        } else {
+            Self::Io {
+                kind: e.kind(),
+                message,
+            }
+        }
+    }
+
+    /// The task was evicted or removed: this message.
+    pub fn retired(message: impl Into<String>) -> Self {
+        Self::Retired {
+            message: message.into(),
+        }
+    }
+}
+
+impl From<&std::io::Error> for StorageFailure {
+    fn from(e: &std::io::Error) -> Self {
+        Self::of_io(e, e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StorageFailure {
+    fn from(e: std::io::Error) -> Self {
+        Self::from(&e)
+    }
+}
+
+impl From<StoreError> for StorageFailure {
+    fn from(e: StoreError) -> Self {
+        let message = e.to_string();
+        match &e {
+            StoreError::Io(io) => Self::of_io(io, message),
+            StoreError::Retired => Self::Retired { message },
+            _ => Self::Other(message),
+        }
+    }
 }
 
 /// A queue was full; the message is handed back to the sender.
@@ -259,6 +348,44 @@ impl Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_no_space_by_its_errno_not_its_text() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let io = std::io::Error::from_raw_os_error(errno);
+            let text = format!("task file I/O: {io}");
+            let f = StorageFailure::from(StoreError::Io(io));
+            assert_eq!(
+                f,
+                StorageFailure::NoSpace {
+                    message: text.clone()
+                }
+            );
+            assert_eq!(f.to_string(), text, "the message is the store error's");
+        }
+        // The words of a full disk on another error are not a full disk.
+        let io = std::io::Error::other("No space left on device (os error 28)");
+        assert!(matches!(
+            StorageFailure::from(&io),
+            StorageFailure::Io {
+                kind: std::io::ErrorKind::Other,
+                ..
+            }
+        ));
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(matches!(
+            StorageFailure::from(StoreError::Io(eio)),
+            StorageFailure::Io { .. }
+        ));
+        assert_eq!(
+            StorageFailure::from(StoreError::Retired),
+            StorageFailure::retired("the task was evicted")
+        );
+        assert!(matches!(
+            StorageFailure::from(StoreError::OutOfRange(9)),
+            StorageFailure::Other(_)
+        ));
+    }
 
     #[test]
     fn full_queue_hands_the_message_back() {

@@ -156,10 +156,23 @@ enum ParentError {
     Refused(ErrorCode, String),
     #[error("corrupt piece {0}: {1}")]
     Corrupt(u32, String),
+    /// A piece with a matching crc32c but not the source's bytes (its trusted digest).
+    #[error("corrupt piece {0}: {1}")]
+    Forged(u32, String),
     #[error("storing piece {0}: {1}")]
-    Storage(u32, String),
+    Storage(u32, crate::bridge::StorageFailure),
     #[error("the task was removed")]
     Retired,
+}
+
+impl ParentError {
+    /// A corrupt piece that was forged ([`Self::Forged`]); any other error as it is.
+    fn forged(self) -> Self {
+        match self {
+            Self::Corrupt(n, reason) => Self::Forged(n, reason),
+            e => e,
+        }
+    }
 }
 
 /// One download on one data-plane thread.

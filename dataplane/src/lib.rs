@@ -24,7 +24,7 @@ pub mod tls;
 pub mod upload;
 pub mod window;
 
-pub use bridge::{Bridge, Command, Event, Parent, PieceSource};
+pub use bridge::{Bridge, Command, Event, Parent, PieceSource, StorageFailure};
 pub use counters::Counters;
 pub use runtime::{DataPlane, DataPlaneConfig};
 pub use storage::{ClaimError, PieceWriter, Storage, StoreError, TaskStore};

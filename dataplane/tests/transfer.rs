@@ -442,9 +442,9 @@ fn a_forged_piece_with_a_matching_crc_is_never_stored() {
             if parent == "evil" && reason.contains("forged"))),
         "{events:?}"
     );
-    assert!(events
-        .iter()
-        .any(|e| matches!(e, Event::ParentFailed { parent, .. } if parent == "evil")));
+    assert!(events.iter().any(
+        |e| matches!(e, Event::ParentFailed { parent, forged: true, .. } if parent == "evil")
+    ));
     assert!(!store.has(0), "forged bytes were marked stored");
     assert_eq!(c.counters.pieces_forged.load(Ordering::Relaxed), 1);
     assert_eq!(evil_thread.join().expect("fake parent"), 1);

@@ -211,6 +211,43 @@ impl Drop for Mount {
     }
 }
 
+/// Mounts a 4 MiB tmpfs on `peer-1`'s data dir (before the daemon starts); `None` (skipped
+/// through `needs`) when this machine cannot mount one.
+fn small_disk_for_peer_1(cluster: &Cluster, test: &str) -> Option<Mount> {
+    let data = cluster.dir().join("peer-1").join("data");
+    std::fs::create_dir_all(&data).expect("creating the data dir");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&data)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {
+            needs::found(test);
+            Some(Mount(data))
+        }
+        Ok(o) => {
+            needs::skip(
+                test,
+                &format!(
+                    "cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            needs::skip(
+                test,
+                &format!("no mount command (apt-get install -y mount): {e}"),
+            );
+            None
+        }
+    }
+}
+
+/// dfget's exit code for a full disk (cli README, "Exit codes").
+const EXIT_NO_SPACE: i32 = 6;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     let origin = Origin::start().await.expect("origin");
@@ -218,33 +255,12 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
         .await
         .expect("starting the cluster");
     // peer-1's data dir is a 4 MiB tmpfs.
-    let data = cluster.dir().join("peer-1").join("data");
-    std::fs::create_dir_all(&data).expect("creating the data dir");
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&data)
-        .output();
-    let _mount = match mounted {
-        Ok(o) if o.status.success() => Mount(data.clone()),
-        Ok(o) => {
-            needs::skip(
-                "a_full_disk_fails_the_download_cleanly_and_frees_its_space",
-                &format!(
-                    "cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                ),
-            );
-            return;
-        }
-        Err(e) => {
-            needs::skip(
-                "a_full_disk_fails_the_download_cleanly_and_frees_its_space",
-                &format!("no mount command (apt-get install -y mount): {e}"),
-            );
-            return;
-        }
+    let Some(_mount) = small_disk_for_peer_1(
+        &cluster,
+        "a_full_disk_fails_the_download_cleanly_and_frees_its_space",
+    ) else {
+        return;
     };
-    needs::found("a_full_disk_fails_the_download_cleanly_and_frees_its_space");
     cluster
         .add_daemon(false, &[])
         .await
@@ -254,6 +270,12 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     let out = cluster.dir().join("big.out");
     let o = dfget(&cluster, &origin.url("/big.bin"), &out, &big).await;
     assert_failed(&o, &out, "No space left on device");
+    assert_eq!(
+        o.status.code(),
+        Some(EXIT_NO_SPACE),
+        "a full disk has its own exit code; stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // The failed task's file is gone: a file that fits downloads fine.
     let small = origin.add_file("/small.bin", 2 * MIB, 10);
@@ -265,4 +287,34 @@ async fn a_full_disk_fails_the_download_cleanly_and_frees_its_space() {
     .await
     .expect("dfget of the small file");
     assert_ok(&cluster, &o, &out, &small);
+}
+
+/// The same full disk on a peer that fetches from a seed: the data plane's write fails, it
+/// reports the failure over the plane bridge by class, and dfget exits with the disk-full
+/// code (not the generic failure) with the OS error's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_on_a_peer_fetching_from_a_seed_has_the_disk_full_exit_code() {
+    let test = "a_full_disk_on_a_peer_fetching_from_a_seed_has_the_disk_full_exit_code";
+    let origin = Origin::start().await.expect("origin");
+    let mut cluster = Cluster::start(ClusterOptions::sized(1, 0))
+        .await
+        .expect("starting the cluster");
+    let Some(_mount) = small_disk_for_peer_1(&cluster, test) else {
+        return;
+    };
+    cluster
+        .add_daemon(false, &[])
+        .await
+        .expect("starting peer-1");
+    let big = origin.add_file("/big-from-seed.bin", 16 * MIB, 11);
+    let out = cluster.dir().join("big-from-seed.out");
+    let o = dfget(&cluster, &origin.url("/big-from-seed.bin"), &out, &big).await;
+    assert_failed(&o, &out, "No space left on device");
+    assert_eq!(
+        o.status.code(),
+        Some(EXIT_NO_SPACE),
+        "a full disk has its own exit code; stderr: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        cluster.log_tails(30)
+    );
 }

@@ -8,6 +8,15 @@ use std::sync::Mutex;
 use tonic::Code;
 use wire::proto::scheduler::{PeerInfo, TaskMetadata};
 
+/// The scheduler at `addr` refused with `message`.
+pub(crate) fn failed(addr: &str, message: &str) -> SchedulerError {
+    SchedulerError::Failed {
+        addr: addr.into(),
+        code: Code::Unavailable,
+        message: message.into(),
+    }
+}
+
 const PIECE: u64 = wire::piece::MIN_PIECE_LENGTH;
 
 /// Schedulers that record every `AnnounceTask` and answer `StatTask` with `stat`.
@@ -15,8 +24,8 @@ const PIECE: u64 = wire::piece::MIN_PIECE_LENGTH;
 pub(crate) struct FakeSchedulers {
     pub(crate) announced: Mutex<Vec<(TaskId, PieceLayout, Vec<u8>)>>,
     /// `Err`: no scheduler takes the announcement.
-    pub(crate) announce: Result<String, String>,
-    pub(crate) stat: Result<Option<TaskInfo>, String>,
+    pub(crate) announce: Result<String, SchedulerError>,
+    pub(crate) stat: Result<Option<TaskInfo>, SchedulerError>,
     pub(crate) stats: Mutex<Vec<TaskId>>,
 }
 
@@ -41,7 +50,7 @@ impl CacheSchedulers for FakeSchedulers {
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<String, SchedulerError>> {
         self.announced
             .lock()
             .expect("lock")
@@ -50,7 +59,10 @@ impl CacheSchedulers for FakeSchedulers {
         Box::pin(async move { r })
     }
 
-    fn stat_task<'a>(&'a self, id: &'a TaskId) -> BoxFuture<'a, Result<Option<TaskInfo>, String>> {
+    fn stat_task<'a>(
+        &'a self,
+        id: &'a TaskId,
+    ) -> BoxFuture<'a, Result<Option<TaskInfo>, SchedulerError>> {
         self.stats.lock().expect("lock").push(*id);
         let r = self.stat.clone();
         Box::pin(async move { r })
@@ -172,7 +184,7 @@ async fn importing_the_same_file_again_is_the_same_task_and_another_layout_is_re
 #[tokio::test]
 async fn an_import_no_scheduler_takes_is_still_stored_and_reported() {
     let f = fixture(FakeSchedulers {
-        announce: Err("scheduler-a:8002: unreachable".into()),
+        announce: Err(failed("scheduler-a:8002", "unreachable")),
         ..FakeSchedulers::default()
     });
     let imp = import(&f.cache, f.file("blob", &content()), CacheKey::default(), 0)
@@ -254,7 +266,7 @@ async fn bad_imports_are_invalid_arguments_and_store_nothing() {
 #[tokio::test]
 async fn export_of_a_task_held_here_needs_no_scheduler_and_never_goes_to_an_origin() {
     let f = fixture(FakeSchedulers {
-        stat: Err("must not be asked".into()),
+        stat: Err(failed("scheduler-a:8002", "must not be asked")),
         ..FakeSchedulers::default()
     });
     let imp = import(
@@ -301,7 +313,7 @@ async fn export_asks_the_scheduler_and_needs_another_peer_with_pieces() {
     let cid = "sha256:".to_string() + &"ab".repeat(32);
     let id = key(&cid).task_id().expect("id");
     /// A scheduler's `StatTask` answer.
-    type Answer = Result<Option<TaskInfo>, String>;
+    type Answer = Result<Option<TaskInfo>, SchedulerError>;
     // (scheduler's answer, `None` when the export may start, else the gRPC code)
     let cases: Vec<(Answer, Option<Code>)> = vec![
         (Ok(None), Some(Code::NotFound)),
@@ -317,7 +329,10 @@ async fn export_asks_the_scheduler_and_needs_another_peer_with_pieces() {
             })),
             Some(Code::NotFound),
         ),
-        (Err("scheduler-a: refused".into()), Some(Code::Unavailable)),
+        (
+            Err(failed("scheduler-a", "refused")),
+            Some(Code::Unavailable),
+        ),
         (Ok(Some(info(&[("other", false, 1)]))), None),
         (
             Ok(Some(info(&[("me", false, 0), ("other", true, 1)]))),

@@ -4,7 +4,7 @@
 //! data plane and origin over a real `Storage` and `MetaStore` in a temporary directory.
 
 use super::*;
-use crate::cache::tests::{info, FakeSchedulers as FakeCacheSchedulers};
+use crate::cache::tests::{failed, info, FakeSchedulers as FakeCacheSchedulers};
 use crate::origin::OriginError;
 use crate::retention::tests::{Disk, FakeRuns, FakeSchedulers as FakeLeave};
 use crate::retention::Retention;
@@ -219,7 +219,7 @@ async fn a_failed_download_is_answered_with_its_errors_grpc_code() {
             "invalid header",
         ),
         (
-            || OriginError::Storage("No space left on device (os error 28)".into()),
+            || OriginError::Storage(std::io::Error::from_raw_os_error(libc::ENOSPC).into()),
             Code::ResourceExhausted,
             "No space left",
         ),
@@ -372,7 +372,7 @@ async fn stat_reports_a_scheduler_that_did_not_answer_without_failing() {
     let f = fixture(
         None,
         FakeCacheSchedulers {
-            stat: Err("scheduler-a: refused".into()),
+            stat: Err(failed("a:8002", "refused")),
             ..FakeCacheSchedulers::default()
         },
     );
@@ -388,7 +388,7 @@ async fn stat_reports_a_scheduler_that_did_not_answer_without_failing() {
         .expect("stat")
         .into_inner();
     assert!(!stat.local && !stat.in_scheduler);
-    assert_eq!(stat.scheduler_error, "scheduler-a: refused");
+    assert_eq!(stat.scheduler_error, "scheduler a:8002: refused");
 }
 
 #[tokio::test]

@@ -33,7 +33,9 @@ impl OriginPiece {
                 }
                 Err(dataplane::ClaimError::Retired) => {
                     return Err(Attempt::Fatal(OriginError::Storage(
-                        "the task was evicted or removed during the fetch".into(),
+                        dataplane::StorageFailure::retired(
+                            "the task was evicted or removed during the fetch",
+                        ),
                     )))
                 }
                 Err(_) => None,
@@ -71,10 +73,14 @@ impl OriginPiece {
             (res.map(|()| w), parts)
         })
         .await
-        .map_err(|e| Attempt::Fatal(OriginError::Storage(format!("piece write task: {e}"))))?;
+        .map_err(|e| {
+            Attempt::Fatal(OriginError::Storage(dataplane::StorageFailure::Other(
+                format!("piece write task: {e}"),
+            )))
+        })?;
         self.parts = parts;
         self.parts.clear();
-        self.writer = Some(w.map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?);
+        self.writer = Some(w.map_err(|e| Attempt::Fatal(OriginError::Storage(e.into())))?);
         Ok(())
     }
 
@@ -89,7 +95,7 @@ impl OriginPiece {
         // Finalising the hash and setting the bit: no I/O.
         let new = w
             .finish_trusted(None)
-            .map_err(|e| Attempt::Fatal(OriginError::Storage(e.to_string())))?;
+            .map_err(|e| Attempt::Fatal(OriginError::Storage(e.into())))?;
         let cost = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         Ok(new.then_some((crc, len, cost)))
     }

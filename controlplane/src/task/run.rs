@@ -196,7 +196,7 @@ impl TaskRun {
             tokio::select! {
                 msg = next_response(&mut self.responses) => match msg {
                     Some(Ok(Some(r))) => match r.response {
-                        Some(Response::CandidateParents(cp)) => self.on_parents(cp).map_err(DownloadError::Internal)?,
+                        Some(Response::CandidateParents(cp)) => self.on_parents(cp)?,
                         Some(Response::PieceDigests(d)) => self.on_digests(&d),
                         Some(Response::NeedBackToSource(n)) if !n.pieces.is_empty() && self.store.is_some() => {
                             if self.spec.disable_back_to_source {
@@ -313,27 +313,27 @@ impl TaskRun {
     pub(super) fn on_parents(
         &mut self,
         cp: wire::proto::scheduler::CandidateParents,
-    ) -> Result<(), String> {
+    ) -> Result<(), DownloadError> {
         if let (Some(store), Some(md)) = (&self.store, &cp.metadata) {
             let l = store.layout();
             if (l.content_length(), l.piece_length()) != (md.content_length, md.piece_length) {
-                return Err(format!(
+                return Err(DownloadError::Internal(format!(
                     "the scheduler's task size ({} bytes, pieces of {}) differs from the pieces kept here ({} bytes, pieces of {})",
                     md.content_length, md.piece_length, l.content_length(), l.piece_length()
-                ));
+                )));
             }
         }
         if self.store.is_none() {
-            let md = cp
-                .metadata
-                .ok_or("scheduler sent parents without the task's size")?;
+            let md = cp.metadata.ok_or_else(|| {
+                DownloadError::Internal("scheduler sent parents without the task's size".into())
+            })?;
             let layout = PieceLayout::new(md.content_length, md.piece_length)
-                .map_err(|e| format!("task layout: {e}"))?;
+                .map_err(|e| DownloadError::Internal(format!("task layout: {e}")))?;
             let store = self
                 .svc
                 .storage
                 .create(self.spec.id, layout)
-                .map_err(|e| format!("creating task file: {e}"))?;
+                .map_err(|e| DownloadError::io("creating task file", &e))?;
             self.store = Some(store);
             self.publish();
         }
@@ -372,7 +372,10 @@ impl TaskRun {
                 rate_limit: self.spec.rate_limit,
             }
         };
-        self.svc.dataplane.send(&self.spec.id, cmd)?;
+        self.svc
+            .dataplane
+            .send(&self.spec.id, cmd)
+            .map_err(|e| DownloadError::Internal(e.to_string()))?;
         self.dispatched = true;
         Ok(())
     }
@@ -443,13 +446,14 @@ impl TaskRun {
                 parent,
                 reason,
                 stalled,
+                forged,
                 ..
             } => {
                 let new = self.bad_parents.insert(parent.clone());
                 // A parent that sent forged bytes is named to the scheduler at once, so it
                 // is handed to nobody else as this peer's parent and the piece is fetched
                 // elsewhere.
-                if new && reason.contains("forged piece") && self.announce.is_some() {
+                if new && forged && self.announce.is_some() {
                     self.announce(Request::Reschedule(RescheduleRequest {
                         bad_parent_host_ids: self.bad_parents.iter().cloned().collect(),
                         reason: format!("parent {parent} sent a forged piece: {reason}"),
@@ -480,8 +484,8 @@ impl TaskRun {
                     return Some(self.back_to_source().await);
                 }
             }
-            Event::StorageFailed { reason, .. } => {
-                return Some(Err(DownloadError::storage(format!("storage: {reason}"))))
+            Event::StorageFailed { failure, .. } => {
+                return Some(Err(DownloadError::from(failure).context("storage")))
             }
             Event::DownloadFinished { .. } => {
                 let store = self.store.clone()?;

@@ -7,7 +7,7 @@
 
 use crate::metrics::ControlStats;
 use crate::origin::{self, OriginClient, OriginError, PieceSink};
-use crate::scheduler::SchedulerClient;
+use crate::scheduler::{SchedulerClient, SchedulerError};
 use crate::store::MetaStore;
 use crate::task::TaskSpec;
 use dataplane::{Bridge, Command, Storage, TaskStore};
@@ -39,7 +39,7 @@ pub trait Schedulers: Send + Sync {
         id: TaskId,
         addr: String,
         requests: ReceiverStream<AnnouncePeerRequest>,
-    ) -> BoxFuture<'_, Result<ResponseStream, String>>;
+    ) -> BoxFuture<'_, Result<ResponseStream, SchedulerError>>;
     /// Tells the task's scheduler this host holds task `id` completely (no stream open).
     fn announce_complete(&self, id: TaskId, layout: PieceLayout) -> BoxFuture<'_, ()>;
 }
@@ -48,8 +48,13 @@ pub trait Schedulers: Send + Sync {
 pub trait DataPlaneLink: Send + Sync {
     /// Sends `cmd` about `task` to the data-plane thread that runs the task; fails when its
     /// queue is full.
-    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), String>;
+    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), CommandRefused>;
 }
+
+/// The data plane did not take a command (its queue is full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("data plane command queue is full")]
+pub struct CommandRefused;
 
 /// The origin of a task.
 pub trait Origin: Send + Sync {
@@ -126,7 +131,7 @@ impl Schedulers for SchedulerClient {
         id: TaskId,
         addr: String,
         requests: ReceiverStream<AnnouncePeerRequest>,
-    ) -> BoxFuture<'_, Result<ResponseStream, String>> {
+    ) -> BoxFuture<'_, Result<ResponseStream, SchedulerError>> {
         Box::pin(async move {
             let resp = SchedulerClient::announce_peer(self, &id, &addr, requests).await?;
             Ok(Box::pin(resp) as ResponseStream)
@@ -143,11 +148,11 @@ impl Schedulers for SchedulerClient {
 pub struct BridgeLink(pub Arc<Bridge>);
 
 impl DataPlaneLink for BridgeLink {
-    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), String> {
+    fn send(&self, task: &TaskId, cmd: Command) -> Result<(), CommandRefused> {
         let bridge = &self.0;
         bridge
             .send(bridge.thread_of(task), cmd)
-            .map_err(|_| "data plane command queue is full".to_string())
+            .map_err(|_| CommandRefused)
     }
 }
 

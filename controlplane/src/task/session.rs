@@ -16,7 +16,7 @@ pub(super) const REREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::
 pub(super) const REREGISTER_SOURCE_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl TaskRun {
-    pub(super) async fn connect_scheduler(&mut self) -> Result<(), String> {
+    pub(super) async fn connect_scheduler(&mut self) -> Result<(), SchedulerError> {
         let mut order = self.svc.schedulers.ordered(&self.spec.id);
         if let Some(first) = &self.spec.scheduler {
             if let Some(i) = order.iter().position(|a| a == first) {
@@ -25,7 +25,7 @@ impl TaskRun {
             }
         }
         if order.is_empty() {
-            return Err("no scheduler configured".into());
+            return Err(SchedulerError::NoneConfigured);
         }
         // The task's own scheduler first; when it does not answer, the next one by rendezvous
         // order, so a dead scheduler's tasks move without waiting for the manager to notice.
@@ -39,10 +39,10 @@ impl TaskRun {
                 }
             }
         }
-        Err(errors.join("; "))
+        Err(SchedulerError::All(errors))
     }
 
-    pub(super) async fn register_with(&mut self, addr: String) -> Result<(), String> {
+    pub(super) async fn register_with(&mut self, addr: String) -> Result<(), SchedulerError> {
         let (tx, rx) = crate::announce::channel();
         let register = RegisterPeer {
             task_id: self.spec.id.to_hex(),

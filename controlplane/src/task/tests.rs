@@ -5,7 +5,8 @@
 
 use super::run::TaskRun;
 use super::services::{
-    BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
+    BoxFuture, CommandRefused, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings,
+    Schedulers,
 };
 use super::*;
 use crate::metrics::ControlStats;
@@ -87,7 +88,7 @@ impl Schedulers for FakeSchedulers {
         _id: TaskId,
         _addr: String,
         requests: ReceiverStream<AnnouncePeerRequest>,
-    ) -> BoxFuture<'_, Result<ResponseStream, String>> {
+    ) -> BoxFuture<'_, Result<ResponseStream, SchedulerError>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = self.streams.send(FakeStream {
             requests,
@@ -104,8 +105,8 @@ impl Schedulers for FakeSchedulers {
 struct FakeDataPlane(mpsc::UnboundedSender<Command>);
 
 impl DataPlaneLink for FakeDataPlane {
-    fn send(&self, _task: &TaskId, cmd: Command) -> Result<(), String> {
-        self.0.send(cmd).map_err(|_| "fake data plane gone".into())
+    fn send(&self, _task: &TaskId, cmd: Command) -> Result<(), CommandRefused> {
+        self.0.send(cmd).map_err(|_| CommandRefused)
     }
 }
 
@@ -132,7 +133,7 @@ impl FakeOrigin {
             let crc = wire::piece_crc(data);
             store
                 .write_piece(n, data, crc)
-                .map_err(|e| OriginError::Storage(e.to_string()))?;
+                .map_err(|e| OriginError::Storage(e.into()))?;
             sink.piece(n, crc, data.len() as u64, 1);
         }
         Ok(())
@@ -159,7 +160,7 @@ impl Origin for FakeOrigin {
                     let s = self
                         .storage
                         .create(spec.id, layout)
-                        .map_err(|e| OriginError::Storage(e.to_string()))?;
+                        .map_err(|e| OriginError::Storage(e.into()))?;
                     sink.layout(&s);
                     s
                 }
@@ -734,6 +735,7 @@ async fn a_stalled_parent_is_named_to_the_scheduler_and_left_out_of_later_parent
             parent: "parent-1".into(),
             reason: "no byte for 3s".into(),
             stalled: true,
+            forged: false,
         })
         .await
         .expect("run gone");
@@ -757,4 +759,30 @@ async fn a_stalled_parent_is_named_to_the_scheduler_and_left_out_of_later_parent
     };
     let ids: Vec<_> = parents.iter().map(|p| p.host_id.as_str()).collect();
     assert_eq!(ids, vec!["parent-2"]);
+}
+
+/// A parent the data plane reports as having sent a forged piece is named to the scheduler
+/// at once, by the event's flag (its reason's words are not looked at).
+#[tokio::test]
+async fn a_forging_parent_is_named_to_the_scheduler_by_the_events_flag() {
+    let mut h = Harness::start(&["s1"], None);
+    let mut s = h.stream().await;
+    assert!(matches!(s.next().await, Request::Register(_)));
+    s.answer(h.parents());
+    assert!(matches!(h.command().await, Command::Download { .. }));
+    h.events
+        .send(Event::ParentFailed {
+            task: h.id,
+            parent: "parent-1".into(),
+            reason: "corrupt piece 0: bytes differ".into(),
+            stalled: false,
+            forged: true,
+        })
+        .await
+        .expect("run gone");
+    let Request::Reschedule(r) = s.next().await else {
+        panic!("a forging parent was not reported");
+    };
+    assert_eq!(r.bad_parent_host_ids, vec!["parent-1".to_string()]);
+    assert!(r.reason.contains("forged"), "{}", r.reason);
 }

@@ -114,8 +114,10 @@ mod tests {
     use crate::metrics::ControlStats;
     use crate::origin::{OriginError, PieceSink};
     use crate::retention::tests::Disk;
+    use crate::scheduler::SchedulerError;
     use crate::task::{
-        BoxFuture, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings, Schedulers,
+        BoxFuture, CommandRefused, DataPlaneLink, Origin, ResponseStream, RunServices, RunSettings,
+        Schedulers,
     };
     use dataplane::{Command, TaskStore};
     use std::sync::Arc;
@@ -141,9 +143,15 @@ mod tests {
             _id: TaskId,
             addr: String,
             _requests: ReceiverStream<AnnouncePeerRequest>,
-        ) -> BoxFuture<'_, Result<ResponseStream, String>> {
+        ) -> BoxFuture<'_, Result<ResponseStream, SchedulerError>> {
             let _ = self.0.send(addr.clone());
-            Box::pin(async move { Err(format!("scheduler {addr}: refused by the fake")) })
+            Box::pin(async move {
+                Err(SchedulerError::Failed {
+                    addr,
+                    code: tonic::Code::Unavailable,
+                    message: "refused by the fake".into(),
+                })
+            })
         }
 
         fn announce_complete(&self, _id: TaskId, _layout: PieceLayout) -> BoxFuture<'_, ()> {
@@ -154,7 +162,7 @@ mod tests {
     struct NoDataPlane;
 
     impl DataPlaneLink for NoDataPlane {
-        fn send(&self, _task: &TaskId, _cmd: Command) -> Result<(), String> {
+        fn send(&self, _task: &TaskId, _cmd: Command) -> Result<(), CommandRefused> {
             Ok(())
         }
     }
@@ -168,7 +176,11 @@ mod tests {
             _existing: Option<Arc<TaskStore>>,
             _sink: &'a mut (dyn PieceSink + Send),
         ) -> BoxFuture<'a, Result<Arc<TaskStore>, OriginError>> {
-            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+            Box::pin(async {
+                Err(OriginError::Storage(dataplane::StorageFailure::Other(
+                    "fake origin".into(),
+                )))
+            })
         }
 
         fn fetch_pieces<'a>(
@@ -178,7 +190,11 @@ mod tests {
             _pieces: &'a [u32],
             _sink: &'a mut (dyn PieceSink + Send),
         ) -> BoxFuture<'a, Result<(), OriginError>> {
-            Box::pin(async { Err(OriginError::Storage("fake origin".into())) })
+            Box::pin(async {
+                Err(OriginError::Storage(dataplane::StorageFailure::Other(
+                    "fake origin".into(),
+                )))
+            })
         }
     }
 

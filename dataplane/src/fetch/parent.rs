@@ -59,7 +59,10 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
         if res.is_ok()
             || matches!(
                 e,
-                ParentError::Storage(..) | ParentError::Corrupt(..) | ParentError::Retired
+                ParentError::Storage(..)
+                    | ParentError::Corrupt(..)
+                    | ParentError::Forged(..)
+                    | ParentError::Retired
             )
         {
             res = Err(e);
@@ -81,12 +84,12 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
             e,
             ParentError::Timeout(_) | ParentError::Conn(ConnError::Idle(_))
         );
-        if let ParentError::Storage(_, reason) = &e {
+        if let ParentError::Storage(_, failure) = &e {
             emit(
                 &s.bridge,
                 Event::StorageFailed {
                     task: s.task(),
-                    reason: reason.clone(),
+                    failure: failure.clone(),
                 },
             )
             .await;
@@ -100,6 +103,7 @@ pub(super) async fn run_parent(s: Rc<Session>, p: Parent) {
                 parent: p.host_id.clone(),
                 reason: e.to_string(),
                 stalled,
+                forged: matches!(e, ParentError::Forged(..)),
             },
         )
         .await;

@@ -334,7 +334,10 @@ impl Session {
                 Counters::add(&self.counters.pieces_forged, 1);
                 let reason = format!("forged piece: {e}");
                 tracing::warn!(task = %task, parent = %p.host_id, "{reason}");
-                return Err(self.corrupt_piece(task, n, &p.host_id, reason).await);
+                return Err(self
+                    .corrupt_piece(task, n, &p.host_id, reason)
+                    .await
+                    .forged());
             }
             Err(StoreError::Digest { expected, got, .. }) => {
                 let reason =
@@ -350,7 +353,7 @@ impl Session {
             }
             Err(e) => {
                 self.release(n);
-                return Err(ParentError::Storage(n, e.to_string()));
+                return Err(ParentError::Storage(n, e.into()));
             }
         }
         Ok(())
