@@ -539,3 +539,57 @@ async fn recursive(
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["dfget", "s3://b/k", "-O", "/tmp/out"];
+        v.extend(extra);
+        Args::try_parse_from(v).expect("arguments")
+    }
+
+    #[test]
+    fn storage_flags_become_the_request_settings() {
+        assert_eq!(
+            storage_request(&args(&[])),
+            Ok(None),
+            "no flag: the daemon's"
+        );
+        let r = storage_request(&args(&[
+            "--storage-endpoint",
+            "http://127.0.0.1:9000",
+            "--storage-access-key-id",
+            "k",
+            "--storage-secret-access-key",
+            "s",
+            "--storage-virtual-hosted-style",
+        ]))
+        .expect("valid")
+        .expect("some");
+        assert_eq!(r.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(r.region, None, "unset: the daemon's");
+        assert_eq!(r.path_style, Some(false));
+        assert!(r.has_credentials());
+        let p = r.to_proto();
+        assert_eq!((&*p.access_key_id, &*p.secret_access_key), ("k", "s"));
+    }
+
+    #[test]
+    fn bad_storage_flags_are_refused() {
+        let e = storage_request(&args(&["--storage-access-key-id", "k"])).expect_err("no secret");
+        assert!(e.contains("needs its secret access key"), "{e}");
+        let http = Args::try_parse_from([
+            "dfget",
+            "http://h/f",
+            "-O",
+            "/tmp/out",
+            "--storage-region",
+            "eu-west-1",
+        ])
+        .expect("arguments");
+        let e = storage_request(&http).expect_err("http URL");
+        assert!(e.contains("s3:// URLs only"), "{e}");
+    }
+}
