@@ -10,7 +10,9 @@
 //! * daemons with no object-storage settings at all (no `origin.s3`, no `AWS_*`): dfget's
 //!   `--storage-*` settings go with the request and the daemon fetches with them (one object,
 //!   `--recursive` over a prefix), for that request only; a wrong secret and a missing key
-//!   give exact errors, exit codes and no file; no daemon log holds the secret.
+//!   give exact errors, exit codes and no file; no daemon log holds the secret;
+//! * a seed peer without settings, triggered by the scheduler, fails; the asking peer goes
+//!   back to the source with its request's settings.
 
 use std::path::Path;
 use testkit::content::{file_sha256_hex, Content};
@@ -436,4 +438,58 @@ async fn dfget_storage_flags_reach_a_daemon_without_s3_settings() {
             );
         }
     }
+}
+
+const TEST_SEED: &str =
+    "a_seed_without_settings_fails_and_the_peer_fetches_with_the_request_settings";
+
+/// The scheduler triggers the seed peer, which has no object-storage settings (the request's
+/// are never sent to it): its fetch fails, the scheduler sends the asking peer back to the
+/// source, and that peer fetches with the settings of its client's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_without_settings_fails_and_the_peer_fetches_with_the_request_settings() {
+    if testkit::s3::s3s_fs().is_none() {
+        needs::skip(TEST_SEED, "s3s-fs not installed (cargo install s3s-fs --version 0.14.1 --features binary; scripts/test.sh does)");
+        return;
+    }
+    needs::found(TEST_SEED);
+    let tmp = tempfile::Builder::new()
+        .prefix("damselfly-s3-seed-")
+        .tempdir()
+        .expect("temp dir");
+    let s3 = S3Server::start(tmp.path()).await.expect("starting s3s-fs");
+    let size = 3 * MIB + 1;
+    let d = Content::new(51, size);
+    put(&s3, "p/d.bin", &d, size);
+    let mut cluster = Cluster::start(ClusterOptions::sized(0, 0))
+        .await
+        .expect("cluster");
+    cluster.add_daemon(true, &[]).await.expect("seed-1");
+    cluster.add_daemon(false, &[]).await.expect("peer-1");
+    let dir = cluster.dir().to_path_buf();
+    let good = storage_flags(&s3, SECRET_KEY);
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    let out = dir.join("d");
+    let digest = format!("sha256:{}", d.sha256_hex());
+    let o = cluster
+        .run_dfget_with(
+            cluster.peer(1),
+            "s3://models/p/d.bin",
+            &out,
+            Some(&digest),
+            &good,
+        )
+        .await
+        .expect("dfget");
+    testkit::cluster::check_dfget("peer-1", &o)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tails(20)));
+    assert_eq!(file_sha256_hex(&out).expect("d"), d.sha256_hex());
+    let seed = cluster.seed(1).stats().await.expect("seed stats");
+    assert_eq!(seed.bytes_from_origin, 0, "the seed had no credentials");
+    let peer = cluster.peer(1).stats().await.expect("peer stats");
+    assert_eq!(
+        peer.bytes_from_origin, size,
+        "the peer fetched it with the request's"
+    );
+    assert_eq!(s3.gets_of("p/d.bin").expect("log"), 1, "one GetObject");
 }
