@@ -343,6 +343,7 @@ pub async fn export_spec(
         // No origin to check: the client's digest (dfcache export checks a digest id by
         // default) is checked on delivery.
         digest: None,
+        s3: None,
     })
 }
 

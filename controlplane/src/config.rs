@@ -63,7 +63,7 @@ pub struct OriginConfig {
 /// `origin.s3` section: the S3-protocol object store behind `s3://` URLs. An empty value
 /// takes the AWS environment variable (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), else the default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint URL (`http://minio:9000`); empty: AWS's for the region.
@@ -79,6 +79,21 @@ pub struct S3Config {
     /// Path-style requests (`endpoint/bucket/key`, what MinIO, Ceph and most self-hosted
     /// stores want); `false`: virtual-hosted style (`bucket.endpoint/key`).
     pub path_style: bool,
+}
+
+/// Redacts the secret and the session token (the config may be logged).
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &redact(&self.secret_access_key))
+            .field("session_token", &redact(&self.session_token))
+            .field("path_style", &self.path_style)
+            .finish()
+    }
 }
 
 impl Default for S3Config {

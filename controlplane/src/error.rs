@@ -367,6 +367,7 @@ mod tests {
             let e = DownloadError::from(OriginError::ObjectStore(S3Error::Denied {
                 url: "s3://b/k".into(),
                 status,
+                hint: "the credentials",
                 detail: "SignatureDoesNotMatch".into(),
             }));
             assert!(

@@ -221,6 +221,16 @@ impl Dfdaemon for LocalApi {
         // is this request's own check (on delivery), not a claim about the URL's task that
         // could fail other clients of it.
         let origin_check = wire::task::blob_url_digest(&url);
+        let s3 = match &r.object_storage {
+            Some(o) => crate::s3::S3Request::from_proto(o)
+                .map_err(|e| Status::invalid_argument(format!("object storage settings: {e}")))?,
+            None => None,
+        };
+        if s3.is_some() && !crate::s3::is_s3(&url) {
+            return Err(Status::invalid_argument(
+                "object storage settings are for s3:// URLs only",
+            ));
+        }
         let spec = TaskSpec {
             id,
             url,
@@ -232,6 +242,7 @@ impl Dfdaemon for LocalApi {
             scheduler: None,
             priority: r.priority,
             digest: origin_check,
+            s3,
         };
         let rx = self.tasks.start_or_join(spec);
         match range {

@@ -492,6 +492,7 @@ async fn open_s3(
         ctx.download.origin_timeout,
         crate::s3::open(
             &ctx.origin.s3,
+            spec.s3.as_ref(),
             &ctx.origin,
             ctx.download.origin_timeout,
             &spec.url,

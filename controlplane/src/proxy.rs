@@ -430,6 +430,7 @@ impl Proxy {
             scheduler: None,
             priority: 0,
             digest: digest.as_ref().map(|(text, _)| text.clone()),
+            s3: None,
         };
         let mut state = self.tasks.start_or_join(spec);
         let store = match wait_store(&self.storage, &id, &mut state).await {

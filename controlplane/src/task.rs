@@ -65,6 +65,11 @@ pub struct TaskSpec {
     /// scheduler triggers checks it too. A client's own `--digest` is not put here: it is
     /// checked on delivery to that client.
     pub digest: Option<String>,
+    /// Object-storage settings the local client gave with its request (dfget's
+    /// `--storage-*`), over this daemon's `origin.s3` when it fetches an `s3://` URL itself.
+    /// Never put in the task's source for the scheduler (a seed it triggers uses its own
+    /// settings) and not part of the task id; `Debug` redacts the secret.
+    pub s3: Option<crate::s3::S3Request>,
 }
 
 /// Checks the complete task file of `store` against `digest` (`sha256:<hex>`); the error

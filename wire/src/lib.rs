@@ -36,6 +36,21 @@ pub mod proto {
     /// dfdaemon local API used by dfget and dfcache.
     pub mod dfdaemon {
         tonic::include_proto!("damselfly.dfdaemon.v1");
+
+        /// Redacts the secret and the session token (a request may be logged).
+        impl std::fmt::Debug for ObjectStorage {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let redact = |s: &str| if s.is_empty() { "" } else { "<redacted>" };
+                f.debug_struct("ObjectStorage")
+                    .field("endpoint", &self.endpoint)
+                    .field("region", &self.region)
+                    .field("access_key_id", &self.access_key_id)
+                    .field("secret_access_key", &redact(&self.secret_access_key))
+                    .field("session_token", &redact(&self.session_token))
+                    .field("path_style", &self.path_style)
+                    .finish()
+            }
+        }
     }
     /// Manager API: registration, keepalive, dynamic config, searcher, preheat.
     pub mod manager {

@@ -78,20 +78,29 @@ struct Args {
     /// http.server), into the -O directory, keeping relative paths; follows subdirectories.
     #[arg(long, short = 'r')]
     recursive: bool,
-    /// Object store endpoint for listing s3:// prefixes with --recursive (else AWS_ENDPOINT;
-    /// the daemon fetches objects with its own origin.s3 settings).
+    /// Object store endpoint for s3:// URLs (e.g. http://minio:9000). The --storage-* settings
+    /// go with the download request to the local daemon, which uses them over its own
+    /// origin.s3 settings when it fetches the object itself (never sent to the scheduler or
+    /// other peers: a seed peer the scheduler asks uses its own); --recursive also lists the
+    /// prefix with them. Unset: the daemon's setting (for listing: AWS_ENDPOINT).
     #[arg(long)]
     storage_endpoint: Option<String>,
-    /// Object store region for listing (else AWS_REGION, else us-east-1).
+    /// Object store region (unset: the daemon's; for listing AWS_REGION, else us-east-1).
     #[arg(long)]
     storage_region: Option<String>,
-    /// Access key id for listing (else AWS_ACCESS_KEY_ID).
+    /// Access key id, with --storage-secret-access-key; given, none of the daemon's
+    /// credentials is used for this download (unset: the daemon's; for listing
+    /// AWS_ACCESS_KEY_ID).
     #[arg(long)]
     storage_access_key_id: Option<String>,
-    /// Secret access key for listing (else AWS_SECRET_ACCESS_KEY).
+    /// Secret access key (unset: the daemon's; for listing AWS_SECRET_ACCESS_KEY).
     #[arg(long, env = "DFGET_STORAGE_SECRET_ACCESS_KEY", hide_env_values = true)]
     storage_secret_access_key: Option<String>,
-    /// Virtual-hosted-style requests (bucket.endpoint/key) for listing; default path style.
+    /// Session token of temporary credentials (with the access key).
+    #[arg(long, env = "DFGET_STORAGE_SESSION_TOKEN", hide_env_values = true)]
+    storage_session_token: Option<String>,
+    /// Virtual-hosted-style requests (bucket.endpoint/key); unset: the daemon's setting (for
+    /// listing: path style).
     #[arg(long)]
     storage_virtual_hosted_style: bool,
     /// Config file with defaults (see cli/README.md). Default: ~/.config/damselfly/dfget.yaml,
@@ -114,6 +123,28 @@ struct Settings {
     filtered_query_params: Vec<String>,
     no_progress: bool,
     priority: i32,
+    /// The --storage-* settings, when any is given (sent with each download request).
+    s3: Option<controlplane::s3::S3Request>,
+}
+
+/// The --storage-* flags, when any is given.
+fn storage_request(args: &Args) -> Result<Option<controlplane::s3::S3Request>, String> {
+    let r = controlplane::s3::S3Request {
+        endpoint: args.storage_endpoint.clone(),
+        region: args.storage_region.clone(),
+        access_key_id: args.storage_access_key_id.clone(),
+        secret_access_key: args.storage_secret_access_key.clone(),
+        session_token: args.storage_session_token.clone(),
+        path_style: args.storage_virtual_hosted_style.then_some(false),
+    };
+    if r == controlplane::s3::S3Request::default() {
+        return Ok(None);
+    }
+    if !controlplane::s3::is_s3(&args.url) {
+        return Err("the --storage-* settings are for s3:// URLs only".into());
+    }
+    r.check().map_err(|e| format!("--storage-*: {e}"))?;
+    Ok(Some(r))
 }
 
 fn settings(args: &Args, file: DfgetConfig) -> Result<Settings, String> {
@@ -150,6 +181,7 @@ fn settings(args: &Args, file: DfgetConfig) -> Result<Settings, String> {
         },
         no_progress: args.no_progress || file.no_progress.unwrap_or(false),
         priority: args.priority.or(file.priority).unwrap_or(0),
+        s3: storage_request(args)?,
     })
 }
 
@@ -216,15 +248,7 @@ async fn run(args: Args, s: Settings) -> Result<(), Failure> {
     }
     let mut client = connect_daemon(&s.endpoint, "DFGET_ENDPOINT").await?;
     if args.recursive && controlplane::s3::is_s3(&args.url) {
-        let cfg = controlplane::config::S3Config {
-            endpoint: args.storage_endpoint.clone().unwrap_or_default(),
-            region: args.storage_region.clone().unwrap_or_default(),
-            access_key_id: args.storage_access_key_id.clone().unwrap_or_default(),
-            secret_access_key: args.storage_secret_access_key.clone().unwrap_or_default(),
-            session_token: String::new(),
-            path_style: !args.storage_virtual_hosted_style,
-        };
-        return recursive_s3(&mut client, &s, &cfg, &args.url, &output).await;
+        return recursive_s3(&mut client, &s, &args.url, &output).await;
     }
     if args.recursive {
         return recursive(&mut client, &s, &args.url, &output).await;
@@ -303,6 +327,7 @@ async fn download_one(
             end: r.end,
         }),
         priority: s.priority,
+        object_storage: s.s3.as_ref().map(controlplane::s3::S3Request::to_proto),
     };
     let mut stream = client
         .download(req)
@@ -356,18 +381,25 @@ const MAX_FILES: usize = 100_000;
 
 /// Downloads every object below the prefix `url` (`s3://bucket/prefix/`) into `out_dir`,
 /// each as its own task (`s3://bucket/key`), keeping the key below the prefix as the path.
+/// The listing uses the --storage-* settings (else the AWS_* environment); each object's
+/// download request carries them too.
 async fn recursive_s3(
     client: &mut DfdaemonClient<Channel>,
     s: &Settings,
-    cfg: &controlplane::config::S3Config,
     url: &str,
     out_dir: &Path,
 ) -> Result<(), Failure> {
     let u = controlplane::s3::parse(url, true)?;
     let trust = controlplane::config::OriginConfig::default();
-    let objects = controlplane::s3::list(cfg, &trust, Duration::from_secs(30), url)
-        .await
-        .map_err(|e| format!("listing {url}: {e}"))?;
+    let objects = controlplane::s3::list(
+        &controlplane::config::S3Config::default(),
+        s.s3.as_ref(),
+        &trust,
+        Duration::from_secs(30),
+        url,
+    )
+    .await
+    .map_err(|e| format!("listing {url}: {e}"))?;
     if objects.len() > MAX_FILES {
         return Err(format!("more than {MAX_FILES} objects below {url}").into());
     }
@@ -506,4 +538,58 @@ async fn recursive(
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["dfget", "s3://b/k", "-O", "/tmp/out"];
+        v.extend(extra);
+        Args::try_parse_from(v).expect("arguments")
+    }
+
+    #[test]
+    fn storage_flags_become_the_request_settings() {
+        assert_eq!(
+            storage_request(&args(&[])),
+            Ok(None),
+            "no flag: the daemon's"
+        );
+        let r = storage_request(&args(&[
+            "--storage-endpoint",
+            "http://127.0.0.1:9000",
+            "--storage-access-key-id",
+            "k",
+            "--storage-secret-access-key",
+            "s",
+            "--storage-virtual-hosted-style",
+        ]))
+        .expect("valid")
+        .expect("some");
+        assert_eq!(r.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(r.region, None, "unset: the daemon's");
+        assert_eq!(r.path_style, Some(false));
+        assert!(r.has_credentials());
+        let p = r.to_proto();
+        assert_eq!((&*p.access_key_id, &*p.secret_access_key), ("k", "s"));
+    }
+
+    #[test]
+    fn bad_storage_flags_are_refused() {
+        let e = storage_request(&args(&["--storage-access-key-id", "k"])).expect_err("no secret");
+        assert!(e.contains("needs its secret access key"), "{e}");
+        let http = Args::try_parse_from([
+            "dfget",
+            "http://h/f",
+            "-O",
+            "/tmp/out",
+            "--storage-region",
+            "eu-west-1",
+        ])
+        .expect("arguments");
+        let e = storage_request(&http).expect_err("http URL");
+        assert!(e.contains("s3:// URLs only"), "{e}");
+    }
 }

@@ -11,7 +11,7 @@ use crate::retention::Retention;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tonic::Code;
-use wire::proto::dfdaemon::ByteRange as ProtoRange;
+use wire::proto::dfdaemon::{ByteRange as ProtoRange, ObjectStorage};
 use wire::PieceLayout;
 
 const URL: &str = "http://origin.test/data.bin";
@@ -177,9 +177,43 @@ async fn bad_download_requests_are_invalid_arguments_and_start_nothing() {
             },
             "piece length",
         ),
+        (
+            DownloadRequest {
+                object_storage: Some(ObjectStorage {
+                    endpoint: "http://127.0.0.1:9000".into(),
+                    ..ObjectStorage::default()
+                }),
+                ..ok()
+            },
+            "for s3:// URLs only",
+        ),
+        (
+            DownloadRequest {
+                object_storage: Some(ObjectStorage {
+                    access_key_id: "key".into(),
+                    ..ObjectStorage::default()
+                }),
+                ..request("s3://bucket/key", out.clone())
+            },
+            "an access key id needs its secret access key",
+        ),
+        (
+            DownloadRequest {
+                object_storage: Some(ObjectStorage {
+                    secret_access_key: "very-secret".into(),
+                    ..ObjectStorage::default()
+                }),
+                ..request("s3://bucket/key", out.clone())
+            },
+            "a secret access key needs its access key id",
+        ),
     ];
     for (req, says) in cases {
         let what = format!("{req:?}");
+        assert!(
+            !what.contains("very-secret"),
+            "Debug shows the secret: {what}"
+        );
         let e = f.download(req).await.expect_err(&what);
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
         assert!(e.message().contains(says), "{what}: {}", e.message());

@@ -357,6 +357,7 @@ fn spec(url: &str) -> TaskSpec {
         scheduler: None,
         priority: 0,
         digest: None,
+        s3: None,
     }
 }
 

@@ -302,6 +302,7 @@ impl Harness {
             scheduler: None,
             priority: 0,
             digest: None,
+            s3: None,
         };
         let (state_tx, state) = watch::channel(TaskState::Running(Progress::default()));
         let tasks = Arc::new(TaskManager::new(svc.clone()));

@@ -52,6 +52,8 @@ impl HostCommands for std::sync::Arc<TaskManager> {
             scheduler: Some(addr.to_owned()),
             priority: 0,
             digest,
+            // A scheduler's trigger: this daemon's own object-storage settings.
+            s3: None,
         };
         // The run reports through the scheduler; nobody waits on it locally.
         drop(self.start_or_join(spec));
