@@ -43,6 +43,10 @@ struct Args {
     /// Longest time one peer's download may take.
     #[arg(long, default_value = "600", value_name = "SECONDS")]
     timeout: u64,
+    /// Check every piece from a parent against the seed's digest (dfdaemon's
+    /// `data_plane.verify_pieces`); `--verify-pieces false` shows what the check costs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    verify_pieces: bool,
 }
 
 /// The outcome of one peer's download.
@@ -104,8 +108,19 @@ async fn run(args: Args) -> Result<bool> {
         .context("hashing task panicked")?;
     let digest = format!("sha256:{sha}");
 
+    let config_dir = tempfile::tempdir().context("creating a temp dir for the daemons' config")?;
+    let daemon_args = if args.verify_pieces {
+        Vec::new()
+    } else {
+        testkit::poll::daemon_config(
+            config_dir.path(),
+            "no-verify.yaml",
+            "data_plane:\n  verify_pieces: false\n",
+        )?
+    };
     let mut cluster = Cluster::start(ClusterOptions {
         seeds: 1,
+        daemon_args,
         peers,
         threads: usize::from(args.threads),
         dfget_timeout: Duration::from_secs(args.timeout),
