@@ -467,8 +467,8 @@ mod tests {
             async move { (Ok(n), buf) }
         }
 
-        fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-            async move { (Ok(0), buf) }
+        async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+            (Ok(0), buf)
         }
 
         async fn flush(&mut self) -> std::io::Result<()> {
