@@ -275,6 +275,28 @@ mod tests {
         assert_eq!(started(&stats), 0, "a download started for a held task");
     }
 
+    /// A seed's announcement of a held task whose digests a restart forgot: every piece's
+    /// digest, read from disk, and every piece's stored crc32c, in order.
+    #[tokio::test]
+    async fn a_held_tasks_announcement_carries_every_digest_and_crc() {
+        let disk = Disk::new();
+        let id = disk.complete_task(5, 40_000);
+        let store = disk.storage.get(&id).expect("stored");
+        let layout = store.layout();
+        let (tasks, _stats, _rx) = manager(&disk);
+        let (digests, crcs) = tasks.piece_digests(id).await;
+        let (mut want_digests, mut want_crcs) = (Vec::new(), Vec::new());
+        for n in 0..layout.piece_count() {
+            let r = layout.piece_range(n).expect("range");
+            let buf = vec![5u8; usize::try_from(r.end - r.start).expect("size")];
+            want_digests.extend_from_slice(&wire::piece_digest(&buf));
+            want_crcs.extend_from_slice(&wire::piece_crc(&buf).to_le_bytes());
+        }
+        assert!(layout.piece_count() > 1);
+        assert_eq!(digests, want_digests);
+        assert_eq!(crcs, want_crcs);
+    }
+
     #[tokio::test]
     async fn a_seed_trigger_registers_with_the_scheduler_that_sent_it_first() {
         let disk = Disk::new();
