@@ -73,6 +73,7 @@ fn registration(c: &mut Criterion) {
                 }),
                 piece_count: 1024,
                 piece_digests: Vec::new(),
+                piece_crcs: Vec::new(),
             },
         )
         .expect("valid announcement");

@@ -28,13 +28,14 @@ use wire::{PieceLayout, TaskId};
 pub trait CacheSchedulers: Send + Sync + std::fmt::Debug {
     /// This host's id as announced to the schedulers.
     fn host_id(&self) -> &str;
-    /// Announces the complete task `id` (with the digest of every piece when known, else
-    /// empty) to its scheduler, then the next ones; returns the scheduler that took it.
+    /// Announces the complete task `id` (with the digest and crc32c of every piece when
+    /// known, else empty) to its scheduler, then the next ones; returns the scheduler that took it.
     fn announce_cached<'a>(
         &'a self,
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
+        piece_crcs: Vec<u8>,
     ) -> BoxFuture<'a, Result<String, SchedulerError>>;
     /// What the task's scheduler (then the next ones) knows of `id`: `Ok(None)` when one
     /// answered that it does not know it, `Err` when none answered.
@@ -54,12 +55,14 @@ impl CacheSchedulers for SchedulerClient {
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
+        piece_crcs: Vec<u8>,
     ) -> BoxFuture<'a, Result<String, SchedulerError>> {
         Box::pin(SchedulerClient::announce_cached(
             self,
             id,
             layout,
             piece_digests,
+            piece_crcs,
         ))
     }
 
@@ -186,13 +189,19 @@ pub async fn announce(
     layout: PieceLayout,
 ) -> Result<String, SchedulerError> {
     // This host read the file itself: the digest of every piece, when all are known (an
-    // import computes them; a task restored after a restart has none).
-    let digests = ctx
-        .storage
-        .get(id)
+    // import computes them; a task restored after a restart has none), with their crcs.
+    let store = ctx.storage.get(id);
+    let digests = store
+        .as_ref()
         .and_then(|s| s.all_digests())
         .unwrap_or_default();
-    ctx.schedulers.announce_cached(id, layout, digests).await
+    let crcs = match store.as_ref() {
+        Some(s) if !digests.is_empty() => s.all_crcs().unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    ctx.schedulers
+        .announce_cached(id, layout, digests, crcs)
+        .await
 }
 
 /// Imports the file at `path` (absolute) as a finished task and announces it.

@@ -153,9 +153,10 @@ pub trait HostCommands: Send + Sync {
     /// The complete tasks this host holds that no download keeps registered (restored after
     /// a restart, or whose stream ended).
     fn held_tasks(&self) -> Vec<(TaskId, PieceLayout)>;
-    /// Every piece digest of the held task `id`, in order (32 bytes each), for a seed host's
-    /// announcement; empty when the task is gone or a piece cannot be read.
-    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, Vec<u8>>;
+    /// Every piece digest of the held task `id`, in order (32 bytes each), and every piece's
+    /// crc32c (4 bytes little-endian each), for a seed host's announcement; empty when the
+    /// task is gone or a piece cannot be read.
+    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, (Vec<u8>, Vec<u8>)>;
 }
 
 impl SchedulerClient {
@@ -295,6 +296,15 @@ impl SchedulerClient {
         id: TaskId,
         layout: PieceLayout,
     ) {
+        // A seed host's digests are trusted by the scheduler (it fetched the task from the
+        // origin): sent, with the crcs, so a scheduler that restarted (or forgot the task)
+        // hands them out again. Other hosts send none.
+        let (piece_digests, piece_crcs) = match self.commands.get() {
+            Some(c) if self.host.r#type() == wire::proto::scheduler::HostType::Seed => {
+                c.piece_digests(id).await
+            }
+            _ => (Vec::new(), Vec::new()),
+        };
         let req = AnnounceTaskRequest {
             task_id: id.to_hex(),
             peer_id: format!("{}-{:016x}", self.host.id, rand::random::<u64>()),
@@ -304,15 +314,8 @@ impl SchedulerClient {
                 piece_length: layout.piece_length(),
             }),
             piece_count: layout.piece_count(),
-            // A seed host's digests are trusted by the scheduler (it fetched the task from
-            // the origin): sent, so a scheduler that restarted (or forgot the task) hands
-            // them out again. Other hosts send none.
-            piece_digests: match self.commands.get() {
-                Some(c) if self.host.r#type() == wire::proto::scheduler::HostType::Seed => {
-                    c.piece_digests(id).await
-                }
-                _ => Vec::new(),
-            },
+            piece_digests,
+            piece_crcs,
         };
         if let Err(e) = Grpc::new(channel).announce_task(req).await {
             tracing::warn!(task = %id, "announcing a held task to {addr}: {}", e.message());
@@ -327,13 +330,14 @@ impl SchedulerClient {
 
     /// Announces the complete imported task `id` to its scheduler (the next ones by
     /// rendezvous order when it does not answer), with the digest of every piece when this
-    /// host read them itself (`piece_digests`, else empty). Returns the scheduler that
-    /// accepted it.
+    /// host read them itself (`piece_digests`, else empty), and their crc32cs (`piece_crcs`,
+    /// 4 bytes little-endian each, else empty). Returns the scheduler that accepted it.
     pub async fn announce_cached(
         &self,
         id: &TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
+        piece_crcs: Vec<u8>,
     ) -> Result<String, SchedulerError> {
         let order = self.pool().ordered(id);
         if order.is_empty() {
@@ -351,6 +355,7 @@ impl SchedulerClient {
                 }),
                 piece_count: layout.piece_count(),
                 piece_digests: piece_digests.clone(),
+                piece_crcs: piece_crcs.clone(),
             };
             match Grpc::new(ch).announce_task(req).await {
                 Ok(_) => return Ok(addr),

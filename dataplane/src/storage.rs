@@ -78,6 +78,17 @@ pub enum StoreError {
         /// Digest of the bytes.
         got: PieceDigest,
     },
+    /// The parent announced a crc32c other than the piece's trusted one: its bytes cannot
+    /// have the trusted digest either (a forging or badly broken parent). Nothing stored.
+    #[error("piece {number}: announced crc32c {got:08x} is not the trusted {expected:08x}")]
+    TrustedCrc {
+        /// Piece number.
+        number: u32,
+        /// Trusted crc32c (from the digests' source).
+        expected: u32,
+        /// crc32c the parent announced.
+        got: u32,
+    },
     /// Digests are required for the task and piece `0`'s is not known yet.
     #[error("piece {0}: trusted digest not known yet")]
     DigestUnknown(u32),
@@ -100,6 +111,8 @@ pub struct TaskStore {
     crcs: Box<[AtomicU32]>,
     /// Trusted BLAKE3 digest of each piece, once known (set once).
     digests: Box<[OnceLock<PieceDigest>]>,
+    /// Trusted crc32c of each piece, once known (set once, only with its trusted digest).
+    trusted_crcs: Box<[OnceLock<u32>]>,
     /// Pieces from parents must match their trusted digest (see the module doc).
     require_digests: AtomicBool,
     /// Fires when a digest becomes known.
@@ -144,6 +157,7 @@ impl TaskStore {
             bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
             digests: (0..count).map(|_| OnceLock::new()).collect(),
+            trusted_crcs: (0..count).map(|_| OnceLock::new()).collect(),
             require_digests: AtomicBool::new(false),
             digests_changed: event_listener::Event::new(),
             finished: AtomicU32::new(0),
@@ -188,6 +202,7 @@ impl TaskStore {
             bits: (0..count.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             crcs: (0..count).map(|_| AtomicU32::new(0)).collect(),
             digests: (0..count).map(|_| OnceLock::new()).collect(),
+            trusted_crcs: (0..count).map(|_| OnceLock::new()).collect(),
             require_digests: AtomicBool::new(false),
             digests_changed: event_listener::Event::new(),
             finished: AtomicU32::new(0),

@@ -152,6 +152,21 @@ pub fn split_piece_digests(numbers: &[u32], digests: &[u8]) -> Option<Vec<(u32, 
         .collect()
 }
 
+/// Bytes per crc32c in the `crcs` of a `PieceDigests` message (and an announce's `piece_crcs`).
+pub const PIECE_CRC_LEN: usize = 4;
+
+/// Splits the `crcs` bytes of a `PieceDigests` message (4 bytes little-endian per number)
+/// into one crc per number; `None` when they are empty (not known) or the lengths do not
+/// agree.
+pub fn split_piece_crcs(numbers: &[u32], crcs: &[u8]) -> Option<Vec<u32>> {
+    if crcs.is_empty() || crcs.len() != numbers.len() * PIECE_CRC_LEN {
+        return None;
+    }
+    crcs.chunks_exact(PIECE_CRC_LEN)
+        .map(|c| Some(u32::from_le_bytes(c.try_into().ok()?)))
+        .collect()
+}
+
 #[cfg(test)]
 mod digest_tests {
     use super::*;
@@ -182,5 +197,13 @@ mod digest_tests {
         );
         assert!(split_piece_digests(&[3], &d).is_none());
         assert!(split_piece_digests(&[3, 9, 10], &d).is_none());
+    }
+
+    #[test]
+    fn split_crcs_checks_lengths() {
+        let c = [7u32.to_le_bytes(), 0xdead_beefu32.to_le_bytes()].concat();
+        assert_eq!(split_piece_crcs(&[3, 9], &c), Some(vec![7, 0xdead_beef]));
+        assert_eq!(split_piece_crcs(&[3, 9], &[]), None, "empty: not known");
+        assert_eq!(split_piece_crcs(&[3], &c), None);
     }
 }

@@ -50,6 +50,7 @@ impl CacheSchedulers for FakeSchedulers {
         id: &'a TaskId,
         layout: PieceLayout,
         piece_digests: Vec<u8>,
+        _piece_crcs: Vec<u8>,
     ) -> BoxFuture<'a, Result<String, SchedulerError>> {
         self.announced
             .lock()

@@ -382,7 +382,9 @@ impl TaskRun {
 
     /// Trusted piece digests from the scheduler: from now on every piece from a parent must
     /// match its digest (`TaskStore::commit_verified`), unless `data_plane.verify_pieces` is
-    /// off. A digest that differs from one already known is logged; the first stays.
+    /// off. A digest that differs from one already known is logged; the first stays. The
+    /// crcs sent with them (when any) become the pieces' trusted crc32cs, with the digest
+    /// they came with.
     pub(super) fn on_digests(&mut self, d: &wire::proto::scheduler::PieceDigests) {
         if !self.svc.settings.verify_pieces {
             return;
@@ -394,9 +396,17 @@ impl TaskRun {
             tracing::warn!(task = %self.spec.id, "scheduler sent piece digests of the wrong length; ignored");
             return;
         };
-        for (n, digest) in pairs {
-            if let Err(known) = store.set_digest(n, digest) {
-                tracing::warn!(task = %self.spec.id, piece = n, known = %hex::encode(known), got = %hex::encode(digest), "conflicting piece digest from the scheduler; the first stays");
+        let crcs = wire::split_piece_crcs(&d.numbers, &d.crcs).unwrap_or_default();
+        for (i, (n, digest)) in pairs.into_iter().enumerate() {
+            match store.set_digest(n, digest) {
+                Ok(_) => {
+                    if let Some(c) = crcs.get(i) {
+                        store.set_trusted_crc(n, *c);
+                    }
+                }
+                Err(known) => {
+                    tracing::warn!(task = %self.spec.id, piece = n, known = %hex::encode(known), got = %hex::encode(digest), "conflicting piece digest from the scheduler; the first stays");
+                }
             }
         }
         store.require_digests();

@@ -73,7 +73,7 @@ impl HostCommands for std::sync::Arc<TaskManager> {
             .collect()
     }
 
-    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, Vec<u8>> {
+    fn piece_digests(&self, id: TaskId) -> futures::future::BoxFuture<'static, (Vec<u8>, Vec<u8>)> {
         let store = self.services.storage.get(&id);
         Box::pin(seed_piece_digests(store, id))
     }
@@ -81,17 +81,32 @@ impl HostCommands for std::sync::Arc<TaskManager> {
 
 /// Every piece digest of the task in `store`, in order: the ones known, and, for pieces whose
 /// digest a daemon restart forgot (digests are not persisted), the digest of the bytes on
-/// disk (then remembered). Empty when the task is gone or a piece cannot be read.
+/// disk (then remembered); with every piece's stored crc32c. Empty when the task is gone or
+/// a piece cannot be read.
 async fn seed_piece_digests(
     store: Option<std::sync::Arc<dataplane::TaskStore>>,
     id: TaskId,
-) -> Vec<u8> {
+) -> (Vec<u8>, Vec<u8>) {
     let Some(store) = store else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    if let Some(all) = store.all_digests() {
-        return all;
-    }
+    let digests = match store.all_digests() {
+        Some(all) => all,
+        None => piece_digests_from_disk(store.clone(), id).await,
+    };
+    let crcs = if digests.is_empty() {
+        Vec::new()
+    } else {
+        store.all_crcs().unwrap_or_default()
+    };
+    (digests, crcs)
+}
+
+/// [`seed_piece_digests`] for pieces whose digest is not known: read from disk.
+async fn piece_digests_from_disk(
+    store: std::sync::Arc<dataplane::TaskStore>,
+    id: TaskId,
+) -> Vec<u8> {
     let computed = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
         for n in 0..store.layout().piece_count() {
@@ -258,6 +273,28 @@ mod tests {
             Some((id, layout))
         );
         assert_eq!(started(&stats), 0, "a download started for a held task");
+    }
+
+    /// A seed's announcement of a held task whose digests a restart forgot: every piece's
+    /// digest, read from disk, and every piece's stored crc32c, in order.
+    #[tokio::test]
+    async fn a_held_tasks_announcement_carries_every_digest_and_crc() {
+        let disk = Disk::new();
+        let id = disk.complete_task(5, 40_000);
+        let store = disk.storage.get(&id).expect("stored");
+        let layout = store.layout();
+        let (tasks, _stats, _rx) = manager(&disk);
+        let (digests, crcs) = tasks.piece_digests(id).await;
+        let (mut want_digests, mut want_crcs) = (Vec::new(), Vec::new());
+        for n in 0..layout.piece_count() {
+            let r = layout.piece_range(n).expect("range");
+            let buf = vec![5u8; usize::try_from(r.end - r.start).expect("size")];
+            want_digests.extend_from_slice(&wire::piece_digest(&buf));
+            want_crcs.extend_from_slice(&wire::piece_crc(&buf).to_le_bytes());
+        }
+        assert!(layout.piece_count() > 1);
+        assert_eq!(digests, want_digests);
+        assert_eq!(crcs, want_crcs);
     }
 
     #[tokio::test]

@@ -32,6 +32,9 @@ pub(super) struct Landed {
     /// A copy without the claim, kept to be stored if the claimed one fails.
     pub(super) aside: Option<Vec<u8>>,
     pub(super) hash: Hashing,
+    /// `crc` is the piece's trusted crc32c: the bytes were not crc-summed (their digest is
+    /// checked).
+    pub(super) crc_trusted: bool,
 }
 
 /// How a piece's BLAKE3 digest is being computed.
@@ -98,6 +101,28 @@ impl Session {
         // (A copy that is neither written nor kept aside is read and dropped: not hashed.)
         let hashed = (writer.is_some() || aside.is_some())
             && (self.store.digests_required() || self.store.piece_digest(n).is_some());
+        // Checked against a trusted digest whose source also gave the crc: a parent that
+        // announces another crc is lying (refused unread, as a forged piece); otherwise the
+        // crc is not computed at all (the digest check covers the bytes).
+        let trusted_crc = if hashed {
+            self.store.trusted_crc(n)
+        } else {
+            None
+        };
+        if let Some(t) = trusted_crc {
+            if t != crc {
+                let refused = StoreError::TrustedCrc {
+                    number: n,
+                    expected: t,
+                    got: crc,
+                };
+                return (Err(Received::Store(refused)), buf);
+            }
+            if let Some(w) = writer.as_mut() {
+                w.crc_known(t);
+            }
+        }
+        let crc_trusted = trusted_crc.is_some();
         // A worker that is behind has no free core to run on: then this thread hashes.
         let mut hash = match (hashed, &self.hasher) {
             (false, _) => Hashing::None,
@@ -129,7 +154,7 @@ impl Session {
                 return (Err(Received::Conn(e)), buf);
             }
             let parts: Vec<&[u8]> = buf.slices().collect();
-            if writer.is_none() {
+            if writer.is_none() && !crc_trusted {
                 // (The writer extends its own crc as it writes.)
                 for part in &parts {
                     running = wire::piece_crc_append(running, part);
@@ -164,6 +189,8 @@ impl Session {
         }
         if let Some(w) = writer.as_ref() {
             running = w.crc();
+        } else if crc_trusted {
+            running = crc;
         }
         if running != crc {
             return (
@@ -185,6 +212,7 @@ impl Session {
                 writer,
                 aside,
                 hash,
+                crc_trusted,
             }),
             buf,
         )
@@ -230,6 +258,7 @@ impl Session {
             writer,
             aside,
             hash,
+            crc_trusted,
         } = landed;
         let digest = match hash {
             Hashing::None => None,
@@ -272,6 +301,9 @@ impl Session {
         }
         match self.store.claim(n) {
             Ok(mut w) => {
+                if crc_trusted {
+                    w.crc_known(crc);
+                }
                 w.write(&a).map_err(Some)?;
                 w.finish(crc, digest).map_err(Some)
             }
@@ -327,9 +359,9 @@ impl Session {
                 Counters::add(&self.counters.digest_wait_timeouts, 1);
                 self.release(n);
             }
-            Err(e @ StoreError::PieceDigest { .. }) => {
-                // Bytes other than the source's with a matching crc32c: a forging (or badly
-                // broken) parent. Never stored; the parent is dropped and reported, and the
+            Err(e @ (StoreError::PieceDigest { .. } | StoreError::TrustedCrc { .. })) => {
+                // Bytes other than the source's with a matching crc32c, or announced with a
+                // crc32c other than the source's: a forging (or badly broken) parent. Never stored; the parent is dropped and reported, and the
                 // piece fetched elsewhere.
                 Counters::add(&self.counters.pieces_forged, 1);
                 let reason = format!("forged piece: {e}");
@@ -399,5 +431,179 @@ impl Session {
             // Bounded again by 100 ms: a wake-up from another thread is not missed for long.
             let _ = monoio::time::timeout(left.min(Duration::from_millis(100)), listener).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`Session::receive_piece`] and [`Session::settle`] on a real [`TaskStore`] in a temp
+    //! dir, the piece's bytes read from memory (no sockets), for pieces whose trusted crc32c
+    //! came with their trusted digest.
+
+    use super::*;
+    use crate::fetch::picker::tests::{session, PLEN};
+    use crate::fetch::ParentError;
+    use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+    use monoio::io::{AsyncReadRent, AsyncWriteRent};
+    use monoio::BufResult;
+    use std::future::Future;
+
+    /// A parent's stream in memory: reads the bytes given, writes go nowhere.
+    struct Mem<'a>(&'a [u8]);
+
+    impl AsyncReadRent for Mem<'_> {
+        fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+            self.0.read(buf)
+        }
+
+        fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+            self.0.readv(buf)
+        }
+    }
+
+    impl AsyncWriteRent for Mem<'_> {
+        fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+            let n = buf.bytes_init();
+            async move { (Ok(n), buf) }
+        }
+
+        async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+            (Ok(0), buf)
+        }
+
+        async fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+
+        async fn shutdown(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl FetchStream for Mem<'_> {}
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build();
+        let Ok(mut rt) = rt else {
+            panic!("monoio runtime");
+        };
+        rt.block_on(f)
+    }
+
+    fn parent() -> Parent {
+        Parent {
+            host_id: "mallory".into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            quic_addr: None,
+            is_seed: false,
+        }
+    }
+
+    /// The source's piece 0 (its bytes, digest and crc), made known to the session's store
+    /// as the scheduler's `PieceDigests` would.
+    fn trusted_piece(s: &Session) -> (Vec<u8>, u32) {
+        let data: Vec<u8> = (0..PLEN).map(|i| (i * 31 % 251) as u8).collect();
+        let crc = wire::piece_crc(&data);
+        assert_eq!(s.store.set_digest(0, wire::piece_digest(&data)), Ok(true));
+        s.store.set_trusted_crc(0, crc);
+        s.store.require_digests();
+        (data, crc)
+    }
+
+    /// A piece whose header crc is the trusted one: received without a crc pass, checked
+    /// against its digest, committed with the trusted crc.
+    #[test]
+    fn piece_with_the_trusted_crc_is_committed_with_it() {
+        let (_d, s) = session(2);
+        let (data, crc) = trusted_piece(&s);
+        block_on(async {
+            let mut reader = FrameReader::new();
+            let mut stream = Mem(&data);
+            let (res, _) = s
+                .receive_piece(&mut reader, &mut stream, 0, PLEN, crc, RawChunk::default())
+                .await;
+            let Ok(landed) = res else {
+                panic!("piece refused");
+            };
+            assert!(landed.crc_trusted, "the crc was not to be computed");
+            assert!(matches!(landed.hash, Hashing::Inline(_)));
+            let res = s.settle(landed, &Cell::new(false)).await;
+            assert!(matches!(res, Some(Ok(true))), "committed: {res:?}");
+        });
+        assert!(s.store.has(0));
+        assert_eq!(s.store.piece_crc(0), Some(crc));
+        let mut back = Vec::new();
+        s.store.read_piece(0, &mut back).expect("read");
+        assert_eq!(back, data);
+    }
+
+    /// A parent that announces a crc other than the trusted one is forging: refused before
+    /// its bytes are read (nothing written), counted as forged, the parent dropped.
+    #[test]
+    fn header_crc_other_than_the_trusted_one_is_forged() {
+        let (_d, s) = session(2);
+        let (_, crc) = trusted_piece(&s);
+        let forged = vec![7u8; PLEN as usize];
+        let forged_crc = wire::piece_crc(&forged);
+        assert_ne!(forged_crc, crc);
+        let err = block_on(async {
+            let mut reader = FrameReader::new();
+            let mut stream = Mem(&forged);
+            let (res, _) = s
+                .receive_piece(
+                    &mut reader,
+                    &mut stream,
+                    0,
+                    PLEN,
+                    forged_crc,
+                    RawChunk::default(),
+                )
+                .await;
+            assert_eq!(stream.0.len(), forged.len(), "no byte of the piece read");
+            let e = match res {
+                Err(Received::Store(e @ StoreError::TrustedCrc { .. })) => e,
+                Err(Received::Store(e)) => panic!("refused for another reason: {e}"),
+                Err(_) => panic!("refused for another reason"),
+                Ok(_) => panic!("forged piece landed"),
+            };
+            s.settled(Err(e), 0, PLEN, forged_crc, &parent(), Duration::ZERO)
+                .await
+        });
+        assert!(matches!(err, Err(ParentError::Forged(0, _))), "{err:?}");
+        assert_eq!(
+            s.counters
+                .pieces_forged
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert!(!s.store.has(0));
+        assert!(!s.store.is_claimed(0), "claim released");
+    }
+
+    /// Forged bytes announced with the trusted crc: not crc-summed, but the digest check
+    /// still refuses them.
+    #[test]
+    fn forged_bytes_with_the_trusted_crc_fail_the_digest() {
+        let (_d, s) = session(2);
+        let (_, crc) = trusted_piece(&s);
+        let forged = vec![7u8; PLEN as usize];
+        let res = block_on(async {
+            let mut reader = FrameReader::new();
+            let mut stream = Mem(&forged);
+            let (res, _) = s
+                .receive_piece(&mut reader, &mut stream, 0, PLEN, crc, RawChunk::default())
+                .await;
+            let Ok(landed) = res else {
+                panic!("refused before its digest");
+            };
+            s.settle(landed, &Cell::new(false)).await
+        });
+        assert!(
+            matches!(res, Some(Err(StoreError::PieceDigest { number: 0, .. }))),
+            "{res:?}"
+        );
+        assert!(!s.store.has(0));
     }
 }

@@ -71,6 +71,9 @@ pub struct PieceWriter {
     written: u64,
     /// Running crc32c of the bytes written.
     crc: u32,
+    /// The piece's trusted crc32c, when the caller said so ([`PieceWriter::crc_known`]):
+    /// then no crc is computed while writing.
+    crc_known: Option<u32>,
     hasher: Option<wire::PieceHasher>,
 }
 
@@ -95,9 +98,17 @@ impl PieceWriter {
         self.written
     }
 
-    /// The crc32c of the bytes written so far.
+    /// The crc32c of the bytes written so far (the trusted one after
+    /// [`PieceWriter::crc_known`]).
     pub fn crc(&self) -> u32 {
-        self.crc
+        self.crc_known.unwrap_or(self.crc)
+    }
+
+    /// The piece's crc32c is `crc`, the trusted one of the piece, and its bytes are checked
+    /// against their trusted digest: no crc is computed while writing (call before the first
+    /// write); [`PieceWriter::finish`] then requires the digest and commits `crc`.
+    pub fn crc_known(&mut self, crc: u32) {
+        self.crc_known = Some(crc);
     }
 
     /// The task.
@@ -127,7 +138,9 @@ impl PieceWriter {
             });
         }
         for p in parts {
-            self.crc = wire::piece_crc_append(self.crc, p);
+            if self.crc_known.is_none() {
+                self.crc = wire::piece_crc_append(self.crc, p);
+            }
             if let Some(h) = self.hasher.as_mut() {
                 h.update(p);
             }
@@ -150,11 +163,11 @@ impl PieceWriter {
                 got: self.written,
             });
         }
-        if self.crc != crc {
+        if self.crc() != crc {
             return Err(StoreError::Digest {
                 number: self.n,
                 expected: crc,
-                got: self.crc,
+                got: self.crc(),
             });
         }
         Ok(())
@@ -164,8 +177,14 @@ impl PieceWriter {
     /// digest `got` (computed by the caller, e.g. off the receiving thread) checked as
     /// [`TaskStore::commit_verified`] does. Returns whether the
     /// piece was new.
+    /// After [`PieceWriter::crc_known`] the bytes were not crc-summed: the digest is then
+    /// required (`got` and the trusted one), whatever the task requires.
     pub fn finish(self, crc: u32, got: Option<PieceDigest>) -> Result<bool, StoreError> {
         self.check(crc)?;
+        if self.crc_known.is_some() && (got.is_none() || self.store.piece_digest(self.n).is_none())
+        {
+            return Err(StoreError::DigestUnknown(self.n));
+        }
         self.store.commit_verified(self.n, crc, got)
     }
 
@@ -175,7 +194,7 @@ impl PieceWriter {
     /// stores nothing. `crc`: the expected crc32c, when the caller has one. Returns whether
     /// the piece was new.
     pub fn finish_trusted(self, crc: Option<u32>) -> Result<bool, StoreError> {
-        let own = self.crc;
+        let own = self.crc();
         self.check(crc.unwrap_or(own))?;
         let digest = match &self.hasher {
             Some(h) => h.finish(),
@@ -307,6 +326,7 @@ impl TaskStore {
             len: range.end - range.start,
             written: 0,
             crc: 0,
+            crc_known: None,
             hasher: None,
         };
         // Committed by a writer that released its claim just before ours was taken.

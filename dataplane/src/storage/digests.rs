@@ -53,6 +53,23 @@ impl TaskStore {
         }
     }
 
+    /// Records the trusted crc32c of piece `n`, from the same source as its trusted digest
+    /// (call only after [`TaskStore::set_digest`] accepted that digest). The first one
+    /// stays. A piece from a parent whose announced crc differs is refused unread; one whose
+    /// crc matches is not crc-summed again (its digest is checked).
+    pub fn set_trusted_crc(&self, n: u32, crc: u32) {
+        if let Some(slot) = self.trusted_crcs.get(n as usize) {
+            let _ = slot.set(crc);
+        }
+    }
+
+    /// The trusted crc32c of piece `n`, when known (its trusted digest is known then too).
+    pub fn trusted_crc(&self, n: u32) -> Option<u32> {
+        self.trusted_crcs
+            .get(n as usize)
+            .and_then(|c| c.get().copied())
+    }
+
     /// The trusted digest of piece `n`, when known.
     pub fn piece_digest(&self, n: u32) -> Option<PieceDigest> {
         self.digests.get(n as usize).and_then(|d| d.get().copied())
@@ -63,6 +80,16 @@ impl TaskStore {
         let mut out = Vec::with_capacity(self.digests.len() * wire::PIECE_DIGEST_LEN);
         for d in self.digests.iter() {
             out.extend_from_slice(d.get()?);
+        }
+        Some(out)
+    }
+
+    /// Every piece's stored crc32c in order (4 bytes little-endian each), when all are
+    /// stored: sent with [`TaskStore::all_digests`] when this host announces the task.
+    pub fn all_crcs(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.crcs.len() * wire::PIECE_CRC_LEN);
+        for n in 0..self.layout().piece_count() {
+            out.extend_from_slice(&self.piece_crc(n)?.to_le_bytes());
         }
         Some(out)
     }

@@ -13,7 +13,7 @@
 
 use super::{announce_peer_response, peer_response, Output, SchedulerState};
 use wire::proto::scheduler::PieceDigests;
-use wire::{PieceDigest, PIECE_DIGEST_LEN};
+use wire::PieceDigest;
 
 impl SchedulerState {
     /// Pushes the digests recorded since the last push to the peers of every task that has
@@ -69,6 +69,27 @@ impl SchedulerState {
     }
 }
 
+/// One `PieceDigests` message for `entries`; its crcs only when every entry has one (the
+/// field is all or nothing).
+fn message<'a>(
+    entries: impl Iterator<Item = (u32, &'a (PieceDigest, Option<u32>))>,
+) -> PieceDigests {
+    let mut m = PieceDigests::default();
+    let mut all_crcs = true;
+    for (n, (d, c)) in entries {
+        m.numbers.push(n);
+        m.digests.extend_from_slice(d);
+        match c {
+            Some(c) if all_crcs => m.crcs.extend_from_slice(&c.to_le_bytes()),
+            _ => all_crcs = false,
+        }
+    }
+    if !all_crcs {
+        m.crcs.clear();
+    }
+    m
+}
+
 /// Digests pushed at once when this many are waiting (before the next periodic flush).
 pub const DIGEST_BATCH: usize = 64;
 
@@ -89,7 +110,8 @@ pub(crate) struct TaskDigests {
     /// A trusted source (a peer fetching from the origin, an import with digests) serves the
     /// task: its peers are told to require digests.
     pub(crate) trusted: bool,
-    known: Vec<Option<PieceDigest>>,
+    /// Each piece's digest, with its crc32c when the source gave it.
+    known: Vec<Option<(PieceDigest, Option<u32>)>>,
     /// Recorded and not pushed to the task's peers yet.
     unsent: Vec<u32>,
     /// Conflicting reports seen (logged).
@@ -100,8 +122,16 @@ pub(crate) struct TaskDigests {
 }
 
 impl TaskDigests {
-    /// Records the digest of piece `n` (below `bound`, the task's piece bound).
-    pub(crate) fn record(&mut self, n: u32, digest: &[u8], bound: u32) -> Option<Recorded> {
+    /// Records the digest of piece `n` (below `bound`, the task's piece bound), with its
+    /// crc32c when the source gave it. The crc goes with the digest: a crc reported with the
+    /// same digest fills a missing one, a different digest changes nothing.
+    pub(crate) fn record(
+        &mut self,
+        n: u32,
+        digest: &[u8],
+        crc: Option<u32>,
+        bound: u32,
+    ) -> Option<Recorded> {
         let d = PieceDigest::try_from(digest).ok()?;
         if n >= bound {
             return None;
@@ -111,13 +141,18 @@ impl TaskDigests {
             self.known.resize(i + 1, None);
         }
         match self.known.get_mut(i)? {
-            Some(k) if *k == d => Some(Recorded::Same),
+            Some((k, c)) if *k == d => {
+                if c.is_none() {
+                    *c = crc;
+                }
+                Some(Recorded::Same)
+            }
             Some(_) => {
                 self.conflicts += 1;
                 Some(Recorded::Conflict)
             }
             slot @ None => {
-                *slot = Some(d);
+                *slot = Some((d, crc));
                 self.unsent.push(n);
                 Some(Recorded::New)
             }
@@ -131,14 +166,12 @@ impl TaskDigests {
 
     /// Every digest known.
     pub(crate) fn snapshot(&self) -> PieceDigests {
-        let mut m = PieceDigests::default();
-        for (n, d) in self.known.iter().enumerate() {
-            if let (Some(d), Ok(n)) = (d, u32::try_from(n)) {
-                m.numbers.push(n);
-                m.digests.extend_from_slice(d);
-            }
-        }
-        m
+        let entries = self
+            .known
+            .iter()
+            .enumerate()
+            .filter_map(|(n, k)| Some((u32::try_from(n).ok()?, k.as_ref()?)));
+        message(entries)
     }
 
     /// The digests recorded since the last call, as one message.
@@ -147,13 +180,11 @@ impl TaskDigests {
             return None;
         }
         let numbers = std::mem::take(&mut self.unsent);
-        let mut digests = Vec::with_capacity(numbers.len() * PIECE_DIGEST_LEN);
-        for n in &numbers {
-            if let Some(Some(d)) = self.known.get(*n as usize) {
-                digests.extend_from_slice(d);
-            }
-        }
-        Some(PieceDigests { numbers, digests })
+        let known = &self.known;
+        let entries = numbers
+            .iter()
+            .filter_map(|n| Some((*n, known.get(*n as usize)?.as_ref()?)));
+        Some(message(entries))
     }
 
     /// Drops digests of pieces numbered `count` or more (the task's size became known).
@@ -171,19 +202,26 @@ mod tests {
     fn first_digest_wins_and_batches_are_taken_once() {
         let mut t = TaskDigests::default();
         let (a, b) = (wire::piece_digest(b"a"), wire::piece_digest(b"b"));
-        assert_eq!(t.record(3, &a, 10), Some(Recorded::New));
-        assert_eq!(t.record(3, &a, 10), Some(Recorded::Same));
-        assert_eq!(t.record(3, &b, 10), Some(Recorded::Conflict));
-        assert_eq!(t.record(10, &b, 10), None, "out of range");
-        assert_eq!(t.record(4, &b[..5], 10), None, "short digest");
-        assert_eq!(t.record(1, &b, 10), Some(Recorded::New));
+        assert_eq!(t.record(3, &a, None, 10), Some(Recorded::New));
+        assert_eq!(t.record(3, &a, Some(33), 10), Some(Recorded::Same));
+        assert_eq!(t.record(3, &b, Some(99), 10), Some(Recorded::Conflict));
+        assert_eq!(t.record(10, &b, None, 10), None, "out of range");
+        assert_eq!(t.record(4, &b[..5], None, 10), None, "short digest");
+        assert_eq!(t.record(1, &b, Some(11), 10), Some(Recorded::New));
         assert_eq!(t.conflicts, 1);
         let m = t.take_unsent().expect("batch");
         assert_eq!(m.numbers, vec![3, 1]);
         assert_eq!(m.digests, [a, b].concat());
+        assert_eq!(m.crcs, [33u32.to_le_bytes(), 11u32.to_le_bytes()].concat());
         assert!(t.take_unsent().is_none());
         let s = t.snapshot();
         assert_eq!(s.numbers, vec![1, 3]);
         assert_eq!(s.digests, [b, a].concat());
+        assert_eq!(s.crcs, [11u32.to_le_bytes(), 33u32.to_le_bytes()].concat());
+        assert_eq!(t.record(5, &a, None, 10), Some(Recorded::New));
+        assert!(
+            t.snapshot().crcs.is_empty(),
+            "one piece without a crc: none sent"
+        );
     }
 }

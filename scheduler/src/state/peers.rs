@@ -172,6 +172,7 @@ impl SchedulerState {
             metadata,
             piece_count,
             piece_digests,
+            piece_crcs,
         } = request;
         let host = self.check_identity(key, &task_id, &peer_id, host)?;
         let metadata = metadata
@@ -228,8 +229,18 @@ impl SchedulerState {
                 task.digests.from_import = true;
             }
             task.digests.trusted = true;
+            // The crcs come with the digests or not at all (an older daemon sends none).
+            let crcs: Vec<u32> = if piece_crcs.len() == piece_count as usize * wire::PIECE_CRC_LEN {
+                piece_crcs
+                    .chunks_exact(wire::PIECE_CRC_LEN)
+                    .filter_map(|c| c.try_into().ok().map(u32::from_le_bytes))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN)) {
-                if task.digests.record(n, d, piece_count) == Some(Recorded::Conflict) {
+                let crc = crcs.get(n as usize).copied();
+                if task.digests.record(n, d, crc, piece_count) == Some(Recorded::Conflict) {
                     warn!(task_id = %task_id, number = n, host_id = %host.id, "imported piece digest conflicts with the known one; the first stays");
                 }
             }

@@ -162,7 +162,10 @@ impl SchedulerState {
             if let Some(task) = self.tasks.get_mut(&peer.task_id) {
                 task.digests.trusted = true;
                 task.digests.from_import = false;
-                match task.digests.record(piece.number, &piece.digest, bound) {
+                match task
+                    .digests
+                    .record(piece.number, &piece.digest, Some(piece.crc32c), bound)
+                {
                     Some(Recorded::New) => {
                         if task.digests.unsent() >= DIGEST_BATCH {
                             let task_id = peer.task_id.clone();

@@ -6,8 +6,8 @@ use super::*;
 use proptest::prelude::*;
 use wire::proto::scheduler::announce_peer_request::Request;
 use wire::proto::scheduler::{
-    host_command, AnnounceTaskRequest, PeerFailed, PeerFinished, PieceFailed, PieceFinished,
-    RegisterPeer, RescheduleRequest,
+    host_command, AnnounceTaskRequest, PeerFailed, PeerFinished, PieceDigests, PieceFailed,
+    PieceFinished, RegisterPeer, RescheduleRequest,
 };
 
 const TASK: &str = "task-1";
@@ -534,10 +534,12 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         metadata: Some(metadata(3 << 20)),
         piece_count: 3,
         piece_digests: Vec::new(),
+        piece_crcs: Vec::new(),
     };
     let bad = AnnounceTaskRequest {
         piece_count: 4,
         piece_digests: Vec::new(),
+        piece_crcs: Vec::new(),
         ..req.clone()
     };
     assert!(matches!(
@@ -561,6 +563,7 @@ fn announced_task_serves_peers_and_shows_in_stat() {
         metadata: Some(metadata(5 << 20)),
         piece_count: 5,
         piece_digests: Vec::new(),
+        piece_crcs: Vec::new(),
     };
     assert_eq!(
         sim.st.announce_task(PeerKey(1000), conflict),
@@ -589,6 +592,7 @@ fn announced_task_wakes_waiting_peers() {
                 metadata: Some(metadata(1 << 20)),
                 piece_count: 1,
                 piece_digests: Vec::new(),
+                piece_crcs: Vec::new(),
             },
         )
         .unwrap();
@@ -1078,6 +1082,7 @@ fn a_triggered_seed_holding_the_task_announces_it() {
                 metadata: Some(metadata(2 << 20)),
                 piece_count: 2,
                 piece_digests: Vec::new(),
+                piece_crcs: Vec::new(),
             },
         )
         .unwrap();
@@ -1664,6 +1669,108 @@ fn piece_digests_come_only_from_source_peers_and_the_first_wins() {
     assert!(s.st.flush_digests().is_empty());
 }
 
+/// The crc32c a source peer reports with a piece's digest goes with the digest: in a
+/// peer's first parents and in the later batches; so do the crcs of an import.
+#[test]
+fn piece_crcs_reach_peers_with_the_digests() {
+    let crcs_of = |m: &PieceDigests| wire::split_piece_crcs(&m.numbers, &m.crcs);
+    let mut s = Sim::new();
+    s.announce("seed", true);
+    s.announce("a", false);
+    let (seed, _) = s.register_seed_peer("seed-peer", "seed");
+    s.meta(seed, 3 << 20);
+    let report = |s: &mut Sim, number: u32, crc32c: u32| {
+        s.send(
+            seed,
+            Request::PieceFinished(PieceFinished {
+                number,
+                crc32c,
+                length: 1 << 20,
+                digest: wire::piece_digest(&number.to_le_bytes()).to_vec(),
+                ..PieceFinished::default()
+            }),
+        )
+    };
+    report(&mut s, 0, 0xc0);
+    let (a, out) = s.register("peer-a", "a", false);
+    let first = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Peer {
+                peer,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::CandidateParents(c)),
+                    },
+            } if *peer == a => c.digests.clone(),
+            _ => None,
+        })
+        .expect("the first parents carry the digests");
+    assert_eq!(first.numbers, vec![0]);
+    assert_eq!(crcs_of(&first), Some(vec![0xc0]));
+    report(&mut s, 1, 0xc1);
+    report(&mut s, 2, 0xc2);
+    let batches: Vec<PieceDigests> =
+        s.st.flush_digests()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Peer {
+                    peer,
+                    response:
+                        AnnouncePeerResponse {
+                            response: Some(announce_peer_response::Response::PieceDigests(d)),
+                        },
+                } if peer == a => Some(d),
+                _ => None,
+            })
+            .collect();
+    let got: Vec<(u32, u32)> = batches
+        .iter()
+        .flat_map(|m| {
+            let crcs = crcs_of(m).expect("every batch carries crcs");
+            m.numbers.iter().copied().zip(crcs)
+        })
+        .filter(|(n, _)| *n != 0)
+        .collect();
+    assert_eq!(got, vec![(1, 0xc1), (2, 0xc2)]);
+
+    // An import: its crcs reach the next peer with its digests.
+    let mut sim = Sim::new();
+    sim.announce("seed", true);
+    let k = PeerKey(sim.key());
+    let d = |n: u32| wire::piece_digest(&n.to_le_bytes());
+    sim.st
+        .announce_task(
+            k,
+            AnnounceTaskRequest {
+                task_id: TASK.to_owned(),
+                peer_id: "seed-cache".to_owned(),
+                host: Some(host("seed", true)),
+                metadata: Some(metadata(2 << 20)),
+                piece_count: 2,
+                piece_digests: [d(0), d(1)].concat(),
+                piece_crcs: [7u32.to_le_bytes(), 8u32.to_le_bytes()].concat(),
+            },
+        )
+        .unwrap();
+    let (b, out) = sim.register("peer-b", "b", false);
+    let first = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Peer {
+                peer,
+                response:
+                    AnnouncePeerResponse {
+                        response: Some(announce_peer_response::Response::CandidateParents(c)),
+                    },
+            } if *peer == b => c.digests.clone(),
+            _ => None,
+        })
+        .expect("the import's digests come with the first parents");
+    assert_eq!(first.numbers, vec![0, 1]);
+    assert_eq!(crcs_of(&first), Some(vec![7, 8]));
+}
+
 /// A restarted scheduler: five running downloads register again (resumed) and are handed
 /// each other (most with four parents: no top-up due) while the task has no trusted source; then the seed, which was fetching from the
 /// origin, registers again as a source and reports its digests. Both peers get every digest
@@ -1912,6 +2019,7 @@ fn imports_from_normal_hosts_count_only_without_an_origin() {
                     metadata: Some(metadata(2 << 20)),
                     piece_count: 2,
                     piece_digests: [d(0), d(1)].concat(),
+                    piece_crcs: Vec::new(),
                 },
             )
             .unwrap();

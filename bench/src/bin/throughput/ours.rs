@@ -29,8 +29,8 @@ pub(crate) struct Knobs {
     pub(crate) bytes_in_flight: u64,
     pub(crate) quic: bool,
     pub(crate) quic_payload: Option<u16>,
-    /// The receiver requires each piece to match its trusted BLAKE3 digest (all known before
-    /// the transfer, as when the seed has finished).
+    /// The receiver requires each piece to match its trusted BLAKE3 digest, and knows its
+    /// trusted crc32c (all known before the transfer, as when the seed has finished).
     pub(crate) verify: bool,
 }
 
@@ -129,7 +129,11 @@ pub(crate) fn ours(
                 let d = held
                     .piece_digest(n)
                     .context("seeded piece without a digest")?;
-                let _ = store.set_digest(n, d);
+                // With its crc32c, as the scheduler's PieceDigests bring it.
+                let crc = held.piece_crc(n).context("seeded piece without a crc")?;
+                if store.set_digest(n, d).is_ok() {
+                    store.set_trusted_crc(n, crc);
+                }
             }
             store.require_digests();
         }
