@@ -57,6 +57,9 @@ pub struct ClusterOptions {
     pub manager_refresh: Duration,
     /// Give every daemon a registry mirror proxy on a free port (`--proxy`).
     pub proxy: bool,
+    /// YAML appended to every daemon's generated `dfdaemon.yaml` (top-level sections other
+    /// than `manager:`, e.g. `data_plane:\n  verify_pieces: false\n`); empty: none.
+    pub daemon_yaml: String,
     /// Extra arguments appended to every `scheduler` command line (e.g. `--config`).
     pub scheduler_args: Vec<String>,
 }
@@ -82,6 +85,7 @@ impl Default for ClusterOptions {
             dfget_timeout: Duration::from_secs(60),
             rust_log: None,
             daemon_args: Vec::new(),
+            daemon_yaml: String::new(),
             verbose: false,
             schedulers: 1,
             manager: None,
@@ -457,12 +461,16 @@ impl Cluster {
                 started.elapsed()
             );
         }
-        if cluster.manager.is_some() {
+        if cluster.has_daemon_config() {
             let path = cluster.root.join("dfdaemon.yaml");
-            let yaml = format!(
-                "manager:\n  refresh_interval: {}ms\n  config_wait: 10s\n",
-                cluster.opts.manager_refresh.as_millis()
-            );
+            let mut yaml = String::new();
+            if cluster.manager.is_some() {
+                yaml = format!(
+                    "manager:\n  refresh_interval: {}ms\n  config_wait: 10s\n",
+                    cluster.opts.manager_refresh.as_millis()
+                );
+            }
+            yaml.push_str(&cluster.opts.daemon_yaml);
             std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         }
 
@@ -584,6 +592,12 @@ impl Cluster {
         list.last().context("daemon just added")
     }
 
+    /// Whether the daemons get the generated `dfdaemon.yaml` (a manager's settings or
+    /// [`ClusterOptions::daemon_yaml`]).
+    fn has_daemon_config(&self) -> bool {
+        self.manager.is_some() || !self.opts.daemon_yaml.is_empty()
+    }
+
     fn spawn_daemon(&self, name: &str, seed: bool) -> Result<Daemon> {
         self.spawn_daemon_with(name, seed, &[])
     }
@@ -606,9 +620,10 @@ impl Cluster {
             }
         }
         if let Some(m) = &self.manager {
+            args.extend(["--manager".into(), m.grpc_addr.to_string()]);
+        }
+        if self.has_daemon_config() {
             args.extend([
-                "--manager".into(),
-                m.grpc_addr.to_string(),
                 "--config".into(),
                 self.root.join("dfdaemon.yaml").display().to_string(),
             ]);
