@@ -190,15 +190,11 @@ pub async fn announce(
 ) -> Result<String, SchedulerError> {
     // This host read the file itself: the digest of every piece, when all are known (an
     // import computes them; a task restored after a restart has none), with their crcs.
-    let store = ctx.storage.get(id);
-    let digests = store
-        .as_ref()
-        .and_then(|s| s.all_digests())
+    let (digests, crcs) = ctx
+        .storage
+        .get(id)
+        .and_then(|s| s.digests_and_crcs())
         .unwrap_or_default();
-    let crcs = match store.as_ref() {
-        Some(s) if !digests.is_empty() => s.all_crcs().unwrap_or_default(),
-        _ => Vec::new(),
-    };
     ctx.schedulers
         .announce_cached(id, layout, digests, crcs)
         .await

@@ -156,10 +156,10 @@ pub fn split_piece_digests(numbers: &[u32], digests: &[u8]) -> Option<Vec<(u32, 
 pub const PIECE_CRC_LEN: usize = 4;
 
 /// Splits the `crcs` bytes of a `PieceDigests` message (4 bytes little-endian per number)
-/// into one crc per number; `None` when they are empty (not known) or the lengths do not
-/// agree.
-pub fn split_piece_crcs(numbers: &[u32], crcs: &[u8]) -> Option<Vec<u32>> {
-    if crcs.is_empty() || crcs.len() != numbers.len() * PIECE_CRC_LEN {
+/// or of an announce's `piece_crcs` (per piece) into `count` crcs; `None` when they are
+/// empty (not known) or the lengths do not agree.
+pub fn split_piece_crcs(count: usize, crcs: &[u8]) -> Option<Vec<u32>> {
+    if crcs.is_empty() || crcs.len() != count * PIECE_CRC_LEN {
         return None;
     }
     crcs.chunks_exact(PIECE_CRC_LEN)
@@ -202,8 +202,8 @@ mod digest_tests {
     #[test]
     fn split_crcs_checks_lengths() {
         let c = [7u32.to_le_bytes(), 0xdead_beefu32.to_le_bytes()].concat();
-        assert_eq!(split_piece_crcs(&[3, 9], &c), Some(vec![7, 0xdead_beef]));
-        assert_eq!(split_piece_crcs(&[3, 9], &[]), None, "empty: not known");
-        assert_eq!(split_piece_crcs(&[3], &c), None);
+        assert_eq!(split_piece_crcs(2, &c), Some(vec![7, 0xdead_beef]));
+        assert_eq!(split_piece_crcs(2, &[]), None, "empty: not known");
+        assert_eq!(split_piece_crcs(1, &c), None);
     }
 }

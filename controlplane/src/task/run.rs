@@ -396,7 +396,7 @@ impl TaskRun {
             tracing::warn!(task = %self.spec.id, "scheduler sent piece digests of the wrong length; ignored");
             return;
         };
-        let crcs = wire::split_piece_crcs(&d.numbers, &d.crcs).unwrap_or_default();
+        let crcs = wire::split_piece_crcs(d.numbers.len(), &d.crcs).unwrap_or_default();
         for (i, (n, digest)) in pairs.into_iter().enumerate() {
             match store.set_digest(n, digest) {
                 Ok(_) => {

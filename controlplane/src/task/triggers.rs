@@ -90,24 +90,16 @@ async fn seed_piece_digests(
     let Some(store) = store else {
         return (Vec::new(), Vec::new());
     };
-    let digests = match store.all_digests() {
-        Some(all) => all,
-        None => piece_digests_from_disk(store.clone(), id).await,
-    };
-    let crcs = if digests.is_empty() {
-        Vec::new()
-    } else {
-        store.all_crcs().unwrap_or_default()
-    };
-    (digests, crcs)
+    if store.all_digests().is_none() {
+        piece_digests_from_disk(store.clone(), id).await;
+    }
+    store.digests_and_crcs().unwrap_or_default()
 }
 
-/// [`seed_piece_digests`] for pieces whose digest is not known: read from disk.
-async fn piece_digests_from_disk(
-    store: std::sync::Arc<dataplane::TaskStore>,
-    id: TaskId,
-) -> Vec<u8> {
-    let computed = tokio::task::spawn_blocking(move || {
+/// [`seed_piece_digests`] for pieces whose digest is not known: read from disk and
+/// remembered (all of them, or none past the first piece that cannot be read).
+async fn piece_digests_from_disk(store: std::sync::Arc<dataplane::TaskStore>, id: TaskId) {
+    let _ = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
         for n in 0..store.layout().piece_count() {
             if store.piece_digest(n).is_some() {
@@ -115,14 +107,12 @@ async fn piece_digests_from_disk(
             }
             if let Err(e) = store.read_piece(n, &mut buf) {
                 tracing::warn!(task = %id, piece = n, "reading a held piece for its digest: {e}");
-                return None;
+                return;
             }
             let _ = store.set_digest(n, wire::piece_digest(&buf));
         }
-        store.all_digests()
     })
     .await;
-    computed.ok().flatten().unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -94,6 +94,14 @@ impl TaskStore {
         Some(out)
     }
 
+    /// What this host announces for the task it holds: every piece's trusted digest with
+    /// every stored crc32c (empty when not all are stored); `None` unless every digest is
+    /// known.
+    pub fn digests_and_crcs(&self) -> Option<(Vec<u8>, Vec<u8>)> {
+        let digests = self.all_digests()?;
+        Some((digests, self.all_crcs().unwrap_or_default()))
+    }
+
     /// A listener that fires the next time a trusted digest becomes known.
     pub fn listen_digests(&self) -> event_listener::EventListener {
         self.digests_changed.listen()
@@ -112,18 +120,12 @@ impl TaskStore {
         crc: u32,
         got: Option<PieceDigest>,
     ) -> Result<bool, StoreError> {
-        if self.digests_required() {
-            let expected = self.piece_digest(n).ok_or(StoreError::DigestUnknown(n))?;
-            let got = got.ok_or(StoreError::DigestUnknown(n))?;
-            if got != expected {
-                return Err(StoreError::PieceDigest {
-                    number: n,
-                    expected,
-                    got,
-                });
-            }
-        } else if let (Some(expected), Some(got)) = (self.piece_digest(n), got) {
-            // Not required, but known: still never store bytes that contradict it.
+        let expected = self.piece_digest(n);
+        if self.digests_required() && (expected.is_none() || got.is_none()) {
+            return Err(StoreError::DigestUnknown(n));
+        }
+        // Required, or not required but known: never store bytes that contradict it.
+        if let (Some(expected), Some(got)) = (expected, got) {
             if got != expected {
                 return Err(StoreError::PieceDigest {
                     number: n,

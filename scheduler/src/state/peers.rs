@@ -230,14 +230,8 @@ impl SchedulerState {
             }
             task.digests.trusted = true;
             // The crcs come with the digests or not at all (an older daemon sends none).
-            let crcs: Vec<u32> = if piece_crcs.len() == piece_count as usize * wire::PIECE_CRC_LEN {
-                piece_crcs
-                    .chunks_exact(wire::PIECE_CRC_LEN)
-                    .filter_map(|c| c.try_into().ok().map(u32::from_le_bytes))
-                    .collect()
-            } else {
-                Vec::new()
-            };
+            let crcs =
+                wire::split_piece_crcs(piece_count as usize, &piece_crcs).unwrap_or_default();
             for (n, d) in (0..piece_count).zip(piece_digests.chunks_exact(wire::PIECE_DIGEST_LEN)) {
                 let crc = crcs.get(n as usize).copied();
                 if task.digests.record(n, d, crc, piece_count) == Some(Recorded::Conflict) {
